@@ -1,0 +1,346 @@
+"""The ``mloop`` command line: parses, calls the services, renders. No logic of its own."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from mloop.cli.render import emit_json, err, fmt_metrics, out, short, table
+from mloop.errors import MloopError, StepFailedError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="mloop: pipelines, tracked runs, gated models, serving, monitoring, "
+                       "retraining — one loop.")
+runs_app = typer.Typer(no_args_is_help=True, help="Pipeline runs: list, show, create.")
+data_app = typer.Typer(no_args_is_help=True, help="Snapshots: content-addressed data + profile.")
+step_app = typer.Typer(no_args_is_help=True, help="Run one step of a pipeline run.")
+db_app = typer.Typer(no_args_is_help=True, help="mloop's own metadata store.")
+app.add_typer(runs_app, name="runs")
+app.add_typer(data_app, name="data")
+app.add_typer(step_app, name="step")
+app.add_typer(db_app, name="db")
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+ProjectOpt = Annotated[
+    Path | None,
+    typer.Option("--project", "-C", help="Project folder (default: search upward from here).",
+                 envvar="MLOOP_PROJECT"),
+]
+NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="Run every step, ignore the cache.")]
+
+_state: dict[str, Any] = {"debug": False, "project": None}
+
+
+@app.callback()
+def _root(
+    project: ProjectOpt = None,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+) -> None:
+    _state["project"] = project
+    _state["debug"] = debug or bool(os.environ.get("MLOOP_DEBUG"))
+
+
+def _open():
+    from mloop.project import open_project
+
+    return open_project(_state["project"])
+
+
+# ------------------------------------------------------------------------------ init / run
+
+@app.command()
+def init(
+    name: Annotated[str, typer.Argument(help="Folder to create (its name is the project name).")],
+    template: Annotated[str, typer.Option(help="Project template.")] = "tabular",
+    json_: JsonOpt = False,
+) -> None:
+    """Scaffold a project: mloop.yaml, pipeline.py and a data/ folder."""
+    from mloop.scaffold import init_project
+
+    target = Path(name)
+    written = init_project(target, template=template, name=target.resolve().name)
+    if json_:
+        emit_json({"project": target.resolve().name, "root": str(target.resolve()),
+                   "files": [str(p) for p in written]})
+        return
+    for p in written:
+        out.print(f"created {p}")
+    out.print(f"next: put your data in {target / 'data'}, edit {target / 'mloop.yaml'}, then "
+              f"`cd {name} && mloop run`")
+
+
+@app.command()
+def run(no_cache: NoCacheOpt = False, json_: JsonOpt = False) -> None:
+    """Run the project's pipeline: ingest → validate → snapshot → split → train → evaluate →
+    register."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from mloop.pipeline.runner import run_pipeline
+    from mloop.status import show_run
+
+    project = _open()
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                  console=err, transient=False) as progress:
+        tasks: dict[str, Any] = {}
+
+        def on_event(event: str, name: str, info: dict[str, Any]) -> None:
+            if event == "pipeline":
+                for s in info["steps"]:
+                    tasks[s] = progress.add_task(f"[dim]{s}", total=1)
+            elif event == "start":
+                progress.update(tasks[name], description=f"{name}")
+            elif event in ("done", "cached"):
+                tag = "[green]✓" if event == "done" else "[cyan]cached"
+                progress.update(tasks[name], completed=1, description=f"{name} {tag}")
+            elif event == "retry":
+                progress.update(tasks[name], description=f"{name} [yellow]retry "
+                                f"{info['attempt']} in {info['wait_s']:.1f}s: {info['error']}")
+            elif event == "failed":
+                progress.update(tasks[name], description=f"{name} [red]failed")
+
+        try:
+            result = run_pipeline(project, use_cache=not no_cache, on_event=on_event)
+        except StepFailedError as exc:
+            progress.stop()
+            if json_:
+                emit_json(show_run(project, exc.run_id))
+            raise
+    detail = show_run(project, result.run_id)
+    reg = next((s for s in detail["steps"] if s["step"] == "register"), None)
+    if reg is not None:
+        from mloop.pipeline.artifacts import load_output
+
+        detail["registered"] = load_output(reg["outputs"]["output"], project.outputs,
+                                           project.snapshots)
+    ev = next((s for s in detail["steps"] if s["step"] == "evaluate"), None)
+    if ev is not None:
+        from mloop.pipeline.artifacts import load_output
+
+        detail["evaluation"] = load_output(ev["outputs"]["output"], project.outputs,
+                                           project.snapshots)
+    if json_:
+        emit_json(detail)
+        return
+    _print_run(detail)
+    if "registered" in detail:
+        r = detail["registered"]
+        out.print(f"registered [bold]{r['name']}[/] version [bold]{r['version']}[/] "
+                  f"({r['model_uri']})")
+    if "evaluation" in detail:
+        out.print(f"holdout: {fmt_metrics(detail['evaluation']['metrics'])}")
+
+
+def _print_run(d: dict[str, Any]) -> None:
+    out.print(f"pipeline run [bold]{d['run_id']}[/] ({d['pipeline']}): {d['status']}, "
+              f"{d['duration_s']}s, {d['cache_hits']}/{d['steps_total']} cached, "
+              f"MLflow run {d['mlflow_run_id']}")
+    out.print(table("steps", ["step", "status", "cache", "duration s", "peak MB", "attempts"],
+                    [[s["step"], s["status"], "hit" if s["cache_hit"] else "miss",
+                      s["duration_s"], s["peak_memory_mb"], s["attempts"]]
+                     for s in d.get("steps", [])]))
+    if d.get("error"):
+        out.print(f"[red]{d['error']}")
+
+
+# ------------------------------------------------------------------------------ status
+
+@app.command()
+def status(json_: JsonOpt = False) -> None:
+    """Last runs, model versions and snapshots, on one screen."""
+    from mloop.status import project_status
+
+    s = project_status(_open())
+    if json_:
+        emit_json(s)
+        return
+    out.print(f"project [bold]{s['project']}[/] at {s['root']}")
+    out.print(table("recent pipeline runs", ["run", "status", "started", "s", "cached"],
+                    [[short(r["run_id"]), r["status"], r["started_at"], r["duration_s"],
+                      f"{r['cache_hits']}/{r['steps_total']}"] for r in s["runs"]]))
+    out.print(table("model versions", ["version", "aliases", "metrics", "train snapshot",
+                                       "pipeline run"],
+                    [[m["version"], ",".join(m["aliases"]), fmt_metrics(m["metrics"]),
+                      short(m["snapshot_train"]), short(m["pipeline_run_id"])]
+                     for m in s["models"]]))
+    out.print(table("snapshots", ["digest", "rows", "cols", "source"],
+                    [[short(x["digest"]), x["rows"], x["columns"], x["source"]]
+                     for x in s["snapshots"]]))
+
+
+# ------------------------------------------------------------------------------ runs
+
+@runs_app.command("list")
+def runs_list(limit: Annotated[int, typer.Option(min=1)] = 20, json_: JsonOpt = False) -> None:
+    """Pipeline runs, newest first."""
+    from mloop.status import list_runs
+
+    rows = list_runs(_open(), limit=limit)
+    if json_:
+        emit_json({"runs": rows})
+        return
+    out.print(table("pipeline runs", ["run", "pipeline", "status", "started", "s", "cached",
+                                      "error"],
+                    [[r["run_id"], r["pipeline"], r["status"], r["started_at"], r["duration_s"],
+                      f"{r['cache_hits']}/{r['steps_total']}", short(r["error"], 60)]
+                     for r in rows]))
+
+
+@runs_app.command("show")
+def runs_show(run_id: str, json_: JsonOpt = False) -> None:
+    """One pipeline run with its steps, durations, memory and cache hits."""
+    from mloop.status import show_run
+
+    d = show_run(_open(), run_id)
+    if json_:
+        emit_json(d)
+        return
+    _print_run(d)
+    if d.get("traceback"):
+        err.print(d["traceback"])
+
+
+@runs_app.command("create")
+def runs_create(pipeline: Annotated[str | None, typer.Argument()] = None,
+                json_: JsonOpt = False) -> None:
+    """Start an empty pipeline run for an orchestrator to fill with `mloop step run`."""
+    from mloop.pipeline.runner import create_run
+
+    row = create_run(_open(), pipeline)
+    if json_:
+        emit_json({"run_id": row.id, "pipeline": row.pipeline,
+                   "mlflow_run_id": row.mlflow_run_id})
+        return
+    out.print(row.id)
+
+
+# ------------------------------------------------------------------------------ step
+
+@step_app.command("run")
+def step_run(
+    pipeline: Annotated[str, typer.Argument(help="Pipeline name (e.g. tabular).")],
+    step_name: Annotated[str, typer.Argument(metavar="STEP")],
+    run_id: Annotated[str, typer.Option("--run-id", help="Existing pipeline run id.")],
+    no_cache: NoCacheOpt = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Execute one step of an existing pipeline run in this process."""
+    from mloop.pipeline.runner import run_single_step
+
+    o = run_single_step(_open(), pipeline, step_name, run_id, use_cache=not no_cache)
+    d = {"step": o.step, "status": o.status, "cache_hit": o.cache_hit,
+         "duration_s": round(o.duration_s, 3), "peak_memory_mb": o.peak_memory_mb,
+         "outputs": o.outputs, "mlflow_run_id": o.mlflow_run_id, "attempts": o.attempts}
+    if json_:
+        emit_json(d)
+        return
+    out.print(f"{o.step}: {o.status} ({'cache hit' if o.cache_hit else 'ran'}, "
+              f"{o.duration_s:.2f}s)")
+    for k, v in o.outputs.items():
+        out.print(f"  {k}: {v['kind']} {v['digest']}")
+
+
+# ------------------------------------------------------------------------------ data
+
+@data_app.command("snapshot")
+def data_snapshot(path: Annotated[Path, typer.Argument(help="CSV/Parquet file or folder.")],
+                  json_: JsonOpt = False) -> None:
+    """Store a content-addressed snapshot of a file, with its profile."""
+    from mloop.status import snapshot_file
+
+    d = snapshot_file(_open(), path)
+    if json_:
+        emit_json(d)
+        return
+    verb = "created" if d["created"] else "already stored"
+    out.print(f"snapshot [bold]{d['digest']}[/] ({verb}): {d['rows']} rows, "
+              f"{len(d['schema'])} columns")
+    cols = d["profile"]["columns"]
+    out.print(table("profile", ["column", "kind", "type", "missing", "summary"], [
+        [name, c["kind"], c["type"], f"{c['missing_rate']:.1%}", _summary(c)]
+        for name, c in cols.items()]))
+
+
+def _summary(c: dict[str, Any]) -> str:
+    if c["kind"] == "numeric" and c.get("mean") is not None:
+        return f"mean {c['mean']:.4g} std {c['std']:.4g} [{c['min']:.4g}, {c['max']:.4g}]"
+    if c["kind"] == "categorical":
+        top = ", ".join(f"{k} {v}" for k, v in list(c["top"].items())[:4])
+        return f"{c['n_unique']} values: {top}"
+    if c["kind"] == "datetime":
+        return f"{c['min']} .. {c['max']}"
+    return ""
+
+
+@data_app.command("list")
+def data_list(json_: JsonOpt = False) -> None:
+    """Snapshots in the project's store."""
+    from mloop.status import snapshots
+
+    rows = snapshots(_open(), limit=100)
+    if json_:
+        emit_json({"snapshots": rows})
+        return
+    out.print(table("snapshots", ["digest", "rows", "cols", "created", "source"],
+                    [[x["digest"], x["rows"], x["columns"], x["created_at"], x["source"]]
+                     for x in rows]))
+
+
+@data_app.command("profile")
+def data_profile(digest: str, json_: JsonOpt = False) -> None:
+    """The stored profile of a snapshot (by digest or unique prefix)."""
+    project = _open()
+    prof = project.snapshots.profile(digest)
+    if json_:
+        emit_json(prof)
+        return
+    out.print(table(f"profile of {digest} ({prof['rows']} rows)",
+                    ["column", "kind", "type", "missing", "summary"],
+                    [[n, c["kind"], c["type"], f"{c['missing_rate']:.1%}", _summary(c)]
+                     for n, c in prof["columns"].items()]))
+
+
+# ------------------------------------------------------------------------------ db
+
+@db_app.command("upgrade")
+def db_upgrade(json_: JsonOpt = False) -> None:
+    """Bring mloop's store to the latest schema (Alembic)."""
+    from mloop.store.db import Store
+
+    project = _open()
+    store = Store(project.uris["store_uri"], upgrade=False)
+    before = store.current_revision()
+    store.upgrade()
+    after = store.current_revision()
+    if json_:
+        emit_json({"store_uri": project.uris["store_uri"], "from": before, "to": after})
+        return
+    out.print(f"{project.uris['store_uri']}: {before or 'empty'} -> {after}")
+
+
+# ------------------------------------------------------------------------------ entry point
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry: domain errors become one message and exit code 1 (``--debug``: traceback)."""
+    # MLflow's INFO chatter (table creation, ...) would bury mloop's own output.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    try:
+        app(args=argv)  # standalone: usage errors print themselves and exit 2
+        return 0
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except MloopError as exc:
+        if _state["debug"]:
+            err.print_exception()
+        # Plain write: rich would wrap the line, and scripts grep these messages.
+        sys.stderr.write(f"error: {exc}\n")
+        if isinstance(exc, StepFailedError):
+            sys.stderr.write(f"see `mloop runs show {exc.run_id}` for the traceback\n")
+        return 1
+
+
+def entry() -> None:
+    sys.exit(main())

@@ -1,0 +1,301 @@
+"""mloop.yaml: the pydantic model of a project's configuration, and its loader.
+
+The loader keeps the YAML line of every key so each error reads
+``mloop.yaml:12: unknown key 'modle' under 'train' (did you mean 'model'?)``.
+``${VAR}`` in any string value is replaced from the environment (for secrets); a missing
+variable is an error naming the key, never an empty string.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from mloop.errors import ConfigError
+
+CONFIG_FILE = "mloop.yaml"
+
+Task = Literal["regression", "classification"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class StoresConfig(_Strict):
+    """Where everything lives. Relative paths resolve against the project folder.
+
+    Each is overridden by an environment variable (see ``STORE_ENV_VARS``).
+    """
+
+    tracking_uri: str = "sqlite:///.mloop/mlflow.db"
+    registry_uri: str | None = None
+    artifact_root: str = ".mloop/artifacts"
+    store_uri: str = "sqlite:///.mloop/mloop.db"
+    data_uri: str = ".mloop/data"
+    outputs_uri: str = ".mloop/outputs"
+    inference_log_uri: str = ".mloop/inference"
+
+
+STORE_ENV_VARS: dict[str, str] = {
+    "tracking_uri": "MLOOP_TRACKING_URI",
+    "registry_uri": "MLOOP_REGISTRY_URI",
+    "artifact_root": "MLOOP_ARTIFACT_ROOT",
+    "store_uri": "MLOOP_STORE_URI",
+    "data_uri": "MLOOP_DATA_URI",
+    "outputs_uri": "MLOOP_OUTPUTS_URI",
+    "inference_log_uri": "MLOOP_INFERENCE_LOG_URI",
+}
+
+
+class DataConfig(_Strict):
+    """The training data: a CSV/Parquet file or folder, or a SQL query on a SQLAlchemy URL."""
+
+    path: str | None = None
+    format: Literal["csv", "parquet"] | None = None
+    sql: str | None = None
+    url: str | None = None
+    since: str | None = Field(None, description="keep rows with time_column >= since")
+    until: str | None = Field(None, description="keep rows with time_column < until")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataConfig:
+        if self.path is None and self.sql is None:
+            raise ValueError("needs either 'path' (a CSV/Parquet file or folder) or 'sql' + 'url'")
+        if self.path is not None and self.sql is not None:
+            raise ValueError("give either 'path' or 'sql', not both")
+        if self.sql is not None and not self.url:
+            raise ValueError("'sql' needs 'url' (a SQLAlchemy URL such as postgresql://host/db)")
+        return self
+
+
+class FeaturesConfig(_Strict):
+    """Which columns feed the model. Unlisted columns are typed from their dtype."""
+
+    numeric: list[str] | None = None
+    categorical: list[str] | None = None
+    exclude: list[str] = Field(default_factory=list)
+    time_column: str | None = None
+
+
+class SplitConfig(_Strict):
+    method: Literal["time", "random"] | None = None  # time when a time column is set
+    holdout: float = Field(0.2, gt=0.0, lt=1.0)
+    seed: int = 42
+
+
+class ModelConfig(_Strict):
+    name: str | None = None  # registered model name; defaults to the project name
+    estimator: str | None = None  # import path; a HistGradientBoosting model by task if unset
+    params: dict[str, Any] = Field(default_factory=dict)
+    categorical_encoding: Literal["onehot", "ordinal"] = "onehot"
+    numeric_imputation: Literal["median", "mean", "none"] = "median"
+
+
+class ColumnExpectation(_Strict):
+    type: Literal["numeric", "integer", "string", "bool", "datetime"] | None = None
+    min: float | None = None
+    max: float | None = None
+    allowed: list[Any] | None = None
+    max_missing_rate: float | None = Field(None, ge=0.0, le=1.0)
+
+
+class ValidationConfig(_Strict):
+    """Expectations checked by the validate step; a violation fails the run with a report."""
+
+    required_columns: list[str] = Field(default_factory=list)
+    max_missing_rate: float | None = Field(None, ge=0.0, le=1.0)
+    min_rows: int = Field(1, ge=0)
+    columns: dict[str, ColumnExpectation] = Field(default_factory=dict)
+
+
+class PipelineConfig(_Strict):
+    entry: str | None = None  # "module:function" (module relative to the project) or built-in
+    steps: dict[str, str] = Field(default_factory=dict)  # step name -> "module:function"
+    retries: int = Field(0, ge=0, le=10)
+    retry_backoff_seconds: float = Field(1.0, ge=0.0)
+    cache: bool = True
+
+
+class ProfileConfig(_Strict):
+    bins: int = Field(20, ge=2, le=1000)
+    top_k: int = Field(50, ge=1, le=10_000)
+
+
+class ProjectConfig(_Strict):
+    project: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    stores: StoresConfig = Field(default_factory=StoresConfig)
+    data: DataConfig
+    target: str
+    task: Task | None = None
+    features: FeaturesConfig = Field(default_factory=FeaturesConfig)
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    metrics: list[str] | None = None
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    profile: ProfileConfig = Field(default_factory=ProfileConfig)
+
+    @property
+    def model_name(self) -> str:
+        return self.model.name or self.project
+
+    def config_hash(self) -> str:
+        """sha256 of everything that shapes the model; stores are left out (moving them changes
+        nothing about the model)."""
+        body = self.model_dump(mode="json", exclude={"stores"})
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------- loading with line numbers
+
+_ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _line_map(node: yaml.Node, path: tuple[Any, ...], out: dict[tuple[Any, ...], int]) -> None:
+    out[path] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = key_node.value
+            out[(*path, key)] = key_node.start_mark.line + 1
+            _line_map(value_node, (*path, key), out)
+            out[(*path, key)] = key_node.start_mark.line + 1
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _line_map(item, (*path, i), out)
+
+
+def _interpolate(value: Any, path: tuple[Any, ...], lines: dict, file: str) -> Any:
+    if isinstance(value, dict):
+        return {k: _interpolate(v, (*path, k), lines, file) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(v, (*path, i), lines, file) for i, v in enumerate(value)]
+    if isinstance(value, str) and "${" in value:
+
+        def repl(match: re.Match[str]) -> str:
+            name = match.group(1)
+            if name not in os.environ:
+                raise ConfigError(
+                    f"'{_dotted(path)}' refers to environment variable ${{{name}}}, "
+                    "which is not set",
+                    file=file,
+                    line=_nearest_line(path, lines),
+                    key=_dotted(path),
+                )
+            return os.environ[name]
+
+        return _ENV_RE.sub(repl, value)
+    return value
+
+
+def _dotted(path: tuple[Any, ...]) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "<top level>"
+
+
+def _nearest_line(path: tuple[Any, ...], lines: dict[tuple[Any, ...], int]) -> int | None:
+    p = tuple(path)
+    while p:
+        if p in lines:
+            return lines[p]
+        p = p[:-1]
+    return lines.get(())
+
+
+def _model_at(path: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model that owns the mapping at ``path`` (for did-you-mean)."""
+    model: Any = ProjectConfig
+    for part in path:
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return None
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return None
+        ann = field.annotation
+        candidates = [ann, *getattr(ann, "__args__", ())]
+        model = next(
+            (c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None
+        )
+        if model is None and getattr(ann, "__origin__", None) is dict:
+            value_type = ann.__args__[1]
+            if isinstance(value_type, type) and issubclass(value_type, BaseModel):
+                return None  # dict[str, Model]: keys are free, their values checked below
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _describe(err: dict[str, Any], lines: dict, file: str) -> ConfigError:
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+    key = _dotted(loc)
+    line = _nearest_line(loc, lines)
+    etype = err["type"]
+    if etype == "extra_forbidden":
+        parent, name = loc[:-1], str(loc[-1])
+        owner = _model_at(parent)
+        where = f" under '{_dotted(parent)}'" if parent else ""
+        hint = ""
+        if owner is not None:
+            close = difflib.get_close_matches(name, list(owner.model_fields), n=1, cutoff=0.6)
+            hint = f" (did you mean '{close[0]}'?)" if close else (
+                f"; allowed: {', '.join(sorted(owner.model_fields))}"
+            )
+        return ConfigError(f"unknown key '{name}'{where}{hint}", file=file, line=line, key=key)
+    if etype == "missing":
+        return ConfigError(f"missing required key '{key}'", file=file, line=line, key=key)
+    got = err.get("input")
+    got_s = json.dumps(got, default=str) if not isinstance(got, dict) else "a mapping"
+    msg = err["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+        return ConfigError(f"'{key}': {msg}", file=file, line=line, key=key)
+    return ConfigError(f"'{key}': {msg} (got {got_s})", file=file, line=line, key=key)
+
+
+def parse_config(text: str, *, file: str = CONFIG_FILE) -> ProjectConfig:
+    """Parse mloop.yaml text; raise ConfigError naming file, line and key on any problem."""
+    try:
+        node = yaml.compose(text)
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"not valid YAML: {problem}", file=file, line=line) from None
+    if node is None or raw is None:
+        raise ConfigError("file is empty; expected a mapping with at least 'project', "
+                          "'data' and 'target'", file=file, line=1)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"expected a mapping at the top level, got {type(raw).__name__}",
+                          file=file, line=1)
+    lines: dict[tuple[Any, ...], int] = {}
+    _line_map(node, (), lines)
+    raw = _interpolate(raw, (), lines, file)
+    try:
+        return ProjectConfig.model_validate(raw)
+    except ValidationError as exc:
+        errors = [_describe(e, lines, file) for e in exc.errors()]
+        first = errors[0]
+        if len(errors) > 1:
+            more = "; ".join(f"line {e.line}: {e.message}" for e in errors[1:])
+            first = ConfigError(f"{first.message} (and {len(errors) - 1} more: {more})",
+                                file=first.file, line=first.line, key=first.key)
+        raise first from None
+
+
+def load_config(path: str | Path) -> ProjectConfig:
+    """Read and validate a mloop.yaml file."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError("file not found", file=str(p)) from None
+    return parse_config(text, file=str(p))

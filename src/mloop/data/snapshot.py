@@ -1,0 +1,99 @@
+"""Snapshots: immutable, content-addressed dataset versions with their profile.
+
+Layout under the data URI: ``<digest>/data.parquet``, ``<digest>/profile.json`` and
+``<digest>/snapshot.json``. ``snapshot.json`` is written last, so its presence means the
+snapshot is complete; storing the same data twice finds it there and writes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import pyarrow as pa
+
+from mloop.data.canonical import canonicalize, table_digest
+from mloop.data.profile import compute_profile
+from mloop.errors import SnapshotNotFoundError
+from mloop.storage import ObjectStore
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    digest: str
+    rows: int
+    schema: dict[str, str]
+    source: str
+    created_at: str
+    uri: str
+
+    @property
+    def short(self) -> str:
+        return self.digest[:12]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class SnapshotStore:
+    """Put and get snapshots by digest. ``put`` is idempotent."""
+
+    def __init__(self, objects: ObjectStore, *, bins: int = 20, top_k: int = 50) -> None:
+        self.objects = objects
+        self.bins = bins
+        self.top_k = top_k
+
+    def put(self, table: pa.Table, *, source: str) -> tuple[Snapshot, bool]:
+        """Store ``table``; return the snapshot and whether it was newly written."""
+        table = canonicalize(table)
+        digest = table_digest(table)
+        if self.objects.exists(f"{digest}/snapshot.json"):
+            return self.get(digest), False
+        self.objects.write_parquet(f"{digest}/data.parquet", table)
+        profile = compute_profile(table, bins=self.bins, top_k=self.top_k)
+        self.objects.write_bytes(f"{digest}/profile.json", json.dumps(profile).encode())
+        snap = Snapshot(
+            digest=digest,
+            rows=table.num_rows,
+            schema={f.name: str(f.type) for f in table.schema},
+            source=source,
+            created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+            uri=self.objects.path(f"{digest}/data.parquet"),
+        )
+        self.objects.write_bytes(f"{digest}/snapshot.json", json.dumps(snap.to_dict()).encode())
+        return snap, True
+
+    def resolve(self, digest_or_prefix: str) -> str:
+        """Full digest from a unique prefix (>= 6 hex chars)."""
+        if self.objects.exists(f"{digest_or_prefix}/snapshot.json"):
+            return digest_or_prefix
+        if len(digest_or_prefix) >= 6:
+            hits = [d for d in self.objects.listdir() if d.startswith(digest_or_prefix)]
+            hits = [d for d in hits if self.objects.exists(f"{d}/snapshot.json")]
+            if len(hits) == 1:
+                return hits[0]
+            if len(hits) > 1:
+                raise SnapshotNotFoundError(
+                    f"snapshot prefix '{digest_or_prefix}' is ambiguous: {', '.join(hits[:5])}")
+        raise SnapshotNotFoundError(
+            f"no snapshot '{digest_or_prefix}' in {self.objects.uri}")
+
+    def get(self, digest: str) -> Snapshot:
+        digest = self.resolve(digest)
+        meta = json.loads(self.objects.read_bytes(f"{digest}/snapshot.json"))
+        return Snapshot(**meta)
+
+    def read_table(self, digest: str) -> pa.Table:
+        return self.objects.read_parquet(f"{self.resolve(digest)}/data.parquet")
+
+    def profile(self, digest: str) -> dict[str, Any]:
+        return json.loads(self.objects.read_bytes(f"{self.resolve(digest)}/profile.json"))
+
+    def list(self) -> list[Snapshot]:
+        out = []
+        for d in self.objects.listdir():
+            if not d.startswith(".") and self.objects.exists(f"{d}/snapshot.json"):
+                out.append(self.get(d))
+        return sorted(out, key=lambda s: s.created_at, reverse=True)

@@ -1,0 +1,82 @@
+"""mloop's exception tree.
+
+Every error a user can cause derives from :class:`MloopError`; the CLI turns these into a
+one-line message and exit code 1 (``--debug`` shows the traceback). Anything else is a bug.
+
+    MloopError
+    ├── ConfigError              mloop.yaml is malformed (carries file, line, key)
+    ├── ProjectNotFoundError     no mloop.yaml in the folder or its parents
+    ├── DataSourceError          the configured data cannot be read
+    ├── ValidationFailedError    data broke the expectations in mloop.yaml (carries the report)
+    ├── SnapshotNotFoundError    no snapshot with that digest
+    ├── PipelineDefinitionError  the step graph is malformed (cycle, unknown step, bad override)
+    ├── StepFailedError          a step raised after its retries (carries step, run id, traceback)
+    └── RunNotFoundError         no pipeline run with that id
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+class MloopError(Exception):
+    """Base of every error mloop raises on purpose."""
+
+
+@dataclass
+class ConfigError(MloopError):
+    """mloop.yaml (or an override) is invalid.
+
+    Rendered as ``file:line: message`` so editors can jump to it.
+    """
+
+    message: str
+    file: str | None = None
+    line: int | None = None
+    key: str | None = None
+
+    def __str__(self) -> str:
+        where = self.file or "mloop.yaml"
+        if self.line is not None:
+            where = f"{where}:{self.line}"
+        return f"{where}: {self.message}"
+
+
+class ProjectNotFoundError(MloopError):
+    pass
+
+
+class DataSourceError(MloopError):
+    pass
+
+
+class SnapshotNotFoundError(MloopError):
+    pass
+
+
+class PipelineDefinitionError(MloopError):
+    pass
+
+
+class RunNotFoundError(MloopError):
+    pass
+
+
+class ValidationFailedError(MloopError):
+    """The data broke one or more expectations; ``report`` lists every violation."""
+
+    def __init__(self, message: str, *, report: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+class StepFailedError(MloopError):
+    """A step raised after exhausting its retries."""
+
+    def __init__(self, step: str, run_id: str, error: str, traceback: str) -> None:
+        super().__init__(f"Step '{step}' failed in pipeline run {run_id}: {error}")
+        self.step = step
+        self.run_id = run_id
+        self.error = error
+        self.traceback = traceback

@@ -1,0 +1,89 @@
+"""Opening a project: find mloop.yaml, resolve store URIs, build the stores and clients.
+
+This is the composition root every entry point (CLI, server, controller, ``mloop step run``)
+goes through, so they all see the same stores.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from mloop.config import CONFIG_FILE, STORE_ENV_VARS, ProjectConfig, load_config
+from mloop.data.snapshot import SnapshotStore
+from mloop.errors import ProjectNotFoundError
+from mloop.storage import ObjectStore, resolve_uri
+from mloop.store.db import Store
+
+
+def find_project_root(start: Path | None = None) -> Path:
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / CONFIG_FILE).is_file():
+            return folder
+    raise ProjectNotFoundError(
+        f"no {CONFIG_FILE} in {here} or any parent folder; run `mloop init NAME` to create a "
+        f"project, or pass --project PATH")
+
+
+@dataclass
+class Project:
+    root: Path
+    config: ProjectConfig
+
+    @property
+    def name(self) -> str:
+        return self.config.project
+
+    @functools.cached_property
+    def uris(self) -> dict[str, str]:
+        """Every store URI, absolute, after environment overrides (``MLOOP_*_URI``)."""
+        stores = self.config.stores.model_dump()
+        out: dict[str, str] = {}
+        for key, env in STORE_ENV_VARS.items():
+            value = os.environ.get(env) or stores.get(key)
+            if value is None:
+                continue
+            out[key] = resolve_uri(value, self.root)
+        out.setdefault("registry_uri", out["tracking_uri"])
+        if "://" not in out["artifact_root"]:
+            out["artifact_root"] = Path(out["artifact_root"]).as_uri()
+        return out
+
+    @functools.cached_property
+    def store(self) -> Store:
+        return Store(self.uris["store_uri"])
+
+    @functools.cached_property
+    def snapshots(self) -> SnapshotStore:
+        prof = self.config.profile
+        return SnapshotStore(ObjectStore(self.uris["data_uri"]), bins=prof.bins,
+                             top_k=prof.top_k)
+
+    @functools.cached_property
+    def outputs(self) -> ObjectStore:
+        return ObjectStore(self.uris["outputs_uri"])
+
+    @functools.cached_property
+    def mlflow(self):  # -> MlflowClient (imported lazily: mlflow import costs ~1 s)
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        # The sklearn flavour's log_model only speaks the fluent API; point it at our stores.
+        mlflow.set_tracking_uri(self.uris["tracking_uri"])
+        mlflow.set_registry_uri(self.uris["registry_uri"])
+        return MlflowClient(tracking_uri=self.uris["tracking_uri"],
+                            registry_uri=self.uris["registry_uri"])
+
+    @functools.cached_property
+    def experiment_id(self) -> str:
+        from mloop.tracking import get_or_create_experiment
+
+        return get_or_create_experiment(self.mlflow, self.name, self.uris["artifact_root"])
+
+
+def open_project(path: str | Path | None = None) -> Project:
+    root = find_project_root(Path(path) if path else None)
+    return Project(root=root, config=load_config(root / CONFIG_FILE))

@@ -1,0 +1,66 @@
+"""Registering a trained model as a candidate version, tagged with its full lineage."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+from typing import Any
+
+from mloop import __version__
+
+
+def _requirements(model: Any) -> list[str]:
+    """Exact pins for what the logged model needs to load; the estimator's package included."""
+    pkgs = {"scikit-learn", "pandas", "numpy", "skops", "scipy"}
+    est = getattr(model, "steps", [[None, model]])[-1][1]
+    top = type(est).__module__.split(".")[0]
+    if top not in {"sklearn", "mloop", "builtins"}:
+        pkgs.add(top)
+    out = []
+    for name in sorted(pkgs):
+        try:
+            out.append(f"{name}=={importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def _trusted_types(model: Any) -> list[str]:
+    """Types skops must be told to trust: we trained this model ourselves, a moment ago."""
+    import skops.io
+
+    return sorted(skops.io.get_untrusted_types(data=skops.io.dumps(model)))
+
+
+def register_candidate(client: Any, *, run_id: str, model: Any, name: str, input_example: Any,
+                       predictions: Any, tags: dict[str, str],
+                       description: str | None = None) -> dict[str, Any]:
+    """Log ``model`` (sklearn flavour, skops format) under ``run_id`` and register a version.
+
+    Returns ``{"name", "version", "model_uri", "run_id"}``. The version is created last, so a
+    failure before it leaves the registry untouched.
+    """
+    import mlflow
+    import mlflow.sklearn
+    from mlflow.exceptions import MlflowException
+    from mlflow.models import infer_signature
+
+    signature = infer_signature(input_example, predictions)
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.sklearn.log_model(
+            model, name="model", signature=signature, input_example=input_example,
+            serialization_format="skops", skops_trusted_types=_trusted_types(model),
+            pip_requirements=_requirements(model),
+        )
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        # Another process may create it between the two calls; that is fine.
+        with contextlib.suppress(MlflowException):
+            client.create_registered_model(name, tags={"mloop.managed": "true"})
+    all_tags = {**tags, "mloop.version": __version__, "mloop.role": "candidate"}
+    mv = client.create_model_version(name, source=info.model_uri, run_id=run_id,
+                                     tags=all_tags, description=description,
+                                     model_id=info.model_id)
+    return {"name": name, "version": int(mv.version), "model_uri": f"models:/{name}/{mv.version}",
+            "logged_model_uri": info.model_uri, "run_id": run_id}

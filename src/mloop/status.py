@@ -1,0 +1,105 @@
+"""Read-side services behind ``mloop status``, ``mloop runs`` and ``mloop data``: plain dicts
+with stable keys, rendered as tables by the CLI or printed as JSON with ``--json``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from mloop.data.source import read_file_table
+from mloop.project import Project
+from mloop.store.models import PipelineRunRow, StepRunRow
+
+
+def _iso(dt: Any) -> str | None:
+    return dt.isoformat(timespec="seconds") if dt is not None else None
+
+
+def _step_dict(s: StepRunRow) -> dict[str, Any]:
+    return {"step": s.step, "status": s.status, "cache_hit": bool(s.cache_hit),
+            "duration_s": round(s.duration_s, 3) if s.duration_s is not None else None,
+            "peak_memory_mb": s.peak_memory_mb, "attempts": s.attempts,
+            "mlflow_run_id": s.mlflow_run_id, "cache_key": s.cache_key,
+            "outputs": s.outputs, "error": s.error}
+
+
+def run_summary(project: Project, row: PipelineRunRow) -> dict[str, Any]:
+    steps = project.store.step_runs(row.id)
+    duration = ((row.ended_at - row.started_at).total_seconds()
+                if row.ended_at and row.started_at else None)
+    return {"run_id": row.id, "pipeline": row.pipeline, "status": row.status,
+            "started_at": _iso(row.started_at), "ended_at": _iso(row.ended_at),
+            "duration_s": round(duration, 3) if duration is not None else None,
+            "mlflow_run_id": row.mlflow_run_id, "config_hash": row.config_hash,
+            "steps_total": len(steps), "cache_hits": sum(1 for s in steps if s.cache_hit),
+            "error": row.error}
+
+
+def list_runs(project: Project, limit: int = 20) -> list[dict[str, Any]]:
+    return [run_summary(project, r)
+            for r in project.store.list_pipeline_runs(project=project.name, limit=limit)]
+
+
+def show_run(project: Project, run_id: str) -> dict[str, Any]:
+    row = project.store.get_pipeline_run(run_id)
+    out = run_summary(project, row)
+    out["steps"] = [_step_dict(s) for s in project.store.step_runs(row.id)]
+    failed = [s for s in project.store.step_runs(row.id) if s.status == "failed"]
+    out["traceback"] = failed[-1].traceback if failed else None
+    return out
+
+
+def model_versions(project: Project, limit: int = 10) -> list[dict[str, Any]]:
+    from mlflow.exceptions import MlflowException
+
+    client = project.mlflow
+    try:
+        versions = client.search_model_versions(f"name='{project.config.model_name}'",
+                                                max_results=limit,
+                                                order_by=["version_number DESC"])
+    except MlflowException:
+        return []
+    aliases: dict[str, list[str]] = {}
+    try:
+        rm = client.get_registered_model(project.config.model_name)
+        for alias, version in (rm.aliases or {}).items():
+            aliases.setdefault(str(version), []).append(alias)
+    except MlflowException:
+        pass
+    out = []
+    for mv in versions:
+        tags = mv.tags or {}
+        out.append({
+            "name": mv.name, "version": int(mv.version),
+            "created_at": mv.creation_timestamp, "run_id": mv.run_id,
+            "aliases": sorted(aliases.get(str(mv.version), [])),
+            "pipeline_run_id": tags.get("mloop.pipeline_run_id"),
+            "snapshot_train": tags.get("mloop.snapshot.train"),
+            "snapshot_holdout": tags.get("mloop.snapshot.holdout"),
+            "primary_metric": tags.get("mloop.primary_metric"),
+            "metrics": {k[len("mloop.metric."):]: float(v) for k, v in tags.items()
+                        if k.startswith("mloop.metric.")},
+        })
+    return out
+
+
+def snapshots(project: Project, limit: int = 10) -> list[dict[str, Any]]:
+    return [{"digest": s.digest, "rows": s.rows, "columns": s.columns, "source": s.source,
+             "created_at": _iso(s.created_at)} for s in project.store.list_snapshots(limit)]
+
+
+def project_status(project: Project) -> dict[str, Any]:
+    return {"project": project.name, "root": str(project.root), "stores": project.uris,
+            "runs": list_runs(project, limit=5), "models": model_versions(project, limit=5),
+            "snapshots": snapshots(project, limit=5)}
+
+
+def snapshot_file(project: Project, path: Path) -> dict[str, Any]:
+    """Snapshot a CSV/Parquet file or folder into the project's data store."""
+    table = read_file_table(path)
+    snap, created = project.snapshots.put(table, source=str(path.resolve()))
+    project.store.record_snapshot(digest=snap.digest, rows=snap.rows, columns=len(snap.schema),
+                                  source=snap.source, uri=snap.uri)
+    return {"digest": snap.digest, "created": created, "rows": snap.rows,
+            "schema": snap.schema, "source": snap.source, "uri": snap.uri,
+            "profile": project.snapshots.profile(snap.digest)}

@@ -1,0 +1,166 @@
+"""The Store: mloop's metadata in any SQLAlchemy database (SQLite by default, PostgreSQL at
+scale). Opening a store brings its schema to the latest Alembic revision."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session, sessionmaker
+
+from mloop.errors import RunNotFoundError
+from mloop.store.models import PipelineRunRow, SnapshotRow, StepRunRow
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+HEAD_REVISION = "0001"  # the newest file in migrations/versions (a test keeps them in step)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _aware(dt: datetime | None) -> datetime | None:
+    # SQLite drops tzinfo; every time mloop stores is UTC.
+    if dt is not None and dt.tzinfo is None:
+        return dt.replace(tzinfo=UTC)
+    return dt
+
+
+class Store:
+    def __init__(self, url: str, *, upgrade: bool = True) -> None:
+        self.url = url
+        if url.startswith("sqlite:///") and not url.endswith(":memory:"):
+            Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+        connect_args = {"timeout": 30} if url.startswith("sqlite") else {}
+        self.engine = sa.create_engine(url, connect_args=connect_args)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        if upgrade:
+            self.upgrade()
+
+    def upgrade(self, revision: str = "head") -> None:
+        if revision == "head" and self.current_revision() == HEAD_REVISION:
+            return  # the common case; skips loading Alembic's machinery (~1 s per process)
+        from alembic import command
+        from alembic.config import Config as AlembicConfig
+
+        cfg = AlembicConfig()
+        cfg.set_main_option("script_location", str(MIGRATIONS))
+        with self.engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, revision)
+
+    def current_revision(self) -> str | None:
+        with self.engine.connect() as conn:
+            if not sa.inspect(conn).has_table("alembic_version"):
+                return None
+            return conn.execute(sa.text("select version_num from alembic_version")).scalar()
+
+    def session(self) -> Session:
+        return self._sessions()
+
+    # ------------------------------------------------------------------ pipeline runs
+    def create_pipeline_run(self, *, project: str, pipeline: str, config_hash: str,
+                            params: dict[str, Any] | None = None) -> PipelineRunRow:
+        row = PipelineRunRow(id=uuid.uuid4().hex, project=project, pipeline=pipeline,
+                             status="created", config_hash=config_hash, params=params or {},
+                             started_at=utcnow())
+        with self.session() as s, s.begin():
+            s.add(row)
+        return row
+
+    def update_pipeline_run(self, run_id: str, **fields: Any) -> None:
+        with self.session() as s, s.begin():
+            row = s.get(PipelineRunRow, run_id)
+            if row is None:
+                raise RunNotFoundError(f"no pipeline run '{run_id}'")
+            for k, v in fields.items():
+                setattr(row, k, v)
+
+    def get_pipeline_run(self, run_id: str) -> PipelineRunRow:
+        """By full id or a unique prefix (>= 4 chars)."""
+        with self.session() as s:
+            row = s.get(PipelineRunRow, run_id)
+            if row is None and len(run_id) >= 4:
+                rows = s.scalars(sa.select(PipelineRunRow).where(
+                    PipelineRunRow.id.startswith(run_id)).limit(2)).all()
+                row = rows[0] if len(rows) == 1 else None
+            if row is None:
+                raise RunNotFoundError(f"no pipeline run '{run_id}' (see `mloop runs list`)")
+            row.started_at = _aware(row.started_at)  # type: ignore[assignment]
+            row.ended_at = _aware(row.ended_at)
+            return row
+
+    def list_pipeline_runs(self, *, project: str | None = None,
+                           limit: int = 20) -> list[PipelineRunRow]:
+        q = sa.select(PipelineRunRow).order_by(PipelineRunRow.started_at.desc()).limit(limit)
+        if project is not None:
+            q = q.where(PipelineRunRow.project == project)
+        with self.session() as s:
+            rows = list(s.scalars(q).all())
+        for r in rows:
+            r.started_at = _aware(r.started_at)  # type: ignore[assignment]
+            r.ended_at = _aware(r.ended_at)
+        return rows
+
+    # ------------------------------------------------------------------ step runs
+    def start_step(self, *, pipeline_run_id: str, step: str, cache_key: str,
+                   inputs: dict[str, Any], mlflow_run_id: str | None = None) -> int:
+        row = StepRunRow(pipeline_run_id=pipeline_run_id, step=step, status="running",
+                         mlflow_run_id=mlflow_run_id,
+                         cache_key=cache_key, cache_hit=False, inputs=inputs, outputs={},
+                         started_at=utcnow(), attempts=1)
+        with self.session() as s, s.begin():
+            s.add(row)
+            s.flush()
+            return row.id
+
+    def finish_step(self, step_run_id: int, **fields: Any) -> None:
+        with self.session() as s, s.begin():
+            row = s.get(StepRunRow, step_run_id)
+            if row is None:
+                raise RunNotFoundError(f"no step run {step_run_id}")
+            fields.setdefault("ended_at", utcnow())
+            for k, v in fields.items():
+                setattr(row, k, v)
+            started = _aware(row.started_at)
+            if row.duration_s is None and started is not None:
+                row.duration_s = (fields["ended_at"] - started).total_seconds()
+
+    def step_runs(self, pipeline_run_id: str) -> list[StepRunRow]:
+        q = (sa.select(StepRunRow).where(StepRunRow.pipeline_run_id == pipeline_run_id)
+             .order_by(StepRunRow.id))
+        with self.session() as s:
+            return list(s.scalars(q).all())
+
+    def latest_step_run(self, pipeline_run_id: str, step: str) -> StepRunRow | None:
+        q = (sa.select(StepRunRow)
+             .where(StepRunRow.pipeline_run_id == pipeline_run_id, StepRunRow.step == step,
+                    StepRunRow.status == "succeeded")
+             .order_by(StepRunRow.id.desc()).limit(1))
+        with self.session() as s:
+            return s.scalars(q).first()
+
+    def find_cached(self, step: str, cache_key: str) -> StepRunRow | None:
+        """The newest successful, non-cached execution of ``step`` with this key."""
+        q = (sa.select(StepRunRow)
+             .where(StepRunRow.step == step, StepRunRow.cache_key == cache_key,
+                    StepRunRow.status == "succeeded")
+             .order_by(StepRunRow.id.desc()).limit(1))
+        with self.session() as s:
+            return s.scalars(q).first()
+
+    # ------------------------------------------------------------------ snapshots
+    def record_snapshot(self, *, digest: str, rows: int, columns: int, source: str,
+                        uri: str) -> None:
+        with self.session() as s, s.begin():
+            if s.get(SnapshotRow, digest) is None:
+                s.add(SnapshotRow(digest=digest, rows=rows, columns=columns, source=source,
+                                  uri=uri, created_at=utcnow()))
+
+    def list_snapshots(self, limit: int = 20) -> list[SnapshotRow]:
+        q = sa.select(SnapshotRow).order_by(SnapshotRow.created_at.desc()).limit(limit)
+        with self.session() as s:
+            return list(s.scalars(q).all())

@@ -1,0 +1,122 @@
+"""The model a tabular project trains: built-in preprocessing + any sklearn-style estimator.
+
+Preprocessing is part of the logged model, so serving requests carry raw columns (strings for
+categoricals, numbers for numerics) exactly as the training table had them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+from sklearn.compose import ColumnTransformer
+from sklearn.impute import SimpleImputer
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import OneHotEncoder, OrdinalEncoder
+
+from mloop.config import ModelConfig
+from mloop.data.profile import column_kind
+from mloop.errors import ConfigError
+from mloop.pipeline.loader import import_object
+
+DEFAULT_ESTIMATORS = {
+    "regression": "sklearn.ensemble.HistGradientBoostingRegressor",
+    "classification": "sklearn.ensemble.HistGradientBoostingClassifier",
+}
+
+
+def infer_task(target: pa.ChunkedArray) -> str:
+    """Floats are regression; strings and booleans classification; integers by cardinality."""
+    kind = column_kind(target.type)
+    if pa.types.is_floating(target.type):
+        return "regression"
+    if kind == "categorical":
+        return "classification"
+    if pa.types.is_integer(target.type):
+        n_unique = len(target.unique())
+        return "classification" if n_unique <= 20 else "regression"
+    raise ConfigError(f"cannot infer 'task' from target type {target.type}; set task: "
+                      f"regression or classification", key="task")
+
+
+def resolve_spec(schema: pa.Schema, sample_target: pa.ChunkedArray, *, target: str,
+                 task: str | None, features: dict[str, Any]) -> dict[str, Any]:
+    """Decide task and the numeric/categorical feature lists from config and dtypes."""
+    names = schema.names
+    if target not in names:
+        raise ConfigError(f"'target': column '{target}' is not in the data (columns: "
+                          f"{', '.join(names)})", key="target")
+    excluded = {target, *features.get("exclude", [])}
+    if features.get("time_column"):
+        excluded.add(features["time_column"])
+    numeric = features.get("numeric")
+    categorical = features.get("categorical")
+    for key, listed in (("features.numeric", numeric), ("features.categorical", categorical),
+                        ("features.exclude", features.get("exclude"))):
+        for col in listed or []:
+            if col not in names:
+                raise ConfigError(f"'{key}': column '{col}' is not in the data (columns: "
+                                  f"{', '.join(names)})", key=key)
+    explicit = set(numeric or []) | set(categorical or [])
+    inferred_num, inferred_cat = [], []
+    for field in schema:
+        if field.name in excluded or field.name in explicit:
+            continue
+        kind = column_kind(field.type)
+        if kind == "numeric":
+            inferred_num.append(field.name)
+        elif kind == "categorical":
+            inferred_cat.append(field.name)
+    numeric = list(numeric) if numeric is not None else inferred_num
+    categorical = list(categorical) if categorical is not None else inferred_cat
+    if numeric is not None and features.get("numeric") is not None:
+        categorical = [c for c in categorical if c not in numeric]
+    if not numeric and not categorical:
+        raise ConfigError("no feature columns left after excluding the target, the time column "
+                          "and features.exclude", key="features")
+    task = task or infer_task(sample_target)
+    return {"task": task, "target": target, "numeric": numeric, "categorical": categorical,
+            "time_column": features.get("time_column")}
+
+
+def build_model(spec: dict[str, Any], cfg: ModelConfig) -> Pipeline:
+    path = cfg.estimator or DEFAULT_ESTIMATORS[spec["task"]]
+    cls = import_object(path, key="model.estimator")
+    try:
+        estimator = cls(**cfg.params)
+    except TypeError as exc:
+        raise ConfigError(f"'model.params': {path} does not accept these params ({exc})",
+                          key="model.params") from None
+    num_steps: list[tuple[str, Any]] = []
+    if cfg.numeric_imputation != "none":
+        num_steps.append(("impute", SimpleImputer(strategy=cfg.numeric_imputation)))
+    cat_steps: list[tuple[str, Any]] = [
+        ("impute", SimpleImputer(strategy="constant", fill_value="__missing__",
+                                 missing_values=np.nan)),
+    ]
+    if cfg.categorical_encoding == "onehot":
+        cat_steps.append(("encode", OneHotEncoder(handle_unknown="ignore", sparse_output=False)))
+    else:
+        cat_steps.append(("encode", OrdinalEncoder(handle_unknown="use_encoded_value",
+                                                   unknown_value=-1)))
+    transformers: list[tuple[str, Any, list[str]]] = []
+    if spec["numeric"]:
+        transformers.append(("numeric", Pipeline(num_steps) if num_steps else "passthrough",
+                             spec["numeric"]))
+    if spec["categorical"]:
+        transformers.append(("categorical", Pipeline(cat_steps), spec["categorical"]))
+    pre = ColumnTransformer(transformers, remainder="drop", verbose_feature_names_out=False)
+    return Pipeline([("preprocess", pre), ("estimator", estimator)])
+
+
+def features_frame(frame: pd.DataFrame, spec: dict[str, Any]) -> pd.DataFrame:
+    """The raw feature columns in model order, categoricals as object (NaN for missing)."""
+    cols = [*spec["numeric"], *spec["categorical"]]
+    out = frame[cols].copy()
+    for c in spec["categorical"]:
+        out[c] = out[c].astype(object).where(out[c].notna(), np.nan)
+    for c in spec["numeric"]:
+        out[c] = pd.to_numeric(out[c]).astype("float64")
+    return out

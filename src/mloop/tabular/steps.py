@@ -1,0 +1,195 @@
+"""The built-in tabular steps: ingest -> validate -> snapshot -> split -> train -> evaluate ->
+register. Each can be replaced from mloop.yaml (``pipeline.steps.NAME: module:function``); a
+replacement takes the same arguments and returns the same outputs."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from mlflow.entities import Metric
+
+from mloop.config import DataConfig, ModelConfig, ValidationConfig
+from mloop.data.snapshot import Snapshot
+from mloop.data.source import read_source
+from mloop.data.validation import format_report, validate_table
+from mloop.errors import ConfigError, ValidationFailedError
+from mloop.pipeline.context import StepContext
+from mloop.pipeline.dsl import step
+from mloop.tabular.metrics import DEFAULTS, compute_metrics, metrics_for
+from mloop.tabular.model import build_model, features_frame, resolve_spec
+from mloop.tracking import log_snapshot_input
+
+
+@step(cache=False)  # the source may have changed: always read; its digest drives the cache
+def ingest(ctx: StepContext, data: dict[str, Any], time_column: str | None) -> pa.Table:
+    table, _source = read_source(DataConfig(**data), Path(ctx.project.root), time_column)
+    ctx.log_metric("rows", table.num_rows)
+    ctx.log_metric("columns", table.num_columns)
+    return table
+
+
+@step(retries=0)
+def validate(ctx: StepContext, table: pa.Table, rules: dict[str, Any], target: str,
+             features: dict[str, Any]) -> dict[str, Any]:
+    """Expectations from mloop.yaml plus the ones the config implies (target and features)."""
+    cfg = ValidationConfig(**rules)
+    implied = [target, *(features.get("numeric") or []), *(features.get("categorical") or [])]
+    if features.get("time_column"):
+        implied.append(features["time_column"])
+    cfg.required_columns = list(dict.fromkeys([*cfg.required_columns, *implied]))
+    report = validate_table(table, cfg)
+    if report["passed"] and table[target].null_count:
+        report["passed"] = False
+        report["violations"].append({"column": target, "check": "target_not_null",
+                                     "expected": 0, "actual": table[target].null_count})
+    ctx.log_metric("violations", len(report["violations"]))
+    if not report["passed"]:
+        ctx.project.mlflow.log_dict(ctx.mlflow_run_id, report, "validation_report.json")
+        raise ValidationFailedError(format_report(report), report=report)
+    return report
+
+
+def store_snapshot(ctx: StepContext, table: pa.Table, source: str) -> Snapshot:
+    snap, _new = ctx.project.snapshots.put(table, source=source)
+    ctx.project.store.record_snapshot(digest=snap.digest, rows=snap.rows,
+                                      columns=len(snap.schema), source=source, uri=snap.uri)
+    return snap
+
+
+@step
+def snapshot(ctx: StepContext, table: pa.Table, report: dict[str, Any], source: str) -> Snapshot:
+    snap = store_snapshot(ctx, table, source)
+    log_snapshot_input(ctx.project.mlflow, ctx.mlflow_run_id, name=f"{ctx.project.name}-source",
+                       digest=snap.digest, source=snap.uri, schema=snap.schema, rows=snap.rows,
+                       context="source")
+    return snap
+
+
+@step(outputs=("train", "holdout"))
+def split(ctx: StepContext, data: Snapshot, method: str | None, holdout: float, seed: int,
+          time_column: str | None) -> tuple[Snapshot, Snapshot]:
+    """Time-ordered (the last fraction is the holdout) or seeded random."""
+    table = ctx.project.snapshots.read_table(data.digest)
+    n = table.num_rows
+    n_holdout = round(n * holdout)
+    if n_holdout < 1 or n - n_holdout < 1:
+        raise ConfigError(f"'split.holdout': {holdout} of {n} rows leaves an empty train or "
+                          f"holdout set", key="split.holdout")
+    method = method or ("time" if time_column else "random")
+    if method == "time":
+        if not time_column:
+            raise ConfigError("'split.method': 'time' needs features.time_column",
+                              key="split.method")
+        order = pc.sort_indices(table, sort_keys=[(time_column, "ascending")]).to_numpy()
+    else:
+        order = np.random.default_rng(seed).permutation(n)
+    train_idx, hold_idx = np.sort(order[: n - n_holdout]), np.sort(order[n - n_holdout :])
+    if method == "time":
+        train_idx, hold_idx = order[: n - n_holdout], order[n - n_holdout :]
+    train_snap = store_snapshot(ctx, table.take(train_idx), f"split:{data.digest}:train")
+    hold_snap = store_snapshot(ctx, table.take(hold_idx), f"split:{data.digest}:holdout")
+    for snap, role in ((train_snap, "training"), (hold_snap, "holdout")):
+        log_snapshot_input(ctx.project.mlflow, ctx.mlflow_run_id,
+                           name=f"{ctx.project.name}-{role}", digest=snap.digest,
+                           source=snap.uri, schema=snap.schema, rows=snap.rows, context=role)
+    ctx.log_metric("train_rows", train_snap.rows)
+    ctx.log_metric("holdout_rows", hold_snap.rows)
+    return train_snap, hold_snap
+
+
+@step(outputs=("model", "spec"))
+def train(ctx: StepContext, data: Snapshot, target: str, task: str | None,
+          features: dict[str, Any], model: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    table = ctx.project.snapshots.read_table(data.digest)
+    spec = resolve_spec(table.schema, table[target], target=target, task=task,
+                        features=features)
+    frame = table.to_pandas()
+    X, y = features_frame(frame, spec), frame[target].to_numpy()
+    if spec["task"] == "classification":
+        spec["classes"] = sorted(map(str, set(y.tolist()))) if y.dtype == object else sorted(
+            set(y.tolist()))
+    estimator = build_model(spec, ModelConfig(**model))
+    estimator.fit(X, y)
+    log_snapshot_input(ctx.project.mlflow, ctx.mlflow_run_id, name=f"{ctx.project.name}-training",
+                       digest=data.digest, source=data.uri, schema=data.schema, rows=data.rows,
+                       context="training")
+    train_pred = estimator.predict(X)
+    proba = estimator.predict_proba(X) if hasattr(estimator, "predict_proba") else None
+    names = list(metrics_for(spec["task"]))[:3]
+    for k, v in compute_metrics(spec["task"], names, y, train_pred, proba).items():
+        ctx.log_metric(f"train_{k}", v)
+    inner = estimator.steps[-1][1]
+    for i, loss in enumerate(np.asarray(getattr(inner, "train_score_", []))):
+        ctx.log_metric("train_score", float(loss), step=i)
+    ctx.set_tags({"mloop.task": spec["task"], "mloop.estimator": type(inner).__module__ + "."
+                  + type(inner).__name__})
+    return estimator, spec
+
+
+@step
+def evaluate(ctx: StepContext, model: Any, spec: dict[str, Any], holdout: Snapshot,
+             metrics: list[str] | None) -> dict[str, Any]:
+    """Task metrics on the holdout snapshot; also logged on the pipeline's parent run."""
+    known = metrics_for(spec["task"])
+    metrics = metrics or DEFAULTS[spec["task"]]
+    for name in metrics:
+        if name not in known:
+            raise ConfigError(f"'metrics': '{name}' is not a {spec['task']} metric; choose from "
+                              f"{', '.join(known)}", key="metrics")
+    frame = ctx.project.snapshots.read_table(holdout.digest).to_pandas()
+    X, y = features_frame(frame, spec), frame[spec["target"]].to_numpy()
+    pred = model.predict(X)
+    proba = model.predict_proba(X) if (spec["task"] == "classification"
+                                       and hasattr(model, "predict_proba")) else None
+    values = compute_metrics(spec["task"], metrics, y, pred, proba)
+    for k, v in values.items():
+        ctx.log_metric(f"holdout_{k}", v)
+    if ctx.parent_mlflow_run_id:
+        now = int(time.time() * 1000)
+        ctx.project.mlflow.log_batch(ctx.parent_mlflow_run_id, metrics=[
+            Metric(f"holdout_{k}", float(v), now, 0) for k, v in values.items()])
+    return {"task": spec["task"], "primary": metrics[0], "metrics": values,
+            "holdout_rows": len(frame), "holdout_digest": holdout.digest}
+
+
+@step
+def register(ctx: StepContext, model: Any, spec: dict[str, Any], evaluation: dict[str, Any],
+             source: Snapshot, train_data: Snapshot, holdout: Snapshot,
+             model_name: str) -> dict[str, Any]:
+    """Log the model with signature and example; create a version tagged with its lineage."""
+    from mloop.registry.candidates import register_candidate
+    from mloop.tracking import git_info
+
+    frame = ctx.project.snapshots.read_table(holdout.digest).slice(0, 5).to_pandas()
+    example = features_frame(frame, spec)
+    run = ctx.project.store.get_pipeline_run(ctx.pipeline_run_id)
+    tags = {
+        "mloop.pipeline_run_id": ctx.pipeline_run_id,
+        "mloop.mlflow_parent_run_id": ctx.parent_mlflow_run_id,
+        "mloop.snapshot.source": source.digest,
+        "mloop.snapshot.train": train_data.digest,
+        "mloop.snapshot.holdout": holdout.digest,
+        "mloop.config_hash": run.config_hash,
+        "mloop.task": spec["task"],
+        "mloop.primary_metric": evaluation["primary"],
+        **{f"mloop.metric.{k}": f"{v:.6g}" for k, v in evaluation["metrics"].items()},
+        **{f"mloop.{k}": v for k, v in git_info(ctx.project.root).items()},
+    }
+    client = ctx.project.mlflow
+    for run_id in (ctx.mlflow_run_id, ctx.parent_mlflow_run_id):
+        if not run_id:
+            continue  # the pipeline run shows its data even when earlier steps were cached
+        for snap, role in ((source, "source"), (train_data, "training"), (holdout, "holdout")):
+            log_snapshot_input(client, run_id, name=f"{ctx.project.name}-{role}",
+                               digest=snap.digest, source=snap.uri, schema=snap.schema,
+                               rows=snap.rows, context=role)
+    out = register_candidate(ctx.project.mlflow, run_id=ctx.mlflow_run_id, model=model,
+                             name=model_name, input_example=example,
+                             predictions=model.predict(example), tags=tags)
+    ctx.set_tags({"mloop.registered_version": str(out["version"])})
+    return out

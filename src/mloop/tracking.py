@@ -1,0 +1,216 @@
+"""MLflow glue: experiments, nested step runs, batched metric logging, dataset inputs, lineage.
+
+Everything goes through an explicit ``MlflowClient`` (no module-global active run), so steps
+can run in any process and threads never share run state.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import contextvars
+import json
+import subprocess
+import threading
+import time
+import weakref
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mloop.errors import MloopError
+
+if TYPE_CHECKING:  # mlflow takes seconds to import; the CLI imports it only when needed
+    from mlflow.tracking import MlflowClient
+
+MAX_METRICS_PER_BATCH = 1000  # MLflow's per-request limit
+MAX_PARAMS_PER_BATCH = 100
+MAX_PARAM_LENGTH = 6000
+
+_LIVE_LOGGERS: weakref.WeakSet[BatchLogger] = weakref.WeakSet()
+_CURRENT_LOGGER: contextvars.ContextVar[BatchLogger | None] = contextvars.ContextVar(
+    "mloop_logger", default=None)
+
+
+class BatchLogger:
+    """Buffers metrics and writes them in bulk.
+
+    Per-call ``mlflow.log_metric`` is one round trip (one SQLite transaction) per point. This
+    buffers points and, when the tracking store is an MLflow SQL database, inserts them with
+    one statement per flush (:mod:`mloop.tracking_sql`); otherwise (an HTTP tracking server)
+    it uses MLflow's ``log_batch``, 1,000 points a call. It flushes when ``flush_at`` points
+    are buffered, every ``flush_seconds``, on ``close`` and at interpreter exit, so a normally
+    ending process loses nothing.
+    """
+
+    def __init__(self, client: MlflowClient, run_id: str, *, tracking_uri: str | None = None,
+                 flush_at: int = 20_000, flush_seconds: float = 10.0,
+                 direct_sql: bool = True) -> None:
+        self.client = client
+        self.run_id = run_id
+        self.flush_at = flush_at
+        self.flush_seconds = flush_seconds
+        self._tracking_uri = tracking_uri or getattr(
+            getattr(client, "_tracking_client", None), "tracking_uri", None)
+        self._direct_sql = direct_sql
+        self._writer: Any = None
+        self._writer_checked = False
+        self._buffer: list[tuple[str, float, int, int]] = []
+        self._lock = threading.Lock()
+        self._last_flush = time.monotonic()
+        self._steps: dict[str, int] = {}
+        self.written = 0
+        _LIVE_LOGGERS.add(self)
+
+    def log_metric(self, key: str, value: float, step: int | None = None,
+                   timestamp_ms: int | None = None) -> None:
+        if step is None:
+            step = self._steps.get(key, -1) + 1
+        self._steps[key] = max(step, self._steps.get(key, -1))
+        point = (key, float(value), timestamp_ms or int(time.time() * 1000), int(step))
+        with self._lock:
+            self._buffer.append(point)
+            due = (len(self._buffer) >= self.flush_at
+                   or time.monotonic() - self._last_flush >= self.flush_seconds)
+        if due:
+            self.flush()
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        for k, v in metrics.items():
+            self.log_metric(k, v, step)
+
+    def _sql_writer(self) -> Any:
+        if not self._writer_checked:
+            self._writer_checked = True
+            if self._direct_sql:
+                from mloop.tracking_sql import SqlMetricWriter
+
+                self._writer = SqlMetricWriter.for_uri(self._tracking_uri)
+        return self._writer
+
+    def flush(self) -> None:
+        with self._lock:
+            pending, self._buffer = self._buffer, []
+            self._last_flush = time.monotonic()
+            if not pending:
+                return
+            writer = self._sql_writer()
+            if writer is not None:
+                writer.write(self.run_id, pending)
+                self.written += len(pending)
+                return
+            from mlflow.entities import Metric
+
+            for i in range(0, len(pending), MAX_METRICS_PER_BATCH):
+                chunk = [Metric(k, v, ts, st) for k, v, ts, st in
+                         pending[i : i + MAX_METRICS_PER_BATCH]]
+                self.client.log_batch(self.run_id, metrics=chunk, synchronous=True)
+                self.written += len(chunk)
+
+    def close(self) -> None:
+        self.flush()
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+            self._writer_checked = False
+        _LIVE_LOGGERS.discard(self)
+
+    def __enter__(self) -> BatchLogger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@atexit.register
+def _flush_all_loggers() -> None:
+    for logger in list(_LIVE_LOGGERS):
+        with contextlib.suppress(Exception):
+            logger.flush()
+
+
+def bind_logger(logger: BatchLogger | None) -> contextvars.Token[BatchLogger | None]:
+    return _CURRENT_LOGGER.set(logger)
+
+
+def unbind_logger(token: contextvars.Token[BatchLogger | None]) -> None:
+    _CURRENT_LOGGER.reset(token)
+
+
+def current_logger() -> BatchLogger:
+    logger = _CURRENT_LOGGER.get()
+    if logger is None:
+        raise MloopError("mloop.log_metric was called outside a running step; call it from a "
+                         "@step function, or create mloop.tracking.BatchLogger(client, run_id)")
+    return logger
+
+
+def log_metric(key: str, value: float, step: int | None = None) -> None:
+    """Log a metric point to the current step's MLflow run (buffered, batched)."""
+    current_logger().log_metric(key, value, step)
+
+
+def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+    current_logger().log_metrics(metrics, step)
+
+
+# ---------------------------------------------------------------------- params and tags
+
+def flatten(prefix: str, value: Any, out: dict[str, str]) -> dict[str, str]:
+    if isinstance(value, dict) and value:
+        for k, v in value.items():
+            flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+    else:
+        text = value if isinstance(value, str) else json.dumps(value, default=str)
+        out[prefix or "value"] = text[:MAX_PARAM_LENGTH]
+    return out
+
+
+def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    flat = flatten("", params, {})
+    items = [Param(k[:250], v) for k, v in flat.items()]
+    for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
+        client.log_batch(run_id, params=items[i : i + MAX_PARAMS_PER_BATCH])
+
+
+def get_or_create_experiment(client: MlflowClient, name: str, artifact_location: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location)
+    except Exception:  # another process created it between our two calls
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def log_snapshot_input(client: MlflowClient, run_id: str, *, name: str, digest: str,
+                       source: str, schema: dict[str, str], rows: int, context: str) -> None:
+    """Record a snapshot as an MLflow dataset input so MLflow's UI shows name and digest."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    mlflow_schema = json.dumps({"mlflow_colspec": [
+        {"name": k, "type": v} for k, v in schema.items()]})
+    ds = Dataset(name=name, digest=digest[:36], source_type="mloop_snapshot",
+                 source=json.dumps({"uri": source, "digest": digest}), schema=mlflow_schema,
+                 profile=json.dumps({"num_rows": rows, "digest": digest}))
+    client.log_inputs(run_id, datasets=[DatasetInput(ds, tags=[
+        InputTag("mlflow.data.context", context)])])
+
+
+def git_info(root: Path) -> dict[str, str]:
+    """Commit and dirty flag when ``root`` is inside a git work tree; empty otherwise."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                                text=True, timeout=10)
+        if commit.returncode != 0:
+            return {}
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True,
+                               text=True, timeout=10)
+        return {"git_commit": commit.stdout.strip(),
+                "git_dirty": "true" if dirty.stdout.strip() else "false"}
+    except (OSError, subprocess.SubprocessError):
+        return {}

@@ -1,0 +1,135 @@
+"""The mloop command: scaffolding, --json shapes, exit codes and messages."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from .conftest import rentals_frame, run_cli
+
+
+def test_init_scaffolds_a_project_and_refuses_to_overwrite(tmp_path: Path) -> None:
+    proc = run_cli("init", "my-project", "--template", "tabular", "--json", cwd=tmp_path)
+    made = json.loads(proc.stdout)
+    assert made["project"] == "my-project"
+    root = tmp_path / "my-project"
+    assert {p.name for p in root.iterdir()} == {"mloop.yaml", "pipeline.py", "data",
+                                               ".gitignore"}
+    assert "project: my-project" in (root / "mloop.yaml").read_text()
+    again = run_cli("init", "my-project", cwd=tmp_path, check=False)
+    assert again.returncode == 1
+    assert "already exists; refusing to overwrite" in again.stderr
+
+
+def test_init_rejects_an_unknown_template(tmp_path: Path) -> None:
+    proc = run_cli("init", "p", "--template", "vision", cwd=tmp_path, check=False)
+    assert proc.returncode == 1
+    assert "unknown template 'vision'; available: tabular" in proc.stderr
+
+
+def test_run_on_a_fresh_template_without_data_names_the_missing_file(tmp_path: Path) -> None:
+    run_cli("init", "p", cwd=tmp_path)
+    proc = run_cli("run", cwd=tmp_path / "p", check=False)
+    assert proc.returncode == 1
+    assert "data.path" in proc.stderr and "data/train.csv' does not exist" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_template_project_runs_end_to_end_with_its_own_pipeline_file(tmp_path: Path) -> None:
+    run_cli("init", "shop", cwd=tmp_path)
+    root = tmp_path / "shop"
+    frame = rentals_frame(400).rename(columns={"cnt": "target"})
+    frame.to_csv(root / "data" / "train.csv", index=False)
+    cfg = (root / "mloop.yaml").read_text().replace("  exclude: []", "  exclude: [ts]")
+    (root / "mloop.yaml").write_text(cfg)
+    out = json.loads(run_cli("run", "--json", cwd=root).stdout)
+    assert out["status"] == "succeeded"
+    assert out["registered"]["version"] == 1
+    assert set(out["evaluation"]["metrics"]) == {"rmse", "mae", "r2"}
+    status = json.loads(run_cli("status", "--json", cwd=root).stdout)
+    assert set(status) == {"project", "root", "stores", "runs", "models", "snapshots"}
+    assert status["models"][0]["version"] == 1
+    assert status["runs"][0]["run_id"] == out["run_id"]
+    assert len(status["snapshots"]) == 3  # source, train, holdout
+    runs = json.loads(run_cli("runs", "list", "--json", cwd=root).stdout)["runs"]
+    assert [r["run_id"] for r in runs] == [out["run_id"]]
+    human = run_cli("status", cwd=root).stdout
+    assert "model versions" in human and "shop" in human
+
+
+def test_data_snapshot_is_content_addressed_and_idempotent(make_project) -> None:
+    root = make_project()
+    csv = root / "copy.csv"
+    rentals_frame().to_csv(csv, index=False)
+    first = json.loads(run_cli("data", "snapshot", "data/rentals.parquet", "--json",
+                               cwd=root).stdout)
+    second = json.loads(run_cli("data", "snapshot", str(csv), "--json", cwd=root).stdout)
+    assert first["created"] is True and second["created"] is False
+    assert first["digest"] == second["digest"]
+    assert first["rows"] == 600
+    assert first["profile"]["columns"]["weather"]["kind"] == "categorical"
+    listed = json.loads(run_cli("data", "list", "--json", cwd=root).stdout)["snapshots"]
+    assert [s["digest"] for s in listed] == [first["digest"]]
+    prof = json.loads(run_cli("data", "profile", first["digest"][:8], "--json", cwd=root).stdout)
+    assert prof == first["profile"]
+
+
+def test_commands_outside_a_project_say_how_to_start_one(tmp_path: Path) -> None:
+    proc = run_cli("status", cwd=tmp_path, check=False)
+    assert proc.returncode == 1
+    assert "no mloop.yaml in" in proc.stderr and "mloop init NAME" in proc.stderr
+
+
+def test_a_config_error_is_one_line_with_file_and_line(make_project) -> None:
+    root = make_project()
+    cfg = root / "mloop.yaml"
+    line = len(cfg.read_text().splitlines()) + 1
+    cfg.write_text(cfg.read_text() + "splt:\n  holdout: 0.3\n")
+    proc = run_cli("status", cwd=root, check=False)
+    assert proc.returncode == 1
+    assert f"{cfg}:{line}: unknown key 'splt' (did you mean 'split'?)" in " ".join(
+        proc.stderr.split())
+
+
+def test_runs_show_unknown_id_is_an_error(make_project) -> None:
+    root = make_project()
+    proc = run_cli("runs", "show", "deadbeef", cwd=root, check=False)
+    assert proc.returncode == 1
+    assert "no pipeline run 'deadbeef'" in proc.stderr
+
+
+def test_store_uris_follow_environment_overrides(make_project, tmp_path: Path) -> None:
+    root = make_project()
+    elsewhere = tmp_path / "elsewhere"
+    env = {"MLOOP_STORE_URI": f"sqlite:///{elsewhere / 'meta.db'}",
+           "MLOOP_DATA_URI": str(elsewhere / "snapshots")}
+    run_cli("data", "snapshot", "data/rentals.parquet", cwd=root, env=env)
+    status = json.loads(run_cli("status", "--json", cwd=root, env=env).stdout)
+    assert status["stores"]["store_uri"] == env["MLOOP_STORE_URI"]
+    assert status["stores"]["tracking_uri"] == f"sqlite:///{root / '.mloop' / 'mlflow.db'}"
+    assert (elsewhere / "meta.db").exists()
+    assert len(list((elsewhere / "snapshots").iterdir())) == 1
+    assert not (root / ".mloop" / "data").exists()
+
+
+def test_usage_error_exits_2(tmp_path: Path) -> None:
+    proc = run_cli("runs", "show", cwd=tmp_path, check=False)
+    assert proc.returncode == 2
+    assert "Missing argument" in proc.stderr
+
+
+@pytest.mark.slow
+def test_bike_example_trains_and_registers(bike_project: Path) -> None:
+    out = json.loads(run_cli("run", "--json", cwd=bike_project).stdout)
+    assert out["status"] == "succeeded"
+    reg = out["registered"]
+    assert (reg["name"], reg["version"]) == ("bike-sharing", 1)
+    ev = out["evaluation"]
+    assert ev["holdout_rows"] == 557  # last 20% of Jan-Apr 2011 (2,786 hourly rows)
+    assert ev["metrics"]["r2"] > 0.3  # a real signal; the April holdout is harder than winter
+    assert ev["metrics"]["mae"] < 90
+    shutil.rmtree(bike_project / ".mloop")

@@ -1,0 +1,201 @@
+"""Pipelines end to end on a small real project: cache, selective re-run, failures, retries,
+and the per-step entry point in a fresh process."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from mloop.errors import ConfigError, PipelineDefinitionError, StepFailedError
+from mloop.pipeline.runner import run_pipeline
+from mloop.project import open_project
+
+from .conftest import SMALL_CONFIG, rentals_frame, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def _statuses(result) -> dict[str, str]:
+    return {s.step: ("hit" if s.cache_hit else "miss") for s in result.steps}
+
+
+def _versions(project) -> list:
+    return project.mlflow.search_model_versions(f"name='{project.config.model_name}'")
+
+
+def test_second_run_hits_the_cache_for_every_step_but_ingest(make_project) -> None:
+    root = make_project()
+    first = run_pipeline(open_project(root))
+    second = run_pipeline(open_project(root))
+    assert set(_statuses(first).values()) == {"miss"}
+    assert _statuses(second) == {"ingest": "miss", "validate": "hit", "snapshot": "hit",
+                                 "split": "hit", "train": "hit", "evaluate": "hit",
+                                 "register": "hit"}
+    assert [s.outputs for s in first.steps] == [s.outputs for s in second.steps]
+    assert len(_versions(open_project(root))) == 1  # identical model: no duplicate version
+
+
+def test_changing_a_model_param_reruns_only_the_steps_downstream(make_project) -> None:
+    root = make_project()
+    first = run_pipeline(open_project(root))
+    cfg = root / "mloop.yaml"
+    cfg.write_text(cfg.read_text().replace("max_iter: 30", "max_iter: 40"))
+    second = run_pipeline(open_project(root))
+    assert _statuses(second) == {"ingest": "miss", "validate": "hit", "snapshot": "hit",
+                                 "split": "hit", "train": "miss", "evaluate": "miss",
+                                 "register": "miss"}
+    assert first.steps[3].outputs == second.steps[3].outputs  # same train/holdout snapshots
+    assert sorted(int(v.version) for v in _versions(open_project(root))) == [1, 2]
+
+
+def test_new_data_reruns_everything_after_ingest(make_project) -> None:
+    root = make_project()
+    run_pipeline(open_project(root))
+    rentals_frame(seed=1).to_parquet(root / "data" / "rentals.parquet", index=False)
+    second = run_pipeline(open_project(root))
+    assert set(_statuses(second).values()) == {"miss"}
+
+
+FAILING_STEP = """\
+def train(data, target, task, features, model):
+    raise RuntimeError("the GPU caught fire")
+"""
+
+
+def test_failing_step_fails_the_run_and_registers_nothing(make_project) -> None:
+    root = make_project(SMALL_CONFIG + "pipeline:\n  steps:\n    train: my_steps:train\n",
+                        files={"my_steps.py": FAILING_STEP})
+    project = open_project(root)
+    with pytest.raises(StepFailedError, match=r"Step 'train' failed .*the GPU caught fire"):
+        run_pipeline(project)
+    run = project.store.list_pipeline_runs()[0]
+    assert run.status == "failed"
+    steps = {s.step: s for s in project.store.step_runs(run.id)}
+    assert list(steps) == ["ingest", "validate", "snapshot", "split", "train"]
+    assert steps["train"].status == "failed"
+    assert "RuntimeError: the GPU caught fire" in steps["train"].traceback
+    assert _versions(project) == []
+    client = MlflowClient(project.uris["tracking_uri"])
+    assert client.get_run(run.mlflow_run_id).info.status == "FAILED"
+    train_run = client.get_run(steps["train"].mlflow_run_id)
+    assert train_run.info.status == "FAILED"
+    assert "the GPU caught fire" in train_run.data.tags["mloop.error"]
+
+
+FLAKY_STEP = """\
+from pathlib import Path
+from mloop.tabular.steps import train as builtin_train
+
+COUNTER = Path(__file__).with_name("attempts.txt")
+
+def train(ctx, data, target, task, features, model):
+    n = int(COUNTER.read_text()) if COUNTER.exists() else 0
+    COUNTER.write_text(str(n + 1))
+    if n == 0:
+        raise ConnectionError("feature store timed out")
+    return builtin_train.fn(ctx, data, target, task, features, model)
+"""
+
+
+def test_retries_recover_a_flaky_step(make_project) -> None:
+    config = SMALL_CONFIG + ("pipeline:\n  steps:\n    train: flaky:train\n  retries: 2\n"
+                             "  retry_backoff_seconds: 0.05\n")
+    root = make_project(config, files={"flaky.py": FLAKY_STEP})
+    result = run_pipeline(open_project(root))
+    train = next(s for s in result.steps if s.step == "train")
+    assert (result.status, train.status, train.attempts) == ("succeeded", "succeeded", 2)
+    assert (root / "attempts.txt").read_text() == "2"
+
+
+def test_validation_failure_reports_every_violation_and_registers_nothing(make_project) -> None:
+    frame = rentals_frame()
+    frame.loc[3, "temp"] = 99.0
+    frame.loc[7, "weather"] = "Snow"
+    root = make_project(frame=frame)
+    project = open_project(root)
+    with pytest.raises(StepFailedError) as info:
+        run_pipeline(project)
+    msg = str(info.value)
+    assert "Step 'validate' failed" in msg
+    assert "column 'temp': max: expected 60.0; 1 row(s), e.g. [99.0]" in msg
+    assert "column 'weather': allowed" in msg and "'Snow'" in msg
+    assert _versions(project) == []
+
+
+def test_step_run_in_a_fresh_process_reproduces_the_outputs(make_project) -> None:
+    root = make_project()
+    local = run_pipeline(open_project(root))
+    by_step = {s.step: s.outputs for s in local.steps}
+    for step_name in ("split", "evaluate"):
+        proc = run_cli("step", "run", "tabular", step_name, "--run-id", local.run_id,
+                       "--no-cache", "--json", cwd=root)
+        got = json.loads(proc.stdout)
+        assert got["cache_hit"] is False
+        assert got["outputs"] == by_step[step_name]
+
+
+def test_an_orchestrator_can_run_every_step_in_its_own_process(make_project) -> None:
+    root = make_project()
+    created = json.loads(run_cli("runs", "create", "tabular", "--json", cwd=root).stdout)
+    run_id = created["run_id"]
+    for step_name in ("ingest", "validate", "snapshot", "split", "train", "evaluate",
+                      "register"):
+        run_cli("step", "run", "tabular", step_name, "--run-id", run_id, "--json", cwd=root)
+    shown = json.loads(run_cli("runs", "show", run_id, "--json", cwd=root).stdout)
+    assert shown["status"] == "succeeded"
+    assert [s["step"] for s in shown["steps"]] == ["ingest", "validate", "snapshot", "split",
+                                                   "train", "evaluate", "register"]
+    project = open_project(root)
+    versions = _versions(project)
+    assert len(versions) == 1
+    assert versions[0].tags["mloop.pipeline_run_id"] == run_id
+
+
+def test_step_run_refuses_missing_inputs_and_unknown_steps(make_project) -> None:
+    root = make_project()
+    run_id = json.loads(run_cli("runs", "create", "--json", cwd=root).stdout)["run_id"]
+    proc = run_cli("step", "run", "tabular", "train", "--run-id", run_id, cwd=root, check=False)
+    assert proc.returncode == 1
+    assert "step 'train' needs the output of 'split', which has not succeeded" in proc.stderr
+    proc = run_cli("step", "run", "tabular", "trian", "--run-id", run_id, cwd=root,
+                   check=False)
+    assert proc.returncode == 1
+    assert "has no step 'trian'; steps: ingest, validate, snapshot, split, train" in proc.stderr
+
+
+def test_unknown_metric_for_the_task_is_a_config_error(make_project) -> None:
+    root = make_project(SMALL_CONFIG.replace("metrics: [mae, rmse]", "metrics: [mae, acuracy]"))
+    with pytest.raises(ConfigError, match=r"'metrics': unknown metric 'acuracy'"):
+        run_pipeline(open_project(root))
+
+
+def test_metric_of_the_wrong_task_is_a_config_error(make_project) -> None:
+    root = make_project(SMALL_CONFIG.replace("metrics: [mae, rmse]", "metrics: [accuracy]"))
+    with pytest.raises(StepFailedError, match=r"'metrics': 'accuracy' is not a regression "
+                                              r"metric"):
+        run_pipeline(open_project(root))
+
+
+def test_unimportable_step_override_names_the_key(make_project) -> None:
+    root = make_project(SMALL_CONFIG + "pipeline:\n  steps:\n    train: nowhere:train\n")
+    with pytest.raises(ConfigError, match=r"'pipeline.steps.train': cannot import module "
+                                          r"'nowhere'"):
+        run_pipeline(open_project(root))
+
+
+def test_override_of_a_step_the_pipeline_lacks_lists_the_steps(make_project) -> None:
+    root = make_project(SMALL_CONFIG + "pipeline:\n  steps:\n    tune: my_steps:train\n",
+                        files={"my_steps.py": FAILING_STEP})
+    with pytest.raises(PipelineDefinitionError, match=r"has no step 'tune'; steps: ingest"):
+        run_pipeline(open_project(root))
+
+
+def test_missing_target_column_is_named(make_project) -> None:
+    root = make_project(SMALL_CONFIG.replace("target: cnt", "target: count"))
+    proc = run_cli("run", cwd=root, check=False)
+    assert proc.returncode == 1
+    assert "column 'count': required" in proc.stderr
+    assert Path(root / ".mloop").exists()

@@ -1,0 +1,76 @@
+"""mloop's own store: Alembic migrations from empty, on SQLite and on the real PostgreSQL."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from mloop.errors import RunNotFoundError
+from mloop.store.db import Store
+
+PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A throwaway database on the machine's PostgreSQL (trust auth). Fails, not skips, when
+    the server is down: start it with
+    `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`."""
+    name = f"mloop_test_{uuid.uuid4().hex[:8]}"
+    admin = sa.create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def _exercise(store: Store) -> None:
+    assert store.current_revision() == "0001"
+    run = store.create_pipeline_run(project="p", pipeline="tabular", config_hash="c" * 64)
+    step_id = store.start_step(pipeline_run_id=run.id, step="train", cache_key="k" * 64,
+                               inputs={"data": {"kind": "snapshot", "digest": "d"}})
+    store.finish_step(step_id, status="succeeded",
+                      outputs={"model": {"kind": "pickle", "digest": "m"}})
+    store.update_pipeline_run(run.id, status="succeeded")
+    assert store.get_pipeline_run(run.id[:8]).status == "succeeded"
+    cached = store.find_cached("train", "k" * 64)
+    assert cached is not None and cached.outputs["model"]["digest"] == "m"
+    assert store.find_cached("train", "x" * 64) is None
+    assert store.step_runs(run.id)[0].duration_s is not None
+    with pytest.raises(RunNotFoundError, match="no pipeline run 'nope'"):
+        store.get_pipeline_run("nope")
+
+
+def test_sqlite_store_is_created_from_empty_by_migrations(tmp_path: Path) -> None:
+    store = Store(f"sqlite:///{tmp_path / 'sub' / 'mloop.db'}")
+    _exercise(store)
+
+
+@pytest.mark.postgres
+def test_postgres_store_is_created_from_empty_by_migrations(pg_url: str) -> None:
+    store = Store(pg_url, upgrade=False)
+    assert store.current_revision() is None
+    store.upgrade()
+    _exercise(store)
+    tables = set(sa.inspect(store.engine).get_table_names())
+    assert {"pipeline_runs", "step_runs", "snapshots", "alembic_version"} <= tables
+    store.engine.dispose()
+
+
+def test_head_revision_constant_matches_the_migration_scripts() -> None:
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    from mloop.store.db import HEAD_REVISION, MIGRATIONS
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    assert ScriptDirectory.from_config(cfg).get_current_head() == HEAD_REVISION
