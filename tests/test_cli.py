@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
+from mlflow.tracking import MlflowClient
 
 from .conftest import rentals_frame, run_cli
 
@@ -46,6 +48,11 @@ def test_template_project_runs_end_to_end_with_its_own_pipeline_file(tmp_path: P
     frame.to_csv(root / "data" / "train.csv", index=False)
     cfg = (root / "mloop.yaml").read_text().replace("  exclude: []", "  exclude: [ts]")
     (root / "mloop.yaml").write_text(cfg)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    for args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "init"]):
+        subprocess.run([*git, *args], cwd=root, check=True)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                          text=True, check=True).stdout.strip()
     out = json.loads(run_cli("run", "--json", cwd=root).stdout)
     assert out["status"] == "succeeded"
     assert out["registered"]["version"] == 1
@@ -57,6 +64,9 @@ def test_template_project_runs_end_to_end_with_its_own_pipeline_file(tmp_path: P
     assert len(status["snapshots"]) == 3  # source, train, holdout
     runs = json.loads(run_cli("runs", "list", "--json", cwd=root).stdout)["runs"]
     assert [r["run_id"] for r in runs] == [out["run_id"]]
+    client = MlflowClient(status["stores"]["tracking_uri"])
+    tags = client.get_model_version("shop", "1").tags
+    assert (tags["mloop.git_commit"], tags["mloop.git_dirty"]) == (head, "false")
     human = run_cli("status", cwd=root).stdout
     assert "model versions" in human and "shop" in human
 

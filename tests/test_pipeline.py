@@ -168,7 +168,7 @@ def test_step_run_refuses_missing_inputs_and_unknown_steps(make_project) -> None
 
 def test_unknown_metric_for_the_task_is_a_config_error(make_project) -> None:
     root = make_project(SMALL_CONFIG.replace("metrics: [mae, rmse]", "metrics: [mae, acuracy]"))
-    with pytest.raises(ConfigError, match=r"'metrics': unknown metric 'acuracy'"):
+    with pytest.raises(ConfigError, match=r"mloop.yaml:12: 'metrics': unknown metric 'acuracy'"):
         run_pipeline(open_project(root))
 
 
@@ -181,8 +181,8 @@ def test_metric_of_the_wrong_task_is_a_config_error(make_project) -> None:
 
 def test_unimportable_step_override_names_the_key(make_project) -> None:
     root = make_project(SMALL_CONFIG + "pipeline:\n  steps:\n    train: nowhere:train\n")
-    with pytest.raises(ConfigError, match=r"'pipeline.steps.train': cannot import module "
-                                          r"'nowhere'"):
+    with pytest.raises(ConfigError, match=r"mloop.yaml:20: 'pipeline.steps.train': cannot "
+                                          r"import module 'nowhere'"):
         run_pipeline(open_project(root))
 
 
@@ -199,3 +199,37 @@ def test_missing_target_column_is_named(make_project) -> None:
     assert proc.returncode == 1
     assert "column 'count': required" in proc.stderr
     assert Path(root / ".mloop").exists()
+
+
+CLASSIFY = """\
+project: weather
+data: {path: data/rentals.parquet}
+target: weather
+features:
+  time_column: ts
+  categorical: [hour]
+split: {method: random, holdout: 0.3, seed: 7}
+model:
+  estimator: sklearn.linear_model.LogisticRegression
+  params: {max_iter: 500}
+"""
+
+
+def test_a_text_target_is_inferred_as_classification_with_overridden_feature_kinds(
+        make_project) -> None:
+    from mloop.pipeline.artifacts import load_output
+
+    root = make_project(CLASSIFY)
+    project = open_project(root)
+    result = run_pipeline(project)
+    train = next(s for s in result.steps if s.step == "train")
+    spec = load_output(train.outputs["spec"], project.outputs, project.snapshots)
+    assert spec["task"] == "classification"
+    assert (spec["categorical"], spec["numeric"]) == (["hour"], ["temp", "cnt"])
+    assert spec["classes"] == ["Clear", "Mist", "Rain"]
+    evaluation = next(s for s in result.steps if s.step == "evaluate")
+    metrics = load_output(evaluation.outputs["output"], project.outputs, project.snapshots)
+    assert set(metrics["metrics"]) == {"accuracy", "f1_macro", "roc_auc", "log_loss"}
+    assert 0.0 <= metrics["metrics"]["accuracy"] <= 1.0
+    (mv,) = _versions(project)
+    assert mv.tags["mloop.task"] == "classification"

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from mloop.errors import ConfigError
 
@@ -143,6 +143,20 @@ class ProjectConfig(_Strict):
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     profile: ProfileConfig = Field(default_factory=ProfileConfig)
+    _file: str = PrivateAttr(default=CONFIG_FILE)
+    _lines: dict[tuple[Any, ...], int] = PrivateAttr(default_factory=dict)
+
+    def locate(self, error: ConfigError) -> ConfigError:
+        """``error`` with this file's name and the line of its key filled in, when missing.
+
+        Checks that run after loading (an unknown metric, an unimportable step) know the key
+        but not the line; this gives them the same ``file:line:`` form as parse errors.
+        """
+        if error.line is not None and error.file is not None:
+            return error
+        path = tuple(int(p) if p.isdigit() else p for p in (error.key or "").split(".") if p)
+        return ConfigError(error.message, file=error.file or self._file,
+                           line=error.line or _nearest_line(path, self._lines), key=error.key)
 
     @property
     def model_name(self) -> str:
@@ -227,13 +241,13 @@ def _model_at(path: tuple[Any, ...]) -> type[BaseModel] | None:
             (c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None
         )
         if model is None and getattr(ann, "__origin__", None) is dict:
-            value_type = ann.__args__[1]
+            value_type = getattr(ann, "__args__", (None, None))[1]
             if isinstance(value_type, type) and issubclass(value_type, BaseModel):
                 return None  # dict[str, Model]: keys are free, their values checked below
     return model if isinstance(model, type) and issubclass(model, BaseModel) else None
 
 
-def _describe(err: dict[str, Any], lines: dict, file: str) -> ConfigError:
+def _describe(err: Any, lines: dict, file: str) -> ConfigError:
     loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
     key = _dotted(loc)
     line = _nearest_line(loc, lines)
@@ -280,7 +294,9 @@ def parse_config(text: str, *, file: str = CONFIG_FILE) -> ProjectConfig:
     _line_map(node, (), lines)
     raw = _interpolate(raw, (), lines, file)
     try:
-        return ProjectConfig.model_validate(raw)
+        config = ProjectConfig.model_validate(raw)
+        config._file, config._lines = file, lines
+        return config
     except ValidationError as exc:
         errors = [_describe(e, lines, file) for e in exc.errors()]
         first = errors[0]

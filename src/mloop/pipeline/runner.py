@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mloop import __version__
-from mloop.errors import MloopError, PipelineDefinitionError, StepFailedError
+from mloop.errors import ConfigError, MloopError, PipelineDefinitionError, StepFailedError
 from mloop.memory import PeakMemory
 from mloop.pipeline.artifacts import load_output, output_exists, save_output
 from mloop.pipeline.context import StepContext
@@ -55,12 +55,16 @@ class RunResult:
 
 def build_graph(project: Project, pipeline_name: str | None = None) -> Graph:
     """The project's pipeline as a graph, with mloop.yaml's step overrides applied."""
-    pipe = load_pipeline(project.config.pipeline.entry, project.root)
-    if pipeline_name is not None and pipeline_name != pipe.name:
-        raise PipelineDefinitionError(
-            f"this project's pipeline is '{pipe.name}' (pipeline.entry), not '{pipeline_name}'")
-    overrides = load_overrides(project.config.pipeline.steps, project.root)
-    return pipe.build(project.config, overrides=overrides)
+    try:
+        pipe = load_pipeline(project.config.pipeline.entry, project.root)
+        if pipeline_name is not None and pipeline_name != pipe.name:
+            raise PipelineDefinitionError(
+                f"this project's pipeline is '{pipe.name}' (pipeline.entry), not "
+                f"'{pipeline_name}'")
+        overrides = load_overrides(project.config.pipeline.steps, project.root)
+        return pipe.build(project.config, overrides=overrides)
+    except ConfigError as exc:
+        raise project.config.locate(exc) from None
 
 
 def cache_key(node: Node, input_digests: dict[str, str]) -> str:

@@ -1,0 +1,103 @@
+"""@step and @pipeline: how calls inside a pipeline function become a graph."""
+
+from __future__ import annotations
+
+import importlib.util
+from importlib import resources
+
+import pytest
+
+from mloop import pipeline, step
+from mloop.config import parse_config
+from mloop.errors import PipelineDefinitionError
+from mloop.pipeline.dsl import OutputRef
+from mloop.tabular.pipeline import tabular
+
+
+@step
+def load(path: str) -> list[int]:
+    return [1, 2, 3]
+
+
+@step(outputs=("train", "test"))
+def split(rows: list[int], fraction: float = 0.5) -> tuple[list[int], list[int]]:
+    cut = int(len(rows) * fraction)
+    return rows[:cut], rows[cut:]
+
+
+@step
+def fit(ctx, train: list[int], test: list[int], lr: float) -> dict:
+    return {"n": len(train)}
+
+
+def test_steps_called_inside_a_pipeline_become_nodes_wired_by_their_outputs() -> None:
+    @pipeline(name="p")
+    def p(cfg: dict) -> None:
+        rows = load(path=cfg["path"])
+        train, test = split(rows)
+        fit(train, test, lr=0.1)
+
+    graph = p.build({"path": "x.csv"})
+    assert list(graph.nodes) == ["load", "split", "fit"]
+    assert graph.nodes["split"].inputs == {"rows": OutputRef("load", "output")}
+    assert graph.nodes["split"].params == {"fraction": 0.5}
+    assert graph.nodes["fit"].inputs == {"train": OutputRef("split", "train"),
+                                         "test": OutputRef("split", "test")}
+    assert graph.nodes["fit"].params == {"lr": 0.1}
+    assert graph.downstream("split") == ["fit"]
+
+
+def test_a_step_outside_a_pipeline_is_its_plain_function() -> None:
+    assert split([1, 2, 3, 4]) == ([1, 2], [3, 4])
+
+
+def test_calling_a_step_twice_gives_two_nodes() -> None:
+    @pipeline
+    def twice(cfg: None) -> None:
+        load(path="a")
+        load(path="b")
+
+    assert list(twice.build(None).nodes) == ["load", "load_2"]
+
+
+def test_a_missing_argument_names_the_step_and_argument() -> None:
+    @pipeline
+    def bad(cfg: None) -> None:
+        fit(load(path="a"), lr=0.1)
+
+    with pytest.raises(PipelineDefinitionError, match=r"step 'fit' called without argument"
+                                                      r"\(s\) test"):
+        bad.build(None)
+
+
+def test_a_non_json_param_is_refused_with_its_name() -> None:
+    @pipeline
+    def bad(cfg: None) -> None:
+        load(path=object())
+
+    with pytest.raises(PipelineDefinitionError, match=r"argument 'path' of step 'load' must be "
+                                                      r"a JSON value"):
+        bad.build(None)
+
+
+def test_an_empty_pipeline_is_refused() -> None:
+    @pipeline(name="empty")
+    def empty(cfg: None) -> None:
+        return None
+
+    with pytest.raises(PipelineDefinitionError, match="pipeline 'empty' calls no steps"):
+        empty.build(None)
+
+
+def test_the_init_template_wires_the_same_graph_as_the_built_in_pipeline() -> None:
+    """The template is an editable copy of the built-in wiring; it must not drift from it."""
+    src = resources.files("mloop") / "templates" / "tabular" / "pipeline.py"
+    spec = importlib.util.spec_from_loader("template_pipeline", loader=None)
+    module = importlib.util.module_from_spec(spec)
+    exec(compile(src.read_text(), "template_pipeline.py", "exec"), module.__dict__)
+    cfg = parse_config("project: p\ndata: {path: d.csv}\ntarget: y\n"
+                       "features: {time_column: t}\nmetrics: [mae]\n")
+    built_in, template = tabular.build(cfg), module.tabular.build(cfg)
+    assert template.pipeline == built_in.pipeline == "tabular"
+    assert [(n.name, n.inputs, n.params, n.step.source_hash) for n in template.order()] == [
+        (n.name, n.inputs, n.params, n.step.source_hash) for n in built_in.order()]
