@@ -6,6 +6,7 @@ import json
 
 import mlflow
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -56,7 +57,7 @@ def test_pipeline_run_is_a_parent_run_with_one_nested_run_per_step(trained) -> N
 
 
 def test_snapshots_are_mlflow_dataset_inputs_with_their_digest(trained) -> None:
-    _project, result, client = trained
+    project, result, client = trained
     parent = client.get_run(result.mlflow_run_id)
     inputs = {}
     for d in parent.inputs.dataset_inputs:
@@ -66,8 +67,15 @@ def test_snapshots_are_mlflow_dataset_inputs_with_their_digest(trained) -> None:
     split = next(s for s in result.steps if s.step == "split")
     train_digest = split.outputs["train"]["digest"]
     assert inputs["training"].digest == train_digest[:36]
-    assert json.loads(inputs["training"].source)["digest"] == train_digest
-    assert json.loads(inputs["training"].profile)["num_rows"] == 450
+    assert inputs["training"].source_type == "local"
+    assert json.loads(inputs["training"].profile) == {"num_rows": 450,
+                                                       "mloop_digest": train_digest}
+    schema = json.loads(inputs["training"].schema)["mlflow_colspec"]
+    assert {c["name"]: c["type"] for c in schema}["temp"] == "double"
+    # mlflow.data resolves the source back to the snapshot's own Parquet file
+    path = mlflow.data.get_source(inputs["training"]).load()
+    assert pq.read_table(path).num_rows == 450
+    assert path == project.snapshots.get(train_digest).uri
 
 
 def test_registered_version_carries_its_lineage_tags(trained) -> None:

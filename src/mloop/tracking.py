@@ -13,6 +13,7 @@ import json
 import subprocess
 import threading
 import time
+import warnings
 import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -187,17 +188,50 @@ def get_or_create_experiment(client: MlflowClient, name: str, artifact_location:
         return exp.experiment_id
 
 
+_MLFLOW_TYPES = (("int", "long"), ("uint", "long"), ("float", "double"), ("double", "double"),
+                 ("bool", "boolean"), ("timestamp", "datetime"), ("date", "datetime"),
+                 ("string", "string"), ("large_string", "string"), ("binary", "binary"))
+
+
+def _mlflow_schema(schema: dict[str, str]) -> Any:
+    from mlflow.types import ColSpec, DataType, Schema
+
+    cols: list[Any] = []
+    for name, arrow_type in schema.items():
+        mtype = next((m for prefix, m in _MLFLOW_TYPES if arrow_type.startswith(prefix)),
+                     "string")
+        cols.append(ColSpec(type=DataType[mtype], name=name))
+    return Schema(cols)
+
+
 def log_snapshot_input(client: MlflowClient, run_id: str, *, name: str, digest: str,
                        source: str, schema: dict[str, str], rows: int, context: str) -> None:
-    """Record a snapshot as an MLflow dataset input so MLflow's UI shows name and digest."""
-    from mlflow.entities import Dataset, DatasetInput, InputTag
+    """Record a snapshot as an MLflow dataset input (``mlflow.data``), digest and all.
 
-    mlflow_schema = json.dumps({"mlflow_colspec": [
-        {"name": k, "type": v} for k, v in schema.items()]})
-    ds = Dataset(name=name, digest=digest[:36], source_type="mloop_snapshot",
-                 source=json.dumps({"uri": source, "digest": digest}), schema=mlflow_schema,
-                 profile=json.dumps({"num_rows": rows, "digest": digest}))
-    client.log_inputs(run_id, datasets=[DatasetInput(ds, tags=[
+    MLflow keeps 36 characters of a digest; the full sha256 is in the dataset's profile. The
+    source is the snapshot's Parquet file, so ``mlflow.data.get_source(...)`` resolves it.
+    """
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+
+    class SnapshotDataset(MetaDataset):
+        @property
+        def profile(self) -> dict[str, Any]:
+            return {"num_rows": rows, "mloop_digest": digest}
+
+        def to_dict(self) -> dict[str, str]:
+            out = super().to_dict()
+            out["profile"] = json.dumps(self.profile)
+            return out
+
+    with warnings.catch_warnings():
+        # MLflow registers two equivalent local sources and warns that it picked one.
+        warnings.simplefilter("ignore", UserWarning)
+        data_source = resolve_dataset_source(source)
+    dataset = SnapshotDataset(data_source, name=name, digest=digest[:36],
+                              schema=_mlflow_schema(schema))
+    client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=[
         InputTag("mlflow.data.context", context)])])
 
 
