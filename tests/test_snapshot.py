@@ -160,3 +160,21 @@ def test_folder_of_parquet_files_reads_as_one_table(tmp_path: Path) -> None:
     assert table_digest(table) == table_digest(pa.Table.from_pandas(frame,
                                                                      preserve_index=False))
     assert isinstance(frame, pd.DataFrame)
+
+
+def test_a_snapshot_interrupted_before_its_marker_is_invisible_and_completed_later(
+        tmp_path: Path) -> None:
+    """snapshot.json is written last: a crash before it leaves nothing a reader would trust."""
+    objects = ObjectStore(str(tmp_path / "data"))
+    store = SnapshotStore(objects)
+    table = pa.Table.from_pandas(rentals_frame(), preserve_index=False)
+    digest = table_digest(table)
+    objects.write_parquet(f"{digest}/data.parquet", table.slice(0, 10))  # torn earlier attempt
+    (tmp_path / "data" / digest / ".tmp-dead-profile.json").write_text("{")
+    assert store.list() == []
+    with pytest.raises(SnapshotNotFoundError):
+        store.get(digest)
+    snap, created = store.put(table, source="retry")
+    assert created is True
+    assert store.read_table(snap.digest).num_rows == 600
+    assert [s.digest for s in store.list()] == [digest]

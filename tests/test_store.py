@@ -74,3 +74,43 @@ def test_head_revision_constant_matches_the_migration_scripts() -> None:
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     assert ScriptDirectory.from_config(cfg).get_current_head() == HEAD_REVISION
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_a_pipeline_runs_with_its_store_on_postgres(make_project, pg_url: str,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from mloop.pipeline.runner import run_pipeline
+    from mloop.project import open_project
+
+    monkeypatch.setenv("MLOOP_STORE_URI", pg_url)
+    root = make_project()
+    first = run_pipeline(open_project(root))
+    second = run_pipeline(open_project(root))
+    project = open_project(root)
+    assert project.store.url == pg_url
+    assert [r.id for r in project.store.list_pipeline_runs()] == [second.run_id, first.run_id]
+    assert sum(s.cache_hit for s in second.steps) == 6
+    assert not (root / ".mloop" / "mloop.db").exists()
+    project.store.engine.dispose()
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_bulk_metric_writer_on_an_mlflow_postgres_tracking_store(pg_url: str) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from mloop.tracking import BatchLogger
+
+    client = MlflowClient(pg_url)
+    run_id = client.create_run(client.create_experiment("pg")).info.run_id
+    logger = BatchLogger(client, run_id, tracking_uri=pg_url)
+    for i in range(3000):
+        logger.log_metric("loss", 1.0 / (i + 1), step=i)
+    logger.flush()
+    assert logger._sql_writer() is not None  # the bulk path, not the log_batch fallback
+    logger.log_metric("loss", 1.0 / 3000, step=2999, timestamp_ms=1)  # older: not the latest
+    logger.close()
+    history = client.get_metric_history(run_id, "loss")
+    assert len(history) == 3001
+    assert client.get_run(run_id).data.metrics["loss"] == pytest.approx(1.0 / 3000)
