@@ -112,3 +112,28 @@ def test_error_carries_structured_fields() -> None:
         parse_config(VALID + "split:\n  holdout: 2\n", file="/p/mloop.yaml")
     assert (info.value.file, info.value.line, info.value.key) == ("/p/mloop.yaml", 6,
                                                                   "split.holdout")
+
+
+def test_unknown_key_inside_a_column_expectation_suggests_the_right_one() -> None:
+    text = VALID + "validation:\n  columns:\n    price:\n      mn: 0\n"
+    with pytest.raises(ConfigError, match=r":8: unknown key 'mn' under "
+                                          r"'validation.columns.price' \(did you mean 'min'\?\)"):
+        parse_config(text)
+
+
+def test_duplicate_key_is_an_error_naming_both_lines() -> None:
+    with pytest.raises(ConfigError, match=r"mloop.yaml:5: duplicate key 'target' \(first set on "
+                                          r"line 4\)"):
+        parse_config(VALID + "target: z\n")
+
+
+def test_interpolated_values_are_known_as_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mloop.tracking import redact
+
+    monkeypatch.setenv("DB_PASSWORD", "hunter2")
+    cfg = parse_config("project: demo\ndata:\n  sql: select 1\n"
+                       "  url: postgresql://u:${DB_PASSWORD}@db/test\ntarget: y\n")
+    assert cfg.secrets == {"hunter2"}
+    assert redact(cfg.data.url, cfg.secrets) == "postgresql://u:***@db/test"
+    assert redact("token=hunter2", cfg.secrets) == "token=***"
+    assert redact("mysql://root:pw@h/db") == "mysql://root:***@h/db"

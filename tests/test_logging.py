@@ -131,3 +131,22 @@ def test_logging_to_a_deleted_run_is_refused(sqlite_run) -> None:
     logger.log_metric("m", 1.0)
     with pytest.raises(MloopError, match=f"cannot log metrics to run {run_id}: it is deleted"):
         logger.flush()
+
+
+@pytest.mark.parametrize("direct_sql", [True, False], ids=["direct-sql", "log-batch"])
+def test_a_failed_flush_keeps_every_point_for_the_next_one(sqlite_run, direct_sql) -> None:
+    from mlflow.exceptions import MlflowException
+
+    from mloop.tracking import BatchLogger
+
+    uri, client, run_id = sqlite_run
+    logger = BatchLogger(client, run_id, tracking_uri=uri, direct_sql=direct_sql)
+    for i in range(1500):
+        logger.log_metric("loss", 1.0 / (i + 1), step=i)
+    client.delete_run(run_id)  # the store now refuses writes to this run
+    with pytest.raises((MloopError, MlflowException)):
+        logger.flush()
+    client.restore_run(run_id)
+    logger.log_metric("loss", 0.0, step=1500)
+    logger.close()
+    assert len(client.get_metric_history(run_id, "loss")) == 1501

@@ -35,7 +35,35 @@ def test_second_run_hits_the_cache_for_every_step_but_ingest(make_project) -> No
                                  "split": "hit", "train": "hit", "evaluate": "hit",
                                  "register": "hit"}
     assert [s.outputs for s in first.steps] == [s.outputs for s in second.steps]
-    assert len(_versions(open_project(root))) == 1  # identical model: no duplicate version
+    project = open_project(root)
+    assert len(_versions(project)) == 1  # identical model: no duplicate version
+    # the cached run's MLflow parent still shows its holdout metrics and its data
+    parent = project.mlflow.get_run(second.mlflow_run_id)
+    assert set(parent.data.metrics) == {"holdout_mae", "holdout_rmse"}
+    contexts = sorted({t.value for d in parent.inputs.dataset_inputs for t in d.tags})
+    assert contexts == ["holdout", "source", "training"]
+
+
+def test_a_cached_registration_is_redone_when_its_version_was_deleted(make_project) -> None:
+    root = make_project()
+    run_pipeline(open_project(root))
+    project = open_project(root)
+    project.mlflow.delete_model_version("rentals", "1")
+    again = run_pipeline(project)
+    register = next(s for s in again.steps if s.step == "register")
+    assert register.cache_hit is False
+    assert [int(v.version) for v in _versions(project)] == [2]
+
+
+def test_odd_column_names_become_legal_mlflow_param_keys(make_project) -> None:
+    frame = rentals_frame().rename(columns={"temp": "temp (°C)"})
+    config = SMALL_CONFIG.replace("    temp: {type: numeric", "    'temp (°C)': {type: numeric")
+    root = make_project(config, frame=frame)
+    result = run_pipeline(open_project(root))
+    assert result.status == "succeeded"
+    validate = next(s for s in result.steps if s.step == "validate")
+    params = open_project(root).mlflow.get_run(validate.mlflow_run_id).data.params
+    assert params["rules.columns.temp __C_.max"] == "60.0"
 
 
 def test_changing_a_model_param_reruns_only_the_steps_downstream(make_project) -> None:
@@ -146,6 +174,13 @@ def test_an_orchestrator_can_run_every_step_in_its_own_process(make_project) -> 
         run_cli("step", "run", "tabular", step_name, "--run-id", run_id, "--json", cwd=root)
     shown = json.loads(run_cli("runs", "show", run_id, "--json", cwd=root).stdout)
     assert shown["status"] == "succeeded"
+    # the --json shape scripts rely on
+    assert set(shown) == {"run_id", "pipeline", "status", "started_at", "ended_at", "duration_s",
+                          "mlflow_run_id", "config_hash", "steps_total", "cache_hits", "error",
+                          "steps", "traceback"}
+    assert set(shown["steps"][0]) == {"step", "status", "cache_hit", "duration_s",
+                                      "peak_memory_mb", "attempts", "mlflow_run_id",
+                                      "cache_key", "outputs", "error"}
     assert [s["step"] for s in shown["steps"]] == ["ingest", "validate", "snapshot", "split",
                                                    "train", "evaluate", "register"]
     project = open_project(root)
@@ -233,3 +268,67 @@ def test_a_text_target_is_inferred_as_classification_with_overridden_feature_kin
     assert 0.0 <= metrics["metrics"]["accuracy"] <= 1.0
     (mv,) = _versions(project)
     assert mv.tags["mloop.task"] == "classification"
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    ("estimator: sklearn.ensemble.HistGradientBoostingRegresor",
+     r"mloop.yaml:10: 'model.estimator': module 'sklearn.ensemble' has no attribute "
+     r"'HistGradientBoostingRegresor'"),
+    ("estimator: sklearn.ensemble.HistGradientBoostingRegressor\n  params: {max_iters: 3}",
+     r"mloop.yaml:11: 'model.params': sklearn.ensemble.HistGradientBoostingRegressor does not "
+     r"accept these params"),
+])
+def test_a_bad_estimator_fails_before_any_data_is_read(make_project, edit, message) -> None:
+    config = SMALL_CONFIG.replace(
+        "estimator: sklearn.ensemble.HistGradientBoostingRegressor\n"
+        "  params: {max_iter: 30, random_state: 0}", edit)
+    root = make_project(config)
+    project = open_project(root)
+    with pytest.raises(ConfigError, match=message):
+        run_pipeline(project)
+    assert project.store.list_pipeline_runs() == []
+
+
+BROKEN_CACHE_CHECK = """\
+import mloop
+
+def explode(project, outputs):
+    raise RuntimeError("cache check exploded")
+
+@mloop.step(cache_valid=explode)
+def make(n: int):
+    return {"n": n}
+
+@mloop.pipeline(name="tiny")
+def pipe(cfg):
+    make(n=3)
+"""
+
+
+def test_an_error_outside_the_step_body_still_ends_the_run_as_failed(make_project) -> None:
+    config = "project: tiny\ndata: {path: data/rentals.parquet}\ntarget: cnt\n" \
+             "pipeline: {entry: 'tiny_steps:pipe'}\n"
+    root = make_project(config, files={"tiny_steps.py": BROKEN_CACHE_CHECK})
+    run_pipeline(open_project(root))  # first run: nothing cached, the check is not consulted
+    project = open_project(root)
+    with pytest.raises(StepFailedError, match="RuntimeError: cache check exploded"):
+        run_pipeline(project)
+    latest = project.store.list_pipeline_runs()[0]
+    assert latest.status == "failed"
+    (step_run,) = project.store.step_runs(latest.id)
+    assert step_run.status == "failed"
+    assert "cache check exploded" in step_run.traceback
+    assert project.mlflow.get_run(step_run.mlflow_run_id).info.status == "FAILED"
+    assert project.mlflow.get_run(latest.mlflow_run_id).info.status == "FAILED"
+
+
+def test_step_run_refuses_a_run_whose_config_has_changed(make_project) -> None:
+    from mloop.pipeline.runner import create_run, run_single_step
+
+    root = make_project()
+    run = create_run(open_project(root))
+    cfg = root / "mloop.yaml"
+    cfg.write_text(cfg.read_text().replace("holdout: 0.25", "holdout: 0.3"))
+    with pytest.raises(PipelineDefinitionError, match=r"mloop.yaml changed since pipeline run "
+                                                      r".* start a new run"):
+        run_single_step(open_project(root), "tabular", "ingest", run.id)

@@ -178,3 +178,17 @@ def test_a_snapshot_interrupted_before_its_marker_is_invisible_and_completed_lat
     assert created is True
     assert store.read_table(snap.digest).num_rows == 600
     assert [s.digest for s in store.list()] == [digest]
+
+
+def test_nanosecond_timestamps_are_snapshotted_exactly(tmp_path: Path) -> None:
+    base = 1_500_000_000_000_000_000
+    exact = pd.to_datetime([base + 123, base + 456], unit="ns")
+    table = pa.table({"t": pa.array(exact, type=pa.timestamp("ns"))})
+    store = SnapshotStore(ObjectStore(str(tmp_path / "data")))
+    snap, _ = store.put(table, source="t")
+    back = store.read_table(snap.digest)["t"].to_pylist()
+    assert [v.value for v in back] == [base + 123, base + 456]
+    coarse = pa.table({"t": pa.array(pd.to_datetime([base, base + 1000], unit="ns"),
+                                     type=pa.timestamp("ns"))})
+    assert table_digest(coarse) == table_digest(coarse.cast(pa.schema(
+        [("t", pa.timestamp("us"))])))

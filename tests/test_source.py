@@ -69,3 +69,12 @@ def test_bad_since_value_is_named(tmp_path: Path) -> None:
     rentals_frame(48).to_parquet(tmp_path / "r.parquet", index=False)
     with pytest.raises(DataSourceError, match=r"'yesterday' is not a timestamp"):
         read_source(DataConfig(path="r.parquet", since="yesterday"), tmp_path, "ts")
+
+
+def test_since_until_work_on_a_time_zone_aware_column(tmp_path: Path) -> None:
+    frame = rentals_frame(48)
+    frame["ts"] = frame["ts"].dt.tz_localize("Europe/Lisbon")
+    frame.to_parquet(tmp_path / "r.parquet", index=False)
+    table, _ = read_source(DataConfig(path="r.parquet", since="2024-01-01 12:00",
+                                      until="2024-01-02"), tmp_path, "ts")
+    assert table.num_rows == 12

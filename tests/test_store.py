@@ -33,7 +33,7 @@ def pg_url() -> Iterator[str]:
 
 
 def _exercise(store: Store) -> None:
-    assert store.current_revision() == "0001"
+    assert store.current_revision() == "0002"
     run = store.create_pipeline_run(project="p", pipeline="tabular", config_hash="c" * 64)
     step_id = store.start_step(pipeline_run_id=run.id, step="train", cache_key="k" * 64,
                                inputs={"data": {"kind": "snapshot", "digest": "d"}})
@@ -114,3 +114,35 @@ def test_bulk_metric_writer_on_an_mlflow_postgres_tracking_store(pg_url: str) ->
     history = client.get_metric_history(run_id, "loss")
     assert len(history) == 3001
     assert client.get_run(run_id).data.metrics["loss"] == pytest.approx(1.0 / 3000)
+
+
+def _upgrade_from_previous_schema(url: str) -> None:
+    old = Store(url, upgrade=False)
+    old.upgrade("0001")
+    with old.engine.begin() as conn:
+        conn.execute(sa.text(
+            "insert into pipeline_runs (id, project, pipeline, status, config_hash, params, "
+            "started_at) values ('r1', 'p', 'tabular', 'succeeded', 'c', '{}', "
+            "CURRENT_TIMESTAMP)"))
+        conn.execute(sa.text(
+            "insert into step_runs (pipeline_run_id, step, status, cache_key, cache_hit, inputs, "
+            "outputs, started_at, attempts) values ('r1', 'train', 'succeeded', 'k', false, "
+            "'{}', '{\"model\": {\"kind\": \"pickle\", \"digest\": \"m\"}}', "
+            "CURRENT_TIMESTAMP, 1)"))
+    old.engine.dispose()
+    store = Store(url)  # opening upgrades to head
+    assert store.current_revision() == "0002"
+    (row,) = store.step_runs("r1")
+    assert row.outputs == {"model": {"kind": "pickle", "digest": "m"}}
+    assert row.effects is None
+    assert store.find_cached("train", "k") is not None
+    store.engine.dispose()
+
+
+def test_sqlite_store_upgrades_from_the_previous_schema_keeping_rows(tmp_path: Path) -> None:
+    _upgrade_from_previous_schema(f"sqlite:///{tmp_path / 'mloop.db'}")
+
+
+@pytest.mark.postgres
+def test_postgres_store_upgrades_from_the_previous_schema_keeping_rows(pg_url: str) -> None:
+    _upgrade_from_previous_schema(pg_url)

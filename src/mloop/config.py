@@ -145,6 +145,12 @@ class ProjectConfig(_Strict):
     profile: ProfileConfig = Field(default_factory=ProfileConfig)
     _file: str = PrivateAttr(default=CONFIG_FILE)
     _lines: dict[tuple[Any, ...], int] = PrivateAttr(default_factory=dict)
+    _secrets: frozenset[str] = PrivateAttr(default=frozenset())
+
+    @property
+    def secrets(self) -> frozenset[str]:
+        """Values substituted from ``${VAR}``: never logged, never printed."""
+        return self._secrets
 
     def locate(self, error: ConfigError) -> ConfigError:
         """``error`` with this file's name and the line of its key filled in, when missing.
@@ -174,11 +180,20 @@ class ProjectConfig(_Strict):
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
+class _DuplicateKey(Exception):
+    def __init__(self, key: Any, path: tuple[Any, ...], line: int, first: int) -> None:
+        self.key, self.path, self.line, self.first = key, path, line, first
+
+
 def _line_map(node: yaml.Node, path: tuple[Any, ...], out: dict[tuple[Any, ...], int]) -> None:
     out[path] = node.start_mark.line + 1
     if isinstance(node, yaml.MappingNode):
+        seen: dict[Any, int] = {}
         for key_node, value_node in node.value:
             key = key_node.value
+            if key in seen:
+                raise _DuplicateKey(key, path, key_node.start_mark.line + 1, seen[key])
+            seen[key] = key_node.start_mark.line + 1
             out[(*path, key)] = key_node.start_mark.line + 1
             _line_map(value_node, (*path, key), out)
             out[(*path, key)] = key_node.start_mark.line + 1
@@ -187,11 +202,12 @@ def _line_map(node: yaml.Node, path: tuple[Any, ...], out: dict[tuple[Any, ...],
             _line_map(item, (*path, i), out)
 
 
-def _interpolate(value: Any, path: tuple[Any, ...], lines: dict, file: str) -> Any:
+def _interpolate(value: Any, path: tuple[Any, ...], lines: dict, file: str,
+                 secrets: set[str]) -> Any:
     if isinstance(value, dict):
-        return {k: _interpolate(v, (*path, k), lines, file) for k, v in value.items()}
+        return {k: _interpolate(v, (*path, k), lines, file, secrets) for k, v in value.items()}
     if isinstance(value, list):
-        return [_interpolate(v, (*path, i), lines, file) for i, v in enumerate(value)]
+        return [_interpolate(v, (*path, i), lines, file, secrets) for i, v in enumerate(value)]
     if isinstance(value, str) and "${" in value:
 
         def repl(match: re.Match[str]) -> str:
@@ -204,6 +220,7 @@ def _interpolate(value: Any, path: tuple[Any, ...], lines: dict, file: str) -> A
                     line=_nearest_line(path, lines),
                     key=_dotted(path),
                 )
+            secrets.add(os.environ[name])
             return os.environ[name]
 
         return _ENV_RE.sub(repl, value)
@@ -227,23 +244,34 @@ def _nearest_line(path: tuple[Any, ...], lines: dict[tuple[Any, ...], int]) -> i
 
 
 def _model_at(path: tuple[Any, ...]) -> type[BaseModel] | None:
-    """The pydantic model that owns the mapping at ``path`` (for did-you-mean)."""
+    """The pydantic model that owns the mapping at ``path`` (for did-you-mean).
+
+    Walks fields; a ``dict[str, Model]`` field (e.g. ``validation.columns``) consumes one free
+    key and continues in ``Model``.
+    """
     model: Any = ProjectConfig
-    for part in path:
+    parts = list(path)
+    while parts:
+        part = parts.pop(0)
         if not (isinstance(model, type) and issubclass(model, BaseModel)):
             return None
         field = model.model_fields.get(str(part))
         if field is None:
             return None
         ann = field.annotation
+        if getattr(ann, "__origin__", None) is dict:
+            value_type = getattr(ann, "__args__", (None, None))[1]
+            if not (isinstance(value_type, type) and issubclass(value_type, BaseModel)):
+                return None
+            if not parts:
+                return None  # keys of the mapping itself are free
+            parts.pop(0)
+            model = value_type
+            continue
         candidates = [ann, *getattr(ann, "__args__", ())]
         model = next(
             (c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None
         )
-        if model is None and getattr(ann, "__origin__", None) is dict:
-            value_type = getattr(ann, "__args__", (None, None))[1]
-            if isinstance(value_type, type) and issubclass(value_type, BaseModel):
-                return None  # dict[str, Model]: keys are free, their values checked below
     return model if isinstance(model, type) and issubclass(model, BaseModel) else None
 
 
@@ -291,11 +319,18 @@ def parse_config(text: str, *, file: str = CONFIG_FILE) -> ProjectConfig:
         raise ConfigError(f"expected a mapping at the top level, got {type(raw).__name__}",
                           file=file, line=1)
     lines: dict[tuple[Any, ...], int] = {}
-    _line_map(node, (), lines)
-    raw = _interpolate(raw, (), lines, file)
+    try:
+        _line_map(node, (), lines)
+    except _DuplicateKey as dup:
+        where = f" under '{_dotted(dup.path)}'" if dup.path else ""
+        raise ConfigError(f"duplicate key '{dup.key}'{where} (first set on line {dup.first}); "
+                          f"keep one", file=file, line=dup.line,
+                          key=_dotted((*dup.path, dup.key))) from None
+    secrets: set[str] = set()
+    raw = _interpolate(raw, (), lines, file, secrets)
     try:
         config = ProjectConfig.model_validate(raw)
-        config._file, config._lines = file, lines
+        config._file, config._lines, config._secrets = file, lines, frozenset(secrets)
         return config
     except ValidationError as exc:
         errors = [_describe(e, lines, file) for e in exc.errors()]

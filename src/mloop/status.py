@@ -89,7 +89,10 @@ def snapshots(project: Project, limit: int = 10) -> list[dict[str, Any]]:
 
 
 def project_status(project: Project) -> dict[str, Any]:
-    return {"project": project.name, "root": str(project.root), "stores": project.uris,
+    from mloop.tracking import redact
+
+    stores = {k: redact(v, project.config.secrets) for k, v in project.uris.items()}
+    return {"project": project.name, "root": str(project.root), "stores": stores,
             "runs": list_runs(project, limit=5), "models": model_versions(project, limit=5),
             "snapshots": snapshots(project, limit=5)}
 

@@ -10,6 +10,8 @@ import atexit
 import contextlib
 import contextvars
 import json
+import logging
+import re
 import subprocess
 import threading
 import time
@@ -73,7 +75,12 @@ class BatchLogger:
             due = (len(self._buffer) >= self.flush_at
                    or time.monotonic() - self._last_flush >= self.flush_seconds)
         if due:
-            self.flush()
+            try:
+                self.flush()
+            except Exception:  # kept in the buffer; retried at the next flush and at close
+                logging.getLogger(__name__).warning(
+                    "mloop: could not write %d buffered metric points yet; will retry",
+                    len(self._buffer), exc_info=True)
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         for k, v in metrics.items():
@@ -89,26 +96,48 @@ class BatchLogger:
         return self._writer
 
     def flush(self) -> None:
+        """Write everything buffered. On failure the points go back into the buffer (nothing
+        is dropped) and the error is raised; ``close`` retries before giving up."""
         with self._lock:
             pending, self._buffer = self._buffer, []
             self._last_flush = time.monotonic()
             if not pending:
                 return
-            writer = self._sql_writer()
-            if writer is not None:
-                writer.write(self.run_id, pending)
-                self.written += len(pending)
-                return
-            from mlflow.entities import Metric
+            try:
+                self._write(pending)
+            except Exception:
+                self._buffer = pending + self._buffer
+                raise
 
+    def _write(self, pending: list[tuple[str, float, int, int]]) -> None:
+        writer = self._sql_writer()
+        if writer is not None:
+            writer.write(self.run_id, pending)
+            self.written += len(pending)
+            return
+        from mlflow.entities import Metric
+
+        done = 0
+        try:
             for i in range(0, len(pending), MAX_METRICS_PER_BATCH):
                 chunk = [Metric(k, v, ts, st) for k, v, ts, st in
                          pending[i : i + MAX_METRICS_PER_BATCH]]
                 self.client.log_batch(self.run_id, metrics=chunk, synchronous=True)
-                self.written += len(chunk)
+                done += len(chunk)
+        finally:
+            self.written += done
+            del pending[:done]  # what was written must not be re-sent by the caller's retry
 
-    def close(self) -> None:
-        self.flush()
+    def close(self, *, attempts: int = 3, backoff_seconds: float = 0.5) -> None:
+        """Flush (retrying transient failures such as a locked SQLite file) and release."""
+        for attempt in range(1, attempts + 1):
+            try:
+                self.flush()
+                break
+            except Exception:
+                if attempt == attempts:
+                    raise
+                time.sleep(backoff_seconds * 2 ** (attempt - 1))
         if self._writer is not None:
             self._writer.close()
             self._writer = None
@@ -166,11 +195,27 @@ def flatten(prefix: str, value: Any, out: dict[str, str]) -> dict[str, str]:
     return out
 
 
-def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
+_URL_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]+:)[^@\s]+@")
+_BAD_PARAM_CHARS = re.compile(r"[^A-Za-z0-9_\-. /]")
+
+
+def redact(text: str, secrets: frozenset[str] | set[str] = frozenset()) -> str:
+    """Hide URL passwords and any value that came from a ``${VAR}`` in mloop.yaml."""
+    text = _URL_PASSWORD.sub(r"\g<head>***@", text)
+    for secret in sorted(secrets, key=len, reverse=True):
+        if len(secret) >= 3:
+            text = text.replace(secret, "***")
+    return text
+
+
+def log_params(client: MlflowClient, run_id: str, params: dict[str, Any], *,
+               secrets: frozenset[str] | set[str] = frozenset()) -> None:
+    """Flattened step params, keys made legal for MLflow, secrets redacted."""
     from mlflow.entities import Param
 
     flat = flatten("", params, {})
-    items = [Param(k[:250], v) for k, v in flat.items()]
+    items = [Param(_BAD_PARAM_CHARS.sub("_", k)[:250], redact(v, secrets))
+             for k, v in flat.items()]
     for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
         client.log_batch(run_id, params=items[i : i + MAX_PARAMS_PER_BATCH])
 

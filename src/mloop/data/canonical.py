@@ -46,7 +46,11 @@ def canonicalize(table: pa.Table) -> pa.Table:
         if pa.types.is_dictionary(field.type):
             col = col.cast(field.type.value_type)
         if col.type != target:
-            col = col.cast(target)
+            try:
+                col = col.cast(target)
+            except pa.ArrowInvalid:
+                # e.g. nanosecond timestamps that microseconds would truncate: keep them exact
+                target = col.type
         fields.append(pa.field(field.name, target))
         columns.append(col)
     return pa.Table.from_arrays(columns, schema=pa.schema(fields)).combine_chunks()

@@ -87,8 +87,16 @@ def filter_time(table: pa.Table, column: str | None, since: str | None,
         if bound is None:
             continue
         try:
-            scalar = pa.scalar(bound).cast(col.type)
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            import pandas as pd
+
+            ts = pd.Timestamp(bound)
+            tz = col.type.tz
+            if tz is not None and ts.tzinfo is None:
+                ts = ts.tz_localize(tz)  # a bare date means midnight in the column's zone
+            elif tz is None and ts.tzinfo is not None:
+                ts = ts.tz_convert("UTC").tz_localize(None)
+            scalar = pa.scalar(ts, type=col.type)
+        except (ValueError, TypeError, pa.ArrowInvalid):
             raise DataSourceError(f"data.since/until value '{bound}' is not a timestamp") from None
         m = op(col, scalar)
         mask = m if mask is None else pc.and_(mask, m)

@@ -16,6 +16,7 @@ import inspect
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
@@ -75,6 +76,17 @@ class Graph:
         return [n.name for n in self.nodes.values() if name in n.upstream]
 
 
+@functools.cache
+def _mloop_source_digest() -> str:
+    """sha256 over mloop's own .py files: an mloop change invalidates cached built-in steps."""
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
 def _jsonable(value: Any, where: str) -> Any:
     if isinstance(value, BaseModel):
         return value.model_dump(mode="json")
@@ -92,13 +104,15 @@ class Step:
 
     def __init__(self, fn: Callable[..., Any], *, name: str | None = None,
                  outputs: tuple[str, ...] = ("output",), retries: int | None = None,
-                 cache: bool = True) -> None:
+                 cache: bool = True,
+                 cache_valid: Callable[[Any, dict[str, Any]], bool] | None = None) -> None:
         functools.update_wrapper(self, fn)
         self.fn = fn
         self.name = name or fn.__name__
         self.outputs = tuple(outputs)
         self.retries = retries
         self.cache = cache
+        self.cache_valid = cache_valid
         self.signature = inspect.signature(fn)
         self.wants_ctx = "ctx" in self.signature.parameters
         # Callers never pass ctx (the runner injects it), so bind arguments without it.
@@ -107,17 +121,25 @@ class Step:
 
     @functools.cached_property
     def source_hash(self) -> str:
+        """The code a cached result depends on: the function, the whole module it lives in
+        (helpers change results too), and for mloop's built-ins all of mloop's source."""
+        h = hashlib.sha256()
         try:
-            src = inspect.getsource(self.fn)
+            h.update(inspect.getsource(self.fn).encode())
         except (OSError, TypeError):
-            src = f"{self.fn.__module__}.{self.fn.__qualname__}"
-        return hashlib.sha256(src.encode()).hexdigest()
+            h.update(f"{self.fn.__module__}.{self.fn.__qualname__}".encode())
+        module_file = inspect.getsourcefile(self.fn) if hasattr(self.fn, "__code__") else None
+        if module_file and Path(module_file).is_file():
+            h.update(Path(module_file).read_bytes())
+        if (self.fn.__module__ or "").split(".")[0] == "mloop":
+            h.update(_mloop_source_digest().encode())
+        return h.hexdigest()
 
     def with_fn(self, fn: Callable[..., Any]) -> Step:
         """This step's name and outputs, another function (a user override)."""
         base = fn.fn if isinstance(fn, Step) else fn
         return Step(base, name=self.name, outputs=self.outputs, retries=self.retries,
-                    cache=self.cache)
+                    cache=self.cache, cache_valid=self.cache_valid)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         graph = _BUILDING.get()
@@ -151,11 +173,18 @@ class Step:
 
 def step(fn: Callable[..., Any] | None = None, *, name: str | None = None,
          outputs: tuple[str, ...] | list[str] = ("output",), retries: int | None = None,
-         cache: bool = True) -> Any:
-    """Tag a function as a step. ``outputs`` names a tuple return value's parts."""
+         cache: bool = True,
+         cache_valid: Callable[[Any, dict[str, Any]], bool] | None = None) -> Any:
+    """Tag a function as a step.
+
+    ``outputs`` names a tuple return value's parts. ``cache=False`` always runs it (a step
+    that reads the outside world). ``cache_valid(project, outputs)`` can veto a cache hit whose
+    outputs point at something that may have gone (e.g. a deleted model version).
+    """
 
     def wrap(f: Callable[..., Any]) -> Step:
-        return Step(f, name=name, outputs=tuple(outputs), retries=retries, cache=cache)
+        return Step(f, name=name, outputs=tuple(outputs), retries=retries, cache=cache,
+                    cache_valid=cache_valid)
 
     return wrap(fn) if fn is not None else wrap
 

@@ -8,6 +8,7 @@ runs, outputs leave as digests, so no state passes through memory between steps.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
@@ -20,7 +21,7 @@ from mloop import __version__
 from mloop.errors import ConfigError, MloopError, PipelineDefinitionError, StepFailedError
 from mloop.memory import PeakMemory
 from mloop.pipeline.artifacts import load_output, output_exists, save_output
-from mloop.pipeline.context import StepContext
+from mloop.pipeline.context import StepContext, apply_parent_effect
 from mloop.pipeline.dsl import Graph, Node
 from mloop.pipeline.loader import load_overrides, load_pipeline
 from mloop.project import Project
@@ -68,6 +69,7 @@ def build_graph(project: Project, pipeline_name: str | None = None) -> Graph:
 
 
 def cache_key(node: Node, input_digests: dict[str, str]) -> str:
+    """What makes a step's result reusable: its code, its inputs' digests, its params."""
     body = json.dumps({"source": node.step.source_hash, "inputs": input_digests,
                        "params": node.params}, sort_keys=True, default=str)
     return hashlib.sha256(body.encode()).hexdigest()
@@ -113,38 +115,86 @@ def _resolve_inputs(project: Project, run: PipelineRunRow, node: Node) -> dict[s
     return refs
 
 
+def _replay_effects(project: Project, parent_run_id: str | None,
+                    effects: list[dict[str, Any]] | None) -> None:
+    """Apply a step's recorded parent-run effects to ``parent_run_id`` (used on cache hits,
+    so a fully cached pipeline run still shows its metrics and dataset inputs in MLflow)."""
+    if not parent_run_id:
+        return
+    for effect in effects or []:
+        apply_parent_effect(project, parent_run_id, effect)
+
+
+def _record_failure(project: Project, step_run_id: int, mlrun_id: str, error: str, tb: str,
+                    **fields: Any) -> None:
+    project.store.finish_step(step_run_id, status="failed", error=error, traceback=tb,
+                              **fields)
+    client = project.mlflow
+    client.set_tag(mlrun_id, "mloop.error", error[:5000])
+    client.log_text(mlrun_id, tb or error, "traceback.txt")
+    client.set_terminated(mlrun_id, "FAILED")
+
+
+def _cache_hit(project: Project, node: Node, key: str) -> Any:
+    """The earlier execution to reuse, if its outputs still exist and the step accepts them."""
+    cached = project.store.find_cached(node.name, key)
+    if cached is None or not all(output_exists(o, project.outputs, project.snapshots)
+                                 for o in cached.outputs.values()):
+        return None
+    if node.step.cache_valid is not None:
+        values = {k: load_output(ref, project.outputs, project.snapshots)
+                  for k, ref in cached.outputs.items()}
+        if not node.step.cache_valid(project, values):
+            return None
+    return cached
+
+
 def execute_step(project: Project, run: PipelineRunRow, graph: Graph, name: str, *,
                  use_cache: bool = True, on_event: EventHook | None = None) -> StepOutcome:
-    """Run one node of ``graph`` as part of pipeline run ``run``; record everything."""
+    """Run one node of ``graph`` as part of pipeline run ``run``; record everything.
+
+    Whatever goes wrong after the step run is recorded (a user exception, or mloop's own
+    bookkeeping failing), the step run and its MLflow run end as failed, never "running".
+    """
     node = graph.node(name)
-    store, client = project.store, project.mlflow
-    notify = on_event or (lambda *_: None)
     input_refs = _resolve_inputs(project, run, node)
     key = cache_key(node, {k: v["digest"] for k, v in input_refs.items()})
-    mlrun = client.create_run(project.experiment_id, run_name=name, tags={
+    mlrun = project.mlflow.create_run(project.experiment_id, run_name=name, tags={
         "mlflow.parentRunId": run.mlflow_run_id or "", "mloop.pipeline_run_id": run.id,
         "mloop.step": name, "mloop.cache_key": key})
     mlrun_id = mlrun.info.run_id
-    step_run_id = store.start_step(pipeline_run_id=run.id, step=name, cache_key=key,
-                                   inputs=input_refs, mlflow_run_id=mlrun_id)
-    log_params(client, mlrun_id, node.params)
+    step_run_id = project.store.start_step(pipeline_run_id=run.id, step=name, cache_key=key,
+                                           inputs=input_refs, mlflow_run_id=mlrun_id)
+    try:
+        return _execute(project, run, node, key, input_refs, mlrun_id, step_run_id,
+                        use_cache=use_cache, notify=on_event or (lambda *_: None))
+    except StepFailedError:
+        raise
+    except Exception as exc:
+        error, tb = f"{type(exc).__name__}: {exc}", traceback.format_exc()
+        with contextlib.suppress(Exception):  # the store itself may be what failed
+            _record_failure(project, step_run_id, mlrun_id, error, tb)
+        raise StepFailedError(name, run.id, error, tb) from exc
+
+
+def _execute(project: Project, run: PipelineRunRow, node: Node, key: str,
+             input_refs: dict[str, Any], mlrun_id: str, step_run_id: int, *,
+             use_cache: bool, notify: EventHook) -> StepOutcome:
+    store, client, name = project.store, project.mlflow, node.name
+    log_params(client, mlrun_id, node.params, secrets=project.config.secrets)
     notify("start", name, {"mlflow_run_id": mlrun_id})
 
     cached = None
     if use_cache and project.config.pipeline.cache and node.step.cache:
-        cached = store.find_cached(name, key)
-        if cached is not None and not all(output_exists(o, project.outputs, project.snapshots)
-                                           for o in cached.outputs.values()):
-            cached = None
+        cached = _cache_hit(project, node, key)
     if cached is not None:
+        _replay_effects(project, run.mlflow_run_id, cached.effects)
         store.finish_step(step_run_id, status="succeeded", cache_hit=True,
-                          outputs=cached.outputs, duration_s=0.0)
+                          outputs=cached.outputs, duration_s=0.0, effects=cached.effects)
         client.set_tag(mlrun_id, "mloop.cache", "hit")
         client.set_tag(mlrun_id, "mloop.cached_from_run", cached.pipeline_run_id)
-        logger = BatchLogger(client, mlrun_id,
-                             tracking_uri=project.uris["tracking_uri"])
-        logger.log_metrics({"cache_hit": 1.0, "duration_s": 0.0})
-        logger.close()
+        with BatchLogger(client, mlrun_id, tracking_uri=project.uris["tracking_uri"]) as lg:
+            lg.log_metrics({"cache_hit": 1.0, "duration_s": 0.0})
         client.set_terminated(mlrun_id, "FINISHED")
         notify("cached", name, {})
         return StepOutcome(name, "succeeded", True, 0.0, None, cached.outputs, mlrun_id)
@@ -159,10 +209,12 @@ def execute_step(project: Project, run: PipelineRunRow, graph: Graph, name: str,
     started = time.perf_counter()
     attempt, error, tb, outputs = 0, None, None, {}
     token = bind_logger(logger)
+    mem = PeakMemory()
     try:
-        with PeakMemory() as mem:
+        with mem:
             while True:
                 attempt += 1
+                ctx.effects.clear()
                 try:
                     kwargs = {p: load_output(ref, project.outputs, project.snapshots)
                               for p, ref in input_refs.items()}
@@ -182,7 +234,9 @@ def execute_step(project: Project, run: PipelineRunRow, graph: Graph, name: str,
                 except Exception as exc:  # a user step may raise anything; we record it
                     error = f"{type(exc).__name__}: {exc}"
                     tb = traceback.format_exc()
-                    if attempt > retries or isinstance(exc, PipelineDefinitionError):
+                    # mloop's own errors (bad config, failed expectations) are deterministic:
+                    # retrying them only delays the message.
+                    if attempt > retries or isinstance(exc, MloopError):
                         break
                     wait = backoff * 2 ** (attempt - 1)
                     notify("retry", name, {"attempt": attempt, "error": error, "wait_s": wait})
@@ -197,16 +251,14 @@ def execute_step(project: Project, run: PipelineRunRow, graph: Graph, name: str,
     client.set_tag(mlrun_id, "mloop.cache", "miss")
     if error is None:
         store.finish_step(step_run_id, status="succeeded", outputs=outputs, duration_s=duration,
-                          peak_memory_mb=mem.peak_mb, attempts=attempt)
+                          peak_memory_mb=mem.peak_mb, attempts=attempt,
+                          effects=list(ctx.effects))
         client.set_terminated(mlrun_id, "FINISHED")
         notify("done", name, {"duration_s": duration})
         return StepOutcome(name, "succeeded", False, duration, mem.peak_mb, outputs, mlrun_id,
                            attempt)
-    store.finish_step(step_run_id, status="failed", duration_s=duration,
-                      peak_memory_mb=mem.peak_mb, attempts=attempt, error=error, traceback=tb)
-    client.set_tag(mlrun_id, "mloop.error", error[:5000])
-    client.log_text(mlrun_id, tb or error, "traceback.txt")
-    client.set_terminated(mlrun_id, "FAILED")
+    _record_failure(project, step_run_id, mlrun_id, error, tb or "", duration_s=duration,
+                    peak_memory_mb=mem.peak_mb, attempts=attempt)
     notify("failed", name, {"error": error})
     raise StepFailedError(name, run.id, error, tb or "")
 
@@ -227,12 +279,10 @@ def run_pipeline(project: Project, *, use_cache: bool = True,
         for node in graph.order():
             result.steps.append(execute_step(project, run, graph, node.name,
                                              use_cache=use_cache, on_event=on_event))
-    except StepFailedError as exc:
-        result.status, result.error = "failed", str(exc)
-        finish_pipeline_run(project, run, status="failed", error=str(exc))
-        raise
-    except (MloopError, KeyboardInterrupt) as exc:
-        finish_pipeline_run(project, run, status="failed", error=str(exc) or type(exc).__name__)
+    except BaseException as exc:  # incl. KeyboardInterrupt: the run must not stay "running"
+        result.status, result.error = "failed", str(exc) or type(exc).__name__
+        with contextlib.suppress(Exception):
+            finish_pipeline_run(project, run, status="failed", error=result.error)
         raise
     finish_pipeline_run(project, run, status="succeeded")
     result.status = "succeeded"
@@ -250,6 +300,11 @@ def run_single_step(project: Project, pipeline_name: str, step_name: str, run_id
     if run.pipeline != graph.pipeline:
         raise PipelineDefinitionError(
             f"pipeline run {run.id} belongs to pipeline '{run.pipeline}', not '{pipeline_name}'")
+    if run.config_hash != project.config.config_hash():
+        raise PipelineDefinitionError(
+            f"mloop.yaml changed since pipeline run {run.id} started (config hash "
+            f"{run.config_hash[:12]}, now {project.config.config_hash()[:12]}); its steps must "
+            f"all see one configuration: start a new run with `mloop runs create`")
     graph.node(step_name)
     try:
         outcome = execute_step(project, run, graph, step_name, use_cache=use_cache)

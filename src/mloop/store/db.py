@@ -3,6 +3,7 @@ scale). Opening a store brings its schema to the latest Alembic revision."""
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -15,7 +16,7 @@ from mloop.errors import RunNotFoundError
 from mloop.store.models import PipelineRunRow, SnapshotRow, StepRunRow
 
 MIGRATIONS = Path(__file__).parent / "migrations"
-HEAD_REVISION = "0001"  # the newest file in migrations/versions (a test keeps them in step)
+HEAD_REVISION = "0002"  # the newest file in migrations/versions (a test keeps them in step)
 
 
 def utcnow() -> datetime:
@@ -155,7 +156,9 @@ class Store:
     # ------------------------------------------------------------------ snapshots
     def record_snapshot(self, *, digest: str, rows: int, columns: int, source: str,
                         uri: str) -> None:
-        with self.session() as s, s.begin():
+        # Another process may record the same digest at the same moment: same content, so
+        # losing that race is success.
+        with contextlib.suppress(sa.exc.IntegrityError), self.session() as s, s.begin():
             if s.get(SnapshotRow, digest) is None:
                 s.add(SnapshotRow(digest=digest, rows=rows, columns=columns, source=source,
                                   uri=uri, created_at=utcnow()))

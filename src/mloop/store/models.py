@@ -49,6 +49,8 @@ class StepRunRow(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=1)
     error: Mapped[str | None] = mapped_column(Text)
     traceback: Mapped[str | None] = mapped_column(Text)
+    # what the step recorded on the pipeline's parent run, replayed on cache hits (rev 0002)
+    effects: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
 
     __table_args__ = (
         Index("ix_step_runs_cache", "step", "cache_key", "status"),

@@ -81,14 +81,26 @@ def resolve_spec(schema: pa.Schema, sample_target: pa.ChunkedArray, *, target: s
             "time_column": features.get("time_column")}
 
 
-def build_model(spec: dict[str, Any], cfg: ModelConfig) -> Pipeline:
-    path = cfg.estimator or DEFAULT_ESTIMATORS[spec["task"]]
+def make_estimator(cfg: ModelConfig, task: str | None) -> Any:
+    """The configured estimator, unfitted. Called when the graph is built too, so a typo in
+    ``model.estimator`` or ``model.params`` fails before any data is read."""
+    path = cfg.estimator or DEFAULT_ESTIMATORS[task or "regression"]
     cls = import_object(path, key="model.estimator")
+    if not callable(cls):
+        raise ConfigError(f"'model.estimator': '{path}' is not a class", key="model.estimator")
     try:
         estimator = cls(**cfg.params)
     except TypeError as exc:
         raise ConfigError(f"'model.params': {path} does not accept these params ({exc})",
                           key="model.params") from None
+    if not (hasattr(estimator, "fit") and hasattr(estimator, "predict")):
+        raise ConfigError(f"'model.estimator': {path} has no fit/predict; expected a "
+                          f"scikit-learn-compatible estimator", key="model.estimator")
+    return estimator
+
+
+def build_model(spec: dict[str, Any], cfg: ModelConfig) -> Pipeline:
+    estimator = make_estimator(cfg, spec["task"])
     num_steps: list[tuple[str, Any]] = []
     if cfg.numeric_imputation != "none":
         num_steps.append(("impute", SimpleImputer(strategy=cfg.numeric_imputation)))

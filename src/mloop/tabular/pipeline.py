@@ -8,6 +8,7 @@ from mloop.errors import ConfigError
 from mloop.pipeline.dsl import pipeline
 from mloop.tabular import steps as s
 from mloop.tabular.metrics import CLASSIFICATION, DEFAULTS, REGRESSION
+from mloop.tabular.model import make_estimator
 
 
 def metric_names(cfg: ProjectConfig) -> list[str] | None:
@@ -33,8 +34,15 @@ def source_name(cfg: ProjectConfig) -> str:
     return cfg.data.path if cfg.data.path is not None else f"sql:{cfg.data.sql}"
 
 
+def check_model(cfg: ProjectConfig) -> None:
+    """Fail at graph-build time, naming the key, if the estimator cannot be made."""
+    if cfg.model.estimator is not None or cfg.model.params:
+        make_estimator(cfg.model, cfg.task)
+
+
 @pipeline(name="tabular")
 def tabular(cfg: ProjectConfig) -> None:
+    check_model(cfg)
     features = cfg.features.model_dump(mode="json")
     raw = s.ingest(data=cfg.data.model_dump(mode="json"), time_column=cfg.features.time_column)
     report = s.validate(raw, rules=cfg.validation.model_dump(mode="json"), target=cfg.target,

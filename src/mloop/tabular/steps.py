@@ -4,14 +4,12 @@ replacement takes the same arguments and returns the same outputs."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from mlflow.entities import Metric
 
 from mloop.config import DataConfig, ModelConfig, ValidationConfig
 from mloop.data.snapshot import Snapshot
@@ -22,7 +20,6 @@ from mloop.pipeline.context import StepContext
 from mloop.pipeline.dsl import step
 from mloop.tabular.metrics import DEFAULTS, compute_metrics, metrics_for
 from mloop.tabular.model import build_model, features_frame, resolve_spec
-from mloop.tracking import log_snapshot_input
 
 
 @step(cache=False)  # the source may have changed: always read; its digest drives the cache
@@ -54,6 +51,11 @@ def validate(ctx: StepContext, table: pa.Table, rules: dict[str, Any], target: s
     return report
 
 
+def _log_snapshot(ctx: StepContext, snap: Snapshot, role: str, *, on_parent: bool = True) -> None:
+    ctx.log_input(name=f"{ctx.project.name}-{role}", digest=snap.digest, source=snap.uri,
+                  schema=snap.schema, rows=snap.rows, context=role, on_parent=on_parent)
+
+
 def store_snapshot(ctx: StepContext, table: pa.Table, source: str) -> Snapshot:
     snap, _new = ctx.project.snapshots.put(table, source=source)
     ctx.project.store.record_snapshot(digest=snap.digest, rows=snap.rows,
@@ -64,9 +66,7 @@ def store_snapshot(ctx: StepContext, table: pa.Table, source: str) -> Snapshot:
 @step
 def snapshot(ctx: StepContext, table: pa.Table, report: dict[str, Any], source: str) -> Snapshot:
     snap = store_snapshot(ctx, table, source)
-    log_snapshot_input(ctx.project.mlflow, ctx.mlflow_run_id, name=f"{ctx.project.name}-source",
-                       digest=snap.digest, source=snap.uri, schema=snap.schema, rows=snap.rows,
-                       context="source")
+    _log_snapshot(ctx, snap, "source")
     return snap
 
 
@@ -93,10 +93,8 @@ def split(ctx: StepContext, data: Snapshot, method: str | None, holdout: float, 
         train_idx, hold_idx = order[: n - n_holdout], order[n - n_holdout :]
     train_snap = store_snapshot(ctx, table.take(train_idx), f"split:{data.digest}:train")
     hold_snap = store_snapshot(ctx, table.take(hold_idx), f"split:{data.digest}:holdout")
-    for snap, role in ((train_snap, "training"), (hold_snap, "holdout")):
-        log_snapshot_input(ctx.project.mlflow, ctx.mlflow_run_id,
-                           name=f"{ctx.project.name}-{role}", digest=snap.digest,
-                           source=snap.uri, schema=snap.schema, rows=snap.rows, context=role)
+    _log_snapshot(ctx, train_snap, "training")
+    _log_snapshot(ctx, hold_snap, "holdout")
     ctx.log_metric("train_rows", train_snap.rows)
     ctx.log_metric("holdout_rows", hold_snap.rows)
     return train_snap, hold_snap
@@ -115,9 +113,7 @@ def train(ctx: StepContext, data: Snapshot, target: str, task: str | None,
             set(y.tolist()))
     estimator = build_model(spec, ModelConfig(**model))
     estimator.fit(X, y)
-    log_snapshot_input(ctx.project.mlflow, ctx.mlflow_run_id, name=f"{ctx.project.name}-training",
-                       digest=data.digest, source=data.uri, schema=data.schema, rows=data.rows,
-                       context="training")
+    _log_snapshot(ctx, data, "training", on_parent=False)  # split put it on the parent
     train_pred = estimator.predict(X)
     proba = estimator.predict_proba(X) if hasattr(estimator, "predict_proba") else None
     names = list(metrics_for(spec["task"]))[:3]
@@ -149,15 +145,24 @@ def evaluate(ctx: StepContext, model: Any, spec: dict[str, Any], holdout: Snapsh
     values = compute_metrics(spec["task"], metrics, y, pred, proba)
     for k, v in values.items():
         ctx.log_metric(f"holdout_{k}", v)
-    if ctx.parent_mlflow_run_id:
-        now = int(time.time() * 1000)
-        ctx.project.mlflow.log_batch(ctx.parent_mlflow_run_id, metrics=[
-            Metric(f"holdout_{k}", float(v), now, 0) for k, v in values.items()])
+    ctx.log_parent_metrics({f"holdout_{k}": v for k, v in values.items()})
     return {"task": spec["task"], "primary": metrics[0], "metrics": values,
             "holdout_rows": len(frame), "holdout_digest": holdout.digest}
 
 
-@step
+def _version_still_registered(project: Any, outputs: dict[str, Any]) -> bool:
+    """A cached registration counts only while its model version still exists in MLflow."""
+    from mlflow.exceptions import MlflowException
+
+    out = outputs["output"]
+    try:
+        project.mlflow.get_model_version(out["name"], str(out["version"]))
+    except MlflowException:
+        return False
+    return True
+
+
+@step(cache_valid=_version_still_registered)
 def register(ctx: StepContext, model: Any, spec: dict[str, Any], evaluation: dict[str, Any],
              source: Snapshot, train_data: Snapshot, holdout: Snapshot,
              model_name: str) -> dict[str, Any]:
@@ -180,14 +185,8 @@ def register(ctx: StepContext, model: Any, spec: dict[str, Any], evaluation: dic
         **{f"mloop.metric.{k}": f"{v:.6g}" for k, v in evaluation["metrics"].items()},
         **{f"mloop.{k}": v for k, v in git_info(ctx.project.root).items()},
     }
-    client = ctx.project.mlflow
-    for run_id in (ctx.mlflow_run_id, ctx.parent_mlflow_run_id):
-        if not run_id:
-            continue  # the pipeline run shows its data even when earlier steps were cached
-        for snap, role in ((source, "source"), (train_data, "training"), (holdout, "holdout")):
-            log_snapshot_input(client, run_id, name=f"{ctx.project.name}-{role}",
-                               digest=snap.digest, source=snap.uri, schema=snap.schema,
-                               rows=snap.rows, context=role)
+    for snap, role in ((source, "source"), (train_data, "training"), (holdout, "holdout")):
+        _log_snapshot(ctx, snap, role, on_parent=False)  # on the run that holds the model
     out = register_candidate(ctx.project.mlflow, run_id=ctx.mlflow_run_id, model=model,
                              name=model_name, input_example=example,
                              predictions=model.predict(example), tags=tags)

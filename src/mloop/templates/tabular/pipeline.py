@@ -7,11 +7,12 @@ downstream of it run again.
 
 from mloop import pipeline
 from mloop.tabular import steps as s
-from mloop.tabular.pipeline import metric_names, source_name
+from mloop.tabular.pipeline import check_model, metric_names, source_name
 
 
 @pipeline(name="tabular")
 def tabular(cfg):
+    check_model(cfg)
     features = cfg.features.model_dump(mode="json")
     raw = s.ingest(data=cfg.data.model_dump(mode="json"), time_column=cfg.features.time_column)
     report = s.validate(raw, rules=cfg.validation.model_dump(mode="json"), target=cfg.target,
