@@ -130,6 +130,73 @@ class ProfileConfig(_Strict):
     top_k: int = Field(50, ge=1, le=10_000)
 
 
+class AbsoluteGate(_Strict):
+    """``metric >= min`` and/or ``metric <= max`` on the candidate's holdout."""
+
+    metric: str
+    min: float | None = None
+    max: float | None = None
+
+    @model_validator(mode="after")
+    def _a_bound(self) -> AbsoluteGate:
+        if self.min is None and self.max is None:
+            raise ValueError("needs 'min' and/or 'max'")
+        return self
+
+
+class NonInferiorityGate(_Strict):
+    """The candidate may be worse than the champion by at most ``margin`` (metric units), judged
+    on the upper end of a paired bootstrap confidence interval of the difference."""
+
+    metric: str | None = None  # default: the primary metric
+    margin: float = Field(ge=0.0)
+    confidence: float = Field(0.95, gt=0.5, lt=1.0)
+    resamples: int = Field(2000, ge=100, le=100_000)
+    seed: int = 0
+
+
+class LatencyGate(_Strict):
+    """Measured through the pyfunc interface on holdout rows."""
+
+    p95_ms: float | None = Field(None, gt=0.0)  # single-row predict
+    min_rows_per_s: float | None = Field(None, gt=0.0)  # one batch of batch_rows
+    samples: int = Field(100, ge=10, le=100_000)
+    batch_rows: int = Field(1000, ge=10)
+
+
+class SizeGate(_Strict):
+    max_mb: float = Field(gt=0.0)
+
+
+class SanityGate(_Strict):
+    """Always on: no NaN/inf, classes seen in training; optional regression output range."""
+
+    prediction_min: float | None = None
+    prediction_max: float | None = None
+
+
+class SliceGate(_Strict):
+    """The metric on each value of ``column`` (quantile buckets if numeric) may be worse than
+    the overall metric by at most ``margin``; slices under ``min_size`` rows are skipped."""
+
+    column: str
+    metric: str | None = None
+    margin: float = Field(ge=0.0)
+    min_size: int = Field(30, ge=1)
+    buckets: int = Field(4, ge=2, le=100)
+
+
+class GatesConfig(_Strict):
+    auto_promote: bool = False
+    absolute: list[AbsoluteGate] = Field(default_factory=list)
+    non_inferiority: NonInferiorityGate | None = None
+    latency: LatencyGate | None = None
+    size: SizeGate | None = None
+    signature: bool = True  # compatibility with the champion's signature
+    sanity: SanityGate = Field(default_factory=SanityGate)
+    slices: list[SliceGate] = Field(default_factory=list)
+
+
 class ProjectConfig(_Strict):
     project: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     stores: StoresConfig = Field(default_factory=StoresConfig)
@@ -142,6 +209,7 @@ class ProjectConfig(_Strict):
     metrics: list[str] | None = None
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    gates: GatesConfig = Field(default_factory=GatesConfig)
     profile: ProfileConfig = Field(default_factory=ProfileConfig)
     _file: str = PrivateAttr(default=CONFIG_FILE)
     _lines: dict[tuple[Any, ...], int] = PrivateAttr(default_factory=dict)
@@ -169,9 +237,9 @@ class ProjectConfig(_Strict):
         return self.model.name or self.project
 
     def config_hash(self) -> str:
-        """sha256 of everything that shapes the model; stores are left out (moving them changes
-        nothing about the model)."""
-        body = self.model_dump(mode="json", exclude={"stores"})
+        """sha256 of everything that shapes the model; stores and gates are left out (moving
+        the stores or changing a gate changes nothing about the model)."""
+        body = self.model_dump(mode="json", exclude={"stores", "gates"})
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 

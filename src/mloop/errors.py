@@ -11,7 +11,8 @@ one-line message and exit code 1 (``--debug`` shows the traceback). Anything els
     ├── SnapshotNotFoundError    no snapshot with that digest
     ├── PipelineDefinitionError  the step graph is malformed (cycle, unknown step, bad override)
     ├── StepFailedError          a step raised after its retries (carries step, run id, traceback)
-    └── RunNotFoundError         no pipeline run with that id
+    ├── RunNotFoundError         no pipeline run with that id
+    └── ModelNotFoundError       no such registered model version
 """
 
 from __future__ import annotations
@@ -60,6 +61,10 @@ class PipelineDefinitionError(MloopError):
 
 
 class RunNotFoundError(MloopError):
+    pass
+
+
+class ModelNotFoundError(MloopError):
     pass
 
 

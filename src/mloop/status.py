@@ -73,6 +73,7 @@ def model_versions(project: Project, limit: int = 10) -> list[dict[str, Any]]:
             "name": mv.name, "version": int(mv.version),
             "created_at": mv.creation_timestamp, "run_id": mv.run_id,
             "aliases": sorted(aliases.get(str(mv.version), [])),
+            "gates": tags.get("mloop.gates"),  # passed | failed | None (never gated)
             "pipeline_run_id": tags.get("mloop.pipeline_run_id"),
             "snapshot_train": tags.get("mloop.snapshot.train"),
             "snapshot_holdout": tags.get("mloop.snapshot.holdout"),

@@ -19,10 +19,14 @@ runs_app = typer.Typer(no_args_is_help=True, help="Pipeline runs: list, show, cr
 data_app = typer.Typer(no_args_is_help=True, help="Snapshots: content-addressed data + profile.")
 step_app = typer.Typer(no_args_is_help=True, help="Run one step of a pipeline run.")
 db_app = typer.Typer(no_args_is_help=True, help="mloop's own metadata store.")
+models_app = typer.Typer(no_args_is_help=True, help="Registered versions and their gates.")
+audit_app = typer.Typer(no_args_is_help=True, help="The tamper-evident event chain.")
 app.add_typer(runs_app, name="runs")
 app.add_typer(data_app, name="data")
 app.add_typer(step_app, name="step")
 app.add_typer(db_app, name="db")
+app.add_typer(models_app, name="models")
+app.add_typer(audit_app, name="audit")
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 ProjectOpt = Annotated[
@@ -301,6 +305,67 @@ def data_profile(digest: str, json_: JsonOpt = False) -> None:
                     ["column", "kind", "type", "missing", "summary"],
                     [[n, c["kind"], c["type"], f"{c['missing_rate']:.1%}", _summary(c)]
                      for n, c in prof["columns"].items()]))
+
+
+# ------------------------------------------------------------------------------ models
+
+@models_app.command("list")
+def models_list(limit: Annotated[int, typer.Option(min=1)] = 20, json_: JsonOpt = False) -> None:
+    """Versions with aliases, gate status, metrics and training snapshot."""
+    from mloop.status import model_versions
+
+    rows = model_versions(_open(), limit=limit)
+    if json_:
+        emit_json({"versions": rows})
+        return
+    out.print(table("model versions", ["version", "aliases", "gates", "metrics",
+                                       "train snapshot", "pipeline run"],
+                    [[m["version"], ",".join(m["aliases"]), m["gates"] or "not run",
+                      fmt_metrics(m["metrics"]), short(m["snapshot_train"]),
+                      short(m["pipeline_run_id"])] for m in rows]))
+
+
+@models_app.command("gate")
+def models_gate(version: Annotated[int, typer.Argument(min=1)], json_: JsonOpt = False) -> None:
+    """Run the gates from mloop.yaml on VERSION; exit 1 if any gate fails."""
+    from mloop.registry.gates import evaluate_gates
+
+    report = evaluate_gates(_open(), version)
+    if json_:
+        emit_json(report.to_dict())
+    else:
+        champ = f"champion v{report.champion}" if report.champion else "no champion yet"
+        out.print(f"gates for [bold]{report.model}[/] v{report.version} ({champ}): "
+                  + ("[green]passed" if report.passed else "[red]failed"))
+        colour = {"pass": "green", "fail": "red", "skip": "yellow"}
+        out.print(table("gates", ["gate", "result", "value", "threshold", "detail"],
+                        [[r.gate, f"[{colour[r.status]}]{r.status}", _num(r.value),
+                          _num(r.threshold), r.message] for r in report.results]))
+    if not report.passed:
+        raise typer.Exit(1)
+
+
+def _num(x: float | None) -> str:
+    return "" if x is None else f"{x:.4g}"
+
+
+# ------------------------------------------------------------------------------ audit
+
+@audit_app.command("verify")
+def audit_verify(json_: JsonOpt = False) -> None:
+    """Recompute the event chain's hashes; exit 1 and name the first broken row if any."""
+    from mloop.security.audit import verify_chain
+
+    report = verify_chain(_open().store)
+    if json_:
+        emit_json({"ok": report.ok, "events": report.events,
+                   "first_bad_id": report.first_bad_id, "problem": report.problem})
+    elif report.ok:
+        out.print(f"audit chain intact: {report.events} events")
+    else:
+        sys.stderr.write(f"audit chain broken: {report.problem}\n")
+    if not report.ok:
+        raise typer.Exit(1)
 
 
 # ------------------------------------------------------------------------------ db

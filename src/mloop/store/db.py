@@ -13,10 +13,16 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
 from mloop.errors import RunNotFoundError
-from mloop.store.models import PipelineRunRow, SnapshotRow, StepRunRow
+from mloop.store.models import (
+    GateResultRow,
+    GateRunRow,
+    PipelineRunRow,
+    SnapshotRow,
+    StepRunRow,
+)
 
 MIGRATIONS = Path(__file__).parent / "migrations"
-HEAD_REVISION = "0002"  # the newest file in migrations/versions (a test keeps them in step)
+HEAD_REVISION = "0003"  # the newest file in migrations/versions (a test keeps them in step)
 
 
 def utcnow() -> datetime:
@@ -165,5 +171,35 @@ class Store:
 
     def list_snapshots(self, limit: int = 20) -> list[SnapshotRow]:
         q = sa.select(SnapshotRow).order_by(SnapshotRow.created_at.desc()).limit(limit)
+        with self.session() as s:
+            return list(s.scalars(q).all())
+
+    # ------------------------------------------------------------------ gates
+    def record_gate_run(self, report: Any) -> int:
+        """Store a GateReport (mloop.registry.gates) as one run and its results, atomically."""
+        with self.session() as s, s.begin():
+            run = GateRunRow(model=report.model, version=report.version,
+                             champion_version=report.champion, passed=report.passed,
+                             evaluated_at=utcnow())
+            s.add(run)
+            s.flush()
+            for r in report.results:
+                s.add(GateResultRow(gate_run_id=run.id, gate=r.gate, status=r.status,
+                                    value=r.value, threshold=r.threshold, detail=r.detail))
+            return run.id
+
+    def latest_gate_runs(self, model: str) -> dict[int, GateRunRow]:
+        """The newest gate run of each version of ``model``."""
+        q = (sa.select(GateRunRow).where(GateRunRow.model == model)
+             .order_by(GateRunRow.id.desc()))
+        out: dict[int, GateRunRow] = {}
+        with self.session() as s:
+            for row in s.scalars(q):
+                out.setdefault(row.version, row)
+        return out
+
+    def gate_results(self, gate_run_id: int) -> list[GateResultRow]:
+        q = (sa.select(GateResultRow).where(GateResultRow.gate_run_id == gate_run_id)
+             .order_by(GateResultRow.id))
         with self.session() as s:
             return list(s.scalars(q).all())

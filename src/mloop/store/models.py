@@ -67,3 +67,44 @@ class SnapshotRow(Base):
     source: Mapped[str] = mapped_column(Text)
     uri: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class GateRunRow(Base):
+    """One evaluation of a version's gates; its results are GateResultRows."""
+
+    __tablename__ = "gate_runs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    model: Mapped[str] = mapped_column(String(200))
+    version: Mapped[int] = mapped_column(Integer)
+    champion_version: Mapped[int | None] = mapped_column(Integer)
+    passed: Mapped[bool] = mapped_column(Boolean)
+    evaluated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (Index("ix_gate_runs_version", "model", "version"),)
+
+
+class GateResultRow(Base):
+    __tablename__ = "gate_results"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    gate_run_id: Mapped[int] = mapped_column(ForeignKey("gate_runs.id"))
+    gate: Mapped[str] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(10))  # pass|fail|skip
+    value: Mapped[float | None] = mapped_column(Float)
+    threshold: Mapped[float | None] = mapped_column(Float)
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class EventRow(Base):
+    """The audit log: append-only, each row carrying the hash of the one before it."""
+
+    __tablename__ = "events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    kind: Mapped[str] = mapped_column(String(50))
+    actor: Mapped[str] = mapped_column(String(200))
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    prev_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    hash: Mapped[str] = mapped_column(String(64))

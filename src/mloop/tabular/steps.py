@@ -181,6 +181,7 @@ def register(ctx: StepContext, model: Any, spec: dict[str, Any], evaluation: dic
         "mloop.snapshot.holdout": holdout.digest,
         "mloop.config_hash": run.config_hash,
         "mloop.task": spec["task"],
+        "mloop.target": spec["target"],
         "mloop.primary_metric": evaluation["primary"],
         **{f"mloop.metric.{k}": f"{v:.6g}" for k, v in evaluation["metrics"].items()},
         **{f"mloop.{k}": v for k, v in git_info(ctx.project.root).items()},

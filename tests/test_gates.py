@@ -1,0 +1,229 @@
+"""Gates on purpose-built candidates, against real MLflow (SQLite) and the real store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from mloop.pipeline.runner import run_pipeline
+from mloop.project import open_project
+from mloop.registry.gates import evaluate_gates
+from mloop.security.audit import verify_chain
+
+from .conftest import rentals_frame, run_cli
+
+pytestmark = pytest.mark.slow
+
+BASE = """\
+project: rentals
+data: {path: data/rentals.parquet}
+target: cnt
+features:
+  time_column: ts
+  exclude: EXCLUDE
+split: {holdout: 0.3}
+model:
+  estimator: sklearn.ensemble.RandomForestRegressor
+  params: PARAMS
+metrics: [mae, rmse]
+GATES
+"""
+
+
+def _write(root: Path, *, params: str, gates: str = "", exclude: str = "[]") -> None:
+    (root / "mloop.yaml").write_text(BASE.replace("PARAMS", params).replace("GATES", gates)
+                                     .replace("EXCLUDE", exclude))
+
+
+def _train(root: Path, params: str, exclude: str = "[]") -> int:
+    _write(root, params=params, exclude=exclude)
+    result = run_pipeline(open_project(root))
+    reg = next(s for s in result.steps if s.step == "register")
+    project = open_project(root)
+    from mloop.pipeline.artifacts import load_output
+
+    return load_output(reg.outputs["output"], project.outputs, project.snapshots)["version"]
+
+
+GOOD = "{n_estimators: 40, min_samples_leaf: 3, random_state: 0}"
+RESEED = "{n_estimators: 40, min_samples_leaf: 3, random_state: 1}"
+WORSE = "{n_estimators: 5, max_depth: 1, random_state: 0}"
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory) -> dict:
+    """v1 champion; v2 the same config reseeded; v3 clearly worse; v4 drops the 'temp' input."""
+    root = tmp_path_factory.mktemp("gates") / "proj"
+    (root / "data").mkdir(parents=True)
+    rentals_frame(800).to_parquet(root / "data" / "rentals.parquet", index=False)
+    versions = {"champion": _train(root, GOOD), "reseeded": _train(root, RESEED),
+                "worse": _train(root, WORSE), "no_temp": _train(root, GOOD, exclude="[temp]")}
+    assert sorted(versions.values()) == [1, 2, 3, 4]
+    project = open_project(root)
+    # the champion alias is set directly here; promotion is mloop's job in a later change
+    project.mlflow.set_registered_model_alias("rentals", "champion", str(versions["champion"]))
+    return {"root": root, **versions}
+
+
+def _gate(root: Path, version: int, gates: str, params: str = GOOD, exclude: str = "[]"):
+    _write(root, params=params, gates=gates, exclude=exclude)
+    return evaluate_gates(open_project(root), version)
+
+
+def _by_name(report) -> dict:
+    return {r.gate: r for r in report.results}
+
+
+def test_first_version_skips_comparisons_and_says_why(registry) -> None:
+    root = registry["root"]
+    project = open_project(root)
+    project.mlflow.delete_registered_model_alias("rentals", "champion")
+    try:
+        report = _gate(root, 1, "gates:\n  non_inferiority: {margin: 1.0}\n")
+    finally:
+        project.mlflow.set_registered_model_alias("rentals", "champion", "1")
+    gates = _by_name(report)
+    assert report.champion is None and report.passed
+    assert gates["non_inferiority.mae"].status == "skip"
+    assert "no champion yet" in gates["non_inferiority.mae"].message
+    assert gates["signature"].status == "skip"
+    assert gates["sanity"].status == "pass"
+
+
+@pytest.mark.parametrize(("bound", "status"), [("max: 1000", "pass"), ("max: 0.5", "fail"),
+                                               ("min: 0.0", "pass")])
+def test_absolute_gate(registry, bound: str, status: str) -> None:
+    report = _gate(registry["root"], 2, f"gates:\n  absolute: [{{metric: mae, {bound}}}]\n")
+    (result,) = [r for r in report.results if r.gate.startswith("absolute.")]
+    assert result.status == status
+    assert result.value > 0
+    assert report.passed is (status == "pass")
+
+
+def test_non_inferiority_is_not_fooled_by_a_reseeded_retrain(registry) -> None:
+    report = _gate(registry["root"], registry["reseeded"],
+                   "gates:\n  non_inferiority: {margin: 1.0}\n", params=RESEED)
+    result = _by_name(report)["non_inferiority.mae"]
+    assert result.status == "pass", result.message
+    assert abs(result.detail["observed"]) < 1.0
+    assert result.detail["lower"] <= result.detail["observed"] <= result.detail["upper"]
+
+
+def test_non_inferiority_fails_a_clearly_worse_model(registry) -> None:
+    report = _gate(registry["root"], registry["worse"],
+                   "gates:\n  non_inferiority: {margin: 1.0}\n", params=WORSE)
+    result = _by_name(report)["non_inferiority.mae"]
+    assert result.status == "fail"
+    assert result.detail["lower"] > 1.0  # worse beyond the margin even at the optimistic end
+    assert "vs champion v1" in result.message
+    assert not report.passed
+
+
+def test_latency_gate_passes_a_generous_budget_and_fails_an_impossible_one(registry) -> None:
+    ok = _by_name(_gate(registry["root"], 2, "gates:\n  latency: {p95_ms: 5000, "
+                        "min_rows_per_s: 1, samples: 20, batch_rows: 200}\n", params=RESEED))
+    assert ok["latency.p95_ms"].status == "pass" and ok["latency.rows_per_s"].status == "pass"
+    assert 0 < ok["latency.p95_ms"].value < 5000
+    bad = _by_name(_gate(registry["root"], 2, "gates:\n  latency: {p95_ms: 0.0001, "
+                         "min_rows_per_s: 1.0e12, samples: 20, batch_rows: 200}\n",
+                         params=RESEED))
+    assert bad["latency.p95_ms"].status == "fail" and bad["latency.rows_per_s"].status == "fail"
+
+
+def test_size_gate(registry) -> None:
+    ok = _by_name(_gate(registry["root"], 2, "gates:\n  size: {max_mb: 500}\n"))["size"]
+    assert ok.status == "pass" and 0 < ok.value < 500
+    bad = _by_name(_gate(registry["root"], 2, "gates:\n  size: {max_mb: 0.001}\n"))["size"]
+    assert bad.status == "fail"
+    assert "budget 0.001 MB" in bad.message
+
+
+def test_signature_gate_fails_a_candidate_that_dropped_an_input(registry) -> None:
+    report = _gate(registry["root"], registry["no_temp"], "", exclude="[temp]")
+    sig = _by_name(report)["signature"]
+    assert sig.status == "fail"
+    assert "input 'temp' removed" in sig.message
+    ok = _by_name(_gate(registry["root"], 2, ""))["signature"]
+    assert ok.status == "pass" and "compatible with champion v1" in ok.message
+
+
+def test_sanity_gate_checks_the_configured_output_range(registry) -> None:
+    ok = _by_name(_gate(registry["root"], 2, ""))["sanity"]
+    assert ok.status == "pass"
+    bad = _by_name(_gate(registry["root"], 2,
+                         "gates:\n  sanity: {prediction_max: 10}\n"))["sanity"]
+    assert bad.status == "fail" and "above 10" in bad.message
+
+
+def test_slice_gate(registry) -> None:
+    strict = _by_name(_gate(registry["root"], 2, "gates:\n  slices: [{column: weather, "
+                            "margin: 0.0, min_size: 10}]\n"))["slice.weather"]
+    assert strict.status == "fail"  # some weather is harder than average: margin 0 must fail
+    assert {s["slice"] for s in strict.detail["slices"]} == {"Clear", "Mist", "Rain"}
+    loose = _by_name(_gate(registry["root"], 2, "gates:\n  slices: [{column: temp, "
+                           "margin: 1000, buckets: 3}]\n"))["slice.temp"]
+    assert loose.status == "pass" and len(loose.detail["slices"]) == 3
+    tiny = _by_name(_gate(registry["root"], 2, "gates:\n  slices: [{column: weather, "
+                          "margin: 0, min_size: 100000}]\n"))["slice.weather"]
+    assert tiny.status == "skip"
+
+
+def test_gate_results_are_stored_tagged_and_chained(registry) -> None:
+    root = registry["root"]
+    report = _gate(root, 3, "gates:\n  non_inferiority: {margin: 1.0}\n", params=WORSE)
+    project = open_project(root)
+    latest = project.store.latest_gate_runs("rentals")[3]
+    assert latest.passed is False and latest.champion_version == 1
+    stored = {r.gate: r.status for r in project.store.gate_results(latest.id)}
+    assert stored == {r.gate: r.status for r in report.results}
+    tags = project.mlflow.get_model_version("rentals", "3").tags
+    assert tags["mloop.gates"] == "failed"
+    assert tags["mloop.gate.non_inferiority.mae"].startswith("fail value=")
+    assert verify_chain(project.store).ok
+
+
+def test_cli_gate_prints_numbers_and_exits_1_on_failure(registry) -> None:
+    root = registry["root"]
+    _write(root, params=WORSE, gates="gates:\n  absolute: [{metric: mae, max: 0.5}]\n")
+    proc = run_cli("models", "gate", "3", "--json", cwd=root, check=False)
+    assert proc.returncode == 1
+    got = json.loads(proc.stdout)
+    assert got["passed"] is False and got["version"] == 3
+    listed = json.loads(run_cli("models", "list", "--json", cwd=root).stdout)["versions"]
+    by_version = {v["version"]: v for v in listed}
+    assert by_version[3]["gates"] == "failed"
+    assert by_version[1]["aliases"] == ["champion"]
+
+
+def test_audit_verify_names_the_first_edited_row(registry) -> None:
+    root = registry["root"]
+    project = open_project(root)
+    _gate(root, 2, "")
+    report = verify_chain(project.store)
+    assert report.ok and report.events >= 2
+    with project.store.engine.begin() as conn:
+        first = conn.execute(sa.text("select min(id) from events")).scalar()
+        conn.execute(sa.text("update events set actor = 'mallory' where id = :i"), {"i": first})
+    broken = verify_chain(project.store)
+    assert (broken.ok, broken.first_bad_id) == (False, first)
+    proc = run_cli("audit", "verify", cwd=root, check=False)
+    assert proc.returncode == 1
+    assert f"event {first} (gate) was modified after it was written" in proc.stderr
+
+
+def test_unknown_gate_metric_is_named(registry) -> None:
+    from mloop.errors import MloopError
+
+    with pytest.raises(MloopError, match=r"gates name metric\(s\) accuracy that a regression "
+                                         r"model does not have"):
+        _gate(registry["root"], 2, "gates:\n  absolute: [{metric: accuracy, min: 0.5}]\n")
+
+
+def test_gating_a_missing_version_is_a_clear_error(registry) -> None:
+    from mloop.errors import ModelNotFoundError
+
+    with pytest.raises(ModelNotFoundError, match="model 'rentals' has no version 99"):
+        _gate(registry["root"], 99, "")
