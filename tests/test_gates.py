@@ -62,9 +62,10 @@ def registry(tmp_path_factory) -> dict:
     versions = {"champion": _train(root, GOOD), "reseeded": _train(root, RESEED),
                 "worse": _train(root, WORSE), "no_temp": _train(root, GOOD, exclude="[temp]")}
     assert sorted(versions.values()) == [1, 2, 3, 4]
-    project = open_project(root)
-    # the champion alias is set directly here; promotion is mloop's job in a later change
-    project.mlflow.set_registered_model_alias("rentals", "champion", str(versions["champion"]))
+    from mloop.registry.promotion import promote
+
+    _write(root, params=GOOD)
+    promote(open_project(root), versions["champion"], reason="first champion")
     return {"root": root, **versions}
 
 
@@ -77,14 +78,20 @@ def _by_name(report) -> dict:
     return {r.gate: r for r in report.results}
 
 
-def test_first_version_skips_comparisons_and_says_why(registry) -> None:
-    root = registry["root"]
-    project = open_project(root)
-    project.mlflow.delete_registered_model_alias("rentals", "champion")
-    try:
-        report = _gate(root, 1, "gates:\n  non_inferiority: {margin: 1.0}\n")
-    finally:
-        project.mlflow.set_registered_model_alias("rentals", "champion", "1")
+def test_the_champion_itself_skips_comparisons_and_says_why(registry) -> None:
+    report = _gate(registry["root"], 1, "gates:\n  non_inferiority: {margin: 1.0}\n")
+    gates = _by_name(report)
+    assert report.champion == 1 and report.passed
+    assert gates["non_inferiority.mae"].status == "skip"
+    assert "this version is the champion" in gates["non_inferiority.mae"].message
+    assert gates["signature"].status == "skip"
+
+
+def test_first_version_skips_comparisons_and_says_why(make_project) -> None:
+    root = make_project(BASE.replace("PARAMS", GOOD).replace("EXCLUDE", "[]").replace(
+        "GATES", "gates:\n  non_inferiority: {margin: 1.0}\n"))
+    run_pipeline(open_project(root))
+    report = evaluate_gates(open_project(root), 1)
     gates = _by_name(report)
     assert report.champion is None and report.passed
     assert gates["non_inferiority.mae"].status == "skip"

@@ -12,7 +12,9 @@ one-line message and exit code 1 (``--debug`` shows the traceback). Anything els
     ├── PipelineDefinitionError  the step graph is malformed (cycle, unknown step, bad override)
     ├── StepFailedError          a step raised after its retries (carries step, run id, traceback)
     ├── RunNotFoundError         no pipeline run with that id
-    └── ModelNotFoundError       no such registered model version
+    ├── ModelNotFoundError       no such registered model version
+    ├── GateFailedError          promotion refused: the candidate failed a gate
+    └── PromotionError           an alias change could not be made (lost a race, MLflow refused)
 """
 
 from __future__ import annotations
@@ -85,3 +87,11 @@ class StepFailedError(MloopError):
         self.run_id = run_id
         self.error = error
         self.traceback = traceback
+
+
+class GateFailedError(MloopError):
+    pass
+
+
+class PromotionError(MloopError):
+    pass

@@ -126,6 +126,11 @@ def run(no_cache: NoCacheOpt = False, json_: JsonOpt = False) -> None:
 
         detail["evaluation"] = load_output(ev["outputs"]["output"], project.outputs,
                                            project.snapshots)
+    if "registered" in detail:
+        from mloop.registry.promotion import gate_and_promote
+
+        with err.status("gating the candidate against the champion"):
+            detail.update(gate_and_promote(project, detail["registered"]["version"]))
     if json_:
         emit_json(detail)
         return
@@ -136,6 +141,16 @@ def run(no_cache: NoCacheOpt = False, json_: JsonOpt = False) -> None:
                   f"({r['model_uri']})")
     if "evaluation" in detail:
         out.print(f"holdout: {fmt_metrics(detail['evaluation']['metrics'])}")
+    if detail.get("gates"):
+        _print_gates(detail["gates"])
+        if detail.get("promotion"):
+            p = detail["promotion"]
+            out.print(f"[green]promoted[/] v{p['version']} to champion (was "
+                      f"{'v' + str(p['replaced']) if p['replaced'] else 'nothing'})")
+        elif detail.get("promotion_error"):
+            out.print(f"[red]not promoted:[/] {detail['promotion_error']}")
+        elif not detail["gates"]["passed"]:
+            out.print("[red]not promoted:[/] a gate failed; the champion is unchanged")
 
 
 def _print_run(d: dict[str, Any]) -> None:
@@ -162,6 +177,8 @@ def status(json_: JsonOpt = False) -> None:
         emit_json(s)
         return
     out.print(f"project [bold]{s['project']}[/] at {s['root']}")
+    for d in s["drift"]:
+        err.print(f"[red]warning:[/] {d['message']}")
     out.print(table("recent pipeline runs", ["run", "status", "started", "s", "cached"],
                     [[short(r["run_id"]), r["status"], r["started_at"], r["duration_s"],
                       f"{r['cache_hits']}/{r['steps_total']}"] for r in s["runs"]]))
@@ -334,15 +351,91 @@ def models_gate(version: Annotated[int, typer.Argument(min=1)], json_: JsonOpt =
     if json_:
         emit_json(report.to_dict())
     else:
-        champ = f"champion v{report.champion}" if report.champion else "no champion yet"
-        out.print(f"gates for [bold]{report.model}[/] v{report.version} ({champ}): "
-                  + ("[green]passed" if report.passed else "[red]failed"))
-        colour = {"pass": "green", "fail": "red", "skip": "yellow"}
-        out.print(table("gates", ["gate", "result", "value", "threshold", "detail"],
-                        [[r.gate, f"[{colour[r.status]}]{r.status}", _num(r.value),
-                          _num(r.threshold), r.message] for r in report.results]))
+        _print_gates(report.to_dict())
     if not report.passed:
         raise typer.Exit(1)
+
+
+def _print_gates(report: dict[str, Any]) -> None:
+    champ = f"champion v{report['champion']}" if report["champion"] else "no champion yet"
+    out.print(f"gates for [bold]{report['model']}[/] v{report['version']} ({champ}): "
+              + ("[green]passed" if report["passed"] else "[red]failed"))
+    colour = {"pass": "green", "fail": "red", "skip": "yellow"}
+    out.print(table("gates", ["gate", "result", "value", "threshold", "detail"],
+                    [[r["gate"], f"[{colour[r['status']]}]{r['status']}", _num(r["value"]),
+                      _num(r["threshold"]), r["message"]] for r in report["results"]]))
+
+
+ReasonOpt = Annotated[str, typer.Option("--reason", help="Why: recorded in the history.")]
+
+
+def _print_change(change: Any, json_: bool) -> None:
+    if json_:
+        emit_json(change.to_dict())
+        return
+    was = f"v{change.replaced}" if change.replaced is not None else "nothing"
+    out.print(f"{change.action}: '{change.alias}' of {change.model} is now "
+              f"[bold]v{change.version}[/] (was {was}) by {change.actor}: {change.reason}")
+
+
+@models_app.command("promote")
+def models_promote(
+    version: Annotated[int, typer.Argument(min=1)],
+    reason: ReasonOpt,
+    force: Annotated[bool, typer.Option("--force", help="Promote despite failed gates "
+                                                        "(recorded as an override).")] = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Make VERSION the champion, if its gates passed against the current champion."""
+    from mloop.registry.promotion import promote
+
+    _print_change(promote(_open(), version, reason=reason, force=force), json_)
+
+
+@models_app.command("rollback")
+def models_rollback(
+    reason: ReasonOpt,
+    to: Annotated[int | None, typer.Option("--to", min=1, help="A version that was champion "
+                                                               "before.")] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Move the champion back to the previous champion (or --to an earlier one)."""
+    from mloop.registry.promotion import rollback
+
+    _print_change(rollback(_open(), reason=reason, to=to), json_)
+
+
+@models_app.command("history")
+def models_history(
+    at: Annotated[str | None, typer.Option("--at", help="ISO time: what served then.")] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Every champion change, what served at a given time, and aliases changed outside mloop."""
+    from datetime import datetime
+
+    from mloop.registry.promotion import history
+
+    when = None
+    if at is not None:
+        try:
+            when = datetime.fromisoformat(at)
+        except ValueError:
+            raise MloopError(f"--at '{at}' is not an ISO time like 2026-11-20T10:00") from None
+    h = history(_open(), at=when)
+    if json_:
+        emit_json(h)
+        return
+    for d in h["drift"]:
+        err.print(f"[red]warning:[/] {d['message']}")
+    if "serving" in h:
+        serving = ", ".join(f"{a}=v{x['version']} ({x['traffic']:.0%})"
+                            for a, x in h["serving"].items()) or "nothing"
+        out.print(f"at {h['at']}: {serving}")
+    out.print(table(f"deployment history of {h['model']}",
+                    ["version", "alias", "action", "from", "to", "actor", "reason"],
+                    [[d["version"], d["alias"], d["action"], d["started_at"],
+                      d["ended_at"] or "now", d["actor"], d["reason"]]
+                     for d in h["deployments"]]))
 
 
 def _num(x: float | None) -> str:

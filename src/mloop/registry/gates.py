@@ -100,13 +100,11 @@ def load_version(project: Project, version: int) -> LoadedVersion:
 
 
 def champion_version(project: Project) -> int | None:
-    from mlflow.exceptions import MlflowException
+    """The champion as mloop recorded it; MLflow's alias only if mloop never set one."""
+    from mloop.registry.promotion import mlflow_alias, stored_alias
 
-    try:
-        mv = project.mlflow.get_model_version_by_alias(project.config.model_name, CHAMPION)
-    except MlflowException:
-        return None
-    return int(mv.version)
+    recorded = stored_alias(project, CHAMPION)
+    return recorded if recorded is not None else mlflow_alias(project, CHAMPION)
 
 
 def _worse_by(metric: str, value: float, reference: float) -> float:

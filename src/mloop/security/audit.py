@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.orm import Session
 
 from mloop.errors import MloopError
 from mloop.store.db import Store
@@ -42,6 +43,20 @@ def event_hash(prev_hash: str, at: datetime, kind: str, actor: str,
     body = json.dumps({"prev": prev_hash, "at": _stamp(at), "kind": kind, "actor": actor,
                        "payload": payload}, sort_keys=True, default=str)
     return hashlib.sha256(body.encode()).hexdigest()
+
+
+def add_event(session: Session, kind: str, payload: dict[str, Any], *,
+              actor: str | None = None) -> EventRow:
+    """Append an event inside the caller's transaction (committed or rolled back with it)."""
+    actor = actor or current_actor()
+    payload = json.loads(json.dumps(payload, default=str))
+    last = session.scalars(sa.select(EventRow).order_by(EventRow.id.desc()).limit(1)).first()
+    prev = last.hash if last is not None else GENESIS
+    at = datetime.now(UTC)
+    row = EventRow(at=at, kind=kind, actor=actor, payload=payload, prev_hash=prev,
+                   hash=event_hash(prev, at, kind, actor, payload))
+    session.add(row)
+    return row
 
 
 def append_event(store: Store, kind: str, payload: dict[str, Any], *,

@@ -22,7 +22,7 @@ from mloop.store.models import (
 )
 
 MIGRATIONS = Path(__file__).parent / "migrations"
-HEAD_REVISION = "0003"  # the newest file in migrations/versions (a test keeps them in step)
+HEAD_REVISION = "0004"  # the newest file in migrations/versions (a test keeps them in step)
 
 
 def utcnow() -> datetime:
@@ -36,6 +36,25 @@ def _aware(dt: datetime | None) -> datetime | None:
     return dt
 
 
+def _sqlite_explicit_begin(engine: sa.Engine) -> None:
+    """Let mloop open SQLite write transactions with BEGIN IMMEDIATE.
+
+    pysqlite defers BEGIN until the first write, so two processes can both read and then one
+    fails with "database is locked" instead of a clear message. With
+    ``execution_options(immediate=True)`` the second writer waits for the first, then reads
+    what the first committed (recipe from SQLAlchemy's SQLite dialect docs).
+    """
+
+    @sa.event.listens_for(engine, "connect")
+    def _no_implicit_begin(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+
+    @sa.event.listens_for(engine, "begin")
+    def _begin(conn: sa.Connection) -> None:
+        immediate = conn.get_execution_options().get("immediate", False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
 class Store:
     def __init__(self, url: str, *, upgrade: bool = True) -> None:
         self.url = url
@@ -43,6 +62,8 @@ class Store:
             Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
         connect_args = {"timeout": 30} if url.startswith("sqlite") else {}
         self.engine = sa.create_engine(url, connect_args=connect_args)
+        if url.startswith("sqlite"):
+            _sqlite_explicit_begin(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         if upgrade:
             self.upgrade()

@@ -108,3 +108,35 @@ class EventRow(Base):
     payload: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     prev_hash: Mapped[str] = mapped_column(String(64), unique=True)
     hash: Mapped[str] = mapped_column(String(64))
+
+
+class AliasRow(Base):
+    """Which version holds an alias now, as mloop last set it. ``revision`` increments on every
+    change: a promotion commits only if the revision it read is still current."""
+
+    __tablename__ = "aliases"
+
+    model: Mapped[str] = mapped_column(String(200), primary_key=True)
+    alias: Mapped[str] = mapped_column(String(50), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer)
+    revision: Mapped[int] = mapped_column(Integer)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class DeploymentRow(Base):
+    """Version V held alias A with traffic share W from started_at to ended_at (open: now)."""
+
+    __tablename__ = "deployments"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    model: Mapped[str] = mapped_column(String(200))
+    version: Mapped[int] = mapped_column(Integer)
+    alias: Mapped[str] = mapped_column(String(50))
+    traffic: Mapped[float] = mapped_column(Float)
+    action: Mapped[str] = mapped_column(String(20))  # promote | rollback | override
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    actor: Mapped[str] = mapped_column(String(200))
+    reason: Mapped[str] = mapped_column(Text)
+
+    __table_args__ = (Index("ix_deployments_model_alias", "model", "alias", "started_at"),)

@@ -104,9 +104,13 @@ def build_model(spec: dict[str, Any], cfg: ModelConfig) -> Pipeline:
     num_steps: list[tuple[str, Any]] = []
     if cfg.numeric_imputation != "none":
         num_steps.append(("impute", SimpleImputer(strategy=cfg.numeric_imputation)))
+    # Missing categoricals arrive as NaN from pandas and as None from JSON requests: both
+    # become one "__missing__" category, inside the model, so serving needs no mloop code.
     cat_steps: list[tuple[str, Any]] = [
         ("impute", SimpleImputer(strategy="constant", fill_value="__missing__",
                                  missing_values=np.nan)),
+        ("impute_none", SimpleImputer(strategy="constant", fill_value="__missing__",
+                                      missing_values=None)),
     ]
     if cfg.categorical_encoding == "onehot":
         cat_steps.append(("encode", OneHotEncoder(handle_unknown="ignore", sparse_output=False)))

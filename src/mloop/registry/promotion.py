@@ -1,0 +1,274 @@
+"""Promotion, rollback and the deployment history.
+
+MLflow's aliases say what serves now; mloop's store says what served when, who moved it and
+why. Each change is one transaction in mloop's store (the alias row with its revision, the
+closed and opened deployment rows, the audit event) around the alias change in MLflow: if
+MLflow refuses, the transaction is rolled back; if the commit fails after MLflow changed, the
+MLflow aliases are put back. A promotion names the champion it was gated against; if another
+promotion got there first, it fails with a message instead of silently overwriting.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from mloop.errors import GateFailedError, MloopError, ModelNotFoundError, PromotionError
+from mloop.project import Project
+from mloop.security.audit import add_event, current_actor
+from mloop.store.db import utcnow
+from mloop.store.models import AliasRow, DeploymentRow
+
+CHAMPION = "champion"
+PREVIOUS = "previous"
+_UNSET: Any = object()
+
+
+@dataclass
+class AliasChange:
+    model: str
+    alias: str
+    version: int
+    replaced: int | None
+    action: str
+    actor: str
+    reason: str
+    at: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def stored_alias(project: Project, alias: str = CHAMPION) -> int | None:
+    with project.store.session() as s:
+        row = s.get(AliasRow, (project.config.model_name, alias))
+        return row.version if row is not None else None
+
+
+def mlflow_alias(project: Project, alias: str = CHAMPION) -> int | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return int(project.mlflow.get_model_version_by_alias(project.config.model_name,
+                                                             alias).version)
+    except MlflowException:
+        return None
+
+
+def _require_version(project: Project, version: int) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        project.mlflow.get_model_version(project.config.model_name, str(version))
+    except MlflowException:
+        raise ModelNotFoundError(f"model '{project.config.model_name}' has no version "
+                                 f"{version} (see `mloop models list`)") from None
+
+
+def _set_mlflow_alias(project: Project, alias: str, version: int | None) -> None:
+    client, name = project.mlflow, project.config.model_name
+    if version is None:
+        with contextlib.suppress(Exception):
+            client.delete_registered_model_alias(name, alias)
+    else:
+        client.set_registered_model_alias(name, alias, str(version))
+
+
+def change_alias(project: Project, alias: str, version: int, *, expected: int | None,
+                 action: str, reason: str, actor: str | None = None,
+                 details: dict[str, Any] | None = None) -> AliasChange:
+    """Move ``alias`` to ``version`` if it still points at ``expected``; record everything."""
+    name = project.config.model_name
+    actor = actor or current_actor()
+    now = utcnow()
+    old_previous = mlflow_alias(project, PREVIOUS)
+    with project.store.engine.connect().execution_options(immediate=True) as conn, \
+            Session(bind=conn) as s:
+        s.begin()
+        q = sa.select(AliasRow).where(AliasRow.model == name, AliasRow.alias == alias)
+        if conn.dialect.name != "sqlite":
+            q = q.with_for_update()
+        row = s.scalars(q).first()
+        actual = row.version if row is not None else None
+        if actual != expected:
+            s.rollback()
+            raise PromotionError(
+                f"'{alias}' of '{name}' moved from {_v(expected)} to {_v(actual)} while this "
+                f"{action} of v{version} was prepared (another change won); {alias} stays "
+                f"{_v(actual)}. Gate v{version} against {_v(actual)} and try again.")
+        if row is None:
+            s.add(AliasRow(model=name, alias=alias, version=version, revision=1,
+                           updated_at=now))
+        else:
+            row.version, row.revision, row.updated_at = version, row.revision + 1, now
+        s.execute(sa.update(DeploymentRow)
+                  .where(DeploymentRow.model == name, DeploymentRow.alias == alias,
+                         DeploymentRow.ended_at.is_(None))
+                  .values(ended_at=now))
+        s.add(DeploymentRow(model=name, version=version, alias=alias, traffic=1.0,
+                            action=action, started_at=now, actor=actor, reason=reason))
+        add_event(s, action, {"model": name, "alias": alias, "version": version,
+                              "replaced": actual, "reason": reason, **(details or {})},
+                  actor=actor)
+        try:
+            s.flush()
+        except sa.exc.IntegrityError:  # PostgreSQL: a concurrent first promotion inserted
+            s.rollback()
+            raise PromotionError(f"another change of '{alias}' of '{name}' committed first; "
+                                 f"{alias} unchanged. Check `mloop models history`.") from None
+        try:
+            _set_mlflow_alias(project, alias, version)
+            if alias == CHAMPION and actual is not None:
+                _set_mlflow_alias(project, PREVIOUS, actual)
+        except Exception as exc:
+            s.rollback()
+            with contextlib.suppress(Exception):  # undo a half-made MLflow change
+                _set_mlflow_alias(project, alias, actual)
+            raise PromotionError(f"MLflow refused the alias change ({exc}); nothing changed, "
+                                 f"{alias} stays {_v(actual)}") from exc
+        try:
+            s.commit()
+        except Exception as exc:
+            with contextlib.suppress(Exception):
+                _set_mlflow_alias(project, alias, actual)
+                if alias == CHAMPION:
+                    _set_mlflow_alias(project, PREVIOUS, old_previous)
+            raise PromotionError(f"recording the change failed ({exc}); MLflow aliases put "
+                                 f"back, {alias} stays {_v(actual)}") from exc
+    return AliasChange(name, alias, version, actual, action, actor, reason,
+                       now.isoformat(timespec="seconds"))
+
+
+def _v(version: int | None) -> str:
+    return "nothing" if version is None else f"v{version}"
+
+
+def promote(project: Project, version: int, *, reason: str, force: bool = False,
+            actor: str | None = None, expected_champion: Any = _UNSET) -> AliasChange:
+    """Make ``version`` the champion if its gates passed against the current champion.
+
+    Gates are (re)run when the version was never gated against the champion it would replace.
+    ``force`` promotes despite failed gates and records the override.
+    """
+    from mloop.registry.gates import evaluate_gates
+
+    if not reason.strip():
+        raise MloopError("a promotion needs a reason (--reason \"...\"): it goes in the history")
+    _require_version(project, version)
+    champion = stored_alias(project) if expected_champion is _UNSET else expected_champion
+    if champion == version:
+        raise PromotionError(f"v{version} is already the champion")
+    gate_run = project.store.latest_gate_runs(project.config.model_name).get(version)
+    if gate_run is None or gate_run.champion_version != champion:
+        report = evaluate_gates(project, version)
+        passed, failed = report.passed, [r for r in report.results if r.status == "fail"]
+        summary = "; ".join(f"'{r.gate}' ({r.message})" for r in failed)
+    else:
+        passed = gate_run.passed
+        failed_rows = [r for r in project.store.gate_results(gate_run.id) if r.status == "fail"]
+        summary = "; ".join(f"'{r.gate}' (value {r.value}, threshold {r.threshold})"
+                            for r in failed_rows)
+    if not passed and not force:
+        raise GateFailedError(
+            f"Version {version} of '{project.config.model_name}' failed gate(s) {summary}; "
+            f"champion unchanged ({_v(champion)}). Use --force --reason to override.")
+    action = "promote" if passed else "override"
+    return change_alias(project, CHAMPION, version, expected=champion, action=action,
+                        reason=reason, actor=actor,
+                        details={"gates_passed": passed, "forced": force and not passed})
+
+
+def rollback(project: Project, *, reason: str, to: int | None = None,
+             actor: str | None = None) -> AliasChange:
+    """Move the champion back to the previous champion, or to ``to`` (which must have been
+    champion before: a version that never served goes through ``promote`` and its gates)."""
+    if not reason.strip():
+        raise MloopError("a rollback needs a reason (--reason \"...\"): it goes in the history")
+    name = project.config.model_name
+    current = stored_alias(project)
+    if current is None:
+        raise PromotionError(f"'{name}' has no champion to roll back")
+    served = [d for d in history(project)["deployments"] if d["alias"] == CHAMPION]
+    earlier = [d["version"] for d in served if d["version"] != current]
+    if to is None:
+        if not earlier:
+            raise PromotionError(f"v{current} is the only version that has been champion; "
+                                 f"nothing to roll back to")
+        to = earlier[0]  # history is newest first
+    elif to == current:
+        raise PromotionError(f"v{to} is already the champion")
+    elif to not in earlier:
+        raise PromotionError(f"v{to} has never been champion of '{name}'; promote it instead "
+                             f"(its gates apply)")
+    _require_version(project, to)
+    return change_alias(project, CHAMPION, to, expected=current, action="rollback",
+                        reason=reason, actor=actor)
+
+
+def _iso(dt: datetime | None) -> str | None:
+    if dt is None:
+        return None
+    return (dt if dt.tzinfo else dt.replace(tzinfo=UTC)).isoformat(timespec="seconds")
+
+
+def history(project: Project, *, at: datetime | None = None) -> dict[str, Any]:
+    """Every alias change (newest first), what served at ``at``, and any disagreement
+    between mloop's record and MLflow's aliases (changed behind mloop's back)."""
+    name = project.config.model_name
+    q = (sa.select(DeploymentRow).where(DeploymentRow.model == name)
+         .order_by(DeploymentRow.started_at.desc(), DeploymentRow.id.desc()))
+    with project.store.session() as s:
+        rows = list(s.scalars(q))
+    deployments = [{"version": r.version, "alias": r.alias, "traffic": r.traffic,
+                    "action": r.action, "started_at": _iso(r.started_at),
+                    "ended_at": _iso(r.ended_at), "actor": r.actor, "reason": r.reason}
+                   for r in rows]
+    out: dict[str, Any] = {"model": name, "deployments": deployments}
+    if at is not None:
+        when = at if at.tzinfo else at.replace(tzinfo=UTC)
+        serving: dict[str, dict[str, Any]] = {}
+        for r in rows:
+            start = r.started_at if r.started_at.tzinfo else r.started_at.replace(tzinfo=UTC)
+            end = r.ended_at and (r.ended_at if r.ended_at.tzinfo
+                                  else r.ended_at.replace(tzinfo=UTC))
+            if start <= when and (end is None or end > when):
+                serving.setdefault(r.alias, {"version": r.version, "traffic": r.traffic})
+        out["at"] = when.isoformat(timespec="seconds")
+        out["serving"] = serving
+    out["drift"] = alias_drift(project)
+    return out
+
+
+def alias_drift(project: Project) -> list[dict[str, Any]]:
+    """Aliases whose MLflow value differs from what mloop recorded."""
+    out = []
+    for alias in (CHAMPION,):
+        recorded, actual = stored_alias(project, alias), mlflow_alias(project, alias)
+        if recorded != actual:
+            out.append({"alias": alias, "mloop": recorded, "mlflow": actual,
+                        "message": f"MLflow says '{alias}' is {_v(actual)} but mloop recorded "
+                                   f"{_v(recorded)}: changed outside mloop"})
+    return out
+
+
+def gate_and_promote(project: Project, version: int) -> dict[str, Any]:
+    """What ``mloop run`` (and later the controller) does with a fresh candidate: gate it
+    against the current champion and, with ``gates.auto_promote``, promote it if it passed."""
+    from mloop.registry.gates import evaluate_gates
+
+    champion = stored_alias(project)
+    report = evaluate_gates(project, version)
+    out: dict[str, Any] = {"gates": report.to_dict(), "promotion": None,
+                           "promotion_error": None}
+    if project.config.gates.auto_promote and report.passed and champion != version:
+        try:
+            out["promotion"] = promote(project, version, expected_champion=champion,
+                                       reason="auto-promote: every gate passed").to_dict()
+        except MloopError as exc:  # e.g. another promotion won the race: report, don't fail
+            out["promotion_error"] = str(exc)
+    return out

@@ -1,0 +1,202 @@
+"""Promotion, rollback, history, the race between two promoters, and the audit chain."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from mloop.errors import GateFailedError, PromotionError
+from mloop.project import open_project
+from mloop.registry.gates import evaluate_gates
+from mloop.registry.promotion import change_alias, history, promote, rollback, stored_alias
+from mloop.security.audit import list_events, verify_chain
+
+from .conftest import rentals_frame, run_cli
+from .test_gates import GOOD, RESEED, WORSE, _train, _write
+
+pytestmark = pytest.mark.slow
+
+NI = "gates:\n  non_inferiority: {margin: 1.0}\n"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """v1 good, v2 the same config reseeded, v3 clearly worse; no champion yet."""
+    root = tmp_path_factory.mktemp("promo") / "proj"
+    (root / "data").mkdir(parents=True)
+    rentals_frame(800).to_parquet(root / "data" / "rentals.parquet", index=False)
+    assert [_train(root, p) for p in (GOOD, RESEED, WORSE)] == [1, 2, 3]
+    return root
+
+
+@pytest.fixture
+def proj(trained: Path, tmp_path: Path) -> Path:
+    """A private copy of the trained project (its stores included) for one test to change."""
+    root = tmp_path / "proj"
+    shutil.copytree(trained, root)
+    _write(root, params=GOOD, gates=NI)
+    return root
+
+
+def _champion_rows(root: Path) -> list:
+    project = open_project(root)
+    return [d for d in history(project)["deployments"] if d["alias"] == "champion"]
+
+
+def test_promote_refuses_a_candidate_that_failed_a_gate_and_force_records_it(proj) -> None:
+    project = open_project(proj)
+    promote(project, 1, reason="first")
+    with pytest.raises(GateFailedError, match=r"Version 3 of 'rentals' failed gate\(s\) "
+                                              r"'non_inferiority.mae'.*champion unchanged \(v1\)"):
+        promote(project, 3, reason="try")
+    assert stored_alias(project) == 1
+    change = promote(project, 3, reason="incident 42: need the small model", force=True)
+    assert (change.action, change.version, change.replaced) == ("override", 3, 1)
+    kinds = [e.kind for e in list_events(project.store)]
+    assert kinds[0] == "override" and "gate" in kinds
+    assert list_events(project.store)[0].payload["forced"] is True
+    aliases = project.mlflow.get_registered_model("rentals").aliases
+    assert (int(aliases["champion"]), int(aliases["previous"])) == (3, 1)
+
+
+def test_promote_then_rollback_moves_the_champion_back(proj) -> None:
+    project = open_project(proj)
+    promote(project, 1, reason="first")
+    promote(project, 2, reason="retrained")
+    back = rollback(project, reason="latency spike")
+    assert (back.action, back.version, back.replaced) == ("rollback", 1, 2)
+    assert stored_alias(project) == 1
+    assert int(project.mlflow.get_model_version_by_alias("rentals", "champion").version) == 1
+    rows = _champion_rows(proj)
+    assert [(r["version"], r["action"]) for r in rows] == [(1, "rollback"), (2, "promote"),
+                                                           (1, "promote")]
+    assert rows[0]["ended_at"] is None and all(r["ended_at"] for r in rows[1:])
+    with pytest.raises(PromotionError, match="v3 has never been champion"):
+        rollback(project, reason="x", to=3)
+    assert verify_chain(project.store).ok
+
+
+def test_history_answers_what_served_at_a_time(proj) -> None:
+    project = open_project(proj)
+    promote(project, 1, reason="first")
+    time.sleep(1.1)
+    between = datetime.now(UTC)
+    time.sleep(1.1)
+    promote(project, 2, reason="second")
+    assert history(project, at=between)["serving"] == {"champion": {"version": 1,
+                                                                    "traffic": 1.0}}
+    assert history(project, at=datetime.now(UTC))["serving"]["champion"]["version"] == 2
+    before = history(project, at=datetime(2000, 1, 1, tzinfo=UTC))
+    assert before["serving"] == {}
+    out = json.loads(run_cli("models", "history", "--at", between.isoformat(), "--json",
+                             cwd=proj).stdout)
+    assert out["serving"]["champion"]["version"] == 1
+
+
+def test_an_alias_moved_behind_mloops_back_is_flagged(proj) -> None:
+    project = open_project(proj)
+    promote(project, 1, reason="first")
+    project.mlflow.set_registered_model_alias("rentals", "champion", "3")
+    (drift,) = history(project)["drift"]
+    assert (drift["mloop"], drift["mlflow"]) == (1, 3)
+    proc = run_cli("models", "history", cwd=proj)
+    assert "MLflow says 'champion' is v3 but mloop recorded v1" in " ".join(proc.stderr.split())
+    status = json.loads(run_cli("status", "--json", cwd=proj).stdout)
+    assert status["drift"][0]["mlflow"] == 3
+
+
+def test_when_mlflow_refuses_the_alias_the_store_is_rolled_back(proj) -> None:
+    project = open_project(proj)
+    promote(project, 1, reason="first")
+    events_before = len(list_events(project.store, limit=1000))
+    with pytest.raises(PromotionError, match="MLflow refused the alias change"):
+        change_alias(project, "champion", 99, expected=1, action="promote", reason="ghost")
+    assert stored_alias(project) == 1
+    assert [r["version"] for r in _champion_rows(proj)] == [1]
+    assert len(list_events(project.store, limit=1000)) == events_before
+    assert int(project.mlflow.get_model_version_by_alias("rentals", "champion").version) == 1
+
+
+RACER = """\
+import json, sys, time
+from mloop.project import open_project
+from mloop.registry.promotion import promote
+from mloop.errors import MloopError
+
+project = open_project(sys.argv[1])
+project.store, project.mlflow  # open connections before the start line
+start = float(sys.argv[3])
+while time.time() < start:
+    time.sleep(0.001)
+try:
+    change = promote(project, int(sys.argv[2]), reason="race", expected_champion=1)
+    print(json.dumps({"won": True, "version": change.version}))
+except MloopError as exc:
+    print(json.dumps({"won": False, "error": str(exc)}))
+"""
+
+
+def test_two_promotions_racing_exactly_one_wins(proj, tmp_path: Path) -> None:
+    project = open_project(proj)
+    promote(project, 1, reason="first")
+    _write(proj, params=GOOD, gates="")  # both candidates pass: only the race decides
+    for v in (2, 3):
+        assert evaluate_gates(open_project(proj), v).passed
+    script = tmp_path / "racer.py"
+    script.write_text(textwrap.dedent(RACER))
+    start = time.time() + 12  # both processes are up and waiting before the start line
+    procs = [subprocess.Popen([sys.executable, str(script), str(proj), str(v), str(start)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for v in (2, 3)]
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    winners = [r for r in results if r["won"]]
+    losers = [r for r in results if not r["won"]]
+    assert len(winners) == 1 and len(losers) == 1, results
+    assert "moved from v1 to v" in losers[0]["error"]
+    assert "another change won" in losers[0]["error"]
+    project = open_project(proj)
+    assert stored_alias(project) == winners[0]["version"]
+    mlflow_champion = project.mlflow.get_model_version_by_alias("rentals", "champion").version
+    assert int(mlflow_champion) == winners[0]["version"]
+    open_rows = [r for r in _champion_rows(proj) if r["ended_at"] is None]
+    assert [r["version"] for r in open_rows] == [winners[0]["version"]]
+    assert verify_chain(project.store).ok
+
+
+def test_cli_promote_and_rollback(proj) -> None:
+    out = json.loads(run_cli("models", "promote", "1", "--reason", "first", "--json",
+                             cwd=proj).stdout)
+    assert (out["version"], out["action"]) == (1, "promote")
+    refused = run_cli("models", "promote", "3", "--reason", "try", cwd=proj, check=False)
+    assert refused.returncode == 1
+    assert "failed gate(s) 'non_inferiority.mae'" in refused.stderr
+    no_reason = run_cli("models", "promote", "2", cwd=proj, check=False)
+    assert no_reason.returncode == 2 and "--reason" in no_reason.stderr
+    rolled = run_cli("models", "rollback", "--reason", "nothing to go back to", cwd=proj,
+                     check=False)
+    assert rolled.returncode == 1 and "only version that has been champion" in rolled.stderr
+
+
+def test_audit_chain_catches_a_deleted_row(proj) -> None:
+    project = open_project(proj)
+    promote(project, 1, reason="first")
+    promote(project, 2, reason="second")
+    with project.store.engine.begin() as conn:
+        ids = [r[0] for r in conn.execute(sa.text("select id from events order by id"))]
+        conn.execute(sa.text("delete from events where id = :i"), {"i": ids[1]})
+    report = verify_chain(project.store)
+    assert (report.ok, report.first_bad_id) == (False, ids[2])
+    assert "does not follow the event before it" in report.problem
