@@ -200,3 +200,59 @@ def test_audit_chain_catches_a_deleted_row(proj) -> None:
     report = verify_chain(project.store)
     assert (report.ok, report.first_bad_id) == (False, ids[2])
     assert "does not follow the event before it" in report.problem
+
+
+def test_lineage_is_read_from_what_was_recorded(trained) -> None:
+    from mloop.registry.lineage import lineage
+
+    project = open_project(trained)
+    lin = lineage(project, 1)
+    tags = project.mlflow.get_model_version("rentals", "1").tags
+    assert lin["data"]["train"]["digest"] == tags["mloop.snapshot.train"]
+    assert lin["data"]["holdout"]["rows"] == 240  # 30% of 800
+    assert lin["data"]["source"]["source"] == "data/rentals.parquet"
+    assert lin["pipeline_run"]["run_id"] == tags["mloop.pipeline_run_id"]
+    assert lin["pipeline_run"]["status"] == "succeeded"
+    steps = {s["step"]: s for s in lin["pipeline_run"]["steps"]}
+    assert list(steps) == ["ingest", "validate", "snapshot", "split", "train", "evaluate",
+                           "register"]
+    assert steps["split"]["outputs"]["train"] == tags["mloop.snapshot.train"]
+    assert steps["train"]["params"]["model.params.n_estimators"] == "40"
+    assert lin["config_hash"] == tags["mloop.config_hash"]
+    assert lin["code"]["git_commit"] is None  # the temp project is not a git work tree
+
+
+def test_diff_shows_what_changed_between_two_versions(trained) -> None:
+    out = json.loads(run_cli("models", "diff", "1", "3", "--json", cwd=trained).stdout)
+    params = {r["key"]: r for r in out["params"]}
+    assert params["train.model.params.n_estimators"]["a"] == "40"
+    assert params["train.model.params.n_estimators"]["b"] == "5"
+    assert params["train.model.params.n_estimators"]["same"] is False
+    assert params["split.holdout"]["same"] is True
+    data = {r["key"]: r for r in out["data"]}
+    assert data["train"]["same"] is True  # same data, different model
+    metrics = {r["key"]: r for r in out["metrics"]}
+    assert metrics["mae"]["b"] > metrics["mae"]["a"]
+    human = run_cli("models", "diff", "1", "3", cwd=trained).stdout
+    assert "train.model.params.max_depth" in human
+
+
+def test_reproduce_matches_the_recorded_metrics_then_reports_changed_data(proj) -> None:
+    from mloop.registry.reproduce import reproduce
+
+    project = open_project(proj)
+    ok = reproduce(project, 1)
+    assert ok["reproduced"] is True, ok["problems"]
+    assert ok["data"]["same"] is True
+    assert {c["metric"] for c in ok["metrics"]} == {"mae", "rmse"}
+    assert all(c["difference"] == 0.0 for c in ok["metrics"])
+    assert ok["reproduced_run_id"] != ok["recorded_run_id"]
+    rentals_frame(800, seed=5).to_parquet(proj / "data" / "rentals.parquet", index=False)
+    proc = run_cli("models", "reproduce", "1", "--json", cwd=proj, check=False)
+    assert proc.returncode == 1
+    changed = json.loads(proc.stdout)
+    assert changed["data"]["same"] is False
+    assert "the data at data/rentals.parquet changed since v1 was trained" in \
+        changed["problems"][0]
+    # the recorded snapshot is immutable, so the metrics still reproduce exactly
+    assert all(c["same"] for c in changed["metrics"])

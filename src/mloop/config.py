@@ -195,6 +195,8 @@ class GatesConfig(_Strict):
     signature: bool = True  # compatibility with the champion's signature
     sanity: SanityGate = Field(default_factory=SanityGate)
     slices: list[SliceGate] = Field(default_factory=list)
+    # how far `mloop models reproduce` may land from the recorded metrics (0: exactly)
+    reproduce_tolerance: float = Field(0.0, ge=0.0)
 
 
 class ProjectConfig(_Strict):

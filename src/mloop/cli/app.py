@@ -438,6 +438,90 @@ def models_history(
                      for d in h["deployments"]]))
 
 
+@models_app.command("lineage")
+def models_lineage(version: Annotated[int, typer.Argument(min=1)],
+                   json_: JsonOpt = False) -> None:
+    """VERSION -> run -> pipeline run -> snapshots -> source, code commit, config, params."""
+    from rich.tree import Tree
+
+    from mloop.registry.lineage import lineage
+
+    lin = lineage(_open(), version)
+    if json_:
+        emit_json(lin)
+        return
+    root = Tree(f"[bold]{lin['model']}[/] v{lin['version']} "
+                f"{' '.join(lin['aliases'])} gates={lin['gates'] or 'not run'} "
+                f"{fmt_metrics(lin['metrics'])}")
+    root.add(f"MLflow run {lin['run']['mlflow_run_id']}")
+    pr = lin["pipeline_run"]
+    pnode = root.add(f"pipeline run {pr.get('run_id')} ({pr.get('pipeline')}, "
+                     f"{pr.get('status')}, {pr.get('started_at')})")
+    code = lin["code"]
+    pnode.add(f"code: git {code['git_commit'] or 'not a git tree'}"
+              f"{' (dirty)' if code['git_dirty'] == 'true' else ''}, mloop "
+              f"{code['mloop_version']}, config {short(lin['config_hash'])}")
+    for st in pr.get("steps", []):
+        snode = pnode.add(f"{st['step']} {'(cache hit)' if st['cache_hit'] else ''} -> "
+                          + ", ".join(f"{k}={short(v)}" for k, v in st["outputs"].items()))
+        for k, v in st["params"].items():
+            if k.startswith("model."):  # the rest is in --json and `mloop models diff`
+                snode.add(f"[dim]{k} = {v}")
+    dnode = root.add("data")
+    for role, snap in lin["data"].items():
+        if snap:
+            dnode.add(f"{role}: {snap['digest']} ({snap.get('rows')} rows) "
+                      f"from {snap.get('source')}")
+    out.print(root)
+
+
+@models_app.command("diff")
+def models_diff(a: Annotated[int, typer.Argument(min=1)],
+                b: Annotated[int, typer.Argument(min=1)],
+                all_: Annotated[bool, typer.Option("--all", help="Show equal rows too.")] = False,
+                json_: JsonOpt = False) -> None:
+    """Two versions side by side: params, metrics, data digests, gate results, code."""
+    from mloop.registry.lineage import diff
+
+    d = diff(_open(), a, b)
+    if json_:
+        emit_json(d)
+        return
+    for section in ("params", "metrics", "data", "gates", "code"):
+        rows = d[section] if all_ else [r for r in d[section] if not r["same"]]
+        same = sum(r["same"] for r in d[section])
+        title = f"{section} ({same} equal{' not shown' if not all_ and same else ''})"
+        out.print(table(title, ["", f"v{a}", f"v{b}"], [[r["key"], r["a"], r["b"]]
+                                                       for r in rows]))
+
+
+@models_app.command("reproduce")
+def models_reproduce(version: Annotated[int, typer.Argument(min=1)],
+                     json_: JsonOpt = False) -> None:
+    """Re-run VERSION's recorded pipeline on its recorded snapshots and params; compare
+    metrics. Exit 1 when the data changed or the metrics differ beyond the tolerance."""
+    from mloop.registry.reproduce import reproduce
+
+    with err.status(f"reproducing v{version}"):
+        r = reproduce(_open(), version)
+    if json_:
+        emit_json(r)
+    else:
+        for w in r["warnings"]:
+            err.print(f"[yellow]warning:[/] {w}")
+        out.print(table(f"v{version} reproduced as pipeline run {short(r['reproduced_run_id'])}",
+                        ["metric", "recorded", "reproduced", "difference", ""],
+                        [[c["metric"], _num(c["recorded"]), _num(c["reproduced"]),
+                          _num(c["difference"]), "same" if c["same"] else "[red]differs"]
+                         for c in r["metrics"]]))
+        for p in r["problems"]:
+            out.print(f"[red]{p}")
+        if r["reproduced"]:
+            out.print("[green]reproduced")
+    if not r["reproduced"]:
+        raise typer.Exit(1)
+
+
 def _num(x: float | None) -> str:
     return "" if x is None else f"{x:.4g}"
 
