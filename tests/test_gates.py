@@ -234,3 +234,20 @@ def test_gating_a_missing_version_is_a_clear_error(registry) -> None:
 
     with pytest.raises(ModelNotFoundError, match="model 'rentals' has no version 99"):
         _gate(registry["root"], 99, "")
+
+
+def test_sanity_gate_flags_classes_never_seen_in_training() -> None:
+    import numpy as np
+
+    from mloop.config import GatesConfig
+    from mloop.registry.gates import gate_sanity
+
+    ok = gate_sanity(np.array(["Clear", "Mist"]), "classification", {"Clear", "Mist", "Rain"},
+                     GatesConfig())
+    assert ok.status == "pass"
+    bad = gate_sanity(np.array(["Clear", "Snow"]), "classification", {"Clear", "Mist"},
+                      GatesConfig())
+    assert bad.status == "fail" and "classes never seen in training: Snow" in bad.message
+    nan = gate_sanity(np.array([1.0, float("nan"), float("inf")]), "regression", None,
+                      GatesConfig())
+    assert nan.status == "fail" and "2 NaN/inf prediction(s)" in nan.message
