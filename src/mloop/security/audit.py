@@ -61,16 +61,10 @@ def add_event(session: Session, kind: str, payload: dict[str, Any], *,
 
 def append_event(store: Store, kind: str, payload: dict[str, Any], *,
                  actor: str | None = None, attempts: int = 20) -> EventRow:
-    actor = actor or current_actor()
-    payload = json.loads(json.dumps(payload, default=str))  # what the JSON column will return
+    """Append an event in its own transaction, retrying when another writer got there first."""
     for _ in range(attempts):
         with store.session() as s:
-            last = s.scalars(sa.select(EventRow).order_by(EventRow.id.desc()).limit(1)).first()
-            prev = last.hash if last is not None else GENESIS
-            at = datetime.now(UTC)
-            row = EventRow(at=at, kind=kind, actor=actor, payload=payload, prev_hash=prev,
-                           hash=event_hash(prev, at, kind, actor, payload))
-            s.add(row)
+            row = add_event(s, kind, payload, actor=actor)
             try:
                 s.commit()
                 return row
