@@ -256,6 +256,8 @@ def gate_slice(task: str, spec: SliceGate, metric: str, frame: pd.DataFrame, y: 
         value = compute_metrics(task, [metric], y[pos], pred[pos],
                                 proba[pos] if proba is not None else None)[metric]
         worse = _worse_by(metric, value, overall)
+        if not np.isfinite(worse):  # a slice whose metric cannot be computed counts as worst
+            worse = float("inf")
         slices.append({"slice": key, "rows": len(pos), "value": value, "worse_by": worse,
                        "status": "pass" if worse <= spec.margin else "fail"})
         if worst is None or worse > worst[1]:

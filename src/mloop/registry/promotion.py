@@ -79,12 +79,41 @@ def _set_mlflow_alias(project: Project, alias: str, version: int | None) -> None
         client.set_registered_model_alias(name, alias, str(version))
 
 
+class _Conflict(Exception):
+    """A unique key collided at flush (a concurrent first promotion, or another event taking
+    the same place in the audit chain): re-read and try again."""
+
+
+def _restore(project: Project, alias: str, version: int | None) -> str | None:
+    """Put one MLflow alias back; return an error description instead of raising."""
+    try:
+        _set_mlflow_alias(project, alias, version)
+    except Exception as exc:
+        return f"'{alias}' could not be put back to {_v(version)} ({exc})"
+    return None
+
+
 def change_alias(project: Project, alias: str, version: int, *, expected: int | None,
                  action: str, reason: str, actor: str | None = None,
-                 details: dict[str, Any] | None = None) -> AliasChange:
+                 details: dict[str, Any] | None = None, attempts: int = 5) -> AliasChange:
     """Move ``alias`` to ``version`` if it still points at ``expected``; record everything."""
+    for attempt in range(attempts):
+        try:
+            return _change_alias_once(project, alias, version, expected=expected,
+                                      action=action, reason=reason,
+                                      actor=actor or current_actor(), details=details)
+        except _Conflict:
+            if attempt == attempts - 1:
+                raise PromotionError(
+                    f"could not record the change of '{alias}' after {attempts} attempts "
+                    f"(concurrent writers); {alias} unchanged") from None
+    raise AssertionError("unreachable")
+
+
+def _change_alias_once(project: Project, alias: str, version: int, *, expected: int | None,
+                       action: str, reason: str, actor: str,
+                       details: dict[str, Any] | None) -> AliasChange:
     name = project.config.model_name
-    actor = actor or current_actor()
     now = utcnow()
     old_previous = mlflow_alias(project, PREVIOUS)
     with project.store.engine.connect().execution_options(immediate=True) as conn, \
@@ -101,45 +130,50 @@ def change_alias(project: Project, alias: str, version: int, *, expected: int | 
                 f"'{alias}' of '{name}' moved from {_v(expected)} to {_v(actual)} while this "
                 f"{action} of v{version} was prepared (another change won); {alias} stays "
                 f"{_v(actual)}. Gate v{version} against {_v(actual)} and try again.")
-        if row is None:
-            s.add(AliasRow(model=name, alias=alias, version=version, revision=1,
-                           updated_at=now))
-        else:
-            row.version, row.revision, row.updated_at = version, row.revision + 1, now
-        s.execute(sa.update(DeploymentRow)
-                  .where(DeploymentRow.model == name, DeploymentRow.alias == alias,
-                         DeploymentRow.ended_at.is_(None))
-                  .values(ended_at=now))
-        s.add(DeploymentRow(model=name, version=version, alias=alias, traffic=1.0,
-                            action=action, started_at=now, actor=actor, reason=reason))
-        add_event(s, action, {"model": name, "alias": alias, "version": version,
-                              "replaced": actual, "reason": reason, **(details or {})},
-                  actor=actor)
+        # Nothing reaches the database before the flush below, so every unique-key collision
+        # (alias row, audit chain) surfaces there, before MLflow is touched.
+        with s.no_autoflush:
+            if row is None:
+                s.add(AliasRow(model=name, alias=alias, version=version, revision=1,
+                               updated_at=now))
+            else:
+                row.version, row.revision, row.updated_at = version, row.revision + 1, now
+            for open_row in s.scalars(sa.select(DeploymentRow).where(
+                    DeploymentRow.model == name, DeploymentRow.alias == alias,
+                    DeploymentRow.ended_at.is_(None))):
+                open_row.ended_at = now
+            s.add(DeploymentRow(model=name, version=version, alias=alias, traffic=1.0,
+                                action=action, started_at=now, actor=actor, reason=reason))
+            add_event(s, action, {"model": name, "alias": alias, "version": version,
+                                  "replaced": actual, "reason": reason, **(details or {})},
+                      actor=actor)
         try:
             s.flush()
-        except sa.exc.IntegrityError:  # PostgreSQL: a concurrent first promotion inserted
+        except sa.exc.IntegrityError:
             s.rollback()
-            raise PromotionError(f"another change of '{alias}' of '{name}' committed first; "
-                                 f"{alias} unchanged. Check `mloop models history`.") from None
+            raise _Conflict() from None
         try:
             _set_mlflow_alias(project, alias, version)
             if alias == CHAMPION and actual is not None:
                 _set_mlflow_alias(project, PREVIOUS, actual)
         except Exception as exc:
             s.rollback()
-            with contextlib.suppress(Exception):  # undo a half-made MLflow change
-                _set_mlflow_alias(project, alias, actual)
-            raise PromotionError(f"MLflow refused the alias change ({exc}); nothing changed, "
-                                 f"{alias} stays {_v(actual)}") from exc
+            problems = [p for p in (_restore(project, alias, actual),) if p]
+            raise PromotionError(
+                f"MLflow refused the alias change ({exc}); mloop recorded nothing"
+                + (f"; {'; '.join(problems)}" if problems else f", {alias} stays {_v(actual)}")
+            ) from exc
         try:
             s.commit()
         except Exception as exc:
-            with contextlib.suppress(Exception):
-                _set_mlflow_alias(project, alias, actual)
-                if alias == CHAMPION:
-                    _set_mlflow_alias(project, PREVIOUS, old_previous)
-            raise PromotionError(f"recording the change failed ({exc}); MLflow aliases put "
-                                 f"back, {alias} stays {_v(actual)}") from exc
+            problems = [p for p in (
+                _restore(project, alias, actual),
+                _restore(project, PREVIOUS, old_previous) if alias == CHAMPION else None,
+            ) if p]
+            state = ("; ".join(problems) + ": run `mloop models history` to see the "
+                     "disagreement") if problems else f"MLflow aliases put back, {alias} " \
+                f"stays {_v(actual)}"
+            raise PromotionError(f"recording the change failed ({exc}); {state}") from exc
     return AliasChange(name, alias, version, actual, action, actor, reason,
                        now.isoformat(timespec="seconds"))
 
@@ -149,11 +183,12 @@ def _v(version: int | None) -> str:
 
 
 def promote(project: Project, version: int, *, reason: str, force: bool = False,
-            actor: str | None = None, expected_champion: Any = _UNSET) -> AliasChange:
+            actor: str | None = None, expected_champion: Any = _UNSET,
+            gate_report: Any = None) -> AliasChange:
     """Make ``version`` the champion if its gates passed against the current champion.
 
-    Gates are (re)run when the version was never gated against the champion it would replace.
-    ``force`` promotes despite failed gates and records the override.
+    Gates run now (``gate_report`` may hand in one computed a moment ago against the same
+    champion). ``force`` promotes despite failed gates and records the override.
     """
     from mloop.registry.gates import evaluate_gates
 
@@ -163,16 +198,14 @@ def promote(project: Project, version: int, *, reason: str, force: bool = False,
     champion = stored_alias(project) if expected_champion is _UNSET else expected_champion
     if champion == version:
         raise PromotionError(f"v{version} is already the champion")
-    gate_run = project.store.latest_gate_runs(project.config.model_name).get(version)
-    if gate_run is None or gate_run.champion_version != champion:
+    # Gates run at promotion time, against the champion being replaced and with today's gate
+    # config: an older result may predate a stricter gate.
+    report = gate_report if gate_report is not None else evaluate_gates(project, version)
+    if report.champion != champion and champion is not None:
         report = evaluate_gates(project, version)
-        passed, failed = report.passed, [r for r in report.results if r.status == "fail"]
-        summary = "; ".join(f"'{r.gate}' ({r.message})" for r in failed)
-    else:
-        passed = gate_run.passed
-        failed_rows = [r for r in project.store.gate_results(gate_run.id) if r.status == "fail"]
-        summary = "; ".join(f"'{r.gate}' (value {r.value}, threshold {r.threshold})"
-                            for r in failed_rows)
+    passed = report.passed
+    summary = "; ".join(f"'{r.gate}' ({r.message})" for r in report.results
+                        if r.status == "fail")
     if not passed and not force:
         raise GateFailedError(
             f"Version {version} of '{project.config.model_name}' failed gate(s) {summary}; "
@@ -268,7 +301,8 @@ def gate_and_promote(project: Project, version: int) -> dict[str, Any]:
     if project.config.gates.auto_promote and report.passed and champion != version:
         try:
             out["promotion"] = promote(project, version, expected_champion=champion,
-                                       reason="auto-promote: every gate passed").to_dict()
+                                       reason="auto-promote: every gate passed",
+                                       gate_report=report).to_dict()
         except MloopError as exc:  # e.g. another promotion won the race: report, don't fail
             out["promotion_error"] = str(exc)
     return out

@@ -11,8 +11,10 @@ from __future__ import annotations
 import getpass
 import hashlib
 import json
+import math
 import os
 import socket
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -45,11 +47,26 @@ def event_hash(prev_hash: str, at: datetime, kind: str, actor: str,
     return hashlib.sha256(body.encode()).hexdigest()
 
 
+def json_safe(value: Any) -> Any:
+    """``value`` as the JSON column will return it, with NaN/inf as null (PostgreSQL's json
+    type rejects them, and a hash must not depend on how a database spells them)."""
+    def clean(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {str(k): clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+
+    return clean(json.loads(json.dumps(value, default=str)))
+
+
 def add_event(session: Session, kind: str, payload: dict[str, Any], *,
               actor: str | None = None) -> EventRow:
     """Append an event inside the caller's transaction (committed or rolled back with it)."""
     actor = actor or current_actor()
-    payload = json.loads(json.dumps(payload, default=str))
+    payload = json_safe(payload)
     last = session.scalars(sa.select(EventRow).order_by(EventRow.id.desc()).limit(1)).first()
     prev = last.hash if last is not None else GENESIS
     at = datetime.now(UTC)
@@ -61,15 +78,19 @@ def add_event(session: Session, kind: str, payload: dict[str, Any], *,
 
 def append_event(store: Store, kind: str, payload: dict[str, Any], *,
                  actor: str | None = None, attempts: int = 20) -> EventRow:
-    """Append an event in its own transaction, retrying when another writer got there first."""
-    for _ in range(attempts):
-        with store.session() as s:
-            row = add_event(s, kind, payload, actor=actor)
+    """Append an event in its own write transaction, retrying while another writer holds the
+    database (SQLite) or took the same place in the chain (PostgreSQL)."""
+    for attempt in range(attempts):
+        with store.engine.connect().execution_options(immediate=True) as conn, \
+                Session(bind=conn) as s:
             try:
+                s.begin()
+                row = add_event(s, kind, payload, actor=actor)
                 s.commit()
                 return row
-            except sa.exc.IntegrityError:  # another writer took this predecessor first
+            except (sa.exc.IntegrityError, sa.exc.OperationalError):
                 s.rollback()
+                time.sleep(min(0.05 * 2**attempt, 1.0))
     raise MloopError(f"could not append a '{kind}' event after {attempts} attempts "
                      f"(the events table is under heavy concurrent writes)")
 

@@ -198,6 +198,8 @@ class Store:
     # ------------------------------------------------------------------ gates
     def record_gate_run(self, report: Any) -> int:
         """Store a GateReport (mloop.registry.gates) as one run and its results, atomically."""
+        from mloop.security.audit import json_safe
+
         with self.session() as s, s.begin():
             run = GateRunRow(model=report.model, version=report.version,
                              champion_version=report.champion, passed=report.passed,
@@ -206,7 +208,8 @@ class Store:
             s.flush()
             for r in report.results:
                 s.add(GateResultRow(gate_run_id=run.id, gate=r.gate, status=r.status,
-                                    value=r.value, threshold=r.threshold, detail=r.detail))
+                                    value=r.value, threshold=r.threshold,
+                                    detail=json_safe(r.detail)))
             return run.id
 
     def latest_gate_runs(self, model: str) -> dict[int, GateRunRow]:
