@@ -202,6 +202,19 @@ def test_audit_chain_catches_a_deleted_row(proj) -> None:
     assert "does not follow the event before it" in report.problem
 
 
+def test_audit_chain_catches_deleting_the_newest_events(proj) -> None:
+    project = open_project(proj)
+    promote(project, 1, reason="first")
+    promote(project, 2, reason="second")
+    assert verify_chain(project.store).ok
+    with project.store.engine.begin() as conn:
+        conn.execute(sa.text("delete from events where id = (select max(id) from events)"))
+    report = verify_chain(project.store)
+    assert report.ok is False
+    assert report.problem == "1 event(s) missing at the end of the chain (the newest were " \
+                             "deleted)"
+
+
 def test_lineage_is_read_from_what_was_recorded(trained) -> None:
     from mloop.registry.lineage import lineage
 

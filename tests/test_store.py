@@ -33,7 +33,7 @@ def pg_url() -> Iterator[str]:
 
 
 def _exercise(store: Store) -> None:
-    assert store.current_revision() == "0004"
+    assert store.current_revision() == "0005"
     run = store.create_pipeline_run(project="p", pipeline="tabular", config_hash="c" * 64)
     step_id = store.start_step(pipeline_run_id=run.id, step="train", cache_key="k" * 64,
                                inputs={"data": {"kind": "snapshot", "digest": "d"}})
@@ -131,7 +131,7 @@ def _upgrade_from_previous_schema(url: str) -> None:
             "CURRENT_TIMESTAMP, 1)"))
     old.engine.dispose()
     store = Store(url)  # opening upgrades to head
-    assert store.current_revision() == "0004"
+    assert store.current_revision() == "0005"
     (row,) = store.step_runs("r1")
     assert row.outputs == {"model": {"kind": "pickle", "digest": "m"}}
     assert row.effects is None

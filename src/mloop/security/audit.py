@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 
 from mloop.errors import MloopError
 from mloop.store.db import Store
-from mloop.store.models import EventRow
+from mloop.store.models import AuditHeadRow, EventRow
 
 GENESIS = "0" * 64
 
@@ -70,9 +70,16 @@ def add_event(session: Session, kind: str, payload: dict[str, Any], *,
     last = session.scalars(sa.select(EventRow).order_by(EventRow.id.desc()).limit(1)).first()
     prev = last.hash if last is not None else GENESIS
     at = datetime.now(UTC)
+    head = session.get(AuditHeadRow, 1)
+    count = (head.events if head is not None else
+             session.scalar(sa.select(sa.func.count()).select_from(EventRow)) or 0)
     row = EventRow(at=at, kind=kind, actor=actor, payload=payload, prev_hash=prev,
                    hash=event_hash(prev, at, kind, actor, payload))
     session.add(row)
+    if head is None:
+        session.add(AuditHeadRow(id=1, events=count + 1, head_hash=row.hash))
+    else:
+        head.events, head.head_hash = count + 1, row.hash
     return row
 
 
@@ -120,6 +127,12 @@ def verify_chain(store: Store) -> ChainReport:
                                    f"event {row.id} ({row.kind}) was modified after it was "
                                    f"written")
             prev = row.hash
+        head = s.get(AuditHeadRow, 1)
+    if head is not None and (head.events != count or head.head_hash != prev):
+        missing = head.events - count
+        what = (f"{missing} event(s) missing at the end of the chain (the newest were deleted)"
+                if missing > 0 else "the chain does not end where its recorded head says")
+        return ChainReport(False, count, None, what)
     return ChainReport(True, count)
 
 

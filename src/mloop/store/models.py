@@ -140,3 +140,15 @@ class DeploymentRow(Base):
     reason: Mapped[str] = mapped_column(Text)
 
     __table_args__ = (Index("ix_deployments_model_alias", "model", "alias", "started_at"),)
+
+
+class AuditHeadRow(Base):
+    """The chain's newest hash and length, updated with every event in the same transaction:
+    deleting the newest events (which leaves a shorter chain that still verifies) shows up as a
+    mismatch against it."""
+
+    __tablename__ = "audit_head"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    events: Mapped[int] = mapped_column(Integer)
+    head_hash: Mapped[str] = mapped_column(String(64))
