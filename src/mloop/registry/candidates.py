@@ -9,6 +9,19 @@ from typing import Any
 from mloop import __version__
 
 
+def get_version(project: Any, version: int) -> Any:
+    """The MLflow ModelVersion of the project's model, or ModelNotFoundError naming it."""
+    from mlflow.exceptions import MlflowException
+
+    from mloop.errors import ModelNotFoundError
+
+    try:
+        return project.mlflow.get_model_version(project.config.model_name, str(version))
+    except MlflowException:
+        raise ModelNotFoundError(f"model '{project.config.model_name}' has no version "
+                                 f"{version} (see `mloop models list`)") from None
+
+
 def _requirements(model: Any) -> list[str]:
     """Exact pins for what the logged model needs to load; the estimator's package included."""
     pkgs = {"scikit-learn", "pandas", "numpy", "skops", "scipy"}

@@ -18,9 +18,10 @@ import numpy as np
 import pandas as pd
 
 from mloop.config import GatesConfig, SliceGate
-from mloop.errors import MloopError, ModelNotFoundError
+from mloop.errors import MloopError
 from mloop.project import Project
 from mloop.registry.bootstrap import paired_bootstrap
+from mloop.registry.candidates import get_version
 from mloop.tabular.metrics import DEFAULTS, HIGHER_IS_BETTER, compute_metrics, metrics_for
 
 CHAMPION = "champion"
@@ -83,20 +84,15 @@ class LoadedVersion:
 def load_version(project: Project, version: int) -> LoadedVersion:
     import mlflow.artifacts
     import mlflow.pyfunc
-    import mlflow.sklearn
-    from mlflow.exceptions import MlflowException
 
     name = project.config.model_name
-    try:
-        mv = project.mlflow.get_model_version(name, str(version))
-    except MlflowException:
-        raise ModelNotFoundError(f"model '{name}' has no version {version} "
-                                 f"(see `mloop models list`)") from None
+    mv = get_version(project, version)
     path = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}"))
     pyfunc = mlflow.pyfunc.load_model(str(path))
     inputs = [c.name for c in pyfunc.metadata.get_input_schema().inputs]
-    return LoadedVersion(int(version), dict(mv.tags or {}), path,
-                         mlflow.sklearn.load_model(str(path)), pyfunc, inputs)
+    # the sklearn flavour's pyfunc wrapper holds the fitted estimator: no second load
+    return LoadedVersion(int(version), dict(mv.tags or {}), path, pyfunc.get_raw_model(),
+                         pyfunc, inputs)
 
 
 def champion_version(project: Project) -> int | None:

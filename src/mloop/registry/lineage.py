@@ -8,18 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from mloop.errors import MloopError, ModelNotFoundError
+from mloop.errors import MloopError
 from mloop.project import Project
-
-
-def _version(project: Project, version: int) -> Any:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return project.mlflow.get_model_version(project.config.model_name, str(version))
-    except MlflowException:
-        raise ModelNotFoundError(f"model '{project.config.model_name}' has no version "
-                                 f"{version} (see `mloop models list`)") from None
+from mloop.registry.candidates import get_version
 
 
 def _snapshot(project: Project, digest: str | None) -> dict[str, Any] | None:
@@ -37,7 +28,7 @@ def lineage(project: Project, version: int) -> dict[str, Any]:
     """version -> registering run -> pipeline run (steps, config, code) -> snapshots -> source."""
     from mlflow.exceptions import MlflowException
 
-    mv = _version(project, version)
+    mv = get_version(project, version)
     tags = dict(mv.tags or {})
     out: dict[str, Any] = {
         "model": mv.name, "version": int(mv.version), "source": mv.source,

@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from mloop.errors import GateFailedError, MloopError, ModelNotFoundError, PromotionError
+from mloop.errors import GateFailedError, MloopError, PromotionError
 from mloop.project import Project
+from mloop.registry.candidates import get_version
 from mloop.security.audit import add_event, current_actor
-from mloop.store.db import utcnow
+from mloop.store.db import as_utc, utcnow
 from mloop.store.models import AliasRow, DeploymentRow
 
 CHAMPION = "champion"
@@ -58,16 +59,6 @@ def mlflow_alias(project: Project, alias: str = CHAMPION) -> int | None:
                                                              alias).version)
     except MlflowException:
         return None
-
-
-def _require_version(project: Project, version: int) -> None:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        project.mlflow.get_model_version(project.config.model_name, str(version))
-    except MlflowException:
-        raise ModelNotFoundError(f"model '{project.config.model_name}' has no version "
-                                 f"{version} (see `mloop models list`)") from None
 
 
 def _set_mlflow_alias(project: Project, alias: str, version: int | None) -> None:
@@ -194,7 +185,7 @@ def promote(project: Project, version: int, *, reason: str, force: bool = False,
 
     if not reason.strip():
         raise MloopError("a promotion needs a reason (--reason \"...\"): it goes in the history")
-    _require_version(project, version)
+    get_version(project, version)
     champion = stored_alias(project) if expected_champion is _UNSET else expected_champion
     if champion == version:
         raise PromotionError(f"v{version} is already the champion")
@@ -238,15 +229,14 @@ def rollback(project: Project, *, reason: str, to: int | None = None,
     elif to not in earlier:
         raise PromotionError(f"v{to} has never been champion of '{name}'; promote it instead "
                              f"(its gates apply)")
-    _require_version(project, to)
+    get_version(project, to)
     return change_alias(project, CHAMPION, to, expected=current, action="rollback",
                         reason=reason, actor=actor)
 
 
 def _iso(dt: datetime | None) -> str | None:
-    if dt is None:
-        return None
-    return (dt if dt.tzinfo else dt.replace(tzinfo=UTC)).isoformat(timespec="seconds")
+    dt = as_utc(dt)
+    return dt.isoformat(timespec="seconds") if dt is not None else None
 
 
 def history(project: Project, *, at: datetime | None = None) -> dict[str, Any]:
@@ -263,12 +253,10 @@ def history(project: Project, *, at: datetime | None = None) -> dict[str, Any]:
                    for r in rows]
     out: dict[str, Any] = {"model": name, "deployments": deployments}
     if at is not None:
-        when = at if at.tzinfo else at.replace(tzinfo=UTC)
+        when = as_utc(at)
         serving: dict[str, dict[str, Any]] = {}
         for r in rows:
-            start = r.started_at if r.started_at.tzinfo else r.started_at.replace(tzinfo=UTC)
-            end = r.ended_at and (r.ended_at if r.ended_at.tzinfo
-                                  else r.ended_at.replace(tzinfo=UTC))
+            start, end = as_utc(r.started_at), as_utc(r.ended_at)
             if start <= when and (end is None or end > when):
                 serving.setdefault(r.alias, {"version": r.version, "traffic": r.traffic})
         out["at"] = when.isoformat(timespec="seconds")

@@ -35,9 +35,8 @@ def current_actor() -> str:
 
 
 def _stamp(at: datetime) -> str:
-    if at.tzinfo is None:  # SQLite hands back naive datetimes; mloop writes only UTC
-        at = at.replace(tzinfo=UTC)
-    return at.astimezone(UTC).isoformat(timespec="microseconds")
+    return at.replace(tzinfo=at.tzinfo or UTC).astimezone(UTC).isoformat(
+        timespec="microseconds")
 
 
 def event_hash(prev_hash: str, at: datetime, kind: str, actor: str,

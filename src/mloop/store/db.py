@@ -7,7 +7,7 @@ import contextlib
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
@@ -29,8 +29,12 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def _aware(dt: datetime | None) -> datetime | None:
-    # SQLite drops tzinfo; every time mloop stores is UTC.
+@overload
+def as_utc(dt: datetime) -> datetime: ...
+@overload
+def as_utc(dt: None) -> None: ...
+def as_utc(dt: datetime | None) -> datetime | None:
+    """SQLite hands datetimes back naive; every time mloop stores is UTC."""
     if dt is not None and dt.tzinfo is None:
         return dt.replace(tzinfo=UTC)
     return dt
@@ -117,8 +121,8 @@ class Store:
                 row = rows[0] if len(rows) == 1 else None
             if row is None:
                 raise RunNotFoundError(f"no pipeline run '{run_id}' (see `mloop runs list`)")
-            row.started_at = _aware(row.started_at)  # type: ignore[assignment]
-            row.ended_at = _aware(row.ended_at)
+            row.started_at = as_utc(row.started_at)  # type: ignore[assignment]
+            row.ended_at = as_utc(row.ended_at)
             return row
 
     def list_pipeline_runs(self, *, project: str | None = None,
@@ -129,8 +133,8 @@ class Store:
         with self.session() as s:
             rows = list(s.scalars(q).all())
         for r in rows:
-            r.started_at = _aware(r.started_at)  # type: ignore[assignment]
-            r.ended_at = _aware(r.ended_at)
+            r.started_at = as_utc(r.started_at)  # type: ignore[assignment]
+            r.ended_at = as_utc(r.ended_at)
         return rows
 
     # ------------------------------------------------------------------ step runs
@@ -153,7 +157,7 @@ class Store:
             fields.setdefault("ended_at", utcnow())
             for k, v in fields.items():
                 setattr(row, k, v)
-            started = _aware(row.started_at)
+            started = as_utc(row.started_at)
             if row.duration_s is None and started is not None:
                 row.duration_s = (fields["ended_at"] - started).total_seconds()
 
