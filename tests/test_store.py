@@ -10,7 +10,7 @@ import pytest
 import sqlalchemy as sa
 
 from mloop.errors import RunNotFoundError
-from mloop.store.db import Store
+from mloop.store.db import HEAD_REVISION, Store
 
 PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
@@ -33,7 +33,7 @@ def pg_url() -> Iterator[str]:
 
 
 def _exercise(store: Store) -> None:
-    assert store.current_revision() == "0005"
+    assert store.current_revision() == HEAD_REVISION
     run = store.create_pipeline_run(project="p", pipeline="tabular", config_hash="c" * 64)
     step_id = store.start_step(pipeline_run_id=run.id, step="train", cache_key="k" * 64,
                                inputs={"data": {"kind": "snapshot", "digest": "d"}})
@@ -131,7 +131,7 @@ def _upgrade_from_previous_schema(url: str) -> None:
             "CURRENT_TIMESTAMP, 1)"))
     old.engine.dispose()
     store = Store(url)  # opening upgrades to head
-    assert store.current_revision() == "0005"
+    assert store.current_revision() == HEAD_REVISION
     (row,) = store.step_runs("r1")
     assert row.outputs == {"model": {"kind": "pickle", "digest": "m"}}
     assert row.effects is None

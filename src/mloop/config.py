@@ -199,6 +199,37 @@ class GatesConfig(_Strict):
     reproduce_tolerance: float = Field(0.0, ge=0.0)
 
 
+class InferenceLogConfig(_Strict):
+    """The background writer of served rows (see mloop.serving.inference_log)."""
+
+    enabled: bool = True
+    commit_interval_seconds: float = Field(1.0, gt=0, le=3600)  # what a kill -9 can lose
+    max_queue_rows: int = Field(200_000, ge=1)
+    on_full: Literal["drop", "block"] = "drop"  # drop-and-count, or hold the response
+
+
+class ServingConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    workers: int = Field(1, ge=1)
+    max_batch_rows: int = Field(64, ge=1)  # micro-batch cap
+    max_wait_ms: float = Field(0.0, ge=0, le=1000)  # extra wait for company under load
+    max_body_bytes: int = Field(1_048_576, ge=1024)  # larger bodies get 413
+    poll_seconds: float = Field(5.0, gt=0)  # how often aliases are checked (hot swap)
+    model_threads: int = Field(1, ge=1)  # BLAS/OpenMP threads inside predict
+    shadow_queue_rows: int = Field(10_000, ge=1)  # beyond this, shadow copies are dropped
+    auth: bool | None = None  # None: on when binding beyond loopback
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    inference_log: InferenceLogConfig = Field(default_factory=InferenceLogConfig)
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ServingConfig:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: set both or neither")
+        return self
+
+
 class ProjectConfig(_Strict):
     project: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     stores: StoresConfig = Field(default_factory=StoresConfig)
@@ -213,6 +244,7 @@ class ProjectConfig(_Strict):
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     gates: GatesConfig = Field(default_factory=GatesConfig)
     profile: ProfileConfig = Field(default_factory=ProfileConfig)
+    serving: ServingConfig = Field(default_factory=ServingConfig)
     _file: str = PrivateAttr(default=CONFIG_FILE)
     _lines: dict[tuple[Any, ...], int] = PrivateAttr(default_factory=dict)
     _secrets: frozenset[str] = PrivateAttr(default=frozenset())
@@ -240,8 +272,8 @@ class ProjectConfig(_Strict):
 
     def config_hash(self) -> str:
         """sha256 of everything that shapes the model; stores and gates are left out (moving
-        the stores or changing a gate changes nothing about the model)."""
-        body = self.model_dump(mode="json", exclude={"stores", "gates"})
+        the stores or changing a gate or how it is served changes nothing about the model)."""
+        body = self.model_dump(mode="json", exclude={"stores", "gates", "serving"})
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 

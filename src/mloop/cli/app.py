@@ -21,12 +21,20 @@ step_app = typer.Typer(no_args_is_help=True, help="Run one step of a pipeline ru
 db_app = typer.Typer(no_args_is_help=True, help="mloop's own metadata store.")
 models_app = typer.Typer(no_args_is_help=True, help="Registered versions and their gates.")
 audit_app = typer.Typer(no_args_is_help=True, help="The tamper-evident event chain.")
+deploy_app = typer.Typer(no_args_is_help=True, help="Challengers: canary (a share of traffic) "
+                                                    "or shadow (a copy of it).")
+labels_app = typer.Typer(no_args_is_help=True, help="Late ground truth, joined by request id.")
+tokens_app = typer.Typer(no_args_is_help=True, help="API tokens for `mloop serve` (stored as "
+                                                    "hashes).")
 app.add_typer(runs_app, name="runs")
 app.add_typer(data_app, name="data")
 app.add_typer(step_app, name="step")
 app.add_typer(db_app, name="db")
 app.add_typer(models_app, name="models")
 app.add_typer(audit_app, name="audit")
+app.add_typer(deploy_app, name="deploy")
+app.add_typer(labels_app, name="labels")
+app.add_typer(tokens_app, name="tokens")
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 ProjectOpt = Annotated[
@@ -374,8 +382,9 @@ def _print_change(change: Any, json_: bool) -> None:
         emit_json(change.to_dict())
         return
     was = f"v{change.replaced}" if change.replaced is not None else "nothing"
+    now = f"v{change.version}" if change.version is not None else "nothing"
     out.print(f"{change.action}: '{change.alias}' of {change.model} is now "
-              f"[bold]v{change.version}[/] (was {was}) by {change.actor}: {change.reason}")
+              f"[bold]{now}[/] (was {was}) by {change.actor}: {change.reason}")
 
 
 @models_app.command("promote")
@@ -543,6 +552,174 @@ def audit_verify(json_: JsonOpt = False) -> None:
         sys.stderr.write(f"audit chain broken: {report.problem}\n")
     if not report.ok:
         raise typer.Exit(1)
+
+
+# ------------------------------------------------------------------------------ serving
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Bind address (default serving.host).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default serving.port).")] = None,
+    workers: Annotated[int | None, typer.Option(min=1, help="Processes (default "
+                                                            "serving.workers).")] = None,
+    auth: Annotated[bool | None, typer.Option(
+        "--auth/--no-auth", help="Require bearer tokens (default: on unless bound to "
+                                 "loopback).")] = None,
+    tls_cert: Annotated[str | None, typer.Option(help="TLS certificate (PEM).")] = None,
+    tls_key: Annotated[str | None, typer.Option(help="TLS private key (PEM).")] = None,
+) -> None:
+    """Serve the champion (and challenger) over HTTP until SIGINT/SIGTERM."""
+    from mloop.serving.server import serve as run_server
+
+    project = _open()
+    cfg = project.config.serving
+    shown = f"{'https' if tls_cert or cfg.tls_cert else 'http'}://{host or cfg.host}:" \
+            f"{port if port is not None else cfg.port}"
+    err.print(f"serving '{project.config.model_name}' on {shown} (docs at {shown}/docs)")
+    run_server(project, host=host, port=port, workers=workers, auth=auth, tls_cert=tls_cert,
+               tls_key=tls_key)
+
+
+@deploy_app.command("canary")
+def deploy_canary(
+    version: Annotated[int, typer.Argument(min=1)],
+    weight: Annotated[float, typer.Option(help="Share of traffic (0..1).")] = 0.1,
+    reason: Annotated[str, typer.Option(help="Why: recorded in the history.")] = "canary",
+    json_: JsonOpt = False,
+) -> None:
+    """VERSION becomes the challenger and answers WEIGHT of the traffic."""
+    from mloop.serving.deploy import deploy_challenger
+
+    _print_change(deploy_challenger(_open(), version, mode="canary", weight=weight,
+                                    reason=reason), json_)
+
+
+@deploy_app.command("shadow")
+def deploy_shadow(
+    version: Annotated[int, typer.Argument(min=1)],
+    reason: Annotated[str, typer.Option(help="Why: recorded in the history.")] = "shadow",
+    json_: JsonOpt = False,
+) -> None:
+    """VERSION is scored on a copy of every request; its answers are logged, never returned."""
+    from mloop.serving.deploy import deploy_challenger
+
+    _print_change(deploy_challenger(_open(), version, mode="shadow", reason=reason), json_)
+
+
+@deploy_app.command("stop-challenger")
+def deploy_stop(
+    reason: Annotated[str, typer.Option(help="Why: recorded in the history.")] =
+    "challenger stopped",
+    json_: JsonOpt = False,
+) -> None:
+    """Remove the challenger: the champion answers everything again."""
+    from mloop.serving.deploy import stop_challenger
+
+    _print_change(stop_challenger(_open(), reason=reason), json_)
+
+
+@deploy_app.command("status")
+def deploy_status(json_: JsonOpt = False) -> None:
+    """What should serve now: champion, challenger, mode and traffic share."""
+    from mloop.serving.deploy import desired_state
+
+    state = desired_state(_open()).to_dict()
+    if json_:
+        emit_json(state)
+        return
+    out.print(table("deployment", ["role", "version", "mode", "traffic"], [
+        ["champion", short(state["champion"]), "", f"{1 - state['weight']:.0%}"],
+        ["challenger", short(state["challenger"]), state["mode"] or "",
+         f"{state['weight']:.0%}"]]))
+
+
+@app.command()
+def predict(
+    input: Annotated[Path, typer.Option("--input", "-i", help="Parquet or CSV file.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Parquet file to write.")],
+    version: Annotated[int | None, typer.Option(min=1, help="Default: the champion.")] = None,
+    chunk_rows: Annotated[int, typer.Option(min=1, help="Rows per chunk (bounds memory).")] =
+    50_000,
+    json_: JsonOpt = False,
+) -> None:
+    """Batch scoring: stream INPUT through a version, write predictions to OUTPUT."""
+    from mloop.serving.batch import predict_file
+
+    result = predict_file(_open(), input, output, version=version, chunk_rows=chunk_rows,
+                          progress=not json_)
+    if json_:
+        emit_json(result)
+        return
+    out.print(f"scored {result['rows']:,} rows with v{result['version']} in "
+              f"{result['seconds']} s ({result['rows_per_s']:,} rows/s, peak RSS "
+              f"{result['peak_rss_mb']} MB) -> {result['output']}")
+
+
+@labels_app.command("ingest")
+def labels_ingest(
+    file: Annotated[Path, typer.Argument(help="CSV or Parquet with request_id,label.")],
+    json_: JsonOpt = False,
+) -> None:
+    """Store ground truth by request id; ids the inference log does not hold are reported
+    (and make the exit code 1), never stored."""
+    from mloop.serving.labels import read_label_file, store_labels
+    from mloop.storage import ObjectStore
+
+    project = _open()
+    task = project.config.task or "regression"
+    labels = read_label_file(file, task)
+    result = store_labels(ObjectStore(project.uris["inference_log_uri"]), labels, task=task,
+                          source=f"file:{file.name}")
+    if json_:
+        emit_json(result)
+    else:
+        out.print(f"stored {result['stored']} label(s) from {file}")
+        if result["unknown"]:
+            shown = ", ".join(result["unknown_ids"][:10])
+            err.print(f"[yellow]{result['unknown']} unknown request id(s), not stored: "
+                      f"{shown}{' ...' if result['unknown'] > 10 else ''}")
+    if result["unknown"]:
+        raise typer.Exit(1)
+
+
+@tokens_app.command("create")
+def tokens_create(
+    role: Annotated[str, typer.Option(help="predict or admin.")] = "predict",
+    name: Annotated[str, typer.Option(help="A label for the token.")] = "",
+    json_: JsonOpt = False,
+) -> None:
+    """Create a token; it is printed once and stored only as a hash."""
+    from mloop.security.tokens import create_token
+
+    tok = create_token(_open().store, role=role, name=name)
+    if json_:
+        emit_json(tok.__dict__)
+        return
+    err.print(f"token {tok.id} ({tok.role}, '{tok.name}'); shown once, keep it secret:")
+    sys.stdout.write(tok.token + "\n")
+
+
+@tokens_app.command("list")
+def tokens_list(json_: JsonOpt = False) -> None:
+    """Tokens (never their values)."""
+    from mloop.security.tokens import list_tokens
+
+    rows = list_tokens(_open().store)
+    if json_:
+        emit_json(rows)
+        return
+    out.print(table("tokens", ["id", "name", "role", "created", "by", "revoked"],
+                    [[r["id"], r["name"], r["role"], r["created_at"], r["created_by"],
+                      "yes" if r["revoked"] else ""] for r in rows]))
+
+
+@tokens_app.command("revoke")
+def tokens_revoke(token_id: Annotated[int, typer.Argument(min=1)]) -> None:
+    """Revoke a token (servers notice within serving.poll_seconds)."""
+    from mloop.security.tokens import revoke_token
+
+    revoke_token(_open().store, token_id)
+    out.print(f"token {token_id} revoked")
 
 
 # ------------------------------------------------------------------------------ db

@@ -26,6 +26,7 @@ from mloop.store.db import as_utc, utcnow
 from mloop.store.models import AliasRow, DeploymentRow
 
 CHAMPION = "champion"
+CHALLENGER = "challenger"
 PREVIOUS = "previous"
 _UNSET: Any = object()
 
@@ -34,7 +35,7 @@ _UNSET: Any = object()
 class AliasChange:
     model: str
     alias: str
-    version: int
+    version: int | None  # None: the alias was removed
     replaced: int | None
     action: str
     actor: str
@@ -84,15 +85,18 @@ def _restore(project: Project, alias: str, version: int | None) -> str | None:
     return None
 
 
-def change_alias(project: Project, alias: str, version: int, *, expected: int | None,
+def change_alias(project: Project, alias: str, version: int | None, *, expected: int | None,
                  action: str, reason: str, actor: str | None = None,
-                 details: dict[str, Any] | None = None, attempts: int = 5) -> AliasChange:
-    """Move ``alias`` to ``version`` if it still points at ``expected``; record everything."""
+                 details: dict[str, Any] | None = None, attempts: int = 5,
+                 traffic: float = 1.0) -> AliasChange:
+    """Move ``alias`` to ``version`` (None: remove it) if it still points at ``expected``;
+    record everything, with the share of traffic the new holder gets."""
     for attempt in range(attempts):
         try:
             return _change_alias_once(project, alias, version, expected=expected,
                                       action=action, reason=reason,
-                                      actor=actor or current_actor(), details=details)
+                                      actor=actor or current_actor(), details=details,
+                                      traffic=traffic)
         except _Conflict:
             if attempt == attempts - 1:
                 raise PromotionError(
@@ -101,9 +105,9 @@ def change_alias(project: Project, alias: str, version: int, *, expected: int | 
     raise AssertionError("unreachable")
 
 
-def _change_alias_once(project: Project, alias: str, version: int, *, expected: int | None,
-                       action: str, reason: str, actor: str,
-                       details: dict[str, Any] | None) -> AliasChange:
+def _change_alias_once(project: Project, alias: str, version: int | None, *,
+                       expected: int | None, action: str, reason: str, actor: str,
+                       details: dict[str, Any] | None, traffic: float = 1.0) -> AliasChange:
     name = project.config.model_name
     now = utcnow()
     old_previous = mlflow_alias(project, PREVIOUS)
@@ -124,7 +128,10 @@ def _change_alias_once(project: Project, alias: str, version: int, *, expected: 
         # Nothing reaches the database before the flush below, so every unique-key collision
         # (alias row, audit chain) surfaces there, before MLflow is touched.
         with s.no_autoflush:
-            if row is None:
+            if version is None:
+                if row is not None:
+                    s.delete(row)
+            elif row is None:
                 s.add(AliasRow(model=name, alias=alias, version=version, revision=1,
                                updated_at=now))
             else:
@@ -133,10 +140,12 @@ def _change_alias_once(project: Project, alias: str, version: int, *, expected: 
                     DeploymentRow.model == name, DeploymentRow.alias == alias,
                     DeploymentRow.ended_at.is_(None))):
                 open_row.ended_at = now
-            s.add(DeploymentRow(model=name, version=version, alias=alias, traffic=1.0,
-                                action=action, started_at=now, actor=actor, reason=reason))
+            if version is not None:
+                s.add(DeploymentRow(model=name, version=version, alias=alias, traffic=traffic,
+                                    action=action, started_at=now, actor=actor, reason=reason))
             add_event(s, action, {"model": name, "alias": alias, "version": version,
-                                  "replaced": actual, "reason": reason, **(details or {})},
+                                  "replaced": actual, "reason": reason, "traffic": traffic
+                                  if version is not None else 0.0, **(details or {})},
                       actor=actor)
         try:
             s.flush()
@@ -165,8 +174,8 @@ def _change_alias_once(project: Project, alias: str, version: int, *, expected: 
                      "disagreement") if problems else f"MLflow aliases put back, {alias} " \
                 f"stays {_v(actual)}"
             raise PromotionError(f"recording the change failed ({exc}); {state}") from exc
-    return AliasChange(name, alias, version, actual, action, actor, reason,
-                       now.isoformat(timespec="seconds"))
+    return AliasChange(name, alias, version, actual, action,
+                       actor, reason, now.isoformat(timespec="seconds"))
 
 
 def _v(version: int | None) -> str:
@@ -268,7 +277,7 @@ def history(project: Project, *, at: datetime | None = None) -> dict[str, Any]:
 def alias_drift(project: Project) -> list[dict[str, Any]]:
     """Aliases whose MLflow value differs from what mloop recorded."""
     out = []
-    for alias in (CHAMPION,):
+    for alias in (CHAMPION, CHALLENGER):
         recorded, actual = stored_alias(project, alias), mlflow_alias(project, alias)
         if recorded != actual:
             out.append({"alias": alias, "mloop": recorded, "mlflow": actual,

@@ -1,0 +1,52 @@
+"""Bearer-token checks for the server; the token hashes are re-read from mloop's store at
+most every ``refresh_seconds``, so a new or revoked token takes effect without a restart."""
+
+from __future__ import annotations
+
+import hmac
+import threading
+import time
+
+from mloop.security.tokens import active_hashes, token_hash
+from mloop.serving.app import HTTPError
+from mloop.store.db import Store
+
+_RANK = {"predict": 1, "admin": 2}
+
+
+class TokenAuth:
+    def __init__(self, store: Store, refresh_seconds: float = 5.0) -> None:
+        self.store = store
+        self.refresh_seconds = refresh_seconds
+        self._hashes: dict[str, str] = {}
+        self._loaded = 0.0
+        self._lock = threading.Lock()
+        self.refresh()
+
+    def refresh(self) -> None:
+        hashes = active_hashes(self.store)
+        with self._lock:
+            self._hashes, self._loaded = hashes, time.monotonic()
+
+    def role_of(self, token: str) -> str | None:
+        if time.monotonic() - self._loaded > self.refresh_seconds:
+            self.refresh()
+        digest = token_hash(token)
+        with self._lock:
+            for h, role in self._hashes.items():
+                if hmac.compare_digest(h, digest):
+                    return role
+        return None
+
+    def check(self, header: str | None, role: str) -> None:
+        """Raise 401 (no or unknown token) or 403 (token's role too low)."""
+        challenge = {"WWW-Authenticate": 'Bearer realm="mloop"'}
+        if not header or not header.lower().startswith("bearer "):
+            raise HTTPError(401, {"error": "missing bearer token (Authorization: Bearer ...)"},
+                            challenge)
+        have = self.role_of(header[7:].strip())
+        if have is None:
+            raise HTTPError(401, {"error": "unknown or revoked token"}, challenge)
+        if _RANK[have] < _RANK[role]:
+            raise HTTPError(403, {"error": f"this token's role '{have}' may not do this "
+                                           f"(needs '{role}')"})

@@ -1,0 +1,148 @@
+"""Batch scoring of files larger than memory: read a chunk, predict, append, repeat.
+
+Input is Parquet (read row group by row group) or CSV (pyarrow's streaming reader); output is
+one Parquet file with the input columns plus ``prediction``, written under a temporary name and
+renamed at the end, so a failure leaves no half-written output. Memory is bounded by the chunk
+size, not the file size.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from mloop.errors import MloopError
+from mloop.project import Project
+from mloop.serving.model import ServedModel, load_served
+
+_ARROW = {"double": pa.float64(), "float": pa.float32(), "long": pa.int64(),
+          "integer": pa.int32(), "string": pa.string(), "boolean": pa.bool_()}
+
+
+def _reader(path: Path, chunk_rows: int) -> tuple[Iterator[pa.RecordBatch], int | None, str]:
+    """Batches, the total (rows for Parquet, bytes for CSV) and the unit."""
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            pf = pq.ParquetFile(path)
+        except Exception as exc:
+            raise MloopError(f"{path}: not a readable Parquet file ({exc})") from exc
+        return pf.iter_batches(batch_size=chunk_rows), pf.metadata.num_rows, "rows"
+    if suffix in (".csv", ".txt", ".gz"):
+        import pyarrow.csv as pacsv
+
+        try:
+            reader = pacsv.open_csv(path, read_options=pacsv.ReadOptions(
+                block_size=max(1 << 20, chunk_rows * 200)))
+        except Exception as exc:
+            raise MloopError(f"{path}: not a readable CSV file ({exc})") from exc
+        return iter(reader), None, "rows"
+    raise MloopError(f"{path}: unsupported input type '{suffix}' (use .parquet or .csv)")
+
+
+def _frame(model: ServedModel, batch: pa.RecordBatch, path: Path, offset: int) -> Any:
+    names = batch.schema.names
+    missing = [c.name for c in model.schema.columns if c.name not in names]
+    if missing:
+        raise MloopError(f"{path}: missing column(s) {missing} that v{model.version}'s "
+                         f"signature requires (found {names})")
+    cols = {}
+    for c in model.schema.columns:
+        col = batch.column(names.index(c.name))
+        if c.required and col.null_count:
+            first = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
+            raise MloopError(f"{path}: column '{c.name}' is null at row {offset + first} but "
+                             f"the signature requires a value")
+        target = _ARROW.get(c.type)
+        if target is not None and col.type != target:
+            if c.type == "string":
+                col = col.cast(pa.string())
+            else:
+                try:
+                    col = col.cast(target)
+                except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+                    raise MloopError(f"{path}: column '{c.name}' is {col.type}, the signature "
+                                     f"expects {c.type} ({exc})") from None
+        cols[c.name] = col
+    frame = pa.table(cols).to_pandas()
+    for c in model.schema.columns:
+        if c.type == "string":
+            frame[c.name] = frame[c.name].astype(object).where(frame[c.name].notna(), None)
+    return frame
+
+
+def predict_file(project: Project, input_path: Path, output_path: Path, *,
+                 version: int | None = None, chunk_rows: int = 50_000,
+                 progress: bool = True) -> dict[str, Any]:
+    """Score ``input_path`` into ``output_path``; returns rows, version, seconds, peak RSS."""
+    import psutil
+    import pyarrow.parquet as pq
+
+    from mloop.serving.deploy import desired_state
+
+    if not input_path.exists():
+        raise MloopError(f"{input_path}: no such file")
+    if version is None:
+        version = desired_state(project).champion
+        if version is None:
+            raise MloopError(f"'{project.config.model_name}' has no champion; pass --version")
+    batches, total, unit = _reader(input_path, chunk_rows)
+    model = load_served(project, version)
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output_path.with_name(f".tmp-{os.getpid()}-{output_path.name}")
+    proc = psutil.Process()
+    peak = proc.memory_info().rss
+    t0 = time.perf_counter()
+    rows = 0
+    writer: pq.ParquetWriter | None = None
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    bar = Progress(TextColumn(f"scoring {input_path.name} with v{version}"), BarColumn(),
+                   MofNCompleteColumn(), TextColumn(unit), TimeRemainingColumn(),
+                   disable=not progress, transient=True)
+    try:
+        with bar:
+            task = bar.add_task("score", total=total)
+            for batch in batches:
+                if batch.num_rows == 0:
+                    continue
+                frame = _frame(model, batch, input_path, rows)
+                pred = np.asarray(model.predict_frame(frame))
+                if pred.ndim > 1:
+                    pred = pred.reshape(len(pred), -1)[:, 0]
+                out = pa.Table.from_batches([batch]).append_column("prediction", pa.array(pred))
+                if writer is None:
+                    writer = pq.ParquetWriter(tmp, out.schema, compression="zstd")
+                writer.write_table(out.cast(writer.schema))
+                rows += batch.num_rows
+                bar.advance(task, batch.num_rows)
+                peak = max(peak, proc.memory_info().rss)
+        if writer is None:
+            raise MloopError(f"{input_path}: no rows to score")
+        writer.close()
+        writer = None
+        os.replace(tmp, output_path)
+    except BaseException:
+        if writer is not None:
+            writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    seconds = time.perf_counter() - t0
+    return {"input": str(input_path), "output": str(output_path), "version": version,
+            "rows": rows, "seconds": round(seconds, 3),
+            "rows_per_s": round(rows / seconds, 1) if seconds else None,
+            "peak_rss_mb": round(peak / 2**20, 1)}

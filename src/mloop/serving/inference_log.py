@@ -1,0 +1,196 @@
+"""The inference log: every scored row, appended off the request path, committed in groups.
+
+A request only appends its rows to an in-memory buffer (a lock and a list extend). A background
+thread commits the buffer every ``commit_interval_seconds``: rows are grouped by day and
+version and each group becomes one Parquet segment,
+
+    <inference_log_uri>/day=YYYY-MM-DD/version=V/part-<first ts>-<pid>-<seq>.parquet
+
+written to a temporary name and renamed into place, so a reader never sees a torn file. A
+clean stop (SIGTERM, lifespan shutdown) commits everything; a ``kill -9`` loses at most what
+arrived since the last commit, and every segment already on disk stays readable.
+
+Columns: ``_request_id``, ``_ts`` (event time, UTC), ``_version``, ``_role`` (champion,
+canary, shadow), ``_latency_ms``, ``_prediction``, ``_key`` (routing key or null), then one
+column per model input under its own name. The leading underscore keeps mloop's columns out of
+the features' namespace.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import pyarrow as pa
+
+from mloop.storage import ObjectStore
+
+log = logging.getLogger("mloop.serving")
+
+META_COLUMNS = ("_request_id", "_ts", "_version", "_role", "_latency_ms", "_prediction", "_key")
+LABELS_DIR = "labels"
+
+
+def new_request_id(ts: float) -> str:
+    """Time-ordered id: 12 hex digits of epoch milliseconds + 12 random hex digits. The day a
+    row was logged under can be read back from its id (labels use that to find it)."""
+    return f"{int(ts * 1000):012x}{secrets.token_hex(6)}"
+
+
+def id_day(request_id: str) -> str | None:
+    """``YYYY-MM-DD`` of the event time encoded in a request id, or None if it is not one."""
+    if len(request_id) != 24:
+        return None
+    try:
+        ms = int(request_id[:12], 16)
+        int(request_id[12:], 16)
+        return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d")
+    except (ValueError, OverflowError, OSError):
+        return None
+
+
+class InferenceLog:
+    """Buffer + background group commit. ``append`` is safe from any thread."""
+
+    def __init__(self, uri: str, *, commit_interval: float = 1.0, max_queue: int = 100_000,
+                 on_write: Callable[[int], None] | None = None,
+                 on_queue: Callable[[int], None] | None = None) -> None:
+        self.store = ObjectStore(uri)
+        self.commit_interval = commit_interval
+        self.max_queue = max_queue
+        self._rows: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._seq = 0
+        self._recent_ids: set[str] = set()  # uncommitted ids, so early feedback finds them
+        self._on_write = on_write
+        self._on_queue = on_queue
+        self.dropped = 0
+        self.written = 0
+        self.segments = 0
+        self.failures = 0
+
+    # ------------------------------------------------------------------------- producer side
+
+    def append(self, rows: list[dict[str, Any]]) -> bool:
+        """Add rows to the next commit; False (nothing added) when the buffer is full."""
+        with self._lock:
+            if len(self._rows) + len(rows) > self.max_queue:
+                self.dropped += len(rows)
+                return False
+            self._rows.extend(rows)
+            for r in rows:
+                self._recent_ids.add(r["_request_id"])
+            size = len(self._rows)
+        if self._on_queue is not None:
+            self._on_queue(size)
+        return True
+
+    def pending(self, request_id: str) -> bool:
+        with self._lock:
+            return request_id in self._recent_ids
+
+    @property
+    def queued(self) -> int:
+        with self._lock:
+            return len(self._rows)
+
+    # ------------------------------------------------------------------------- writer side
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="mloop-inference-log",
+                                            daemon=True)
+            self._thread.start()
+
+    def close(self) -> None:
+        """Commit everything buffered and stop the writer (idempotent)."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self.commit()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.commit_interval)
+            self._wake.clear()
+            try:
+                self.commit()
+            except Exception:  # keep logging alive; the rows stay queued for the next try
+                self.failures += 1
+                log.exception("inference log commit failed; retrying at the next interval")
+
+    def commit(self) -> int:
+        """Write everything buffered now as one segment per (day, version)."""
+        with self._lock:
+            rows, self._rows = self._rows, []
+        if not rows:
+            return 0
+        try:
+            groups: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
+            for r in rows:
+                groups[(r["_ts"].strftime("%Y-%m-%d"), r["_version"])].append(r)
+            for (day, version), part in sorted(groups.items()):
+                self._seq += 1
+                name = (f"day={day}/version={version}/part-{int(time.time() * 1000):013d}-"
+                        f"{os.getpid()}-{self._seq:06d}.parquet")
+                self.store.write_parquet(name, _to_table(part))
+                self.segments += 1
+        except Exception:
+            with self._lock:  # put them back in front, in order
+                self._rows[:0] = rows
+            raise
+        with self._lock:
+            for r in rows:
+                self._recent_ids.discard(r["_request_id"])
+            size = len(self._rows)
+        self.written += len(rows)
+        if self._on_write is not None:
+            self._on_write(len(rows))
+        if self._on_queue is not None:
+            self._on_queue(size)
+        return len(rows)
+
+
+def _to_table(rows: list[dict[str, Any]]) -> pa.Table:
+    table = pa.Table.from_pylist(rows)
+    # event time as a proper UTC timestamp; everything else as inferred
+    idx = table.schema.get_field_index("_ts")
+    return table.set_column(idx, "_ts", table.column("_ts").cast(pa.timestamp("us", tz="UTC")))
+
+
+def read_log(uri: str, columns: list[str] | None = None) -> pa.Table:
+    """Every committed row (all days, all versions) as one table; columns missing from some
+    segments are null there. Partition folders are not added as columns (``_version`` and
+    ``_ts`` already carry them)."""
+    import pyarrow.dataset as ds
+
+    store = ObjectStore(uri)
+    files = [f for f in _segment_files(store) if not f.startswith(LABELS_DIR + "/")]
+    if not files:
+        return pa.table({c: pa.array([], pa.null()) for c in (columns or META_COLUMNS)})
+    tables = [ds.dataset(store.path(f), filesystem=store.fs, format="parquet").to_table()
+              for f in files]
+    table = pa.concat_tables(tables, promote_options="permissive")
+    return table.select(columns) if columns else table
+
+
+def _segment_files(store: ObjectStore) -> list[str]:
+    import pyarrow.fs as pafs
+
+    sel = pafs.FileSelector(store.base, recursive=True, allow_not_found=True)
+    base = store.base.rstrip("/") + "/"
+    return sorted(i.path[len(base):] for i in store.fs.get_file_info(sel)
+                  if i.type == pafs.FileType.File and i.base_name.endswith(".parquet")
+                  and not i.base_name.startswith(".tmp-"))

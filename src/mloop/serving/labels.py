@@ -1,0 +1,162 @@
+"""Late ground truth, stored by request id next to the inference log.
+
+Labels are Parquet segments under ``<inference_log_uri>/labels/day=<received day>/``, one per
+ingest, written atomically like the log itself. An id is accepted only if the log (or, inside
+the server, the not-yet-committed buffer) holds it; unknown ids are returned to the caller,
+never kept. A later label for the same id supersedes an earlier one (``received_at`` orders).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from mloop.errors import MloopError
+from mloop.serving.inference_log import LABELS_DIR, id_day
+from mloop.storage import ObjectStore
+
+
+def known_ids(store: ObjectStore, ids: Iterable[str]) -> set[str]:
+    """The subset of ``ids`` present in committed log segments; only the days the ids encode
+    are read, and only their id column."""
+    import pyarrow.dataset as ds
+    import pyarrow.fs as pafs
+
+    by_day: dict[str, set[str]] = defaultdict(set)
+    for i in ids:
+        day = id_day(i)
+        if day is not None:
+            by_day[day].add(i)
+    found: set[str] = set()
+    for day, wanted in by_day.items():
+        folder = store.path(f"day={day}")
+        sel = pafs.FileSelector(folder, recursive=True, allow_not_found=True)
+        files = [f.path for f in store.fs.get_file_info(sel)
+                 if f.type == pafs.FileType.File and f.base_name.endswith(".parquet")
+                 and not f.base_name.startswith(".tmp-")]
+        if not files:
+            continue
+        dataset = ds.dataset(files, filesystem=store.fs, format="parquet")
+        col = dataset.to_table(columns=["_request_id"],
+                               filter=pc.field("_request_id").isin(list(wanted))).column(0)
+        found.update(col.to_pylist())
+    return found
+
+
+def store_labels(store: ObjectStore, labels: dict[str, Any], *, task: str, source: str,
+                 pending: Callable[[str], bool] | None = None) -> dict[str, Any]:
+    """Keep the labels whose ids the log knows; report the rest. Returns counts and the
+    unknown ids (up to 100 listed)."""
+    if not labels:
+        return {"stored": 0, "unknown": 0, "unknown_ids": []}
+    ids = list(labels)
+    found = known_ids(store, ids)
+    if pending is not None:
+        found.update(i for i in ids if i not in found and pending(i))
+    unknown = [i for i in ids if i not in found]
+    keep = [i for i in ids if i in found]
+    if keep:
+        now = datetime.now(UTC)
+        values = [labels[i] for i in keep]
+        typ = pa.float64() if task == "regression" else pa.string()
+        if task != "regression":
+            values = [None if v is None else str(v) for v in values]
+        table = pa.table({"_request_id": pa.array(keep, pa.string()),
+                          "label": pa.array(values, typ),
+                          "received_at": pa.array([now] * len(keep), pa.timestamp("us", "UTC")),
+                          "source": pa.array([source] * len(keep), pa.string())})
+        name = (f"{LABELS_DIR}/day={now:%Y-%m-%d}/part-{int(time.time() * 1000):013d}-"
+                f"{os.getpid()}-{os.urandom(3).hex()}.parquet")
+        store.write_parquet(name, table)
+    return {"stored": len(keep), "unknown": len(unknown), "unknown_ids": unknown[:100]}
+
+
+def parse_feedback(body: Any, task: str) -> dict[str, Any]:
+    """``{"labels": [{"request_id": ..., "label": ...}, ...]}`` or a single
+    ``{"request_id": ..., "label": ...}`` → {id: label}; ValueError naming the bad item."""
+    items = body.get("labels") if isinstance(body, dict) and "labels" in body else [body]
+    if not isinstance(items, list) or not items:
+        raise ValueError("'labels' must be a non-empty list of {request_id, label}")
+    out: dict[str, Any] = {}
+    for n, item in enumerate(items):
+        if not isinstance(item, dict) or "request_id" not in item or "label" not in item:
+            raise ValueError(f"labels[{n}]: needs 'request_id' and 'label'")
+        rid, label = item["request_id"], item["label"]
+        if not isinstance(rid, str) or not rid:
+            raise ValueError(f"labels[{n}].request_id: must be a non-empty string")
+        out[rid] = _check_label(label, task, f"labels[{n}].label")
+    return out
+
+
+def _check_label(label: Any, task: str, where: str) -> Any:
+    if task == "regression":
+        if isinstance(label, bool) or not isinstance(label, int | float) \
+                or not math.isfinite(label):
+            raise ValueError(f"{where}: a regression label must be a finite number, got "
+                             f"{label!r}")
+        return float(label)
+    if label is None or isinstance(label, dict | list):
+        raise ValueError(f"{where}: a class label must be a string or number, got {label!r}")
+    return label
+
+
+def read_label_file(path: Path, task: str) -> dict[str, Any]:
+    """``request_id,label`` CSV or Parquet → {id: label}; MloopError naming file and row."""
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    if not path.exists():
+        raise MloopError(f"{path}: no such file")
+    try:
+        if path.suffix.lower() == ".parquet":
+            table = pq.read_table(path)
+        else:
+            table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(
+                column_types={"request_id": pa.string()}))
+    except Exception as exc:
+        raise MloopError(f"{path}: cannot be read as {path.suffix or 'CSV'} ({exc})") from exc
+    missing = [c for c in ("request_id", "label") if c not in table.column_names]
+    if missing:
+        raise MloopError(f"{path}: missing column(s) {missing}; expected request_id,label "
+                         f"(found {table.column_names})")
+    out: dict[str, Any] = {}
+    for n, (rid, label) in enumerate(zip(table.column("request_id").to_pylist(),
+                                         table.column("label").to_pylist(), strict=True)):
+        row = n + 2 if path.suffix.lower() != ".parquet" else n
+        if not rid:
+            raise MloopError(f"{path}: row {row}: empty request_id")
+        try:
+            out[str(rid)] = _check_label(label, task, "label")
+        except ValueError as exc:
+            raise MloopError(f"{path}: row {row}: {exc}") from None
+    return out
+
+
+def read_labels(uri: str) -> pa.Table:
+    """All stored labels, the latest per request id."""
+    import pyarrow.dataset as ds
+
+    store = ObjectStore(uri)
+    if not store.exists(LABELS_DIR):
+        return pa.table({"_request_id": pa.array([], pa.string()),
+                         "label": pa.array([], pa.float64())})
+    table = ds.dataset(store.path(LABELS_DIR), filesystem=store.fs, format="parquet",
+                       partitioning="hive").to_table(columns=["_request_id", "label",
+                                                              "received_at"])
+    table = table.sort_by([("received_at", "descending")])
+    seen: set[str] = set()
+    keep = []
+    for i, rid in enumerate(table.column("_request_id").to_pylist()):
+        if rid not in seen:
+            seen.add(rid)
+            keep.append(i)
+    return table.take(keep).select(["_request_id", "label"])

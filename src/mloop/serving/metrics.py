@@ -1,0 +1,47 @@
+"""The server's Prometheus metrics, on a registry of its own (one per app, so two servers in
+one process, as in tests, never share counters)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class ServingMetrics:
+    def __init__(self, prediction_buckets: tuple[float, ...] | None = None) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("mloop_requests", "Requests answered, by endpoint, HTTP status "
+                                "and the version that answered", ["endpoint", "status", "version"],
+                                registry=r)
+        self.latency = Histogram("mloop_request_latency_seconds", "Time from request to "
+                                 "response", ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
+        self.in_flight = Gauge("mloop_in_flight_requests", "Requests being answered now",
+                               registry=r)
+        self.batch_rows = Histogram("mloop_batch_rows", "Rows per predict call (micro-batch "
+                                    "size)", ["version"], buckets=BATCH_BUCKETS, registry=r)
+        self.batch_seconds = Histogram("mloop_batch_predict_seconds", "Time in the model per "
+                                       "predict call", ["version"], buckets=LATENCY_BUCKETS,
+                                       registry=r)
+        self.model_loads = Counter("mloop_model_loads", "Versions loaded and warmed",
+                                   ["version"], registry=r)
+        self.model_load_failures = Counter("mloop_model_load_failures", "Versions that failed "
+                                           "to load or warm (the previous one kept serving)",
+                                           ["version"], registry=r)
+        self.predictions = Histogram("mloop_prediction_value", "Distribution of predicted "
+                                     "values (regression)", ["version"],
+                                     buckets=prediction_buckets or Histogram.DEFAULT_BUCKETS,
+                                     registry=r)
+        self.classes = Counter("mloop_prediction_class", "Predicted classes (classification)",
+                               ["version", "label"], registry=r)
+        self.shadow = Counter("mloop_shadow_predictions", "Shadow scoring outcomes",
+                              ["version", "outcome"], registry=r)
+        self.log_rows = Counter("mloop_inference_log_rows", "Inference-log rows by outcome "
+                                "(written, dropped: queue full)", ["outcome"], registry=r)
+        self.log_queue = Gauge("mloop_inference_log_queue", "Rows waiting for the next "
+                               "inference-log commit", registry=r)
+        self.serving_version = Gauge("mloop_serving_version", "Version serving each role "
+                                     "(champion, challenger)", ["role"], registry=r)
+        self.traffic = Gauge("mloop_traffic_share", "Configured share of traffic per role",
+                             ["role"], registry=r)

@@ -1,0 +1,94 @@
+"""Running the app under uvicorn: one process, or N workers each with its own batcher and
+inference-log writer (segment names carry the pid, so workers never collide)."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+from typing import Any
+
+from mloop.config import ServingConfig
+from mloop.errors import MloopError
+from mloop.project import Project, open_project
+
+ENV_PROJECT = "MLOOP_PROJECT"
+ENV_AUTH = "MLOOP_SERVE_AUTH"
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def auth_enabled(cfg: ServingConfig, host: str, flag: bool | None = None) -> bool:
+    """Explicit flag, then config, then: on unless bound to loopback only."""
+    if flag is not None:
+        return flag
+    if cfg.auth is not None:
+        return cfg.auth
+    return not is_loopback(host)
+
+
+def build_app(project: Project, cfg: ServingConfig, *, auth: bool) -> Any:
+    from mloop.serving.app import create_app
+
+    checker = None
+    if auth:
+        from mloop.serving.auth import TokenAuth
+
+        checker = TokenAuth(project.store, refresh_seconds=cfg.poll_seconds)
+    return create_app(project, cfg, auth=checker)
+
+
+def app_from_env() -> Any:
+    """uvicorn factory for ``--workers N`` (each worker imports and builds its own app)."""
+    project = open_project(os.environ[ENV_PROJECT])
+    cfg = ServingConfig.model_validate_json(os.environ["MLOOP_SERVE_CONFIG"])
+    return build_app(project, cfg, auth=os.environ.get(ENV_AUTH) == "1")
+
+
+def serve(project: Project, *, host: str | None = None, port: int | None = None,
+          workers: int | None = None, auth: bool | None = None,
+          tls_cert: str | None = None, tls_key: str | None = None) -> None:
+    """Serve until SIGINT/SIGTERM; shutdown commits the inference log."""
+    import uvicorn
+
+    updates: dict[str, Any] = {k: v for k, v in (("host", host), ("port", port),
+                                                 ("workers", workers), ("tls_cert", tls_cert),
+                                                 ("tls_key", tls_key)) if v is not None}
+    cfg = project.config.serving.model_copy(update=updates)
+    if (cfg.tls_cert is None) != (cfg.tls_key is None):
+        raise MloopError("--tls-cert and --tls-key go together: pass both or neither")
+    ssl: dict[str, Any] = {}
+    if cfg.tls_cert:
+        for label, value in (("tls_cert", cfg.tls_cert), ("tls_key", cfg.tls_key)):
+            path = Path(value or "")
+            if not path.is_absolute():
+                path = project.root / path
+            if not path.is_file():
+                raise MloopError(f"serving.{label}: {path}: no such file")
+            ssl["ssl_certfile" if label == "tls_cert" else "ssl_keyfile"] = str(path)
+    use_auth = auth_enabled(cfg, cfg.host, auth)
+    if use_auth and not is_loopback(cfg.host):
+        from mloop.security.tokens import active_hashes
+
+        if not active_hashes(project.store):
+            raise MloopError(f"serving on {cfg.host} needs a token (auth is on beyond "
+                             f"loopback): `mloop tokens create --role predict`, or pass "
+                             f"--no-auth to serve without one")
+    common: dict[str, Any] = {"host": cfg.host, "port": cfg.port, "log_level": "warning",
+                              "access_log": False, "loop": "auto", "http": "auto",
+                              "timeout_graceful_shutdown": 10, **ssl}
+    if cfg.workers > 1:
+        os.environ[ENV_PROJECT] = str(project.root)
+        os.environ["MLOOP_SERVE_CONFIG"] = cfg.model_dump_json()
+        os.environ[ENV_AUTH] = "1" if use_auth else "0"
+        uvicorn.run("mloop.serving.server:app_from_env", factory=True, workers=cfg.workers,
+                    **common)
+    else:
+        uvicorn.run(build_app(project, cfg, auth=use_auth), **common)

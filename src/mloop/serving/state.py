@@ -1,0 +1,189 @@
+"""What one server process holds: the loaded versions, their batchers, the routing, the log.
+
+The routing is one immutable object swapped in a single assignment, so a request sees either
+the old deployment or the new one, never a mix. A version is loaded and warmed in a thread
+before it is swapped in; if that fails, the old routing stays and an event records why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from mloop.config import ServingConfig
+from mloop.project import Project
+from mloop.serving.batcher import MicroBatcher
+from mloop.serving.deploy import DesiredState, desired_state
+from mloop.serving.inference_log import InferenceLog
+from mloop.serving.metrics import ServingMetrics
+from mloop.serving.model import ServedModel, load_served
+
+log = logging.getLogger("mloop.serving")
+
+
+@dataclass
+class Slot:
+    model: ServedModel
+    batcher: MicroBatcher
+
+
+@dataclass(frozen=True)
+class Routing:
+    champion: Slot | None = None
+    challenger: Slot | None = None
+    mode: str | None = None  # canary | shadow
+    weight: float = 0.0
+
+    def pick(self, key: str | None) -> tuple[Slot, str]:
+        """The slot that answers and its role. With a key the choice is a pure function of
+        it (same key, same version); without, a coin with the canary's weight."""
+        assert self.champion is not None
+        if self.mode != "canary" or self.challenger is None or self.weight <= 0:
+            return self.champion, "champion"
+        u = _unit(key) if key is not None else random.random()
+        return (self.challenger, "canary") if u < self.weight else (self.champion, "champion")
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "champion": self.champion.model.describe() if self.champion else None,
+            "challenger": self.challenger.model.describe() if self.challenger else None,
+            "mode": self.mode,
+            "traffic": {"champion": 1.0 - (self.weight if self.mode == "canary" else 0.0),
+                        "challenger": self.weight if self.mode == "canary" else 0.0},
+        }
+
+
+def _unit(key: str) -> float:
+    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2 ** 64
+
+
+@dataclass
+class ServerState:
+    project: Project
+    config: ServingConfig
+    metrics: ServingMetrics = field(default_factory=ServingMetrics)
+    inference_log: InferenceLog | None = None
+    routing: Routing = field(default_factory=Routing)
+    desired: DesiredState | None = None
+    failed: dict[int, str] = field(default_factory=dict)  # version -> why it would not load
+    shadow_rows: int = 0
+    last_poll: float = 0.0
+    poll_error: str | None = None
+    _poll_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @property
+    def ready(self) -> bool:
+        return self.routing.champion is not None and self.routing.champion.model.warm
+
+    # -------------------------------------------------------------------- convergence
+
+    async def poll(self) -> None:
+        """Read the desired deployment; load, warm and swap in whatever changed."""
+        async with self._poll_lock:
+            self.last_poll = time.time()
+            try:
+                want = await asyncio.to_thread(desired_state, self.project)
+            except Exception as exc:  # the store is unreachable: keep serving what we have
+                self.poll_error = f"{type(exc).__name__}: {exc}"
+                log.warning("could not read the deployment state: %s", self.poll_error)
+                return
+            self.poll_error = None
+            self.desired = want
+            await self._converge(want)
+
+    async def _converge(self, want: DesiredState) -> None:
+        cur = self.routing
+        champion = await self._slot_for(want.champion, cur)
+        if champion is None:
+            champion = cur.champion  # no champion yet, or it failed: keep the old one
+        challenger = None
+        if want.challenger is not None:
+            challenger = await self._slot_for(want.challenger, cur)
+        new = Routing(champion, challenger, want.mode if challenger else None,
+                      want.weight if challenger else 0.0)
+        if new == cur:
+            return
+        self.routing = new  # the atomic swap
+        self._export(new)
+        live = {id(s) for s in (new.champion, new.challenger) if s is not None}
+        for old in (cur.champion, cur.challenger):
+            if old is not None and id(old) not in live:
+                # No request can reach it any more (routing and submit happen in one event
+                # loop step), so stopping drains exactly what it already queued.
+                await old.batcher.stop()
+
+    async def _slot_for(self, version: int | None, cur: Routing) -> Slot | None:
+        if version is None:
+            return None
+        for s in (cur.champion, cur.challenger):
+            if s is not None and s.model.version == version:
+                return s
+        if version in self.failed:
+            return None
+        try:
+            model = await asyncio.to_thread(load_served, self.project, version)
+        except Exception as exc:
+            why = f"{type(exc).__name__}: {exc}"
+            self.failed[version] = why
+            self.metrics.model_load_failures.labels(str(version)).inc()
+            log.error("v%s failed to load or warm; still serving what was there: %s",
+                      version, why)
+            await asyncio.to_thread(self._record_failure, version, why)
+            return None
+        self.metrics.model_loads.labels(str(version)).inc()
+        return Slot(model, self._batcher(model))
+
+    def _batcher(self, model: ServedModel) -> MicroBatcher:
+        v = str(model.version)
+        rows, secs = self.metrics.batch_rows.labels(v), self.metrics.batch_seconds.labels(v)
+
+        def on_batch(n: int, seconds: float) -> None:
+            rows.observe(n)
+            secs.observe(seconds)
+
+        b = MicroBatcher(model.predict_columns, max_batch=self.config.max_batch_rows,
+                         max_wait_ms=self.config.max_wait_ms, name=f"v{v}", on_batch=on_batch,
+                         threads=self.config.model_threads)
+        b.start()
+        return b
+
+    def _record_failure(self, version: int, why: str) -> None:
+        from mloop.security.audit import append_event
+
+        try:
+            append_event(self.project.store, "serve.load_failed",
+                         {"model": self.project.config.model_name, "version": version,
+                          "error": why[:2000]})
+        except Exception:
+            log.exception("could not record the failed load of v%s", version)
+
+    def _export(self, r: Routing) -> None:
+        m = self.metrics
+        m.serving_version.labels("champion").set(r.champion.model.version if r.champion else 0)
+        m.serving_version.labels("challenger").set(
+            r.challenger.model.version if r.challenger else 0)
+        share = r.weight if r.mode == "canary" else 0.0
+        m.traffic.labels("champion").set(1.0 - share if r.champion else 0.0)
+        m.traffic.labels("challenger").set(share)
+
+    async def watch(self) -> None:
+        """Poll forever (cancelled at shutdown)."""
+        while True:
+            await asyncio.sleep(self.config.poll_seconds)
+            try:
+                await self.poll()
+            except Exception:
+                log.exception("deployment poll failed")
+
+    async def close(self) -> None:
+        for s in (self.routing.champion, self.routing.challenger):
+            if s is not None:
+                await s.batcher.stop()
+        if self.inference_log is not None:
+            await asyncio.to_thread(self.inference_log.close)

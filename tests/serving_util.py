@@ -1,0 +1,79 @@
+"""Helpers for serving tests: a real uvicorn server on 127.0.0.1 in a thread, free ports."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from typing import Any
+
+import requests
+import uvicorn
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ServerThread:
+    """``create_app(...)`` served by a real uvicorn on a free loopback port."""
+
+    def __init__(self, app: Any, **ssl: Any) -> None:
+        self.port = free_port()
+        self.app = app
+        scheme = "https" if ssl else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
+                                                    log_level="warning", access_log=False,
+                                                    **ssl))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> ServerThread:
+        self.thread.start()
+        deadline = time.time() + 60
+        while not self.server.started:
+            if time.time() > deadline or not self.thread.is_alive():
+                raise RuntimeError("server did not start")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=60)
+
+    @property
+    def state(self) -> Any:
+        return self.app.state.mloop
+
+    def post(self, path: str, body: Any = None, **kw: Any) -> requests.Response:
+        return requests.post(self.url + path, json=body, timeout=30, **kw)
+
+    def get(self, path: str, **kw: Any) -> requests.Response:
+        return requests.get(self.url + path, timeout=30, **kw)
+
+    def wait_for(self, predicate: Any, timeout: float = 30.0) -> None:
+        deadline = time.time() + timeout
+        while not predicate():
+            if time.time() > deadline:
+                raise AssertionError("condition not reached in time")
+            time.sleep(0.05)
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """Sum of a Prometheus sample across series matching ``labels``."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("#") or not line.startswith(name):
+            continue
+        head, _, value = line.rpartition(" ")
+        series, _, rest = head.partition("{")
+        if series != name:
+            continue
+        if all(f'{k}="{v}"' in rest for k, v in labels.items()):
+            total += float(value)
+    return total

@@ -1,0 +1,477 @@
+"""The model server over real HTTP on 127.0.0.1: endpoints, bad input, micro-batching, canary,
+shadow, hot swap, the inference log, labels, auth, TLS."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from mloop.project import open_project
+from mloop.registry.promotion import change_alias, history
+from mloop.security.audit import list_events
+from mloop.serving.app import create_app
+from mloop.serving.deploy import deploy_challenger, stop_challenger
+from mloop.serving.inference_log import read_log
+from mloop.serving.labels import read_labels
+from mloop.serving.model import load_served
+
+from .conftest import rentals_frame
+from .serving_util import ServerThread, free_port, metric
+from .test_gates import GOOD, RESEED, _train, _write
+
+pytestmark = pytest.mark.slow
+
+FAST = {"poll_seconds": 0.2}
+
+
+def _register_pyfunc(root: Path, model: Any) -> int:
+    import mlflow
+    import mlflow.pyfunc
+    from mlflow.models import get_model_info
+
+    project = open_project(root)
+    client = project.mlflow
+    name = project.config.model_name
+    sig = get_model_info(f"models:/{name}/1").signature
+    example = rentals_frame(5)[["hour", "weather", "temp"]].astype({"hour": "float64"})
+    with mlflow.start_run(experiment_id=project.experiment_id) as run:
+        info = mlflow.pyfunc.log_model(name="model", python_model=model, signature=sig,
+                                       input_example=example, pip_requirements=["mlflow"])
+    mv = client.create_model_version(name, source=info.model_uri, run_id=run.info.run_id,
+                                     model_id=info.model_id, tags={"mloop.task": "regression"})
+    return int(mv.version)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """v1 champion (random forest), v2 reseeded, v3 crashes on traffic, v4 fails to load."""
+    from .serving_models import CrashOnTraffic, FailsToLoad
+
+    root = tmp_path_factory.mktemp("serving") / "proj"
+    (root / "data").mkdir(parents=True)
+    rentals_frame(800).to_parquet(root / "data" / "rentals.parquet", index=False)
+    assert [_train(root, GOOD), _train(root, RESEED)] == [1, 2]
+    assert _register_pyfunc(root, CrashOnTraffic()) == 3
+    assert _register_pyfunc(root, FailsToLoad()) == 4
+    _write(root, params=GOOD)
+    change_alias(open_project(root), "champion", 1, expected=None, action="promote",
+                 reason="test setup")
+    return root
+
+
+@pytest.fixture
+def proj(trained: Path, tmp_path: Path) -> Path:
+    root = tmp_path / "proj"
+    shutil.copytree(trained, root)
+    return root
+
+
+def _server(root: Path, *, auth: Any = None, **serving: Any) -> ServerThread:
+    project = open_project(root)
+    commit = serving.pop("commit", None)
+    cfg = project.config.serving.model_copy(update={**FAST, **serving}, deep=True)
+    if commit is not None:
+        cfg.inference_log.commit_interval_seconds = commit
+    return ServerThread(create_app(project, cfg, auth=auth))
+
+
+def _rows(n: int, seed: int = 1) -> list[dict[str, Any]]:
+    frame = rentals_frame(n, seed=seed)
+    return [{"hour": int(h), "weather": w, "temp": float(t)}
+            for h, w, t in zip(frame["hour"], frame["weather"], frame["temp"], strict=True)]
+
+
+def _local(root: Path, version: int, rows: list[dict[str, Any]]) -> list[float]:
+    model = load_served(open_project(root), version)
+    return model.predict_columns({k: [r[k] for r in rows] for k in ("hour", "weather", "temp")})
+
+
+# ------------------------------------------------------------------------------ endpoints
+
+def test_endpoints_answer_with_the_champion(proj: Path) -> None:
+    rows = _rows(5)
+    expected = _local(proj, 1, rows)
+    with _server(proj) as srv:
+        assert srv.get("/health").json() == {"status": "alive"}
+        assert srv.get("/ready").json() == {"status": "ready", "version": 1}
+        r = srv.post("/predict", {"records": rows})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["version"] == 1 and body["role"] == "champion"
+        assert body["predictions"] == pytest.approx(expected)
+        assert len(set(body["request_ids"])) == 5
+        cols = {k: [row[k] for row in rows] for k in rows[0]}
+        assert srv.post("/predict", {"columns": cols}).json()["predictions"] == \
+            pytest.approx(expected)
+        # MLflow's scoring protocol, every JSON shape and CSV
+        split = {"columns": list(cols), "data": [[row[c] for c in cols] for row in rows]}
+        for payload in ({"dataframe_split": split}, {"dataframe_records": rows},
+                        {"inputs": cols}, {"instances": rows}):
+            r = srv.post("/invocations", payload)
+            assert r.status_code == 200, (payload, r.text)
+            assert r.json()["predictions"] == pytest.approx(expected)
+        csv_text = "hour,weather,temp\n" + "".join(
+            f"{row['hour']},{row['weather']},{row['temp']}\n" for row in rows)
+        r = requests.post(srv.url + "/invocations", data=csv_text,
+                          headers={"content-type": "text/csv"}, timeout=30)
+        assert r.json()["predictions"] == pytest.approx(expected)
+        info = srv.get("/model").json()
+        assert info["champion"]["version"] == 1
+        assert {c["name"] for c in info["champion"]["signature"]} == {"hour", "weather", "temp"}
+        assert info["traffic"] == {"champion": 1.0, "challenger": 0.0}
+        assert "/predict" in srv.get("/openapi.json").json()["paths"]
+        text = srv.get("/metrics").text
+        assert metric(text, "mloop_requests_total", endpoint="predict", status="200",
+                      version="1") == 2
+        assert metric(text, "mloop_request_latency_seconds_count", endpoint="invocations") == 5
+        assert metric(text, "mloop_model_loads_total", version="1") == 1
+        assert metric(text, "mloop_prediction_value_count", version="1") == 35
+        assert "mloop_in_flight_requests" in text
+
+
+def test_bad_input_is_a_4xx_naming_each_field_and_never_reaches_the_model(proj: Path) -> None:
+    good = _rows(1)[0]
+    with _server(proj, max_body_bytes=4096) as srv:
+        before = metric(srv.get("/metrics").text, "mloop_batch_rows_count")
+        r = srv.post("/predict", {"records": [{"hour": "noon", "weather": None, "temp": 3.0,
+                                               "humidity": 0.4}]})
+        assert r.status_code == 422
+        problems = {(f["field"], f["problem"].split(" ")[0]) for f in r.json()["fields"]}
+        assert problems == {("hour", "expected"), ("weather", "null"), ("humidity", "unknown")}
+        r = srv.post("/predict", {"records": [{"hour": 3, "temp": 1.0}]})
+        assert r.status_code == 422 and r.json()["fields"][0]["field"] == "weather"
+        assert r.json()["fields"][0]["problem"] == "missing"
+        r = srv.post("/predict", {"records": [{**good, "temp": True}]})
+        assert r.status_code == 422 and r.json()["fields"][0]["field"] == "temp"
+        assert srv.post("/predict", {"rows": [good]}).status_code == 422
+        assert srv.post("/predict", {"columns": {"hour": [1, 2], "weather": ["Clear"],
+                                                 "temp": [1.0, 2.0]}}).status_code == 422
+        r = requests.post(srv.url + "/predict", data=b'{"records": [', timeout=30)
+        assert r.status_code == 400 and "malformed JSON" in r.json()["error"]
+        r = srv.post("/predict", {"records": [good] * 200})
+        assert r.status_code == 413 and "max_body_bytes" in r.json()["error"]
+        r = requests.post(srv.url + "/invocations", data=b"x", timeout=30,
+                          headers={"content-type": "application/xml"})
+        assert r.status_code == 415
+        r = requests.post(srv.url + "/invocations", data="hour,weather,temp\nx,Clear,1\n",
+                          headers={"content-type": "text/csv"}, timeout=30)
+        assert r.status_code == 422 and r.json()["fields"][0]["field"] == "hour"
+        assert srv.post("/invocations", {"dataframe_records": [good],
+                                         "inputs": {}}).status_code == 422
+        after = metric(srv.get("/metrics").text, "mloop_batch_rows_count")
+        assert after == before, "a bad request reached the model"
+        assert srv.post("/predict", {"records": [good]}).status_code == 200
+
+
+def test_micro_batching_returns_each_request_its_own_answer(proj: Path) -> None:
+    rows = _rows(96, seed=7)
+    expected = _local(proj, 1, rows)
+    answers: dict[int, float] = {}
+    errors: list[str] = []
+
+    def client(idx: list[int]) -> None:
+        with requests.Session() as s:
+            for i in idx:
+                r = s.post(srv.url + "/predict", json={"records": [rows[i]]}, timeout=30)
+                if r.status_code != 200:
+                    errors.append(r.text)
+                else:
+                    answers[i] = r.json()["predictions"][0]
+
+    with _server(proj) as srv:
+        threads = [threading.Thread(target=client, args=(list(range(k, 96, 16)),))
+                   for k in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        text = srv.get("/metrics").text
+    assert not errors
+    assert [answers[i] for i in range(96)] == pytest.approx(expected, rel=1e-12)
+    calls = metric(text, "mloop_batch_rows_count", version="1")
+    assert metric(text, "mloop_batch_rows_sum", version="1") == 96
+    assert calls < 96, "concurrent requests were never batched together"
+
+
+# --------------------------------------------------------------------- canary and shadow
+
+def test_canary_takes_its_weight_and_a_key_sticks_to_one_version(proj: Path) -> None:
+    project = open_project(proj)
+    deploy_challenger(project, 2, mode="canary", weight=0.3, reason="try v2")
+    row = _rows(1)[0]
+    with _server(proj) as srv:
+        assert srv.get("/model").json()["traffic"] == {"champion": 0.7, "challenger": 0.3}
+        with requests.Session() as s:
+            versions = Counter(s.post(srv.url + "/predict", json={"records": [row]},
+                                      timeout=30).json()["version"] for _ in range(400))
+            # binomial(400, 0.3): mean 120, sd 9.2; 4 sd either side
+            assert 83 <= versions[2] <= 157, versions
+            for key in ("alice", "bob", "carol", "dave"):
+                seen = {s.post(srv.url + "/predict", json={"records": [row], "key": key},
+                               timeout=30).json()["version"] for _ in range(15)}
+                assert len(seen) == 1, (key, seen)
+            by_key = Counter(s.post(srv.url + "/predict", json={"records": [row],
+                                                                "key": f"user-{k}"},
+                                    timeout=30).json()["version"] for k in range(300))
+            assert 55 <= by_key[2] <= 125, by_key
+        stop_challenger(project, reason="done")
+        srv.post("/reload")
+        assert srv.get("/model").json()["challenger"] is None
+    rows = [d for d in history(project)["deployments"] if d["alias"] == "challenger"]
+    assert rows[0]["action"] == "canary" and rows[0]["traffic"] == 0.3
+    assert rows[0]["ended_at"] is not None
+
+
+def test_shadow_never_changes_the_answer_and_survives_a_crashing_challenger(
+        proj: Path) -> None:
+    project = open_project(proj)
+    rows = _rows(20, seed=3)
+    expected = _local(proj, 1, rows)
+    deploy_challenger(project, 3, mode="shadow", reason="crashes on traffic")
+    with _server(proj, commit=0.2) as srv:
+        assert srv.get("/model").json()["mode"] == "shadow"
+        got = [srv.post("/predict", {"records": [r]}).json() for r in rows]
+        assert [g["version"] for g in got] == [1] * 20
+        assert [g["predictions"][0] for g in got] == pytest.approx(expected)
+        srv.wait_for(lambda: metric(srv.get("/metrics").text, "mloop_shadow_predictions_total",
+                                    version="3", outcome="error") == 20)
+        # a healthy shadow: its answers are logged under the same request ids, never returned
+        deploy_challenger(project, 2, mode="shadow", reason="healthy shadow")
+        srv.post("/reload")
+        got = [srv.post("/predict", {"records": [r]}).json() for r in rows[:5]]
+        assert {g["version"] for g in got} == {1}
+        ids = {g["request_ids"][0] for g in got}
+        srv.wait_for(lambda: metric(srv.get("/metrics").text, "mloop_shadow_predictions_total",
+                                    version="2", outcome="ok") == 5)
+    log = read_log(open_project(proj).uris["inference_log_uri"]).to_pylist()
+    shadow = [r for r in log if r["_role"] == "shadow"]
+    assert {r["_request_id"] for r in shadow} == ids
+    assert {r["_version"] for r in shadow} == {2}
+    assert not [r for r in log if r["_version"] == 3], "a failed shadow wrote answers"
+
+
+# ------------------------------------------------------------------------------ hot swap
+
+def test_hot_swap_under_32_concurrent_clients_fails_no_request(proj: Path) -> None:
+    rows = _rows(32, seed=5)
+    stop = threading.Event()
+    failures: list[str] = []
+    seen: Counter = Counter()
+
+    def client(row: dict[str, Any]) -> None:
+        with requests.Session() as s:
+            while not stop.is_set():
+                try:
+                    r = s.post(srv.url + "/predict", json={"records": [row]}, timeout=30)
+                except requests.RequestException as exc:
+                    failures.append(repr(exc))
+                    continue
+                if r.status_code != 200:
+                    failures.append(f"{r.status_code} {r.text}")
+                else:
+                    seen[r.json()["version"]] += 1
+
+    with _server(proj) as srv:
+        threads = [threading.Thread(target=client, args=(r,)) for r in rows]
+        for t in threads:
+            t.start()
+        srv.wait_for(lambda: seen[1] > 100)
+        change_alias(open_project(proj), "champion", 2, expected=1, action="promote",
+                     reason="swap under load")
+        srv.wait_for(lambda: seen[2] > 100, timeout=60)
+        stop.set()
+        for t in threads:
+            t.join()
+        text = srv.get("/metrics").text
+    assert failures == []
+    assert metric(text, "mloop_model_loads_total", version="2") == 1
+
+
+def test_a_version_that_fails_to_load_leaves_the_old_one_serving(proj: Path) -> None:
+    project = open_project(proj)
+    with _server(proj) as srv:
+        change_alias(project, "champion", 4, expected=1, action="promote", reason="bad")
+        srv.wait_for(lambda: "4" in srv.get("/model").json()["failed_versions"])
+        assert "corrupt weights" in srv.get("/model").json()["failed_versions"]["4"]
+        assert srv.post("/predict", {"records": _rows(1)}).json()["version"] == 1
+        assert srv.get("/ready").status_code == 200
+        assert metric(srv.get("/metrics").text, "mloop_model_load_failures_total",
+                      version="4") == 1
+    events = [e for e in list_events(project.store, kind="serve.load_failed")]
+    assert events and events[0].payload["version"] == 4
+    assert "corrupt weights" in events[0].payload["error"]
+
+
+# ------------------------------------------------------------------ inference log, labels
+
+def test_inference_log_and_feedback_by_request_id(proj: Path) -> None:
+    rows = _rows(6)
+    with _server(proj, commit=0.2) as srv:
+        body = srv.post("/predict", {"records": rows[:4],
+                                     "timestamp": "2012-03-04T05:06:07Z"}).json()
+        ids = body["request_ids"]
+        # labels may arrive before the segment is committed (the buffer knows the ids)
+        r = srv.post("/feedback", {"labels": [{"request_id": ids[0], "label": 10},
+                                              {"request_id": "0" * 24, "label": 3}]})
+        assert r.status_code == 200, r.text
+        assert r.json()["stored"] == 1 and r.json()["unknown_ids"] == ["0" * 24]
+        assert srv.post("/feedback", {"request_id": "nope", "label": 1}).status_code == 404
+        assert srv.post("/feedback", {"request_id": ids[1], "label": "ten"}).status_code == 422
+        srv.post("/predict", {"records": rows[4:]})
+    uri = open_project(proj).uris["inference_log_uri"]
+    log = read_log(uri)
+    assert log.num_rows == 6
+    first = [r for r in log.to_pylist() if r["_request_id"] in ids]
+    assert {r["_ts"].isoformat() for r in first} == {"2012-03-04T05:06:07+00:00"}
+    assert all(r["_version"] == 1 and r["_role"] == "champion" for r in first)
+    assert [r["temp"] for r in sorted(first, key=lambda r: ids.index(r["_request_id"]))] == \
+        [row["temp"] for row in rows[:4]]
+    assert list(Path(uri, "day=2012-03-04", "version=1").glob("part-*.parquet"))
+    # a later label file: known ids stored, an unknown one reported with exit code 1
+    labels = proj / "labels.csv"
+    labels.write_text(f"request_id,label\n{ids[1]},12\n{ids[2]},13\nffffffffffffffffffffffff,1\n")
+    from mloop.cli.app import main
+
+    assert main(["-C", str(proj), "labels", "ingest", str(labels)]) == 1
+    got = {r["_request_id"]: r["label"] for r in read_labels(uri).to_pylist()}
+    assert got == {ids[0]: 10.0, ids[1]: 12.0, ids[2]: 13.0}
+    labels.write_text("request_id,label\nabc,not-a-number\n")
+    assert main(["-C", str(proj), "labels", "ingest", str(labels)]) == 1
+
+
+def _spawn_server(root: Path, port: int, commit: float) -> subprocess.Popen:
+    import os
+    import sys
+
+    cfg = (root / "mloop.yaml").read_text()
+    (root / "mloop.yaml").write_text(cfg + f"serving:\n  inference_log: "
+                                           f"{{commit_interval_seconds: {commit}}}\n")
+    exe = Path(sys.executable).parent / "mloop"
+    proc = subprocess.Popen([str(exe), "-C", str(root), "serve", "--port", str(port)],
+                            env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while True:
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 200:
+                return proc
+        except requests.RequestException:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            raise AssertionError(f"server did not come up: {proc.communicate()[1]}")
+        time.sleep(0.3)
+
+
+def test_sigterm_commits_everything_buffered(proj: Path) -> None:
+    port = free_port()
+    proc = _spawn_server(proj, port, commit=3600)  # nothing is committed before shutdown
+    ids = []
+    with requests.Session() as s:
+        for row in _rows(40):
+            ids += s.post(f"http://127.0.0.1:{port}/predict", json={"records": [row]},
+                          timeout=30).json()["request_ids"]
+    proc.terminate()
+    # uvicorn shuts down gracefully, then re-raises the signal so the exit status says SIGTERM
+    assert proc.wait(timeout=60) in (0, -15)
+    logged = read_log(open_project(proj).uris["inference_log_uri"]).column("_request_id")
+    assert sorted(logged.to_pylist()) == sorted(ids)
+
+
+def test_kill_9_loses_at_most_the_last_commit_interval_and_leaves_a_readable_log(
+        proj: Path) -> None:
+    import pyarrow.parquet as pq
+
+    port = free_port()
+    proc = _spawn_server(proj, port, commit=0.2)
+    answered: list[tuple[float, str]] = []
+    with requests.Session() as s:
+        t_end = time.time() + 3
+        rows = _rows(50)
+        i = 0
+        while time.time() < t_end:
+            body = s.post(f"http://127.0.0.1:{port}/predict", json={"records": [rows[i % 50]]},
+                          timeout=30).json()
+            answered.append((time.time(), body["request_ids"][0]))
+            i += 1
+    proc.kill()
+    killed_at = time.time()
+    proc.wait(timeout=30)
+    uri = open_project(proj).uris["inference_log_uri"]
+    for f in Path(uri).rglob("part-*.parquet"):
+        pq.read_table(f)  # every committed segment is whole
+    logged = set(read_log(uri).column("_request_id").to_pylist())
+    # what was answered more than one commit interval (+ slack for the write) before the kill
+    old = {rid for t, rid in answered if t < killed_at - 1.0}
+    assert old <= logged, f"{len(old - logged)} rows older than the commit interval were lost"
+    assert len(logged) >= len(old) > 20
+
+
+# --------------------------------------------------------------------------- auth and TLS
+
+def test_auth_refuses_missing_and_wrong_tokens_and_checks_roles(proj: Path) -> None:
+    from mloop.security.tokens import create_token, list_tokens, revoke_token
+    from mloop.serving.auth import TokenAuth
+
+    project = open_project(proj)
+    predict_tok = create_token(project.store, role="predict", name="app")
+    admin_tok = create_token(project.store, role="admin", name="ops")
+    stored = json.dumps(list_tokens(project.store))
+    assert predict_tok.token not in stored and admin_tok.token not in stored
+    auth = TokenAuth(project.store, refresh_seconds=0.0)
+    body = {"records": _rows(1)}
+    with _server(proj, auth=auth) as srv:
+        assert srv.post("/predict", body).status_code == 401
+        assert srv.post("/predict", body, headers={"Authorization": "Bearer mlp_wrong"}
+                        ).status_code == 401
+        ok = srv.post("/predict", body,
+                      headers={"Authorization": f"Bearer {predict_tok.token}"})
+        assert ok.status_code == 200
+        rid = ok.json()["request_ids"][0]
+        fb = {"request_id": rid, "label": 3}
+        assert srv.post("/feedback", fb, headers={
+            "Authorization": f"Bearer {predict_tok.token}"}).status_code == 403
+        assert srv.post("/feedback", fb, headers={
+            "Authorization": f"Bearer {admin_tok.token}"}).status_code == 200
+        assert srv.post("/reload", headers={
+            "Authorization": f"Bearer {predict_tok.token}"}).status_code == 403
+        assert srv.get("/health").status_code == 200  # probes stay open
+        revoke_token(project.store, predict_tok.id)
+        assert srv.post("/predict", body, headers={
+            "Authorization": f"Bearer {predict_tok.token}"}).status_code == 401
+
+
+def test_tls_with_a_cert_and_key(proj: Path, tmp_path: Path) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    project = open_project(proj)
+    app = create_app(project, project.config.serving.model_copy(update=FAST))
+    with ServerThread(app, ssl_certfile=str(cert), ssl_keyfile=str(key)) as srv:
+        r = requests.post(srv.url + "/predict", json={"records": _rows(1)}, verify=str(cert),
+                          timeout=30)
+        assert r.status_code == 200 and r.json()["version"] == 1
+        with pytest.raises(requests.exceptions.SSLError):
+            requests.get(srv.url + "/health", timeout=30)  # unknown CA: refused
+
+
+def test_serving_beyond_loopback_without_a_token_is_refused(proj: Path) -> None:
+    from mloop.errors import MloopError
+    from mloop.serving.server import auth_enabled, serve
+
+    cfg = open_project(proj).config.serving
+    assert auth_enabled(cfg, "127.0.0.1") is False
+    assert auth_enabled(cfg, "0.0.0.0") is True
+    assert auth_enabled(cfg, "0.0.0.0", flag=False) is False
+    with pytest.raises(MloopError, match="mloop tokens create"):
+        serve(open_project(proj), host="0.0.0.0", port=free_port())
