@@ -137,3 +137,19 @@ def test_interpolated_values_are_known_as_secrets(monkeypatch: pytest.MonkeyPatc
     assert redact(cfg.data.url, cfg.secrets) == "postgresql://u:***@db/test"
     assert redact("token=hunter2", cfg.secrets) == "token=***"
     assert redact("mysql://root:pw@h/db") == "mysql://root:***@h/db"
+
+
+def test_serving_section_defaults_and_errors() -> None:
+    cfg = parse_config(VALID)
+    assert (cfg.serving.host, cfg.serving.port, cfg.serving.max_batch_rows) == \
+        ("127.0.0.1", 8000, 64)
+    assert cfg.serving.inference_log.on_full == "drop"
+    with pytest.raises(ConfigError, match=r":6: unknown key 'workres' under 'serving' \(did "
+                                          r"you mean 'workers'\?\)"):
+        parse_config(VALID + "serving:\n  workres: 2\n")
+    with pytest.raises(ConfigError, match="tls_cert and tls_key go together"):
+        parse_config(VALID + "serving:\n  tls_cert: cert.pem\n")
+    with pytest.raises(ConfigError, match="on_full"):
+        parse_config(VALID + "serving:\n  inference_log: {on_full: wait}\n")
+    # how a model is served does not change what it is
+    assert parse_config(VALID + "serving: {port: 9000}\n").config_hash() == cfg.config_hash()

@@ -1,25 +1,33 @@
 """The model server over real HTTP on 127.0.0.1: endpoints, bad input, micro-batching, canary,
-shadow, hot swap, the inference log, labels, auth, TLS."""
+shadow, hot swap, the inference log, labels, auth, TLS; batch scoring; the deploy and tokens
+CLI; /invocations parity with ``mlflow models serve`` on the same registered model."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pandas as pd
 import pytest
 import requests
 
+from mloop.cli.app import main
+from mloop.errors import MloopError, PromotionError
 from mloop.project import open_project
 from mloop.registry.promotion import change_alias, history
 from mloop.security.audit import list_events
 from mloop.serving.app import create_app
-from mloop.serving.deploy import deploy_challenger, stop_challenger
+from mloop.serving.batch import predict_file
+from mloop.serving.deploy import deploy_challenger, desired_state, stop_challenger
 from mloop.serving.inference_log import read_log
 from mloop.serving.labels import read_labels
 from mloop.serving.model import load_served
@@ -349,8 +357,6 @@ def test_inference_log_and_feedback_by_request_id(proj: Path) -> None:
 
 
 def _spawn_server(root: Path, port: int, commit: float) -> subprocess.Popen:
-    import os
-    import sys
 
     cfg = (root / "mloop.yaml").read_text()
     (root / "mloop.yaml").write_text(cfg + f"serving:\n  inference_log: "
@@ -475,3 +481,157 @@ def test_serving_beyond_loopback_without_a_token_is_refused(proj: Path) -> None:
     assert auth_enabled(cfg, "0.0.0.0", flag=False) is False
     with pytest.raises(MloopError, match="mloop tokens create"):
         serve(open_project(proj), host="0.0.0.0", port=free_port())
+
+
+# ------------------------------------------------------------ batch scoring, CLI, parity
+
+def _inputs(n: int) -> pd.DataFrame:
+    frame = rentals_frame(n, seed=11)[["hour", "weather", "temp"]]
+    frame.loc[frame.index[::97], "weather"] = "Snow"  # a category never seen in training
+    return frame
+
+
+def test_batch_scoring_streams_chunks_and_matches_the_model(proj: Path, tmp_path: Path
+                                                             ) -> None:
+    frame = _inputs(5000)
+    src = tmp_path / "big.parquet"
+    frame.to_parquet(src, index=False, row_group_size=1000)
+    out = tmp_path / "scored.parquet"
+    result = predict_file(open_project(proj), src, out, chunk_rows=700, progress=False)
+    assert result["rows"] == 5000 and result["version"] == 1
+    scored = pd.read_parquet(out)
+    assert list(scored.columns) == ["hour", "weather", "temp", "prediction"]
+    model = load_served(open_project(proj), 1)
+    expected = model.predict_columns({c: frame[c].tolist() for c in ("hour", "weather", "temp")})
+    np.testing.assert_allclose(scored["prediction"].to_numpy(), expected, rtol=1e-12)
+    # the same rows as CSV, through the CLI, with an explicit version
+    csv = tmp_path / "big.csv"
+    frame.to_csv(csv, index=False)
+    out2 = tmp_path / "scored2.parquet"
+    assert main(["-C", str(proj), "predict", "-i", str(csv), "-o", str(out2), "--version", "2",
+                 "--chunk-rows", "1500", "--json"]) == 0
+    v2 = load_served(open_project(proj), 2).predict_columns(
+        {c: frame[c].tolist() for c in ("hour", "weather", "temp")})
+    np.testing.assert_allclose(pd.read_parquet(out2)["prediction"].to_numpy(), v2, rtol=1e-9)
+
+
+def test_batch_scoring_bad_input_names_the_problem_and_writes_nothing(
+        proj: Path, tmp_path: Path) -> None:
+    project = open_project(proj)
+    out = tmp_path / "out.parquet"
+    frame = _inputs(300).drop(columns=["temp"])
+    src = tmp_path / "no_temp.parquet"
+    frame.to_parquet(src, index=False)
+    with pytest.raises(MloopError, match=r"no_temp.parquet: missing column\(s\) \['temp'\]"):
+        predict_file(project, src, out, progress=False)
+    nulls = _inputs(300)
+    nulls.loc[nulls.index[250], "weather"] = None
+    src2 = tmp_path / "nulls.parquet"
+    nulls.to_parquet(src2, index=False)
+    with pytest.raises(MloopError, match="'weather' is null at row 250"):
+        predict_file(project, src2, out, chunk_rows=100, progress=False)
+    txt = tmp_path / "words.parquet"
+    bad = _inputs(50).astype({"temp": str})
+    bad.loc[bad.index[3], "temp"] = "warm"
+    bad.to_parquet(txt, index=False)
+    with pytest.raises(MloopError,
+                       match=r"column 'temp' is \w*string, the signature expects double.*'warm'"):
+        predict_file(project, txt, out, progress=False)
+    (tmp_path / "x.json").write_text("{}")
+    with pytest.raises(MloopError, match=r"unsupported input type '\.json'"):
+        predict_file(project, tmp_path / "x.json", out, progress=False)
+    assert not out.exists()
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_deploy_cli_records_canary_shadow_and_stop(proj: Path, capsys) -> None:
+    assert main(["-C", str(proj), "deploy", "canary", "2", "--weight", "0.25",
+                 "--reason", "try it", "--json"]) == 0
+    change = json.loads(capsys.readouterr().out)
+    assert change["alias"] == "challenger" and change["version"] == 2
+    state = desired_state(open_project(proj))
+    assert (state.challenger, state.mode, state.weight) == (2, "canary", 0.25)
+    assert main(["-C", str(proj), "deploy", "shadow", "2"]) == 0
+    assert desired_state(open_project(proj)).mode == "shadow"
+    assert main(["-C", str(proj), "deploy", "stop-challenger"]) == 0
+    assert desired_state(open_project(proj)).challenger is None
+    capsys.readouterr()
+    # refusals: the champion as its own challenger, a weight out of range, unknown version
+    assert main(["-C", str(proj), "deploy", "canary", "1"]) == 1
+    assert "is the champion" in capsys.readouterr().err
+    assert main(["-C", str(proj), "deploy", "canary", "2", "--weight", "1.5"]) == 1
+    assert "--weight must be between 0 and 1" in capsys.readouterr().err
+    assert main(["-C", str(proj), "deploy", "canary", "99"]) == 1
+    assert "has no version 99" in capsys.readouterr().err
+    with pytest.raises(PromotionError, match="no challenger to stop"):
+        from mloop.serving.deploy import stop_challenger
+
+        stop_challenger(open_project(proj), reason="again")
+    with pytest.raises(MloopError, match="unknown deployment mode"):
+        deploy_challenger(open_project(proj), 2, mode="blue-green", reason="x")
+
+
+def test_tokens_cli_prints_a_token_once_and_stores_its_hash(proj: Path, capsys
+                                                           ) -> None:
+    assert main(["-C", str(proj), "tokens", "create", "--role", "admin", "--name", "ci"]) == 0
+    token = capsys.readouterr().out.strip()
+    assert token.startswith("mlp_") and len(token) > 40
+    db = (proj / ".mloop" / "mloop.db").read_bytes()
+    assert token.encode() not in db
+    assert main(["-C", str(proj), "tokens", "create", "--role", "root"]) == 1
+    assert "unknown role 'root'" in capsys.readouterr().err
+    assert main(["-C", str(proj), "tokens", "list", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [(t["name"], t["role"], t["revoked"]) for t in listed] == [("ci", "admin", False)]
+
+
+def test_invocations_answer_like_mlflow_models_serve(proj: Path) -> None:
+    """The same registered version, the same request bodies: mloop's /invocations and MLflow's
+    own scoring server give the same predictions."""
+    from mloop.serving.app import create_app
+
+    from .serving_util import ServerThread
+    from .test_serving import FAST, _rows
+
+    project = open_project(proj)
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": project.uris["tracking_uri"],
+           "OMP_NUM_THREADS": "1"}
+    exe = Path(sys.executable).parent / "mlflow"
+    mlflow_srv = subprocess.Popen(
+        [str(exe), "models", "serve", "-m", "models:/rentals/1", "--env-manager", "local",
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        rows = _rows(25, seed=9)
+        cols = list(rows[0])
+        bodies = [{"dataframe_split": {"columns": cols,
+                                       "data": [[r[c] for c in cols] for r in rows]}},
+                  {"dataframe_records": rows}]
+        app = create_app(project, project.config.serving.model_copy(update=FAST))
+        with ServerThread(app) as ours:
+            deadline = time.time() + 120
+            while True:
+                try:
+                    if requests.get(f"http://127.0.0.1:{port}/ping", timeout=2).ok:
+                        break
+                except requests.RequestException:
+                    pass
+                if mlflow_srv.poll() is not None or time.time() > deadline:
+                    raise AssertionError(f"mlflow models serve did not start: "
+                                         f"{mlflow_srv.stderr.read() if mlflow_srv.stderr else ''}")
+                time.sleep(0.5)
+            for body in bodies:
+                theirs = requests.post(f"http://127.0.0.1:{port}/invocations", json=body,
+                                       timeout=60)
+                mine = ours.post("/invocations", body)
+                assert theirs.status_code == 200, theirs.text
+                assert mine.status_code == 200, mine.text
+                assert mine.json()["predictions"] == pytest.approx(
+                    theirs.json()["predictions"], rel=1e-12)
+    finally:
+        mlflow_srv.terminate()
+        try:
+            mlflow_srv.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            mlflow_srv.kill()
