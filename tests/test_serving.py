@@ -86,7 +86,10 @@ def proj(trained: Path, tmp_path: Path) -> Path:
 def _server(root: Path, *, auth: Any = None, **serving: Any) -> ServerThread:
     project = open_project(root)
     commit = serving.pop("commit", None)
+    compile_ = serving.pop("compile", None)
     cfg = project.config.serving.model_copy(update={**FAST, **serving}, deep=True)
+    if compile_ is not None:
+        cfg.compile = cfg.compile.model_copy(update=compile_)
     if commit is not None:
         cfg.inference_log.commit_interval_seconds = commit
     return ServerThread(create_app(project, cfg, auth=auth))
@@ -99,7 +102,9 @@ def _rows(n: int, seed: int = 1) -> list[dict[str, Any]]:
 
 
 def _local(root: Path, version: int, rows: list[dict[str, Any]]) -> list[float]:
-    model = load_served(open_project(root), version)
+    """What the server's engine answers for ``rows`` scored one call (compiled, if verified)."""
+    project = open_project(root)
+    model = load_served(project, version, compile=project.config.serving.compile)
     return model.predict_columns({k: [r[k] for r in rows] for k in ("hour", "weather", "temp")})
 
 
@@ -183,6 +188,9 @@ def test_bad_input_is_a_4xx_naming_each_field_and_never_reaches_the_model(proj: 
 def test_micro_batching_returns_each_request_its_own_answer(proj: Path) -> None:
     rows = _rows(96, seed=7)
     expected = _local(proj, 1, rows)
+    # the one-by-one answers of the same engine
+    one_by_one = [_local(proj, 1, [r])[0] for r in rows[:8]]
+    assert one_by_one == expected[:8]
     answers: dict[int, float] = {}
     errors: list[str] = []
 
@@ -204,10 +212,36 @@ def test_micro_batching_returns_each_request_its_own_answer(proj: Path) -> None:
             t.join()
         text = srv.get("/metrics").text
     assert not errors
-    assert [answers[i] for i in range(96)] == pytest.approx(expected, rel=1e-12)
+    assert [answers[i] for i in range(96)] == expected
     calls = metric(text, "mloop_batch_rows_count", version="1")
     assert metric(text, "mloop_batch_rows_sum", version="1") == 96
     assert calls < 96, "concurrent requests were never batched together"
+
+
+def test_the_compiled_fast_path_serves_only_after_it_verifies(proj: Path) -> None:
+    import mlflow
+
+    project = open_project(proj)
+    rows = _rows(30, seed=4)
+    original = load_served(project, 1)
+    with _server(proj) as srv:
+        info = srv.get("/model").json()["champion"]
+        assert info["engine"] == "onnx" and info["compiled"]["status"] == "verified"
+        assert info["compiled"]["rows"] == 240  # the holdout snapshot (30% of 800 rows)
+        got = srv.post("/predict", {"records": rows}).json()["predictions"]
+    reference = original.predict_columns({k: [r[k] for r in rows] for k in rows[0]})
+    assert got == pytest.approx(reference, abs=1e-3, rel=1e-4)
+    tag = json.loads(mlflow.MlflowClient(project.uris["tracking_uri"])
+                     .get_model_version("rentals", "1").tags["mloop.compiled"])
+    assert tag["status"] == "verified" and tag["max_abs_diff"] < 1e-3
+    # a tolerance no float32 graph can meet: the original serves, and the verdict says why
+    with _server(proj, compile={"atol": 0.0, "rtol": 0.0}) as srv:
+        info = srv.get("/model").json()["champion"]
+        assert info["engine"] == "original" and info["compiled"]["status"] == "mismatch"
+        got = srv.post("/predict", {"records": rows}).json()["predictions"]
+    assert got == reference
+    with _server(proj, compile={"enabled": False}) as srv:
+        assert srv.get("/model").json()["champion"]["engine"] == "original"
 
 
 # --------------------------------------------------------------------- canary and shadow
@@ -608,8 +642,11 @@ def test_invocations_answer_like_mlflow_models_serve(proj: Path) -> None:
         bodies = [{"dataframe_split": {"columns": cols,
                                        "data": [[r[c] for c in cols] for r in rows]}},
                   {"dataframe_records": rows}]
-        app = create_app(project, project.config.serving.model_copy(update=FAST))
-        with ServerThread(app) as ours:
+        exact = project.config.serving.model_copy(update=FAST, deep=True)
+        exact.compile.enabled = False
+        with ServerThread(create_app(project, exact)) as ours, \
+                ServerThread(create_app(project, project.config.serving.model_copy(
+                    update=FAST))) as fast:
             deadline = time.time() + 120
             while True:
                 try:
@@ -624,11 +661,14 @@ def test_invocations_answer_like_mlflow_models_serve(proj: Path) -> None:
             for body in bodies:
                 theirs = requests.post(f"http://127.0.0.1:{port}/invocations", json=body,
                                        timeout=60)
-                mine = ours.post("/invocations", body)
                 assert theirs.status_code == 200, theirs.text
+                want = theirs.json()["predictions"]
+                mine = ours.post("/invocations", body)
                 assert mine.status_code == 200, mine.text
-                assert mine.json()["predictions"] == pytest.approx(
-                    theirs.json()["predictions"], rel=1e-12)
+                assert mine.json()["predictions"] == pytest.approx(want, rel=1e-12)
+                # the compiled engine: within the tolerance it was verified to
+                assert fast.post("/invocations", body).json()["predictions"] == \
+                    pytest.approx(want, abs=1e-3, rel=1e-4)
     finally:
         mlflow_srv.terminate()
         try:

@@ -208,6 +208,15 @@ class InferenceLogConfig(_Strict):
     on_full: Literal["drop", "block"] = "drop"  # drop-and-count, or hold the response
 
 
+class CompileConfig(_Strict):
+    """The verified fast path (mloop.serving.compiled): ONNX only where it matches."""
+
+    enabled: bool = True
+    atol: float = Field(1e-3, ge=0)  # regression: |compiled - original| <= atol + rtol*|orig|
+    rtol: float = Field(1e-4, ge=0)
+    max_label_mismatch: float = Field(0.0, ge=0, le=1)  # classification: share of rows
+
+
 class ServingConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
@@ -222,6 +231,7 @@ class ServingConfig(_Strict):
     tls_cert: str | None = None
     tls_key: str | None = None
     inference_log: InferenceLogConfig = Field(default_factory=InferenceLogConfig)
+    compile: CompileConfig = Field(default_factory=CompileConfig)
 
     @model_validator(mode="after")
     def _tls_pair(self) -> ServingConfig:

@@ -25,7 +25,7 @@ from fastapi.responses import Response
 
 from mloop.config import ServingConfig
 from mloop.project import Project
-from mloop.serving.inference_log import InferenceLog, new_request_id
+from mloop.serving.inference_log import InferenceLog, LogEntry, new_request_id
 from mloop.serving.metrics import ServingMetrics
 from mloop.serving.schema import FieldError, InputError, InputSchema
 from mloop.serving.state import ServerState, Slot
@@ -171,8 +171,8 @@ def create_app(project: Project, config: ServingConfig | None = None, *,
         latency_ms = (time.perf_counter() - t0) * 1000
         ids = [new_request_id(ts) for _ in range(n)]
         _observe(state.metrics, slot, preds)
-        await _log(state, _log_rows(slot.model.version, role, ids, ts, latency_ms, preds, cols,
-                                    key))
+        await _log(state, LogEntry(ids, ts, slot.model.version, role, latency_ms, preds, cols,
+                                   key))
         if routing.mode == "shadow" and routing.challenger is not None:
             _shadow(state, routing.challenger, parser, ids, ts, key)
         return slot, role, preds, ids, cols
@@ -437,30 +437,17 @@ def _observe(m: ServingMetrics, slot: Slot, preds: list[Any]) -> None:
             m.classes.labels(v, str(p)).inc()
 
 
-def _log_rows(version: int, role: str, ids: list[str], ts: float, latency_ms: float,
-              preds: list[Any], cols: dict[str, list], key: str | None) -> list[dict[str, Any]]:
-    when = datetime.fromtimestamp(ts, UTC)
-    rows = []
-    for i, rid in enumerate(ids):
-        row = {"_request_id": rid, "_ts": when, "_version": version, "_role": role,
-               "_latency_ms": latency_ms, "_prediction": preds[i], "_key": key}
-        for name, values in cols.items():
-            row[name] = values[i]
-        rows.append(row)
-    return rows
-
-
-async def _log(state: ServerState, rows: list[dict[str, Any]]) -> None:
-    """Hand rows to the inference log. Full buffer: drop and count, or (``on_full: block``)
-    hold this response until the writer catches up, up to 5 s, then 503."""
+async def _log(state: ServerState, entry: LogEntry) -> None:
+    """Hand a request's rows to the inference log. Full buffer: drop and count, or
+    (``on_full: block``) hold this response until the writer catches up, up to 5 s, then 503."""
     ilog = state.inference_log
-    if ilog is None or ilog.append(rows):
+    if ilog is None or ilog.append(entry):
         return
-    state.metrics.log_rows.labels("dropped").inc(len(rows))
+    state.metrics.log_rows.labels("dropped").inc(len(entry.ids))
     if state.config.inference_log.on_full != "block":
         return
     deadline = time.monotonic() + 5.0
-    while not ilog.append(rows):
+    while not ilog.append(entry):
         if time.monotonic() > deadline:
             raise HTTPError(503, {"error": "the inference log is full and not draining "
                                            "(serving.inference_log.on_full: block); retry"},
@@ -485,8 +472,8 @@ def _shadow(state: ServerState, slot: Slot, parser: Parser, ids: list[str], ts: 
             cols, _ = parser(slot.model.schema)
             t0 = time.perf_counter()
             preds = await slot.batcher.submit(cols, n)
-            await _log(state, _log_rows(slot.model.version, "shadow", ids, ts,
-                                        (time.perf_counter() - t0) * 1000, preds, cols, key))
+            await _log(state, LogEntry(ids, ts, slot.model.version, "shadow",
+                                       (time.perf_counter() - t0) * 1000, preds, cols, key))
             m.shadow.labels(v, "ok").inc(n)
         except InputError:
             m.shadow.labels(v, "invalid").inc(n)

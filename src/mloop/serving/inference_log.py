@@ -25,6 +25,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -56,6 +57,26 @@ def id_day(request_id: str) -> str | None:
         return None
 
 
+@dataclass
+class LogEntry:
+    """One answered request, kept column-wise: the request path builds no per-row objects,
+    and the writer turns many entries into Arrow columns with short calls that let the event
+    loop run in between (one large conversion would hold the GIL for tens of ms)."""
+
+    ids: list[str]
+    ts: float
+    version: int
+    role: str
+    latency_ms: float
+    predictions: list[Any]
+    cols: dict[str, list]
+    key: str | None = None
+
+    @property
+    def day(self) -> str:
+        return datetime.fromtimestamp(self.ts, UTC).strftime("%Y-%m-%d")
+
+
 class InferenceLog:
     """Buffer + background group commit. ``append`` is safe from any thread."""
 
@@ -65,7 +86,8 @@ class InferenceLog:
         self.store = ObjectStore(uri)
         self.commit_interval = commit_interval
         self.max_queue = max_queue
-        self._rows: list[dict[str, Any]] = []
+        self._entries: list[LogEntry] = []
+        self._rows = 0
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -81,18 +103,16 @@ class InferenceLog:
 
     # ------------------------------------------------------------------------- producer side
 
-    def append(self, rows: list[dict[str, Any]]) -> bool:
-        """Add rows to the next commit; False (nothing added) when the buffer is full."""
+    def append(self, entry: LogEntry) -> bool:
+        """Add a request's rows to the next commit; False (nothing added) when full."""
+        n = len(entry.ids)
         with self._lock:
-            if len(self._rows) + len(rows) > self.max_queue:
-                self.dropped += len(rows)
+            if self._rows + n > self.max_queue:
+                self.dropped += n
                 return False
-            self._rows.extend(rows)
-            for r in rows:
-                self._recent_ids.add(r["_request_id"])
-            size = len(self._rows)
-        if self._on_queue is not None:
-            self._on_queue(size)
+            self._entries.append(entry)
+            self._rows += n
+            self._recent_ids.update(entry.ids)
         return True
 
     def pending(self, request_id: str) -> bool:
@@ -102,7 +122,7 @@ class InferenceLog:
     @property
     def queued(self) -> int:
         with self._lock:
-            return len(self._rows)
+            return self._rows
 
     # ------------------------------------------------------------------------- writer side
 
@@ -134,13 +154,14 @@ class InferenceLog:
     def commit(self) -> int:
         """Write everything buffered now as one segment per (day, version)."""
         with self._lock:
-            rows, self._rows = self._rows, []
-        if not rows:
+            entries, self._entries = self._entries, []
+            count, self._rows = self._rows, 0
+        if not entries:
             return 0
         try:
-            groups: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
-            for r in rows:
-                groups[(r["_ts"].strftime("%Y-%m-%d"), r["_version"])].append(r)
+            groups: dict[tuple[str, int], list[LogEntry]] = defaultdict(list)
+            for e in entries:
+                groups[(e.day, e.version)].append(e)
             for (day, version), part in sorted(groups.items()):
                 self._seq += 1
                 name = (f"day={day}/version={version}/part-{int(time.time() * 1000):013d}-"
@@ -149,25 +170,48 @@ class InferenceLog:
                 self.segments += 1
         except Exception:
             with self._lock:  # put them back in front, in order
-                self._rows[:0] = rows
+                self._entries[:0] = entries
+                self._rows += count
             raise
         with self._lock:
-            for r in rows:
-                self._recent_ids.discard(r["_request_id"])
-            size = len(self._rows)
-        self.written += len(rows)
+            for e in entries:
+                self._recent_ids.difference_update(e.ids)
+            size = self._rows
+        self.written += count
         if self._on_write is not None:
-            self._on_write(len(rows))
+            self._on_write(count)
         if self._on_queue is not None:
             self._on_queue(size)
-        return len(rows)
+        return count
 
 
-def _to_table(rows: list[dict[str, Any]]) -> pa.Table:
-    table = pa.Table.from_pylist(rows)
-    # event time as a proper UTC timestamp; everything else as inferred
-    idx = table.schema.get_field_index("_ts")
-    return table.set_column(idx, "_ts", table.column("_ts").cast(pa.timestamp("us", tz="UTC")))
+def _to_table(entries: list[LogEntry]) -> pa.Table:
+    """Entries of one (day, version) → one table, column by column."""
+    def flat(get: Callable[[LogEntry], list]) -> list:
+        return [v for e in entries for v in get(e)]
+
+    def rep(get: Callable[[LogEntry], Any]) -> list:
+        return [get(e) for e in entries for _ in e.ids]
+
+    ts_us = [int(e.ts * 1_000_000) for e in entries for _ in e.ids]
+    columns: dict[str, pa.Array] = {
+        "_request_id": pa.array(flat(lambda e: e.ids), pa.string()),
+        "_ts": pa.array(ts_us, pa.int64()).cast(pa.timestamp("us", tz="UTC")),
+        "_version": pa.array(rep(lambda e: e.version), pa.int64()),
+        "_role": pa.array(rep(lambda e: e.role), pa.string()),
+        "_latency_ms": pa.array(rep(lambda e: e.latency_ms), pa.float64()),
+        "_prediction": pa.array(flat(lambda e: e.predictions)),
+        "_key": pa.array(rep(lambda e: e.key), pa.string()),
+    }
+    names: list[str] = []
+    for e in entries:  # inputs in signature order; a version's entries share one signature
+        for name in e.cols:
+            if name not in columns and name not in names:
+                names.append(name)
+    for name in names:
+        columns[name] = pa.array([v for e in entries
+                                  for v in e.cols.get(name, [None] * len(e.ids))])
+    return pa.table(columns)
 
 
 def read_log(uri: str, columns: list[str] | None = None) -> pa.Table:

@@ -27,9 +27,14 @@ class ServedModel:
     loaded_at: float = field(default_factory=time.time)
     load_seconds: float = 0.0
     warm: bool = False
+    compiled: Any = None  # a verified CompiledModel, used instead of predict_frame
+    compile_verdict: dict[str, Any] | None = None
 
     def predict_columns(self, cols: dict[str, list]) -> list[Any]:
-        """Score validated columns; one DataFrame per batch, never per request."""
+        """Score validated columns; one DataFrame per batch, never per request (and none at
+        all on the compiled path)."""
+        if self.compiled is not None:
+            return self.compiled.predict_columns(cols).tolist()
         pred = np.asarray(self.predict_frame(self.schema.frame(cols)))
         if pred.ndim > 1:
             pred = pred.reshape(len(pred), -1)[:, 0]
@@ -46,11 +51,16 @@ class ServedModel:
 
     def describe(self) -> dict[str, Any]:
         return {"version": self.version, "task": self.task, "signature": self.schema.describe(),
-                "loaded_at": self.loaded_at, "load_seconds": round(self.load_seconds, 3)}
+                "loaded_at": self.loaded_at, "load_seconds": round(self.load_seconds, 3),
+                "engine": "onnx" if self.compiled is not None else "original",
+                "compiled": self.compile_verdict}
 
 
-def load_served(project: Project, version: int, *, warm: bool = True) -> ServedModel:
-    """Load ``version`` of the project's model and (by default) warm it up."""
+def load_served(project: Project, version: int, *, warm: bool = True,
+                compile: Any = None) -> ServedModel:
+    """Load ``version`` of the project's model and (by default) warm it up. With ``compile``
+    (a CompileConfig, enabled), a scikit-learn model is compiled and serves compiled if it
+    verifies on the version's holdout."""
     import mlflow.artifacts
     import mlflow.pyfunc
 
@@ -75,6 +85,12 @@ def load_served(project: Project, version: int, *, warm: bool = True) -> ServedM
     task = tags.get("mloop.task") or ("classification" if hasattr(raw, "predict_proba")
                                       else "regression")
     served = ServedModel(int(version), schema, task, predict, example)
+    if compile is not None and compile.enabled and raw is not None:
+        from mloop.serving.compiled import compile_and_verify
+
+        served.compiled, verdict = compile_and_verify(project, int(version), raw, schema, task,
+                                                      tags, compile)
+        served.compile_verdict = verdict.to_dict()
     if warm:
         served.warm_up()
     served.load_seconds = time.perf_counter() - t0

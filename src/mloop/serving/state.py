@@ -127,7 +127,8 @@ class ServerState:
         if version in self.failed:
             return None
         try:
-            model = await asyncio.to_thread(load_served, self.project, version)
+            model = await asyncio.to_thread(load_served, self.project, version,
+                                            compile=self.config.compile)
         except Exception as exc:
             why = f"{type(exc).__name__}: {exc}"
             self.failed[version] = why

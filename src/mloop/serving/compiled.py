@@ -1,0 +1,202 @@
+"""The verified fast path: a scikit-learn pipeline compiled to ONNX, used only if it agrees.
+
+scikit-learn spends milliseconds per predict call on input validation and column plumbing;
+the same pipeline compiled with skl2onnx runs in tens of microseconds under onnxruntime (which
+also releases the GIL). Compilation is not exact (trees compare in float32), so a compiled
+model serves only after it has been checked against the original on the version's holdout
+snapshot: every prediction within ``atol + rtol * |original|`` (regression) or the same label
+on all but ``max_label_mismatch`` of the rows (classification). The verdict is recorded on the
+MLflow version (tag ``mloop.compiled``); a mismatch, a failed conversion or a missing optional
+dependency (``pip install mloop[fast]``) means the original serves, as before.
+
+mloop's pipelines fill missing categories with a constant string imputer, which skl2onnx cannot
+convert; the imputer is removed from the compiled graph and its fill value applied while the
+input tensors are built, which is the same computation.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from mloop.serving.schema import InputSchema
+
+log = logging.getLogger("mloop.serving")
+TAG = "mloop.compiled"
+_NUMERIC = ("double", "float", "long", "integer", "boolean")
+
+
+class CompileUnsupported(Exception):
+    """This model cannot be compiled (or the optional dependencies are missing)."""
+
+
+@dataclass
+class CompiledModel:
+    session: Any
+    names: list[str]
+    numeric: list[bool]
+    fills: dict[str, str]
+    output: str
+
+    def predict_columns(self, cols: dict[str, list]) -> np.ndarray:
+        feeds = {}
+        for name, is_num in zip(self.names, self.numeric, strict=True):
+            values = cols[name]
+            if is_num:
+                arr = np.array([np.nan if v is None else v for v in values], dtype=np.float32)
+            else:
+                fill = self.fills.get(name, "")
+                arr = np.array([fill if v is None else v for v in values], dtype=object)
+            feeds[name] = arr.reshape(-1, 1)
+        out = self.session.run([self.output], feeds)[0]
+        return np.asarray(out).reshape(len(out), -1)[:, 0] if np.ndim(out) > 1 else \
+            np.asarray(out)
+
+
+@dataclass
+class Verdict:
+    status: str  # verified | mismatch | unsupported | unverified
+    detail: str
+    rows: int = 0
+    max_abs_diff: float | None = None
+    mismatches: int = 0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _strip_string_imputers(model: Any) -> tuple[Any, dict[str, str]]:
+    """A shallow copy of ``model`` without constant string imputers, and column -> fill."""
+    from sklearn.compose import ColumnTransformer
+    from sklearn.impute import SimpleImputer
+    from sklearn.pipeline import Pipeline
+
+    fills: dict[str, str] = {}
+    if not isinstance(model, Pipeline) or not isinstance(model.steps[0][1], ColumnTransformer):
+        return model, fills
+    ct = model.steps[0][1]
+    new = []
+    for name, trans, columns in ct.transformers_:
+        def is_fill(step: Any) -> bool:
+            return isinstance(step, SimpleImputer) and step.strategy == "constant" \
+                and isinstance(step.fill_value, str)
+
+        if isinstance(trans, Pipeline):
+            kept = [(n, s) for n, s in trans.steps if not is_fill(s)]
+            for _, s in trans.steps:
+                if is_fill(s):
+                    fills.update({str(c): s.fill_value for c in columns})
+            if len(kept) != len(trans.steps):
+                trans = copy.copy(trans)
+                trans.steps = kept
+        elif is_fill(trans):
+            fills.update({str(c): trans.fill_value for c in columns})
+            trans = "passthrough"
+        new.append((name, trans, columns))
+    ct2 = copy.copy(ct)
+    ct2.transformers_ = new
+    out = copy.copy(model)
+    out.steps = [(model.steps[0][0], ct2), *model.steps[1:]]
+    return out, fills
+
+
+def compile_sklearn(model: Any, schema: InputSchema) -> CompiledModel:
+    """Convert a fitted scikit-learn model; CompileUnsupported if it cannot be."""
+    try:
+        import onnxruntime as ort
+        from skl2onnx import convert_sklearn
+        from skl2onnx.common.data_types import FloatTensorType, StringTensorType
+    except ImportError as exc:
+        raise CompileUnsupported(f"optional dependency missing ({exc.name}); "
+                                 f"pip install 'mloop[fast]'") from None
+    stripped, fills = _strip_string_imputers(model)
+    numeric = [c.type in _NUMERIC for c in schema.columns]
+    types = [(c.name, FloatTensorType([None, 1]) if num else StringTensorType([None, 1]))
+             for c, num in zip(schema.columns, numeric, strict=True)]
+    final = stripped.steps[-1][1] if hasattr(stripped, "steps") else stripped
+    options = {id(final): {"zipmap": False}} if hasattr(final, "predict_proba") else None
+    try:
+        onx = convert_sklearn(stripped, initial_types=types, options=options,
+                              target_opset={"": 17, "ai.onnx.ml": 3})
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = 1
+        so.inter_op_num_threads = 1
+        session = ort.InferenceSession(onx.SerializeToString(), so,
+                                       providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise CompileUnsupported(f"{type(exc).__name__}: {str(exc)[:300]}") from None
+    output = session.get_outputs()[0].name
+    return CompiledModel(session, schema.names, numeric, fills, output)
+
+
+def verify(compiled: CompiledModel, original: Any, frame: Any, schema: InputSchema, task: str,
+           *, atol: float, rtol: float, max_label_mismatch: float) -> Verdict:
+    """Compare compiled and original predictions row by row on ``frame``."""
+    t0 = time.perf_counter()
+    cols = {}
+    for c in schema.columns:
+        values = frame[c.name].tolist()
+        cols[c.name] = [None if (v is None or (isinstance(v, float) and v != v)) else v
+                        for v in values]
+    ref = np.asarray(original.predict(schema.frame(cols)))
+    got = compiled.predict_columns(cols)
+    n = len(ref)
+    if task == "regression":
+        diff = np.abs(got.astype(np.float64) - ref.astype(np.float64))
+        bad = int((diff > atol + rtol * np.abs(ref)).sum())
+        worst = float(diff.max()) if n else 0.0
+        ok = bad == 0
+        detail = (f"{n} holdout rows, max |difference| {worst:.3g} (allowed "
+                  f"{atol:g} + {rtol:g}·|prediction|), {bad} outside")
+        return Verdict("verified" if ok else "mismatch", detail, n, worst, bad,
+                       time.perf_counter() - t0)
+    bad = int((got.astype(str) != ref.astype(str)).sum())
+    ok = bad <= max_label_mismatch * n
+    detail = f"{n} holdout rows, {bad} labels differ (allowed {max_label_mismatch:.2%})"
+    return Verdict("verified" if ok else "mismatch", detail, n, None, bad,
+                   time.perf_counter() - t0)
+
+
+def compile_and_verify(project: Any, version: int, raw: Any, schema: InputSchema, task: str,
+                       tags: dict[str, str], cfg: Any) -> tuple[CompiledModel | None, Verdict]:
+    """The compiled model if it verified on the holdout, and the verdict (recorded on the
+    version when it changed)."""
+    try:
+        compiled = compile_sklearn(raw, schema)
+    except CompileUnsupported as exc:
+        verdict = Verdict("unsupported", str(exc))
+        _record(project, version, tags, verdict)
+        return None, verdict
+    holdout = tags.get("mloop.snapshot.holdout")
+    if not holdout:
+        verdict = Verdict("unverified", "no holdout snapshot recorded on the version")
+        _record(project, version, tags, verdict)
+        return None, verdict
+    try:
+        frame = project.snapshots.read_table(holdout).to_pandas()
+        verdict = verify(compiled, raw, frame, schema, task, atol=cfg.atol, rtol=cfg.rtol,
+                         max_label_mismatch=cfg.max_label_mismatch)
+    except Exception as exc:
+        verdict = Verdict("unverified", f"holdout check failed: {type(exc).__name__}: {exc}")
+    _record(project, version, tags, verdict)
+    return (compiled if verdict.status == "verified" else None), verdict
+
+
+def _record(project: Any, version: int, tags: dict[str, str], verdict: Verdict) -> None:
+    body = verdict.to_dict()
+    body.pop("seconds", None)
+    value = json.dumps(body, sort_keys=True)
+    if tags.get(TAG) == value:
+        return
+    try:
+        project.mlflow.set_model_version_tag(project.config.model_name, str(version), TAG,
+                                             value)
+    except Exception as exc:  # recording is best effort; serving goes on
+        log.warning("could not record the compile verdict on v%s: %s", version, exc)
