@@ -87,9 +87,12 @@ def _server(root: Path, *, auth: Any = None, **serving: Any) -> ServerThread:
     project = open_project(root)
     commit = serving.pop("commit", None)
     compile_ = serving.pop("compile", None)
+    ilog = serving.pop("inference_log", None)
     cfg = project.config.serving.model_copy(update={**FAST, **serving}, deep=True)
     if compile_ is not None:
         cfg.compile = cfg.compile.model_copy(update=compile_)
+    if ilog is not None:
+        cfg.inference_log = cfg.inference_log.model_copy(update=ilog)
     if commit is not None:
         cfg.inference_log.commit_interval_seconds = commit
     return ServerThread(create_app(project, cfg, auth=auth))
@@ -675,3 +678,36 @@ def test_invocations_answer_like_mlflow_models_serve(proj: Path) -> None:
             mlflow_srv.wait(timeout=30)
         except subprocess.TimeoutExpired:
             mlflow_srv.kill()
+
+
+def test_a_full_inference_log_drops_and_counts_instead_of_blocking(proj: Path) -> None:
+    rows = _rows(5)
+    with _server(proj, commit=3600, inference_log={"max_queue_rows": 3, "commit_interval_seconds":
+                                                   3600}) as srv:
+        codes = [srv.post("/predict", {"records": [r]}).status_code for r in rows]
+        text = srv.get("/metrics").text
+    assert codes == [200] * 5  # answers never wait for the log
+    assert metric(text, "mloop_inference_log_rows_total", outcome="dropped") == 2
+    assert read_log(open_project(proj).uris["inference_log_uri"]).num_rows == 3
+
+
+def test_the_log_buffer_refuses_beyond_its_limit_and_commits_on_close(tmp_path: Path) -> None:
+    from mloop.serving.inference_log import InferenceLog, LogEntry, new_request_id
+
+    log = InferenceLog(str(tmp_path / "log"), commit_interval=3600, max_queue=4)
+    log.start()
+
+    def entry(n: int, version: int, ts: float) -> LogEntry:
+        return LogEntry([new_request_id(ts) for _ in range(n)], ts, version, "champion", 1.0,
+                        [1.5] * n, {"temp": [20.0] * n, "weather": ["Clear"] * n})
+
+    assert log.append(entry(3, 1, 1_700_000_000.0))
+    assert not log.append(entry(2, 1, 1_700_000_000.0))  # 5 > 4: refused whole
+    assert log.append(entry(1, 2, 1_700_090_000.0))  # next day, other version
+    assert log.dropped == 2 and log.queued == 4
+    log.close()
+    table = read_log(str(tmp_path / "log"))
+    assert table.num_rows == 4
+    parts = sorted(p.relative_to(tmp_path / "log").parts[:2]
+                   for p in (tmp_path / "log").rglob("part-*.parquet"))
+    assert parts == [("day=2023-11-14", "version=1"), ("day=2023-11-15", "version=2")]

@@ -7,6 +7,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+# Predictions of any scale: ±1-2-5 steps from 0.01 to 500,000, and 0. A regression target may
+# be a probability or a price; one fixed set (Prometheus needs one per metric) covers both.
+_STEPS = [m * 10.0 ** k for k in range(-2, 6) for m in (1, 2, 5)]
+PREDICTION_BUCKETS = tuple(sorted({*(-x for x in _STEPS), 0.0, *_STEPS}))
 
 
 class ServingMetrics:
@@ -31,7 +35,7 @@ class ServingMetrics:
                                            ["version"], registry=r)
         self.predictions = Histogram("mloop_prediction_value", "Distribution of predicted "
                                      "values (regression)", ["version"],
-                                     buckets=prediction_buckets or Histogram.DEFAULT_BUCKETS,
+                                     buckets=prediction_buckets or PREDICTION_BUCKETS,
                                      registry=r)
         self.classes = Counter("mloop_prediction_class", "Predicted classes (classification)",
                                ["version", "label"], registry=r)
