@@ -393,13 +393,13 @@ def test_inference_log_and_feedback_by_request_id(proj: Path) -> None:
     assert main(["-C", str(proj), "labels", "ingest", str(labels)]) == 1
 
 
-def _spawn_server(root: Path, port: int, commit: float) -> subprocess.Popen:
+def _spawn_server(root: Path, port: int, commit: float, *args: str) -> subprocess.Popen:
 
     cfg = (root / "mloop.yaml").read_text()
     (root / "mloop.yaml").write_text(cfg + f"serving:\n  inference_log: "
                                            f"{{commit_interval_seconds: {commit}}}\n")
     exe = Path(sys.executable).parent / "mloop"
-    proc = subprocess.Popen([str(exe), "-C", str(root), "serve", "--port", str(port)],
+    proc = subprocess.Popen([str(exe), "-C", str(root), "serve", "--port", str(port), *args],
                             env={**os.environ, "OMP_NUM_THREADS": "1"},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
@@ -428,6 +428,26 @@ def test_sigterm_commits_everything_buffered(proj: Path) -> None:
     assert proc.wait(timeout=60) in (0, -15)
     logged = read_log(open_project(proj).uris["inference_log_uri"]).column("_request_id")
     assert sorted(logged.to_pylist()) == sorted(ids)
+
+
+def test_two_workers_share_the_port_and_report_metrics_together(proj: Path) -> None:
+    port = free_port()
+    proc = _spawn_server(proj, port, 0.2, "--workers", "2")
+    try:
+        for row in _rows(30):  # a new connection each: the kernel spreads them over workers
+            r = requests.post(f"http://127.0.0.1:{port}/predict", json={"records": [row]},
+                              headers={"Connection": "close"}, timeout=30)
+            assert r.status_code == 200
+        # whichever worker answers /metrics reports both workers' requests
+        for _ in range(4):
+            text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=30,
+                                headers={"Connection": "close"}).text
+            assert metric(text, "mloop_requests_total", endpoint="predict") == 30
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    logged = read_log(open_project(proj).uris["inference_log_uri"])
+    assert logged.num_rows == 30
 
 
 def test_kill_9_loses_at_most_the_last_commit_interval_and_leaves_a_readable_log(

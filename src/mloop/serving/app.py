@@ -107,6 +107,9 @@ def create_app(project: Project, config: ServingConfig | None = None, *,
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
             await state.close()
+            from mloop.serving.metrics import worker_exit
+
+            worker_exit()
             sys.setswitchinterval(switch)
 
     app = FastAPI(title=f"mloop · {project.config.model_name}", lifespan=lifespan,
@@ -308,10 +311,13 @@ def create_app(project: Project, config: ServingConfig | None = None, *,
         """Prometheus exposition."""
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+        from mloop.serving.metrics import exposition, multiprocess_enabled
+
         if state.inference_log is not None:
             state.metrics.log_queue.set(state.inference_log.queued)
-        return Response(generate_latest(state.metrics.registry),
-                        media_type=CONTENT_TYPE_LATEST)
+        body = exposition() if multiprocess_enabled() else generate_latest(
+            state.metrics.registry)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     return app
 

@@ -1,9 +1,39 @@
 """The server's Prometheus metrics, on a registry of its own (one per app, so two servers in
-one process, as in tests, never share counters)."""
+one process, as in tests, never share counters).
+
+With ``--workers N`` every worker is its own process; ``mloop serve`` then points
+``PROMETHEUS_MULTIPROC_DIR`` at a fresh folder and /metrics (whichever worker answers)
+aggregates all workers' values from there.
+"""
 
 from __future__ import annotations
 
+import os
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def exposition() -> bytes:
+    """The text format of every worker's metrics, summed across worker processes."""
+    from prometheus_client import generate_latest, multiprocess
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    return generate_latest(registry)
+
+
+def multiprocess_enabled() -> bool:
+    return bool(os.environ.get(MULTIPROC_ENV))
+
+
+def worker_exit() -> None:
+    """Drop this worker's live gauges from the aggregate (in-flight, queue)."""
+    if multiprocess_enabled():
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(os.getpid())
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -22,7 +52,7 @@ class ServingMetrics:
         self.latency = Histogram("mloop_request_latency_seconds", "Time from request to "
                                  "response", ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
         self.in_flight = Gauge("mloop_in_flight_requests", "Requests being answered now",
-                               registry=r)
+                               registry=r, multiprocess_mode="livesum")
         self.batch_rows = Histogram("mloop_batch_rows", "Rows per predict call (micro-batch "
                                     "size)", ["version"], buckets=BATCH_BUCKETS, registry=r)
         self.batch_seconds = Histogram("mloop_batch_predict_seconds", "Time in the model per "
@@ -44,8 +74,9 @@ class ServingMetrics:
         self.log_rows = Counter("mloop_inference_log_rows", "Inference-log rows by outcome "
                                 "(written, dropped: queue full)", ["outcome"], registry=r)
         self.log_queue = Gauge("mloop_inference_log_queue", "Rows waiting for the next "
-                               "inference-log commit", registry=r)
+                               "inference-log commit", registry=r, multiprocess_mode="livesum")
         self.serving_version = Gauge("mloop_serving_version", "Version serving each role "
-                                     "(champion, challenger)", ["role"], registry=r)
+                                     "(champion, challenger)", ["role"], registry=r,
+                                     multiprocess_mode="livemax")
         self.traffic = Gauge("mloop_traffic_share", "Configured share of traffic per role",
-                             ["role"], registry=r)
+                             ["role"], registry=r, multiprocess_mode="livemax")

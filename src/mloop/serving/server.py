@@ -85,6 +85,13 @@ def serve(project: Project, *, host: str | None = None, port: int | None = None,
                               "access_log": False, "loop": "auto", "http": "auto",
                               "timeout_graceful_shutdown": 10, **ssl}
     if cfg.workers > 1:
+        import tempfile
+
+        from mloop.serving.metrics import MULTIPROC_ENV
+
+        # one folder per server run: workers write their metric values there, /metrics sums
+        metrics_dir = tempfile.mkdtemp(prefix="mloop-metrics-")
+        os.environ.setdefault(MULTIPROC_ENV, metrics_dir)
         os.environ[ENV_PROJECT] = str(project.root)
         os.environ["MLOOP_SERVE_CONFIG"] = cfg.model_dump_json()
         os.environ[ENV_AUTH] = "1" if use_auth else "0"
