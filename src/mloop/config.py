@@ -240,6 +240,26 @@ class ServingConfig(_Strict):
         return self
 
 
+class QualityConfig(_Strict):
+    missing_rate_rise: float = Field(0.05, ge=0, le=1)  # absolute rise over the reference
+    out_of_range_rate: float = Field(0.01, ge=0, le=1)  # share outside the reference range
+    unseen_category_rate: float = Field(0.01, ge=0, le=1)
+
+
+DriftMethod = Literal["auto", "psi", "ks", "wasserstein", "jensen_shannon", "chisquare"]
+
+
+class MonitoringConfig(_Strict):
+    """Drift and quality of live windows against the champion's training profile."""
+
+    window: str = Field("1d", pattern=r"^\d+(rows|[smhd])$")  # 1d, 6h, 5000rows
+    false_alarm_rate: float = Field(0.01, gt=0, lt=0.5)  # P(dataset drift | no change)
+    methods: dict[str, DriftMethod] = Field(default_factory=dict)  # column -> method
+    min_effect: dict[str, float] = Field(default_factory=dict)  # method -> practical size
+    simulations: int | None = Field(None, ge=100)  # null draws (default: enough for Holm)
+    quality: QualityConfig = Field(default_factory=QualityConfig)
+
+
 class ProjectConfig(_Strict):
     project: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     stores: StoresConfig = Field(default_factory=StoresConfig)
@@ -255,6 +275,7 @@ class ProjectConfig(_Strict):
     gates: GatesConfig = Field(default_factory=GatesConfig)
     profile: ProfileConfig = Field(default_factory=ProfileConfig)
     serving: ServingConfig = Field(default_factory=ServingConfig)
+    monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig)
     _file: str = PrivateAttr(default=CONFIG_FILE)
     _lines: dict[tuple[Any, ...], int] = PrivateAttr(default_factory=dict)
     _secrets: frozenset[str] = PrivateAttr(default=frozenset())
@@ -283,7 +304,8 @@ class ProjectConfig(_Strict):
     def config_hash(self) -> str:
         """sha256 of everything that shapes the model; stores and gates are left out (moving
         the stores or changing a gate or how it is served changes nothing about the model)."""
-        body = self.model_dump(mode="json", exclude={"stores", "gates", "serving"})
+        body = self.model_dump(mode="json", exclude={"stores", "gates", "serving",
+                                                       "monitoring"})
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 

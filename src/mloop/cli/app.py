@@ -24,6 +24,8 @@ audit_app = typer.Typer(no_args_is_help=True, help="The tamper-evident event cha
 deploy_app = typer.Typer(no_args_is_help=True, help="Challengers: canary (a share of traffic) "
                                                     "or shadow (a copy of it).")
 labels_app = typer.Typer(no_args_is_help=True, help="Late ground truth, joined by request id.")
+monitor_app = typer.Typer(no_args_is_help=True, help="Data quality and drift against the "
+                                                     "training profile.")
 tokens_app = typer.Typer(no_args_is_help=True, help="API tokens for `mloop serve` (stored as "
                                                     "hashes).")
 app.add_typer(runs_app, name="runs")
@@ -35,6 +37,7 @@ app.add_typer(audit_app, name="audit")
 app.add_typer(deploy_app, name="deploy")
 app.add_typer(labels_app, name="labels")
 app.add_typer(tokens_app, name="tokens")
+app.add_typer(monitor_app, name="monitor")
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 ProjectOpt = Annotated[
@@ -720,6 +723,60 @@ def tokens_revoke(token_id: Annotated[int, typer.Argument(min=1)]) -> None:
 
     revoke_token(_open().store, token_id)
     out.print(f"token {token_id} revoked")
+
+
+# ------------------------------------------------------------------------------ monitoring
+
+def _monitoring_config() -> Any:
+    """The project's monitoring section if there is a project here, else the defaults."""
+    from mloop.config import MonitoringConfig
+    from mloop.errors import ProjectNotFoundError
+
+    try:
+        return _open().config.monitoring
+    except ProjectNotFoundError:
+        return MonitoringConfig()
+
+
+@monitor_app.command("compare")
+def monitor_compare(
+    reference: Annotated[Path, typer.Argument(help="Reference table (Parquet/CSV/folder).")],
+    current: Annotated[Path, typer.Argument(help="Current table.")],
+    columns: Annotated[str | None, typer.Option(help="Comma-separated columns (default: "
+                                                     "every numeric/categorical one).")] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Ad-hoc quality and drift of CURRENT against REFERENCE, same engine as `mloop monitor`."""
+    from mloop.monitoring.evaluate import compare_files
+
+    cols = [c.strip() for c in columns.split(",")] if columns else None
+    report = compare_files(reference, current, _monitoring_config(), columns=cols)
+    if json_:
+        report.pop("profile", None)
+        emit_json(report)
+        return
+    _print_monitor_report(report)
+
+
+def _print_monitor_report(report: dict[str, Any]) -> None:
+    if report["empty"]:
+        out.print("the window is empty: nothing to compare")
+        return
+    drift = report["drift"]
+    out.print(table(f"drift ({report['rows']:,} rows; false-alarm rate "
+                    f"{drift['false_alarm_rate']:.0%})",
+                    ["column", "method", "score", "threshold", "min effect", "p", "drift"],
+                    [[c["column"], c["method"], f"{c['score']:.4g}", f"{c['threshold']:.4g}",
+                      f"{c['min_effect']:.3g}", f"{c['p_value']:.2g}",
+                      "[red]yes" if c["drifted"] else "[green]no"]
+                     for c in drift["columns"]]))
+    if report["quality"]:
+        out.print(table("quality", ["column", "check", "count", "rate", "examples"],
+                        [[f["column"], f["check"], f"{f['count']:,}", f"{f['rate']:.2%}",
+                          ", ".join(map(str, f["examples"]))] for f in report["quality"]]))
+    verdict = "[red]drifted" if drift["drifted"] else "[green]no drift"
+    out.print(f"dataset: {verdict}[/] ({drift['drift_share']:.0%} of columns), "
+              f"{len(report['quality'])} quality finding(s), {report['seconds']:.2f} s")
 
 
 # ------------------------------------------------------------------------------ db

@@ -47,8 +47,12 @@ def _trusted_types(model: Any) -> list[str]:
 
 def register_candidate(client: Any, *, run_id: str, model: Any, name: str, input_example: Any,
                        predictions: Any, tags: dict[str, str],
-                       description: str | None = None) -> dict[str, Any]:
+                       description: str | None = None,
+                       signature_input: Any = None) -> dict[str, Any]:
     """Log ``model`` (sklearn flavour, skops format) under ``run_id`` and register a version.
+
+    The input signature is inferred from ``signature_input`` (the training features) when
+    given, so columns that had missing values are optional; else from the example.
 
     Returns ``{"name", "version", "model_uri", "run_id"}``. The version is created last, so a
     failure before it leaves the registry untouched.
@@ -58,7 +62,8 @@ def register_candidate(client: Any, *, run_id: str, model: Any, name: str, input
     from mlflow.exceptions import MlflowException
     from mlflow.models import infer_signature
 
-    signature = infer_signature(input_example, predictions)
+    signature = infer_signature(input_example if signature_input is None else signature_input,
+                                predictions)
     with mlflow.start_run(run_id=run_id):
         info = mlflow.sklearn.log_model(
             model, name="model", signature=signature, input_example=input_example,

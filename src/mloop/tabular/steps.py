@@ -172,6 +172,9 @@ def register(ctx: StepContext, model: Any, spec: dict[str, Any], evaluation: dic
 
     frame = ctx.project.snapshots.read_table(holdout.digest).slice(0, 5).to_pandas()
     example = features_frame(frame, spec)
+    # The signature comes from all the training rows, not the 5-row example: a column with
+    # missing values there is optional (the model imputes it), and servers accept nulls in it.
+    seen = features_frame(ctx.project.snapshots.read_table(train_data.digest).to_pandas(), spec)
     run = ctx.project.store.get_pipeline_run(ctx.pipeline_run_id)
     tags = {
         "mloop.pipeline_run_id": ctx.pipeline_run_id,
@@ -190,6 +193,7 @@ def register(ctx: StepContext, model: Any, spec: dict[str, Any], evaluation: dic
         _log_snapshot(ctx, snap, role, on_parent=False)  # on the run that holds the model
     out = register_candidate(ctx.project.mlflow, run_id=ctx.mlflow_run_id, model=model,
                              name=model_name, input_example=example,
-                             predictions=model.predict(example), tags=tags)
+                             predictions=model.predict(example), tags=tags,
+                             signature_input=seen)
     ctx.set_tags({"mloop.registered_version": str(out["version"])})
     return out

@@ -1,0 +1,167 @@
+"""Drift and quality: calibration (false alarms on no-change windows), power (injected shifts
+of stated sizes are caught), practical size, each quality check, the compare CLI, and the bike
+data's 2011 -> 2012 change."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+
+from mloop.cli.app import main
+from mloop.config import MonitoringConfig
+from mloop.data.profile import compute_profile
+from mloop.monitoring.evaluate import evaluate_window
+
+REPO = Path(__file__).resolve().parents[1]
+LEVELS = {"weather": ["Clear", "Mist", "Light Rain", "Heavy Rain", "Fog"],
+          "station": [f"s{i:02d}" for i in range(12)],
+          "route": [f"r{i:02d}" for i in range(40)]}
+
+
+def population(n: int, rng: np.random.Generator, *, shift: dict | None = None) -> pa.Table:
+    """Nine columns of different shapes: normal, skewed, discrete, bounded, heavy-tailed, and
+    categoricals with 5, 12 and 40 levels. ``shift`` perturbs one aspect by a stated size."""
+    shift = shift or {}
+    temp = rng.normal(15 + shift.get("temp_mean", 0) * 8, 8 * shift.get("temp_scale", 1), n)
+    cols = {
+        "temp": temp,
+        "income": rng.lognormal(10, 0.6, n),
+        "hum": rng.integers(20, 100, n).astype(float),  # discrete, many ties
+        "share": rng.beta(2, 5, n),
+        "wait": rng.standard_t(3, n) * 2 + 10,
+        "count": rng.poisson(4, n).astype(float),
+    }
+    for name, levels in LEVELS.items():
+        w = np.linspace(3, 1, len(levels))
+        w = w / w.sum()
+        if name == "weather" and "weather_boost" in shift:
+            w = w * (1 - shift["weather_boost"])
+            w[-1] += shift["weather_boost"]  # a rare level becomes common
+        cols[name] = rng.choice(levels, size=n, p=w)
+    table = pa.table(cols)
+    if "missing_temp" in shift:
+        mask = rng.random(n) < shift["missing_temp"]
+        table = table.set_column(0, "temp", pa.array(np.where(mask, np.nan, temp),
+                                                     from_pandas=True))
+    return table
+
+
+@pytest.fixture(scope="module")
+def profile() -> dict:
+    return compute_profile(population(20_000, np.random.default_rng(0)))
+
+
+CFG = MonitoringConfig()
+
+
+def _verdicts(report: dict) -> dict[str, bool]:
+    return {c["column"]: c["drifted"] for c in report["drift"]["columns"]}
+
+
+def test_no_change_windows_stay_under_the_false_alarm_rate(profile: dict) -> None:
+    rng = np.random.default_rng(1)
+    cache: dict = {}
+    alarms = 0
+    windows = 300
+    for i in range(windows):
+        report = evaluate_window(profile, population(2_000, rng), CFG, null_cache=cache,
+                                 seed=i)
+        alarms += report["drift"]["drifted"]
+    # configured 1%: expect ~3 of 300; P(binomial(300, 0.01) >= 8) < 0.5%
+    assert alarms <= 7, f"{alarms} false alarms in {windows} no-change windows"
+
+
+@pytest.mark.parametrize(("shift", "column"), [
+    ({"temp_mean": 0.25}, "temp"),          # mean moved by a quarter of a standard deviation
+    ({"temp_scale": 1.6}, "temp"),          # spread 60% wider
+    ({"weather_boost": 0.12}, "weather"),   # 12 points of probability to a rare level
+])
+def test_injected_shifts_of_a_stated_size_are_detected(profile: dict, shift: dict,
+                                                       column: str) -> None:
+    rng = np.random.default_rng(2)
+    cache: dict = {}
+    hits, others = 0, 0
+    for i in range(20):
+        v = _verdicts(evaluate_window(profile, population(5_000, rng, shift=shift), CFG,
+                                      null_cache=cache, seed=i))
+        hits += v[column]
+        others += sum(flag for c, flag in v.items() if c != column)
+    assert hits >= 19, f"{column} drift caught in {hits}/20 windows"
+    assert others <= 1, "unshifted columns were flagged"
+
+
+def test_a_tiny_shift_in_a_huge_window_is_significant_but_not_practical(profile: dict) -> None:
+    rng = np.random.default_rng(3)
+    report = evaluate_window(profile, population(400_000, rng, shift={"temp_mean": 0.03}), CFG,
+                             columns=["temp"])
+    col = report["drift"]["columns"][0]
+    assert col["p_value"] < 0.01  # a real shift, measurably
+    assert col["score"] < col["min_effect"] and not col["drifted"]  # but too small to matter
+    big = evaluate_window(profile, population(400_000, rng, shift={"temp_mean": 0.5}), CFG,
+                          columns=["temp"])
+    assert big["drift"]["columns"][0]["drifted"]
+
+
+def test_quality_findings_name_column_check_count_and_examples(profile: dict) -> None:
+    rng = np.random.default_rng(4)
+    window = population(3_000, rng, shift={"missing_temp": 0.3})
+    window = window.drop_columns(["share"])  # a column gone
+    hum = pc.cast(window.column("hum"), pa.string()).to_pylist()
+    hum[:40] = ["n/a"] * 40  # text in a numeric column
+    window = window.set_column(window.column_names.index("hum"), "hum", pa.array(hum))
+    income = window.column("income").to_numpy().copy()
+    income[:90] = 1e9  # far outside the reference range
+    window = window.set_column(window.column_names.index("income"), "income", pa.array(income))
+    weather = window.column("weather").to_pylist()
+    weather[:60] = ["Tornado"] * 60  # a category the reference never had
+    window = window.set_column(window.column_names.index("weather"), "weather",
+                               pa.array(weather))
+    report = evaluate_window(profile, window, CFG)
+    found = {(f["column"], f["check"]): f for f in report["quality"]}
+    assert found[("share", "missing_column")]["count"] == 3_000
+    assert found[("hum", "type_error")]["count"] == 40
+    assert found[("hum", "type_error")]["examples"] == ["n/a"]
+    assert found[("income", "out_of_range")]["count"] == 90
+    assert found[("income", "out_of_range")]["examples"] == [1e9]
+    assert found[("weather", "unseen_category")]["examples"] == ["Tornado"]
+    assert 0.25 < found[("temp", "missing_rate")]["rate"] < 0.35
+    assert "share" not in _verdicts(report)  # not comparable, so not in the drift verdicts
+    assert {"hum", "income", "temp", "weather"} <= set(_verdicts(report))
+
+
+def test_an_empty_window_is_reported_as_empty(profile: dict) -> None:
+    report = evaluate_window(profile, population(0, np.random.default_rng(5)), CFG)
+    assert report["empty"] and report["rows"] == 0 and report["drift"] is None
+
+
+def test_compare_cli_on_the_bike_data_flags_2012_and_not_a_random_half_of_2011(
+        tmp_path: Path, capsys) -> None:
+    import pyarrow.parquet as pq
+
+    bike = pq.read_table(REPO / "examples" / "bike_sharing" / "data" / "bike_hourly.parquet")
+    year = pc.year(bike.column("datetime"))
+    y2011 = bike.filter(pc.equal(year, 2011))
+    y2012 = bike.filter(pc.equal(year, 2012))
+    rng = np.random.default_rng(6)
+    half = rng.random(y2011.num_rows) < 0.5
+    a, b = y2011.filter(pa.array(half)), y2011.filter(pa.array(~half))
+    for name, t in (("a", a), ("b", b), ("y2012", y2012)):
+        pq.write_table(t, tmp_path / f"{name}.parquet")
+    assert main(["monitor", "compare", str(tmp_path / "a.parquet"), str(tmp_path / "b.parquet"),
+                 "--json"]) == 0
+    same = json.loads(capsys.readouterr().out)
+    assert same["drift"]["drifted"] is False, [
+        c for c in same["drift"]["columns"] if c["drifted"]]
+    assert main(["monitor", "compare", str(tmp_path / "a.parquet"),
+                 str(tmp_path / "y2012.parquet"), "--json"]) == 0
+    changed = json.loads(capsys.readouterr().out)
+    flagged = {c["column"] for c in changed["drift"]["columns"] if c["drifted"]}
+    assert {"cnt", "registered"} <= flagged
+    assert main(["monitor", "compare", str(tmp_path / "a.parquet"),
+                 str(tmp_path / "missing.parquet")]) == 1
+    assert "missing.parquet: no such file" in capsys.readouterr().err
