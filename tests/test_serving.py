@@ -731,3 +731,77 @@ def test_the_log_buffer_refuses_beyond_its_limit_and_commits_on_close(tmp_path: 
     parts = sorted(p.relative_to(tmp_path / "log").parts[:2]
                    for p in (tmp_path / "log").rglob("part-*.parquet"))
     assert parts == [("day=2023-11-14", "version=1"), ("day=2023-11-15", "version=2")]
+
+
+# ------------------------------------------------------------------------------ monitoring
+
+def _log_traffic(project: Any, frame: pd.DataFrame, day: str, version: int = 1) -> list[str]:
+    """Rows answered by ``version`` on ``day`` (spread over the day), through the same writer
+    the server uses; returns their request ids."""
+    from mloop.serving.inference_log import InferenceLog, LogEntry, new_request_id
+
+    model = load_served(project, version)
+    cols = {c: frame[c].tolist() for c in ("hour", "weather", "temp")}
+    preds = model.predict_columns(cols)
+    start = pd.Timestamp(day, tz="UTC").timestamp()
+    log = InferenceLog(project.uris["inference_log_uri"], commit_interval=3600)
+    ids = []
+    for i in range(len(frame)):
+        ts = start + i * 86_000 / len(frame)
+        rid = new_request_id(ts)
+        ids.append(rid)
+        log.append(LogEntry([rid], ts, version, "champion", 1.0, [preds[i]],
+                            {c: [v[i]] for c, v in cols.items()}))
+    log.close()
+    return ids
+
+
+def test_monitor_evaluates_each_new_day_once_and_rescores_late_labels(proj: Path) -> None:
+    from mloop.monitoring.service import list_windows, run_monitor
+    from mloop.serving.labels import store_labels
+    from mloop.storage import ObjectStore
+
+    project = open_project(proj)
+    same1, same2 = rentals_frame(600, seed=21), rentals_frame(600, seed=22)
+    hot = rentals_frame(600, seed=23)
+    hot["temp"] = hot["temp"] + 15  # a heat wave: temperature shifted by ~2 sd
+    ids1 = _log_traffic(project, same1, "2024-03-01")
+    ids2 = _log_traffic(project, same2, "2024-03-02")
+    _log_traffic(project, hot, "2024-03-03")
+    _log_traffic(project, rentals_frame(5, seed=24), "2024-03-04")  # moves the watermark
+    store = ObjectStore(project.uris["inference_log_uri"])
+    assert store_labels(store, dict(zip(ids1, same1["cnt"].astype(float), strict=True)),
+                        task="regression", source="test")["stored"] == 600
+
+    result = run_monitor(project, window="1d")
+    days = [(w["start"][:10], w["drifted"], w["label_coverage"]) for w in result["evaluated"]]
+    assert days == [("2024-03-01", False, 1.0), ("2024-03-02", False, 0.0),
+                    ("2024-03-03", True, 0.0)]
+    first = result["evaluated"][0]
+    assert first["metric"] == "mae" and 0 < first["metric_value"] < 40
+    hot_report = result["evaluated"][2]
+    assert hot_report["drift_share"] > 0 and hot_report["prediction_drifted"] in (True, False)
+    assert run_monitor(project, window="1d")["evaluated"] == []  # each window once
+
+    # labels for day 2 arrive late: the next run re-scores that window only
+    store_labels(store, dict(zip(ids2[:300], same2["cnt"][:300].astype(float), strict=True)),
+                 task="regression", source="test")
+    again = run_monitor(project, window="1d")
+    assert again["evaluated"] == []
+    assert [(w["start"][:10], w["label_coverage"]) for w in again["refreshed"]] == [
+        ("2024-03-02", 0.5)]
+    stored = list_windows(project, window="1d")
+    assert [w["label_coverage"] for w in stored] == [1.0, 0.5, 0.0]
+
+    # the same log in windows of 500 rows: full windows only, the rest waits
+    by_rows = run_monitor(project, window="500rows")["evaluated"]
+    assert [w["rows"] for w in by_rows] == [500, 500, 500]
+
+
+def test_monitor_cli_reports_nothing_new_and_bad_window_specs(proj: Path, capsys) -> None:
+    assert main(["-C", str(proj), "monitor"]) == 0
+    assert "no new complete 1d window" in capsys.readouterr().out
+    assert main(["-C", str(proj), "monitor", "--window", "fortnight"]) == 1
+    assert "window 'fortnight'" in capsys.readouterr().err
+    assert main(["-C", str(proj), "monitor", "--since", "yesterday"]) == 1
+    assert "--since 'yesterday'" in capsys.readouterr().err

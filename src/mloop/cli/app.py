@@ -24,8 +24,9 @@ audit_app = typer.Typer(no_args_is_help=True, help="The tamper-evident event cha
 deploy_app = typer.Typer(no_args_is_help=True, help="Challengers: canary (a share of traffic) "
                                                     "or shadow (a copy of it).")
 labels_app = typer.Typer(no_args_is_help=True, help="Late ground truth, joined by request id.")
-monitor_app = typer.Typer(no_args_is_help=True, help="Data quality and drift against the "
-                                                     "training profile.")
+monitor_app = typer.Typer(invoke_without_command=True,
+                          help="Data quality, drift and performance of the inference log's "
+                               "windows against the champion's training profile.")
 tokens_app = typer.Typer(no_args_is_help=True, help="API tokens for `mloop serve` (stored as "
                                                     "hashes).")
 app.add_typer(runs_app, name="runs")
@@ -736,6 +737,60 @@ def _monitoring_config() -> Any:
         return _open().config.monitoring
     except ProjectNotFoundError:
         return MonitoringConfig()
+
+
+@monitor_app.callback()
+def monitor(
+    ctx: typer.Context,
+    window: Annotated[str | None, typer.Option(help="1d, 6h, 30m or 5000rows (default "
+                                                    "monitoring.window).")] = None,
+    since: Annotated[str | None, typer.Option(help="ISO time: ignore traffic before.")] = None,
+    until: Annotated[str | None, typer.Option(help="ISO time: ignore traffic after.")] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Evaluate every new complete window since the last run; print a summary table."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from mloop.monitoring.service import run_monitor
+
+    result = run_monitor(_open(), window=window, since=_iso_arg(since, "--since"),
+                         until=_iso_arg(until, "--until"))
+    if json_:
+        emit_json(result)
+        return
+    rows = result["evaluated"] + result["refreshed"]
+    if not rows:
+        out.print(f"no new complete {result['window']} window since the last run")
+        return
+    out.print(table(f"{result['model']}: windows of {result['window']} (reference: champion "
+                    f"v{result['champion']})",
+                    ["window", "rows", "versions", "drift", "prediction", "quality",
+                     "metric", "labels"],
+                    [[f"{w['start'][:16]} → {w['end'][:16]}", f"{w['rows']:,}",
+                      ",".join(f"v{v}" for v in w["versions"] or []),
+                      ("[red]drift" if w["drifted"] else "[green]ok") +
+                      f" ({(w['drift_share'] or 0):.0%})",
+                      "[red]drift" if w["prediction_drifted"] else "ok",
+                      str(w["quality_findings"]),
+                      "" if w["metric_value"] is None else
+                      f"{w['metric']} {w['metric_value']:.4g} (ref "
+                      f"{_num(w['reference_metric'])})",
+                      f"{w['label_coverage']:.0%}"] for w in rows]))
+    if result["refreshed"]:
+        out.print(f"{len(result['refreshed'])} earlier window(s) re-scored with late labels")
+
+
+def _iso_arg(value: str | None, flag: str) -> Any:
+    from datetime import UTC, datetime
+
+    if value is None:
+        return None
+    try:
+        dt = datetime.fromisoformat(value)
+    except ValueError:
+        raise MloopError(f"{flag} '{value}': not an ISO 8601 time (e.g. 2012-01-01 or "
+                         f"2012-01-01T06:00)") from None
+    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
 
 
 @monitor_app.command("compare")

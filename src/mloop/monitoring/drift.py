@@ -202,6 +202,30 @@ def simulate_null(ref: ColumnReference, method: str, window: int, simulations: i
     return NullModel(np.sort(np.asarray(values, dtype=float)))
 
 
+FIRST_DRAWS = 2_000
+
+
+def _calibrate(ref: ColumnReference, method: str, n: int, score: float, sims: int,
+               rate: float, rng: np.random.Generator, cache: dict[tuple, NullModel] | None
+               ) -> tuple[NullModel | None, float]:
+    """The null model and p-value of ``score``. A first 2,000 draws settle most columns (a
+    p-value far above the rate needs no precision); only a column whose p-value might fall
+    under a Holm threshold gets the full ``sims`` draws."""
+    if n == 0:
+        return None, 1.0
+    for draws in ((min(FIRST_DRAWS, sims), sims) if sims > FIRST_DRAWS else (sims,)):
+        key = (ref.name, method, n, draws)
+        null = cache.get(key) if cache is not None else None
+        if null is None:
+            null = simulate_null(ref, method, n, draws, rng)
+            if cache is not None:
+                cache[key] = null
+        p = null.p_value(score)
+        if p > 5 * rate:
+            break
+    return null, p
+
+
 def simulations_needed(columns: int, false_alarm_rate: float) -> int:
     """Enough draws that the smallest Holm threshold (rate / columns) is resolvable."""
     return int(min(200_000, max(2_000, math.ceil(20 * max(columns, 1) / false_alarm_rate))))
@@ -277,13 +301,7 @@ def detect(references: list[ColumnReference], windows: dict[str, np.ndarray], *,
         widths = np.diff(ref.edges) if ref.edges is not None else None
         score = float(statistic(method, ref.counts, counts, widths=widths, std=ref.std)) \
             if n else 0.0
-        key = (ref.name, method, n, sims)
-        null = null_cache.get(key) if null_cache is not None else None
-        if null is None and n:
-            null = simulate_null(ref, method, n, sims, rng)
-            if null_cache is not None:
-                null_cache[key] = null
-        p = null.p_value(score) if null is not None else 1.0
+        null, p = _calibrate(ref, method, n, score, sims, false_alarm_rate, rng, null_cache)
         pending.append((ref, method, score, p, n, null))
     # Holm: sort p ascending; reject while p_(i) <= rate / (m - i)
     order = sorted(range(m), key=lambda i: pending[i][3])

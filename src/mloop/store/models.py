@@ -6,7 +6,18 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -166,3 +177,33 @@ class TokenRow(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_by: Mapped[str] = mapped_column(String(200))
+
+
+class MonitorWindowRow(Base):
+    """One evaluated window of the inference log: the verdicts in columns (for queries and
+    plots), the whole report as JSON. Performance is refreshed when late labels arrive."""
+
+    __tablename__ = "monitor_windows"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    model: Mapped[str] = mapped_column(String(200))
+    spec: Mapped[str] = mapped_column(String(40))  # "1d", "5000rows"
+    start: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    end: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    rows: Mapped[int] = mapped_column(Integer)
+    reference_version: Mapped[int | None] = mapped_column(Integer)
+    drifted: Mapped[bool | None] = mapped_column(Boolean)
+    drift_share: Mapped[float | None] = mapped_column(Float)
+    prediction_drifted: Mapped[bool | None] = mapped_column(Boolean)
+    quality_findings: Mapped[int] = mapped_column(Integer)
+    metric: Mapped[str | None] = mapped_column(String(50))
+    metric_value: Mapped[float | None] = mapped_column(Float)
+    reference_metric: Mapped[float | None] = mapped_column(Float)
+    labelled_rows: Mapped[int] = mapped_column(Integer)
+    label_coverage: Mapped[float] = mapped_column(Float)
+    report: Mapped[dict[str, Any]] = mapped_column(JSON)
+    evaluated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    performance_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (UniqueConstraint("model", "spec", "start", name="uq_monitor_windows_start"),
+                      Index("ix_monitor_windows_model_end", "model", "spec", "end"))

@@ -1,0 +1,258 @@
+"""``mloop monitor``: evaluate every new window of the inference log, once, and keep the report.
+
+Reference = the profile of the champion's training snapshot (computed when the snapshot was
+taken; never recomputed here) and, for prediction drift, the profile of the champion's
+predictions on its holdout snapshot (computed once per version and kept in the outputs store).
+Performance joins the window's request ids with the labels that have arrived; windows still
+missing labels are re-scored on later runs as labels come in.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import sqlalchemy as sa
+
+from mloop.errors import MloopError
+from mloop.monitoring.drift import NullModel
+from mloop.monitoring.evaluate import evaluate_window
+from mloop.monitoring.windows import WindowSpec, read_rows, row_windows, time_windows
+from mloop.project import Project
+from mloop.store.db import as_utc, utcnow
+from mloop.store.models import MonitorWindowRow
+
+PREDICTION = "_prediction"
+_PROBA_METRICS = {"roc_auc", "log_loss"}
+
+
+@dataclass
+class Reference:
+    version: int
+    profile: dict[str, Any]
+    features: list[str]
+    prediction_profile: dict[str, Any] | None
+    task: str
+    metric: str | None
+    metric_value: float | None
+
+
+def reference_for(project: Project, version: int) -> Reference:
+    """The training profile and holdout-prediction profile of ``version``."""
+    from mloop.registry.candidates import get_version
+
+    mv = get_version(project, version)
+    tags = dict(mv.tags or {})
+    train = tags.get("mloop.snapshot.train")
+    if not train:
+        raise MloopError(f"v{version} has no training snapshot recorded (tag "
+                         f"mloop.snapshot.train): it was not trained by mloop, so there is no "
+                         f"reference profile to monitor against")
+    profile = project.snapshots.profile(train)
+    task = tags.get("mloop.task", project.config.task or "regression")
+    target = tags.get("mloop.target", project.config.target)
+    features = [c for c, st in profile["columns"].items()
+                if st.get("kind") in ("numeric", "categorical") and c != target
+                and c != project.config.features.time_column]
+    primary = tags.get("mloop.primary_metric")
+    metric = primary if primary and primary not in _PROBA_METRICS else (
+        "mae" if task == "regression" else "accuracy")
+    value = tags.get(f"mloop.metric.{metric}")
+    return Reference(version, profile, features, _prediction_profile(project, version, tags),
+                     task, metric, float(value) if value is not None else None)
+
+
+def _prediction_profile(project: Project, version: int, tags: dict[str, str]
+                        ) -> dict[str, Any] | None:
+    """Profile of the version's predictions on its holdout, computed once and stored."""
+    from mloop.data.profile import compute_profile
+
+    key = f"monitoring/prediction-profile-v{version}.json"
+    store = project.outputs
+    if store.exists(key):
+        return json.loads(store.read_bytes(key))
+    holdout = tags.get("mloop.snapshot.holdout")
+    if not holdout:
+        return None
+    from mloop.serving.model import load_served
+
+    model = load_served(project, version, warm=False)
+    frame = project.snapshots.read_table(holdout).to_pandas()
+    cols = {c: [None if (v is None or (isinstance(v, float) and v != v)) else v
+                for v in frame[c].tolist()] for c in model.schema.names}
+    preds = np.asarray(model.predict_frame(model.schema.frame(cols)))
+    column = pa.array(preds.astype(str) if model.task != "regression" else preds)
+    prof = compute_profile(pa.table({PREDICTION: column}), bins=project.config.profile.bins,
+                           top_k=project.config.profile.top_k)
+    store.write_bytes(key, json.dumps(prof).encode())
+    return prof
+
+
+def _performance(window: pa.Table, labels: dict[str, Any], ref: Reference
+                 ) -> dict[str, Any]:
+    from mloop.tabular.metrics import compute_metrics
+
+    ids = window.column("_request_id").to_pylist()
+    preds = window.column(PREDICTION).to_pylist()
+    pairs = [(labels[i], p) for i, p in zip(ids, preds, strict=True) if i in labels]
+    out: dict[str, Any] = {"metric": ref.metric, "labelled_rows": len(pairs),
+                           "coverage": len(pairs) / len(ids) if ids else 0.0, "value": None,
+                           "reference": ref.metric_value}
+    if pairs and ref.metric:
+        y = np.asarray([a for a, _ in pairs])
+        p = np.asarray([b for _, b in pairs])
+        if ref.task != "regression":
+            y, p = y.astype(str), p.astype(str)
+        try:
+            out["value"] = compute_metrics(ref.task, [ref.metric], y, p)[ref.metric]
+        except Exception as exc:  # e.g. r2 on one labelled row
+            out["error"] = f"{type(exc).__name__}: {exc}"
+    return out
+
+
+def _labels(project: Project) -> dict[str, Any]:
+    from mloop.serving.labels import read_labels
+
+    table = read_labels(project.uris["inference_log_uri"])
+    return dict(zip(table.column("_request_id").to_pylist(), table.column("label").to_pylist(),
+                    strict=True))
+
+
+def _versions(window: pa.Table) -> list[int]:
+    return sorted(int(v) for v in pc.unique(window.column("_version")).to_pylist())
+
+
+def run_monitor(project: Project, *, window: str | None = None,
+                since: datetime | None = None, until: datetime | None = None,
+                seed: int = 0) -> dict[str, Any]:
+    """Evaluate every complete window newer than the last one evaluated (or ``since``);
+    refresh the performance of earlier windows whose labels were incomplete."""
+    from mloop.serving.deploy import desired_state
+
+    cfg = project.config.monitoring
+    spec = WindowSpec.parse(window or cfg.window)
+    name = project.config.model_name
+    champion = desired_state(project).champion
+    if champion is None:
+        raise MloopError(f"'{name}' has no champion: nothing to monitor against")
+    with project.store.session() as s:
+        last_end = s.scalar(sa.select(sa.func.max(MonitorWindowRow.end)).where(
+            MonitorWindowRow.model == name, MonitorWindowRow.spec == spec.text))
+    last_end = as_utc(last_end)
+    start_after = max(filter(None, [last_end, as_utc(since)]), default=None)
+    read_since = start_after - timedelta(microseconds=1) if start_after else None
+    rows = read_rows(project.uris["inference_log_uri"], since=read_since, until=until)
+    if spec.seconds:
+        windows = time_windows(rows, spec.seconds, start_after)
+    else:
+        assert spec.rows is not None
+        windows = row_windows(rows, spec.rows)
+    references: dict[int, Reference] = {}
+    labels = _labels(project)
+    cache: dict[tuple, NullModel] = {}
+    evaluated = []
+    for start, end, part in windows:
+        ref = references.get(champion) or references.setdefault(
+            champion, reference_for(project, champion))
+        report = evaluate_window(ref.profile, part, cfg, columns=ref.features,
+                                 null_cache=cache, seed=seed)
+        report["versions"] = _versions(part)
+        report["reference_version"] = ref.version
+        pred_report = None
+        if ref.prediction_profile is not None and PREDICTION in part.column_names:
+            pred_report = evaluate_window(ref.prediction_profile, part, cfg,
+                                          columns=[PREDICTION], null_cache=cache, seed=seed)
+            report["prediction_drift"] = pred_report["drift"]
+        perf = _performance(part, labels, ref)
+        report["performance"] = perf
+        row = MonitorWindowRow(
+            model=name, spec=spec.text, start=start, end=end, rows=part.num_rows,
+            reference_version=ref.version,
+            drifted=report["drift"]["drifted"] if report["drift"] else None,
+            drift_share=report["drift"]["drift_share"] if report["drift"] else None,
+            prediction_drifted=(pred_report["drift"]["drifted"]
+                                if pred_report and pred_report["drift"] else None),
+            quality_findings=len(report["quality"]), metric=perf["metric"],
+            metric_value=perf["value"], reference_metric=perf["reference"],
+            labelled_rows=perf["labelled_rows"], label_coverage=perf["coverage"],
+            report=_jsonable(report), evaluated_at=utcnow(),
+            performance_at=utcnow() if perf["labelled_rows"] else None)
+        with project.store.session() as s:
+            s.add(row)
+            s.commit()
+            evaluated.append(window_summary(row))
+    refreshed = _refresh_performance(project, spec, labels, references)
+    return {"model": name, "window": spec.text, "champion": champion,
+            "evaluated": evaluated, "refreshed": refreshed}
+
+
+def _refresh_performance(project: Project, spec: WindowSpec, labels: dict[str, Any],
+                         references: dict[int, Reference]) -> list[dict[str, Any]]:
+    """Re-score windows whose label coverage was incomplete and for which labels arrived."""
+    name = project.config.model_name
+    out = []
+    with project.store.session() as s:
+        rows = list(s.scalars(sa.select(MonitorWindowRow).where(
+            MonitorWindowRow.model == name, MonitorWindowRow.spec == spec.text,
+            MonitorWindowRow.label_coverage < 1.0)))
+    for row in rows:
+        window = read_rows(project.uris["inference_log_uri"],
+                           since=as_utc(row.start) - timedelta(microseconds=1),
+                           until=as_utc(row.end))
+        if spec.seconds:
+            window = window.filter(pc.less(window.column("_ts"),
+                                           pa.scalar(as_utc(row.end), window.column("_ts").type)))
+        ids = set(window.column("_request_id").to_pylist()) if window.num_rows else set()
+        if sum(1 for i in ids if i in labels) <= row.labelled_rows:
+            continue
+        version = row.reference_version
+        if version is None:
+            continue
+        ref = references.get(version) or references.setdefault(
+            version, reference_for(project, version))
+        perf = _performance(window, labels, ref)
+        with project.store.session() as s:
+            fresh = s.get(MonitorWindowRow, row.id)
+            assert fresh is not None
+            fresh.metric_value, fresh.labelled_rows = perf["value"], perf["labelled_rows"]
+            fresh.label_coverage, fresh.performance_at = perf["coverage"], utcnow()
+            fresh.report = {**fresh.report, "performance": _jsonable(perf)}
+            s.commit()
+            out.append(window_summary(fresh))
+    return out
+
+
+def window_summary(row: MonitorWindowRow) -> dict[str, Any]:
+    return {"id": row.id, "start": as_utc(row.start).isoformat(),
+            "end": as_utc(row.end).isoformat(), "rows": row.rows,
+            "versions": row.report.get("versions"), "drifted": row.drifted,
+            "drift_share": row.drift_share, "prediction_drifted": row.prediction_drifted,
+            "quality_findings": row.quality_findings, "metric": row.metric,
+            "metric_value": row.metric_value, "reference_metric": row.reference_metric,
+            "label_coverage": row.label_coverage}
+
+
+def list_windows(project: Project, *, window: str | None = None, limit: int = 100
+                 ) -> list[dict[str, Any]]:
+    spec = WindowSpec.parse(window or project.config.monitoring.window)
+    with project.store.session() as s:
+        rows = list(s.scalars(sa.select(MonitorWindowRow).where(
+            MonitorWindowRow.model == project.config.model_name,
+            MonitorWindowRow.spec == spec.text).order_by(MonitorWindowRow.start.desc())
+            .limit(limit)))
+    return [window_summary(r) for r in reversed(rows)]
+
+
+def _jsonable(value: Any) -> Any:
+    from mloop.security.audit import json_safe
+
+    return json_safe(value)
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
