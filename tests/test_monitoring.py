@@ -165,3 +165,28 @@ def test_compare_cli_on_the_bike_data_flags_2012_and_not_a_random_half_of_2011(
     assert main(["monitor", "compare", str(tmp_path / "a.parquet"),
                  str(tmp_path / "missing.parquet")]) == 1
     assert "missing.parquet: no such file" in capsys.readouterr().err
+
+
+def test_compare_html_report_renders_its_plots_in_chromium(profile: dict, tmp_path: Path
+                                                           ) -> None:
+    import pyarrow.parquet as pq
+
+    from .browser import is_blank, render
+
+    rng = np.random.default_rng(7)
+    pq.write_table(population(5_000, rng), tmp_path / "ref.parquet")
+    shifted = population(5_000, rng, shift={"temp_mean": 0.5})
+    pq.write_table(shifted, tmp_path / "cur.parquet")
+    page = tmp_path / "drift.html"
+    assert main(["monitor", "compare", str(tmp_path / "ref.parquet"),
+                 str(tmp_path / "cur.parquet"), "--html", str(page), "--json"]) == 0
+    text = page.read_text()
+    import re
+
+    assert "<script" not in text  # nothing runs, nothing is fetched when viewed
+    assert not re.search(r"""(src|href)=["']?(https?:)?//""", text)
+    dom, console, shot = render(page, tmp_path)
+    assert dom.count("<svg") == 9  # one distribution plot per column
+    assert "temp: wasserstein" in dom and "drift" in dom
+    assert not [line for line in console if "rror" in line], console
+    assert not is_blank(shot)

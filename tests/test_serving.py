@@ -797,6 +797,20 @@ def test_monitor_evaluates_each_new_day_once_and_rescores_late_labels(proj: Path
     by_rows = run_monitor(project, window="500rows")["evaluated"]
     assert [w["rows"] for w in by_rows] == [500, 500, 500]
 
+    # the HTML report: history plots and the hot day in detail, rendered by a real browser
+    from .browser import is_blank, render
+
+    page = proj / "monitoring.html"
+    hot_id = str(result["evaluated"][2]["id"])
+    assert main(["-C", str(proj), "monitor", "report", hot_id, "--html", str(page)]) == 0
+    dom, console, shot = render(page, proj)
+    # drift share, per-feature scores, performance over time + 3 features + predictions
+    assert dom.count("<svg") == 7
+    assert "Performance on labelled traffic" in dom and "temp: ks" in dom  # 600 rows: KS
+    assert not [line for line in console if "rror" in line], console
+    assert not is_blank(shot)
+    assert main(["-C", str(proj), "monitor", "report", "999", "--html", str(page)]) == 1
+
 
 def test_monitor_cli_reports_nothing_new_and_bad_window_specs(proj: Path, capsys) -> None:
     assert main(["-C", str(proj), "monitor"]) == 0

@@ -799,6 +799,8 @@ def monitor_compare(
     current: Annotated[Path, typer.Argument(help="Current table.")],
     columns: Annotated[str | None, typer.Option(help="Comma-separated columns (default: "
                                                      "every numeric/categorical one).")] = None,
+    html_out: Annotated[Path | None, typer.Option("--html", help="Also write a "
+                                                  "self-contained HTML report.")] = None,
     json_: JsonOpt = False,
 ) -> None:
     """Ad-hoc quality and drift of CURRENT against REFERENCE, same engine as `mloop monitor`."""
@@ -806,11 +808,48 @@ def monitor_compare(
 
     cols = [c.strip() for c in columns.split(",")] if columns else None
     report = compare_files(reference, current, _monitoring_config(), columns=cols)
+    if html_out is not None:
+        from mloop.monitoring.report import compare_html
+
+        _write_text(html_out, compare_html(report))
     if json_:
         report.pop("profile", None)
         emit_json(report)
         return
     _print_monitor_report(report)
+
+
+@monitor_app.command("report")
+def monitor_report(
+    window_id: Annotated[int | None, typer.Argument(help="A window id (default: the newest)."
+                                                    )] = None,
+    html_out: Annotated[Path, typer.Option("--html", help="HTML file to write.")] =
+    Path("monitoring.html"),
+    window: Annotated[str | None, typer.Option(help="Window size of the history (default "
+                                                    "monitoring.window).")] = None,
+    limit: Annotated[int, typer.Option(min=1, help="Windows in the history.")] = 100,
+) -> None:
+    """Write a self-contained HTML report: history plots and one window in detail."""
+    from mloop.monitoring.report import monitor_html
+    from mloop.monitoring.service import get_window, list_windows
+
+    project = _open()
+    focus = get_window(project, window_id) if window_id is not None else None
+    history = list_windows(project, window=window or (focus or {}).get("spec"), limit=limit,
+                           with_reports=True)
+    if focus is None and history:
+        focus = history[-1]
+    reports = [w.pop("report") for w in history]
+    _write_text(html_out, monitor_html(project.config.model_name, history, reports, focus))
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write atomically (temp + rename): a report is never half-written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    err.print(f"wrote {path} ({len(text.encode()) // 1024} KiB)")
 
 
 def _print_monitor_report(report: dict[str, Any]) -> None:

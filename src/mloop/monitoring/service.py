@@ -237,15 +237,26 @@ def window_summary(row: MonitorWindowRow) -> dict[str, Any]:
             "label_coverage": row.label_coverage}
 
 
-def list_windows(project: Project, *, window: str | None = None, limit: int = 100
-                 ) -> list[dict[str, Any]]:
+def list_windows(project: Project, *, window: str | None = None, limit: int = 100,
+                 with_reports: bool = False) -> list[dict[str, Any]]:
+    """The newest ``limit`` windows, oldest first (with their full reports if asked)."""
     spec = WindowSpec.parse(window or project.config.monitoring.window)
     with project.store.session() as s:
         rows = list(s.scalars(sa.select(MonitorWindowRow).where(
             MonitorWindowRow.model == project.config.model_name,
             MonitorWindowRow.spec == spec.text).order_by(MonitorWindowRow.start.desc())
             .limit(limit)))
-    return [window_summary(r) for r in reversed(rows)]
+    return [{**window_summary(r), **({"report": r.report} if with_reports else {})}
+            for r in reversed(rows)]
+
+
+def get_window(project: Project, window_id: int) -> dict[str, Any]:
+    with project.store.session() as s:
+        row = s.get(MonitorWindowRow, window_id)
+        if row is None or row.model != project.config.model_name:
+            raise MloopError(f"no monitored window {window_id} for "
+                             f"'{project.config.model_name}' (see `mloop monitor --json`)")
+        return {**window_summary(row), "spec": row.spec, "report": row.report}
 
 
 def _jsonable(value: Any) -> Any:
