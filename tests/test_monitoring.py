@@ -190,3 +190,89 @@ def test_compare_html_report_renders_its_plots_in_chromium(profile: dict, tmp_pa
     assert "temp: wasserstein" in dom and "drift" in dom
     assert not [line for line in console if "rror" in line], console
     assert not is_blank(shot)
+
+
+_DESCRIPTION = "Plots and numbers: `mloop monitor report --html monitoring.html`"
+_SERIES = {"mloop_monitor_drifted": "0 0 1 1 1", "mloop_monitor_metric_value": "10 10 10 14 14",
+           "mloop_monitor_reference_metric": "10 10 10 10 10"}
+PROMTOOL_TEST = {
+    "rule_files": ["alerts.yml"], "evaluation_interval": "1m",
+    "tests": [{
+        "interval": "1m",
+        "input_series": [{"series": f'{name}{{model="rentals", window="1d"}}', "values": v}
+                         for name, v in _SERIES.items()],
+        "alert_rule_test": [
+            {"eval_time": "1m", "alertname": "MloopDatasetDrift", "exp_alerts": []},
+            {"eval_time": "3m", "alertname": "MloopDatasetDrift", "exp_alerts": [{
+                "exp_labels": {"severity": "warning", "model": "rentals", "window": "1d"},
+                "exp_annotations": {"summary": "Input drift on rentals: 1 (newest window)",
+                                    "description": _DESCRIPTION}}]},
+            {"eval_time": "4m", "alertname": "MloopPerformanceDegraded", "exp_alerts": [{
+                "exp_labels": {"severity": "critical", "model": "rentals", "window": "1d"},
+                "exp_annotations": {"summary": "mae of rentals on labelled traffic is more "
+                                               "than 10% worse than its holdout value",
+                                    "description": _DESCRIPTION}}]},
+        ]}],
+}
+
+
+def test_promtool_accepts_the_rules_and_they_fire_on_the_metrics(make_project, tmp_path: Path
+                                                                 ) -> None:
+    import shutil
+    import subprocess
+
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool missing: apt-get install -y prometheus (.ci/run does this)"
+    root = make_project()
+    assert main(["-C", str(root), "monitor", "rules", "--out",
+                 str(tmp_path / "alerts.yml")]) == 0
+    check = subprocess.run([promtool, "check", "rules", str(tmp_path / "alerts.yml")],
+                           capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "SUCCESS: 11 rules found" in check.stdout
+    import yaml
+
+    (tmp_path / "test.yml").write_text(yaml.safe_dump(PROMTOOL_TEST))
+    run = subprocess.run([promtool, "test", "rules", "test.yml"], cwd=tmp_path,
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert main(["-C", str(root), "monitor", "dashboard", "--out",
+                 str(tmp_path / "grafana.json")]) == 0
+    board = json.loads((tmp_path / "grafana.json").read_text())
+    exprs = [t["expr"] for p in board["panels"] for t in p["targets"]]
+    assert 'mloop_monitor_drift_share{model="rentals"}' in exprs
+    assert any("mloop_request_latency_seconds_bucket" in e for e in exprs)
+
+
+def test_the_webhook_is_retried_until_the_receiver_takes_it() -> None:
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from mloop.config import WebhookConfig
+    from mloop.monitoring.alerts import post_webhook
+
+    received: list[dict] = []
+    statuses = [503, 500, 200]
+
+    class Receiver(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            received.append(json.loads(body))
+            self.send_response(statuses.pop(0))
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/hook"
+        cfg = WebhookConfig(url=url, retries=3, backoff_seconds=0.01)
+        result = post_webhook(cfg, {"model": "rentals", "reasons": ["input drift"]})
+        assert result == {"delivered": True, "status": 200, "attempts": 3}
+        assert len(received) == 3 and received[-1]["reasons"] == ["input drift"]
+    finally:
+        server.shutdown()
+    down = post_webhook(WebhookConfig(url=url, retries=1, backoff_seconds=0.01), {"x": 1})
+    assert down["delivered"] is False and down["attempts"] == 2

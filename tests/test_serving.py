@@ -819,3 +819,50 @@ def test_monitor_cli_reports_nothing_new_and_bad_window_specs(proj: Path, capsys
     assert "window 'fortnight'" in capsys.readouterr().err
     assert main(["-C", str(proj), "monitor", "--since", "yesterday"]) == 1
     assert "--since 'yesterday'" in capsys.readouterr().err
+
+
+def test_a_drifting_window_alerts_the_webhook_and_shows_on_the_servers_metrics(
+        proj: Path) -> None:
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from mloop.monitoring.service import run_monitor
+
+    received: list[dict] = []
+
+    class Receiver(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    hook = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=hook.serve_forever, daemon=True).start()
+    cfg = (proj / "mloop.yaml").read_text()
+    (proj / "mloop.yaml").write_text(
+        cfg + f"monitoring:\n  webhook: {{url: 'http://127.0.0.1:{hook.server_address[1]}/h', "
+              f"backoff_seconds: 0.01}}\n")
+    try:
+        project = open_project(proj)
+        hot = rentals_frame(600, seed=31)
+        hot["temp"] = hot["temp"] + 15
+        _log_traffic(project, rentals_frame(600, seed=30), "2024-05-01")
+        _log_traffic(project, hot, "2024-05-02")
+        _log_traffic(project, rentals_frame(5, seed=32), "2024-05-03")
+        result = run_monitor(project, window="1d")
+    finally:
+        hook.shutdown()
+    assert [a["window"]["start"][:10] for a in result["alerts"]] == ["2024-05-02"]
+    assert result["alerts"][0]["webhook"]["delivered"] is True
+    assert len(received) == 1 and "input drift" in received[0]["reasons"][0]
+    assert [e.payload["window"]["start"][:10]
+            for e in list_events(project.store, kind="monitor.alert")] == ["2024-05-02"]
+    with _server(proj) as srv:
+        text = srv.get("/metrics").text
+    assert metric(text, "mloop_monitor_drifted", model="rentals", window="1d") == 1
+    assert metric(text, "mloop_monitor_feature_drifted", feature="temp") == 1
+    assert metric(text, "mloop_monitor_feature_drifted", feature="hour") == 0
+    assert metric(text, "mloop_monitor_window_rows") == 600

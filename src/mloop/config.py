@@ -246,6 +246,16 @@ class QualityConfig(_Strict):
     unseen_category_rate: float = Field(0.01, ge=0, le=1)
 
 
+class WebhookConfig(_Strict):
+    """POSTed a JSON body when a window breaches (drift, quality, performance)."""
+
+    url: str = Field(pattern=r"^https?://")
+    timeout_seconds: float = Field(5.0, gt=0)
+    retries: int = Field(3, ge=0, le=20)
+    backoff_seconds: float = Field(0.5, ge=0)
+    headers: dict[str, str] = Field(default_factory=dict)  # e.g. a token from ${VAR}
+
+
 DriftMethod = Literal["auto", "psi", "ks", "wasserstein", "jensen_shannon", "chisquare"]
 
 
@@ -258,6 +268,10 @@ class MonitoringConfig(_Strict):
     min_effect: dict[str, float] = Field(default_factory=dict)  # method -> practical size
     simulations: int | None = Field(None, ge=100)  # null draws (default: enough for Holm)
     quality: QualityConfig = Field(default_factory=QualityConfig)
+    # a window's labelled metric this much worse than the holdout's (relative) is a breach
+    performance_margin: float = Field(0.1, ge=0)
+    min_label_coverage: float = Field(0.5, ge=0, le=1)  # alert rule: coverage below this
+    webhook: WebhookConfig | None = None
 
 
 class ProjectConfig(_Strict):

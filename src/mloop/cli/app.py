@@ -746,6 +746,11 @@ def monitor(
                                                     "monitoring.window).")] = None,
     since: Annotated[str | None, typer.Option(help="ISO time: ignore traffic before.")] = None,
     until: Annotated[str | None, typer.Option(help="ISO time: ignore traffic after.")] = None,
+    serve_metrics: Annotated[int | None, typer.Option(
+        help="Keep running: expose the monitoring gauges on this port (Prometheus) and "
+             "evaluate new windows every --every seconds.")] = None,
+    every: Annotated[float, typer.Option(min=1, help="Seconds between evaluations with "
+                                                     "--serve-metrics.")] = 60.0,
     json_: JsonOpt = False,
 ) -> None:
     """Evaluate every new complete window since the last run; print a summary table."""
@@ -753,7 +758,11 @@ def monitor(
         return
     from mloop.monitoring.service import run_monitor
 
-    result = run_monitor(_open(), window=window, since=_iso_arg(since, "--since"),
+    project = _open()
+    if serve_metrics is not None:
+        _serve_monitor_metrics(project, serve_metrics, every, window)
+        return
+    result = run_monitor(project, window=window, since=_iso_arg(since, "--since"),
                          until=_iso_arg(until, "--until"))
     if json_:
         emit_json(result)
@@ -778,6 +787,51 @@ def monitor(
                       f"{w['label_coverage']:.0%}"] for w in rows]))
     if result["refreshed"]:
         out.print(f"{len(result['refreshed'])} earlier window(s) re-scored with late labels")
+
+
+def _serve_monitor_metrics(project: Any, port: int, every: float, window: str | None) -> None:
+    import time
+
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    from mloop.monitoring.alerts import MonitorCollector
+    from mloop.monitoring.service import run_monitor
+
+    registry = CollectorRegistry()
+    registry.register(MonitorCollector(project))  # type: ignore[arg-type]
+    start_http_server(port, addr="127.0.0.1", registry=registry)
+    err.print(f"monitoring gauges on http://127.0.0.1:{port}/metrics; evaluating every "
+              f"{every:g} s (Ctrl-C to stop)")
+    while True:
+        result = run_monitor(project, window=window)
+        for w in result["evaluated"]:
+            out.print(f"window {w['start'][:16]} → {w['end'][:16]}: {w['rows']:,} rows, "
+                      f"{'drift' if w['drifted'] else 'no drift'}")
+        time.sleep(every)
+
+
+@monitor_app.command("rules")
+def monitor_rules(
+    out_path: Annotated[Path, typer.Option("--out", help="YAML file to write.")] =
+    Path("alerts.yml"),
+) -> None:
+    """Prometheus alerting rules for this project's monitoring policy and its server."""
+    from mloop.monitoring.alerts import rules_yaml
+
+    _write_text(out_path, rules_yaml(_open()))
+
+
+@monitor_app.command("dashboard")
+def monitor_dashboard(
+    out_path: Annotated[Path, typer.Option("--out", help="JSON file to write.")] =
+    Path("grafana-dashboard.json"),
+) -> None:
+    """A Grafana dashboard (JSON model) over the same metrics."""
+    import json
+
+    from mloop.monitoring.alerts import grafana_dashboard
+
+    _write_text(out_path, json.dumps(grafana_dashboard(_open()), indent=2))
 
 
 def _iso_arg(value: str | None, flag: str) -> Any:

@@ -155,7 +155,8 @@ def run_monitor(project: Project, *, window: str | None = None,
     references: dict[int, Reference] = {}
     labels = _labels(project)
     cache: dict[tuple, NullModel] = {}
-    evaluated = []
+    evaluated: list[dict[str, Any]] = []
+    alerts: list[dict[str, Any]] = []
     for start, end, part in windows:
         ref = references.get(champion) or references.setdefault(
             champion, reference_for(project, champion))
@@ -186,9 +187,36 @@ def run_monitor(project: Project, *, window: str | None = None,
             s.add(row)
             s.commit()
             evaluated.append(window_summary(row))
+        alert = _alert(project, evaluated[-1])
+        if alert is not None:
+            alerts.append(alert)
     refreshed = _refresh_performance(project, spec, labels, references)
+    for summary in refreshed:
+        alert = _alert(project, summary, performance_only=True)
+        if alert is not None:
+            alerts.append(alert)
     return {"model": name, "window": spec.text, "champion": champion,
-            "evaluated": evaluated, "refreshed": refreshed}
+            "evaluated": evaluated, "refreshed": refreshed, "alerts": alerts}
+
+
+def _alert(project: Project, summary: dict[str, Any], *, performance_only: bool = False
+           ) -> dict[str, Any] | None:
+    """Record a breach in the audit chain and POST it to the webhook, if one is set."""
+    from mloop.monitoring.alerts import breaches, post_webhook
+    from mloop.security.audit import append_event
+    from mloop.tabular.metrics import HIGHER_IS_BETTER
+
+    cfg = project.config.monitoring
+    probe = summary if not performance_only else {
+        k: summary.get(k) for k in ("metric", "metric_value", "reference_metric")}
+    reasons = breaches(probe, cfg.performance_margin,
+                       HIGHER_IS_BETTER.get(summary.get("metric") or "", False))
+    if not reasons:
+        return None
+    payload = {"model": project.config.model_name, "window": summary, "reasons": reasons}
+    append_event(project.store, "monitor.alert", payload)
+    delivery = post_webhook(cfg.webhook, payload) if cfg.webhook is not None else None
+    return {**payload, "webhook": delivery}
 
 
 def _refresh_performance(project: Project, spec: WindowSpec, labels: dict[str, Any],

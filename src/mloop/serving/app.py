@@ -117,6 +117,10 @@ def create_app(project: Project, config: ServingConfig | None = None, *,
                               f"'{project.config.model_name}', with MLflow's scoring protocol "
                               "on /invocations.")
     app.state.mloop = state
+    from mloop.monitoring.alerts import MonitorCollector
+
+    monitor_gauges = MonitorCollector(project)
+    state.metrics.registry.register(monitor_gauges)  # type: ignore[arg-type]
 
     async def read_body(request: Request) -> bytes:
         limit = cfg.max_body_bytes
@@ -315,7 +319,7 @@ def create_app(project: Project, config: ServingConfig | None = None, *,
 
         if state.inference_log is not None:
             state.metrics.log_queue.set(state.inference_log.queued)
-        body = exposition() if multiprocess_enabled() else generate_latest(
+        body = exposition(monitor_gauges) if multiprocess_enabled() else generate_latest(
             state.metrics.registry)
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 

@@ -9,18 +9,22 @@ aggregates all workers' values from there.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
-def exposition() -> bytes:
-    """The text format of every worker's metrics, summed across worker processes."""
+def exposition(*extra: Any) -> bytes:
+    """The text format of every worker's metrics, summed across worker processes (plus
+    ``extra`` collectors that read shared state, such as the monitoring gauges)."""
     from prometheus_client import generate_latest, multiprocess
 
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry)
+    for collector in extra:
+        registry.register(collector)
     return generate_latest(registry)
 
 
