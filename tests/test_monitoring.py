@@ -276,3 +276,26 @@ def test_the_webhook_is_retried_until_the_receiver_takes_it() -> None:
         server.shutdown()
     down = post_webhook(WebhookConfig(url=url, retries=1, backoff_seconds=0.01), {"x": 1})
     assert down["delivered"] is False and down["attempts"] == 2
+
+
+def test_a_flag_column_moving_from_30_to_90_percent_drifts() -> None:
+    rng = np.random.default_rng(8)
+    prof = compute_profile(pa.table({"flag": (rng.random(5000) < 0.3).astype(float),
+                                     "level": rng.integers(0, 3, 5000).astype(float)}))
+    assert prof["columns"]["flag"]["bin_edges"] == [0.0, 0.5, 1.0]  # one bin per value
+    window = pa.table({"flag": (rng.random(2000) < 0.9).astype(float),
+                       "level": rng.integers(0, 3, 2000).astype(float)})
+    assert _verdicts(evaluate_window(prof, window, CFG)) == {"flag": True, "level": False}
+
+
+def test_a_few_unseen_categories_are_a_quality_finding_not_drift(profile: dict) -> None:
+    rng = np.random.default_rng(9)
+    window = population(200, rng)
+    weather = window.column("weather").to_pylist()
+    weather[:3] = ["Tornado"] * 3  # 1.5%: over the 1% quality threshold
+    window = window.set_column(window.column_names.index("weather"), "weather",
+                               pa.array(weather))
+    report = evaluate_window(profile, window, CFG)
+    assert _verdicts(report)["weather"] is False
+    assert [f["check"] for f in report["quality"] if f["column"] == "weather"] == [
+        "unseen_category"]

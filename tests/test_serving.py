@@ -168,6 +168,11 @@ def test_bad_input_is_a_4xx_naming_each_field_and_never_reaches_the_model(proj: 
         assert r.json()["fields"][0]["problem"] == "missing"
         r = srv.post("/predict", {"records": [{**good, "temp": True}]})
         assert r.status_code == 422 and r.json()["fields"][0]["field"] == "temp"
+        r = srv.post("/predict", {"records": [{**good, "temp": 2 ** 64 - 1}]})
+        assert r.status_code == 422 and r.json()["fields"][0]["field"] == "temp"
+        for when in (1_700_000_000_000, "9999-12-31T23:59:00-05:00", "yesterday"):
+            r = srv.post("/predict", {"records": [good], "timestamp": when})
+            assert r.status_code == 422 and r.json()["fields"][0]["field"] == "timestamp"
         assert srv.post("/predict", {"rows": [good]}).status_code == 422
         assert srv.post("/predict", {"columns": {"hour": [1, 2], "weather": ["Clear"],
                                                  "temp": [1.0, 2.0]}}).status_code == 422
@@ -711,6 +716,25 @@ def test_a_full_inference_log_drops_and_counts_instead_of_blocking(proj: Path) -
     assert read_log(open_project(proj).uris["inference_log_uri"]).num_rows == 3
 
 
+def test_rows_the_log_cannot_store_are_set_aside_without_blocking_the_rest(
+        tmp_path: Path) -> None:
+    from mloop.serving.inference_log import InferenceLog, LogEntry, new_request_id
+
+    log = InferenceLog(str(tmp_path / "log"), commit_interval=3600)
+    ts = 1_700_000_000.0
+    good = LogEntry([new_request_id(ts)], ts, 1, "champion", 1.0, [1.5], {"temp": [20.0]})
+    mixed = [LogEntry([new_request_id(ts)], ts, 2, "champion", 1.0, [p], {"temp": [20.0]})
+             for p in (1.5, "oops")]  # one version group Arrow cannot make one column of
+    for e in (good, *mixed):
+        assert log.append(e)
+    assert log.commit() == 1
+    assert log.rejected == 2 and log.queued == 0
+    assert log.append(LogEntry([new_request_id(ts)], ts, 1, "champion", 1.0, [2.5],
+                               {"temp": [21.0]}))
+    assert log.commit() == 1  # later commits are not blocked
+    assert read_log(str(tmp_path / "log")).num_rows == 2
+
+
 def test_the_log_buffer_refuses_beyond_its_limit_and_commits_on_close(tmp_path: Path) -> None:
     from mloop.serving.inference_log import InferenceLog, LogEntry, new_request_id
 
@@ -796,6 +820,11 @@ def test_monitor_evaluates_each_new_day_once_and_rescores_late_labels(proj: Path
     # the same log in windows of 500 rows: full windows only, the rest waits
     by_rows = run_monitor(project, window="500rows")["evaluated"]
     assert [w["rows"] for w in by_rows] == [500, 500, 500]
+    # one 1,200-row request (one timestamp) split across windows: nothing counted twice
+    _log_traffic(project, rentals_frame(1200, seed=25), "2024-03-05")
+    more = run_monitor(project, window="500rows")["evaluated"]
+    assert [w["rows"] for w in more] == [500, 500, 500]  # 305 waiting + 1,200 new = 1,505
+    assert sum(w["rows"] for w in list_windows(project, window="500rows")) == 3000
 
     # the HTML report: history plots and the hot day in detail, rendered by a real browser
     from .browser import is_blank, render
@@ -866,3 +895,15 @@ def test_a_drifting_window_alerts_the_webhook_and_shows_on_the_servers_metrics(
     assert metric(text, "mloop_monitor_feature_drifted", feature="temp") == 1
     assert metric(text, "mloop_monitor_feature_drifted", feature="hour") == 0
     assert metric(text, "mloop_monitor_window_rows") == 600
+
+
+def test_a_promoted_canary_does_not_come_back_after_a_rollback(proj: Path) -> None:
+    from mloop.registry.promotion import promote, rollback
+
+    project = open_project(proj)
+    deploy_challenger(project, 2, mode="canary", weight=0.2, reason="try v2")
+    promote(project, 2, reason="graduate the canary", force=True)
+    assert desired_state(project).challenger is None
+    rollback(project, reason="v2 misbehaves")
+    state = desired_state(project)
+    assert (state.champion, state.challenger, state.weight) == (1, None, 0.0)

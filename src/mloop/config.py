@@ -263,10 +263,13 @@ class MonitoringConfig(_Strict):
     """Drift and quality of live windows against the champion's training profile."""
 
     window: str = Field("1d", pattern=r"^\d+(rows|[smhd])$")  # 1d, 6h, 5000rows
+    # a time window closes once the newest event is this far past its end (late commits)
+    lateness_seconds: float = Field(10.0, ge=0)
+    label_horizon_windows: int = Field(60, ge=1)  # windows re-scored when labels arrive
     false_alarm_rate: float = Field(0.01, gt=0, lt=0.5)  # P(dataset drift | no change)
     methods: dict[str, DriftMethod] = Field(default_factory=dict)  # column -> method
     min_effect: dict[str, float] = Field(default_factory=dict)  # method -> practical size
-    simulations: int | None = Field(None, ge=100)  # null draws (default: enough for Holm)
+    simulations: int | None = Field(None, ge=100)  # null draws (at least enough for Holm)
     quality: QualityConfig = Field(default_factory=QualityConfig)
     # a window's labelled metric this much worse than the holdout's (relative) is a breach
     performance_margin: float = Field(0.1, ge=0)

@@ -44,7 +44,14 @@ def _numeric(col: pa.ChunkedArray, rows: int, bins: int) -> dict[str, Any]:
                    bin_counts=[])
         return out
     qs = np.quantile(finite, QUANTILES)
-    edges = np.unique(np.quantile(finite, np.linspace(0.0, 1.0, bins + 1)))
+    distinct = np.unique(finite) if finite.size <= 5_000_000 else None
+    if distinct is not None and 1 < distinct.size <= bins:
+        # few distinct values (flags, counts, ratings): one bin per value, edges halfway
+        # between them, so a move from one value to another is visible to drift
+        edges = np.concatenate([[distinct[0]], (distinct[:-1] + distinct[1:]) / 2,
+                                [distinct[-1]]])
+    else:
+        edges = np.unique(np.quantile(finite, np.linspace(0.0, 1.0, bins + 1)))
     if edges.size < 2:
         edges = np.array([edges[0], edges[0]])
     # Bin i holds edges[i] <= x < edges[i+1]; the last bin is closed on the right.
@@ -58,7 +65,7 @@ def _numeric(col: pa.ChunkedArray, rows: int, bins: int) -> dict[str, Any]:
         quantiles={f"{q:g}": float(v) for q, v in zip(QUANTILES, qs, strict=True)},
         bin_edges=[float(e) for e in edges],
         bin_counts=[int(c) for c in counts],
-        n_unique=int(np.unique(finite).size) if finite.size <= 1_000_000 else None,
+        n_unique=int(distinct.size) if distinct is not None else None,
     )
     return out
 

@@ -17,6 +17,7 @@ import sqlalchemy as sa
 
 from mloop.config import WebhookConfig
 from mloop.project import Project
+from mloop.store.db import as_utc
 from mloop.store.models import MonitorWindowRow
 
 log = logging.getLogger("mloop.monitoring")
@@ -72,7 +73,7 @@ class MonitorCollector:
             "mloop_monitor_metric_value": row.metric_value,
             "mloop_monitor_reference_metric": row.reference_metric,
             "mloop_monitor_label_coverage": row.label_coverage,
-            "mloop_monitor_window_end_timestamp_seconds": row.end.timestamp(),
+            "mloop_monitor_window_end_timestamp_seconds": as_utc(row.end).timestamp(),
         }
         labels = ["model", "window"]
         for name, helptext in GAUGES.items():
@@ -104,12 +105,15 @@ def _flag(value: bool | None) -> float | None:
 
 def alert_rules(project: Project) -> dict[str, Any]:
     """Prometheus alerting rules for the project's policy (``promtool check rules`` clean)."""
-    from mloop.tabular.metrics import HIGHER_IS_BETTER
+    from mloop.monitoring.service import monitored_metric
+    from mloop.tabular.metrics import DEFAULTS, HIGHER_IS_BETTER
 
     cfg = project.config.monitoring
     model = project.config.model_name
     sel = f'model="{model}"'
-    metric = project.config.metrics[0] if project.config.metrics else "mae"
+    task = project.config.task or "regression"
+    metric = monitored_metric(task, project.config.metrics[0] if project.config.metrics
+                              else DEFAULTS[task][0])
     higher = HIGHER_IS_BETTER.get(metric, False)
     worse = (f"mloop_monitor_metric_value{{{sel}}} < mloop_monitor_reference_metric{{{sel}}} "
              f"* {1 - cfg.performance_margin:g}") if higher else (

@@ -67,6 +67,7 @@ class ColumnReference:
     counts: np.ndarray  # reference counts per bin (categorical: per category, other last)
     edges: np.ndarray | None = None  # numeric bin edges (len = bins + 1)
     categories: list[str] = field(default_factory=list)  # categorical, without OTHER
+    has_other: bool = True  # categorical: the last count is the "other" bucket
     std: float = 0.0
     missing_rate: float = 0.0
     minimum: float | None = None
@@ -97,9 +98,14 @@ class ColumnReference:
             if not top:
                 return None
             cats = list(top)
-            counts = np.asarray([*top.values(), stats.get("other_count", 0)], dtype=float)
+            other = int(stats.get("other_count", 0) or 0)
+            # With an "other" bucket, unknown values share it; without one (the reference
+            # held every category) unseen values are left to the quality check: a bucket
+            # the reference never filled would make a single new value look like drift.
+            counts = np.asarray([*top.values(), *([other] if other else [])], dtype=float)
             return cls(name, "categorical", counts, categories=cats,
-                       missing_rate=float(stats.get("missing_rate") or 0))
+                       missing_rate=float(stats.get("missing_rate") or 0),
+                       has_other=bool(other))
         return None
 
     # ----------------------------------------------------------------- binning a window
@@ -127,12 +133,12 @@ class ColumnReference:
         if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
             arr = arr.cast(pa.string())
         missing = int(arr.null_count)
-        counts = np.zeros(len(self.categories) + 1)
+        k = len(self.categories)
+        counts = np.zeros(k + 1)
         index = {c: i for i, c in enumerate(self.categories)}
-        for item in pc.value_counts(arr.drop_null() if hasattr(arr, "drop_null") else
-                                    pc.drop_null(arr)).to_pylist():
-            counts[index.get(item["values"], len(self.categories))] += item["counts"]
-        return counts, missing
+        for item in pc.value_counts(pc.drop_null(arr)).to_pylist():
+            counts[index.get(item["values"], k)] += item["counts"]
+        return (counts if self.has_other else counts[:k]), missing
 
 
 # ------------------------------------------------------------------------- the statistics
@@ -273,7 +279,7 @@ def _labels(ref: ColumnReference) -> list[str]:
     if ref.kind == "numeric":
         assert ref.edges is not None
         return [f"[{a:.4g}, {b:.4g})" for a, b in zip(ref.edges[:-1], ref.edges[1:], strict=True)]
-    return [*ref.categories, OTHER]
+    return [*ref.categories, *([OTHER] if ref.has_other else [])]
 
 
 def detect(references: list[ColumnReference], windows: dict[str, np.ndarray], *,
@@ -285,7 +291,8 @@ def detect(references: list[ColumnReference], windows: dict[str, np.ndarray], *,
     methods = methods or {}
     effects = {**MIN_EFFECT, **(min_effect or {})}
     m = len(references)
-    sims = simulations or simulations_needed(m, false_alarm_rate)
+    # never fewer draws than the smallest Holm threshold needs (else nothing could drift)
+    sims = max(simulations or 0, simulations_needed(m, false_alarm_rate))
     rows = 0
     pending = []
     for ref in references:

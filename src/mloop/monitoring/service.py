@@ -55,16 +55,31 @@ def reference_for(project: Project, version: int) -> Reference:
                          f"reference profile to monitor against")
     profile = project.snapshots.profile(train)
     task = tags.get("mloop.task", project.config.task or "regression")
-    target = tags.get("mloop.target", project.config.target)
-    features = [c for c, st in profile["columns"].items()
-                if st.get("kind") in ("numeric", "categorical") and c != target
-                and c != project.config.features.time_column]
-    primary = tags.get("mloop.primary_metric")
-    metric = primary if primary and primary not in _PROBA_METRICS else (
-        "mae" if task == "regression" else "accuracy")
+    inputs = _signature_inputs(project, version)
+    features = [c for c in inputs if profile["columns"].get(c, {}).get("kind")
+                in ("numeric", "categorical")]
+    metric = monitored_metric(task, tags.get("mloop.primary_metric"))
     value = tags.get(f"mloop.metric.{metric}")
     return Reference(version, profile, features, _prediction_profile(project, version, tags),
                      task, metric, float(value) if value is not None else None)
+
+
+def monitored_metric(task: str, primary: str | None) -> str:
+    """The metric computed on labelled traffic: the primary one, unless it needs
+    probabilities (the log keeps predicted values only)."""
+    if primary and primary not in _PROBA_METRICS:
+        return primary
+    return "mae" if task == "regression" else "accuracy"
+
+
+def _signature_inputs(project: Project, version: int) -> list[str]:
+    """The model's inputs (what the server logs), from the version's MLflow signature."""
+    from mlflow.models import get_model_info
+
+    info = get_model_info(f"models:/{project.config.model_name}/{version}")
+    if info.signature is None or info.signature.inputs is None:
+        raise MloopError(f"v{version} has no input signature; cannot tell its features")
+    return list(info.signature.inputs.input_names())
 
 
 def _prediction_profile(project: Project, version: int, tags: dict[str, str]
@@ -86,7 +101,9 @@ def _prediction_profile(project: Project, version: int, tags: dict[str, str]
     cols = {c: [None if (v is None or (isinstance(v, float) and v != v)) else v
                 for v in frame[c].tolist()] for c in model.schema.names}
     preds = np.asarray(model.predict_frame(model.schema.frame(cols)))
-    column = pa.array(preds.astype(str) if model.task != "regression" else preds)
+    column = pa.array(preds.tolist())
+    if model.task != "regression":  # the same text a window's labels get (pyarrow's cast)
+        column = column.cast(pa.string())
     prof = compute_profile(pa.table({PREDICTION: column}), bins=project.config.profile.bins,
                            top_k=project.config.profile.top_k)
     store.write_bytes(key, json.dumps(prof).encode())
@@ -123,6 +140,13 @@ def _labels(project: Project) -> dict[str, Any]:
                     strict=True))
 
 
+def _majority_version(window: pa.Table) -> int | None:
+    counts = pc.value_counts(window.column("_version")).to_pylist()
+    if not counts:
+        return None
+    return int(max(counts, key=lambda d: d["counts"])["values"])
+
+
 def _versions(window: pa.Table) -> list[int]:
     return sorted(int(v) for v in pc.unique(window.column("_version")).to_pylist())
 
@@ -141,29 +165,43 @@ def run_monitor(project: Project, *, window: str | None = None,
     if champion is None:
         raise MloopError(f"'{name}' has no champion: nothing to monitor against")
     with project.store.session() as s:
-        last_end = s.scalar(sa.select(sa.func.max(MonitorWindowRow.end)).where(
-            MonitorWindowRow.model == name, MonitorWindowRow.spec == spec.text))
-    last_end = as_utc(last_end)
+        last = s.scalars(sa.select(MonitorWindowRow).where(
+            MonitorWindowRow.model == name, MonitorWindowRow.spec == spec.text)
+            .order_by(MonitorWindowRow.seq.desc()).limit(1)).first()
+        last_end = as_utc(last.end) if last is not None else None
+        seq = last.seq if last is not None else 0
+        boundary = set((last.report or {}).get("boundary_ids") or []) if last else set()
     start_after = max(filter(None, [last_end, as_utc(since)]), default=None)
     read_since = start_after - timedelta(microseconds=1) if start_after else None
     rows = read_rows(project.uris["inference_log_uri"], since=read_since, until=until)
     if spec.seconds:
-        windows = time_windows(rows, spec.seconds, start_after)
+        windows = time_windows(rows, spec.seconds, start_after, cfg.lateness_seconds)
     else:
         assert spec.rows is not None
-        windows = row_windows(rows, spec.rows)
+        windows = row_windows(rows, spec.rows, skip_ids=boundary)
     references: dict[int, Reference] = {}
     labels = _labels(project)
     cache: dict[tuple, NullModel] = {}
     evaluated: list[dict[str, Any]] = []
     alerts: list[dict[str, Any]] = []
     for start, end, part in windows:
-        ref = references.get(champion) or references.setdefault(
-            champion, reference_for(project, champion))
+        # judged against the version that answered most of the window (mloop-trained), else
+        # the champion: after a promotion, old traffic keeps its own reference
+        served = _majority_version(part) or champion
+        try:
+            ref = references.get(served) or references.setdefault(
+                served, reference_for(project, served))
+        except MloopError:
+            ref = references.get(champion) or references.setdefault(
+                champion, reference_for(project, champion))
         report = evaluate_window(ref.profile, part, cfg, columns=ref.features,
                                  null_cache=cache, seed=seed)
         report["versions"] = _versions(part)
         report["reference_version"] = ref.version
+        last_ts = part.column("_ts")[-1]
+        report["boundary_ids"] = part.filter(pc.equal(part.column("_ts"), last_ts)).column(
+            "_request_id").to_pylist()
+        seq += 1
         pred_report = None
         if ref.prediction_profile is not None and PREDICTION in part.column_names:
             pred_report = evaluate_window(ref.prediction_profile, part, cfg,
@@ -172,7 +210,7 @@ def run_monitor(project: Project, *, window: str | None = None,
         perf = _performance(part, labels, ref)
         report["performance"] = perf
         row = MonitorWindowRow(
-            model=name, spec=spec.text, start=start, end=end, rows=part.num_rows,
+            model=name, spec=spec.text, seq=seq, start=start, end=end, rows=part.num_rows,
             reference_version=ref.version,
             drifted=report["drift"]["drifted"] if report["drift"] else None,
             drift_share=report["drift"]["drift_share"] if report["drift"] else None,
@@ -190,7 +228,8 @@ def run_monitor(project: Project, *, window: str | None = None,
         alert = _alert(project, evaluated[-1])
         if alert is not None:
             alerts.append(alert)
-    refreshed = _refresh_performance(project, spec, labels, references)
+    refreshed = _refresh_performance(project, spec, labels, references) \
+        if _labels_changed(project, spec, len(labels)) else []
     for summary in refreshed:
         alert = _alert(project, summary, performance_only=True)
         if alert is not None:
@@ -219,15 +258,27 @@ def _alert(project: Project, summary: dict[str, Any], *, performance_only: bool 
     return {**payload, "webhook": delivery}
 
 
+def _labels_changed(project: Project, spec: WindowSpec, count: int) -> bool:
+    """Whether labels arrived since the last run (so re-scoring can read anything new)."""
+    key = f"monitoring/labels-seen-{project.config.model_name}-{spec.text}.json"
+    store = project.outputs
+    seen = json.loads(store.read_bytes(key))["labels"] if store.exists(key) else -1
+    if seen != count:
+        store.write_bytes(key, json.dumps({"labels": count}).encode())
+    return seen != count
+
+
 def _refresh_performance(project: Project, spec: WindowSpec, labels: dict[str, Any],
                          references: dict[int, Reference]) -> list[dict[str, Any]]:
     """Re-score windows whose label coverage was incomplete and for which labels arrived."""
     name = project.config.model_name
-    out = []
+    out: list[dict[str, Any]] = []
+    horizon = project.config.monitoring.label_horizon_windows
     with project.store.session() as s:
-        rows = list(s.scalars(sa.select(MonitorWindowRow).where(
-            MonitorWindowRow.model == name, MonitorWindowRow.spec == spec.text,
-            MonitorWindowRow.label_coverage < 1.0)))
+        recent = list(s.scalars(sa.select(MonitorWindowRow).where(
+            MonitorWindowRow.model == name, MonitorWindowRow.spec == spec.text)
+            .order_by(MonitorWindowRow.seq.desc()).limit(horizon)))
+    rows = [r for r in recent if r.label_coverage < 1.0]
     for row in rows:
         window = read_rows(project.uris["inference_log_uri"],
                            since=as_utc(row.start) - timedelta(microseconds=1),

@@ -72,10 +72,8 @@ def read_rows(uri: str, *, since: datetime | None = None, until: datetime | None
     if not files:
         return pa.table({"_request_id": pa.array([], pa.string()),
                          "_ts": pa.array([], pa.timestamp("us", tz="UTC"))})
-    tables = []
-    for f in files:  # one schema per version; unify by name
-        tables.append(ds.dataset(f, filesystem=store.fs, format="parquet").to_table())
-    table = pa.concat_tables(tables, promote_options="permissive")
+    tables = [ds.dataset(f, filesystem=store.fs, format="parquet").to_table() for f in files]
+    table = _concat(tables)
     cond = pc.not_equal(table.column("_role"), "shadow")
     if since is not None:
         cond = pc.and_(cond, pc.greater(table.column("_ts"), pa.scalar(since,
@@ -85,6 +83,28 @@ def read_rows(uri: str, *, since: datetime | None = None, until: datetime | None
                                            pa.scalar(until, table.column("_ts").type)))
     table = table.filter(cond)
     return table.sort_by([("_ts", "ascending"), ("_request_id", "ascending")])
+
+
+def _concat(tables: list[pa.Table]) -> pa.Table:
+    """One table from segments of possibly different versions: columns are unified by name;
+    a column whose type differs between versions (a retyped feature) becomes text, so the
+    quality check reports it instead of the read failing."""
+    try:
+        return pa.concat_tables(tables, promote_options="permissive")
+    except (pa.ArrowTypeError, pa.ArrowInvalid):
+        types: dict[str, set[pa.DataType]] = {}
+        for t in tables:
+            for f in t.schema:
+                types.setdefault(f.name, set()).add(f.type)
+        clash = {n for n, ts in types.items() if len({str(x) for x in ts} - {"null"}) > 1
+                 and not n.startswith("_")}
+        fixed = []
+        for t in tables:
+            for n in clash & set(t.column_names):
+                i = t.column_names.index(n)
+                t = t.set_column(i, n, t.column(n).cast(pa.string()))
+            fixed.append(t)
+        return pa.concat_tables(fixed, promote_options="permissive")
 
 
 def watermark(table: pa.Table) -> datetime | None:
@@ -100,12 +120,14 @@ def align(ts: datetime, seconds: int) -> datetime:
     return datetime.fromtimestamp(epoch - epoch % seconds, UTC)
 
 
-def time_windows(table: pa.Table, seconds: int, after: datetime | None
-                 ) -> list[tuple[datetime, datetime, pa.Table]]:
-    """Complete windows in ``table`` (whose end the watermark has passed), oldest first."""
+def time_windows(table: pa.Table, seconds: int, after: datetime | None,
+                 lateness: float = 0.0) -> list[tuple[datetime, datetime, pa.Table]]:
+    """Complete windows in ``table`` (whose end the watermark has passed by ``lateness``
+    seconds, so rows committed a little late still land in their window), oldest first."""
     mark = watermark(table)
     if mark is None:
         return []
+    mark = mark - timedelta(seconds=lateness)
     first = pc.min(table.column("_ts")).as_py()
     first = first if first.tzinfo else first.replace(tzinfo=UTC)
     start = align(first, seconds) if after is None else max(after, align(first, seconds))
@@ -121,8 +143,15 @@ def time_windows(table: pa.Table, seconds: int, after: datetime | None
     return out
 
 
-def row_windows(table: pa.Table, rows: int) -> list[tuple[datetime, datetime, pa.Table]]:
-    """Consecutive full windows of ``rows`` rows; the remainder waits for more traffic."""
+def row_windows(table: pa.Table, rows: int, skip_ids: set[str] | None = None
+                ) -> list[tuple[datetime, datetime, pa.Table]]:
+    """Consecutive full windows of ``rows`` rows; the remainder waits for more traffic.
+    ``skip_ids``: rows at the previous window's last timestamp it already holds (one request
+    may be split between two windows; its rows share a timestamp)."""
+    if skip_ids:
+        keep = pc.invert(pc.is_in(table.column("_request_id"),
+                                  value_set=pa.array(sorted(skip_ids), pa.string())))
+        table = table.filter(keep)
     out = []
     for i in range(0, table.num_rows - rows + 1, rows):
         part = table.slice(i, rows)

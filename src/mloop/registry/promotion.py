@@ -211,9 +211,14 @@ def promote(project: Project, version: int, *, reason: str, force: bool = False,
             f"Version {version} of '{project.config.model_name}' failed gate(s) {summary}; "
             f"champion unchanged ({_v(champion)}). Use --force --reason to override.")
     action = "promote" if passed else "override"
-    return change_alias(project, CHAMPION, version, expected=champion, action=action,
-                        reason=reason, actor=actor,
-                        details={"gates_passed": passed, "forced": force and not passed})
+    change = change_alias(project, CHAMPION, version, expected=champion, action=action,
+                          reason=reason, actor=actor,
+                          details={"gates_passed": passed, "forced": force and not passed})
+    if stored_alias(project, CHALLENGER) == version:
+        # the challenger graduated: it must not come back as canary after a later rollback
+        change_alias(project, CHALLENGER, None, expected=version, action="stop",
+                     reason=f"v{version} promoted to champion", actor=actor)
+    return change
 
 
 def rollback(project: Project, *, reason: str, to: int | None = None,

@@ -270,6 +270,7 @@ def create_app(project: Project, config: ServingConfig | None = None, *,
 
     async def reload_handler(request: Request) -> tuple[Response, str]:
         state.failed.clear()
+        state.retry_at.clear()
         await state.poll()
         return _json({"desired": state.desired.to_dict() if state.desired else None,
                       **state.routing.describe()}), ""
@@ -348,19 +349,26 @@ def _parse_json(raw: bytes) -> Any:
 
 
 def _event_time(value: Any) -> float:
+    """Event time in epoch seconds, between 1970 and a day from now (epoch milliseconds and
+    far-future dates are client bugs, and would not fit the log's day partitions)."""
     if value is None:
         return time.time()
+    ts: float | None = None
     if isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, str):
+        ts = float(value)
+    elif isinstance(value, str):
         try:
             dt = datetime.fromisoformat(value)
-        except ValueError:
-            pass
-        else:
-            return (dt if dt.tzinfo else dt.replace(tzinfo=UTC)).timestamp()
-    raise InputError([FieldError("timestamp", "must be ISO 8601 or epoch seconds",
-                                 value=value)])
+            ts = (dt if dt.tzinfo else dt.replace(tzinfo=UTC)).timestamp()
+        except (ValueError, OverflowError):
+            ts = None
+    if ts is None:
+        raise InputError([FieldError("timestamp", "must be ISO 8601 or epoch seconds",
+                                     value=value)])
+    if not 0 <= ts <= time.time() + 86_400:
+        raise InputError([FieldError("timestamp", "must be between 1970 and now (epoch "
+                                     "seconds, not milliseconds)", value=value)])
+    return ts
 
 
 def _mlflow_parser(body: Any) -> Parser:
@@ -453,12 +461,13 @@ async def _log(state: ServerState, entry: LogEntry) -> None:
     ilog = state.inference_log
     if ilog is None or ilog.append(entry):
         return
-    state.metrics.log_rows.labels("dropped").inc(len(entry.ids))
     if state.config.inference_log.on_full != "block":
+        state.metrics.log_rows.labels("dropped").inc(len(entry.ids))
         return
     deadline = time.monotonic() + 5.0
     while not ilog.append(entry):
         if time.monotonic() > deadline:
+            state.metrics.log_rows.labels("dropped").inc(len(entry.ids))
             raise HTTPError(503, {"error": "the inference log is full and not draining "
                                            "(serving.inference_log.on_full: block); retry"},
                             {"Retry-After": "1"})

@@ -4,6 +4,7 @@ most every ``refresh_seconds``, so a new or revoked token takes effect without a
 from __future__ import annotations
 
 import hmac
+import logging
 import threading
 import time
 
@@ -12,6 +13,7 @@ from mloop.serving.app import HTTPError
 from mloop.store.db import Store
 
 _RANK = {"predict": 1, "admin": 2}
+log = logging.getLogger("mloop.serving")
 
 
 class TokenAuth:
@@ -24,7 +26,17 @@ class TokenAuth:
         self.refresh()
 
     def refresh(self) -> None:
-        hashes = active_hashes(self.store)
+        """Re-read the hashes; if the store is unreachable keep the last good set (and try
+        again after ``refresh_seconds``) rather than failing every request."""
+        try:
+            hashes = active_hashes(self.store)
+        except Exception as exc:
+            if not self._loaded:
+                raise  # at start-up: no tokens known yet, refuse to start
+            log.warning("could not refresh API tokens (keeping the last set): %s", exc)
+            with self._lock:
+                self._loaded = time.monotonic()
+            return
         with self._lock:
             self._hashes, self._loaded = hashes, time.monotonic()
 

@@ -51,6 +51,7 @@ class MicroBatcher:
         self._task: asyncio.Task | None = None
         self._on_batch = on_batch
         self._last_size = 1
+        self._closed = False
 
     def start(self) -> None:
         if self._task is None:
@@ -58,6 +59,8 @@ class MicroBatcher:
 
     async def submit(self, cols: dict[str, list], n: int) -> list[Any]:
         """Queue validated columns; resolve to their predictions, in row order."""
+        if self._closed:
+            raise RuntimeError("this model was swapped out; retry the request")
         if self._task is None:
             self.start()
         fut: asyncio.Future = asyncio.get_running_loop().create_future()
@@ -69,7 +72,8 @@ class MicroBatcher:
         return self._queue.qsize()
 
     async def stop(self) -> None:
-        """Finish what is queued, then stop the model thread."""
+        """Finish what is queued, then stop the model thread. Later submits are refused."""
+        self._closed = True
         if self._task is not None:
             self._queue.put_nowait(None)
             await self._task

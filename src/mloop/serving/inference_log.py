@@ -97,6 +97,7 @@ class InferenceLog:
         self._on_write = on_write
         self._on_queue = on_queue
         self.dropped = 0
+        self.rejected = 0  # rows no partition or Arrow type could hold (bugs, not load)
         self.written = 0
         self.segments = 0
         self.failures = 0
@@ -158,26 +159,47 @@ class InferenceLog:
             count, self._rows = self._rows, 0
         if not entries:
             return 0
-        try:
-            groups: dict[tuple[str, int], list[LogEntry]] = defaultdict(list)
-            for e in entries:
+        groups: dict[tuple[str, int], list[LogEntry]] = defaultdict(list)
+        for e in entries:
+            try:
                 groups[(e.day, e.version)].append(e)
-            for (day, version), part in sorted(groups.items()):
+            except (ValueError, OverflowError, OSError):  # a time no partition can hold
+                self.rejected += len(e.ids)
+                count -= len(e.ids)
+                log.error("inference log: dropped %d row(s) with an impossible event time %r",
+                          len(e.ids), e.ts)
+        pending = sorted(groups.items())
+        try:
+            while pending:
+                (day, version), part = pending[0]
+                try:
+                    table = _to_table(part)
+                except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as exc:
+                    # rows Arrow cannot hold would block every later commit: set them aside
+                    self.rejected += sum(len(e.ids) for e in part)
+                    count -= sum(len(e.ids) for e in part)
+                    log.error("inference log: dropped %d row(s) that cannot be stored: %s",
+                              sum(len(e.ids) for e in part), exc)
+                    pending.pop(0)
+                    continue
                 self._seq += 1
                 name = (f"day={day}/version={version}/part-{int(time.time() * 1000):013d}-"
                         f"{os.getpid()}-{self._seq:06d}.parquet")
-                self.store.write_parquet(name, _to_table(part))
+                self.store.write_parquet(name, table)
                 self.segments += 1
+                self.written += sum(len(e.ids) for e in part)
+                pending.pop(0)
         except Exception:
-            with self._lock:  # put them back in front, in order
-                self._entries[:0] = entries
-                self._rows += count
+            # only the groups not yet written go back (in front, in order): no duplicates
+            unwritten = [e for _, part in pending for e in part]
+            with self._lock:
+                self._entries[:0] = unwritten
+                self._rows += sum(len(e.ids) for e in unwritten)
             raise
         with self._lock:
             for e in entries:
                 self._recent_ids.difference_update(e.ids)
             size = self._rows
-        self.written += count
         if self._on_write is not None:
             self._on_write(count)
         if self._on_queue is not None:

@@ -200,12 +200,19 @@ class _Missing:
 _MISSING: Any = _Missing()
 
 
+_INT64 = 2 ** 63
+
+
 def _accepts(kind: str, v: Any) -> bool:
     if kind in _NUMERIC:
-        return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+        # integers beyond int64 are valid JSON but fit no column the log (or model) keeps
+        if isinstance(v, int) and not isinstance(v, bool):
+            return -_INT64 <= v < _INT64
+        return isinstance(v, float) and math.isfinite(v)
     if kind in _INTEGER:
-        return (isinstance(v, int) and not isinstance(v, bool)) or (
-            isinstance(v, float) and v.is_integer())
+        if isinstance(v, int) and not isinstance(v, bool):
+            return -_INT64 <= v < _INT64
+        return isinstance(v, float) and v.is_integer() and -_INT64 <= v < _INT64
     if kind == "string":
         return isinstance(v, str)
     if kind == "boolean":

@@ -83,6 +83,7 @@ class ServerState:
     routing: Routing = field(default_factory=Routing)
     desired: DesiredState | None = None
     failed: dict[int, str] = field(default_factory=dict)  # version -> why it would not load
+    retry_at: dict[int, tuple[float, float]] = field(default_factory=dict)  # when, backoff
     shadow_rows: int = 0
     last_poll: float = 0.0
     poll_error: str | None = None
@@ -136,19 +137,25 @@ class ServerState:
         for s in (cur.champion, cur.challenger):
             if s is not None and s.model.version == version:
                 return s
-        if version in self.failed:
-            return None
+        if version in self.failed and time.time() < self.retry_at[version][0]:
+            return None  # failed recently: retried with backoff (1 min, doubling to 15 min)
         try:
             model = await asyncio.to_thread(load_served, self.project, version,
                                             compile=self.config.compile)
         except Exception as exc:
             why = f"{type(exc).__name__}: {exc}"
+            first = version not in self.failed
             self.failed[version] = why
+            backoff = min(900.0, self.retry_at.get(version, (0.0, 30.0))[1] * 2)
+            self.retry_at[version] = (time.time() + backoff, backoff)
             self.metrics.model_load_failures.labels(str(version)).inc()
             log.error("v%s failed to load or warm; still serving what was there: %s",
                       version, why)
-            await asyncio.to_thread(self._record_failure, version, why)
+            if first:
+                await asyncio.to_thread(self._record_failure, version, why)
             return None
+        self.failed.pop(version, None)
+        self.retry_at.pop(version, None)
         self.metrics.model_loads.labels(str(version)).inc()
         return Slot(model, self._batcher(model))
 

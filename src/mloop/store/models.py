@@ -188,6 +188,7 @@ class MonitorWindowRow(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     model: Mapped[str] = mapped_column(String(200))
     spec: Mapped[str] = mapped_column(String(40))  # "1d", "5000rows"
+    seq: Mapped[int] = mapped_column(Integer)  # 1, 2, ... per (model, spec): one writer wins
     start: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     end: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     rows: Mapped[int] = mapped_column(Integer)
@@ -205,5 +206,5 @@ class MonitorWindowRow(Base):
     evaluated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     performance_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
-    __table_args__ = (UniqueConstraint("model", "spec", "start", name="uq_monitor_windows_start"),
+    __table_args__ = (UniqueConstraint("model", "spec", "seq", name="uq_monitor_windows_seq"),
                       Index("ix_monitor_windows_model_end", "model", "spec", "end"))

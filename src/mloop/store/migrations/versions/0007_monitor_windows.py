@@ -19,6 +19,7 @@ def upgrade() -> None:
         sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
         sa.Column("model", sa.String(200), nullable=False),
         sa.Column("spec", sa.String(40), nullable=False),
+        sa.Column("seq", sa.Integer, nullable=False),
         sa.Column("start", sa.DateTime(timezone=True), nullable=False),
         sa.Column("end", sa.DateTime(timezone=True), nullable=False),
         sa.Column("rows", sa.Integer, nullable=False),
@@ -35,7 +36,7 @@ def upgrade() -> None:
         sa.Column("report", sa.JSON, nullable=False),
         sa.Column("evaluated_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("performance_at", sa.DateTime(timezone=True), nullable=True),
-        sa.UniqueConstraint("model", "spec", "start", name="uq_monitor_windows_start"),
+        sa.UniqueConstraint("model", "spec", "seq", name="uq_monitor_windows_seq"),
     )
     op.create_index("ix_monitor_windows_model_end", "monitor_windows", ["model", "spec", "end"])
 
