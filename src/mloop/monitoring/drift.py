@@ -212,14 +212,14 @@ FIRST_DRAWS = 2_000
 
 
 def _calibrate(ref: ColumnReference, method: str, n: int, score: float, sims: int,
-               rate: float, rng: np.random.Generator, cache: dict[tuple, NullModel] | None
-               ) -> tuple[NullModel | None, float]:
+               rate: float, rng: np.random.Generator, cache: dict[tuple, NullModel] | None,
+               first: int = FIRST_DRAWS) -> tuple[NullModel | None, float]:
     """The null model and p-value of ``score``. A first 2,000 draws settle most columns (a
     p-value far above the rate needs no precision); only a column whose p-value might fall
     under a Holm threshold gets the full ``sims`` draws."""
     if n == 0:
         return None, 1.0
-    for draws in ((min(FIRST_DRAWS, sims), sims) if sims > FIRST_DRAWS else (sims,)):
+    for draws in ((min(first, sims), sims) if sims > first else (sims,)):
         key = (ref.name, method, n, draws)
         null = cache.get(key) if cache is not None else None
         if null is None:
@@ -227,7 +227,9 @@ def _calibrate(ref: ColumnReference, method: str, n: int, score: float, sims: in
             if cache is not None:
                 cache[key] = null
         p = null.p_value(score)
-        if p > 5 * rate:
+        # settled: far above the rate, or beyond every draw (more draws only lower p, and
+        # ``first`` draws already put 1/(draws+1) under the smallest Holm threshold)
+        if p > 5 * rate or score > null.values[-1]:
             break
     return null, p
 
@@ -308,7 +310,9 @@ def detect(references: list[ColumnReference], windows: dict[str, np.ndarray], *,
         widths = np.diff(ref.edges) if ref.edges is not None else None
         score = float(statistic(method, ref.counts, counts, widths=widths, std=ref.std)) \
             if n else 0.0
-        null, p = _calibrate(ref, method, n, score, sims, false_alarm_rate, rng, null_cache)
+        first = max(FIRST_DRAWS, math.ceil(2 * m / false_alarm_rate))
+        null, p = _calibrate(ref, method, n, score, sims, false_alarm_rate, rng, null_cache,
+                             first)
         pending.append((ref, method, score, p, n, null))
     # Holm: sort p ascending; reject while p_(i) <= rate / (m - i)
     order = sorted(range(m), key=lambda i: pending[i][3])

@@ -26,8 +26,33 @@ def evaluate_window(profile: dict[str, Any], window: pa.Table, cfg: MonitoringCo
                     seed: int = 0) -> dict[str, Any]:
     """Quality and drift of ``window`` against ``profile`` for ``columns`` (default: every
     numeric or categorical column of the profile)."""
+    present = set(window.column_names)
+    return _evaluate(profile, lambda name: window.column(name) if name in present else None,
+                     window.num_rows, cfg, columns=columns, null_cache=null_cache, seed=seed)
+
+
+def evaluate_file(profile: dict[str, Any], path: Path, cfg: MonitoringConfig, *,
+                  columns: list[str] | None = None, seed: int = 0) -> dict[str, Any]:
+    """The same for a Parquet file, read one column at a time: memory holds one column, not
+    the table."""
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as exc:
+        raise MloopError(f"{path}: not a readable Parquet file ({exc})") from exc
+    present = set(pf.schema_arrow.names)
+
+    def column(name: str) -> pa.ChunkedArray | None:
+        return pf.read(columns=[name]).column(0) if name in present else None
+
+    return _evaluate(profile, column, pf.metadata.num_rows, cfg, columns=columns, seed=seed)
+
+
+def _evaluate(profile: dict[str, Any], get_column: Any, rows: int, cfg: MonitoringConfig, *,
+              columns: list[str] | None, null_cache: dict[tuple, NullModel] | None = None,
+              seed: int = 0) -> dict[str, Any]:
     t0 = time.perf_counter()
-    rows = window.num_rows
     ref_cols = profile["columns"]
     names = columns if columns is not None else [
         c for c, st in ref_cols.items() if st.get("kind") in ("numeric", "categorical")]
@@ -42,15 +67,14 @@ def evaluate_window(profile: dict[str, Any], window: pa.Table, cfg: MonitoringCo
     th = QualityThresholds(**cfg.quality.model_dump())
     references: list[ColumnReference] = []
     binned: dict[str, np.ndarray] = {}
-    present = set(window.column_names)
     for name in names:
-        col = window.column(name) if name in present else None
-        findings, values = check_column(name, ref_cols[name], col, rows, th)
+        findings, values = check_column(name, ref_cols[name], get_column(name), rows, th)
         report["quality"].extend(f.to_dict() for f in findings)
         ref = ColumnReference.from_profile(name, ref_cols[name])
         if values is None or ref is None:
             continue
         counts, _ = ref.bin(values)
+        del values  # one column at a time
         references.append(ref)
         binned[name] = counts
     drift = detect(references, binned, false_alarm_rate=cfg.false_alarm_rate,
@@ -87,13 +111,17 @@ def compare_files(reference: Path, current: Path, cfg: MonitoringConfig, *,
     t0 = time.perf_counter()
     ref_table = read_table(reference)
     profile = compute_profile(ref_table, bins=bins, top_k=top_k)
-    cur = read_table(current)
+    ref_rows = ref_table.num_rows
+    del ref_table
     if columns is None:
         columns = [c for c, st in profile["columns"].items()
                    if st.get("kind") in ("numeric", "categorical")]
-    report = evaluate_window(profile, cur, cfg, columns=columns)
-    report["reference"] = {"path": str(reference), "rows": ref_table.num_rows}
-    report["current"] = {"path": str(current), "rows": cur.num_rows}
+    if current.is_file() and current.suffix.lower() == ".parquet":
+        report = evaluate_file(profile, current, cfg, columns=columns)
+    else:
+        report = evaluate_window(profile, read_table(current), cfg, columns=columns)
+    report["reference"] = {"path": str(reference), "rows": ref_rows}
+    report["current"] = {"path": str(current), "rows": report["rows"]}
     report["profile"] = profile
     report["total_seconds"] = time.perf_counter() - t0
     return report
