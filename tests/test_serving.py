@@ -759,7 +759,8 @@ def test_the_log_buffer_refuses_beyond_its_limit_and_commits_on_close(tmp_path: 
 
 # ------------------------------------------------------------------------------ monitoring
 
-def _log_traffic(project: Any, frame: pd.DataFrame, day: str, version: int = 1) -> list[str]:
+def _log_traffic(project: Any, frame: pd.DataFrame, day: str, version: int = 1,
+                 role: str = "champion") -> list[str]:
     """Rows answered by ``version`` on ``day`` (spread over the day), through the same writer
     the server uses; returns their request ids."""
     from mloop.serving.inference_log import InferenceLog, LogEntry, new_request_id
@@ -774,7 +775,7 @@ def _log_traffic(project: Any, frame: pd.DataFrame, day: str, version: int = 1) 
         ts = start + i * 86_000 / len(frame)
         rid = new_request_id(ts)
         ids.append(rid)
-        log.append(LogEntry([rid], ts, version, "champion", 1.0, [preds[i]],
+        log.append(LogEntry([rid], ts, version, role, 1.0, [preds[i]],
                             {c: [v[i]] for c, v in cols.items()}))
     log.close()
     return ids
@@ -907,3 +908,125 @@ def test_a_promoted_canary_does_not_come_back_after_a_rollback(proj: Path) -> No
     rollback(project, reason="v2 misbehaves")
     state = desired_state(project)
     assert (state.champion, state.challenger, state.weight) == (1, None, 0.0)
+
+
+# ------------------------------------------------------------------------ the closed loop
+
+LOOP = """
+loop:
+  triggers: {drift: {consecutive: 1}}
+  retrain: {window: 3d, min_labelled_rows: 300}
+  guards: {cooldown: 1d, max_per_day: 2}
+  canary: {weight: 0.5, probation: 1d, min_labelled: 50}
+"""
+
+
+def _hot(n: int, seed: int) -> pd.DataFrame:
+    """A heat wave: temperatures up 15 degrees, and rentals with them (the same relation the
+    training data follows: 2.5 rentals per degree)."""
+    frame = rentals_frame(n, seed=seed)
+    frame["temp"] = frame["temp"] + 15
+    frame["cnt"] = frame["cnt"] + 37
+    return frame
+
+
+def _label(project: Any, ids: list[str], frame: pd.DataFrame) -> None:
+    from mloop.serving.labels import store_labels
+    from mloop.storage import ObjectStore
+
+    store_labels(ObjectStore(project.uris["inference_log_uri"]),
+                 dict(zip(ids, frame["cnt"].astype(float), strict=True)), task="regression",
+                 source="test")
+
+
+def test_the_loop_retrains_on_drift_canaries_then_promotes_after_probation(proj: Path) -> None:
+    from mloop.loop.controller import load_state, loop_metrics, run_once
+
+    (proj / "mloop.yaml").write_text((proj / "mloop.yaml").read_text() + LOOP)
+    project = open_project(proj)
+    normal, hot = rentals_frame(600, seed=40), _hot(600, seed=41)
+    _label(project, _log_traffic(project, normal, "2024-06-01"), normal)
+    _label(project, _log_traffic(project, hot, "2024-06-02"), hot)
+    _log_traffic(project, rentals_frame(5, seed=42), "2024-06-03")  # watermark
+
+    first = run_once(project)
+    acts = [a["action"] for a in first["actions"]]
+    assert acts == ["canary_started"], first["actions"]
+    new = first["actions"][0]["version"]
+    assert new == 5 and first["triggers"][0]["trigger"] == "drift"
+    state = desired_state(project)
+    assert (state.champion, state.challenger, state.mode, state.weight) == (1, 5, "canary", 0.5)
+    kinds = [e.kind for e in list_events(project.store, limit=20)]
+    assert "loop.retrain_started" in kinds and "loop.canary_started" in kinds
+
+    # nothing new and probation not over: the next pass does nothing (no second retrain)
+    again = run_once(open_project(proj))
+    assert [a["action"] for a in again["actions"]] in ([], ["held"])
+    assert desired_state(project).challenger == 5
+
+    # a day of split traffic, labelled: the retrained canary knows the heat wave
+    hot2 = _hot(400, seed=43)
+    _label(project, _log_traffic(project, hot2.iloc[:200], "2024-06-04", version=5,
+                                 role="canary"), hot2.iloc[:200])
+    _label(project, _log_traffic(project, hot2.iloc[200:], "2024-06-04", version=1),
+           hot2.iloc[200:])
+    _log_traffic(project, _hot(5, seed=44), "2024-06-05")
+    verdict = run_once(open_project(proj))
+    assert [a["action"] for a in verdict["actions"]][:1] == ["promote"], verdict["actions"]
+    assert desired_state(project).champion == 5 and desired_state(project).challenger is None
+    assert load_state(project).get("probation") is None
+    metrics = loop_metrics(project)
+    assert metrics["retrains"] == 1 and metrics["promoted"] == 1
+    assert metrics["time_to_deploy_hours"] > 24  # the probation day, in event time
+    promote_event = list_events(project.store, kind="loop.probation_promote")[0].payload
+    assert promote_event["challenger"]["labelled"] == 200
+    assert promote_event["challenger"]["value"] < promote_event["champion"]["value"]
+
+
+def test_the_loop_guards_failures_and_restarts(proj: Path) -> None:
+    from mloop.loop.controller import load_state, run_once, save_state
+
+    (proj / "mloop.yaml").write_text((proj / "mloop.yaml").read_text() + LOOP.replace(
+        "min_labelled_rows: 300", "min_labelled_rows: 100000"))
+    project = open_project(proj)
+    normal, hot = rentals_frame(600, seed=50), _hot(600, seed=51)
+    _label(project, _log_traffic(project, normal, "2024-07-01"), normal)
+    _label(project, _log_traffic(project, hot, "2024-07-02"), hot)
+    _log_traffic(project, rentals_frame(5, seed=52), "2024-07-03")
+
+    # too few labelled rows: the retrain fails, the champion stays, the event says why
+    out = run_once(project)
+    assert [a["action"] for a in out["actions"]] == ["retrain_failed"]
+    assert "min_labelled_rows" in out["actions"][0]["error"]
+    assert desired_state(project).champion == 1
+    # more drift the next day: held by the cooldown (event time), not retried at once
+    _label(project, _log_traffic(project, _hot(600, seed=53), "2024-07-03"), _hot(600, 53))
+    _log_traffic(project, rentals_frame(5, seed=54), "2024-07-03T12:00:00")
+    held = run_once(open_project(proj))
+    assert held["actions"] and held["actions"][0]["action"] == "held"
+    # a controller killed mid-retrain: the next pass records it instead of redoing it
+    state = load_state(project)
+    state.data["in_flight"] = {"triggered_at": "2024-07-03T00:00:00+00:00",
+                               "triggers": ["drift"]}
+    save_state(project, state)
+    resumed = run_once(open_project(proj))
+    assert resumed["actions"][0]["action"] == "retrain_interrupted"
+    assert load_state(project).get("in_flight") is None
+    kinds = [e.kind for e in list_events(project.store, limit=30)]
+    assert "loop.retrain_interrupted" in kinds and "loop.trigger_held" in kinds
+
+
+def test_loop_and_events_cli(proj: Path, capsys) -> None:
+    assert main(["-C", str(proj), "loop", "--once", "--json"]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert first["now"] is None and "no traffic" in first["message"]
+    project = open_project(proj)
+    _log_traffic(project, rentals_frame(50, seed=60), "2024-08-01")
+    assert main(["-C", str(proj), "loop", "--once"]) == 0
+    assert "event time 2024-08-01" in capsys.readouterr().out
+    assert main(["-C", str(proj), "events", "--type", "promote", "--json"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [e["kind"] for e in lines] == ["promote"]  # the fixture's promotion of v1
+    assert lines[0]["payload"]["version"] == 1
+    assert main(["-C", str(proj), "events", "--since", "not-a-time"]) == 1
+    assert "--since 'not-a-time'" in capsys.readouterr().err

@@ -277,6 +277,65 @@ class MonitoringConfig(_Strict):
     webhook: WebhookConfig | None = None
 
 
+_DURATION = r"^\d+(\.\d+)?[smhd]$"
+
+
+class DriftTrigger(_Strict):
+    consecutive: int = Field(2, ge=1)  # dataset drift in this many consecutive windows
+
+
+class PerformanceTrigger(_Strict):
+    margin: float = Field(0.15, ge=0)  # labelled metric worse than holdout by this (relative)
+    min_labelled: int = Field(100, ge=1)  # labelled rows a window needs to count
+
+
+class TriggersConfig(_Strict):
+    """Any one of these starts a retrain (subject to the guards)."""
+
+    drift: DriftTrigger | None = None
+    features: list[str] = Field(default_factory=list)  # drift of a named feature
+    performance: PerformanceTrigger | None = None
+    schedule: str | None = Field(None, pattern=_DURATION)  # at most this long between retrains
+    new_labels: int | None = Field(None, ge=1)  # labelled rows since the last retrain
+
+
+class RetrainConfig(_Strict):
+    window: str = Field("60d", pattern=_DURATION)  # most recent labelled traffic
+    include_original: bool = False  # plus the champion's original training snapshot
+    min_labelled_rows: int = Field(500, ge=1)
+
+
+class GuardsConfig(_Strict):
+    cooldown: str = Field("1d", pattern=_DURATION)  # between retrains (event time)
+    max_per_day: int = Field(3, ge=1)
+
+
+class CanaryPolicy(_Strict):
+    weight: float = Field(0.2, gt=0, lt=1)
+    probation: str = Field("3d", pattern=_DURATION)  # event time before the verdict
+    min_labelled: int = Field(100, ge=1)  # labelled canary rows needed for a verdict
+    margin: float = Field(0.0, ge=0)  # challenger may be worse than champion by this (rel.)
+    latency_p95_ms: float | None = Field(None, gt=0)  # breach: immediate rollback
+
+
+class CostRates(_Strict):
+    cpu_hour: float = Field(0.05, ge=0)  # money per CPU-hour
+    gb_hour: float = Field(0.005, ge=0)  # money per GB-hour of peak memory
+    currency: str = "USD"
+
+
+class LoopConfig(_Strict):
+    """The closed loop's policy: when to retrain, how to roll out, when to give up."""
+
+    enabled: bool = True
+    action: Literal["retrain", "alert"] = "retrain"  # alert: tell, never act
+    triggers: TriggersConfig = Field(default_factory=TriggersConfig)
+    retrain: RetrainConfig = Field(default_factory=RetrainConfig)
+    guards: GuardsConfig = Field(default_factory=GuardsConfig)
+    canary: CanaryPolicy | None = Field(default_factory=CanaryPolicy)  # None: promote at once
+    costs: CostRates = Field(default_factory=CostRates)
+
+
 class ProjectConfig(_Strict):
     project: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     stores: StoresConfig = Field(default_factory=StoresConfig)
@@ -293,6 +352,7 @@ class ProjectConfig(_Strict):
     profile: ProfileConfig = Field(default_factory=ProfileConfig)
     serving: ServingConfig = Field(default_factory=ServingConfig)
     monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig)
+    loop: LoopConfig = Field(default_factory=LoopConfig)
     _file: str = PrivateAttr(default=CONFIG_FILE)
     _lines: dict[tuple[Any, ...], int] = PrivateAttr(default_factory=dict)
     _secrets: frozenset[str] = PrivateAttr(default=frozenset())
@@ -322,7 +382,7 @@ class ProjectConfig(_Strict):
         """sha256 of everything that shapes the model; stores and gates are left out (moving
         the stores or changing a gate or how it is served changes nothing about the model)."""
         body = self.model_dump(mode="json", exclude={"stores", "gates", "serving",
-                                                       "monitoring"})
+                                                       "monitoring", "loop"})
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 

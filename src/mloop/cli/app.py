@@ -539,6 +539,86 @@ def _num(x: float | None) -> str:
     return "" if x is None else f"{x:.4g}"
 
 
+# ------------------------------------------------------------------------------ the loop
+
+@app.command("loop")
+def loop_cmd(
+    once: Annotated[bool, typer.Option("--once", help="One pass, then exit (for cron, "
+                                                      "Airflow, a Kubernetes CronJob).")] = False,
+    every: Annotated[float, typer.Option(min=1, help="Seconds between passes.")] = 60.0,
+    json_: JsonOpt = False,
+) -> None:
+    """The controller: monitor new windows, judge canaries, retrain and roll out by policy."""
+    import time
+
+    from mloop.loop.controller import run_once
+
+    project = _open()
+    while True:
+        result = run_once(project)
+        if json_:
+            result.pop("monitor", None)
+            emit_json(result)
+        else:
+            _print_pass(result)
+        if once:
+            return
+        time.sleep(every)
+
+
+def _print_pass(result: dict[str, Any]) -> None:
+    mon = result.get("monitor") or {}
+    out.print(f"event time {result.get('now') or 'n/a'}: {len(mon.get('evaluated', []))} new "
+              f"window(s), triggers: "
+              f"{', '.join(t['trigger'] for t in result.get('triggers', [])) or 'none'}")
+    for a in result["actions"]:
+        detail = {k: v for k, v in a.items() if k not in ("action", "triggers")}
+        out.print(f"  [bold]{a['action']}[/] {detail}")
+
+
+@app.command()
+def events(
+    since: Annotated[str | None, typer.Option(help="ISO time: only events at or after.")] =
+    None,
+    type_: Annotated[str | None, typer.Option("--type", help="An event kind, or a prefix "
+                                                             "ending in '.' (loop.).")] = None,
+    limit: Annotated[int, typer.Option(min=1)] = 50,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new events."
+                                         )] = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Every action and its cause, newest first (the audit chain)."""
+    import json as _json
+    import time
+
+    from mloop.security.audit import list_events
+
+    project = _open()
+    rows = list_events(project.store, limit=limit, kind=type_,
+                       since=_iso_arg(since, "--since"))
+
+    def show(batch: list[Any]) -> None:
+        for e in batch:
+            body = {"id": e.id, "at": e.at.isoformat(timespec="seconds"), "kind": e.kind,
+                    "actor": e.actor, "payload": e.payload}
+            if json_:
+                sys.stdout.write(_json.dumps(body, default=str) + "\n")
+            else:
+                summary = _json.dumps(e.payload, default=str)
+                out.print(f"{body['at']}  [bold]{e.kind}[/]  {e.actor}  "
+                          f"{summary[:160]}{'…' if len(summary) > 160 else ''}",
+                          highlight=False)
+
+    show(rows)
+    last = max((e.id for e in rows), default=0)
+    while follow:
+        time.sleep(1.0)
+        new = list(reversed(list_events(project.store, limit=1000, kind=type_,
+                                        after_id=last)))
+        show(new)
+        last = max([last, *(e.id for e in new)])
+
+
 # ------------------------------------------------------------------------------ audit
 
 @audit_app.command("verify")

@@ -135,9 +135,18 @@ def verify_chain(store: Store) -> ChainReport:
     return ChainReport(True, count)
 
 
-def list_events(store: Store, *, limit: int = 50, kind: str | None = None) -> list[EventRow]:
+def list_events(store: Store, *, limit: int = 50, kind: str | None = None,
+                since: datetime | None = None, after_id: int | None = None) -> list[EventRow]:
+    """Newest first. ``kind`` ending in ``.`` or ``*`` matches a prefix (``loop.``)."""
     q = sa.select(EventRow).order_by(EventRow.id.desc()).limit(limit)
     if kind is not None:
-        q = q.where(EventRow.kind == kind)
+        if kind.endswith((".", "*")):
+            q = q.where(EventRow.kind.startswith(kind.rstrip("*")))
+        else:
+            q = q.where(EventRow.kind == kind)
+    if since is not None:
+        q = q.where(EventRow.at >= since)
+    if after_id is not None:
+        q = q.where(EventRow.id > after_id)
     with store.session() as s:
         return list(s.scalars(q).all())

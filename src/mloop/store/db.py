@@ -22,7 +22,7 @@ from mloop.store.models import (
 )
 
 MIGRATIONS = Path(__file__).parent / "migrations"
-HEAD_REVISION = "0007"  # the newest file in migrations/versions (a test keeps them in step)
+HEAD_REVISION = "0008"  # the newest file in migrations/versions (a test keeps them in step)
 
 
 def utcnow() -> datetime:

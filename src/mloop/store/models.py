@@ -208,3 +208,15 @@ class MonitorWindowRow(Base):
 
     __table_args__ = (UniqueConstraint("model", "spec", "seq", name="uq_monitor_windows_seq"),
                       Index("ix_monitor_windows_model_end", "model", "spec", "end"))
+
+
+class LoopStateRow(Base):
+    """The controller's progress for one model, so a restart resumes instead of acting twice.
+    ``revision`` increments on every save; a save based on a stale read fails."""
+
+    __tablename__ = "loop_state"
+
+    model: Mapped[str] = mapped_column(String(200), primary_key=True)
+    revision: Mapped[int] = mapped_column(Integer)
+    state: Mapped[dict[str, Any]] = mapped_column(JSON)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

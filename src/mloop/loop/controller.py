@@ -1,0 +1,471 @@
+"""The controller: one pass = monitor new windows, judge a canary on probation, check the
+triggers, act (retrain → gate → canary, or alert), record.
+
+It uses the same services as the CLI (``run_monitor``, ``evaluate_gates``,
+``deploy_challenger``, ``promote``, ``stop_challenger``). Its clock is the inference log's
+event time (the watermark), so cooldowns and probations mean the same thing for live traffic
+and for a replay. Its progress (last window seen, drift streak, retrain in flight, probation,
+history) is one row in mloop's store, saved after every step with a revision check: a
+``kill -9`` followed by a restart resumes from the last saved step and never repeats an action
+that completed; a retrain interrupted mid-way is recorded as such and not silently redone.
+Every decision is an event in the audit chain with what it was based on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import sqlalchemy as sa
+
+from mloop.errors import MloopError
+from mloop.loop.retrain import (
+    build_training_data,
+    count_labelled_since,
+    event_time_now,
+    retrain,
+    seconds,
+)
+from mloop.project import Project
+from mloop.security.audit import append_event
+from mloop.store.db import utcnow
+from mloop.store.models import LoopStateRow, MonitorWindowRow
+
+
+class StaleState(MloopError):
+    """Another controller saved the state first: this pass stops without acting further."""
+
+
+@dataclass
+class LoopState:
+    model: str
+    revision: int = 0
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.data.get(key, default)
+
+
+def load_state(project: Project) -> LoopState:
+    name = project.config.model_name
+    with project.store.session() as s:
+        row = s.get(LoopStateRow, name)
+        if row is None:
+            return LoopState(name)
+        return LoopState(name, row.revision, dict(row.state))
+
+
+def save_state(project: Project, state: LoopState) -> None:
+    """Write ``state`` if nobody saved since it was read (else StaleState)."""
+    from mloop.security.audit import json_safe
+
+    with project.store.session() as s:
+        row = s.get(LoopStateRow, state.model)
+        current = row.revision if row is not None else 0
+        if current != state.revision:
+            raise StaleState(f"the loop state of '{state.model}' changed underneath this pass "
+                             f"(revision {current}, expected {state.revision}): another "
+                             f"controller is running")
+        body = json_safe(state.data)
+        if row is None:
+            s.add(LoopStateRow(model=state.model, revision=1, state=body, updated_at=utcnow()))
+        else:
+            row.revision, row.state, row.updated_at = current + 1, body, utcnow()
+        try:
+            s.commit()
+        except sa.exc.IntegrityError:
+            raise StaleState(f"another controller created the loop state of "
+                             f"'{state.model}' first") from None
+    state.revision = current + 1
+
+
+def _iso(dt: datetime | None) -> str | None:
+    return dt.isoformat() if dt is not None else None
+
+
+def _dt(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    dt = datetime.fromisoformat(text)
+    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
+
+
+def _event(project: Project, kind: str, payload: dict[str, Any]) -> None:
+    append_event(project.store, f"loop.{kind}",
+                 {"model": project.config.model_name, **payload})
+
+
+# ------------------------------------------------------------------------------ triggers
+
+def _new_windows(project: Project, after_id: int) -> list[MonitorWindowRow]:
+    spec = project.config.monitoring.window
+    with project.store.session() as s:
+        return list(s.scalars(sa.select(MonitorWindowRow).where(
+            MonitorWindowRow.model == project.config.model_name,
+            MonitorWindowRow.spec == spec, MonitorWindowRow.id > after_id)
+            .order_by(MonitorWindowRow.seq)))
+
+
+def _recent_windows(project: Project, n: int) -> list[MonitorWindowRow]:
+    spec = project.config.monitoring.window
+    with project.store.session() as s:
+        rows = list(s.scalars(sa.select(MonitorWindowRow).where(
+            MonitorWindowRow.model == project.config.model_name,
+            MonitorWindowRow.spec == spec).order_by(MonitorWindowRow.seq.desc()).limit(n)))
+    return list(reversed(rows))
+
+
+def check_triggers(project: Project, state: LoopState, new: list[MonitorWindowRow],
+                   now: datetime, champion: int | None = None) -> list[dict[str, Any]]:
+    """Which triggers fire, each with what it saw. Updates the drift streak in ``state``.
+    Only windows judged against the current champion count: drift from an older model's
+    reference says nothing about the model serving now."""
+    from mloop.tabular.metrics import HIGHER_IS_BETTER
+
+    t = project.config.loop.triggers
+    if champion is not None:
+        new = [w for w in new if w.reference_version in (None, champion)]
+    fired: list[dict[str, Any]] = []
+    streak = int(state.get("drift_streak", 0))
+    onset = state.get("drift_onset")
+    for w in new:
+        if w.drifted:
+            streak += 1
+            onset = onset or _iso(w.start)
+        else:
+            streak, onset = 0, None
+    state.data["drift_streak"], state.data["drift_onset"] = streak, onset
+    if t.drift is not None and streak >= t.drift.consecutive:
+        fired.append({"trigger": "drift", "streak": streak, "onset": onset,
+                      "windows": [w.id for w in new if w.drifted][-t.drift.consecutive:],
+                      "drift_share": [w.drift_share for w in new][-t.drift.consecutive:]})
+    for name in t.features:
+        for w in new:
+            cols = ((w.report or {}).get("drift") or {}).get("columns", [])
+            hit = next((c for c in cols if c["column"] == name and c["drifted"]), None)
+            if hit is not None:
+                fired.append({"trigger": "feature", "feature": name, "window": w.id,
+                              "score": hit["score"], "threshold": hit["threshold"],
+                              "min_effect": hit["min_effect"], "onset": _iso(w.start)})
+                break
+    if t.performance is not None:
+        seen = int(state.get("performance_seen_window", 0))
+        for w in reversed(_recent_windows(project, 30)):
+            if champion is not None and w.reference_version not in (None, champion):
+                continue
+            if w.id <= seen or w.labelled_rows < t.performance.min_labelled \
+                    or w.metric_value is None or w.reference_metric is None:
+                continue
+            higher = HIGHER_IS_BETTER.get(w.metric or "", False)
+            ref = w.reference_metric
+            worse = (w.metric_value < ref * (1 - t.performance.margin)) if higher else \
+                (w.metric_value > ref * (1 + t.performance.margin))
+            if worse:
+                state.data["performance_seen_window"] = w.id
+                fired.append({"trigger": "performance", "window": w.id, "metric": w.metric,
+                              "value": w.metric_value, "reference": ref,
+                              "margin": t.performance.margin,
+                              "label_coverage": w.label_coverage, "onset": _iso(w.start)})
+            break  # only the newest window with enough labels counts
+    last = _dt(state.get("last_retrain_at")) or _dt(state.get("started_at"))
+    if t.schedule is not None and last is not None \
+            and (now - last).total_seconds() >= seconds(t.schedule):
+        fired.append({"trigger": "schedule", "every": t.schedule, "since": _iso(last)})
+    if t.new_labels is not None:
+        n = count_labelled_since(project, _dt(state.get("last_retrain_at")))
+        if n >= t.new_labels:
+            fired.append({"trigger": "new_labels", "labelled_rows": n,
+                          "threshold": t.new_labels})
+    return fired
+
+
+def check_guards(project: Project, state: LoopState, now: datetime) -> str | None:
+    """Why a retrain may not start now (None: it may)."""
+    g = project.config.loop.guards
+    if state.get("in_flight"):
+        return "a retrain is already in flight"
+    if state.get("probation"):
+        return "a challenger is on probation"
+    last = _dt(state.get("last_retrain_at"))
+    if last is not None and (now - last).total_seconds() < seconds(g.cooldown):
+        return f"cooldown: last retrain at {last.isoformat()} (cooldown {g.cooldown})"
+    day_ago = now - timedelta(days=1)
+    stamps = [_dt(t) for t in state.get("retrain_times", [])]
+    recent = [t for t in stamps if t is not None and t > day_ago]
+    if len(recent) >= g.max_per_day:
+        return f"{len(recent)} retrains in the last day (max_per_day {g.max_per_day})"
+    return None
+
+
+# ----------------------------------------------------------------------------- probation
+
+def _role_performance(project: Project, since: datetime, version: int, role: str
+                      ) -> dict[str, Any]:
+    """Labelled metric of the rows ``version`` answered as ``role`` since ``since``."""
+    from mloop.monitoring.service import monitored_metric
+    from mloop.monitoring.windows import read_rows
+    from mloop.registry.candidates import get_version
+    from mloop.serving.labels import read_labels
+    from mloop.tabular.metrics import compute_metrics
+
+    rows = read_rows(project.uris["inference_log_uri"], since=since)
+    if rows.num_rows:
+        rows = rows.filter(pc.and_(pc.equal(rows.column("_version"), version),
+                                   pc.equal(rows.column("_role"), role)))
+    tags = dict(get_version(project, version).tags or {})
+    task = tags.get("mloop.task", project.config.task or "regression")
+    metric = monitored_metric(task, tags.get("mloop.primary_metric"))
+    labels = read_labels(project.uris["inference_log_uri"])
+    out: dict[str, Any] = {"version": version, "role": role, "rows": rows.num_rows,
+                           "labelled": 0, "metric": metric, "value": None,
+                           "latency_p95_ms": None}
+    if rows.num_rows:
+        out["latency_p95_ms"] = float(pc.quantile(rows.column("_latency_ms"), 0.95)[0].as_py())
+    if rows.num_rows and labels.num_rows:
+        joined = rows.join(labels, keys="_request_id", join_type="inner")
+        out["labelled"] = joined.num_rows
+        if joined.num_rows:
+            y = joined.column("label").to_numpy(zero_copy_only=False)
+            p = joined.column("_prediction").to_numpy(zero_copy_only=False)
+            if task != "regression":
+                y, p = y.astype(str), p.astype(str)
+            out["value"] = compute_metrics(task, [metric], y, p)[metric]
+    return out
+
+
+def judge_probation(project: Project, state: LoopState, now: datetime) -> dict[str, Any] | None:
+    """Promote or roll back a challenger whose probation is over (or that breached its
+    latency budget); None while it is still on probation."""
+    from mloop.tabular.metrics import HIGHER_IS_BETTER
+
+    prob = state.get("probation")
+    policy = project.config.loop.canary
+    if not prob or policy is None:
+        return None
+    started = _dt(prob["started_at"])
+    assert started is not None
+    challenger = _role_performance(project, started, prob["version"], "canary")
+    champion = _role_performance(project, started, prob["champion"], "champion")
+    inputs = {"challenger": challenger, "champion": champion,
+              "probation": policy.probation, "margin": policy.margin}
+    if policy.latency_p95_ms is not None and challenger["latency_p95_ms"] is not None \
+            and challenger["latency_p95_ms"] > policy.latency_p95_ms:
+        return _end_probation(project, state, prob, "rollback",
+                              f"latency p95 {challenger['latency_p95_ms']:.1f} ms over the "
+                              f"budget of {policy.latency_p95_ms:g} ms", inputs, now)
+    elapsed = (now - started).total_seconds()
+    if elapsed < seconds(policy.probation):
+        return None
+    if challenger["labelled"] < policy.min_labelled or champion["value"] is None \
+            or challenger["value"] is None:
+        if elapsed < 3 * seconds(policy.probation):
+            return None  # wait for labels, up to three probation lengths
+        return _end_probation(project, state, prob, "rollback",
+                              f"only {challenger['labelled']} labelled canary rows after "
+                              f"{elapsed / 86400:.1f} days (need {policy.min_labelled})",
+                              inputs, now)
+    higher = HIGHER_IS_BETTER.get(challenger["metric"], False)
+    c, b = challenger["value"], champion["value"]
+    ok = c >= b * (1 - policy.margin) if higher else c <= b * (1 + policy.margin)
+    verdict = (f"{challenger['metric']} challenger v{prob['version']} {c:.4g} vs champion "
+               f"v{prob['champion']} {b:.4g} on {challenger['labelled']} / "
+               f"{champion['labelled']} labelled rows")
+    return _end_probation(project, state, prob, "promote" if ok else "rollback", verdict,
+                          inputs, now)
+
+
+def _end_probation(project: Project, state: LoopState, prob: dict[str, Any], outcome: str,
+                   why: str, inputs: dict[str, Any], now: datetime) -> dict[str, Any]:
+    from mloop.registry.promotion import promote
+    from mloop.serving.deploy import stop_challenger
+
+    version = prob["version"]
+    if outcome == "promote":
+        try:
+            promote(project, version, reason=f"loop: probation passed: {why}",
+                    expected_champion=prob["champion"], actor="mloop-loop")
+        except MloopError as exc:
+            outcome, why = "rollback", f"promotion refused: {exc}"
+    if outcome == "rollback":
+        with contextlib.suppress(MloopError):  # already gone
+            stop_challenger(project, reason=f"loop: rolled back: {why}", actor="mloop-loop")
+    record = _history_entry(state, version)
+    if record is not None:
+        record.update(outcome="promoted" if outcome == "promote" else "rolled_back",
+                      decided_at=_iso(now), reason=why)
+    state.data["probation"] = None
+    _event(project, f"probation_{outcome}", {"version": version, "reason": why, **inputs})
+    return {"action": outcome, "version": version, "reason": why}
+
+
+def _history_entry(state: LoopState, version: int) -> dict[str, Any] | None:
+    for rec in reversed(state.data.setdefault("history", [])):
+        if rec.get("version") == version:
+            return rec
+    return None
+
+
+# ----------------------------------------------------------------------------- one pass
+
+def run_once(project: Project, *, on_event: Any = None) -> dict[str, Any]:
+    """One controller pass; returns what it saw and did."""
+    from mloop.monitoring.service import run_monitor
+    from mloop.serving.deploy import desired_state
+
+    loop_cfg = project.config.loop
+    state = load_state(project)
+    actions: list[dict[str, Any]] = []
+    if state.get("in_flight"):
+        flight = state.data.pop("in_flight")
+        _event(project, "retrain_interrupted", {"in_flight": flight})
+        actions.append({"action": "retrain_interrupted", **flight})
+        save_state(project, state)
+    monitor = run_monitor(project)
+    now = event_time_now(project)
+    if now is None:
+        return {"now": None, "actions": actions, "monitor": monitor,
+                "message": "no traffic in the inference log yet"}
+    state.data.setdefault("started_at", _iso(now))
+    new = _new_windows(project, int(state.get("last_window_id", 0)))
+    if new:
+        state.data["last_window_id"] = new[-1].id
+    verdict = judge_probation(project, state, now)
+    if verdict is not None:
+        actions.append(verdict)
+        if verdict["action"] == "promote":
+            state.data["last_promotion_at"] = _iso(now)
+            state.data["drift_streak"], state.data["drift_onset"] = 0, None
+    fired = check_triggers(project, state, new, now, desired_state(project).champion)
+    save_state(project, state)
+    if not fired or not loop_cfg.enabled:
+        return {"now": _iso(now), "actions": actions, "triggers": fired, "monitor": monitor}
+    blocked = check_guards(project, state, now)
+    if blocked is not None:
+        _event(project, "trigger_held", {"triggers": fired, "guard": blocked})
+        actions.append({"action": "held", "guard": blocked, "triggers": fired})
+        return {"now": _iso(now), "actions": actions, "triggers": fired, "monitor": monitor}
+    if loop_cfg.action == "alert":
+        _event(project, "alert", {"triggers": fired})
+        actions.append({"action": "alert", "triggers": fired})
+        return {"now": _iso(now), "actions": actions, "triggers": fired, "monitor": monitor}
+    champion = desired_state(project).champion
+    actions.append(_retrain_and_roll_out(project, state, fired, now, champion,
+                                         on_event=on_event))
+    return {"now": _iso(now), "actions": actions, "triggers": fired, "monitor": monitor}
+
+
+def _retrain_and_roll_out(project: Project, state: LoopState, fired: list[dict[str, Any]],
+                          now: datetime, champion: int | None, *, on_event: Any = None
+                          ) -> dict[str, Any]:
+    from mloop.registry.gates import evaluate_gates
+    from mloop.registry.promotion import promote
+    from mloop.serving.deploy import deploy_challenger
+
+    policy = project.config.loop
+    record: dict[str, Any] = {"triggered_at": _iso(now), "triggers": fired,
+                              "onset": min((f["onset"] for f in fired if f.get("onset")),
+                                           default=None),
+                              "champion": champion, "started_wall": time.time()}
+    state.data["in_flight"] = {"triggered_at": _iso(now),
+                               "triggers": [f["trigger"] for f in fired]}
+    state.data["last_retrain_at"] = _iso(now)
+    state.data.setdefault("retrain_times", []).append(_iso(now))
+    state.data["retrain_times"] = state.data["retrain_times"][-50:]
+    save_state(project, state)  # from here a crash is "interrupted", never a silent redo
+    _event(project, "retrain_started", {"triggers": fired, "champion": champion})
+    try:
+        data = build_training_data(project, until=now, champion=champion)
+        result = retrain(project, data, on_event=on_event)
+    except Exception as exc:
+        record.update(outcome="failed", reason=f"{type(exc).__name__}: {exc}")
+        return _finish(project, state, record, "retrain_failed",
+                       {"error": record["reason"], "triggers": fired})
+    record.update(version=result["version"], **{k: result[k] for k in (
+        "seconds", "cpu_seconds", "peak_memory_mb", "training_rows", "labelled_rows",
+        "pipeline_run_id")})
+    report = evaluate_gates(project, result["version"])
+    record["gates_passed"] = report.passed
+    if not report.passed:
+        failed = [r.gate for r in report.results if r.status == "fail"]
+        record.update(outcome="rejected", reason=f"failed gates {failed}")
+        return _finish(project, state, record, "candidate_rejected",
+                       {"version": result["version"], "failed_gates": failed})
+    if policy.canary is None or champion is None:
+        try:
+            promote(project, result["version"], reason="loop: retrained, every gate passed",
+                    expected_champion=champion, gate_report=report, actor="mloop-loop")
+        except MloopError as exc:
+            record.update(outcome="rejected", reason=str(exc))
+            return _finish(project, state, record, "promotion_refused",
+                           {"version": result["version"], "error": str(exc)})
+        record.update(outcome="promoted", decided_at=_iso(now))
+        state.data["last_promotion_at"] = _iso(now)
+        return _finish(project, state, record, "promoted", {"version": result["version"]})
+    deploy_challenger(project, result["version"], mode="canary", weight=policy.canary.weight,
+                      reason=f"loop: retrained on {data.labelled_rows} labelled rows; "
+                             f"probation {policy.canary.probation}", actor="mloop-loop")
+    state.data["probation"] = {"version": result["version"], "champion": champion,
+                               "started_at": _iso(now)}
+    record.update(outcome="canary")
+    return _finish(project, state, record, "canary_started",
+                   {"version": result["version"], "weight": policy.canary.weight})
+
+
+def _finish(project: Project, state: LoopState, record: dict[str, Any], kind: str,
+            payload: dict[str, Any]) -> dict[str, Any]:
+    state.data.pop("in_flight", None)
+    state.data.setdefault("history", []).append(record)
+    save_state(project, state)
+    _event(project, kind, payload)
+    return {"action": kind, **payload}
+
+
+def loop_metrics(project: Project) -> dict[str, Any]:
+    """Time to detect, time to deploy, retrain cost and outcomes, from the saved history."""
+    state = load_state(project)
+    rates = project.config.loop.costs
+    history = state.get("history", [])
+    retrains = [h for h in history if h.get("version") is not None or h.get("outcome")]
+    done = [h for h in retrains if h.get("outcome") in ("promoted", "rolled_back", "canary",
+                                                        "rejected", "failed")]
+    promoted = [h for h in retrains if h.get("outcome") == "promoted"]
+    rolled = [h for h in retrains if h.get("outcome") == "rolled_back"]
+    detect = [_gap(h.get("onset"), h.get("triggered_at")) for h in retrains]
+    deploy = [_gap(h.get("triggered_at"), h.get("decided_at")) for h in promoted]
+    cpu = sum(h.get("cpu_seconds") or 0 for h in retrains)
+    gb_hours = sum((h.get("peak_memory_mb") or 0) / 1024 * (h.get("seconds") or 0) / 3600
+                   for h in retrains)
+    return {
+        "retrains": len(retrains), "promoted": len(promoted), "rolled_back": len(rolled),
+        "rejected": sum(1 for h in retrains if h.get("outcome") == "rejected"),
+        "failed": sum(1 for h in retrains if h.get("outcome") == "failed"),
+        "deployment_success_rate": (len(promoted) / len(done)) if done else None,
+        "rollback_frequency": (len(rolled) / len(done)) if done else None,
+        "time_to_detect_hours": _mean(detect, 3600),
+        "time_to_deploy_hours": _mean(deploy, 3600),
+        "retrain_seconds": _mean([h.get("seconds") for h in retrains if h.get("seconds")], 1),
+        "retrain_cpu_seconds_total": round(cpu, 2),
+        "retrain_peak_memory_mb_max": max((h.get("peak_memory_mb") or 0 for h in retrains),
+                                          default=None),
+        "retrain_cost": round(cpu / 3600 * rates.cpu_hour + gb_hours * rates.gb_hour, 6),
+        "currency": rates.currency,
+    }
+
+
+def _gap(start: str | None, end: str | None) -> float | None:
+    a, b = _dt(start), _dt(end)
+    return (b - a).total_seconds() if a is not None and b is not None else None
+
+
+def _mean(values: list[Any], unit: float) -> float | None:
+    vals = [v for v in values if v is not None]
+    return round(sum(vals) / len(vals) / unit, 3) if vals else None
+
+
+def table_of(rows: list[dict[str, Any]]) -> pa.Table:
+    return pa.Table.from_pylist(rows)

@@ -1,0 +1,177 @@
+"""Retraining on what the model saw in production: labelled traffic, optionally plus the
+original training data, snapshotted and run through the project's own pipeline.
+
+The training table is the inference log's answered rows of the most recent ``window`` (event
+time, up to the log's watermark) joined with their labels by request id: the model's inputs
+under their own names, the label as the target column, the event time as the time column. It
+is written as a Parquet file under ``<outputs>/retrain/`` and the unchanged pipeline runs on
+it (ingest → validate → snapshot → split → train → evaluate → register), so a retrained
+version has the same lineage, gates and reproducibility as any other.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from mloop.errors import MloopError
+from mloop.project import Project
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def seconds(duration: str) -> float:
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd])", duration)
+    if not m:
+        raise MloopError(f"'{duration}' is not a duration like 30m, 6h or 60d")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+@dataclass
+class TrainingData:
+    path: Path
+    rows: int
+    labelled_rows: int
+    original_rows: int
+    since: datetime
+    until: datetime
+
+
+def labelled_traffic(project: Project, *, until: datetime, window: str) -> pa.Table:
+    """Answered rows with ``until - window < _ts <= until`` that have a label, with the label
+    as a ``target`` column and the event time as the time column."""
+    from mloop.monitoring.windows import read_rows
+    from mloop.serving.labels import read_labels
+
+    cfg = project.config
+    since = until - timedelta(seconds=seconds(window))
+    rows = read_rows(project.uris["inference_log_uri"], since=since, until=until)
+    labels = read_labels(project.uris["inference_log_uri"])
+    if rows.num_rows == 0 or labels.num_rows == 0:
+        return pa.table({})
+    joined = rows.join(labels, keys="_request_id", join_type="inner")
+    features = [c for c in joined.column_names if not c.startswith("_") and c != "label"]
+    time_col = cfg.features.time_column or "_ts"
+    target = joined.column("label")
+    out = {c: joined.column(c) for c in features if c not in (cfg.target, time_col)}
+    out[cfg.target] = target
+    out[time_col] = joined.column("_ts")
+    return pa.table(out).sort_by([(time_col, "ascending")])
+
+
+def build_training_data(project: Project, *, until: datetime, champion: int | None
+                        ) -> TrainingData:
+    """Write the retraining table; MloopError when there are too few labelled rows."""
+    cfg = project.config.loop.retrain
+    traffic = labelled_traffic(project, until=until, window=cfg.window)
+    labelled = traffic.num_rows
+    if labelled < cfg.min_labelled_rows:
+        raise MloopError(f"only {labelled} labelled row(s) in the last {cfg.window} of "
+                         f"traffic; a retrain needs loop.retrain.min_labelled_rows = "
+                         f"{cfg.min_labelled_rows}")
+    table = _original_types(project, champion, traffic) if champion is not None else traffic
+    original = 0
+    if cfg.include_original and champion is not None:
+        table, original = _with_original(project, champion, table)
+    out_dir = Path(project.outputs.path("retrain"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"traffic-{until:%Y%m%dT%H%M%S}-{int(time.time())}.parquet"
+    import pyarrow.parquet as pq
+
+    tmp = path.with_name(".tmp-" + path.name)
+    pq.write_table(table, tmp)
+    tmp.replace(path)
+    return TrainingData(path, table.num_rows, labelled, original,
+                        until - timedelta(seconds=seconds(cfg.window)), until)
+
+
+def _original_types(project: Project, champion: int, table: pa.Table) -> pa.Table:
+    """Columns back to the types of the champion's training data where that is lossless
+    (labels are stored as doubles; a count target was an integer, and the project's
+    validation rules may say so)."""
+    from mloop.registry.candidates import get_version
+
+    digest = dict(get_version(project, champion).tags or {}).get("mloop.snapshot.train")
+    if not digest:
+        return table
+    schema = project.snapshots.profile(digest).get("schema", {})
+    for i, name in enumerate(table.column_names):
+        want = schema.get(name)
+        if not want or want == str(table.schema.field(name).type):
+            continue
+        try:
+            col = table.column(name).cast(pa.type_for_alias(want), safe=True)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError, KeyError):
+            continue
+        table = table.set_column(i, name, col)
+    return table
+
+
+def _with_original(project: Project, champion: int, traffic: pa.Table) -> tuple[pa.Table, int]:
+    from mloop.registry.candidates import get_version
+
+    tags = dict(get_version(project, champion).tags or {})
+    digest = tags.get("mloop.snapshot.train")
+    if not digest:
+        return traffic, 0
+    original = project.snapshots.read_table(digest)
+    cols = [c for c in traffic.column_names if c in original.column_names]
+    original = original.select(cols)
+    original = original.cast(pa.schema([traffic.schema.field(c) for c in cols]), safe=False)
+    table = pa.concat_tables([original, traffic.select(cols)])
+    time_col = project.config.features.time_column
+    if time_col and time_col in table.column_names:
+        table = table.sort_by([(time_col, "ascending")])
+    return table, original.num_rows
+
+
+def retrain(project: Project, data: TrainingData, *, on_event: Any = None) -> dict[str, Any]:
+    """Run the project's pipeline on ``data``; returns the new version and what it cost."""
+    from mloop.config import DataConfig
+    from mloop.memory import PeakMemory
+    from mloop.pipeline.artifacts import load_output
+    from mloop.pipeline.runner import run_pipeline
+    from mloop.project import Project as _Project
+
+    config = project.config.model_copy(update={"data": DataConfig(path=str(data.path))})
+    retrain_project = _Project(project.root, config)
+    cpu0 = time.process_time()
+    t0 = time.perf_counter()
+    with PeakMemory() as peak:
+        result = run_pipeline(retrain_project, on_event=on_event)
+    reg = next(s for s in result.steps if s.step == "register")
+    out = load_output(reg.outputs["output"], retrain_project.outputs,
+                      retrain_project.snapshots)
+    return {"version": int(out["version"]), "pipeline_run_id": result.run_id,
+            "seconds": round(time.perf_counter() - t0, 2),
+            "cpu_seconds": round(time.process_time() - cpu0, 2),
+            "peak_memory_mb": round(peak.peak_mb, 1),
+            "training_rows": data.rows, "labelled_rows": data.labelled_rows,
+            "original_rows": data.original_rows}
+
+
+def event_time_now(project: Project) -> datetime | None:
+    """The log's watermark: the newest event time (the loop's clock)."""
+    from mloop.monitoring.windows import read_rows, watermark
+
+    table = read_rows(project.uris["inference_log_uri"])
+    return watermark(table)
+
+
+def count_labelled_since(project: Project, since: datetime | None) -> int:
+    from mloop.monitoring.windows import read_rows
+    from mloop.serving.labels import read_labels
+
+    rows = read_rows(project.uris["inference_log_uri"], since=since)
+    labels = read_labels(project.uris["inference_log_uri"])
+    if rows.num_rows == 0 or labels.num_rows == 0:
+        return 0
+    return int(pc.sum(pc.is_in(rows.column("_request_id"),
+                               value_set=labels.column("_request_id"))).as_py() or 0)
