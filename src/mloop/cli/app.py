@@ -577,6 +577,63 @@ def _print_pass(result: dict[str, Any]) -> None:
 
 
 @app.command()
+def demo(
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for the run, summary.json and "
+                                                        "loop.html.")] = Path("mloop-demo"),
+    until: Annotated[str, typer.Option(help="Replay up to this date (2013-01-01: all of "
+                                            "2011-2012; earlier for a quick run).")] =
+    "2013-01-01",
+    label_delay_days: Annotated[float, typer.Option(help="Labels arrive this long after the "
+                                                         "prediction.")] = 2.0,
+    json_: JsonOpt = False,
+) -> None:
+    """The whole loop on the bike data: train, serve, replay 2011-2012 over HTTP with late
+    labels, let the controller retrain/canary/promote; compare with the frozen model."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from mloop.demo import DemoOptions, run_demo
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn(
+        "{task.completed:,.0f}/{task.fields[hours]} h"), TimeElapsedColumn(), console=err,
+        disable=json_)
+    task = bar.add_task("preparing", total=None, hours="?")
+
+    def on(kind: str, info: dict[str, Any]) -> None:
+        if kind == "phase":
+            bar.update(task, description=info["text"])
+        elif kind == "replay":
+            bar.update(task, total=info["total"], completed=0, hours=f"{info['total']:,}",
+                       description="replaying 2011-2012 over HTTP")
+        elif kind == "progress":
+            bar.update(task, completed=info["done"],
+                       description=f"replaying: {info['now'][:10]}")
+            for a in info["actions"]:
+                err.print(f"  {info['now'][:10]} [bold]{a['action']}[/] "
+                          f"{a.get('version', '') and 'v' + str(a.get('version'))} "
+                          f"{a.get('reason', a.get('guard', ''))}", highlight=False)
+
+    with bar:
+        summary = run_demo(DemoOptions(out=out_dir, end=until,
+                                       label_delay_days=label_delay_days), progress=on)
+    if json_:
+        emit_json({k: v for k, v in summary.items() if k != "history"})
+        return
+    out.print(table("MAE per month (rentals/hour)", ["month", "hours", "frozen", "loop",
+                                                     "served by"],
+                    [[m["month"], f"{m['hours']:,}", f"{m['mae_frozen']:.1f}",
+                      f"{m['mae_loop']:.1f}", ", ".join(f"v{v}" for v in m["versions"])]
+                     for m in summary["months"]]))
+    loop = summary["loop"]
+    out.print(f"2012 MAE: loop [bold]{_num(summary['mae_2012_loop'])}[/] vs frozen "
+              f"{_num(summary['mae_2012_frozen'])}; retrains {loop['retrains']}, promoted "
+              f"{loop['promoted']}, rolled back {loop['rolled_back']}, rejected "
+              f"{loop['rejected']}; time to detect {_num(loop['time_to_detect_hours'])} h, "
+              f"to deploy {_num(loop['time_to_deploy_hours'])} h (event time); "
+              f"{summary['seconds']} s in all")
+    out.print(f"wrote {out_dir / 'summary.json'} and {out_dir / 'loop.html'}")
+
+
+@app.command()
 def events(
     since: Annotated[str | None, typer.Option(help="ISO time: only events at or after.")] =
     None,

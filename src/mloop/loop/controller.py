@@ -354,6 +354,15 @@ def run_once(project: Project, *, on_event: Any = None) -> dict[str, Any]:
         actions.append({"action": "alert", "triggers": fired})
         return {"now": _iso(now), "actions": actions, "triggers": fired, "monitor": monitor}
     champion = desired_state(project).champion
+    need = loop_cfg.retrain.min_labelled_rows
+    have = count_labelled_since(project, now - timedelta(seconds=seconds(
+        loop_cfg.retrain.window)))
+    if have < need:
+        guard = (f"{have} labelled rows in the last {loop_cfg.retrain.window} "
+                 f"(loop.retrain.min_labelled_rows {need})")
+        _event(project, "trigger_held", {"triggers": fired, "guard": guard})
+        actions.append({"action": "held", "guard": guard, "triggers": fired})
+        return {"now": _iso(now), "actions": actions, "triggers": fired, "monitor": monitor}
     actions.append(_retrain_and_roll_out(project, state, fired, now, champion,
                                          on_event=on_event))
     return {"now": _iso(now), "actions": actions, "triggers": fired, "monitor": monitor}

@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -134,13 +134,19 @@ def _with_original(project: Project, champion: int, traffic: pa.Table) -> tuple[
 
 def retrain(project: Project, data: TrainingData, *, on_event: Any = None) -> dict[str, Any]:
     """Run the project's pipeline on ``data``; returns the new version and what it cost."""
+    import pyarrow.parquet as pq
+
     from mloop.config import DataConfig
     from mloop.memory import PeakMemory
     from mloop.pipeline.artifacts import load_output
     from mloop.pipeline.runner import run_pipeline
     from mloop.project import Project as _Project
 
-    config = project.config.model_copy(update={"data": DataConfig(path=str(data.path))})
+    present = set(pq.read_schema(data.path).names)
+    features = project.config.features.model_copy(update={
+        "exclude": [c for c in project.config.features.exclude if c in present]})
+    config = project.config.model_copy(update={"data": DataConfig(path=str(data.path)),
+                                               "features": features})
     retrain_project = _Project(project.root, config)
     cpu0 = time.process_time()
     t0 = time.perf_counter()
@@ -158,11 +164,22 @@ def retrain(project: Project, data: TrainingData, *, on_event: Any = None) -> di
 
 
 def event_time_now(project: Project) -> datetime | None:
-    """The log's watermark: the newest event time (the loop's clock)."""
-    from mloop.monitoring.windows import read_rows, watermark
+    """The log's watermark: the newest event time (the loop's clock). Only the newest day
+    folder is read."""
+    import pyarrow.fs as pafs
 
-    table = read_rows(project.uris["inference_log_uri"])
-    return watermark(table)
+    from mloop.monitoring.windows import read_rows, watermark
+    from mloop.storage import ObjectStore
+
+    store = ObjectStore(project.uris["inference_log_uri"])
+    days = sorted(i.base_name.removeprefix("day=") for i in store.fs.get_file_info(
+        pafs.FileSelector(store.base, allow_not_found=True))
+        if i.type == pafs.FileType.Directory and i.base_name.startswith("day="))
+    if not days:
+        return None
+    newest = datetime.fromisoformat(days[-1]).replace(tzinfo=UTC)
+    return watermark(read_rows(project.uris["inference_log_uri"],
+                               since=newest - timedelta(microseconds=1)))
 
 
 def count_labelled_since(project: Project, since: datetime | None) -> int:

@@ -107,6 +107,26 @@ def _strip_string_imputers(model: Any) -> tuple[Any, dict[str, str]]:
     return out, fills
 
 
+def _log_link(estimator: Any) -> bool:
+    """A gradient-boosting regressor with a log link (Poisson, gamma, Tweedie losses): the
+    trees predict in log space, and skl2onnx emits that raw score."""
+    loss = getattr(estimator, "loss", None)
+    return type(estimator).__name__ == "HistGradientBoostingRegressor" and loss in (
+        "poisson", "gamma")
+
+
+def _append_exp(onx: Any) -> None:
+    """Apply exp to the graph's (only) output, in place."""
+    from onnx import helper
+
+    graph = onx.graph
+    name = graph.output[0].name
+    raw = f"{name}_log"
+    for node in graph.node:
+        node.output[:] = [raw if o == name else o for o in node.output]
+    graph.node.append(helper.make_node("Exp", [raw], [name], name="mloop_log_link"))
+
+
 def compile_sklearn(model: Any, schema: InputSchema) -> CompiledModel:
     """Convert a fitted scikit-learn model; CompileUnsupported if it cannot be."""
     try:
@@ -125,6 +145,8 @@ def compile_sklearn(model: Any, schema: InputSchema) -> CompiledModel:
     try:
         onx = convert_sklearn(stripped, initial_types=types, options=options,
                               target_opset={"": 17, "ai.onnx.ml": 3})
+        if _log_link(final):
+            _append_exp(onx)
         so = ort.SessionOptions()
         so.intra_op_num_threads = 1
         so.inter_op_num_threads = 1
