@@ -916,7 +916,7 @@ LOOP = """
 loop:
   triggers: {drift: {consecutive: 1}}
   retrain: {window: 3d, min_labelled_rows: 300}
-  guards: {cooldown: 1d, max_per_day: 2}
+  guards: {cooldown: 3d, max_per_day: 2}
   canary: {weight: 0.5, probation: 1d, min_labelled: 50}
 """
 
@@ -994,10 +994,18 @@ def test_the_loop_guards_failures_and_restarts(proj: Path) -> None:
     _label(project, _log_traffic(project, hot, "2024-07-02"), hot)
     _log_traffic(project, rentals_frame(5, seed=52), "2024-07-03")
 
-    # too few labelled rows: the retrain fails, the champion stays, the event says why
+    # too few labelled rows: held before anything starts (no cooldown consumed)
     out = run_once(project)
-    assert [a["action"] for a in out["actions"]] == ["retrain_failed"]
-    assert "min_labelled_rows" in out["actions"][0]["error"]
+    assert [a["action"] for a in out["actions"]] == ["held"]
+    assert "min_labelled_rows" in out["actions"][0]["guard"]
+    # a retrain that fails (an estimator parameter sklearn refuses): the champion stays
+    text = (proj / "mloop.yaml").read_text().replace("min_labelled_rows: 100000",
+                                                      "min_labelled_rows: 300")
+    (proj / "mloop.yaml").write_text(text.replace("n_estimators: 40", "n_estimators: -5"))
+    # the drift streak from the first pass still stands, so the trigger fires again
+    out = run_once(open_project(proj))
+    assert [a["action"] for a in out["actions"]] == ["retrain_failed"], out["actions"]
+    assert "n_estimators" in out["actions"][0]["error"]
     assert desired_state(project).champion == 1
     # more drift the next day: held by the cooldown (event time), not retried at once
     _label(project, _log_traffic(project, _hot(600, seed=53), "2024-07-03"), _hot(600, 53))

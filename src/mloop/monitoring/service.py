@@ -144,7 +144,7 @@ def _majority_version(window: pa.Table) -> int | None:
     counts = pc.value_counts(window.column("_version")).to_pylist()
     if not counts:
         return None
-    return int(max(counts, key=lambda d: d["counts"])["values"])
+    return int(max(counts, key=lambda d: (d["counts"], d["values"]))["values"])  # tie: newest
 
 
 def _versions(window: pa.Table) -> list[int]:
