@@ -184,7 +184,8 @@ def _replay(project_dir: Path, url: str, rows: list[dict[str, Any]], inputs: lis
         when = row[tcol].replace(tzinfo=UTC)
         record = {k: (float(row[k]) if isinstance(row[k], int) and not isinstance(row[k], bool)
                       else row[k]) for k in inputs}
-        r = session.post(f"{url}/predict", json={"records": [record],
+        # the hour is the routing key: the canary split is the same on every run
+        r = session.post(f"{url}/predict", json={"records": [record], "key": when.isoformat(),
                                                  "timestamp": when.isoformat()}, timeout=60)
         if r.status_code != 200:
             raise MloopError(f"the server answered {r.status_code} for the hour "
