@@ -204,23 +204,19 @@ def check_guards(project: Project, state: LoopState, now: datetime) -> str | Non
 
 # ----------------------------------------------------------------------------- probation
 
-def _role_performance(project: Project, since: datetime, version: int, role: str
-                      ) -> dict[str, Any]:
-    """Labelled metric of the rows ``version`` answered as ``role`` since ``since``."""
+def _role_performance(project: Project, rows: pa.Table, labels: pa.Table, version: int,
+                      role: str) -> dict[str, Any]:
+    """Labelled metric of the ``rows`` that ``version`` answered as ``role``."""
     from mloop.monitoring.service import monitored_metric
-    from mloop.monitoring.windows import read_rows
     from mloop.registry.candidates import get_version
-    from mloop.serving.labels import read_labels
     from mloop.tabular.metrics import compute_metrics
 
-    rows = read_rows(project.uris["inference_log_uri"], since=since)
     if rows.num_rows:
         rows = rows.filter(pc.and_(pc.equal(rows.column("_version"), version),
                                    pc.equal(rows.column("_role"), role)))
     tags = dict(get_version(project, version).tags or {})
     task = tags.get("mloop.task", project.config.task or "regression")
     metric = monitored_metric(task, tags.get("mloop.primary_metric"))
-    labels = read_labels(project.uris["inference_log_uri"])
     out: dict[str, Any] = {"version": version, "role": role, "rows": rows.num_rows,
                            "labelled": 0, "metric": metric, "value": None,
                            "latency_p95_ms": None}
@@ -247,10 +243,15 @@ def judge_probation(project: Project, state: LoopState, now: datetime) -> dict[s
     policy = project.config.loop.canary
     if not prob or policy is None:
         return None
+    from mloop.monitoring.windows import read_rows
+    from mloop.serving.labels import read_labels
+
     started = _dt(prob["started_at"])
     assert started is not None
-    challenger = _role_performance(project, started, prob["version"], "canary")
-    champion = _role_performance(project, started, prob["champion"], "champion")
+    uri = project.uris["inference_log_uri"]
+    rows, labels = read_rows(uri, since=started), read_labels(uri)  # once for both sides
+    challenger = _role_performance(project, rows, labels, prob["version"], "canary")
+    champion = _role_performance(project, rows, labels, prob["champion"], "champion")
     inputs = {"challenger": challenger, "champion": champion,
               "probation": policy.probation, "margin": policy.margin}
     if policy.latency_p95_ms is not None and challenger["latency_p95_ms"] is not None \
@@ -475,6 +476,3 @@ def _mean(values: list[Any], unit: float) -> float | None:
     vals = [v for v in values if v is not None]
     return round(sum(vals) / len(vals) / unit, 3) if vals else None
 
-
-def table_of(rows: list[dict[str, Any]]) -> pa.Table:
-    return pa.Table.from_pylist(rows)

@@ -166,15 +166,11 @@ def retrain(project: Project, data: TrainingData, *, on_event: Any = None) -> di
 def event_time_now(project: Project) -> datetime | None:
     """The log's watermark: the newest event time (the loop's clock). Only the newest day
     folder is read."""
-    import pyarrow.fs as pafs
-
     from mloop.monitoring.windows import read_rows, watermark
+    from mloop.serving.inference_log import log_days
     from mloop.storage import ObjectStore
 
-    store = ObjectStore(project.uris["inference_log_uri"])
-    days = sorted(i.base_name.removeprefix("day=") for i in store.fs.get_file_info(
-        pafs.FileSelector(store.base, allow_not_found=True))
-        if i.type == pafs.FileType.Directory and i.base_name.startswith("day="))
+    days = log_days(ObjectStore(project.uris["inference_log_uri"]))
     if not days:
         return None
     newest = datetime.fromisoformat(days[-1]).replace(tzinfo=UTC)

@@ -87,19 +87,11 @@ def _evaluate(profile: dict[str, Any], get_column: Any, rows: int, cfg: Monitori
 
 def read_table(path: Path) -> pa.Table:
     """A Parquet or CSV file, or a folder of Parquet files; MloopError naming it otherwise."""
-    import pyarrow.csv as pacsv
-    import pyarrow.dataset as ds
+    from mloop.data.source import read_file_table
 
     if not path.exists():
         raise MloopError(f"{path}: no such file or folder")
-    try:
-        if path.is_dir() or path.suffix.lower() == ".parquet":
-            return ds.dataset(path, format="parquet").to_table()
-        if path.suffix.lower() in (".csv", ".gz"):
-            return pacsv.read_csv(path)
-    except Exception as exc:
-        raise MloopError(f"{path}: cannot be read ({exc})") from exc
-    raise MloopError(f"{path}: unsupported type '{path.suffix}' (use .parquet or .csv)")
+    return read_file_table(path)
 
 
 def compare_files(reference: Path, current: Path, cfg: MonitoringConfig, *,

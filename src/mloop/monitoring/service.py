@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import numpy as np
@@ -24,6 +24,7 @@ from mloop.monitoring.drift import NullModel
 from mloop.monitoring.evaluate import evaluate_window
 from mloop.monitoring.windows import WindowSpec, read_rows, row_windows, time_windows
 from mloop.project import Project
+from mloop.security.audit import json_safe
 from mloop.store.db import as_utc, utcnow
 from mloop.store.models import MonitorWindowRow
 
@@ -219,7 +220,7 @@ def run_monitor(project: Project, *, window: str | None = None,
             quality_findings=len(report["quality"]), metric=perf["metric"],
             metric_value=perf["value"], reference_metric=perf["reference"],
             labelled_rows=perf["labelled_rows"], label_coverage=perf["coverage"],
-            report=_jsonable(report), evaluated_at=utcnow(),
+            report=json_safe(report), evaluated_at=utcnow(),
             performance_at=utcnow() if perf["labelled_rows"] else None)
         with project.store.session() as s:
             s.add(row)
@@ -300,7 +301,7 @@ def _refresh_performance(project: Project, spec: WindowSpec, labels: dict[str, A
             assert fresh is not None
             fresh.metric_value, fresh.labelled_rows = perf["value"], perf["labelled_rows"]
             fresh.label_coverage, fresh.performance_at = perf["coverage"], utcnow()
-            fresh.report = {**fresh.report, "performance": _jsonable(perf)}
+            fresh.report = {**fresh.report, "performance": json_safe(perf)}
             s.commit()
             out.append(window_summary(fresh))
     return out
@@ -337,12 +338,3 @@ def get_window(project: Project, window_id: int) -> dict[str, Any]:
                              f"'{project.config.model_name}' (see `mloop monitor --json`)")
         return {**window_summary(row), "spec": row.spec, "report": row.report}
 
-
-def _jsonable(value: Any) -> Any:
-    from mloop.security.audit import json_safe
-
-    return json_safe(value)
-
-
-def now() -> datetime:
-    return datetime.now(UTC)

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mloop.errors import MloopError
-from mloop.serving.inference_log import LABELS_DIR
+from mloop.serving.inference_log import segment_files
 from mloop.storage import ObjectStore
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -42,33 +42,15 @@ class WindowSpec:
         return cls(text, seconds=n * _UNITS[unit])
 
 
-def _files(store: ObjectStore, since: datetime | None, until: datetime | None) -> list[str]:
-    import pyarrow.fs as pafs
-
-    sel = pafs.FileSelector(store.base, recursive=True, allow_not_found=True)
-    lo = (since - timedelta(days=1)).strftime("%Y-%m-%d") if since else None
-    hi = until.strftime("%Y-%m-%d") if until else None
-    out = []
-    base = store.base.rstrip("/") + "/"
-    for info in store.fs.get_file_info(sel):
-        rel = info.path[len(base):]
-        if info.type != pafs.FileType.File or not info.base_name.endswith(".parquet") \
-                or info.base_name.startswith(".tmp-") or rel.startswith(LABELS_DIR + "/"):
-            continue
-        day = rel.split("/", 1)[0].removeprefix("day=")
-        if (lo and day < lo) or (hi and day > hi):
-            continue
-        out.append(info.path)
-    return sorted(out)
-
-
 def read_rows(uri: str, *, since: datetime | None = None, until: datetime | None = None
               ) -> pa.Table:
     """Answered rows (champion and canary) with ``since < _ts <= until``, ordered by time."""
     import pyarrow.dataset as ds
 
     store = ObjectStore(uri)
-    files = _files(store, since, until)
+    files = segment_files(
+        store, first_day=(since - timedelta(days=1)).strftime("%Y-%m-%d") if since else None,
+        last_day=until.strftime("%Y-%m-%d") if until else None)
     if not files:
         return pa.table({"_request_id": pa.array([], pa.string()),
                          "_ts": pa.array([], pa.timestamp("us", tz="UTC"))})

@@ -236,6 +236,31 @@ def _to_table(entries: list[LogEntry]) -> pa.Table:
     return pa.table(columns)
 
 
+def segment_files(store: ObjectStore, *, first_day: str | None = None,
+                  last_day: str | None = None) -> list[str]:
+    """Full paths of the committed answer segments (not labels, not temporary files), only
+    from the ``day=`` folders within [first_day, last_day] when given: the one place that
+    knows the log's layout."""
+    import pyarrow.fs as pafs
+
+    out = []
+    for day in log_days(store):
+        if (first_day and day < first_day) or (last_day and day > last_day):
+            continue
+        sel = pafs.FileSelector(store.path(f"day={day}"), recursive=True,
+                                allow_not_found=True)
+        out += [i.path for i in store.fs.get_file_info(sel)
+                if i.type == pafs.FileType.File and i.base_name.endswith(".parquet")
+                and not i.base_name.startswith(".tmp-")]
+    return sorted(out)
+
+
+def log_days(store: ObjectStore) -> list[str]:
+    """The days (``YYYY-MM-DD``) the log holds answers for, oldest first."""
+    return sorted(name.removeprefix("day=") for name in store.listdir()
+                  if name.startswith("day="))
+
+
 def read_log(uri: str, columns: list[str] | None = None) -> pa.Table:
     """Every committed row (all days, all versions) as one table; columns missing from some
     segments are null there. Partition folders are not added as columns (``_version`` and
@@ -243,20 +268,9 @@ def read_log(uri: str, columns: list[str] | None = None) -> pa.Table:
     import pyarrow.dataset as ds
 
     store = ObjectStore(uri)
-    files = [f for f in _segment_files(store) if not f.startswith(LABELS_DIR + "/")]
+    files = segment_files(store)
     if not files:
         return pa.table({c: pa.array([], pa.null()) for c in (columns or META_COLUMNS)})
-    tables = [ds.dataset(store.path(f), filesystem=store.fs, format="parquet").to_table()
-              for f in files]
+    tables = [ds.dataset(f, filesystem=store.fs, format="parquet").to_table() for f in files]
     table = pa.concat_tables(tables, promote_options="permissive")
     return table.select(columns) if columns else table
-
-
-def _segment_files(store: ObjectStore) -> list[str]:
-    import pyarrow.fs as pafs
-
-    sel = pafs.FileSelector(store.base, recursive=True, allow_not_found=True)
-    base = store.base.rstrip("/") + "/"
-    return sorted(i.path[len(base):] for i in store.fs.get_file_info(sel)
-                  if i.type == pafs.FileType.File and i.base_name.endswith(".parquet")
-                  and not i.base_name.startswith(".tmp-"))

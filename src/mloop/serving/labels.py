@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mloop.errors import MloopError
-from mloop.serving.inference_log import LABELS_DIR, id_day
+from mloop.serving.inference_log import LABELS_DIR, id_day, segment_files
 from mloop.storage import ObjectStore
 
 
@@ -29,7 +29,6 @@ def known_ids(store: ObjectStore, ids: Iterable[str]) -> set[str]:
     """The subset of ``ids`` present in committed log segments; only the days the ids encode
     are read, and only their id column."""
     import pyarrow.dataset as ds
-    import pyarrow.fs as pafs
 
     by_day: dict[str, set[str]] = defaultdict(set)
     for i in ids:
@@ -38,11 +37,7 @@ def known_ids(store: ObjectStore, ids: Iterable[str]) -> set[str]:
             by_day[day].add(i)
     found: set[str] = set()
     for day, wanted in by_day.items():
-        folder = store.path(f"day={day}")
-        sel = pafs.FileSelector(folder, recursive=True, allow_not_found=True)
-        files = [f.path for f in store.fs.get_file_info(sel)
-                 if f.type == pafs.FileType.File and f.base_name.endswith(".parquet")
-                 and not f.base_name.startswith(".tmp-")]
+        files = segment_files(store, first_day=day, last_day=day)
         if not files:
             continue
         dataset = ds.dataset(files, filesystem=store.fs, format="parquet")
