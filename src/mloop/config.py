@@ -14,10 +14,19 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    model_validator,
+)
 
 from mloop.errors import ConfigError
 
@@ -313,7 +322,7 @@ class GuardsConfig(_Strict):
 class CanaryPolicy(_Strict):
     weight: float = Field(0.2, gt=0, lt=1)
     probation: str = Field("3d", pattern=_DURATION)  # event time before the verdict
-    min_labelled: int = Field(100, ge=1)  # labelled canary rows needed for a verdict
+    min_labelled: int = Field(100, ge=1)  # labelled rows of the probation (paired verdict)
     margin: float = Field(0.0, ge=0)  # challenger may be worse than champion by this (rel.)
     latency_p95_ms: float | None = Field(None, gt=0)  # breach: immediate rollback
 
@@ -336,6 +345,131 @@ class LoopConfig(_Strict):
     costs: CostRates = Field(default_factory=CostRates)
 
 
+# Kubernetes quantities: 500m, 2, 0.5, 512Mi, 1Gi
+_QUANTITY_RE = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
+_QUANTITY_SUFFIX = {"m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18,
+                    "Ki": 2.0**10, "Mi": 2.0**20, "Gi": 2.0**30, "Ti": 2.0**40, "Pi": 2.0**50,
+                    "Ei": 2.0**60}
+_DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+_CRON_FIELD = r"[0-9A-Za-z*?/,-]+"
+_CRON_RE = re.compile(rf"^(@(yearly|annually|monthly|weekly|daily|midnight|hourly)"
+                      rf"|{_CRON_FIELD}(\s+{_CRON_FIELD}){{4}})$")
+
+
+def quantity_value(q: str) -> float:
+    """A Kubernetes quantity (``500m``, ``1Gi``) as a plain number, for comparisons."""
+    m = _QUANTITY_RE.match(q)
+    if m is None:
+        raise ValueError(f"'{q}' is not a Kubernetes quantity (e.g. 500m, 2, 512Mi, 1Gi)")
+    return float(m.group(1)) * _QUANTITY_SUFFIX.get(m.group(2) or "", 1.0)
+
+
+def _number_to_str(value: Any) -> Any:
+    # YAML reads `cpu: 1` as a number; Kubernetes wants the quantity as a string
+    return str(value) if isinstance(value, int | float) and not isinstance(value, bool) else value
+
+
+def _quantity(value: str) -> str:
+    quantity_value(value)
+    return value
+
+
+def _dns_label(value: str) -> str:
+    if not re.match(_DNS_LABEL, value):
+        raise ValueError(f"'{value}' is not a DNS label: lowercase letters, digits and '-', "
+                         f"starting and ending with a letter or digit")
+    return value
+
+
+DnsLabel = Annotated[str, AfterValidator(_dns_label)]
+
+
+def _cron(value: str) -> str:
+    if not _CRON_RE.match(value.strip()):
+        raise ValueError(f"'{value}' is not a cron schedule (five fields such as "
+                         f"'*/15 * * * *', or @hourly / @daily / @weekly)")
+    return value.strip()
+
+
+Quantity = Annotated[str, BeforeValidator(_number_to_str), AfterValidator(_quantity)]
+
+
+class ResourceAmounts(_Strict):
+    cpu: Quantity | None = None  # 500m, 1, 2
+    memory: Quantity | None = None  # 512Mi, 2Gi
+
+
+class ResourcesConfig(_Strict):
+    """A container's requests and limits (Kubernetes quantities)."""
+
+    requests: ResourceAmounts = Field(default_factory=lambda: ResourceAmounts(
+        cpu="500m", memory="1Gi"))
+    limits: ResourceAmounts = Field(default_factory=lambda: ResourceAmounts(
+        cpu="2", memory="2Gi"))
+
+    @model_validator(mode="after")
+    def _requests_within_limits(self) -> ResourcesConfig:
+        for kind in ("cpu", "memory"):
+            want, cap = getattr(self.requests, kind), getattr(self.limits, kind)
+            if want is not None and cap is not None and quantity_value(want) > quantity_value(
+                    cap):
+                raise ValueError(f"requests.{kind} ({want}) is above limits.{kind} ({cap})")
+        return self
+
+
+class HpaConfig(_Strict):
+    """The HorizontalPodAutoscaler of the serving Deployment (autoscaling/v2, on CPU)."""
+
+    enabled: bool = True
+    min_replicas: int = Field(2, ge=1)
+    max_replicas: int = Field(10, ge=1)
+    cpu_utilization: int = Field(70, ge=1, le=100)  # target average, % of the CPU request
+
+    @model_validator(mode="after")
+    def _ordered(self) -> HpaConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) is above max_replicas "
+                             f"({self.max_replicas})")
+        return self
+
+
+class LoopJobConfig(_Strict):
+    """The CronJob running ``mloop loop --once`` (never two at once)."""
+
+    schedule: Annotated[str, AfterValidator(_cron)] = "*/15 * * * *"  # cron, in time_zone
+    time_zone: str | None = None  # e.g. Europe/Berlin (default: the controller manager's)
+    resources: ResourcesConfig = Field(default_factory=lambda: ResourcesConfig(
+        requests=ResourceAmounts(cpu="1", memory="2Gi"),
+        limits=ResourceAmounts(cpu="2", memory="4Gi")))
+    deadline_seconds: int | None = Field(None, ge=1)  # activeDeadlineSeconds of one pass
+
+
+class KubernetesConfig(_Strict):
+    """What `mloop export k8s` writes: images, sizes and schedules of the cluster objects."""
+
+    # default: the project's name made DNS-safe; "<name>-loop" must fit a CronJob's 52 chars
+    name: DnsLabel | None = Field(None, max_length=47)
+    namespace: DnsLabel | None = Field(None, max_length=63)  # None: kubectl's current one
+    image: str | None = None  # default: "<name>:latest"
+    base_image: str = "python:3.11-slim"  # FROM of the Dockerfile
+    port: int = Field(8080, ge=1, le=65535)  # the container's HTTP (and /metrics) port
+    replicas: int = Field(2, ge=1)  # the Deployment's, when the HPA is off
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    hpa: HpaConfig = Field(default_factory=HpaConfig)
+    loop: LoopJobConfig = Field(default_factory=LoopJobConfig)
+    secret_name: DnsLabel | None = None  # holds store URIs with credentials; "<name>-stores"
+    service_account: DnsLabel | None = None
+    monitor_labels: dict[str, str] = Field(default_factory=dict)  # for Prometheus' selectors
+    scrape_interval: str = Field("30s", pattern=r"^\d+[smh]$")
+
+    @model_validator(mode="after")
+    def _hpa_needs_a_cpu_request(self) -> KubernetesConfig:
+        if self.hpa.enabled and self.resources.requests.cpu is None:
+            raise ValueError("hpa targets CPU utilization, a share of resources.requests.cpu: "
+                             "set resources.requests.cpu or hpa.enabled: false")
+        return self
+
+
 class ProjectConfig(_Strict):
     project: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     stores: StoresConfig = Field(default_factory=StoresConfig)
@@ -353,6 +487,7 @@ class ProjectConfig(_Strict):
     serving: ServingConfig = Field(default_factory=ServingConfig)
     monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig)
     loop: LoopConfig = Field(default_factory=LoopConfig)
+    kubernetes: KubernetesConfig = Field(default_factory=KubernetesConfig)
     _file: str = PrivateAttr(default=CONFIG_FILE)
     _lines: dict[tuple[Any, ...], int] = PrivateAttr(default_factory=dict)
     _secrets: frozenset[str] = PrivateAttr(default=frozenset())
@@ -382,7 +517,7 @@ class ProjectConfig(_Strict):
         """sha256 of everything that shapes the model; stores and gates are left out (moving
         the stores or changing a gate or how it is served changes nothing about the model)."""
         body = self.model_dump(mode="json", exclude={"stores", "gates", "serving",
-                                                       "monitoring", "loop"})
+                                                       "monitoring", "loop", "kubernetes"})
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 

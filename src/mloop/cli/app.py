@@ -29,6 +29,8 @@ monitor_app = typer.Typer(invoke_without_command=True,
                                "windows against the champion's training profile.")
 tokens_app = typer.Typer(no_args_is_help=True, help="API tokens for `mloop serve` (stored as "
                                                     "hashes).")
+export_app = typer.Typer(no_args_is_help=True, help="Hand the project to other systems: "
+                                                    "Kubernetes manifests and a Dockerfile.")
 app.add_typer(runs_app, name="runs")
 app.add_typer(data_app, name="data")
 app.add_typer(step_app, name="step")
@@ -39,6 +41,7 @@ app.add_typer(deploy_app, name="deploy")
 app.add_typer(labels_app, name="labels")
 app.add_typer(tokens_app, name="tokens")
 app.add_typer(monitor_app, name="monitor")
+app.add_typer(export_app, name="export")
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 ProjectOpt = Annotated[
@@ -1062,6 +1065,35 @@ def _print_monitor_report(report: dict[str, Any]) -> None:
     verdict = "[red]drifted" if drift["drifted"] else "[green]no drift"
     out.print(f"dataset: {verdict}[/] ({drift['drift_share']:.0%} of columns), "
               f"{len(report['quality'])} quality finding(s), {report['seconds']:.2f} s")
+
+
+# ------------------------------------------------------------------------------ export
+
+@export_app.command("k8s")
+def export_k8s(
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder to write: new, empty, or a "
+                                                        "previous export (only its files are "
+                                                        "replaced).")],
+    json_: JsonOpt = False,
+) -> None:
+    """Deployment + Service + HPA, a KServe InferenceService, a CronJob for `mloop loop
+    --once`, ServiceMonitor + PrometheusRule and a Dockerfile, from mloop.yaml's
+    `kubernetes:` section."""
+    from mloop.export.k8s import k8s_notes, write_k8s
+
+    project = _open()
+    written = write_k8s(project, out_dir)
+    notes = k8s_notes(project, out_dir)
+    if json_:
+        emit_json({"out": str(out_dir), "files": [str(p) for p in written], **notes})
+        return
+    for p in written:
+        out.print(f"wrote {p}")
+    for w in notes["warnings"]:
+        err.print(f"[yellow]warning:[/] {w}")
+    for n in notes["notes"]:
+        err.print(f"note: {n}")
+    err.print(f"build the image: {notes['build']}")
 
 
 # ------------------------------------------------------------------------------ db
