@@ -979,8 +979,66 @@ def test_the_loop_retrains_on_drift_canaries_then_promotes_after_probation(proj:
     assert metrics["retrains"] == 1 and metrics["promoted"] == 1
     assert metrics["time_to_deploy_hours"] > 24  # the probation day, in event time
     promote_event = list_events(project.store, kind="loop.probation_promote")[0].payload
-    assert promote_event["challenger"]["labelled"] == 200
-    assert promote_event["challenger"]["value"] < promote_event["champion"]["value"]
+    assert promote_event["challenger"]["labelled"] == 200  # what the canary answered live
+    # the verdict is paired: both versions scored on the same 400 labelled rows
+    paired = promote_event["paired"]
+    assert paired["rows"] == 400 and paired["metric"] == "mae"
+    assert paired["values"]["5"] < paired["values"]["1"]
+
+    # the rollback path: a challenger that does not know the heat wave (v2, trained on normal
+    # weather) is judged on the same labelled rows as the champion, and loses
+    from mloop.loop.controller import save_state
+
+    deploy_challenger(project, 2, mode="canary", weight=0.5, reason="test: a weaker canary")
+    state = load_state(project)
+    state.data["probation"] = {"version": 2, "champion": 5,
+                               "started_at": "2024-06-05T12:00:00+00:00",
+                               "started_wall": time.time() - 5}
+    save_state(project, state)
+    hot3 = _hot(400, seed=45)
+    _label(project, _log_traffic(project, hot3.iloc[:200], "2024-06-06", version=2,
+                                 role="canary"), hot3.iloc[:200])
+    _label(project, _log_traffic(project, hot3.iloc[200:], "2024-06-06", version=5),
+           hot3.iloc[200:])
+    _log_traffic(project, _hot(5, seed=46), "2024-06-07", version=5)
+    judged = run_once(open_project(proj))
+    assert [a["action"] for a in judged["actions"]][:1] == ["rollback"], judged["actions"]
+    # v2 is gone (the same pass may start a new retrain: the drift goes on)
+    assert desired_state(project).champion == 5 and desired_state(project).challenger != 2
+    rolled = list_events(project.store, kind="loop.probation_rollback")[0].payload
+    assert rolled["paired"]["values"]["2"] > rolled["paired"]["values"]["5"]
+
+
+def test_a_failing_canary_never_fails_a_client_and_is_rolled_back_at_once(proj: Path) -> None:
+    """v3 passes warm-up, then raises on every call: the champion answers its share, the
+    failure is counted and recorded, and the controller's next pass rolls it back without
+    waiting for the probation to end."""
+    from mloop.loop.controller import load_state, run_once, save_state
+
+    (proj / "mloop.yaml").write_text((proj / "mloop.yaml").read_text() + LOOP)
+    project = open_project(proj)
+    t0 = time.time() - 1
+    deploy_challenger(project, 3, mode="canary", weight=0.5, reason="test: a broken canary")
+    with _server(proj, commit=0.2) as srv:
+        srv.wait_for(lambda: srv.get("/model").json()["challenger"] is not None)
+        answers = [srv.post("/predict", {"records": _rows(1, seed=i), "key": f"k{i}",
+                                         "timestamp": "2024-09-01T10:00:00Z"})
+                   for i in range(40)]
+        assert [r.status_code for r in answers] == [200] * 40
+        assert {r.json()["version"] for r in answers} == {1}  # the champion took over
+        failed = metric(srv.get("/metrics").text, "mloop_challenger_errors_total", version="3")
+        assert 5 <= failed < 40  # about half the keys route to the canary
+        srv.wait_for(lambda: list_events(project.store, kind="serve.challenger_error"))
+    event = list_events(project.store, kind="serve.challenger_error")[-1].payload
+    assert event["version"] == 3 and "challenger exploded" in event["error"]
+    state = load_state(project)
+    state.data["probation"] = {"version": 3, "champion": 1,
+                               "started_at": "2024-09-01T09:00:00+00:00", "started_wall": t0}
+    save_state(project, state)
+    out = run_once(open_project(proj))  # probation (1d) far from over: rolled back anyway
+    assert out["actions"][0]["action"] == "rollback", out["actions"]
+    assert "failed to predict" in out["actions"][0]["reason"]
+    assert desired_state(project).challenger is None and desired_state(project).champion == 1
 
 
 def test_the_loop_guards_failures_and_restarts(proj: Path) -> None:

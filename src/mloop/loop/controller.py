@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import sqlalchemy as sa
@@ -204,39 +205,73 @@ def check_guards(project: Project, state: LoopState, now: datetime) -> str | Non
 
 # ----------------------------------------------------------------------------- probation
 
-def _role_performance(project: Project, rows: pa.Table, labels: pa.Table, version: int,
-                      role: str) -> dict[str, Any]:
-    """Labelled metric of the ``rows`` that ``version`` answered as ``role``."""
+def _live_stats(rows: pa.Table, labelled: pa.Table, version: int, role: str
+                ) -> dict[str, Any]:
+    """What ``version`` did live as ``role``: rows answered, labelled, latency p95."""
+    def mine(t: pa.Table) -> pa.Table:
+        if not t.num_rows:
+            return t
+        return t.filter(pc.and_(pc.equal(t.column("_version"), version),
+                                pc.equal(t.column("_role"), role)))
+
+    served = mine(rows)
+    return {"version": version, "role": role, "rows": served.num_rows,
+            "labelled": mine(labelled).num_rows,
+            "latency_p95_ms": float(pc.quantile(served.column("_latency_ms"), 0.95)[0].as_py())
+            if served.num_rows else None}
+
+
+def paired_scores(project: Project, labelled: pa.Table, versions: list[int]
+                  ) -> dict[str, Any]:
+    """Each version's metric on the same labelled rows (their logged inputs re-scored by
+    every version): a paired comparison, so the verdict is not swayed by which hours each
+    side happened to answer."""
     from mloop.monitoring.service import monitored_metric
     from mloop.registry.candidates import get_version
+    from mloop.serving.model import load_served
     from mloop.tabular.metrics import compute_metrics
 
-    if rows.num_rows:
-        rows = rows.filter(pc.and_(pc.equal(rows.column("_version"), version),
-                                   pc.equal(rows.column("_role"), role)))
-    tags = dict(get_version(project, version).tags or {})
+    tags = dict(get_version(project, versions[0]).tags or {})
     task = tags.get("mloop.task", project.config.task or "regression")
     metric = monitored_metric(task, tags.get("mloop.primary_metric"))
-    out: dict[str, Any] = {"version": version, "role": role, "rows": rows.num_rows,
-                           "labelled": 0, "metric": metric, "value": None,
-                           "latency_p95_ms": None}
-    if rows.num_rows:
-        out["latency_p95_ms"] = float(pc.quantile(rows.column("_latency_ms"), 0.95)[0].as_py())
-    if rows.num_rows and labels.num_rows:
-        joined = rows.join(labels, keys="_request_id", join_type="inner")
-        out["labelled"] = joined.num_rows
-        if joined.num_rows:
-            y = joined.column("label").to_numpy(zero_copy_only=False)
-            p = joined.column("_prediction").to_numpy(zero_copy_only=False)
-            if task != "regression":
-                y, p = y.astype(str), p.astype(str)
-            out["value"] = compute_metrics(task, [metric], y, p)[metric]
+    out: dict[str, Any] = {"metric": metric, "rows": labelled.num_rows, "values": {}}
+    if not labelled.num_rows:
+        return out
+    y = labelled.column("label").to_numpy(zero_copy_only=False)
+    if task != "regression":
+        y = y.astype(str)
+    for v in versions:
+        model = load_served(project, v, warm=False)
+        cols = {name: (labelled.column(name).to_pylist() if name in labelled.column_names
+                       else [None] * labelled.num_rows) for name in model.schema.names}
+        pred = np.asarray(model.predict_columns(cols))
+        if task != "regression":
+            pred = pred.astype(str)
+        out["values"][v] = compute_metrics(task, [metric], y, pred)[metric]
     return out
 
 
+def challenger_errors(project: Project, version: int, since_wall: float | None
+                      ) -> dict[str, Any] | None:
+    """The newest ``serve.challenger_error`` event for ``version`` since its canary began."""
+    from mloop.security.audit import list_events
+
+    since = datetime.fromtimestamp(since_wall, UTC) if since_wall else None
+    for e in list_events(project.store, limit=200, kind="serve.challenger_error",
+                         since=since):
+        p = e.payload or {}
+        if p.get("model") == project.config.model_name and p.get("version") == version:
+            return {"event": e.id, "failed_rows": p.get("failed_rows"), "error": p.get("error")}
+    return None
+
+
 def judge_probation(project: Project, state: LoopState, now: datetime) -> dict[str, Any] | None:
-    """Promote or roll back a challenger whose probation is over (or that breached its
-    latency budget); None while it is still on probation."""
+    """Promote or roll back a challenger whose probation is over, or at once if it failed to
+    predict or breached its latency budget; None while it is still on probation.
+
+    The verdict compares challenger and champion on the same labelled rows of the probation
+    (every row answered in it, by either side, re-scored by both versions); the live canary
+    rows give the error and latency checks."""
     from mloop.tabular.metrics import HIGHER_IS_BETTER
 
     prob = state.get("probation")
@@ -248,12 +283,20 @@ def judge_probation(project: Project, state: LoopState, now: datetime) -> dict[s
 
     started = _dt(prob["started_at"])
     assert started is not None
+    errors = challenger_errors(project, prob["version"], prob.get("started_wall"))
+    if errors is not None:
+        return _end_probation(project, state, prob, "rollback",
+                              f"the canary failed to predict {errors['failed_rows']} row(s): "
+                              f"{errors['error']}", {"errors": errors}, now)
     uri = project.uris["inference_log_uri"]
-    rows, labels = read_rows(uri, since=started), read_labels(uri)  # once for both sides
-    challenger = _role_performance(project, rows, labels, prob["version"], "canary")
-    champion = _role_performance(project, rows, labels, prob["champion"], "champion")
-    inputs = {"challenger": challenger, "champion": champion,
-              "probation": policy.probation, "margin": policy.margin}
+    rows = read_rows(uri, since=started)
+    labels = read_labels(uri)
+    labelled = rows.join(labels, keys="_request_id", join_type="inner") \
+        if rows.num_rows and labels.num_rows else rows.slice(0, 0)
+    challenger = _live_stats(rows, labelled, prob["version"], "canary")
+    champion = _live_stats(rows, labelled, prob["champion"], "champion")
+    inputs: dict[str, Any] = {"challenger": challenger, "champion": champion,
+                              "probation": policy.probation, "margin": policy.margin}
     if policy.latency_p95_ms is not None and challenger["latency_p95_ms"] is not None \
             and challenger["latency_p95_ms"] > policy.latency_p95_ms:
         return _end_probation(project, state, prob, "rollback",
@@ -262,20 +305,22 @@ def judge_probation(project: Project, state: LoopState, now: datetime) -> dict[s
     elapsed = (now - started).total_seconds()
     if elapsed < seconds(policy.probation):
         return None
-    if challenger["labelled"] < policy.min_labelled or champion["value"] is None \
-            or challenger["value"] is None:
+    if labelled.num_rows < policy.min_labelled or challenger["rows"] == 0:
         if elapsed < 3 * seconds(policy.probation):
-            return None  # wait for labels, up to three probation lengths
+            return None  # wait for labels (and traffic), up to three probation lengths
+        why = ("the canary answered no traffic" if challenger["rows"] == 0 else
+               f"only {labelled.num_rows} labelled rows")
         return _end_probation(project, state, prob, "rollback",
-                              f"only {challenger['labelled']} labelled canary rows after "
-                              f"{elapsed / 86400:.1f} days (need {policy.min_labelled})",
-                              inputs, now)
-    higher = HIGHER_IS_BETTER.get(challenger["metric"], False)
-    c, b = challenger["value"], champion["value"]
+                              f"{why} after {elapsed / 86400:.1f} days (need "
+                              f"{policy.min_labelled} labelled rows)", inputs, now)
+    paired = paired_scores(project, labelled, [prob["version"], prob["champion"]])
+    inputs["paired"] = paired
+    higher = HIGHER_IS_BETTER.get(paired["metric"], False)
+    c, b = paired["values"][prob["version"]], paired["values"][prob["champion"]]
     ok = c >= b * (1 - policy.margin) if higher else c <= b * (1 + policy.margin)
-    verdict = (f"{challenger['metric']} challenger v{prob['version']} {c:.4g} vs champion "
-               f"v{prob['champion']} {b:.4g} on {challenger['labelled']} / "
-               f"{champion['labelled']} labelled rows")
+    verdict = (f"{paired['metric']} challenger v{prob['version']} {c:.4g} vs champion "
+               f"v{prob['champion']} {b:.4g} on the same {paired['rows']} labelled rows "
+               f"(the canary answered {challenger['rows']} rows live)")
     return _end_probation(project, state, prob, "promote" if ok else "rollback", verdict,
                           inputs, now)
 
@@ -416,11 +461,12 @@ def _retrain_and_roll_out(project: Project, state: LoopState, fired: list[dict[s
         record.update(outcome="promoted", decided_at=_iso(now))
         state.data["last_promotion_at"] = _iso(now)
         return _finish(project, state, record, "promoted", {"version": result["version"]})
+    wall = time.time()  # challenger errors are counted from here
     deploy_challenger(project, result["version"], mode="canary", weight=policy.canary.weight,
                       reason=f"loop: retrained on {data.labelled_rows} labelled rows; "
                              f"probation {policy.canary.probation}", actor="mloop-loop")
     state.data["probation"] = {"version": result["version"], "champion": champion,
-                               "started_at": _iso(now)}
+                               "started_at": _iso(now), "started_wall": wall}
     record.update(outcome="canary")
     return _finish(project, state, record, "canary_started",
                    {"version": result["version"], "weight": policy.canary.weight})

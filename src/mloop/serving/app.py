@@ -174,7 +174,19 @@ def create_app(project: Project, config: ServingConfig | None = None, *,
         slot, role = routing.pick(key)
         cols, n = parser(slot.model.schema)
         t0 = time.perf_counter()
-        preds = await slot.batcher.submit(cols, n)
+        try:
+            preds = await slot.batcher.submit(cols, n)
+        except Exception as exc:
+            if role != "canary":
+                raise
+            # a failing canary never fails the client: the champion answers, the failure is
+            # counted and recorded, and the controller rolls the canary back
+            state.challenger_failed(slot.model.version, n, exc)
+            assert routing.champion is not None  # checked above; routing is a snapshot
+            slot, role = routing.champion, "champion"
+            cols, n = parser(slot.model.schema)
+            t0 = time.perf_counter()
+            preds = await slot.batcher.submit(cols, n)
         latency_ms = (time.perf_counter() - t0) * 1000
         ids = [new_request_id(ts) for _ in range(n)]
         _observe(state.metrics, slot, preds)

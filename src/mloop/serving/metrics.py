@@ -75,6 +75,9 @@ class ServingMetrics:
                                ["version", "label"], registry=r)
         self.shadow = Counter("mloop_shadow_predictions", "Shadow scoring outcomes",
                               ["version", "outcome"], registry=r)
+        self.challenger_errors = Counter("mloop_challenger_errors", "Rows a canary failed to "
+                                         "score (the champion answered them instead)",
+                                         ["version"], registry=r)
         self.log_rows = Counter("mloop_inference_log_rows", "Inference-log rows by outcome "
                                 "(written, dropped: queue full)", ["outcome"], registry=r)
         self.log_queue = Gauge("mloop_inference_log_queue", "Rows waiting for the next "

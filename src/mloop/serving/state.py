@@ -85,6 +85,7 @@ class ServerState:
     failed: dict[int, str] = field(default_factory=dict)  # version -> why it would not load
     retry_at: dict[int, tuple[float, float]] = field(default_factory=dict)  # when, backoff
     shadow_rows: int = 0
+    challenger_errors: dict[int, int] = field(default_factory=dict)  # version -> rows failed
     last_poll: float = 0.0
     poll_error: str | None = None
     _poll_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -182,6 +183,28 @@ class ServerState:
                           "error": why[:2000]})
         except Exception:
             log.exception("could not record the failed load of v%s", version)
+
+    def challenger_failed(self, version: int, rows: int, exc: BaseException) -> None:
+        """A canary's predict raised: count it and tell the controller (an audit event on the
+        first failure and then at 10, 100, ... failed rows; the rows themselves are answered by
+        the champion). The controller rolls the challenger back on its next pass."""
+        self.metrics.challenger_errors.labels(str(version)).inc(rows)
+        before = self.challenger_errors.get(version, 0)
+        after = self.challenger_errors[version] = before + rows
+        if before and len(str(after)) == len(str(before)):
+            return
+        from mloop.security.audit import append_event
+
+        payload = {"model": self.project.config.model_name, "version": version,
+                   "failed_rows": after, "error": f"{type(exc).__name__}: {exc}"[:2000]}
+
+        def record() -> None:
+            try:
+                append_event(self.project.store, "serve.challenger_error", payload)
+            except Exception:
+                log.exception("could not record the failure of challenger v%s", version)
+
+        asyncio.get_running_loop().run_in_executor(None, record)
 
     def _export(self, r: Routing) -> None:
         m = self.metrics
