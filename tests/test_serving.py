@@ -394,6 +394,11 @@ def test_inference_log_and_feedback_by_request_id(proj: Path) -> None:
     assert main(["-C", str(proj), "labels", "ingest", str(labels)]) == 1
     got = {r["_request_id"]: r["label"] for r in read_labels(uri).to_pylist()}
     assert got == {ids[0]: 10.0, ids[1]: 12.0, ids[2]: 13.0}
+    # a correction: the later label of an id supersedes the earlier one
+    labels.write_text(f"request_id,label\n{ids[1]},20\n")
+    assert main(["-C", str(proj), "labels", "ingest", str(labels)]) == 0
+    got = {r["_request_id"]: r["label"] for r in read_labels(uri).to_pylist()}
+    assert got == {ids[0]: 10.0, ids[1]: 20.0, ids[2]: 13.0}
     labels.write_text("request_id,label\nabc,not-a-number\n")
     assert main(["-C", str(proj), "labels", "ingest", str(labels)]) == 1
 
@@ -977,6 +982,13 @@ def test_the_loop_retrains_on_drift_canaries_then_promotes_after_probation(proj:
     assert load_state(project).get("probation") is None
     metrics = loop_metrics(project)
     assert metrics["retrains"] == 1 and metrics["promoted"] == 1
+    # gated once, before the canary: the promotion reused that report (same gate config)
+    import sqlalchemy as sa
+
+    from mloop.store.models import GateRunRow
+
+    with project.store.session() as s:
+        assert len(s.scalars(sa.select(GateRunRow).where(GateRunRow.version == 5)).all()) == 1
     assert metrics["time_to_deploy_hours"] > 24  # the probation day, in event time
     promote_event = list_events(project.store, kind="loop.probation_promote")[0].payload
     assert promote_event["challenger"]["labelled"] == 200  # what the canary answered live
@@ -1007,6 +1019,17 @@ def test_the_loop_retrains_on_drift_canaries_then_promotes_after_probation(proj:
     assert desired_state(project).champion == 5 and desired_state(project).challenger != 2
     rolled = list_events(project.store, kind="loop.probation_rollback")[0].payload
     assert rolled["paired"]["values"]["2"] > rolled["paired"]["values"]["5"]
+
+    # the loop's numbers and the serving cost on the server's /metrics
+    with _server(proj) as srv:
+        for i in range(5):
+            assert srv.post("/predict", {"records": _rows(2, seed=i)}).status_code == 200
+        text = srv.get("/metrics").text
+    assert metric(text, "mloop_loop_retrains", model="rentals", outcome="promoted") == 1
+    assert metric(text, "mloop_loop_retrains", outcome="failed") == 0
+    assert metric(text, "mloop_loop_time_to_deploy_hours") == metrics["time_to_deploy_hours"]
+    assert metric(text, "mloop_loop_retrain_cpu_seconds_total") > 0
+    assert metric(text, "mloop_serving_cpu_seconds_per_1k_predictions") > 0
 
 
 def test_a_failing_canary_never_fails_a_client_and_is_rolled_back_at_once(proj: Path) -> None:

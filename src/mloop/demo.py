@@ -174,6 +174,8 @@ def _replay(project_dir: Path, url: str, rows: list[dict[str, Any]], inputs: lis
     from mloop.project import open_project
 
     session = requests.Session()
+    # one commit interval (and a little): the server's log then holds every hour sent
+    settle = open_project(project_dir).config.serving.inference_log.commit_interval_seconds + 0.2
     answered: list[tuple[str, datetime, float, int, str]] = []  # id, time, truth, version, role
     pending: list[tuple[datetime, str, float]] = []
     delay = timedelta(days=opts.label_delay_days)
@@ -205,7 +207,7 @@ def _replay(project_dir: Path, url: str, rows: list[dict[str, Any]], inputs: lis
             next_check = when + timedelta(days=opts.check_every_days)
         if when >= next_check:
             next_check = when + timedelta(days=opts.check_every_days)
-            time.sleep(1.2)  # one commit interval: the server's log holds these hours
+            time.sleep(settle)
             result = run_once(open_project(project_dir))
             passes += 1
             for a in result["actions"]:
@@ -218,7 +220,7 @@ def _replay(project_dir: Path, url: str, rows: list[dict[str, Any]], inputs: lis
     if pending:
         session.post(f"{url}/feedback", json={"labels": [
             {"request_id": rid_, "label": y} for _, rid_, y in pending]}, timeout=60)
-    time.sleep(1.2)
+    time.sleep(settle)
     return {"answered": answered, "passes": passes, "actions": actions}
 
 

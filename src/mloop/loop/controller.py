@@ -334,7 +334,8 @@ def _end_probation(project: Project, state: LoopState, prob: dict[str, Any], out
     if outcome == "promote":
         try:
             promote(project, version, reason=f"loop: probation passed: {why}",
-                    expected_champion=prob["champion"], actor="mloop-loop")
+                    expected_champion=prob["champion"], actor="mloop-loop",
+                    gate_report=_stored_gates(project, prob))
         except MloopError as exc:
             outcome, why = "rollback", f"promotion refused: {exc}"
     if outcome == "rollback":
@@ -347,6 +348,26 @@ def _end_probation(project: Project, state: LoopState, prob: dict[str, Any], out
     state.data["probation"] = None
     _event(project, f"probation_{outcome}", {"version": version, "reason": why, **inputs})
     return {"action": outcome, "version": version, "reason": why}
+
+
+def _gates_hash(project: Project) -> str:
+    import hashlib
+    import json
+
+    body = json.dumps(project.config.gates.model_dump(mode="json"), sort_keys=True)
+    return hashlib.sha256(body.encode()).hexdigest()[:16]
+
+
+def _stored_gates(project: Project, prob: dict[str, Any]) -> Any:
+    """The gate report the candidate passed before its canary, if the gate config is still
+    the one it passed (promote then need not run every gate again); else None: promote runs
+    them under today's config."""
+    from mloop.registry.gates import GateReport, GateResult
+
+    body = prob.get("gates")
+    if not body or prob.get("gates_config") != _gates_hash(project):
+        return None
+    return GateReport(**{**body, "results": [GateResult(**r) for r in body["results"]]})
 
 
 def _history_entry(state: LoopState, version: int) -> dict[str, Any] | None:
@@ -466,7 +487,8 @@ def _retrain_and_roll_out(project: Project, state: LoopState, fired: list[dict[s
                       reason=f"loop: retrained on {data.labelled_rows} labelled rows; "
                              f"probation {policy.canary.probation}", actor="mloop-loop")
     state.data["probation"] = {"version": result["version"], "champion": champion,
-                               "started_at": _iso(now), "started_wall": wall}
+                               "started_at": _iso(now), "started_wall": wall,
+                               "gates": report.to_dict(), "gates_config": _gates_hash(project)}
     record.update(outcome="canary")
     return _finish(project, state, record, "canary_started",
                    {"version": result["version"], "weight": policy.canary.weight})
@@ -481,9 +503,9 @@ def _finish(project: Project, state: LoopState, record: dict[str, Any], kind: st
     return {"action": kind, **payload}
 
 
-def loop_metrics(project: Project) -> dict[str, Any]:
+def loop_metrics(project: Project, state: LoopState | None = None) -> dict[str, Any]:
     """Time to detect, time to deploy, retrain cost and outcomes, from the saved history."""
-    state = load_state(project)
+    state = state or load_state(project)
     rates = project.config.loop.costs
     history = state.get("history", [])
     retrains = [h for h in history if h.get("version") is not None or h.get("outcome")]

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mloop.errors import MloopError
-from mloop.serving.inference_log import segment_files
+from mloop.serving.inference_log import read_segments, segment_files
 from mloop.storage import ObjectStore
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -45,7 +45,6 @@ class WindowSpec:
 def read_rows(uri: str, *, since: datetime | None = None, until: datetime | None = None
               ) -> pa.Table:
     """Answered rows (champion and canary) with ``since < _ts <= until``, ordered by time."""
-    import pyarrow.dataset as ds
 
     store = ObjectStore(uri)
     files = segment_files(
@@ -54,8 +53,7 @@ def read_rows(uri: str, *, since: datetime | None = None, until: datetime | None
     if not files:
         return pa.table({"_request_id": pa.array([], pa.string()),
                          "_ts": pa.array([], pa.timestamp("us", tz="UTC"))})
-    tables = [ds.dataset(f, filesystem=store.fs, format="parquet").to_table() for f in files]
-    table = _concat(tables)
+    table = _concat(read_segments(store, files))
     cond = pc.not_equal(table.column("_role"), "shadow")
     if since is not None:
         cond = pc.and_(cond, pc.greater(table.column("_ts"), pa.scalar(since,

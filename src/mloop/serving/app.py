@@ -117,10 +117,13 @@ def create_app(project: Project, config: ServingConfig | None = None, *,
                               f"'{project.config.model_name}', with MLflow's scoring protocol "
                               "on /invocations.")
     app.state.mloop = state
+    from mloop.loop.gauges import LoopCollector
     from mloop.monitoring.alerts import MonitorCollector
 
     monitor_gauges = MonitorCollector(project)
+    loop_gauges = LoopCollector(project)
     state.metrics.registry.register(monitor_gauges)  # type: ignore[arg-type]
+    state.metrics.registry.register(loop_gauges)  # type: ignore[arg-type]
 
     async def read_body(request: Request) -> bytes:
         limit = cfg.max_body_bytes
@@ -190,6 +193,7 @@ def create_app(project: Project, config: ServingConfig | None = None, *,
         latency_ms = (time.perf_counter() - t0) * 1000
         ids = [new_request_id(ts) for _ in range(n)]
         _observe(state.metrics, slot, preds)
+        state.metrics.rows_scored += n
         await _log(state, LogEntry(ids, ts, slot.model.version, role, latency_ms, preds, cols,
                                    key))
         if routing.mode == "shadow" and routing.challenger is not None:
@@ -332,8 +336,9 @@ def create_app(project: Project, config: ServingConfig | None = None, *,
 
         if state.inference_log is not None:
             state.metrics.log_queue.set(state.inference_log.queued)
-        body = exposition(monitor_gauges) if multiprocess_enabled() else generate_latest(
-            state.metrics.registry)
+        state.metrics.export_cpu()
+        body = exposition(monitor_gauges, loop_gauges) if multiprocess_enabled() else \
+            generate_latest(state.metrics.registry)
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     return app

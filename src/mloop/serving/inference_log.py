@@ -255,6 +255,49 @@ def segment_files(store: ObjectStore, *, first_day: str | None = None,
     return sorted(out)
 
 
+class _SegmentCache:
+    """Segments already read, by full path, least recently used dropped beyond a byte budget
+    (``MLOOP_SEGMENT_CACHE_MB``, default 256). Segments are immutable (written once under a
+    unique name, never rewritten), so a cached copy can never be stale: a controller pass or a
+    monitor that rereads the log only pays for the segments committed since its last read."""
+
+    def __init__(self) -> None:
+        from collections import OrderedDict
+
+        self.tables: OrderedDict[tuple[str, str], pa.Table] = OrderedDict()
+        self.bytes = 0
+        self.lock = threading.Lock()
+
+    def read(self, store: ObjectStore, path: str) -> pa.Table:
+        import pyarrow.dataset as ds
+
+        key = (store.uri, path)
+        with self.lock:
+            hit = self.tables.get(key)
+            if hit is not None:
+                self.tables.move_to_end(key)
+                return hit
+        table = ds.dataset(path, filesystem=store.fs, format="parquet").to_table()
+        budget = float(os.environ.get("MLOOP_SEGMENT_CACHE_MB", "256")) * 2**20
+        with self.lock:
+            if table.nbytes <= budget and key not in self.tables:
+                self.tables[key] = table
+                self.bytes += table.nbytes
+                while self.bytes > budget:
+                    _, old = self.tables.popitem(last=False)
+                    self.bytes -= old.nbytes
+        return table
+
+
+_SEGMENTS = _SegmentCache()
+
+
+def read_segments(store: ObjectStore, files: list[str]) -> list[pa.Table]:
+    """The tables of these segment files (log or label segments), from the cache when read
+    before."""
+    return [_SEGMENTS.read(store, f) for f in files]
+
+
 def log_days(store: ObjectStore) -> list[str]:
     """The days (``YYYY-MM-DD``) the log holds answers for, oldest first."""
     return sorted(name.removeprefix("day=") for name in store.listdir()
@@ -265,12 +308,10 @@ def read_log(uri: str, columns: list[str] | None = None) -> pa.Table:
     """Every committed row (all days, all versions) as one table; columns missing from some
     segments are null there. Partition folders are not added as columns (``_version`` and
     ``_ts`` already carry them)."""
-    import pyarrow.dataset as ds
 
     store = ObjectStore(uri)
     files = segment_files(store)
     if not files:
         return pa.table({c: pa.array([], pa.null()) for c in (columns or META_COLUMNS)})
-    tables = [ds.dataset(f, filesystem=store.fs, format="parquet").to_table() for f in files]
-    table = pa.concat_tables(tables, promote_options="permissive")
+    table = pa.concat_tables(read_segments(store, files), promote_options="permissive")
     return table.select(columns) if columns else table

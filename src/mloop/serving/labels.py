@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mloop.errors import MloopError
-from mloop.serving.inference_log import LABELS_DIR, id_day, segment_files
+from mloop.serving.inference_log import LABELS_DIR, id_day, read_segments, segment_files
 from mloop.storage import ObjectStore
 
 
@@ -136,22 +136,30 @@ def read_label_file(path: Path, task: str) -> dict[str, Any]:
     return out
 
 
-def read_labels(uri: str) -> pa.Table:
-    """All stored labels, the latest per request id."""
-    import pyarrow.dataset as ds
+def label_files(store: ObjectStore) -> list[str]:
+    """Full paths of the committed label segments."""
+    import pyarrow.fs as pafs
 
+    sel = pafs.FileSelector(store.path(LABELS_DIR), recursive=True, allow_not_found=True)
+    return sorted(i.path for i in store.fs.get_file_info(sel)
+                  if i.type == pafs.FileType.File and i.base_name.endswith(".parquet")
+                  and not i.base_name.startswith(".tmp-"))
+
+
+def read_labels(uri: str) -> pa.Table:
+    """All stored labels, the latest per request id (segments already read come from the
+    log's segment cache)."""
     store = ObjectStore(uri)
-    if not store.exists(LABELS_DIR):
+    files = label_files(store)
+    if not files:
         return pa.table({"_request_id": pa.array([], pa.string()),
                          "label": pa.array([], pa.float64())})
-    table = ds.dataset(store.path(LABELS_DIR), filesystem=store.fs, format="parquet",
-                       partitioning="hive").to_table(columns=["_request_id", "label",
-                                                              "received_at"])
-    table = table.sort_by([("received_at", "descending")])
-    seen: set[str] = set()
-    keep = []
-    for i, rid in enumerate(table.column("_request_id").to_pylist()):
-        if rid not in seen:
-            seen.add(rid)
-            keep.append(i)
-    return table.take(keep).select(["_request_id", "label"])
+    cols = ["_request_id", "label", "received_at"]
+    table = pa.concat_tables([t.select(cols) for t in read_segments(store, files)],
+                             promote_options="permissive")
+    table = table.sort_by([("_request_id", "ascending"), ("received_at", "descending")])
+    ids = table.column("_request_id").combine_chunks()
+    if table.num_rows > 1:  # the first row of each id is its latest label
+        later = pc.not_equal(ids.slice(1), ids.slice(0, table.num_rows - 1))
+        table = table.filter(pa.concat_arrays([pa.array([True]), later]))
+    return table.select(["_request_id", "label"])

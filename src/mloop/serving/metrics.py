@@ -78,6 +78,10 @@ class ServingMetrics:
         self.challenger_errors = Counter("mloop_challenger_errors", "Rows a canary failed to "
                                          "score (the champion answered them instead)",
                                          ["version"], registry=r)
+        self.cpu_per_1k = Gauge("mloop_serving_cpu_seconds_per_1k_predictions", "This "
+                                "server process's CPU-seconds per 1,000 rows scored",
+                                registry=r, multiprocess_mode="liveall")
+        self.rows_scored = 0
         self.log_rows = Counter("mloop_inference_log_rows", "Inference-log rows by outcome "
                                 "(written, dropped: queue full)", ["outcome"], registry=r)
         self.log_queue = Gauge("mloop_inference_log_queue", "Rows waiting for the next "
@@ -87,3 +91,10 @@ class ServingMetrics:
                                      multiprocess_mode="livemax")
         self.traffic = Gauge("mloop_traffic_share", "Configured share of traffic per role",
                              ["role"], registry=r, multiprocess_mode="livemax")
+
+    def export_cpu(self) -> None:
+        """Set the serving-cost gauge from this process's CPU time so far."""
+        import time
+
+        if self.rows_scored:
+            self.cpu_per_1k.set(time.process_time() / self.rows_scored * 1000)
