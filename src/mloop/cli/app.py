@@ -30,7 +30,8 @@ monitor_app = typer.Typer(invoke_without_command=True,
 tokens_app = typer.Typer(no_args_is_help=True, help="API tokens for `mloop serve` (stored as "
                                                     "hashes).")
 export_app = typer.Typer(no_args_is_help=True, help="Hand the project to other systems: "
-                                                    "Kubernetes manifests and a Dockerfile.")
+                                                    "Kubernetes manifests and a Dockerfile, "
+                                                    "an Airflow DAG.")
 app.add_typer(runs_app, name="runs")
 app.add_typer(data_app, name="data")
 app.add_typer(step_app, name="step")
@@ -158,14 +159,18 @@ def run(no_cache: NoCacheOpt = False, json_: JsonOpt = False) -> None:
         out.print(f"holdout: {fmt_metrics(detail['evaluation']['metrics'])}")
     if detail.get("gates"):
         _print_gates(detail["gates"])
-        if detail.get("promotion"):
-            p = detail["promotion"]
-            out.print(f"[green]promoted[/] v{p['version']} to champion (was "
-                      f"{'v' + str(p['replaced']) if p['replaced'] else 'nothing'})")
-        elif detail.get("promotion_error"):
-            out.print(f"[red]not promoted:[/] {detail['promotion_error']}")
-        elif not detail["gates"]["passed"]:
-            out.print("[red]not promoted:[/] a gate failed; the champion is unchanged")
+        _print_promotion(detail)
+
+
+def _print_promotion(detail: dict[str, Any]) -> None:
+    if detail.get("promotion"):
+        p = detail["promotion"]
+        out.print(f"[green]promoted[/] v{p['version']} to champion (was "
+                  f"{'v' + str(p['replaced']) if p['replaced'] else 'nothing'})")
+    elif detail.get("promotion_error"):
+        out.print(f"[red]not promoted:[/] {detail['promotion_error']}")
+    elif not detail["gates"]["passed"]:
+        out.print("[red]not promoted:[/] a gate failed; the champion is unchanged")
 
 
 def _print_run(d: dict[str, Any]) -> None:
@@ -178,6 +183,115 @@ def _print_run(d: dict[str, Any]) -> None:
                      for s in d.get("steps", [])]))
     if d.get("error"):
         out.print(f"[red]{d['error']}")
+
+
+# ------------------------------------------------------------------------------ tune
+
+@app.command()
+def tune(
+    trials: Annotated[int | None, typer.Option(
+        "--trials", min=1, help="The study's total of complete + pruned trials (default: "
+                                "tune.trials); a re-run resumes towards it.")] = None,
+    workers: Annotated[int, typer.Option(
+        "--workers", min=1, help="Processes sharing the study: K-1 more are started here "
+                                 "(a PostgreSQL store shares it across machines too).")] = 1,
+    join: Annotated[str | None, typer.Option(
+        "--join", metavar="STUDY", help="Work on STUDY, started by `mloop tune` with the same "
+                                        "stores, until it has its trials.")] = None,
+    worker_index: Annotated[int | None, typer.Option("--worker-index", hidden=True)] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Tune the model's parameters (tune.search_space) with Optuna, then train, register and
+    gate the best trial like any other candidate."""
+    from mloop.tuning import require_optuna
+
+    require_optuna()
+    from mloop.tuning.study import join_study, run_study
+
+    project = _open()
+    if join is not None:
+        def tell(kind: str, info: dict[str, Any]) -> None:
+            if kind == "trial" and not json_:
+                err.print(f"trial {info['number']} {info['state']}: {_num(info['value'])} "
+                          f"({info['done']}/{info['total']} done)", highlight=False)
+
+        done = join_study(project, join, worker_index=worker_index, on_event=tell)
+        if json_:
+            emit_json(done)
+        else:
+            out.print(f"worker {done['worker']} ran {len(done['trials'])} trial(s) of "
+                      f"{done['study']}")
+        return
+    with _TuneProgress(disable=json_) as progress:
+        result = run_study(project, trials=trials, workers=workers, on_event=progress.on)
+    if json_:
+        emit_json(result)
+        return
+    _print_tune(result)
+
+
+class _TuneProgress:
+    """A rich bar: trial k/N and the best value so far."""
+
+    def __init__(self, *, disable: bool) -> None:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(),
+                            TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
+                            console=err, disable=disable)
+        self.task = self.bar.add_task("preparing", total=None)
+        self.metric = ""
+        self.started = False
+
+    def __enter__(self) -> _TuneProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.started:
+            self.bar.stop()
+
+    def on(self, kind: str, info: dict[str, Any]) -> None:
+        if not self.started:  # from the first event on: a config error prints alone
+            self.bar.start()
+            self.started = True
+        if kind == "phase":
+            self.bar.update(self.task, description=info["text"])
+        elif kind == "step" and info["event"] == "start":
+            self.bar.update(self.task, description=f"step {info['step']}")
+        elif kind == "study":
+            self.metric = info["metric"]
+            self.bar.update(self.task, total=info["total"], completed=info["done"],
+                            description=f"study {info['study']}: {info['metric']} "
+                                        f"({info['direction']})")
+        elif kind == "trial":
+            best = "" if info["best"] is None else (
+                f", best {self.metric} {info['best']:.4g} (trial {info['best_trial']})")
+            self.bar.update(self.task, completed=info["done"],
+                            description=f"trial {info['done']}/{info['total']}{best}")
+
+
+def _print_tune(result: dict[str, Any]) -> None:
+    t, metric = result["trials"], result["metric"]
+    out.print(f"study [bold]{result['study']}[/] ({result['storage']}): {t['complete']} "
+              f"complete, {t['pruned']} pruned, {t['failed']} failed of {t['total']} "
+              f"({t['before_this_run']} before this run); {metric} on "
+              f"{result['validation_rows']} validation rows of the training snapshot")
+
+    def params(p: dict[str, Any]) -> str:
+        return ", ".join(f"{k}={_num(v) if isinstance(v, float) else v}" for k, v in p.items())
+
+    best = result["best"]
+    rows = [["configured", b["trial"], _num(b["value"]), params(b["params"])]
+            for b in [result["baseline"]] if b is not None]
+    rows.append(["best", best["trial"], _num(best["value"]), params(best["params"])])
+    out.print(table(f"validation {metric}", ["", "trial", metric, "params"], rows))
+    r = result["registered"]
+    out.print(f"registered [bold]{r['name']}[/] version [bold]{r['version']}[/] from trial "
+              f"{best['trial']} (pipeline run {short(result['pipeline_run_id'])})")
+    out.print(f"holdout: {fmt_metrics(result['evaluation']['metrics'])}")
+    if result.get("gates"):
+        _print_gates(result["gates"])
+        _print_promotion(result)
 
 
 # ------------------------------------------------------------------------------ status
@@ -250,7 +364,23 @@ def runs_create(pipeline: Annotated[str | None, typer.Argument()] = None,
         emit_json({"run_id": row.id, "pipeline": row.pipeline,
                    "mlflow_run_id": row.mlflow_run_id})
         return
-    out.print(row.id)
+    sys.stdout.write(row.id + "\n")  # the id alone, plain: scripts and XCom read this line
+
+
+@runs_app.command("gate")
+def runs_gate(run_id: str, json_: JsonOpt = False) -> None:
+    """Gate the version pipeline run RUN_ID registered against the champion and, with
+    gates.auto_promote, promote it: what `mloop run` does after the steps."""
+    from mloop.pipeline.runner import registered_version
+    from mloop.registry.promotion import gate_and_promote
+
+    project = _open()
+    result = gate_and_promote(project, registered_version(project, run_id))
+    if json_:
+        emit_json(result)
+        return
+    _print_gates(result["gates"])
+    _print_promotion(result)
 
 
 # ------------------------------------------------------------------------------ step
@@ -261,12 +391,17 @@ def step_run(
     step_name: Annotated[str, typer.Argument(metavar="STEP")],
     run_id: Annotated[str, typer.Option("--run-id", help="Existing pipeline run id.")],
     no_cache: NoCacheOpt = False,
+    retries: Annotated[int | None, typer.Option(
+        "--retries", min=0, help="Run a failing step again this often in this process "
+                                 "(default: the step's or pipeline.retries; 0 when the "
+                                 "orchestrator retries).")] = None,
     json_: JsonOpt = False,
 ) -> None:
     """Execute one step of an existing pipeline run in this process."""
     from mloop.pipeline.runner import run_single_step
 
-    o = run_single_step(_open(), pipeline, step_name, run_id, use_cache=not no_cache)
+    o = run_single_step(_open(), pipeline, step_name, run_id, use_cache=not no_cache,
+                        retries=retries)
     d = {"step": o.step, "status": o.status, "cache_hit": o.cache_hit,
          "duration_s": round(o.duration_s, 3), "peak_memory_mb": o.peak_memory_mb,
          "outputs": o.outputs, "mlflow_run_id": o.mlflow_run_id, "attempts": o.attempts}
@@ -1094,6 +1229,30 @@ def export_k8s(
     for n in notes["notes"]:
         err.print(f"note: {n}")
     err.print(f"build the image: {notes['build']}")
+
+
+@export_app.command("airflow")
+def export_airflow(
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder to write (e.g. a subfolder of "
+                                                        "Airflow's DAGs folder): new, empty, or "
+                                                        "a previous export.")],
+    pipeline: Annotated[str | None, typer.Option(help="Pipeline name (default: the "
+                                                      "project's).")] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """An Airflow 3 DAG: `runs create`, one task per step (`mloop step run`) in dependency
+    order, then `runs gate`; from mloop.yaml's `airflow:` section."""
+    from mloop.export.airflow import dag_spec, write_airflow
+
+    project = _open()
+    path = write_airflow(project, out_dir, pipeline=pipeline)
+    spec = dag_spec(project, pipeline)
+    if json_:
+        emit_json({"out": str(out_dir), "file": str(path), "dag_id": spec.dag_id,
+                   "pipeline": spec.pipeline, "schedule": spec.schedule, "tasks": spec.tasks})
+        return
+    out.print(f"wrote {path}")
+    err.print(f"DAG '{spec.dag_id}': {' -> '.join(spec.tasks)}")
 
 
 # ------------------------------------------------------------------------------ db

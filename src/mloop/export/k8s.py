@@ -20,10 +20,7 @@ never written (that would put the password in a file): the notes say how to crea
 from __future__ import annotations
 
 import json
-import os
 import re
-import secrets
-import shutil
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
@@ -32,10 +29,10 @@ import yaml
 
 from mloop import __version__
 from mloop.config import CONFIG_FILE, STORE_ENV_VARS, KubernetesConfig
-from mloop.errors import MloopError
+from mloop.export.files import MARKER as MARKER  # re-exported: tests and callers use it
+from mloop.export.files import write_export
 from mloop.project import Project
 
-MARKER = ".mloop-export.json"  # lists the files an export wrote: only those are overwritten
 CRD_FILES = ("inferenceservice.yaml", "servicemonitor.yaml", "prometheusrule.yaml")
 PROJECT_IN_IMAGE = "/app/project"
 UID = 10001
@@ -489,81 +486,9 @@ def k8s_notes(project: Project, out: Path) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------- write
 
-def _previous_export(out: Path) -> set[str] | None:
-    try:
-        data = json.loads((out / MARKER).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(data, dict) or data.get("generator") != "mloop export k8s":
-        return None
-    return {f for f in data.get("files", []) if isinstance(f, str) and "/" not in f}
-
-
-def _marker(project: Project, names: list[str]) -> str:
-    return json.dumps({"generator": "mloop export k8s", "mloop_version": __version__,
-                       "project": project.config.project, "files": names}, indent=2) + "\n"
-
-
 def write_k8s(project: Project, out: Path) -> list[Path]:
-    """Write the export into ``out``; return the files written.
-
-    ``out`` may be missing or empty (the files are written to a temporary sibling folder,
-    then renamed into place), or a previous export (it holds ``.mloop-export.json``): then
-    only the files mloop wrote are replaced, each via temp + rename after all are written,
-    and files of the previous export the new one no longer has are removed. Anything else is
-    refused, so a hand-written file is never overwritten.
-    """
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise MloopError(f"--out {out}: exists and is not a folder")
-    occupied = out.is_dir() and any(out.iterdir())
-    previous = _previous_export(out) if occupied else None
-    if occupied and previous is None:
-        raise MloopError(f"--out {out}: the folder is not empty and was not written by "
-                         f"`mloop export k8s` (no {MARKER}); choose a new or empty folder")
+    """Write the export into ``out`` (new, empty, or a previous k8s export: only its files are
+    replaced, see :mod:`mloop.export.files`); return the files written."""
     files = k8s_manifests(project)  # rendered whole before anything is touched
-    names = list(files)
-    if previous is not None:
-        foreign = sorted(n for n in names if (out / n).exists() and n not in previous)
-        if foreign:
-            raise MloopError(f"--out {out}: would overwrite {', '.join(foreign)}, which the "
-                             f"previous export did not write; move it away or choose another "
-                             f"folder")
-        _replace_in(out, files, project, stale=sorted(previous - set(names)))
-    else:
-        _write_fresh(out, files, project)
-    return [out / n for n in names]
-
-
-def _write_fresh(out: Path, files: dict[str, str], project: Project) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-    try:
-        tmp.mkdir()
-        for name, text in files.items():
-            (tmp / name).write_text(text, encoding="utf-8")
-        (tmp / MARKER).write_text(_marker(project, list(files)), encoding="utf-8")
-        if out.is_dir():
-            out.rmdir()  # empty (checked): the rename needs the name free
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _replace_in(out: Path, files: dict[str, str], project: Project, stale: list[str]) -> None:
-    token = f"{os.getpid()}-{secrets.token_hex(4)}"
-    staged: list[tuple[Path, Path]] = []
-    try:
-        for name, text in {**files, MARKER: _marker(project, list(files))}.items():
-            tmp = out / f".{name}.tmp-{token}"
-            staged.append((tmp, out / name))
-            tmp.write_text(text, encoding="utf-8")
-    except BaseException:
-        for tmp, _ in staged:
-            tmp.unlink(missing_ok=True)
-        raise
-    for tmp, final in staged:  # the marker last: it lists what is now there
-        os.replace(tmp, final)
-    for name in stale:
-        (out / name).unlink(missing_ok=True)
+    return write_export(out, files, generator="mloop export k8s",
+                        project=project.config.project)

@@ -75,8 +75,19 @@ def cache_key(node: Node, input_digests: dict[str, str]) -> str:
     return hashlib.sha256(body.encode()).hexdigest()
 
 
-def start_pipeline_run(project: Project, graph: Graph) -> PipelineRunRow:
-    """Create the run in mloop's store and its MLflow parent run."""
+def step_retries(project: Project, node: Node) -> int:
+    """How often a failing step is run again: its own ``retries``, else ``pipeline.retries``."""
+    return node.step.retries if node.step.retries is not None else (
+        project.config.pipeline.retries)
+
+
+def start_pipeline_run(project: Project, graph: Graph, *,
+                       config_text: str | None = None) -> PipelineRunRow:
+    """Create the run in mloop's store and its MLflow parent run.
+
+    ``config_text`` is the mloop.yaml logged with the run (default: the project's file); a
+    caller that runs with an overridden configuration (``mloop tune``'s parameters) logs the
+    configuration it really ran, so ``mloop models reproduce`` re-runs the same thing."""
     config_hash = project.config.config_hash()
     row = project.store.create_pipeline_run(project=project.name, pipeline=graph.pipeline,
                                             config_hash=config_hash)
@@ -87,7 +98,8 @@ def start_pipeline_run(project: Project, graph: Graph) -> PipelineRunRow:
     tags.update({f"mloop.{k}": v for k, v in git_info(project.root).items()})
     parent = client.create_run(project.experiment_id, run_name=f"{graph.pipeline}-{row.id[:8]}",
                                tags=tags)
-    config_text = (project.root / "mloop.yaml").read_text(encoding="utf-8")
+    if config_text is None:
+        config_text = (project.root / "mloop.yaml").read_text(encoding="utf-8")
     client.log_text(parent.info.run_id, config_text, "mloop.yaml")
     project.store.update_pipeline_run(row.id, mlflow_run_id=parent.info.run_id,
                                       experiment_id=project.experiment_id, status="running")
@@ -150,8 +162,11 @@ def _cache_hit(project: Project, node: Node, key: str) -> Any:
 
 
 def execute_step(project: Project, run: PipelineRunRow, graph: Graph, name: str, *,
-                 use_cache: bool = True, on_event: EventHook | None = None) -> StepOutcome:
+                 use_cache: bool = True, on_event: EventHook | None = None,
+                 retries: int | None = None) -> StepOutcome:
     """Run one node of ``graph`` as part of pipeline run ``run``; record everything.
+
+    ``retries`` overrides :func:`step_retries` (0 when an orchestrator does the retrying).
 
     Whatever goes wrong after the step run is recorded (a user exception, or mloop's own
     bookkeeping failing), the step run and its MLflow run end as failed, never "running".
@@ -167,7 +182,8 @@ def execute_step(project: Project, run: PipelineRunRow, graph: Graph, name: str,
                                            inputs=input_refs, mlflow_run_id=mlrun_id)
     try:
         return _execute(project, run, node, key, input_refs, mlrun_id, step_run_id,
-                        use_cache=use_cache, notify=on_event or (lambda *_: None))
+                        use_cache=use_cache, notify=on_event or (lambda *_: None),
+                        retries=retries)
     except StepFailedError:
         raise
     except Exception as exc:
@@ -179,7 +195,7 @@ def execute_step(project: Project, run: PipelineRunRow, graph: Graph, name: str,
 
 def _execute(project: Project, run: PipelineRunRow, node: Node, key: str,
              input_refs: dict[str, Any], mlrun_id: str, step_run_id: int, *,
-             use_cache: bool, notify: EventHook) -> StepOutcome:
+             use_cache: bool, notify: EventHook, retries: int | None) -> StepOutcome:
     store, client, name = project.store, project.mlflow, node.name
     log_params(client, mlrun_id, node.params, secrets=project.config.secrets)
     notify("start", name, {"mlflow_run_id": mlrun_id})
@@ -199,8 +215,7 @@ def _execute(project: Project, run: PipelineRunRow, node: Node, key: str,
         notify("cached", name, {})
         return StepOutcome(name, "succeeded", True, 0.0, None, cached.outputs, mlrun_id)
 
-    retries = node.step.retries if node.step.retries is not None else (
-        project.config.pipeline.retries)
+    retries = step_retries(project, node) if retries is None else retries
     backoff = project.config.pipeline.retry_backoff_seconds
     logger = BatchLogger(client, mlrun_id, tracking_uri=project.uris["tracking_uri"])
     ctx = StepContext(project=project, pipeline_run_id=run.id, step=name,
@@ -264,14 +279,15 @@ def _execute(project: Project, run: PipelineRunRow, node: Node, key: str,
 
 
 def run_pipeline(project: Project, *, use_cache: bool = True,
-                 on_event: EventHook | None = None) -> RunResult:
+                 on_event: EventHook | None = None,
+                 config_text: str | None = None) -> RunResult:
     """Build the graph, start a pipeline run and execute every step in dependency order.
 
     A failing step marks the run failed and stops it: later steps (register included) never
     run, so nothing half-trained reaches the registry.
     """
     graph = build_graph(project)
-    run = start_pipeline_run(project, graph)
+    run = start_pipeline_run(project, graph, config_text=config_text)
     result = RunResult(run.id, run.mlflow_run_id or "", "running")
     if on_event:
         on_event("pipeline", graph.pipeline, {"run_id": run.id, "steps": list(graph.nodes)})
@@ -290,7 +306,7 @@ def run_pipeline(project: Project, *, use_cache: bool = True,
 
 
 def run_single_step(project: Project, pipeline_name: str, step_name: str, run_id: str, *,
-                    use_cache: bool = True) -> StepOutcome:
+                    use_cache: bool = True, retries: int | None = None) -> StepOutcome:
     """The per-step entry point: one step of an existing run, in this (fresh) process.
 
     When it completes the last outstanding step, the pipeline run is marked succeeded.
@@ -307,7 +323,8 @@ def run_single_step(project: Project, pipeline_name: str, step_name: str, run_id
             f"all see one configuration: start a new run with `mloop runs create`")
     graph.node(step_name)
     try:
-        outcome = execute_step(project, run, graph, step_name, use_cache=use_cache)
+        outcome = execute_step(project, run, graph, step_name, use_cache=use_cache,
+                               retries=retries)
     except StepFailedError as exc:
         finish_pipeline_run(project, run, status="failed", error=str(exc))
         raise
@@ -320,3 +337,14 @@ def run_single_step(project: Project, pipeline_name: str, step_name: str, run_id
 def create_run(project: Project, pipeline_name: str | None = None) -> PipelineRunRow:
     """Start an empty pipeline run for an orchestrator to fill step by step."""
     return start_pipeline_run(project, build_graph(project, pipeline_name))
+
+
+def registered_version(project: Project, run_id: str) -> int:
+    """The model version that pipeline run ``run_id`` registered (its ``register`` step)."""
+    run = project.store.get_pipeline_run(run_id)
+    step = project.store.latest_step_run(run.id, "register")
+    if step is None or "output" not in step.outputs:
+        raise MloopError(f"pipeline run {run.id} has registered no model version (no "
+                         f"succeeded 'register' step)")
+    registered = load_output(step.outputs["output"], project.outputs, project.snapshots)
+    return int(registered["version"])
