@@ -109,10 +109,11 @@ def test_numeric_profile_bins_on_reference_quantiles_with_counts(bike_table: pa.
 
 def test_categorical_profile_keeps_top_k_and_other_and_missing(bike_table: pa.Table) -> None:
     prof = compute_profile(bike_table, top_k=5)
-    hr = prof["columns"]["hr"]
-    assert hr["kind"] == "categorical" and hr["n_unique"] == 24
-    assert len(hr["top"]) == 5
-    assert sum(hr["top"].values()) + hr["other_count"] == 17379
+    day = prof["columns"]["weekday"]  # 7 days and 875 gaps
+    assert day["kind"] == "categorical" and day["n_unique"] == 7
+    assert len(day["top"]) == 5 and day["top"]["Sat"] == 2387
+    assert sum(day["top"].values()) + day["other_count"] + day["missing"] == 17379
+    assert prof["columns"]["hr"]["kind"] == "numeric"  # the hour of the day, 0-23
     weather = prof["columns"]["weathersit"]
     assert weather["missing"] == 1258
     assert weather["missing_rate"] == pytest.approx(1258 / 17379)

@@ -147,6 +147,8 @@ def run_demo(opts: DemoOptions, *, progress: Callable[[str, dict[str, Any]], Non
         say("replay", {"total": len(rows)})
         replay = _replay(project_dir, url, rows, inputs, tcol, cfg.target, opts, say,
                          run_once)
+        serving_cpu = _scraped(requests.get(f"{url}/metrics", timeout=30).text,
+                               "mloop_serving_cpu_seconds_per_1k_predictions")
     finally:
         _stop_server(server)
     project = open_project(project_dir)
@@ -155,6 +157,11 @@ def run_demo(opts: DemoOptions, *, progress: Callable[[str, dict[str, Any]], Non
     # 3. the story in numbers
     summary = _summarise(project, replay, first, tcol, cfg.target)
     summary["loop"] = loop_metrics(project)
+    rates = project.config.loop.costs
+    summary["serving"] = {
+        "cpu_seconds_per_1k_predictions": serving_cpu,
+        "cost_per_1k_predictions": None if serving_cpu is None else
+        round(serving_cpu / 3600 * rates.cpu_hour, 8), "currency": rates.currency}
     summary["history"] = load_state(project).get("history", [])
     summary["seconds"] = round(time.perf_counter() - t_start, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
@@ -274,3 +281,14 @@ def _served_predictions(project: Any) -> dict[str, float]:
     table = read_rows(project.uris["inference_log_uri"])
     return dict(zip(table.column("_request_id").to_pylist(),
                     table.column("_prediction").to_pylist(), strict=True))
+
+
+def _scraped(text: str, name: str) -> float | None:
+    """One sample's value from a Prometheus exposition (the server's /metrics)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name:
+                return round(float(sample.value), 4)
+    return None

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from threadpoolctl import threadpool_limits
 
 from mloop.config import DataConfig, ModelConfig, ValidationConfig
 from mloop.data.snapshot import Snapshot
@@ -111,8 +112,10 @@ def train(ctx: StepContext, data: Snapshot, target: str, task: str | None,
     if spec["task"] == "classification":
         spec["classes"] = sorted(map(str, set(y.tolist()))) if y.dtype == object else sorted(
             set(y.tolist()))
-    estimator = build_model(spec, ModelConfig(**model))
-    estimator.fit(X, y)
+    cfg = ModelConfig(**model)
+    estimator = build_model(spec, cfg)
+    with threadpool_limits(cfg.threads):  # None: no limit
+        estimator.fit(X, y)
     _log_snapshot(ctx, data, "training", on_parent=False)  # split put it on the parent
     train_pred = estimator.predict(X)
     proba = estimator.predict_proba(X) if hasattr(estimator, "predict_proba") else None
