@@ -403,6 +403,20 @@ def test_inference_log_and_feedback_by_request_id(proj: Path) -> None:
     assert main(["-C", str(proj), "labels", "ingest", str(labels)]) == 1
 
 
+def test_flush_commits_the_log_now(proj: Path) -> None:
+    uri = open_project(proj).uris["inference_log_uri"]
+    with _server(proj, commit=3600) as srv:
+        ids = srv.post("/predict", {"records": _rows(3)}).json()["request_ids"]
+        assert read_log(uri).num_rows == 0  # an hour until the next commit
+        r = srv.post("/flush")
+        assert r.status_code == 200 and r.json() == {"committed_rows": 3}
+        assert sorted(read_log(uri).column("_request_id").to_pylist()) == sorted(ids)
+        assert srv.post("/flush").json() == {"committed_rows": 0}
+    with _server(proj, inference_log={"enabled": False}) as srv:
+        r = srv.post("/flush")
+        assert r.status_code == 409 and "disabled" in r.json()["error"]
+
+
 def _spawn_server(root: Path, port: int, commit: float, *args: str) -> subprocess.Popen:
 
     cfg = (root / "mloop.yaml").read_text()

@@ -551,6 +551,18 @@ class AirflowConfig(_Strict):
     project_dir: str | None = None  # the project's folder on the workers; None: this one
 
 
+class KubeflowConfig(_Strict):
+    """What `mloop export kubeflow` writes: a KFP v2 pipeline whose tasks call the mloop CLI."""
+
+    # KFP's pipeline name; None: the project's name in lower case, '-' for other characters
+    pipeline_name: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9-]{0,127}$")
+    # every task's image: it must hold mloop and kfp (mloop[kubeflow]); tasks install nothing.
+    # None: the image `mloop export k8s` builds (kubernetes.image, else "<name>:latest")
+    base_image: str | None = Field(None, min_length=1)
+    mloop_bin: str = Field("mloop", min_length=1)  # the mloop executable in the image
+    project_dir: str | None = None  # the project's folder in the image; None: /app/project
+
+
 class ProjectConfig(_Strict):
     project: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     stores: StoresConfig = Field(default_factory=StoresConfig)
@@ -570,6 +582,7 @@ class ProjectConfig(_Strict):
     loop: LoopConfig = Field(default_factory=LoopConfig)
     kubernetes: KubernetesConfig = Field(default_factory=KubernetesConfig)
     airflow: AirflowConfig = Field(default_factory=AirflowConfig)
+    kubeflow: KubeflowConfig = Field(default_factory=KubeflowConfig)
     tune: TuneConfig | None = None
     _file: str = PrivateAttr(default=CONFIG_FILE)
     _lines: dict[tuple[Any, ...], int] = PrivateAttr(default_factory=dict)
@@ -603,7 +616,7 @@ class ProjectConfig(_Strict):
         trains: a tuned run carries its parameters in ``model.params``)."""
         body = self.model_dump(mode="json", exclude={"stores", "gates", "serving",
                                                        "monitoring", "loop", "kubernetes",
-                                                       "airflow", "tune"})
+                                                       "airflow", "kubeflow", "tune"})
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 

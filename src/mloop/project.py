@@ -52,6 +52,18 @@ class Project:
             out["artifact_root"] = Path(out["artifact_root"]).as_uri()
         return out
 
+    @property
+    def artifact_location(self) -> str | None:
+        """Where a new MLflow experiment keeps its artifacts. With a tracking server (http)
+        and no ``artifact_root`` set in mloop.yaml or ``MLOOP_ARTIFACT_ROOT``, the server
+        decides (its ``--artifacts-destination``, proxied: clients need no object-store
+        credentials); the local default folder would be a path on this machine only."""
+        explicit = ("artifact_root" in self.config.stores.model_fields_set
+                    or os.environ.get(STORE_ENV_VARS["artifact_root"]))
+        if self.uris["tracking_uri"].startswith(("http://", "https://")) and not explicit:
+            return None
+        return self.uris["artifact_root"]
+
     @functools.cached_property
     def store(self) -> Store:
         return Store(self.uris["store_uri"])
@@ -81,7 +93,7 @@ class Project:
     def experiment_id(self) -> str:
         from mloop.tracking import get_or_create_experiment
 
-        return get_or_create_experiment(self.mlflow, self.name, self.uris["artifact_root"])
+        return get_or_create_experiment(self.mlflow, self.name, self.artifact_location)
 
 
 def open_project(path: str | Path | None = None) -> Project:

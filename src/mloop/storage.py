@@ -1,18 +1,31 @@
-"""A tiny object store over pyarrow's filesystems: local folders today, ``s3://`` the same way.
+"""A tiny object store over pyarrow's filesystems: local folders and ``s3://`` alike.
 
 Writes are atomic: a reader never sees half a file. Locally that is temp file + rename; on
-object stores a single PUT is already atomic.
+object stores a single PUT (or a multipart upload, completed in one request) is already atomic.
+
+S3 endpoints come from the same environment variables that boto3 and MLflow read, so one
+setting serves both: ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` (or MLflow's
+``MLFLOW_S3_ENDPOINT_URL``), ``AWS_REGION``/``AWS_DEFAULT_REGION``, and the credentials
+(``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, ``~/.aws``, instance roles), which the AWS
+SDK inside pyarrow finds by itself. Options in the URI's query string
+(``s3://bucket/prefix?endpoint_override=host:9000&scheme=http``) win over the environment.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import uuid
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
+# Most specific first, as boto3 does (a service-specific endpoint beats the global one).
+S3_ENDPOINT_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL")
 
 
 def resolve_uri(uri: str, root: Path) -> str:
@@ -29,21 +42,69 @@ def resolve_uri(uri: str, root: Path) -> str:
     return str((root / uri).resolve())
 
 
+def is_local(uri: str) -> bool:
+    return "://" not in uri or uri.startswith("file://")
+
+
+def s3_settings() -> dict[str, str | None]:
+    """The S3 endpoint and region the environment asks for (what boto3 and MLflow use):
+    ``{"endpoint": "http://127.0.0.1:9000" or None, "from": "AWS_ENDPOINT_URL" or None,
+    "region": ...}``."""
+    name = next((n for n in S3_ENDPOINT_ENV if os.environ.get(n)), None)
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or None
+    return {"endpoint": os.environ[name] if name else None, "from": name, "region": region}
+
+
+@functools.lru_cache(maxsize=8)
+def _s3_filesystem(endpoint: str | None, region: str | None) -> pafs.S3FileSystem:
+    """One S3 filesystem per endpoint and region, shared by every ObjectStore of the process
+    (the AWS SDK's client and connection pool are thread-safe and costly to build)."""
+    kwargs: dict[str, str] = {}
+    if endpoint:
+        parts = urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")
+        kwargs["endpoint_override"] = parts.netloc + parts.path.rstrip("/")
+        kwargs["scheme"] = parts.scheme or "https"
+    # A custom endpoint (MinIO, moto, Ceph...) has no region to discover; AWS's default.
+    kwargs["region"] = region or "us-east-1"
+    # Buckets are infrastructure: never created or deleted here, so a typo fails loudly.
+    return pafs.S3FileSystem(**kwargs)
+
+
+def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """pyarrow filesystem and base path for a URI or local path."""
+    if is_local(uri):
+        path = uri[len("file://") :] if uri.startswith("file://") else uri
+        return pafs.LocalFileSystem(), os.path.abspath(path)
+    parts = urlsplit(uri)
+    if parts.scheme == "s3" and not parts.query:
+        cfg = s3_settings()
+        if cfg["endpoint"] or cfg["region"]:
+            return (_s3_filesystem(cfg["endpoint"], cfg["region"]),
+                    f"{parts.netloc}{parts.path}".rstrip("/"))
+        # Plain AWS with nothing configured: pyarrow looks up the bucket's region itself.
+    fs, base = pafs.FileSystem.from_uri(uri)
+    return fs, base.rstrip("/") or base
+
+
 class ObjectStore:
     """Bytes and Parquet files under one base URI."""
 
     def __init__(self, uri: str) -> None:
         self.uri = uri
-        if "://" in uri and not uri.startswith("file://"):
-            self.fs, self.base = pafs.FileSystem.from_uri(uri)
-            self.local = False
-        else:
-            path = uri[len("file://") :] if uri.startswith("file://") else uri
-            self.fs, self.base = pafs.LocalFileSystem(), os.path.abspath(path)
-            self.local = True
+        self.local = is_local(uri)
+        self.fs, self.base = filesystem(uri)
+        self._scheme = "" if self.local else urlsplit(uri).scheme
+        # Object stores have no folders: a key is created by its PUT (no marker objects, no
+        # existence checks up the prefix). Other filesystems (HDFS...) need their parents.
+        self._folders = self.fs.type_name not in ("s3", "gcs")
 
     def path(self, rel: str) -> str:
+        """The filesystem path of ``rel`` (for ``self.fs``; no scheme on object stores)."""
         return f"{self.base.rstrip('/')}/{rel}" if rel else self.base
+
+    def uri_for(self, rel: str) -> str:
+        """What to show or record for ``rel``: a local path, or ``s3://bucket/key``."""
+        return self.path(rel) if self.local else f"{self._scheme}://{self.path(rel)}"
 
     def exists(self, rel: str) -> bool:
         return self.fs.get_file_info(self.path(rel)).type != pafs.FileType.NotFound
@@ -58,7 +119,8 @@ class ObjectStore:
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         target = self.path(rel)
-        self.fs.create_dir(target.rpartition("/")[0], recursive=True)
+        if self._folders:
+            self.fs.create_dir(target.rpartition("/")[0], recursive=True)
         if not self.local:
             with self.fs.open_output_stream(target) as f:
                 f.write(data)
@@ -72,7 +134,8 @@ class ObjectStore:
 
     def write_parquet(self, rel: str, table: pa.Table) -> None:
         target = self.path(rel)
-        self.fs.create_dir(target.rpartition("/")[0], recursive=True)
+        if self._folders:
+            self.fs.create_dir(target.rpartition("/")[0], recursive=True)
         if not self.local:
             pq.write_table(table, target, filesystem=self.fs, compression="zstd")
             return
@@ -82,6 +145,11 @@ class ObjectStore:
 
     def read_parquet(self, rel: str) -> pa.Table:
         return pq.read_table(self.path(rel), filesystem=self.fs)
+
+    def delete(self, rel: str) -> None:
+        """Remove one file (missing is fine)."""
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.delete_file(self.path(rel))
 
     def listdir(self, rel: str = "") -> list[str]:
         sel = pafs.FileSelector(self.path(rel), allow_not_found=True)

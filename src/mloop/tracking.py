@@ -220,7 +220,8 @@ def log_params(client: MlflowClient, run_id: str, params: dict[str, Any], *,
         client.log_batch(run_id, params=items[i : i + MAX_PARAMS_PER_BATCH])
 
 
-def get_or_create_experiment(client: MlflowClient, name: str, artifact_location: str) -> str:
+def get_or_create_experiment(client: MlflowClient, name: str,
+                             artifact_location: str | None) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id

@@ -31,7 +31,7 @@ tokens_app = typer.Typer(no_args_is_help=True, help="API tokens for `mloop serve
                                                     "hashes).")
 export_app = typer.Typer(no_args_is_help=True, help="Hand the project to other systems: "
                                                     "Kubernetes manifests and a Dockerfile, "
-                                                    "an Airflow DAG.")
+                                                    "an Airflow DAG, a Kubeflow pipeline.")
 app.add_typer(runs_app, name="runs")
 app.add_typer(data_app, name="data")
 app.add_typer(step_app, name="step")
@@ -1253,6 +1253,33 @@ def export_airflow(
         return
     out.print(f"wrote {path}")
     err.print(f"DAG '{spec.dag_id}': {' -> '.join(spec.tasks)}")
+
+
+@export_app.command("kubeflow")
+def export_kubeflow(
+    out_file: Annotated[Path, typer.Option("--out", help="The pipeline file to write (.yaml): "
+                                                         "new, or a previous export.")],
+    pipeline: Annotated[str | None, typer.Option(help="Pipeline name (default: the "
+                                                      "project's).")] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """A Kubeflow Pipelines (KFP v2) pipeline compiled with the kfp SDK: `runs create`, one
+    task per step (`mloop step run`) in dependency order, then `runs gate`; every task on
+    `kubeflow.base_image`, which must hold mloop[kubeflow]. From mloop.yaml's `kubeflow:`."""
+    from mloop.export.kubeflow import describe, kubeflow_warnings, pipeline_spec, write_kubeflow
+
+    project = _open()
+    path = write_kubeflow(project, out_file, pipeline=pipeline)
+    info = describe(pipeline_spec(project, pipeline))
+    warnings = kubeflow_warnings(project)
+    if json_:
+        emit_json({"file": str(path), **info, "warnings": warnings})
+        return
+    out.print(f"wrote {path}")
+    err.print(f"pipeline '{info['pipeline_name']}' on {info['image']}: "
+              f"{' -> '.join(info['tasks'])}")
+    for w in warnings:
+        err.print(f"[yellow]warning:[/] {w}")
 
 
 # ------------------------------------------------------------------------------ db

@@ -60,7 +60,7 @@ class SnapshotStore:
             schema={f.name: str(f.type) for f in table.schema},
             source=source,
             created_at=datetime.now(UTC).isoformat(timespec="seconds"),
-            uri=self.objects.path(f"{digest}/data.parquet"),
+            uri=self.objects.uri_for(f"{digest}/data.parquet"),
         )
         self.objects.write_bytes(f"{digest}/snapshot.json", json.dumps(snap.to_dict()).encode())
         return snap, True

@@ -1,8 +1,13 @@
-"""Reading the configured data source into an Arrow table."""
+"""Reading the configured data source into an Arrow table.
+
+``data.path`` is a local file or folder, or a URI pyarrow reads (``s3://bucket/key``, with the
+endpoint from the environment as for every object store; see :mod:`mloop.storage`).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -10,6 +15,7 @@ import pyarrow.dataset as ds
 
 from mloop.config import DataConfig
 from mloop.errors import DataSourceError
+from mloop.storage import filesystem, is_local
 
 _FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".gz": "csv"}
 
@@ -20,18 +26,71 @@ def _infer_format(path: Path) -> str:
             if child.is_file() and not child.name.startswith((".", "_")):
                 return _infer_format(child)
         raise DataSourceError(f"data.path '{path}' is an empty folder")
+    return _format_of_name(path, str(path))
+
+
+def _format_of_name(path: Path, shown: str) -> str:
     suffixes = [s.lower() for s in path.suffixes]
     if ".parquet" in suffixes or ".pq" in suffixes:
         return "parquet"
     if ".csv" in suffixes:
         return "csv"
     raise DataSourceError(
-        f"data.path '{path}': cannot tell the format from the extension "
+        f"data.path '{shown}': cannot tell the format from the extension "
         f"(expected .csv, .csv.gz or .parquet); set data.format")
 
 
-def read_file_table(path: Path, fmt: str | None = None) -> pa.Table:
-    """Read a CSV/Parquet file or a folder of them."""
+def _csv_convert() -> Any:
+    import pyarrow.csv as pacsv
+
+    # Empty fields are missing values (as in pandas), not empty strings.
+    return pacsv.ConvertOptions(strings_can_be_null=True)
+
+
+def _file_format(fmt: str) -> ds.FileFormat | str:
+    return ds.CsvFileFormat(convert_options=_csv_convert()) if fmt == "csv" else fmt
+
+
+def _read_uri_table(uri: str, fmt: str | None) -> pa.Table:
+    """A file or a folder (prefix) of files on an object store or any pyarrow filesystem."""
+    import pyarrow.fs as pafs
+
+    try:
+        fs, base = filesystem(uri)
+        info = fs.get_file_info(base)
+        if info.type == pafs.FileType.NotFound:
+            raise DataSourceError(f"data.path '{uri}' does not exist")
+        if info.type == pafs.FileType.Directory:
+            files = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(base,
+                                                                               recursive=True))
+                           if i.type == pafs.FileType.File
+                           and not i.base_name.startswith((".", "_")))
+            if not files:
+                raise DataSourceError(f"data.path '{uri}' is an empty folder")
+            fmt = fmt or _format_of_name(Path(files[0]), uri)
+        else:
+            fmt = fmt or _format_of_name(Path(base), uri)
+    except OSError as exc:
+        raise DataSourceError(f"data.path '{uri}' could not be opened: {exc}") from None
+    try:
+        if fmt == "csv" and info.type == pafs.FileType.File:
+            import pyarrow.csv as pacsv
+
+            with fs.open_input_stream(base, compression="detect") as f:
+                return pacsv.read_csv(f, convert_options=_csv_convert())
+        return ds.dataset(base, filesystem=fs, format=_file_format(fmt),
+                          exclude_invalid_files=False).to_table()
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DataSourceError(f"data.path '{uri}' could not be read as {fmt}: {exc}") from None
+
+
+def read_file_table(path: Path | str, fmt: str | None = None) -> pa.Table:
+    """Read a CSV/Parquet file or a folder of them (a local path, or a URI such as
+    ``s3://bucket/prefix``)."""
+    if isinstance(path, str):
+        if not is_local(path):
+            return _read_uri_table(path, fmt)
+        path = Path(path.removeprefix("file://"))
     if not path.exists():
         raise DataSourceError(f"data.path '{path}' does not exist")
     fmt = fmt or _infer_format(path)
@@ -39,16 +98,8 @@ def read_file_table(path: Path, fmt: str | None = None) -> pa.Table:
         if fmt == "csv" and path.is_file():
             import pyarrow.csv as pacsv
 
-            # Empty fields are missing values (as in pandas), not empty strings.
-            return pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(
-                strings_can_be_null=True))
-        file_format: ds.FileFormat | str = fmt
-        if fmt == "csv":
-            import pyarrow.csv as pacsv
-
-            file_format = ds.CsvFileFormat(convert_options=pacsv.ConvertOptions(
-                strings_can_be_null=True))
-        dataset = ds.dataset(str(path), format=file_format, exclude_invalid_files=False)
+            return pacsv.read_csv(path, convert_options=_csv_convert())
+        dataset = ds.dataset(str(path), format=_file_format(fmt), exclude_invalid_files=False)
         return dataset.to_table()
     except (pa.ArrowInvalid, OSError) as exc:
         raise DataSourceError(f"data.path '{path}' could not be read as {fmt}: {exc}") from None
@@ -105,8 +156,11 @@ def filter_time(table: pa.Table, column: str | None, since: str | None,
 
 def read_source(data: DataConfig, root: Path, time_column: str | None) -> tuple[pa.Table, str]:
     """Read the configured source; return the table and a human-readable source string."""
-    if data.path is not None:
-        path = Path(data.path)
+    if data.path is not None and not is_local(data.path):
+        table = read_file_table(data.path, data.format)
+        source = data.path
+    elif data.path is not None:
+        path = Path(data.path.removeprefix("file://"))
         path = path if path.is_absolute() else (root / path)
         table = read_file_table(path, data.format)
         source = str(path)

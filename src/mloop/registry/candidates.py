@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
+import threading
+from collections import OrderedDict
+from pathlib import Path
 from typing import Any
 
 from mloop import __version__
@@ -82,3 +85,32 @@ def register_candidate(client: Any, *, run_id: str, model: Any, name: str, input
                                      model_id=info.model_id)
     return {"name": name, "version": int(mv.version), "model_uri": f"models:/{name}/{mv.version}",
             "logged_model_uri": info.model_uri, "run_id": run_id}
+
+
+_PYFUNCS: OrderedDict[tuple[str, str, int], tuple[Path, Any]] = OrderedDict()
+_PYFUNCS_LOCK = threading.Lock()
+PYFUNC_CACHE_SIZE = 4
+
+
+def load_pyfunc(project: Any, version: int) -> tuple[Path, Any]:
+    """The local copy and the loaded pyfunc of ``version``, from a small in-process cache: a
+    registered version never changes, and one controller pass may load the same two versions
+    three times (gates, probation verdict, promotion), at 0.4 s and a fresh artifact copy
+    each."""
+    import mlflow.artifacts
+    import mlflow.pyfunc
+
+    name = project.config.model_name
+    key = (project.uris["tracking_uri"], name, int(version))
+    with _PYFUNCS_LOCK:
+        hit = _PYFUNCS.get(key)
+        if hit is not None:
+            _PYFUNCS.move_to_end(key)
+            return hit
+    path = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}"))
+    loaded = (path, mlflow.pyfunc.load_model(str(path)))
+    with _PYFUNCS_LOCK:
+        _PYFUNCS[key] = loaded
+        while len(_PYFUNCS) > PYFUNC_CACHE_SIZE:
+            _PYFUNCS.popitem(last=False)
+    return loaded

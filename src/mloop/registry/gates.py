@@ -82,13 +82,10 @@ class LoadedVersion:
 
 
 def load_version(project: Project, version: int) -> LoadedVersion:
-    import mlflow.artifacts
-    import mlflow.pyfunc
+    from mloop.registry.candidates import load_pyfunc
 
-    name = project.config.model_name
     mv = get_version(project, version)
-    path = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}"))
-    pyfunc = mlflow.pyfunc.load_model(str(path))
+    path, pyfunc = load_pyfunc(project, version)
     inputs = [c.name for c in pyfunc.metadata.get_input_schema().inputs]
     # the sklearn flavour's pyfunc wrapper holds the fitted estimator: no second load
     return LoadedVersion(int(version), dict(mv.tags or {}), path, pyfunc.get_raw_model(),

@@ -193,7 +193,7 @@ def create_app(project: Project, config: ServingConfig | None = None, *,
         latency_ms = (time.perf_counter() - t0) * 1000
         ids = [new_request_id(ts) for _ in range(n)]
         _observe(state.metrics, slot, preds)
-        state.metrics.rows_scored += n
+        state.metrics.scored(n)
         await _log(state, LogEntry(ids, ts, slot.model.version, role, latency_ms, preds, cols,
                                    key))
         if routing.mode == "shadow" and routing.challenger is not None:
@@ -295,6 +295,19 @@ def create_app(project: Project, config: ServingConfig | None = None, *,
     async def reload(request: Request) -> Response:
         """Re-read the aliases now (instead of at the next poll) and retry failed loads."""
         return await guarded(request, "reload", "admin", reload_handler)
+
+    async def flush_handler(request: Request) -> tuple[Response, str]:
+        if state.inference_log is None:
+            raise HTTPError(409, {"error": "the inference log is disabled "
+                                           "(serving.inference_log.enabled: false)"})
+        rows = await asyncio.to_thread(state.inference_log.commit)
+        return _json({"committed_rows": rows}), ""
+
+    @app.post("/flush", tags=["admin"])
+    async def flush(request: Request) -> Response:
+        """Commit the inference log's buffer now instead of at the next interval (before a
+        backup, or for a replay that reads back what it just sent)."""
+        return await guarded(request, "flush", "admin", flush_handler)
 
     # --------------------------------------------------------------------------- probes
 

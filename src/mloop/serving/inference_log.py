@@ -89,6 +89,7 @@ class InferenceLog:
         self._entries: list[LogEntry] = []
         self._rows = 0
         self._lock = threading.Lock()
+        self._commit_lock = threading.Lock()  # one commit at a time (interval, flush, close)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -154,6 +155,10 @@ class InferenceLog:
 
     def commit(self) -> int:
         """Write everything buffered now as one segment per (day, version)."""
+        with self._commit_lock:
+            return self._commit()
+
+    def _commit(self) -> int:
         with self._lock:
             entries, self._entries = self._entries, []
             count, self._rows = self._rows, 0

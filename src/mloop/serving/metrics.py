@@ -82,6 +82,7 @@ class ServingMetrics:
                                 "server process's CPU-seconds per 1,000 rows scored",
                                 registry=r, multiprocess_mode="liveall")
         self.rows_scored = 0
+        self.cpu_base = 0.0  # process CPU time when the first row was scored (startup excluded)
         self.log_rows = Counter("mloop_inference_log_rows", "Inference-log rows by outcome "
                                 "(written, dropped: queue full)", ["outcome"], registry=r)
         self.log_queue = Gauge("mloop_inference_log_queue", "Rows waiting for the next "
@@ -92,9 +93,17 @@ class ServingMetrics:
         self.traffic = Gauge("mloop_traffic_share", "Configured share of traffic per role",
                              ["role"], registry=r, multiprocess_mode="livemax")
 
+    def scored(self, rows: int) -> None:
+        import time
+
+        if not self.rows_scored:
+            self.cpu_base = time.process_time()
+        self.rows_scored += rows
+
     def export_cpu(self) -> None:
-        """Set the serving-cost gauge from this process's CPU time so far."""
+        """Set the serving-cost gauge: this process's CPU time since it scored its first row
+        (model swaps, logging and HTTP included) per 1,000 rows."""
         import time
 
         if self.rows_scored:
-            self.cpu_per_1k.set(time.process_time() / self.rows_scored * 1000)
+            self.cpu_per_1k.set((time.process_time() - self.cpu_base) / self.rows_scored * 1000)

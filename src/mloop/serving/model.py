@@ -61,16 +61,13 @@ def load_served(project: Project, version: int, *, warm: bool = True,
     """Load ``version`` of the project's model and (by default) warm it up. With ``compile``
     (a CompileConfig, enabled), a scikit-learn model is compiled and serves compiled if it
     verifies on the version's holdout."""
-    import mlflow.artifacts
-    import mlflow.pyfunc
-
-    from mloop.registry.candidates import get_version
+    from mloop.registry.candidates import get_version, load_pyfunc
 
     t0 = time.perf_counter()
     name = project.config.model_name
     mv = get_version(project, version)
-    path = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}")
-    pyfunc = mlflow.pyfunc.load_model(path)
+    local, pyfunc = load_pyfunc(project, version)
+    path = str(local)
     schema_in = pyfunc.metadata.get_input_schema()
     if schema_in is None:
         raise ValueError(f"version {version} of '{name}' has no input signature; mloop serves "
