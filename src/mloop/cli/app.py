@@ -1294,10 +1294,36 @@ def db_upgrade(json_: JsonOpt = False) -> None:
     before = store.current_revision()
     store.upgrade()
     after = store.current_revision()
+    from mloop.tracking import redact
+
+    shown = redact(project.uris["store_uri"], project.config.secrets)
     if json_:
-        emit_json({"store_uri": project.uris["store_uri"], "from": before, "to": after})
+        emit_json({"store_uri": shown, "from": before, "to": after})
         return
-    out.print(f"{project.uris['store_uri']}: {before or 'empty'} -> {after}")
+    out.print(f"{shown}: {before or 'empty'} -> {after}")
+
+
+# ------------------------------------------------------------------------------ doctor
+
+@app.command()
+def doctor(json_: JsonOpt = False) -> None:
+    """Check every configured store and engine is reachable and compatible, one line each
+    (tracking, registry, artifacts, mloop's store, object stores, drivers, serving port,
+    optional extras). Exit 1 if any check fails."""
+    from mloop.doctor import run_doctor, summary
+
+    checks = run_doctor(_open())
+    result = summary(checks)
+    if json_:
+        emit_json(result)
+    else:
+        style = {"ok": "[green]ok  [/]", "warn": "[yellow]warn[/]", "fail": "[red]FAIL[/]"}
+        width = max(len(c.check) for c in checks)
+        for c in checks:
+            out.print(f"{style[c.status]} {c.check:<{width}}  {c.target}  {c.detail}",
+                      markup=True, highlight=False, soft_wrap=True)
+    if not result["ok"]:
+        raise typer.Exit(1)
 
 
 # ------------------------------------------------------------------------------ entry point
