@@ -83,6 +83,9 @@ class Project:
         import mlflow
         from mlflow.tracking import MlflowClient
 
+        # With a tracking server MLflow prints "View run ... at: URL" on stdout at every run's
+        # end (and asks the server for the run to do so): stdout is mloop's (--json documents).
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         # The sklearn flavour's log_model only speaks the fluent API; point it at our stores.
         mlflow.set_tracking_uri(self.uris["tracking_uri"])
         mlflow.set_registry_uri(self.uris["registry_uri"])

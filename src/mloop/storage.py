@@ -1,7 +1,8 @@
 """A tiny object store over pyarrow's filesystems: local folders and ``s3://`` alike.
 
 Writes are atomic: a reader never sees half a file. Locally that is temp file + rename; on
-object stores a single PUT (or a multipart upload, completed in one request) is already atomic.
+object stores a single PUT (or, for large files, a multipart upload, which appears whole when
+completed) is already atomic.
 
 S3 endpoints come from the same environment variables that boto3 and MLflow read, so one
 setting serves both: ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` (or MLflow's
@@ -18,6 +19,7 @@ import functools
 import os
 import uuid
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import pyarrow as pa
@@ -59,15 +61,20 @@ def s3_settings() -> dict[str, str | None]:
 def _s3_filesystem(endpoint: str | None, region: str | None) -> pafs.S3FileSystem:
     """One S3 filesystem per endpoint and region, shared by every ObjectStore of the process
     (the AWS SDK's client and connection pool are thread-safe and costly to build)."""
-    kwargs: dict[str, str] = {}
+    kwargs: dict[str, Any] = {"region": region or "us-east-1"}
     if endpoint:
         parts = urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")
         kwargs["endpoint_override"] = parts.netloc + parts.path.rstrip("/")
         kwargs["scheme"] = parts.scheme or "https"
-    # A custom endpoint (MinIO, moto, Ceph...) has no region to discover; AWS's default.
-    kwargs["region"] = region or "us-east-1"
-    # Buckets are infrastructure: never created or deleted here, so a typo fails loudly.
-    return pafs.S3FileSystem(**kwargs)
+    # allow_delayed_open: a small object is one PutObject instead of create + part + complete
+    # multipart requests (an inference-log segment every commit interval). Buckets are
+    # infrastructure: never created or deleted here, so a typo fails loudly.
+    return pafs.S3FileSystem(allow_delayed_open=True, **kwargs)
+
+
+@functools.lru_cache(maxsize=64)
+def _bucket_region(bucket: str) -> str:
+    return str(pafs.resolve_s3_region(bucket))
 
 
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -78,10 +85,10 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     parts = urlsplit(uri)
     if parts.scheme == "s3" and not parts.query:
         cfg = s3_settings()
-        if cfg["endpoint"] or cfg["region"]:
-            return (_s3_filesystem(cfg["endpoint"], cfg["region"]),
-                    f"{parts.netloc}{parts.path}".rstrip("/"))
-        # Plain AWS with nothing configured: pyarrow looks up the bucket's region itself.
+        # Plain AWS with no region set: the bucket's own region (one request, then cached).
+        region = cfg["region"] or (None if cfg["endpoint"] else _bucket_region(parts.netloc))
+        return (_s3_filesystem(cfg["endpoint"], region),
+                f"{parts.netloc}{parts.path}".rstrip("/"))
     fs, base = pafs.FileSystem.from_uri(uri)
     return fs, base.rstrip("/") or base
 
