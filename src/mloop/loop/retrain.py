@@ -15,7 +15,6 @@ import re
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -36,7 +35,7 @@ def seconds(duration: str) -> float:
 
 @dataclass
 class TrainingData:
-    path: Path
+    path: str  # a local path or an s3:// URI (the outputs store's)
     rows: int
     labelled_rows: int
     original_rows: int
@@ -80,15 +79,10 @@ def build_training_data(project: Project, *, until: datetime, champion: int | No
     original = 0
     if cfg.include_original and champion is not None:
         table, original = _with_original(project, champion, table)
-    out_dir = Path(project.outputs.path("retrain"))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"traffic-{until:%Y%m%dT%H%M%S}-{int(time.time())}.parquet"
-    import pyarrow.parquet as pq
-
-    tmp = path.with_name(".tmp-" + path.name)
-    pq.write_table(table, tmp)
-    tmp.replace(path)
-    return TrainingData(path, table.num_rows, labelled, original,
+    # through the outputs store: temp + rename locally, one PUT on s3://
+    rel = f"retrain/traffic-{until:%Y%m%dT%H%M%S}-{int(time.time())}.parquet"
+    project.outputs.write_parquet(rel, table)
+    return TrainingData(project.outputs.uri_for(rel), table.num_rows, labelled, original,
                         until - timedelta(seconds=seconds(cfg.window)), until)
 
 
@@ -141,8 +135,10 @@ def retrain(project: Project, data: TrainingData, *, on_event: Any = None) -> di
     from mloop.pipeline.artifacts import load_output
     from mloop.pipeline.runner import run_pipeline
     from mloop.project import Project as _Project
+    from mloop.storage import filesystem
 
-    present = set(pq.read_schema(data.path).names)
+    fs, where = filesystem(data.path)
+    present = set(pq.read_schema(where, filesystem=fs).names)
     features = project.config.features.model_copy(update={
         "exclude": [c for c in project.config.features.exclude if c in present]})
     config = project.config.model_copy(update={"data": DataConfig(path=str(data.path)),
