@@ -3,6 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 pip install -q uv
-uv pip compile pyproject.toml --extra dev --extra fast --extra tune --extra kubeflow --python-version 3.11 \
+uv pip compile pyproject.toml --extra dev --extra fast --extra tune --extra kubeflow --extra spark --python-version 3.11 \
   --python-platform x86_64-unknown-linux-gnu -o requirements.lock -q --no-header
-sed -i '1i # Pinned set CI installs (uv pip compile pyproject.toml --extra dev --extra fast --extra tune --extra kubeflow --python-version 3.11).\n# Regenerate: scripts/lock.sh' requirements.lock
+sed -i '1i # Pinned set CI installs (uv pip compile pyproject.toml --extra dev --extra fast --extra tune --extra kubeflow --extra spark --python-version 3.11).\n# Regenerate: scripts/lock.sh' requirements.lock

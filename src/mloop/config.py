@@ -563,6 +563,14 @@ class KubeflowConfig(_Strict):
     project_dir: str | None = None  # the project's folder in the image; None: /app/project
 
 
+class SparkConfig(_Strict):
+    """`mloop predict --engine spark` (mloop[spark]): where the job runs and Spark settings."""
+
+    master: str = Field("local[2]", min_length=1)  # --master overrides; e.g. spark://host:7077
+    # any Spark setting, e.g. spark.jars.packages (hadoop-aws for s3://), spark.executor.memory
+    conf: dict[str, str | int | float | bool] = Field(default_factory=dict)
+
+
 class ProjectConfig(_Strict):
     project: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     stores: StoresConfig = Field(default_factory=StoresConfig)
@@ -583,6 +591,7 @@ class ProjectConfig(_Strict):
     kubernetes: KubernetesConfig = Field(default_factory=KubernetesConfig)
     airflow: AirflowConfig = Field(default_factory=AirflowConfig)
     kubeflow: KubeflowConfig = Field(default_factory=KubeflowConfig)
+    spark: SparkConfig = Field(default_factory=SparkConfig)
     tune: TuneConfig | None = None
     _file: str = PrivateAttr(default=CONFIG_FILE)
     _lines: dict[tuple[Any, ...], int] = PrivateAttr(default_factory=dict)
@@ -613,10 +622,12 @@ class ProjectConfig(_Strict):
         """sha256 of everything that shapes the model; stores and gates are left out (moving
         the stores or changing a gate or how it is served changes nothing about the model), and
         so is ``tune`` (a search space changes what `mloop tune` tries, not what one run
-        trains: a tuned run carries its parameters in ``model.params``)."""
+        trains: a tuned run carries its parameters in ``model.params``), and ``spark`` (where
+        batch scoring runs)."""
         body = self.model_dump(mode="json", exclude={"stores", "gates", "serving",
                                                        "monitoring", "loop", "kubernetes",
-                                                       "airflow", "kubeflow", "tune"})
+                                                       "airflow", "kubeflow", "tune",
+                                                       "spark"})
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 

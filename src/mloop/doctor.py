@@ -48,7 +48,7 @@ _PG_DRIVERS = {"psycopg": ("psycopg", "psycopg"), "psycopg2": ("psycopg2", "psyc
 
 # optional extras: name -> the modules they bring
 _EXTRAS = {"fast": ("onnxruntime", "skl2onnx", "onnx"), "tune": ("optuna",),
-           "kubeflow": ("kfp",)}
+           "kubeflow": ("kfp",), "spark": ("pyspark",)}
 # imported for real (a native library that may not load); the others are only looked up:
 # importing skl2onnx registers every converter and takes seconds
 _IMPORT = {"onnxruntime", "onnx"}
@@ -467,6 +467,8 @@ def _check_extras(project: Project) -> list[Check]:
         "tune": "the tune: section (mloop tune)" if cfg.tune is not None else None,
         "kubeflow": ("the kubeflow: section (mloop export kubeflow)"
                      if "kubeflow" in cfg.model_fields_set else None),
+        "spark": ("the spark: section (mloop predict --engine spark)"
+                  if "spark" in cfg.model_fields_set else None),
     }
     out = []
     for extra, modules in _EXTRAS.items():

@@ -914,18 +914,43 @@ def deploy_status(json_: JsonOpt = False) -> None:
 
 @app.command()
 def predict(
-    input: Annotated[Path, typer.Option("--input", "-i", help="Parquet or CSV file.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Parquet file to write.")],
+    # str, not Path: Path("s3://b/k") would lose a slash (--engine spark reads URIs)
+    input: Annotated[str, typer.Option("--input", "-i", help="Parquet or CSV file.")],
+    output: Annotated[str, typer.Option("--output", "-o", help="Parquet file to write (a "
+                                        "folder with --engine spark).")],
     version: Annotated[int | None, typer.Option(min=1, help="Default: the champion.")] = None,
     chunk_rows: Annotated[int, typer.Option(min=1, help="Rows per chunk (bounds memory).")] =
     50_000,
+    engine: Annotated[str, typer.Option(help="local (chunks in this process) or spark "
+                                             "(mloop\\[spark]; INPUT/OUTPUT may be folders or "
+                                             "s3:// URIs, OUTPUT is a Parquet folder).")] =
+    "local",
+    master: Annotated[str | None, typer.Option(help="Spark master (--engine spark). Default: "
+                                                    "spark.master in mloop.yaml, local[2].")] =
+    None,
     json_: JsonOpt = False,
 ) -> None:
     """Batch scoring: stream INPUT through a version, write predictions to OUTPUT."""
+    if engine not in ("local", "spark"):
+        raise MloopError(f"--engine '{engine}': expected local or spark")
+    if engine == "spark":
+        from mloop.serving.spark_batch import predict_spark
+
+        result = predict_spark(_open(), input, output, version=version, master=master,
+                               progress=not json_)
+        if json_:
+            emit_json(result)
+            return
+        out.print(f"scored {result['rows']:,} rows with v{result['version']} on Spark "
+                  f"{result['spark_version']} ({result['master']}) in {result['seconds']} s "
+                  f"-> {result['output']}")
+        return
+    if master is not None:
+        raise MloopError("--master is for --engine spark")
     from mloop.serving.batch import predict_file
 
-    result = predict_file(_open(), input, output, version=version, chunk_rows=chunk_rows,
-                          progress=not json_)
+    result = predict_file(_open(), Path(input), Path(output), version=version,
+                          chunk_rows=chunk_rows, progress=not json_)
     if json_:
         emit_json(result)
         return
