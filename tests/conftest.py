@@ -7,12 +7,14 @@ import shutil
 import subprocess
 import sys
 import textwrap
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import sqlalchemy as sa
 
 REPO = Path(__file__).resolve().parents[1]
 BIKE = REPO / "examples" / "bike_sharing"
@@ -93,3 +95,23 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = No
         raise AssertionError(f"mloop {' '.join(args)} exited {proc.returncode}\n"
                              f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc
+
+
+PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A throwaway database on the machine's PostgreSQL (trust auth). Fails, not skips, when
+    the server is down: start it with
+    `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`."""
+    name = f"mloop_test_{uuid.uuid4().hex[:8]}"
+    admin = sa.create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()

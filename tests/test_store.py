@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,25 +9,6 @@ import sqlalchemy as sa
 
 from mloop.errors import RunNotFoundError
 from mloop.store.db import HEAD_REVISION, Store
-
-PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-
-
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    """A throwaway database on the machine's PostgreSQL (trust auth). Fails, not skips, when
-    the server is down: start it with
-    `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`."""
-    name = f"mloop_test_{uuid.uuid4().hex[:8]}"
-    admin = sa.create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    finally:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 def _exercise(store: Store) -> None:

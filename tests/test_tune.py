@@ -3,8 +3,6 @@ with its lineage and gated; several workers sharing one PostgreSQL study."""
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,22 +24,6 @@ tune:
     max_iter: {type: int, low: 20, high: 120, step: 10}
     max_leaf_nodes: {type: int, low: 4, high: 31}
 """
-PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-
-
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    """A throwaway database on the machine's PostgreSQL (as in test_store.py)."""
-    name = f"mloop_tune_{uuid.uuid4().hex[:8]}"
-    admin = sa.create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    finally:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 def _study(project, name: str):
