@@ -14,7 +14,6 @@ from mloop.data.source import read_source
 from mloop.errors import DataSourceError
 
 from .conftest import rentals_frame
-from .test_store import pg_url  # noqa: F401 - fixture
 
 
 def _load(url: str) -> None:
@@ -37,7 +36,7 @@ def test_sql_query_on_sqlite_reads_the_selected_rows(tmp_path: Path) -> None:
 
 @pytest.mark.postgres
 def test_sql_query_on_postgres_matches_the_same_rows_from_a_file(tmp_path: Path,
-                                                                 pg_url: str) -> None:  # noqa: F811
+                                                                 pg_url: str) -> None:
     _load(pg_url)
     table, _ = read_source(DataConfig(sql="select hour, weather, temp, cnt from rentals "
                                           "order by ts", url=pg_url), tmp_path, None)
