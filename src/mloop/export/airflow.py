@@ -31,8 +31,8 @@ from pathlib import Path
 
 from mloop import __version__
 from mloop.errors import MloopError
-from mloop.export.files import write_export
-from mloop.pipeline.runner import build_graph, step_retries
+from mloop.export.files import step_tasks, write_export
+from mloop.pipeline.runner import build_graph
 from mloop.project import Project
 
 TASK_ID = re.compile(r"^[A-Za-z0-9_.-]{1,250}$")  # Airflow's task and DAG ids, ASCII only
@@ -87,11 +87,10 @@ def dag_spec(project: Project, pipeline: str | None = None) -> DagSpec:
     project_dir = af.project_dir or str(project.root)
     cli = shlex.join([_no_template(af.mloop_bin, "mloop_bin"), "-C",
                       _no_template(project_dir, "project_dir")])
-    steps = {n.name: (n.upstream, step_retries(project, n)) for n in graph.order()}
+    steps, sinks = step_tasks(project, graph)
     taken = set(graph.nodes)
     create_task = _free_id("create_run", taken)
     gate_task = _free_id("gate", taken | {create_task}) if "register" in graph.nodes else None
-    sinks = [n for n in graph.nodes if not graph.downstream(n)]
     return DagSpec(dag_id=af.dag_id or cfg.project, project=cfg.project,
                    pipeline=graph.pipeline, schedule=af.schedule, cli=cli,
                    retry_delay_s=cfg.pipeline.retry_backoff_seconds, steps=steps,

@@ -18,6 +18,7 @@ import os
 import secrets
 import shutil
 from pathlib import Path
+from typing import Any
 
 from mloop import __version__
 from mloop.errors import MloopError
@@ -144,3 +145,12 @@ def write_export_file(out: Path, text: str, *, generator: str,
         tmp.unlink(missing_ok=True)
         raise
     return out
+
+
+def step_tasks(project: Any, graph: Any) -> tuple[dict[str, tuple[list[str], int]], list[str]]:
+    """What every orchestrator export runs: each step with its upstream steps and retries (in
+    dependency order), and the steps nothing depends on (what the gate task waits for)."""
+    from mloop.pipeline.runner import step_retries
+
+    steps = {n.name: (n.upstream, step_retries(project, n)) for n in graph.order()}
+    return steps, [n for n in graph.nodes if not graph.downstream(n)]

@@ -33,9 +33,9 @@ from typing import Any
 from mloop import __version__
 from mloop.config import STORE_ENV_VARS
 from mloop.errors import MloopError
-from mloop.export.files import check_export_file, write_export_file
+from mloop.export.files import check_export_file, step_tasks, write_export_file
 from mloop.export.k8s import PROJECT_IN_IMAGE, _is_local, image_name
-from mloop.pipeline.runner import build_graph, step_retries
+from mloop.pipeline.runner import build_graph
 from mloop.project import Project
 
 GENERATOR = "mloop export kubeflow"
@@ -90,10 +90,9 @@ def pipeline_spec(project: Project, pipeline: str | None = None) -> PipelineSpec
     graph = build_graph(project, pipeline)
     taken: set[str] = set()
     task_names = {n.name: _free(kfp_name(n.name), taken) for n in graph.order()}
-    steps = {n.name: (n.upstream, step_retries(project, n)) for n in graph.order()}
+    steps, sinks = step_tasks(project, graph)
     create_task = _free("create-run", taken)
     gate_task = _free("gate", taken) if "register" in graph.nodes else None
-    sinks = [n for n in graph.nodes if not graph.downstream(n)]
     return PipelineSpec(
         name=kf.pipeline_name or kfp_name(cfg.project),
         description=f"mloop pipeline {graph.pipeline} of {cfg.project}",

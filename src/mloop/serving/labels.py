@@ -146,14 +146,27 @@ def label_files(store: ObjectStore) -> list[str]:
                   and not i.base_name.startswith(".tmp-"))
 
 
+_LATEST: dict[str, tuple[tuple[str, ...], pa.Table]] = {}  # uri -> (files, labels)
+
+
 def read_labels(uri: str) -> pa.Table:
-    """All stored labels, the latest per request id (segments already read come from the
-    log's segment cache)."""
+    """All stored labels, the latest per request id. One controller pass asks three times
+    (monitor, trigger counts, probation): while no label segment has been added, the last
+    answer is returned as it is (segments are immutable)."""
     store = ObjectStore(uri)
     files = label_files(store)
     if not files:
         return pa.table({"_request_id": pa.array([], pa.string()),
                          "label": pa.array([], pa.float64())})
+    hit = _LATEST.get(uri)
+    if hit is not None and hit[0] == tuple(files):
+        return hit[1]
+    latest = _latest_labels(store, files)
+    _LATEST[uri] = (tuple(files), latest)
+    return latest
+
+
+def _latest_labels(store: ObjectStore, files: list[str]) -> pa.Table:
     cols = ["_request_id", "label", "received_at"]
     table = pa.concat_tables([t.select(cols) for t in read_segments(store, files)],
                              promote_options="permissive")
