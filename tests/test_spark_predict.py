@@ -99,6 +99,7 @@ def test_spark_scores_the_same_file_as_the_local_path(proj: Path, spark: Any,
     result = predict_spark(project, src, tmp_path / "scored", spark=spark, progress=False)
     assert (result["rows"], result["version"], local["version"]) == (4000, 1, 1)
     assert result["engine"] == "spark" and result["master"] == "local[2]"
+    assert result["ignored_columns"] == local["ignored_columns"] == ["id"]  # kept, unscored
     out = tmp_path / "scored"
     parts = sorted(out.glob("part-*.parquet"))
     assert len(parts) > 1, "expected several partitions (row order is not kept across them)"
@@ -160,6 +161,12 @@ def test_spark_bad_input_names_the_problem_and_writes_nothing(proj: Path, spark:
     with pytest.raises(MloopError, match=r"column 'temp' is string, the signature expects "
                                          r"double \(1 value\(s\) cannot be cast, e.g. 'warm'\)"):
         predict_spark(project, tmp_path / "words.parquet", out, spark=spark)
+    # a column outside the signature (the id) with serving.strict_columns on
+    strict = open_project(proj)
+    strict.config.serving.strict_columns = True
+    with pytest.raises(MloopError, match=r"column\(s\) \['id'\] are not in the model "
+                                         r"signature \(serving\.strict_columns"):
+        predict_spark(strict, tmp_path / "nulls.parquet", out, spark=spark)
     # no such input, no such version, no rows, an unsupported file
     with pytest.raises(MloopError, match=r"nowhere\.parquet: no such file or folder"):
         predict_spark(project, tmp_path / "nowhere.parquet", out, spark=spark)

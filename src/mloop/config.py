@@ -238,6 +238,8 @@ class ServingConfig(_Strict):
     max_batch_rows: int = Field(64, ge=1)  # micro-batch cap
     max_wait_ms: float = Field(0.0, ge=0, le=1000)  # extra wait for company under load
     max_body_bytes: int = Field(1_048_576, ge=1024)  # larger bodies get 413
+    # request fields outside the signature: left out and counted (false), or 422 (true)
+    strict_columns: bool = False
     poll_seconds: float = Field(5.0, gt=0)  # how often aliases are checked (hot swap)
     model_threads: int = Field(1, ge=1)  # BLAS/OpenMP threads inside predict
     shadow_queue_rows: int = Field(10_000, ge=1)  # beyond this, shadow copies are dropped

@@ -35,12 +35,13 @@ from mloop.serving.edge import (
     input_error,
     json_response,
     read_body,
+    require_json,
 )
 from mloop.serving.formats import csv_parser, mlflow_parser, parse_json, predict_request
 from mloop.serving.inference_log import InferenceLog
 from mloop.serving.metrics import ServingMetrics
 from mloop.serving.schema import InputError
-from mloop.serving.scoring import score
+from mloop.serving.scoring import Scored, score
 from mloop.serving.state import ServerState
 
 __all__ = ["HTTPError", "create_app"]
@@ -66,13 +67,15 @@ async def predict(request: Request) -> Response:
     """Score rows with the champion (or the canary, by weight or sticky key)."""
     state = _state(request)
     authorize(request, "predict")
-    req = predict_request(parse_json(await read_body(request, state.config.max_body_bytes)))
+    require_json(request)
+    req = predict_request(parse_json(await read_body(request, state.config.max_body_bytes)),
+                          strict=state.config.strict_columns)
     scored = await score(state, req.parser, key=req.key, timestamp=req.timestamp)
     v = scored.slot.model.version
     return json_response({"version": v, "role": scored.role,
                           "request_ids": scored.request_ids,
                           "predictions": scored.predictions},
-                         headers={"x-mloop-version": str(v)})
+                         headers=_headers(scored))
 
 
 async def invocations(request: Request) -> Response:
@@ -81,19 +84,32 @@ async def invocations(request: Request) -> Response:
     authorize(request, "predict")
     ctype = request.headers.get("content-type", "application/json").split(";")[0].strip()
     raw = await read_body(request, state.config.max_body_bytes)
+    strict = state.config.strict_columns
     if ctype == "text/csv":
-        parser = csv_parser(raw)
+        parser = csv_parser(raw, strict=strict)
     elif ctype in ("application/json", ""):
-        parser = mlflow_parser(parse_json(raw))
+        parser = mlflow_parser(parse_json(raw), strict=strict)
     else:
         raise HTTPError(415, {"error": f"content type '{ctype}' is not supported; use "
                                        f"application/json or text/csv"})
     scored = await score(state, parser, key=request.headers.get("x-mloop-key"),
                          timestamp=time.time())
-    v = scored.slot.model.version
-    return json_response({"predictions": scored.predictions},
-                         headers={"x-mloop-version": str(v),
-                                  "x-mloop-request-ids": ",".join(scored.request_ids[:1000])})
+    headers = _headers(scored)
+    headers["x-mloop-request-ids"] = ",".join(scored.request_ids[:1000])
+    return json_response({"predictions": scored.predictions}, headers=headers)
+
+
+IGNORED_HEADER = "x-mloop-ignored-columns"
+
+
+def _headers(scored: Scored) -> dict[str, str]:
+    """The version that answered, and the request's fields that were left out (outside the
+    signature; at most 20 names)."""
+    headers = {"x-mloop-version": str(scored.slot.model.version)}
+    if scored.ignored:
+        names = sorted(scored.ignored)
+        headers[IGNORED_HEADER] = ",".join(names[:20]) + (",..." if len(names) > 20 else "")
+    return headers
 
 
 # ------------------------------------------------------------------------- labels and admin

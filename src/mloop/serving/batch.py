@@ -4,6 +4,10 @@ Input is Parquet (read row group by row group) or CSV (pyarrow's streaming reade
 one Parquet file with the input columns plus ``prediction``, written under a temporary name and
 renamed at the end, so a failure leaves no half-written output. Memory is bounded by the chunk
 size, not the file size.
+
+The model gets only the signature's columns. Other columns (an id to join on, say) are not
+scored and kept in the output as read, and listed as ``ignored_columns`` in the result; with
+``serving.strict_columns: true`` they are an error, as they are on the server.
 """
 
 from __future__ import annotations
@@ -103,6 +107,7 @@ def predict_file(project: Project, input_path: Path, output_path: Path, *,
     t0 = time.perf_counter()
     rows = 0
     writer: pq.ParquetWriter | None = None
+    ignored: list[str] | None = None
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -118,6 +123,10 @@ def predict_file(project: Project, input_path: Path, output_path: Path, *,
         with bar:
             task = bar.add_task("score", total=total)
             for batch in batches:
+                if ignored is None:
+                    ignored = model.schema.extra_columns(
+                        batch.schema.names, source=str(input_path),
+                        strict=project.config.serving.strict_columns)
                 if batch.num_rows == 0:
                     continue
                 frame = _frame(model, batch, input_path, rows)
@@ -145,4 +154,4 @@ def predict_file(project: Project, input_path: Path, output_path: Path, *,
     return {"input": str(input_path), "output": str(output_path), "version": version,
             "rows": rows, "seconds": round(seconds, 3),
             "rows_per_s": round(rows / seconds, 1) if seconds else None,
-            "peak_rss_mb": round(peak / 2**20, 1)}
+            "peak_rss_mb": round(peak / 2**20, 1), "ignored_columns": ignored or []}

@@ -62,6 +62,32 @@ def authorize(request: Request, role: str) -> None:
         auth.check(request.headers.get("authorization"), role)
 
 
+_JSON_TYPES = frozenset({"application/json", "application/json; charset=utf-8",
+                         "application/json;charset=utf-8", "application/json; charset=UTF-8"})
+
+
+def require_json(request: Request) -> None:
+    """415 unless the body is declared ``application/json`` (a ``charset`` parameter, if
+    any, must be UTF-8, the only encoding JSON has): a form post or a text/plain body is a
+    client bug, answered as such rather than parsed on a guess."""
+    declared = request.headers.get("content-type")
+    if declared is not None:
+        if declared in _JSON_TYPES:  # the common spellings, without parsing
+            return
+        mime, _, params = declared.partition(";")
+        if mime.strip().lower() == "application/json":
+            charset = next((v.strip().strip('"').lower() for k, _, v in
+                            (p.partition("=") for p in params.split(";"))
+                            if k.strip().lower() == "charset"), "utf-8")
+            if charset in ("utf-8", "utf8"):
+                return
+    raise HTTPError(415, {"error": f"content type {declared!r} is not supported here; send "
+                                   f"the body as application/json"
+                                   if declared is not None else
+                                   "no content type; send the body as application/json "
+                                   "(Content-Type: application/json)"})
+
+
 async def read_body(request: Request, limit: int) -> bytes:
     """The whole body, refused with 413 as soon as it is known to exceed ``limit`` bytes
     (from Content-Length, else while streaming): an oversized body is never held in memory."""

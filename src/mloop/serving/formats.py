@@ -18,18 +18,105 @@ from typing import Any
 import orjson
 
 from mloop.serving.edge import HTTPError
-from mloop.serving.schema import FieldError, InputError, InputSchema
+from mloop.serving.schema import FieldError, InputError, InputSchema, Rows
 
-Parser = Callable[[InputSchema], tuple[dict[str, list], int]]
+Parser = Callable[[InputSchema], Rows]
 
 
 def parse_json(raw: bytes) -> Any:
-    """The JSON document in ``raw``; 400 naming the problem when it is not one."""
+    """The JSON document in ``raw``; 400 naming the problem when it is not one, or when it is
+    ambiguous: a key twice in one object (orjson, like most parsers, would keep the last one
+    silently: ``{"temp": 1, "temp": 40}`` would be scored as 40).
+
+    orjson also reads an integer beyond 64 bits as the nearest float, which would hide that
+    the value does not fit its column. Both are rare, and found without a second parse of
+    every body (see :func:`_needs_exact_parse`); only then is the body parsed again, exactly,
+    by the standard library.
+    """
     if not raw.strip():
         raise HTTPError(400, {"error": "empty body; expected JSON"})
     try:
-        return orjson.loads(raw)
+        body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
+        raise HTTPError(400, {"error": f"malformed JSON: {exc}"}) from None
+    if _needs_exact_parse(raw, body):
+        body = _exact_parse(raw)
+    return body
+
+
+_DIGITS = bytes(0x30 if 0x30 <= b <= 0x39 else 0x20 for b in range(256))
+_LONG_INT = b"0" * 20  # 2^64 has 20 digits: shorter integers orjson reads exactly
+
+
+def _needs_exact_parse(raw: bytes, body: Any) -> bool:
+    """True when ``body`` may have lost a duplicate key or a big integer.
+
+    Every key in the text is followed by a colon, so the colons in ``raw`` (plus escaped
+    ones, ``\\u003a``, which decode to a colon) are at least the keys in the text plus the
+    colons inside its strings. :func:`_keys_and_colons` counts keys of the parsed body and
+    colons in its top-level strings, which can only be fewer; the two are equal only if no
+    key was dropped. A one-row body costs about a microsecond here.
+    """
+    if _LONG_INT in raw.translate(_DIGITS):
+        return True
+    colons = raw.count(b":")
+    if b"\\u" in raw:
+        colons += raw.count(b"\\u003a") + raw.count(b"\\u003A")
+    return colons != _keys_and_colons(body)
+
+
+def _keys_and_colons(body: Any) -> int:
+    """Keys of the body, its objects and its lists of objects, plus the colons in its
+    top-level strings (an ISO timestamp has two). Deeper keys are not counted: a body that has
+    any takes the exact parse, which is rare (no request format nests deeper)."""
+    if type(body) is list:
+        return sum(map(len, body)) if body and set(map(type, body)) == {dict} else 0
+    if type(body) is not dict:
+        return 0
+    n = len(body)
+    for v in body.values():
+        t = type(v)
+        if t is dict:
+            n += len(v)
+            for w in v.values():
+                if type(w) is list and w and type(w[0]) is dict and set(map(type, w)) == {dict}:
+                    n += sum(map(len, w))
+        elif t is list:
+            if v and type(v[0]) is dict and set(map(type, v)) == {dict}:
+                n += sum(map(len, v))
+        elif t is str:
+            n += v.count(":")
+    return n
+
+
+class _DuplicateKeyError(Exception):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKeyError(k)
+        out[k] = v
+    return out
+
+
+def _exact_parse(raw: bytes) -> Any:
+    """The standard library's parse: every integer exact, every object's keys checked."""
+    import json
+
+    try:
+        return json.loads(raw, object_pairs_hook=_unique)
+    except _DuplicateKeyError as exc:
+        raise HTTPError(400, {"error": f"ambiguous JSON: key '{exc.key}' appears twice in one "
+                                       f"object; send each key once",
+                              "fields": [{"field": exc.key,
+                                          "problem": "duplicate key in one JSON object"}]}
+                        ) from None
+    except ValueError as exc:  # e.g. an integer of more than 4,300 digits
         raise HTTPError(400, {"error": f"malformed JSON: {exc}"}) from None
 
 
@@ -45,12 +132,16 @@ class PredictRequest:
 PREDICT_FIELDS = frozenset({"records", "columns", "key", "timestamp"})
 
 
-def predict_request(body: Any) -> PredictRequest:
+def predict_request(body: Any, *, strict: bool = False) -> PredictRequest:
     """mloop's own body: ``records`` (list of objects) or ``columns`` (object of lists), an
-    optional ``key`` and ``timestamp``; anything else is named in a 422."""
+    optional ``key`` and ``timestamp``; anything else is named in a 422. Row fields outside
+    the signature are left out (or refused, with ``strict``)."""
     if not isinstance(body, dict):
         raise InputError([FieldError("body", "must be an object with 'records' or "
                                              "'columns'")])
+    if "records" in body and "columns" in body:
+        raise InputError([FieldError(k, "the body has both 'records' and 'columns': send the "
+                                        "rows once") for k in ("records", "columns")])
     key = body.get("key")
     if key is not None and not isinstance(key, str | int):
         raise InputError([FieldError("key", "must be a string")])
@@ -58,10 +149,10 @@ def predict_request(body: Any) -> PredictRequest:
     parser: Parser
     if "records" in body:
         records = body["records"]
-        parser = lambda s: s.from_records(records)  # noqa: E731
+        parser = lambda s: s.from_records(records, strict=strict)  # noqa: E731
     elif "columns" in body:
         columns = body["columns"]
-        parser = lambda s: s.from_columns(columns)  # noqa: E731
+        parser = lambda s: s.from_columns(columns, strict=strict)  # noqa: E731
     else:
         raise InputError([FieldError("body", "needs 'records' (list of objects) or "
                                              "'columns' (object of lists)")])
@@ -97,7 +188,7 @@ def event_time(value: Any) -> float:
 MLFLOW_FORMATS = ("dataframe_split", "dataframe_records", "inputs", "instances")
 
 
-def mlflow_parser(body: Any) -> Parser:
+def mlflow_parser(body: Any, *, strict: bool = False) -> Parser:
     """MLflow's JSON scoring formats → a parser for the routed version's schema."""
     if not isinstance(body, dict):
         raise InputError([FieldError("body", "must be an object with one of dataframe_split, "
@@ -110,20 +201,21 @@ def mlflow_parser(body: Any) -> Parser:
     k = keys[0]
     payload = body[k]
     if k == "dataframe_split":
-        return lambda s: s.from_split(payload)
+        return lambda s: s.from_split(payload, strict=strict)
     if k == "dataframe_records":
-        return lambda s: s.from_records(payload, where=k)
+        return lambda s: s.from_records(payload, where=k, strict=strict)
     if isinstance(payload, dict):
         return lambda s: s.from_columns(
-            {c: v if isinstance(v, list) else [v] for c, v in payload.items()}, where=k)
-    return lambda s: s.from_records(payload, where=k)
+            {c: v if isinstance(v, list) else [v] for c, v in payload.items()}, where=k,
+            strict=strict)
+    return lambda s: s.from_records(payload, where=k, strict=strict)
 
 
-def csv_parser(raw: bytes) -> Parser:
+def csv_parser(raw: bytes, *, strict: bool = False) -> Parser:
     """A CSV body (header row first) → a parser converting each cell to the signature's
     type."""
     header, rows = parse_csv(raw)
-    return lambda s: s.from_split(typed_csv(s, header, rows))
+    return lambda s: s.from_split(typed_csv(s, header, rows), strict=strict)
 
 
 def parse_csv(raw: bytes) -> tuple[list[str], list[list[str]]]:
@@ -149,13 +241,14 @@ def typed_csv(schema: InputSchema, header: list[str], rows: list[list[str]]) -> 
             if cell == "":
                 out.append(None)
             elif kind in ("double", "float", "long", "integer"):
-                try:
-                    num = float(cell)
-                    out.append(int(num) if kind in ("long", "integer") and num.is_integer()
-                               else num)
+                try:  # an integer literal stays exact (a long beyond 2^53 too)
+                    out.append(int(cell))
                 except ValueError:
-                    errors.append(FieldError(name, f"expected {kind}", row=i, value=cell))
-                    out.append(None)
+                    try:
+                        out.append(float(cell))
+                    except ValueError:
+                        errors.append(FieldError(name, f"expected {kind}", row=i, value=cell))
+                        out.append(None)
             elif kind == "boolean":
                 low = cell.lower()
                 if low in ("true", "false", "1", "0"):

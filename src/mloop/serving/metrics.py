@@ -45,6 +45,8 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 # be a probability or a price; one fixed set (Prometheus needs one per metric) covers both.
 _STEPS = [m * 10.0 ** k for k in range(-2, 6) for m in (1, 2, 5)]
 PREDICTION_BUCKETS = tuple(sorted({*(-x for x in _STEPS), 0.0, *_STEPS}))
+IGNORED_COLUMN_LABELS = 32  # distinct names of ignored columns with a series of their own
+OTHER = "_other"
 
 
 class ServingMetrics:
@@ -92,6 +94,24 @@ class ServingMetrics:
                                      multiprocess_mode="livemax")
         self.traffic = Gauge("mloop_traffic_share", "Configured share of traffic per role",
                              ["role"], registry=r, multiprocess_mode="livemax")
+        self.ignored_columns = Counter("mloop_ignored_columns", "Request rows with a field "
+                                       "outside the model signature, left out (the first "
+                                       f"{IGNORED_COLUMN_LABELS} names seen, then '{OTHER}')",
+                                       ["column"], registry=r)
+        self._ignored_labels: set[str] = set()
+
+    def ignored(self, columns: dict[str, int]) -> None:
+        """Count rows whose ``columns`` were left out. Names come from clients, so only the
+        first few distinct ones get a series of their own (a client sending a new name per
+        request must not grow /metrics without bound)."""
+        labels = self._ignored_labels
+        for name, rows in columns.items():
+            if name not in labels:
+                if len(labels) >= IGNORED_COLUMN_LABELS:
+                    name = OTHER
+                else:
+                    labels.add(name)
+            self.ignored_columns.labels(name).inc(rows)
 
     def scored(self, rows: int) -> None:
         import time

@@ -26,6 +26,7 @@ class Scored:
     predictions: list[Any]
     request_ids: list[str]
     columns: dict[str, list]
+    ignored: dict[str, int]  # fields outside the signature, left out: name -> rows
 
 
 async def score(state: ServerState, parser: Parser, *, key: str | None, timestamp: float
@@ -38,7 +39,7 @@ async def score(state: ServerState, parser: Parser, *, key: str | None, timestam
                                        "to load: see /ready)"}, {"Retry-After": "5"})
     champion = routing.champion
     slot, role = routing.pick(key)
-    cols, n = parser(slot.model.schema)
+    cols, n, ignored = parser(slot.model.schema)
     t0 = time.perf_counter()
     try:
         preds = await slot.batcher.submit(cols, n)
@@ -49,9 +50,11 @@ async def score(state: ServerState, parser: Parser, *, key: str | None, timestam
         # counted and recorded, and the controller rolls the canary back
         state.challenger_failed(slot.model.version, n, exc)
         slot, role = champion, "champion"
-        cols, n = parser(slot.model.schema)
+        cols, n, ignored = parser(slot.model.schema)
         t0 = time.perf_counter()
         preds = await slot.batcher.submit(cols, n)
+    if ignored:
+        state.metrics.ignored(ignored)
     latency_ms = (time.perf_counter() - t0) * 1000
     ids = [new_request_id(timestamp) for _ in range(n)]
     observe(state.metrics, slot, preds)
@@ -60,7 +63,7 @@ async def score(state: ServerState, parser: Parser, *, key: str | None, timestam
                                    cols, key))
     if routing.mode == "shadow" and routing.challenger is not None:
         shadow(state, routing.challenger, parser, ids, timestamp, key)
-    return Scored(slot, role, preds, ids, cols)
+    return Scored(slot, role, preds, ids, cols, ignored)
 
 
 def observe(m: ServingMetrics, slot: Slot, preds: list[Any]) -> None:
@@ -109,7 +112,7 @@ def shadow(state: ServerState, slot: Slot, parser: Parser, ids: list[str], ts: f
 
     async def run() -> None:
         try:
-            cols, _ = parser(slot.model.schema)
+            cols, _, _ = parser(slot.model.schema)
             t0 = time.perf_counter()
             preds = await slot.batcher.submit(cols, n)
             await log_rows(state, LogEntry(ids, ts, slot.model.version, "shadow",

@@ -9,7 +9,9 @@ and the input columns plus ``prediction`` are written as Parquet: a folder of pa
 Same semantics as the local path: the champion unless a version is given, input columns cast
 to the signature's types (a value that cannot be cast, or a null in a required column, fails
 the job before anything is written, naming the column), ``prediction`` is the model's
-``predict`` (the first column of a 2-D output), every input column is kept as it was read.
+``predict`` (the first column of a 2-D output), every input column is kept as it was read
+(columns outside the signature are not given to the model, and are an error with
+``serving.strict_columns: true``).
 Spark does not keep row order across part files: carry an id column through if you join the
 predictions back.
 
@@ -256,12 +258,15 @@ def _check_s3a(session: Any, *uris: str) -> None:
         raise MloopError(_s3a_hint(s3[0])) from None
 
 
-def _validate(df: Any, schema: InputSchema, src: str, version: int) -> tuple[int, list[Any]]:
+def _validate(df: Any, schema: InputSchema, src: str, version: int, *, strict: bool = False
+              ) -> tuple[int, list[Any]]:
     """Rows, and the signature's columns cast to its types; a MloopError naming each missing
-    column, null in a required column or value that cannot be cast, before any output."""
+    column, null in a required column or value that cannot be cast (or, with ``strict``, a
+    column outside the signature), before any output."""
     from pyspark.sql import functions as F
 
     names = df.columns
+    schema.extra_columns(names, source=src, strict=strict)
     missing = [c.name for c in schema.columns if c.name not in names]
     if missing:
         raise MloopError(f"{src}: missing column(s) {missing} that v{version}'s signature "
@@ -369,7 +374,9 @@ def predict_spark(project: Project, input: str | Path, output: str | Path, *,
         try:
             _check_s3a(session, src, dst)
             df = _read(session, src, fmt)
-            rows, cast_cols = _validate(df, schema, src, version)
+            rows, cast_cols = _validate(df, schema, src, version,
+                                        strict=project.config.serving.strict_columns)
+            ignored = [n for n in df.columns if n not in schema.names]
             from pyspark.sql import functions as F
 
             udf = mlflow.pyfunc.spark_udf(
@@ -397,4 +404,5 @@ def predict_spark(project: Project, input: str | Path, output: str | Path, *,
     return {"engine": "spark", "master": used_master,
             "spark_version": spark_version, "input": src, "output": dst, "version": version,
             "rows": rows, "seconds": round(seconds, 3),
-            "rows_per_s": round(rows / seconds, 1) if seconds else None}
+            "rows_per_s": round(rows / seconds, 1) if seconds else None,
+            "ignored_columns": ignored}

@@ -1,0 +1,393 @@
+"""The server's input contract, over real HTTP on 127.0.0.1: the content type /predict takes,
+bodies that are ambiguous (a key twice, a column twice, two formats at once), fields outside
+the signature (left out and counted, or refused with ``serving.strict_columns``), values a
+column's type cannot hold exactly (refused, so that every acknowledged row can be logged as it
+was sent), large requests scored in pieces, and the same column rule for ``mloop predict``."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+import requests
+
+from mloop.errors import MloopError
+from mloop.pipeline.runner import run_pipeline
+from mloop.project import open_project
+from mloop.registry.promotion import change_alias
+from mloop.serving.app import create_app
+from mloop.serving.batch import predict_file
+from mloop.serving.inference_log import (
+    InferenceLog,
+    LogEntry,
+    new_request_id,
+    read_log,
+)
+from mloop.serving.metrics import ServingMetrics
+from mloop.serving.schema import Column, InputError, InputSchema
+
+from .conftest import SMALL_CONFIG, rentals_frame
+from .serving_util import ServerThread, metric
+
+pytestmark = pytest.mark.slow
+
+ROW = {"hour": 6, "weather": "Clear", "temp": 11.5}
+JSON = {"content-type": "application/json"}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """v1 (gradient boosting on the rentals table: hour and temp double, weather string),
+    the champion."""
+    root = tmp_path_factory.mktemp("contract") / "proj"
+    (root / "data").mkdir(parents=True)
+    (root / "mloop.yaml").write_text(SMALL_CONFIG)
+    rentals_frame(800).to_parquet(root / "data" / "rentals.parquet", index=False)
+    run_pipeline(open_project(root))
+    change_alias(open_project(root), "champion", 1, expected=None, action="promote",
+                 reason="test setup")
+    return root
+
+
+@pytest.fixture
+def proj(trained: Path, tmp_path: Path) -> Path:
+    root = tmp_path / "proj"
+    shutil.copytree(trained, root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(trained: Path, tmp_path_factory) -> Any:
+    """One server for the tests that only read: a copy of the project, default settings."""
+    root = tmp_path_factory.mktemp("shared") / "proj"
+    shutil.copytree(trained, root)
+    with _server(root) as srv:
+        yield srv
+
+
+def _server(root: Path, *, inference_log: dict[str, Any] | None = None, **serving: Any
+            ) -> ServerThread:
+    project = open_project(root)
+    cfg = project.config.serving.model_copy(update={"poll_seconds": 0.2, **serving})
+    if inference_log:
+        cfg.inference_log = cfg.inference_log.model_copy(update=inference_log)
+    return ServerThread(create_app(project, cfg))
+
+
+def _post(srv: ServerThread, path: str, raw: bytes | str, **headers: str) -> requests.Response:
+    return requests.post(srv.url + path, data=raw, headers=headers or JSON, timeout=30)
+
+
+# ----------------------------------------------------------------------------- content type
+
+@pytest.mark.parametrize(("ctype", "body"), [
+    ("application/xml", "<records><hour>6</hour></records>"),
+    ("text/plain", json.dumps({"records": [ROW]})),
+    ("application/x-www-form-urlencoded", json.dumps({"records": [ROW]})),  # curl -d's default
+    ("application/json; charset=latin-1", json.dumps({"records": [ROW]})),
+])
+def test_predict_refuses_a_body_not_sent_as_json_naming_its_type(server: ServerThread,
+                                                                  ctype: str, body: str) -> None:
+    r = _post(server, "/predict", body, **{"content-type": ctype})
+    assert r.status_code == 415, r.text
+    assert ctype in r.json()["error"] and "application/json" in r.json()["error"]
+
+
+def test_predict_refuses_a_body_without_a_content_type(server: ServerThread) -> None:
+    r = requests.post(server.url + "/predict", data=json.dumps({"records": [ROW]}), timeout=30)
+    assert r.status_code == 415
+    assert r.json()["error"].startswith("no content type")
+
+
+@pytest.mark.parametrize("ctype", ["application/json", "application/json; charset=utf-8",
+                                   "Application/JSON;charset=UTF-8"])
+def test_predict_takes_json_with_or_without_a_utf8_charset(server: ServerThread,
+                                                           ctype: str) -> None:
+    r = _post(server, "/predict", json.dumps({"records": [ROW]}), **{"content-type": ctype})
+    assert r.status_code == 200, r.text
+
+
+# -------------------------------------------------------------------------- ambiguous bodies
+
+@pytest.mark.parametrize(("path", "raw", "key"), [
+    ("/predict", '{"records": [{"hour": 6, "weather": "Clear", "temp": 1.0, "temp": 40.0}]}',
+     "temp"),
+    ("/predict", '{"records": [{"hour": 6, "weather": "Clear", "temp": 1.0}], '
+                 '"records": [{"hour": 7, "weather": "Rain", "temp": 2.0}]}', "records"),
+    ("/predict", '{"columns": {"hour": [6], "weather": ["Clear"], "temp": [1.0], '
+                 '"hour": [23]}}', "hour"),
+    ("/predict", '{"records": [{"hour": 6, "weather": "Clear", "temp": 1.0}], '
+                 '"timestamp": "2024-05-01T10:00:00", "key": "a", "key": "b"}', "key"),
+    # an escaped colon in a string must not hide a duplicate from the cheap count
+    ("/predict", '{"records": [{"hour": 6, "weather": "Clear", "temp": 1.0, "temp": 2.0}], '
+                 '"key": "\\u003a"}', "temp"),
+    ("/invocations", '{"dataframe_records": [{"hour": 6, "weather": "Clear", "weather": "Rain",'
+                     ' "temp": 1.0}]}', "weather"),
+])
+def test_a_key_twice_in_one_object_is_refused_naming_the_key(server: ServerThread, path: str,
+                                                             raw: str, key: str) -> None:
+    r = _post(server, path, raw)
+    assert r.status_code == 400, r.text
+    assert f"key '{key}' appears twice" in r.json()["error"]
+    assert r.json()["fields"] == [{"field": key, "problem": "duplicate key in one JSON object"}]
+
+
+def test_a_body_with_colons_in_its_strings_and_no_duplicate_is_scored(
+        server: ServerThread) -> None:
+    body = {"records": [ROW, ROW], "timestamp": "2024-05-01T10:00:00+02:00", "key": "a:b:c"}
+    r = _post(server, "/predict", json.dumps(body))
+    assert r.status_code == 200, r.text
+    assert len(r.json()["predictions"]) == 2
+
+
+def test_predict_refuses_a_body_with_both_records_and_columns(server: ServerThread) -> None:
+    body = {"records": [ROW], "columns": {k: [v] for k, v in ROW.items()}}
+    r = _post(server, "/predict", json.dumps(body))
+    assert r.status_code == 422
+    assert [f["field"] for f in r.json()["fields"]] == ["records", "columns"]
+    assert "both 'records' and 'columns'" in r.json()["fields"][0]["problem"]
+
+
+def test_invocations_refuses_a_dataframe_split_column_named_twice(server: ServerThread) -> None:
+    split = {"columns": ["hour", "weather", "temp", "temp"], "data": [[6, "Clear", 1.0, 40.0]]}
+    r = _post(server, "/invocations", json.dumps({"dataframe_split": split}))
+    assert r.status_code == 422, r.text
+    assert r.json()["fields"] == [{"field": "temp", "problem": "column named more than once in "
+                                                               "dataframe_split.columns"}]
+    csv_text = "hour,weather,temp,hour\n6,Clear,1.0,23\n"
+    r = _post(server, "/invocations", csv_text, **{"content-type": "text/csv"})
+    assert r.status_code == 422 and r.json()["fields"][0]["field"] == "hour"
+
+
+# ----------------------------------------------------------------- fields outside the signature
+
+def test_fields_outside_the_signature_are_left_out_and_counted_on_every_endpoint(
+        proj: Path) -> None:
+    rows = [{**ROW, "humidity": 0.4, "note": "x"}, {**ROW, "temp": 20.0, "humidity": 0.5}]
+    plain = [{k: r[k] for k in ROW} for r in rows]
+    with _server(proj) as srv:
+        want = _post(srv, "/predict", json.dumps({"records": plain})).json()["predictions"]
+        r = _post(srv, "/predict", json.dumps({"records": rows}))
+        assert r.status_code == 200, r.text
+        assert r.json()["predictions"] == want
+        assert r.headers["x-mloop-ignored-columns"] == "humidity,note"
+        assert "x-mloop-ignored-columns" not in _post(
+            srv, "/predict", json.dumps({"records": plain})).headers
+        cols = {"hour": [6, 6], "weather": ["Clear", "Clear"], "temp": [11.5, 20.0],
+                "humidity": [0.4, 0.5]}
+        r = _post(srv, "/predict", json.dumps({"columns": cols}))
+        assert (r.json()["predictions"], r.headers["x-mloop-ignored-columns"]) == \
+            (want, "humidity")
+        split = {"columns": list(cols), "data": [list(v) for v in zip(*cols.values(),
+                                                                       strict=True)]}
+        r = _post(srv, "/invocations", json.dumps({"dataframe_split": split}))
+        assert (r.json()["predictions"], r.headers["x-mloop-ignored-columns"]) == \
+            (want, "humidity")
+        csv_text = "hour,weather,temp,humidity\n6,Clear,11.5,0.4\n6,Clear,20.0,0.5\n"
+        r = _post(srv, "/invocations", csv_text, **{"content-type": "text/csv"})
+        assert r.json()["predictions"] == pytest.approx(want)
+        srv.post("/flush")
+        text = srv.get("/metrics").text
+    # rows that carried the field: 2 + 2 + 2 + 2, and 'note' once
+    assert metric(text, "mloop_ignored_columns_total", column="humidity") == 8
+    assert metric(text, "mloop_ignored_columns_total", column="note") == 1
+    logged = read_log(open_project(proj).uris["inference_log_uri"])
+    assert "humidity" not in logged.column_names and "note" not in logged.column_names
+
+
+def test_strict_columns_refuses_fields_outside_the_signature_naming_them(proj: Path) -> None:
+    with _server(proj, strict_columns=True) as srv:
+        r = _post(srv, "/predict", json.dumps({"records": [ROW, {**ROW, "humidity": 0.4}]}))
+        assert r.status_code == 422
+        assert r.json()["fields"] == [{
+            "field": "humidity", "row": 1,
+            "problem": "unknown field (not in the model signature; serving.strict_columns "
+                       "refuses it)"}]
+        split = {"columns": ["hour", "weather", "temp", "note"], "data": [[6, "Clear", 1.0, "x"]]}
+        r = _post(srv, "/invocations", json.dumps({"dataframe_split": split}))
+        assert r.status_code == 422 and r.json()["fields"][0]["field"] == "note"
+        assert _post(srv, "/predict", json.dumps({"records": [ROW]})).status_code == 200
+
+
+def test_the_ignored_columns_metric_keeps_a_bounded_number_of_series() -> None:
+    m = ServingMetrics()
+    for i in range(40):
+        m.ignored({f"col{i}": 2})
+    m.ignored({"col0": 1})
+    from prometheus_client import generate_latest
+
+    text = generate_latest(m.registry).decode()
+    assert metric(text, "mloop_ignored_columns_total", column="col0") == 3
+    assert metric(text, "mloop_ignored_columns_total", column="_other") == 16  # 8 names x 2
+    assert text.count("mloop_ignored_columns_total{") == 33
+
+
+# --------------------------------------------------------- nothing the log cannot hold exactly
+
+def test_an_integer_a_double_cannot_hold_is_refused_and_the_log_keeps_the_other_rows(
+        proj: Path) -> None:
+    with _server(proj, inference_log={"commit_interval_seconds": 3600}) as srv:
+        first = srv.post("/predict", {"records": [ROW, {**ROW, "temp": 3.0}]})
+        assert first.status_code == 200
+        second = srv.post("/predict", {"records": [{**ROW, "temp": 9007199254740993}]})
+        assert second.status_code == 422
+        assert second.json()["fields"] == [{
+            "field": "temp", "row": 0, "value": 9007199254740993,
+            "problem": "integer beyond ±2^53 cannot be held exactly by a double (send it as a "
+                       "float, or use a long column)"}]
+        assert srv.post("/flush").json() == {"committed_rows": 2}
+    logged = read_log(open_project(proj).uris["inference_log_uri"])
+    assert sorted(logged["_request_id"].to_pylist()) == sorted(first.json()["request_ids"])
+    assert logged["temp"].to_pylist() == [11.5, 3.0]
+
+
+@pytest.mark.parametrize(("temp", "accepted"), [
+    (2 ** 53, True), (-(2 ** 53), True), (2 ** 53 + 1, False), (-(2 ** 53) - 1, False),
+    (2 ** 63, False), (18446744073709551617, False),  # beyond 64 bits: orjson reads a float
+    (10 ** 300, False), ("1e308", True), ("1.5e-320", True),
+])
+def test_a_double_field_takes_only_values_a_double_holds_exactly(
+        server: ServerThread, temp: Any, accepted: bool) -> None:
+    raw = '{"records": [{"hour": 6, "weather": "Clear", "temp": ' + str(temp) + "}]}"
+    r = _post(server, "/predict", raw)
+    assert r.status_code == (200 if accepted else 422), r.text
+    if not accepted:
+        assert r.json()["fields"][0]["field"] == "temp"
+        shown = str(r.json()["fields"][0]["value"])  # long values are cut, ending "..."
+        assert str(temp).startswith(shown.removesuffix("..."))
+
+
+def test_csv_cells_are_checked_like_json_values(server: ServerThread) -> None:
+    r = _post(server, "/invocations", "hour,weather,temp\n6,Clear,9007199254740993\n",
+              **{"content-type": "text/csv"})
+    assert r.status_code == 422 and r.json()["fields"][0]["field"] == "temp"
+    r = _post(server, "/invocations", "hour,weather,temp\n6,Clear,inf\n",
+              **{"content-type": "text/csv"})
+    assert r.status_code == 422
+    assert r.json()["fields"][0]["problem"] == "must be a finite double"
+
+
+SCHEMA = InputSchema([Column("d", "double", True), Column("f", "float", True),
+                      Column("l", "long", True), Column("i", "integer", True),
+                      Column("s", "string", True), Column("b", "boolean", True),
+                      Column("t", "datetime", True)])
+GOOD = {"d": 1.5, "f": 2.0, "l": 3, "i": 4, "s": "x", "b": True, "t": "2024-05-01T10:00:00"}
+
+
+@pytest.mark.parametrize(("field", "value", "stored"), [
+    ("d", 7, 7.0), ("d", 2 ** 53, float(2 ** 53)), ("f", -3, -3.0),
+    ("l", 2 ** 63 - 1, 2 ** 63 - 1), ("l", -(2 ** 63), -(2 ** 63)), ("l", 1e18, 10 ** 18),
+    ("l", 4.0, 4), ("i", 2 ** 31 - 1, 2 ** 31 - 1), ("i", -(2 ** 31), -(2 ** 31)),
+    ("s", "", ""), ("s", "\x00é😀", "\x00é😀"),
+    ("t", "2024-05-01T12:00:00+02:00", "2024-05-01T10:00:00"),
+    ("t", "2024-05-01", "2024-05-01T00:00:00"),
+    ("t", "2262-04-10T23:59:59", "2262-04-10T23:59:59"),
+])
+def test_accepted_values_become_the_one_type_the_log_stores(field: str, value: Any,
+                                                            stored: Any) -> None:
+    cols, n, ignored = SCHEMA.from_records([GOOD, {**GOOD, field: value}])
+    assert cols[field][1] == stored and type(cols[field][1]) is type(stored)
+    assert (n, ignored) == (2, {})
+
+
+@pytest.mark.parametrize(("field", "value", "problem"), [
+    ("d", 2 ** 53 + 1, "integer beyond ±2^53 cannot be held exactly by a double (send it as "
+                       "a float, or use a long column)"),
+    ("d", float("inf"), "must be a finite double"), ("d", True, "expected double, got bool"),
+    ("d", "1.5", "expected double, got str"),
+    ("f", -(2 ** 53) - 1, "integer beyond ±2^53 cannot be held exactly by a float (send it "
+                          "as a float, or use a long column)"),
+    ("l", 2 ** 63, "out of range for long (64-bit signed integer)"),
+    ("l", -(2 ** 63) - 1, "out of range for long (64-bit signed integer)"),
+    ("l", 1e19, "out of range for long (64-bit signed integer)"),
+    ("l", 2.5, "expected long, got a number with a fraction"),
+    ("l", float("-inf"), "expected long, got -inf"),
+    ("l", False, "expected long, got bool"),
+    ("i", 2 ** 31, "out of range for integer (32-bit signed integer)"),
+    ("s", 5, "expected string, got int"), ("b", 1, "expected boolean, got int"),
+    ("t", "0001-01-01", "expected an ISO 8601 date-time between 1677-09-22 and 2262-04-10"),
+    ("t", "2024-13-01", "expected an ISO 8601 date-time between 1677-09-22 and 2262-04-10"),
+    ("t", 1714557600, "expected datetime, got int"),
+])
+def test_values_a_column_cannot_hold_exactly_are_refused_naming_field_row_and_value(
+        field: str, value: Any, problem: str) -> None:
+    with pytest.raises(InputError) as info:
+        SCHEMA.from_records([GOOD, GOOD, {**GOOD, field: value}])
+    # an integer no JSON encoder writes as a number is shown as text
+    shown = str(value) if type(value) is int and not -2 ** 63 <= value < 2 ** 64 else value
+    assert [e.to_dict() for e in info.value.errors] == [
+        {"field": field, "row": 2, "value": shown, "problem": problem}]
+
+
+def test_every_accepted_row_commits_to_the_log_exactly(tmp_path: Path) -> None:
+    """Rows of every kind of extreme the edge accepts, from separate requests, committed in
+    one group: nothing is set aside and every value reads back as it was accepted."""
+    extremes = [GOOD, {**GOOD, "d": 2 ** 53, "l": 2 ** 63 - 1, "i": -(2 ** 31)},
+                {**GOOD, "d": -0.0, "f": 1e308, "l": 1e18, "t": "1677-09-22T00:00:00-05:00"},
+                {**GOOD, "d": 5, "f": 7, "l": 9.0, "s": "😀", "b": False}]
+    log = InferenceLog(str(tmp_path / "log"), commit_interval=3600)
+    accepted = []
+    ts = 1_700_000_000.0
+    for rec in extremes:
+        cols = SCHEMA.from_records([rec]).columns
+        accepted.append(cols)
+        assert log.append(LogEntry([new_request_id(ts)], ts, 1, "champion", 1.0, [0.0], cols))
+    assert log.commit() == len(extremes) and log.rejected == 0
+    table = read_log(str(tmp_path / "log"))
+    for name in SCHEMA.names:
+        assert table[name].to_pylist() == [c[name][0] for c in accepted], name
+    assert table.schema.field("l").type == pa.int64()
+    assert table.schema.field("d").type == pa.float64()
+
+
+# ------------------------------------------------------------------------------------ batch
+
+def _inputs(n: int) -> pd.DataFrame:
+    frame = rentals_frame(n, seed=11)[["hour", "weather", "temp"]].astype({"hour": "float64"})
+    frame.insert(0, "id", np.arange(n))
+    frame["note"] = "n" + frame["id"].astype(str)
+    return frame
+
+
+def test_batch_scoring_gives_the_model_only_signature_columns_and_keeps_the_rest(
+        proj: Path, tmp_path: Path) -> None:
+    project = open_project(proj)
+    frame = _inputs(300)
+    frame.to_parquet(tmp_path / "in.parquet", index=False)
+    frame[["hour", "weather", "temp"]].to_parquet(tmp_path / "plain.parquet", index=False)
+    result = predict_file(project, tmp_path / "in.parquet", tmp_path / "out.parquet",
+                          progress=False)
+    plain = predict_file(project, tmp_path / "plain.parquet", tmp_path / "plain_out.parquet",
+                         progress=False)
+    assert (result["ignored_columns"], plain["ignored_columns"]) == (["id", "note"], [])
+    out = pd.read_parquet(tmp_path / "out.parquet")
+    assert list(out.columns) == ["id", "hour", "weather", "temp", "note", "prediction"]
+    assert (out["note"] == frame["note"]).all()
+    np.testing.assert_array_equal(out["prediction"],
+                                  pd.read_parquet(tmp_path / "plain_out.parquet")["prediction"])
+
+
+def test_batch_scoring_with_strict_columns_refuses_extra_columns_and_writes_nothing(
+        proj: Path, tmp_path: Path) -> None:
+    (proj / "mloop.yaml").write_text(SMALL_CONFIG + "serving:\n  strict_columns: true\n")
+    project = open_project(proj)
+    _inputs(50).to_parquet(tmp_path / "in.parquet", index=False)
+    with pytest.raises(MloopError, match=r"in\.parquet: column\(s\) \['id', 'note'\] are not "
+                                         r"in the model signature \(serving\.strict_columns"):
+        predict_file(project, tmp_path / "in.parquet", tmp_path / "out.parquet",
+                     progress=False)
+    assert not (tmp_path / "out.parquet").exists()
+
+
+def test_batch_scoring_refuses_a_column_named_twice(proj: Path, tmp_path: Path) -> None:
+    (tmp_path / "in.csv").write_text("hour,weather,temp,temp\n6,Clear,1.0,40.0\n")
+    with pytest.raises(MloopError, match=r"in\.csv: column\(s\) \['temp'\] appear more than "
+                                         r"once"):
+        predict_file(open_project(proj), tmp_path / "in.csv", tmp_path / "out.parquet",
+                     progress=False)
