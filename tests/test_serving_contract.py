@@ -6,8 +6,10 @@ was sent), large requests scored in pieces, and the same column rule for ``mloop
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +25,17 @@ from mloop.project import open_project
 from mloop.registry.promotion import change_alias
 from mloop.serving.app import create_app
 from mloop.serving.batch import predict_file
+from mloop.serving.batcher import MicroBatcher
 from mloop.serving.inference_log import (
     InferenceLog,
     LogEntry,
+    id_day,
     new_request_id,
     read_log,
 )
 from mloop.serving.metrics import ServingMetrics
 from mloop.serving.schema import Column, InputError, InputSchema
+from mloop.serving.scoring import request_ids
 
 from .conftest import SMALL_CONFIG, rentals_frame
 from .serving_util import ServerThread, metric
@@ -346,7 +351,60 @@ def test_every_accepted_row_commits_to_the_log_exactly(tmp_path: Path) -> None:
     assert table.schema.field("d").type == pa.float64()
 
 
-# ------------------------------------------------------------------------------------ batch
+# ----------------------------------------------------------------- large requests, in pieces
+
+def test_a_one_row_request_waits_at_most_one_batch_behind_a_large_one() -> None:
+    """The model's time grows with its batch (0.1 ms a row here). A 3,200-row request is
+    scored 64 rows at a time; a one-row request sent while it is in flight is answered
+    after at most about one piece, long before the large one is done."""
+    def model(cols: dict[str, list]) -> list[Any]:
+        time.sleep(len(cols["x"]) * 1e-4)
+        return [v * 2 for v in cols["x"]]
+
+    async def run() -> tuple[float, bool, list[Any], list[Any]]:
+        batcher = MicroBatcher(model, max_batch=64)
+        big = asyncio.ensure_future(batcher.submit({"x": list(range(3200))}, 3200))
+        await asyncio.sleep(0.03)
+        t0 = time.perf_counter()
+        one = await batcher.submit({"x": [-1]}, 1)
+        small = time.perf_counter() - t0
+        big_first = big.done()
+        preds = await big
+        await batcher.stop()
+        return small, big_first, one, preds
+
+    small, big_first, one, preds = asyncio.run(run())
+    assert small < 0.1, f"the one-row request waited {small:.3f} s"
+    assert not big_first
+    assert one == [-2]
+    assert preds == [v * 2 for v in range(3200)]  # every piece back, in order
+
+
+def test_a_large_request_is_answered_whole_and_in_order(proj: Path) -> None:
+    frame = rentals_frame(1000, seed=5)
+    rows = [{"hour": int(h), "weather": w, "temp": float(t)}
+            for h, w, t in zip(frame["hour"], frame["weather"], frame["temp"], strict=True)]
+    with _server(proj, max_batch_rows=64) as srv:
+        one = srv.post("/predict", {"records": rows}).json()
+        many = [srv.post("/predict", {"records": rows[i:i + 250]}).json()["predictions"]
+                for i in range(0, 1000, 250)]
+        text = srv.get("/metrics").text
+    assert len(one["predictions"]) == 1000 and len(set(one["request_ids"])) == 1000
+    assert one["predictions"] == pytest.approx([p for part in many for p in part])
+    assert metric(text, "mloop_batch_rows_bucket", le="64.0") == \
+        metric(text, "mloop_batch_rows_count")  # no predict call above 64 rows
+
+
+def test_the_request_ids_of_a_large_request_are_unique_and_carry_its_day() -> None:
+    ts = 1_714_557_600.5  # 2024-05-01T10:00:00.5Z
+    ids = request_ids(ts, 5000)
+    assert len(set(ids)) == 5000
+    assert {len(i) for i in ids} == {24} and {i[:12] for i in ids} == {new_request_id(ts)[:12]}
+    assert {id_day(i) for i in ids} == {"2024-05-01"}
+    int("".join(ids), 16)  # hex throughout
+
+
+# ------------------------------------------------------------------------- start-up, batch
 
 def _inputs(n: int) -> pd.DataFrame:
     frame = rentals_frame(n, seed=11)[["hour", "weather", "temp"]].astype({"hour": "float64"})

@@ -7,6 +7,10 @@ moment it is free. Requests arriving while it works queue up and become the next
 ``max_batch`` rows). ``max_wait_ms`` > 0 additionally holds a non-full batch that briefly when
 the previous batch had company, trading a little latency for larger batches under load.
 
+A request larger than ``max_batch`` rows is scored ``max_batch`` rows at a time, and after each
+piece the requests that arrived meanwhile go first: a one-row request waits for at most one
+batch, not for all of a 30,000-row one (the large request pays a predict call per piece).
+
 Model work runs in one dedicated thread per model, never on the event loop.
 """
 
@@ -14,9 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -35,6 +40,19 @@ class _Item:
     cols: dict[str, list]
     n: int
     future: asyncio.Future
+    done: int = 0  # rows already scored (an item larger than a batch is scored in pieces)
+    preds: list[Any] = field(default_factory=list)  # their predictions, for such an item
+
+
+# (request, first row, end row) of one batch: a whole request, or a piece of a large one
+_Piece = tuple[_Item, int, int]
+
+
+def _piece_cols(piece: _Piece) -> dict[str, list]:
+    item, start, stop = piece
+    if start == 0 and stop == item.n:
+        return item.cols
+    return {k: v[start:stop] for k, v in item.cols.items()}
 
 
 class MicroBatcher:
@@ -52,6 +70,7 @@ class MicroBatcher:
         self._on_batch = on_batch
         self._last_size = 1
         self._closed = False
+        self._waiting: deque[_Item] = deque()  # taken off the queue, not yet fully scored
 
     def start(self) -> None:
         if self._task is None:
@@ -69,7 +88,8 @@ class MicroBatcher:
 
     @property
     def queued(self) -> int:
-        return self._queue.qsize()
+        """Requests submitted and not yet fully scored."""
+        return self._queue.qsize() + len(self._waiting)
 
     async def stop(self) -> None:
         """Finish what is queued, then stop the model thread. Later submits are refused."""
@@ -80,22 +100,55 @@ class MicroBatcher:
             self._task = None
         self._executor.shutdown(wait=True)
 
+    def _drain(self, waiting: deque[_Item]) -> bool:
+        """Move what is queued to ``waiting``; True once the stop sentinel is seen."""
+        stopping = False
+        while not self._queue.empty():
+            item = self._queue.get_nowait()
+            if item is None:
+                stopping = True
+            else:
+                waiting.append(item)
+        return stopping
+
+    def _take(self, waiting: deque[_Item]) -> tuple[list[_Piece], int, _Item | None]:
+        """The next batch from the front of ``waiting``: whole requests while they fit, then
+        the head of the first one that does not (its tail is returned, to go back in line
+        behind what arrives while this batch is scored)."""
+        pieces: list[_Piece] = []
+        rows = 0
+        while waiting and rows < self.max_batch:
+            item = waiting[0]
+            if item.future.done():  # the client went away: score nothing more of it
+                waiting.popleft()
+                continue
+            room = self.max_batch - rows
+            waiting.popleft()
+            left = item.n - item.done
+            if left <= room:
+                pieces.append((item, item.done, item.n))
+                rows += left
+                continue
+            pieces.append((item, item.done, item.done + room))
+            return pieces, rows + room, item
+        return pieces, rows, None
+
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
+        waiting = self._waiting
         stopping = False
-        while not stopping:
-            first = await self._queue.get()
-            if first is None:
-                break
-            batch, rows = [first], first.n
-            while rows < self.max_batch and not self._queue.empty():
-                item = self._queue.get_nowait()
-                if item is None:
-                    stopping = True
+        while True:
+            stopping = self._drain(waiting) or stopping
+            if not waiting:
+                if stopping:
                     break
-                batch.append(item)
-                rows += item.n
-            if self.max_wait and not stopping and rows < self.max_batch and self._last_size > 1:
+                first = await self._queue.get()
+                if first is None:
+                    break
+                waiting.append(first)
+                stopping = self._drain(waiting) or stopping
+            if self.max_wait and not stopping and self._last_size > 1:
+                rows = sum(i.n - i.done for i in waiting)
                 deadline = loop.time() + self.max_wait
                 while rows < self.max_batch:
                     remaining = deadline - loop.time()
@@ -108,31 +161,48 @@ class MicroBatcher:
                     if item is None:
                         stopping = True
                         break
-                    batch.append(item)
+                    waiting.append(item)
                     rows += item.n
-            self._last_size = len(batch)
-            await self._score(loop, batch, rows)
+            pieces, rows, tail = self._take(waiting)
+            if not pieces:
+                continue
+            self._last_size = len(pieces)
+            await self._score(loop, pieces, rows)
+            # requests that arrived while this batch was scored go ahead of the rest of a
+            # large one: a one-row request waits for at most one batch, not the whole request
+            stopping = self._drain(waiting) or stopping
+            if tail is not None and not tail.future.done():
+                waiting.append(tail)
 
-    async def _score(self, loop: asyncio.AbstractEventLoop, batch: list[_Item], rows: int
+    async def _score(self, loop: asyncio.AbstractEventLoop, pieces: list[_Piece], rows: int
                      ) -> None:
-        if len(batch) == 1:
-            merged = batch[0].cols
+        if len(pieces) == 1:
+            merged = _piece_cols(pieces[0])
         else:
-            merged = {k: [v for item in batch for v in item.cols[k]] for k in batch[0].cols}
+            parts = [_piece_cols(p) for p in pieces]
+            merged = {k: [v for part in parts for v in part[k]] for k in parts[0]}
         t0 = time.perf_counter()
         try:
             preds = await loop.run_in_executor(self._executor, self._predict, merged)
             if len(preds) != rows:
                 raise RuntimeError(f"model returned {len(preds)} predictions for {rows} rows")
         except Exception as exc:  # the model failed: every request in the batch gets the error
-            for item in batch:
+            for item, _, _ in pieces:
                 if not item.future.done():
                     item.future.set_exception(exc)
             return
         if self._on_batch is not None:
             self._on_batch(rows, time.perf_counter() - t0)
         start = 0
-        for item in batch:
-            if not item.future.done():  # a cancelled request (client went away) is skipped
-                item.future.set_result(preds[start:start + item.n])
-            start += item.n
+        for item, first, stop in pieces:
+            size = stop - first
+            if size == item.n:
+                result = preds[start:start + size]
+            else:
+                item.preds.extend(preds[start:start + size])
+                result = item.preds
+            start += size
+            item.done = stop
+            # a cancelled request (client went away) is skipped
+            if item.done == item.n and not item.future.done():
+                item.future.set_result(result)
