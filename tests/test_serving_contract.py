@@ -36,9 +36,10 @@ from mloop.serving.inference_log import (
 from mloop.serving.metrics import ServingMetrics
 from mloop.serving.schema import Column, InputError, InputSchema
 from mloop.serving.scoring import request_ids
+from mloop.serving.server import serve
 
 from .conftest import SMALL_CONFIG, rentals_frame
-from .serving_util import ServerThread, metric
+from .serving_util import ServerThread, free_port, metric
 
 pytestmark = pytest.mark.slow
 
@@ -405,6 +406,13 @@ def test_the_request_ids_of_a_large_request_are_unique_and_carry_its_day() -> No
 
 
 # ------------------------------------------------------------------------- start-up, batch
+
+def test_serving_beyond_loopback_without_a_token_refuses_before_announcing(proj: Path) -> None:
+    said: list[str] = []
+    with pytest.raises(MloopError, match="mloop tokens create"):
+        serve(open_project(proj), host="0.0.0.0", port=free_port(), announce=said.append)
+    assert said == []
+
 
 def _inputs(n: int) -> pd.DataFrame:
     frame = rentals_frame(n, seed=11)[["hour", "weather", "temp"]].astype({"hour": "float64"})

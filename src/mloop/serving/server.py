@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -64,8 +65,14 @@ def app_from_env() -> Any:
 
 def serve(project: Project, *, host: str | None = None, port: int | None = None,
           workers: int | None = None, auth: bool | None = None,
-          tls_cert: str | None = None, tls_key: str | None = None) -> None:
-    """Serve until SIGINT/SIGTERM; shutdown commits the inference log."""
+          tls_cert: str | None = None, tls_key: str | None = None,
+          announce: Callable[[str], None] | None = None) -> None:
+    """Serve until SIGINT/SIGTERM; shutdown commits the inference log.
+
+    Every check (TLS files, a token when auth is on beyond loopback) runs first; only then is
+    ``announce`` called with the base URL (``http(s)://host:port``), so a refused start prints
+    nothing but its error.
+    """
     import uvicorn
 
     updates: dict[str, Any] = {k: v for k, v in (("host", host), ("port", port),
@@ -91,6 +98,8 @@ def serve(project: Project, *, host: str | None = None, port: int | None = None,
             raise MloopError(f"serving on {cfg.host} needs a token (auth is on beyond "
                              f"loopback): `mloop tokens create --role predict`, or pass "
                              f"--no-auth to serve without one")
+    if announce is not None:
+        announce(f"{'https' if ssl else 'http'}://{cfg.host}:{cfg.port}")
     common: dict[str, Any] = {"host": cfg.host, "port": cfg.port, "log_level": "warning",
                               "access_log": False, "loop": "auto", "http": "auto",
                               "timeout_graceful_shutdown": 10, **ssl}
