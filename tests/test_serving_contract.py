@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import re
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +30,7 @@ from mloop.registry.promotion import change_alias
 from mloop.serving.app import create_app
 from mloop.serving.batch import predict_file
 from mloop.serving.batcher import MicroBatcher
+from mloop.serving.formats import latest_event_time
 from mloop.serving.inference_log import (
     InferenceLog,
     LogEntry,
@@ -169,6 +174,23 @@ def test_invocations_refuses_a_dataframe_split_column_named_twice(server: Server
     csv_text = "hour,weather,temp,hour\n6,Clear,1.0,23\n"
     r = _post(server, "/invocations", csv_text, **{"content-type": "text/csv"})
     assert r.status_code == 422 and r.json()["fields"][0]["field"] == "hour"
+
+
+@pytest.mark.parametrize(("path", "body", "field"), [
+    ("/predict", {"records": [ROW], "key": True}, "key"),
+    ("/invocations", {"dataframe_records": [ROW], "params": [1]}, "params"),
+    ("/predict", {"records": [ROW], "timestamp": latest_event_time() + 1}, "timestamp"),
+])
+def test_values_the_spec_does_not_allow_are_refused(server: ServerThread, path: str,
+                                                    body: dict[str, Any], field: str) -> None:
+    r = _post(server, path, json.dumps(body))
+    assert r.status_code == 422 and r.json()["fields"][0]["field"] == field
+
+
+def test_an_event_time_up_to_the_end_of_tomorrow_is_taken(server: ServerThread) -> None:
+    r = _post(server, "/predict", json.dumps({"records": [ROW],
+                                              "timestamp": latest_event_time()}))
+    assert r.status_code == 200, r.text
 
 
 # ----------------------------------------------------------------- fields outside the signature
@@ -457,3 +479,85 @@ def test_batch_scoring_refuses_a_column_named_twice(proj: Path, tmp_path: Path) 
                                          r"once"):
         predict_file(open_project(proj), tmp_path / "in.csv", tmp_path / "out.parquet",
                      progress=False)
+
+
+# ------------------------------------------------------------------------------------ OpenAPI
+
+ROUTE_STATUSES = {
+    ("/predict", "post"): {"200", "400", "413", "415", "422", "503"},
+    ("/invocations", "post"): {"200", "400", "413", "415", "422", "503"},
+    ("/feedback", "post"): {"200", "400", "404", "409", "413", "422"},
+    ("/reload", "post"): {"200"}, ("/flush", "post"): {"200", "409"},
+    ("/health", "get"): {"200"}, ("/ready", "get"): {"200", "503"}, ("/model", "get"): {"200"},
+    ("/metrics", "get"): {"200"},
+}
+
+
+def test_openapi_documents_every_status_content_type_and_the_signature(
+        server: ServerThread) -> None:
+    spec = server.get("/openapi.json").json()
+    for (path, method), statuses in ROUTE_STATUSES.items():
+        responses = spec["paths"][path][method]["responses"]
+        assert set(responses) == statuses, path
+        for status, response in responses.items():
+            want = "text/plain" if path == "/metrics" else "application/json"
+            assert list(response["content"]) == [want], (path, status)
+    assert "security" not in spec["paths"]["/predict"]["post"]  # loopback: no auth
+    body = spec["paths"]["/predict"]["post"]["requestBody"]["content"]["application/json"]
+    row = body["schema"]["oneOf"][0]["properties"]["records"]["items"]
+    assert row["required"] == ["hour", "temp", "weather"] and row["additionalProperties"]
+    assert row["properties"]["weather"]["type"] == "string"
+    assert {"type": "integer", "minimum": -2 ** 53, "maximum": 2 ** 53} in \
+        row["properties"]["temp"]["anyOf"]
+    invocations = spec["paths"]["/invocations"]["post"]["requestBody"]["content"]
+    assert set(invocations) == {"application/json", "text/csv"}
+
+
+def test_openapi_with_auth_declares_the_bearer_token_and_its_statuses(proj: Path) -> None:
+    from mloop.serving.auth import TokenAuth
+
+    project = open_project(proj)
+    app = create_app(project, project.config.serving, auth=TokenAuth(project.store))
+    spec = app.openapi()
+    assert spec["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    for path, method in (("/predict", "post"), ("/feedback", "post"), ("/model", "get")):
+        assert spec["paths"][path][method]["security"] == [{"bearer": []}]
+        assert {"401", "403"} <= set(spec["paths"][path][method]["responses"])
+    assert "security" not in spec["paths"]["/health"]["get"]
+
+
+def test_the_live_server_conforms_to_its_openapi_spec(proj: Path, tmp_path: Path) -> None:
+    """schemathesis with every check, for a minute, against ``mloop serve`` on loopback:
+    schema-valid requests are accepted, schema-violating ones refused, and every answer's
+    status, content type, headers and body are the ones the spec documents."""
+    port = free_port()
+    bin_dir = Path(sys.executable).parent
+    server = subprocess.Popen([str(bin_dir / "mloop"), "-C", str(proj), "serve", "--port",
+                               str(port)], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/ready", timeout=2).ok:
+                    break
+            except requests.RequestException:
+                pass
+            if server.poll() is not None or time.time() > deadline:
+                server.kill()
+                raise AssertionError(f"server did not come up: {server.communicate()[1]}")
+            time.sleep(0.3)
+        run = subprocess.run([str(bin_dir / "st"), "run", f"http://127.0.0.1:{port}/openapi.json",
+                              "--checks", "all", "--max-time", "60"],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+    report = run.stdout[-6000:]
+    assert run.returncode == 0, report
+    generated = re.search(r"(\d+) generated, (\d+) passed", run.stdout)
+    assert generated is not None, report
+    assert int(generated[1]) == int(generated[2]) > 500, report

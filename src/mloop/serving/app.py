@@ -13,20 +13,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import sys
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, Protocol
+from urllib.parse import quote
 
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import PlainTextResponse, Response
 from starlette.routing import BaseRoute
 
 from mloop.config import ServingConfig
 from mloop.project import Project
+from mloop.serving import openapi
 from mloop.serving.edge import (
     HTTPError,
     RequestMetrics,
@@ -104,11 +107,12 @@ IGNORED_HEADER = "x-mloop-ignored-columns"
 
 def _headers(scored: Scored) -> dict[str, str]:
     """The version that answered, and the request's fields that were left out (outside the
-    signature; at most 20 names)."""
+    signature): at most 20 names, each percent-encoded (a name is any JSON string; a header
+    is ASCII) and cut to 64 characters."""
     headers = {"x-mloop-version": str(scored.slot.model.version)}
     if scored.ignored:
-        names = sorted(scored.ignored)
-        headers[IGNORED_HEADER] = ",".join(names[:20]) + (",..." if len(names) > 20 else "")
+        names = [quote(n[:64], safe="") for n in sorted(scored.ignored)[:20]]
+        headers[IGNORED_HEADER] = ",".join(names) + (",..." if len(scored.ignored) > 20 else "")
     return headers
 
 
@@ -209,45 +213,58 @@ async def metrics(request: Request) -> Response:
 
 # ------------------------------------------------------------------------------ declaration
 
-_PREDICT_DOC = {
-    "requestBody": {"required": True, "content": {"application/json": {"schema": {
-        "type": "object",
-        "description": "Rows as 'records' (list of objects) or 'columns' (object of lists). "
-                       "Optional 'key' (sticky canary routing) and 'timestamp' (event time, "
-                       "ISO 8601 or epoch seconds; default: now).",
-        "properties": {"records": {"type": "array", "items": {"type": "object"}},
-                       "columns": {"type": "object"}, "key": {"type": "string"},
-                       "timestamp": {"type": ["string", "number"]}}}}}},
-    "responses": {"200": {"description": "Predictions with their request ids and the version "
-                                         "that answered"},
-                  "422": {"description": "Body does not match the model signature"}},
+_VERSION_HEADERS = {
+    "x-mloop-version": {"description": "The version that answered", "required": True,
+                        "schema": {"type": "string"}},
+    IGNORED_HEADER: {"description": "Request fields outside the signature, left out "
+                                    "(percent-encoded, comma-separated)",
+                     "schema": {"type": "string"}},
 }
-_INVOCATIONS_DOC = {
-    "requestBody": {"required": True, "content": {
-        "application/json": {"schema": {"type": "object", "description":
-                             "MLflow scoring protocol: dataframe_split, dataframe_records, "
-                             "inputs or instances"}},
-        "text/csv": {"schema": {"type": "string"}}}},
-}
-_FEEDBACK_DOC = {
-    "requestBody": {"required": True, "content": {"application/json": {"schema": {
-        "type": "object", "description": "{'labels': [{'request_id': ..., 'label': ...}]} or "
-                                         "one {'request_id', 'label'}"}}}},
-}
+_ANY_OBJECT: dict[str, Any] = {"type": "object"}
+_PREDICTIONS = {"type": "array", "description": "One per row, in row order"}
 
 ROUTES: list[BaseRoute] = [
-    APIRoute("/predict", predict, methods=["POST"], tags=["scoring"],
-             openapi_extra=_PREDICT_DOC),
-    APIRoute("/invocations", invocations, methods=["POST"], tags=["scoring"],
-             openapi_extra=_INVOCATIONS_DOC),
-    APIRoute("/feedback", feedback, methods=["POST"], tags=["labels"],
-             openapi_extra=_FEEDBACK_DOC),
-    APIRoute("/reload", reload, methods=["POST"], tags=["admin"]),
-    APIRoute("/flush", flush, methods=["POST"], tags=["admin"]),
-    APIRoute("/health", health, methods=["GET"], tags=["probes"]),
-    APIRoute("/ready", ready, methods=["GET"], tags=["probes"]),
-    APIRoute("/model", model_info, methods=["GET"], tags=["probes"]),
-    APIRoute("/metrics", metrics, methods=["GET"], tags=["probes"]),
+    APIRoute("/predict", predict, methods=["POST"], tags=["scoring"], responses={
+        **openapi.ok("Predictions, their request ids, and the version that answered", {
+            "type": "object", "required": ["version", "role", "request_ids", "predictions"],
+            "properties": {"version": {"type": "integer"},
+                           "role": {"enum": ["champion", "canary"]},
+                           "request_ids": {"type": "array", "items": {"type": "string"}},
+                           "predictions": _PREDICTIONS}}, headers=_VERSION_HEADERS),
+        **openapi.errors(400, 413, 415, 422, 503)}),
+    APIRoute("/invocations", invocations, methods=["POST"], tags=["scoring"], responses={
+        **openapi.ok("Predictions, as MLflow's scoring server answers", {
+            "type": "object", "required": ["predictions"],
+            "properties": {"predictions": _PREDICTIONS}}, headers={
+            **_VERSION_HEADERS, "x-mloop-request-ids": {
+                "description": "Request ids of the rows (the first 1,000), comma-separated",
+                "required": True, "schema": {"type": "string"}}}),
+        **openapi.errors(400, 413, 415, 422, 503)}),
+    APIRoute("/feedback", feedback, methods=["POST"], tags=["labels"], responses={
+        **openapi.ok("Labels stored; unknown request ids listed", _ANY_OBJECT),
+        **openapi.errors(400, 404, 409, 413, 422)}),
+    APIRoute("/reload", reload, methods=["POST"], tags=["admin"],
+             responses=openapi.ok("The deployment now served", _ANY_OBJECT)),
+    APIRoute("/flush", flush, methods=["POST"], tags=["admin"], responses={
+        **openapi.ok("Rows committed", {"type": "object", "required": ["committed_rows"],
+                                        "properties": {"committed_rows": {"type": "integer"}}}),
+        **openapi.errors(409)}),
+    APIRoute("/health", health, methods=["GET"], tags=["probes"], responses=openapi.ok(
+        "Alive", {"type": "object", "properties": {"status": {"const": "alive"}}})),
+    APIRoute("/ready", ready, methods=["GET"], tags=["probes"], responses={
+        **openapi.ok("Ready", {"type": "object", "required": ["status", "version"],
+                               "properties": {"status": {"const": "ready"},
+                                              "version": {"type": "integer"}}}),
+        503: {"description": "Not ready: no champion, or it is loading or failed to load",
+              "content": {openapi.JSON: {"schema": {
+                  "type": "object", "required": ["status", "reason"],
+                  "properties": {"status": {"const": "not ready"},
+                                 "reason": {"type": "string"}}}}}}}),
+    APIRoute("/model", model_info, methods=["GET"], tags=["probes"],
+             responses=openapi.ok("Versions, signatures, traffic split", _ANY_OBJECT)),
+    APIRoute("/metrics", metrics, methods=["GET"], tags=["probes"],
+             response_class=PlainTextResponse, responses=openapi.ok(
+        "Prometheus text exposition", {"type": "string"}, media_type="text/plain")),
 ]
 
 # the endpoints whose answers are counted and timed (path -> `endpoint` label)
@@ -316,4 +333,5 @@ def create_app(project: Project, config: ServingConfig | None = None, *, auth: A
     app.state.mloop = state
     app.state.auth = auth
     app.state.collectors = tuple(collectors)
+    app.openapi = functools.partial(openapi.describe, app)  # type: ignore[method-assign]
     return app

@@ -143,7 +143,7 @@ def predict_request(body: Any, *, strict: bool = False) -> PredictRequest:
         raise InputError([FieldError(k, "the body has both 'records' and 'columns': send the "
                                         "rows once") for k in ("records", "columns")])
     key = body.get("key")
-    if key is not None and not isinstance(key, str | int):
+    if key is not None and (type(key) is bool or not isinstance(key, str | int)):
         raise InputError([FieldError("key", "must be a string")])
     ts = event_time(body.get("timestamp"))
     parser: Parser
@@ -162,9 +162,18 @@ def predict_request(body: Any, *, strict: bool = False) -> PredictRequest:
     return PredictRequest(parser, None if key is None else str(key), ts)
 
 
+def latest_event_time() -> int:
+    """The end of tomorrow (UTC), in epoch seconds: the latest event time a request may
+    carry. A whole day of slack for clocks, and a bound that moves once a day, so the OpenAPI
+    spec can state it."""
+    today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    return int(today.timestamp()) + 2 * 86_400
+
+
 def event_time(value: Any) -> float:
-    """Event time in epoch seconds, between 1970 and a day from now (epoch milliseconds and
-    far-future dates are client bugs, and would not fit the log's day partitions)."""
+    """Event time in epoch seconds, from 1970 to the end of tomorrow (UTC): epoch
+    milliseconds and far-future dates are client bugs, and would not fit the log's day
+    partitions."""
     if value is None:
         return time.time()
     ts: float | None = None
@@ -179,9 +188,10 @@ def event_time(value: Any) -> float:
     if ts is None:
         raise InputError([FieldError("timestamp", "must be ISO 8601 or epoch seconds",
                                      value=value)])
-    if not 0 <= ts <= time.time() + 86_400:
-        raise InputError([FieldError("timestamp", "must be between 1970 and now (epoch "
-                                     "seconds, not milliseconds)", value=value)])
+    if not 0 <= ts <= latest_event_time():
+        raise InputError([FieldError("timestamp", "must be between 1970 and the end of "
+                                     "tomorrow, UTC (epoch seconds, not milliseconds)",
+                                     value=value)])
     return ts
 
 
@@ -198,6 +208,9 @@ def mlflow_parser(body: Any, *, strict: bool = False) -> Parser:
         raise InputError([FieldError("body", "needs exactly one of dataframe_split, "
                                              "dataframe_records, inputs, instances "
                                              f"(got {sorted(body)})")])
+    if not isinstance(body.get("params", {}), dict):
+        raise InputError([FieldError("params", "must be an object (parameters for the "
+                                               "model's predict)")])
     k = keys[0]
     payload = body[k]
     if k == "dataframe_split":
