@@ -22,6 +22,8 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 import requests
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from mloop.errors import MloopError
 from mloop.pipeline.runner import run_pipeline
@@ -372,6 +374,34 @@ def test_every_accepted_row_commits_to_the_log_exactly(tmp_path: Path) -> None:
         assert table[name].to_pylist() == [c[name][0] for c in accepted], name
     assert table.schema.field("l").type == pa.int64()
     assert table.schema.field("d").type == pa.float64()
+
+
+_JSON_SCALARS = (st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True)
+                 | st.text() | st.sampled_from(["2024-05-01T10:00:00+02:00", "1677-09-22",
+                                                "2262-04-10T23:59:59.999999", "0001-01-01",
+                                                "2024-02-30", "nan", "1e5"]))
+_JSON_VALUES = st.recursive(_JSON_SCALARS, lambda inner: st.lists(inner, max_size=3)
+                            | st.dictionaries(st.text(max_size=3), inner, max_size=3),
+                            max_leaves=6)
+
+
+@pytest.mark.parametrize("kind", ["double", "float", "long", "integer", "string", "boolean",
+                                  "datetime", "binary"])
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(values=st.lists(_JSON_VALUES, min_size=1, max_size=12))
+def test_whatever_a_column_accepts_from_separate_requests_the_log_stores_exactly(
+        kind: str, values: list[Any]) -> None:
+    """Fuzzed values, each sent alone: those accepted, committed together as one column the
+    way the log builds it, convert without error and read back unchanged."""
+    schema = InputSchema([Column("x", kind, False)])
+    accepted = []
+    for v in values:
+        try:
+            accepted.append(schema.from_records([{"x": v}]).columns["x"][0])
+        except InputError as exc:
+            assert [e.field for e in exc.errors] == ["x"]
+    if accepted:
+        assert pa.array(accepted).to_pylist() == accepted
 
 
 # ----------------------------------------------------------------- large requests, in pieces
