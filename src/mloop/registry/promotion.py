@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from mloop.errors import GateFailedError, MloopError, PromotionError
 from mloop.project import Project
-from mloop.registry.candidates import get_version
+from mloop.registry.candidates import version_record
 from mloop.security.audit import add_event, current_actor
 from mloop.store.db import as_utc, utcnow
 from mloop.store.models import AliasRow, DeploymentRow
@@ -53,13 +53,8 @@ def stored_alias(project: Project, alias: str = CHAMPION) -> int | None:
 
 
 def mlflow_alias(project: Project, alias: str = CHAMPION) -> int | None:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return int(project.mlflow.get_model_version_by_alias(project.config.model_name,
-                                                             alias).version)
-    except MlflowException:
-        return None
+    """The version MLflow's alias names (None: unset, or its version was deleted)."""
+    return project.tracking.alias(project.config.model_name, alias)
 
 
 def _set_mlflow_alias(project: Project, alias: str, version: int | None) -> None:
@@ -194,7 +189,7 @@ def promote(project: Project, version: int, *, reason: str, force: bool = False,
 
     if not reason.strip():
         raise MloopError("a promotion needs a reason (--reason \"...\"): it goes in the history")
-    get_version(project, version)
+    version_record(project, version)
     champion = stored_alias(project) if expected_champion is _UNSET else expected_champion
     if champion == version:
         raise PromotionError(f"v{version} is already the champion")
@@ -243,7 +238,7 @@ def rollback(project: Project, *, reason: str, to: int | None = None,
     elif to not in earlier:
         raise PromotionError(f"v{to} has never been champion of '{name}'; promote it instead "
                              f"(its gates apply)")
-    get_version(project, to)
+    version_record(project, to)
     return change_alias(project, CHAMPION, to, expected=current, action="rollback",
                         reason=reason, actor=actor)
 

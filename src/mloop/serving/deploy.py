@@ -15,7 +15,7 @@ import sqlalchemy as sa
 
 from mloop.errors import MloopError, PromotionError
 from mloop.project import Project
-from mloop.registry.candidates import get_version
+from mloop.registry.candidates import version_record
 from mloop.registry.promotion import (
     CHALLENGER,
     CHAMPION,
@@ -70,7 +70,7 @@ def deploy_challenger(project: Project, version: int, *, mode: str, weight: floa
     if not reason.strip():
         raise MloopError("a deployment needs a reason (--reason \"...\"): it goes in the "
                          "history")
-    get_version(project, version)
+    version_record(project, version)
     champion = stored_alias(project, CHAMPION)
     if champion is None:
         champion = mlflow_alias(project, CHAMPION)
