@@ -5,6 +5,7 @@ revision, MLflow workspaces."""
 from __future__ import annotations
 
 import math
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -17,6 +18,7 @@ import pytest
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from mloop.errors import MloopError
 from mloop.project import open_project
 from mloop.registry.lineage import lineage
 from mloop.registry.promotion import alias_drift, mlflow_alias
@@ -30,6 +32,7 @@ from mloop.tracking_read import (
     open_reader,
     sql_reader,
 )
+from mloop.tracking_sql import set_model_alias
 
 from .conftest import SMALL_CONFIG, rentals_frame
 
@@ -219,7 +222,8 @@ def test_read_services_answer_the_same_through_either_reader(project_root: Path)
 def test_read_services_do_not_import_mlflow_on_a_known_sql_store(project_root: Path) -> None:
     code = textwrap.dedent(f"""
         import sys
-        from mloop.project import open_project
+        from mloop.errors import MloopError
+from mloop.project import open_project
         from mloop.registry.lineage import lineage
         from mloop.registry.promotion import history
         from mloop.serving.deploy import desired_state
@@ -231,3 +235,49 @@ def test_read_services_do_not_import_mlflow_on_a_known_sql_store(project_root: P
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == "[]"
+
+
+# ------------------------------------------------------------------ aliases written directly
+
+def _alias_rows(path: Path) -> list[tuple[Any, ...]]:
+    with sqlite3.connect(path) as conn:
+        return sorted(conn.execute("select * from registered_model_aliases").fetchall())
+
+
+def test_an_alias_written_directly_is_the_row_mlflow_client_writes(store, tmp_path) -> None:
+    src = Path(store["uri"][len("sqlite:///"):])
+    ours, theirs = tmp_path / "ours.db", tmp_path / "theirs.db"
+    shutil.copy(src, ours)
+    shutil.copy(src, theirs)
+    direct = sql_reader(f"sqlite:///{ours}")
+    assert direct is not None
+    set_model_alias(direct.registry, MODEL, "champion", 3)
+    set_model_alias(direct.registry, MODEL, "challenger", None)
+    set_model_alias(direct.registry, MODEL, "canary-2", 1)
+    client = MlflowClient(f"sqlite:///{theirs}", f"sqlite:///{theirs}")
+    client.set_registered_model_alias(MODEL, "champion", "3")
+    client.delete_registered_model_alias(MODEL, "challenger")
+    client.set_registered_model_alias(MODEL, "canary-2", "1")
+    assert _alias_rows(ours) == _alias_rows(theirs)
+    read_back = MlflowClient(f"sqlite:///{ours}", f"sqlite:///{ours}")
+    assert read_back.get_model_version_by_alias(MODEL, "champion").version == 3
+    assert read_back.get_model_version(MODEL, "3").aliases == ["champion"]
+
+
+@pytest.mark.parametrize(("alias", "version", "message"), [
+    ("champion", 4, "model 'rentals' has no version 4 in MLflow"),  # deleted
+    ("champion", 99, "model 'rentals' has no version 99 in MLflow"),
+    ("latest", 1, "'latest' is not an alias MLflow accepts"),
+    ("v3", 1, "'v3' is not an alias MLflow accepts"),
+    ("two words", 1, "'two words' is not an alias MLflow accepts"),
+])
+def test_a_direct_alias_write_refuses_what_mlflow_refuses_and_changes_nothing(
+        store, tmp_path, alias: str, version: int, message: str) -> None:
+    path = tmp_path / "mlflow.db"
+    shutil.copy(Path(store["uri"][len("sqlite:///"):]), path)
+    before = _alias_rows(path)
+    direct = sql_reader(f"sqlite:///{path}")
+    assert direct is not None
+    with pytest.raises(MloopError, match=re.escape(message)):
+        set_model_alias(direct.registry, MODEL, alias, version)
+    assert _alias_rows(path) == before

@@ -34,12 +34,13 @@ if TYPE_CHECKING:
 KNOWN_MLFLOW_REVISIONS = frozenset({"dc11669786a5"})
 SQL_SCHEMES = ("sqlite", "postgresql", "mysql")
 DEFAULT_WORKSPACE = "default"
-_DELETED_STAGE = "Deleted_Internal"  # MLflow's soft-deleted model versions
+DELETED_STAGE = "Deleted_Internal"  # MLflow's soft-deleted model versions
 _METRIC_TAG = "mloop.metric."
 _CHUNK = 500
 
+# The columns of MLflow's tables that mloop reads (and, for aliases, writes: tracking_sql).
 _meta = sa.MetaData()
-_model_versions = sa.Table(
+MODEL_VERSIONS = sa.Table(
     "model_versions", _meta,
     sa.Column("workspace", sa.String), sa.Column("name", sa.String),
     sa.Column("version", sa.Integer), sa.Column("creation_time", sa.BigInteger),
@@ -48,29 +49,29 @@ _model_versions = sa.Table(
     sa.Column("source", sa.String), sa.Column("run_id", sa.String),
     sa.Column("status", sa.String), sa.Column("status_message", sa.String),
     sa.Column("run_link", sa.String))
-_version_tags = sa.Table(
+VERSION_TAGS = sa.Table(
     "model_version_tags", _meta,
     sa.Column("workspace", sa.String), sa.Column("name", sa.String),
     sa.Column("version", sa.Integer), sa.Column("key", sa.String), sa.Column("value", sa.String))
-_aliases = sa.Table(
+ALIASES = sa.Table(
     "registered_model_aliases", _meta,
     sa.Column("workspace", sa.String), sa.Column("name", sa.String),
     sa.Column("alias", sa.String), sa.Column("version", sa.Integer))
-_runs = sa.Table(
+RUNS = sa.Table(
     "runs", _meta,
     sa.Column("run_uuid", sa.String), sa.Column("name", sa.String),
     sa.Column("experiment_id", sa.Integer), sa.Column("user_id", sa.String),
     sa.Column("status", sa.String), sa.Column("start_time", sa.BigInteger),
     sa.Column("end_time", sa.BigInteger), sa.Column("lifecycle_stage", sa.String),
     sa.Column("artifact_uri", sa.String))
-_params = sa.Table("params", _meta, sa.Column("run_uuid", sa.String),
+PARAMS = sa.Table("params", _meta, sa.Column("run_uuid", sa.String),
                    sa.Column("key", sa.String), sa.Column("value", sa.String))
-_tags = sa.Table("tags", _meta, sa.Column("run_uuid", sa.String),
+TAGS = sa.Table("tags", _meta, sa.Column("run_uuid", sa.String),
                  sa.Column("key", sa.String), sa.Column("value", sa.String))
-_latest_metrics = sa.Table(
+LATEST_METRICS = sa.Table(
     "latest_metrics", _meta, sa.Column("run_uuid", sa.String), sa.Column("key", sa.String),
     sa.Column("value", sa.Float), sa.Column("is_nan", sa.Boolean))
-_alembic = sa.Table("alembic_version", _meta, sa.Column("version_num", sa.String))
+ALEMBIC_VERSION = sa.Table("alembic_version", _meta, sa.Column("version_num", sa.String))
 
 
 @dataclass(frozen=True)
@@ -149,20 +150,20 @@ class SqlTrackingReader:
     # ------------------------------------------------------------------ registry
     def _version_rows(self, conn: sa.Connection, model: str, where: Any,
                       limit: int) -> list[ModelVersionRecord]:
-        mv = _model_versions
+        mv = MODEL_VERSIONS
         rows = conn.execute(sa.select(mv).where(
             mv.c.workspace == DEFAULT_WORKSPACE, mv.c.name == model,
-            mv.c.current_stage != _DELETED_STAGE, where)
+            mv.c.current_stage != DELETED_STAGE, where)
             .order_by(mv.c.version.desc()).limit(limit)).all()
         if not rows:
             return []
         numbers = [r.version for r in rows]
         tags: dict[int, dict[str, str]] = {n: {} for n in numbers}
-        tq = sa.select(_version_tags.c.version, _version_tags.c.key, _version_tags.c.value
-                       ).where(_version_tags.c.workspace == DEFAULT_WORKSPACE,
-                               _version_tags.c.name == model)
+        tq = sa.select(VERSION_TAGS.c.version, VERSION_TAGS.c.key, VERSION_TAGS.c.value
+                       ).where(VERSION_TAGS.c.workspace == DEFAULT_WORKSPACE,
+                               VERSION_TAGS.c.name == model)
         for i in range(0, len(numbers), _CHUNK):
-            for t in conn.execute(tq.where(_version_tags.c.version.in_(
+            for t in conn.execute(tq.where(VERSION_TAGS.c.version.in_(
                     numbers[i : i + _CHUNK]))):
                 tags[t.version][t.key] = t.value
         by_version: dict[int, list[str]] = {}
@@ -177,7 +178,7 @@ class SqlTrackingReader:
             tags=tags[r.version]) for r in rows]
 
     def _alias_rows(self, conn: sa.Connection, model: str) -> dict[str, int]:
-        a = _aliases
+        a = ALIASES
         return {r.alias: int(r.version) for r in conn.execute(
             sa.select(a.c.alias, a.c.version).where(a.c.workspace == DEFAULT_WORKSPACE,
                                                     a.c.name == model))}
@@ -188,7 +189,7 @@ class SqlTrackingReader:
 
     def model_version(self, model: str, version: int) -> ModelVersionRecord | None:
         with self.registry.connect() as conn:
-            rows = self._version_rows(conn, model, _model_versions.c.version == int(version), 1)
+            rows = self._version_rows(conn, model, MODEL_VERSIONS.c.version == int(version), 1)
         return rows[0] if rows else None
 
     def aliases(self, model: str) -> dict[str, int]:
@@ -197,12 +198,12 @@ class SqlTrackingReader:
 
     def alias(self, model: str, alias: str) -> int | None:
         # MLflow answers only when the version the alias names still exists (not deleted)
-        a, mv = _aliases, _model_versions
+        a, mv = ALIASES, MODEL_VERSIONS
         q = (sa.select(a.c.version).select_from(a.join(mv, sa.and_(
             mv.c.workspace == a.c.workspace, mv.c.name == a.c.name,
             mv.c.version == a.c.version)))
             .where(a.c.workspace == DEFAULT_WORKSPACE, a.c.name == model, a.c.alias == alias,
-                   mv.c.current_stage != _DELETED_STAGE))
+                   mv.c.current_stage != DELETED_STAGE))
         with self.registry.connect() as conn:
             version = conn.execute(q).scalar()
         return int(version) if version is not None else None
@@ -210,16 +211,16 @@ class SqlTrackingReader:
     # ------------------------------------------------------------------ runs
     def run(self, run_id: str) -> RunRecord | None:
         with self.tracking.connect() as conn:
-            r = conn.execute(sa.select(_runs).where(_runs.c.run_uuid == run_id)).first()
+            r = conn.execute(sa.select(RUNS).where(RUNS.c.run_uuid == run_id)).first()
             if r is None:
                 return None
             params = {p.key: p.value for p in conn.execute(
-                sa.select(_params.c.key, _params.c.value).where(_params.c.run_uuid == run_id))}
+                sa.select(PARAMS.c.key, PARAMS.c.value).where(PARAMS.c.run_uuid == run_id))}
             tags = {t.key: t.value for t in conn.execute(
-                sa.select(_tags.c.key, _tags.c.value).where(_tags.c.run_uuid == run_id))}
+                sa.select(TAGS.c.key, TAGS.c.value).where(TAGS.c.run_uuid == run_id))}
             metrics = {m.key: (math.nan if m.is_nan else float(m.value)) for m in conn.execute(
-                sa.select(_latest_metrics.c.key, _latest_metrics.c.value,
-                          _latest_metrics.c.is_nan).where(_latest_metrics.c.run_uuid == run_id))}
+                sa.select(LATEST_METRICS.c.key, LATEST_METRICS.c.value,
+                          LATEST_METRICS.c.is_nan).where(LATEST_METRICS.c.run_uuid == run_id))}
         return RunRecord(run_id=r.run_uuid, run_name=r.name or tags.get("mlflow.runName"),
                          experiment_id=str(r.experiment_id), user_id=r.user_id,
                          status=r.status, start_time=r.start_time, end_time=r.end_time,
@@ -322,7 +323,7 @@ def mlflow_schema_revision(engine: sa.Engine) -> str | None:
     """The Alembic revision of an MLflow database, or None if it has none (or is not one)."""
     try:
         with engine.connect() as conn:
-            return conn.execute(sa.select(_alembic.c.version_num)).scalar()
+            return conn.execute(sa.select(ALEMBIC_VERSION.c.version_num)).scalar()
     except sa.exc.SQLAlchemyError:
         return None
 

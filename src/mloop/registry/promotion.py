@@ -58,7 +58,18 @@ def mlflow_alias(project: Project, alias: str = CHAMPION) -> int | None:
 
 
 def _set_mlflow_alias(project: Project, alias: str, version: int | None) -> None:
-    client, name = project.mlflow, project.config.model_name
+    from mloop.tracking_read import SqlTrackingReader
+    from mloop.tracking_sql import set_model_alias
+
+    name, reader = project.config.model_name, project.tracking
+    if isinstance(reader, SqlTrackingReader):  # the row MlflowClient writes, no MLflow import
+        if version is None:
+            with contextlib.suppress(Exception):
+                set_model_alias(reader.registry, name, alias, None)
+        else:
+            set_model_alias(reader.registry, name, alias, version)
+        return
+    client = project.mlflow
     if version is None:
         with contextlib.suppress(Exception):
             client.delete_registered_model_alias(name, alias)
