@@ -22,7 +22,7 @@ from mloop.errors import MloopError
 from mloop.project import open_project
 from mloop.registry.lineage import lineage
 from mloop.registry.promotion import alias_drift, mlflow_alias
-from mloop.serving.deploy import desired_state
+from mloop.serving.deploy import desired_state, stop_challenger
 from mloop.status import model_versions
 from mloop.tracking_read import (
     KNOWN_MLFLOW_REVISIONS,
@@ -222,8 +222,7 @@ def test_read_services_answer_the_same_through_either_reader(project_root: Path)
 def test_read_services_do_not_import_mlflow_on_a_known_sql_store(project_root: Path) -> None:
     code = textwrap.dedent(f"""
         import sys
-        from mloop.errors import MloopError
-from mloop.project import open_project
+        from mloop.project import open_project
         from mloop.registry.lineage import lineage
         from mloop.registry.promotion import history
         from mloop.serving.deploy import desired_state
@@ -281,3 +280,26 @@ def test_a_direct_alias_write_refuses_what_mlflow_refuses_and_changes_nothing(
     with pytest.raises(MloopError, match=re.escape(message)):
         set_model_alias(direct.registry, MODEL, alias, version)
     assert _alias_rows(path) == before
+
+
+def test_a_challenger_moves_without_importing_mlflow_and_mlflow_client_sees_it(
+        project_root: Path, tmp_path: Path) -> None:
+    root = tmp_path / "rentals"
+    shutil.copytree(project_root, root)
+    code = textwrap.dedent(f"""
+        import sys
+        from mloop.project import open_project
+        from mloop.serving.deploy import deploy_challenger, desired_state
+        project = open_project({str(root)!r})
+        deploy_challenger(project, 1, mode="canary", weight=0.2, reason="try v1")
+        print(desired_state(project).to_dict())
+        print(sorted(m for m in sys.modules if m.split(".")[0] == "mlflow"))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.splitlines()
+    assert out == ["{'champion': 2, 'challenger': 1, 'mode': 'canary', 'weight': 0.2}", "[]"]
+    uri = f"sqlite:///{root / '.mloop' / 'mlflow.db'}"
+    client = MlflowClient(uri, uri)
+    assert client.get_model_version_by_alias(MODEL, "challenger").version == 1
+    stop_challenger(open_project(root), reason="done")
+    assert "challenger" not in client.get_registered_model(MODEL).aliases
