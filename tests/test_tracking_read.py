@@ -303,3 +303,18 @@ def test_a_challenger_moves_without_importing_mlflow_and_mlflow_client_sees_it(
     assert client.get_model_version_by_alias(MODEL, "challenger").version == 1
     stop_challenger(open_project(root), reason="done")
     assert "challenger" not in client.get_registered_model(MODEL).aliases
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_direct_reader_and_alias_writer_agree_with_mlflow_client_on_postgres(
+        pg_url: str, tmp_path: Path) -> None:
+    facts = _fill(pg_url, tmp_path / "artifacts")
+    direct, client = _readers(pg_url)
+    assert direct.model_versions(MODEL) == client.model_versions(MODEL)
+    assert [direct.alias(MODEL, a) for a in ("champion", "stale")] == [
+        client.alias(MODEL, a) for a in ("champion", "stale")] == [2, None]
+    assert all(_same(direct.run(r), client.run(r)) for r in facts["runs"])
+    set_model_alias(direct.registry, MODEL, "champion", 3)
+    assert MlflowClient(pg_url, pg_url).get_model_version_by_alias(MODEL, "champion").version == 3
+    direct.close()
