@@ -27,6 +27,7 @@ from mloop.config import ServingConfig
 from mloop.project import Project
 from mloop.serving.inference_log import InferenceLog, LogEntry, new_request_id
 from mloop.serving.metrics import ServingMetrics
+from mloop.serving.model import predict_method
 from mloop.serving.schema import FieldError, InputError, InputSchema
 from mloop.serving.state import ServerState, Slot
 
@@ -57,14 +58,17 @@ _PREDICT_DOC = {
                        "columns": {"type": "object"}, "key": {"type": "string"},
                        "timestamp": {"type": ["string", "number"]}}}}}},
     "responses": {"200": {"description": "Predictions with their request ids and the version "
-                                         "that answered"},
+                                         "that answered; for a classifier also "
+                                         "'probabilities' (one list per row) and 'classes' "
+                                         "(their order)"},
                   "422": {"description": "Body does not match the model signature"}},
 }
 _INVOCATIONS_DOC = {
     "requestBody": {"required": True, "content": {
         "application/json": {"schema": {"type": "object", "description":
                              "MLflow scoring protocol: dataframe_split, dataframe_records, "
-                             "inputs or instances"}},
+                             "inputs or instances; optional params {'predict_method': "
+                             "'predict' (default) or 'predict_proba'}"}},
         "text/csv": {"schema": {"type": "string"}}}},
 }
 _FEEDBACK_DOC = {
@@ -169,7 +173,7 @@ def create_app(project: Project, config: ServingConfig | None = None, *,
     # ------------------------------------------------------------------ scoring endpoints
 
     async def score(request: Request, parser: Parser, key: str | None, ts: float,
-                    ) -> tuple[Slot, str, list[Any], list[str], dict[str, list]]:
+                    ) -> tuple[Slot, str, list[Any], list[str], list[list[float]] | None]:
         routing = state.routing
         if routing.champion is None:
             raise HTTPError(503, {"error": "no model is loaded yet (no champion, or it failed "
@@ -191,14 +195,15 @@ def create_app(project: Project, config: ServingConfig | None = None, *,
             t0 = time.perf_counter()
             preds = await slot.batcher.submit(cols, n)
         latency_ms = (time.perf_counter() - t0) * 1000
+        preds, proba = slot.model.unpack(preds)
         ids = [new_request_id(ts) for _ in range(n)]
         _observe(state.metrics, slot, preds)
         state.metrics.scored(n)
         await _log(state, LogEntry(ids, ts, slot.model.version, role, latency_ms, preds, cols,
-                                   key))
+                                   key, proba, slot.model.classes))
         if routing.mode == "shadow" and routing.challenger is not None:
             _shadow(state, routing.challenger, parser, ids, ts, key)
-        return slot, role, preds, ids, cols
+        return slot, role, preds, ids, proba
 
     async def predict_handler(request: Request) -> tuple[Response, str]:
         body = _parse_json(await read_body(request))
@@ -221,27 +226,32 @@ def create_app(project: Project, config: ServingConfig | None = None, *,
         extra = body.keys() - {"records", "columns", "key", "timestamp"}
         if extra:
             raise InputError([FieldError(k, "unknown top-level field") for k in sorted(extra)])
-        slot, role, preds, ids, _ = await score(request, parser,
-                                                None if key is None else str(key), ts)
+        slot, role, preds, ids, proba = await score(request, parser,
+                                                    None if key is None else str(key), ts)
         v = slot.model.version
-        return _json({"version": v, "role": role, "request_ids": ids, "predictions": preds},
+        return _json({"version": v, "role": role, "request_ids": ids,
+                      **slot.model.response_fields(preds, proba)},
                      headers={"x-mloop-version": str(v)}), str(v)
 
     async def invocations_handler(request: Request) -> tuple[Response, str]:
         ctype = request.headers.get("content-type", "application/json").split(";")[0].strip()
         raw = await read_body(request)
+        method = "predict"
         if ctype == "text/csv":
             header, rows = _parse_csv(raw)
             parser: Parser = lambda s: s.from_split(_typed_csv(s, header, rows))  # noqa: E731
         elif ctype in ("application/json", ""):
-            parser = _mlflow_parser(_parse_json(raw))
+            body = _parse_json(raw)
+            parser = _mlflow_parser(body)
+            champion = state.routing.champion
+            method = predict_method(body, champion.model if champion else None)
         else:
             raise HTTPError(415, {"error": f"content type '{ctype}' is not supported; use "
                                            f"application/json or text/csv"})
         key = request.headers.get("x-mloop-key")
-        slot, _, preds, ids, _ = await score(request, parser, key, time.time())
+        slot, _, preds, ids, proba = await score(request, parser, key, time.time())
         v = slot.model.version
-        return _json({"predictions": preds},
+        return _json(slot.model.response_fields(preds, proba, method=method),
                      headers={"x-mloop-version": str(v),
                               "x-mloop-request-ids": ",".join(ids[:1000])}), str(v)
 
@@ -520,9 +530,10 @@ def _shadow(state: ServerState, slot: Slot, parser: Parser, ids: list[str], ts: 
         try:
             cols, _ = parser(slot.model.schema)
             t0 = time.perf_counter()
-            preds = await slot.batcher.submit(cols, n)
+            preds, proba = slot.model.unpack(await slot.batcher.submit(cols, n))
             await _log(state, LogEntry(ids, ts, slot.model.version, "shadow",
-                                       (time.perf_counter() - t0) * 1000, preds, cols, key))
+                                       (time.perf_counter() - t0) * 1000, preds, cols, key,
+                                       proba, slot.model.classes))
             m.shadow.labels(v, "ok").inc(n)
         except InputError:
             m.shadow.labels(v, "invalid").inc(n)

@@ -11,9 +11,13 @@ clean stop (SIGTERM, lifespan shutdown) commits everything; a ``kill -9`` loses 
 arrived since the last commit, and every segment already on disk stays readable.
 
 Columns: ``_request_id``, ``_ts`` (event time, UTC), ``_version``, ``_role`` (champion,
-canary, shadow), ``_latency_ms``, ``_prediction``, ``_key`` (routing key or null), then one
-column per model input under its own name. The leading underscore keeps mloop's columns out of
-the features' namespace.
+canary, shadow), ``_latency_ms``, ``_prediction``, ``_key`` (routing key or null), for a
+classifier with probabilities one float64 ``_proba_<class>`` column per class (a column per
+class rather than one list column: each segment names its own classes, segments of versions
+with different classes concatenate by name, and DuckDB or pandas read them with no decoding;
+logs written before these columns, or by a model without probabilities, simply lack them),
+then one column per model input under its own name. The leading underscore keeps mloop's
+columns out of the features' namespace.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from mloop.storage import ObjectStore
 log = logging.getLogger("mloop.serving")
 
 META_COLUMNS = ("_request_id", "_ts", "_version", "_role", "_latency_ms", "_prediction", "_key")
+PROBA_PREFIX = "_proba_"
 LABELS_DIR = "labels"
 
 
@@ -71,6 +76,8 @@ class LogEntry:
     predictions: list[Any]
     cols: dict[str, list]
     key: str | None = None
+    probabilities: list[list[float]] | None = None  # per row, in ``classes`` order
+    classes: list[Any] | None = None
 
     @property
     def day(self) -> str:
@@ -230,6 +237,16 @@ def _to_table(entries: list[LogEntry]) -> pa.Table:
         "_prediction": pa.array(flat(lambda e: e.predictions)),
         "_key": pa.array(rep(lambda e: e.key), pa.string()),
     }
+    # a version's entries share its classes: the first entry with probabilities names them
+    classes = next((e.classes for e in entries if e.probabilities is not None), None) or []
+    for j, c in enumerate(classes):
+        values: list[float | None] = []
+        for e in entries:
+            if e.probabilities is None:
+                values += [None] * len(e.ids)
+            else:
+                values += [row[j] for row in e.probabilities]
+        columns[f"{PROBA_PREFIX}{c}"] = pa.array(values, pa.float64())
     names: list[str] = []
     for e in entries:  # inputs in signature order; a version's entries share one signature
         for name in e.cols:

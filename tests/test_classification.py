@@ -1,0 +1,231 @@
+"""Classification with probabilities, end to end: /predict and /invocations answer them, the
+inference log keeps them, `mloop predict` writes them, the ONNX fast path is verified on
+them, monitoring computes ROC AUC from them, and the canary verdict is judged by the paired
+bootstrap bound of the non-inferiority gate (not a point comparison).
+
+One small project: is an hour "busy" (rentals above 74), with a fifth of the labels flipped
+so the models are good but not perfect (holdout ROC AUC ~0.8). v1 gradient boosting (the
+champion), v2 a much smaller boosted model (as good overall, ranking rows differently), v3 a
+one-split stump (clearly worse)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from mloop.cli.app import main
+from mloop.config import CompileConfig
+from mloop.project import open_project
+from mloop.registry.gates import load_version
+from mloop.registry.promotion import change_alias
+from mloop.serving.app import create_app
+from mloop.serving.inference_log import read_log
+from mloop.serving.model import load_served
+
+from .conftest import rentals_frame
+from .serving_util import ServerThread
+
+pytestmark = pytest.mark.slow
+
+FEATURES = ("hour", "weather", "temp")
+CONFIG = """\
+project: busy
+data: {{path: data/rentals.parquet}}
+target: busy
+task: classification
+features:
+  time_column: ts
+  exclude: [cnt]
+split: {{method: time, holdout: 0.25}}
+model:
+  estimator: {estimator}
+  params: {params}
+metrics: [roc_auc, accuracy, log_loss]
+monitoring: {{window: 1d}}
+loop:
+  canary: {{weight: 0.5, probation: 1d, min_labelled: 20, margin: 0.02}}
+"""
+HGB = "sklearn.ensemble.HistGradientBoostingClassifier"
+MODELS = [(HGB, "{max_iter: 30, random_state: 0}"),
+          (HGB, "{max_iter: 5, max_depth: 2, random_state: 0}"),
+          ("sklearn.tree.DecisionTreeClassifier", "{max_depth: 1, random_state: 0}")]
+
+
+def busy_frame(n: int, seed: int = 0) -> pd.DataFrame:
+    frame = rentals_frame(n, seed=seed)
+    flip = np.random.default_rng(seed + 1000).random(n) < 0.2
+    frame["busy"] = ((frame["cnt"] > 74) ^ flip).astype(int)
+    return frame
+
+
+def _write(root: Path, estimator: str, params: str) -> None:
+    (root / "mloop.yaml").write_text(CONFIG.format(estimator=estimator, params=params))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from mloop.pipeline.runner import run_pipeline
+
+    root = tmp_path_factory.mktemp("classification") / "busy"
+    (root / "data").mkdir(parents=True)
+    busy_frame(800).to_parquet(root / "data" / "rentals.parquet", index=False)
+    for estimator, params in MODELS:
+        _write(root, estimator, params)
+        assert run_pipeline(open_project(root)).status == "succeeded"
+    _write(root, *MODELS[0])
+    change_alias(open_project(root), "champion", 1, expected=None, action="promote",
+                 reason="test setup")
+    return root
+
+
+@pytest.fixture
+def proj(trained: Path, tmp_path: Path) -> Path:
+    root = tmp_path / "busy"
+    shutil.copytree(trained, root)
+    return root
+
+
+def _server(root: Path, **compile_: Any) -> ServerThread:
+    project = open_project(root)
+    cfg = project.config.serving.model_copy(update={"poll_seconds": 0.2}, deep=True)
+    cfg.compile = cfg.compile.model_copy(update=compile_)
+    cfg.inference_log.commit_interval_seconds = 3600  # committed by /flush
+    return ServerThread(create_app(project, cfg))
+
+
+def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    return [{"hour": int(h), "weather": w, "temp": float(t)}
+            for h, w, t in zip(frame["hour"], frame["weather"], frame["temp"], strict=True)]
+
+
+def _sklearn_proba(root: Path, version: int, frame: pd.DataFrame) -> np.ndarray:
+    """The registered scikit-learn model's own predict_proba (not mloop's serving path)."""
+    loaded = load_version(open_project(root), version)
+    return np.asarray(loaded.sklearn_model.predict_proba(loaded.prepare(frame)))
+
+
+# ---------------------------------------------------------------------------------- HTTP
+
+@pytest.mark.parametrize("engine", ["onnx", "original"])
+def test_predict_answers_class_probabilities_that_match_the_sklearn_model(
+        proj: Path, engine: str) -> None:
+    frame = busy_frame(40, seed=5)
+    with _server(proj, enabled=engine == "onnx") as srv:
+        assert srv.get("/model").json()["champion"]["engine"] == engine
+        r = srv.post("/predict", {"records": _records(frame)})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["classes"] == [0, 1]
+    proba = np.asarray(body["probabilities"])
+    assert proba.shape == (40, 2)
+    assert np.allclose(proba.sum(axis=1), 1.0, atol=1e-6)
+    # float32 trees on the compiled path, the very same numbers on the original one
+    expected = _sklearn_proba(proj, 1, frame)
+    assert np.allclose(proba, expected, atol=1e-5 if engine == "onnx" else 1e-12, rtol=0)
+    # the labels are the model's own, and they are the classes the probabilities favour
+    assert body["predictions"] == [body["classes"][i] for i in proba.argmax(axis=1)]
+
+
+def test_invocations_answers_labels_unless_params_ask_for_probabilities(proj: Path) -> None:
+    frame = busy_frame(6, seed=6)
+    split = {"columns": list(FEATURES), "data": [list(r.values()) for r in _records(frame)]}
+    with _server(proj) as srv:
+        plain = srv.post("/invocations", {"dataframe_split": split})
+        proba = srv.post("/invocations", {"dataframe_split": split,
+                                          "params": {"predict_method": "predict_proba"}})
+        labels = srv.post("/invocations", {"dataframe_split": split,
+                                           "params": {"predict_method": "predict"}})
+        predict = srv.post("/predict", {"records": _records(frame)}).json()
+    assert plain.status_code == proba.status_code == labels.status_code == 200
+    # as MLflow's scoring server answers for a scikit-learn model logged with the default
+    # pyfunc_predict_fn: labels only
+    assert plain.json() == {"predictions": predict["predictions"]}
+    assert labels.json() == plain.json()
+    # as it answers for one logged with pyfunc_predict_fn="predict_proba", classes named
+    assert np.allclose(proba.json()["predictions"], predict["probabilities"], atol=1e-12)
+    assert proba.json()["classes"] == [0, 1]
+
+
+@pytest.mark.parametrize(("params", "field", "value"), [
+    ({"predict_method": "decision_function"}, "params.predict_method", "decision_function"),
+    ({"predict_method": "predict_proba", "threshold": 0.3}, "params.threshold", None),
+    (["predict_proba"], "params", ["predict_proba"]),
+])
+def test_invocations_refuses_params_it_does_not_know_naming_them(
+        proj: Path, params: Any, field: str, value: Any) -> None:
+    split = {"columns": list(FEATURES), "data": [[8, "Clear", 14.5]]}
+    with _server(proj) as srv:
+        r = srv.post("/invocations", {"dataframe_split": split, "params": params})
+        assert srv.post("/flush").json() == {"committed_rows": 0}  # nothing was scored
+    assert r.status_code == 422, r.text
+    fields = r.json()["fields"]
+    assert [f["field"] for f in fields] == [field]
+    assert fields[0].get("value") == value
+
+
+# ------------------------------------------------------------------ log and batch scoring
+
+def test_the_inference_log_keeps_the_probabilities_each_client_got(proj: Path) -> None:
+    frame = busy_frame(10, seed=7)
+    with _server(proj) as srv:
+        body = srv.post("/predict", {"records": _records(frame)}).json()
+        assert srv.post("/flush").json() == {"committed_rows": 10}
+    table = read_log(open_project(proj).uris["inference_log_uri"]).to_pandas()
+    table = table.set_index("_request_id").loc[body["request_ids"]]
+    assert table["_prediction"].tolist() == body["predictions"]
+    logged = table[["_proba_0", "_proba_1"]].to_numpy()
+    assert np.array_equal(logged, np.asarray(body["probabilities"]))
+
+
+def test_mloop_predict_writes_one_probability_column_per_class(
+        proj: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import pyarrow.parquet as pq
+
+    frame = busy_frame(50, seed=8)
+    frame[list(FEATURES)].to_parquet(tmp_path / "in.parquet", index=False)
+    code = main(["-C", str(proj), "predict", "-i", str(tmp_path / "in.parquet"),
+                 "-o", str(tmp_path / "out.parquet"), "--json"])
+    assert code == 0, capsys.readouterr()
+    out = pq.read_table(tmp_path / "out.parquet").to_pandas()
+    assert out.columns.tolist() == [*FEATURES, "prediction", "proba_0", "proba_1"]
+    expected = _sklearn_proba(proj, 1, frame)
+    assert np.allclose(out[["proba_0", "proba_1"]].to_numpy(), expected, atol=1e-12, rtol=0)
+
+
+# --------------------------------------------------------------------- the compiled path
+
+def test_the_compiled_path_is_verified_on_probabilities(proj: Path) -> None:
+    project = open_project(proj)
+    model = load_served(project, 1, compile=CompileConfig())
+    verdict = model.compile_verdict
+    assert verdict is not None and verdict["status"] == "verified", verdict
+    assert verdict["rows"] == 200 and verdict["max_abs_diff"] < 1e-5  # float32 probabilities
+    assert "0 with a probability off" in verdict["detail"]
+
+
+def test_a_compiled_model_whose_probabilities_disagree_falls_back_to_the_original(
+        proj: Path) -> None:
+    """Every label agrees, but float32 probabilities cannot meet a zero tolerance: the
+    original serves, and the verdict on the version says why."""
+    project = open_project(proj)
+    model = load_served(project, 1, compile=CompileConfig(atol=0.0, rtol=0.0))
+    assert model.compiled is None and model.describe()["engine"] == "original"
+    verdict = model.compile_verdict
+    assert verdict is not None and verdict["status"] == "mismatch"
+    assert verdict["detail"].startswith("200 holdout rows, 0 labels differ, ")
+    assert verdict["mismatches"] > 0
+    tag = project.mlflow.get_model_version("busy", "1").tags["mloop.compiled"]
+    assert json.loads(tag)["status"] == "mismatch"
+    # and it still answers probabilities, from the original model
+    frame = busy_frame(5, seed=9)
+    _, proba = model.score_arrays({c: frame[c].tolist() for c in FEATURES})
+    assert proba is not None
+    assert np.allclose(proba, _sklearn_proba(proj, 1, frame), atol=1e-12, rtol=0)
+
+
