@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import json
 import shutil
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import pytest
+from sklearn.metrics import roc_auc_score
 
 from mloop.cli.app import main
 from mloop.config import CompileConfig
@@ -25,8 +27,10 @@ from mloop.project import open_project
 from mloop.registry.gates import load_version
 from mloop.registry.promotion import change_alias
 from mloop.serving.app import create_app
-from mloop.serving.inference_log import read_log
+from mloop.serving.inference_log import InferenceLog, LogEntry, new_request_id, read_log
+from mloop.serving.labels import store_labels
 from mloop.serving.model import load_served
+from mloop.storage import ObjectStore
 
 from .conftest import rentals_frame
 from .serving_util import ServerThread
@@ -227,5 +231,64 @@ def test_a_compiled_model_whose_probabilities_disagree_falls_back_to_the_origina
     _, proba = model.score_arrays({c: frame[c].tolist() for c in FEATURES})
     assert proba is not None
     assert np.allclose(proba, _sklearn_proba(proj, 1, frame), atol=1e-12, rtol=0)
+
+
+# ---------------------------------------------------------------------------- monitoring
+
+def _day(day: str, hour: int = 0) -> float:
+    return datetime.fromisoformat(f"{day}T{hour:02d}:00:00+00:00").timestamp()
+
+
+def test_monitoring_computes_roc_auc_from_the_served_probabilities(proj: Path) -> None:
+    from mloop.monitoring.service import run_monitor
+
+    day1, day2 = busy_frame(120, seed=11), busy_frame(5, seed=12)
+    with _server(proj) as srv:
+        first = srv.post("/predict", {"records": _records(day1),
+                                      "timestamp": _day("2024-04-01", 10)}).json()
+        srv.post("/predict", {"records": _records(day2), "timestamp": _day("2024-04-02", 10)})
+        assert srv.post("/flush").json() == {"committed_rows": 125}
+        labels = {"labels": [{"request_id": i, "label": int(y)}
+                             for i, y in zip(first["request_ids"], day1["busy"], strict=True)]}
+        assert srv.post("/feedback", labels).json()["stored"] == 120
+    out = run_monitor(open_project(proj), window="1d")
+    [window] = out["evaluated"]
+    assert window["metric"] == "roc_auc" and window["label_coverage"] == 1.0
+    served = np.asarray(first["probabilities"])[:, 1]
+    assert window["metric_value"] == pytest.approx(roc_auc_score(day1["busy"], served))
+    assert window["reference_metric"] == pytest.approx(float(open_project(proj).mlflow
+                                                              .get_model_version("busy", "1")
+                                                              .tags["mloop.metric.roc_auc"]))
+
+
+def test_monitoring_judges_logs_without_probabilities_on_accuracy(proj: Path) -> None:
+    """Rows logged before probabilities were kept: accuracy against the holdout's accuracy,
+    and the report says why."""
+    from mloop.monitoring.service import run_monitor
+
+    project = open_project(proj)
+    uri = project.uris["inference_log_uri"]
+    frame = busy_frame(60, seed=13)
+    preds = load_served(project, 1).predict_columns({c: frame[c].tolist() for c in FEATURES})
+    log = InferenceLog(uri, commit_interval=3600)
+    ids = [new_request_id(_day("2024-04-01", 10) + i) for i in range(60)]
+    for i, rid in enumerate(ids):
+        log.append(LogEntry([rid], _day("2024-04-01", 10) + i, 1, "champion", 1.0, [preds[i]],
+                            {c: [frame[c].iloc[i]] for c in FEATURES}))
+    log.append(LogEntry([new_request_id(_day("2024-04-02", 10))], _day("2024-04-02", 10), 1,
+                        "champion", 1.0, [0], {c: [frame[c].iloc[0]] for c in FEATURES}))
+    log.close()
+    store_labels(ObjectStore(uri), dict(zip(ids, frame["busy"].tolist(), strict=True)),
+                 task="classification", source="test")
+    [window] = run_monitor(project, window="1d")["evaluated"]
+    assert window["metric"] == "accuracy"
+    assert window["metric_value"] == pytest.approx(
+        float(np.mean(np.asarray(preds) == frame["busy"].to_numpy())))
+    tags = project.mlflow.get_model_version("busy", "1").tags
+    assert window["reference_metric"] == pytest.approx(float(tags["mloop.metric.accuracy"]))
+    from mloop.monitoring.service import get_window
+
+    perf = get_window(project, window["id"])["report"]["performance"]
+    assert "roc_auc needs the class probabilities" in perf["fallback"]
 
 
