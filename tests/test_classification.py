@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import json
 import shutil
-from datetime import datetime
+import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +26,10 @@ from mloop.cli.app import main
 from mloop.config import CompileConfig
 from mloop.project import open_project
 from mloop.registry.gates import load_version
-from mloop.registry.promotion import change_alias
+from mloop.registry.promotion import change_alias, stored_alias
+from mloop.security.audit import list_events
 from mloop.serving.app import create_app
+from mloop.serving.deploy import deploy_challenger, desired_state
 from mloop.serving.inference_log import InferenceLog, LogEntry, new_request_id, read_log
 from mloop.serving.labels import store_labels
 from mloop.serving.model import load_served
@@ -292,3 +295,104 @@ def test_monitoring_judges_logs_without_probabilities_on_accuracy(proj: Path) ->
     assert "roc_auc needs the class probabilities" in perf["fallback"]
 
 
+# ------------------------------------------------------------------------ canary verdicts
+
+def _probation(root: Path, *, challenger: int, champion: int, frame: pd.DataFrame,
+               start: str = "2024-05-01") -> dict[str, Any]:
+    """``challenger`` on canary against ``champion``: ``frame`` answered half by each (by
+    the version itself, as the server would log it), labelled, then the probation is judged
+    a day after it ended."""
+    from mloop.loop.controller import judge_probation, load_state, save_state
+
+    project = open_project(root)
+    if stored_alias(project) != champion:
+        change_alias(project, "champion", champion, expected=stored_alias(project),
+                     action="promote", reason="test setup")
+    deploy_challenger(project, challenger, mode="canary", weight=0.5, reason="test canary")
+    uri = project.uris["inference_log_uri"]
+    log = InferenceLog(uri, commit_interval=3600)
+    t0 = _day(start, 1)
+    ids: list[str] = []
+    for n, (version, role) in enumerate(((challenger, "canary"), (champion, "champion"))):
+        part = frame.iloc[n::2]
+        model = load_served(project, version)
+        preds, proba = model.unpack(model.score_columns({c: part[c].tolist()
+                                                         for c in FEATURES}))
+        for i in range(len(part)):
+            ts = t0 + 60 * (2 * i + n)
+            ids.append(new_request_id(ts))
+            log.append(LogEntry([ids[-1]], ts, version, role, 1.0, [preds[i]],
+                                {c: [part[c].iloc[i]] for c in FEATURES}, None,
+                                [proba[i]] if proba else None, model.classes))
+    log.close()
+    labels = [*frame["busy"].iloc[0::2], *frame["busy"].iloc[1::2]]
+    store_labels(ObjectStore(uri), dict(zip(ids, labels, strict=True)),
+                 task="classification", source="test")
+    state = load_state(project)
+    state.data["probation"] = {"version": challenger, "champion": champion,
+                               "started_at": datetime.fromtimestamp(t0 - 60, UTC).isoformat(),
+                               "started_wall": time.time() - 5}
+    save_state(project, state)
+    now = datetime.fromtimestamp(t0, UTC) + timedelta(days=2)
+    verdict = judge_probation(project, state, now)
+    assert verdict is not None
+    save_state(project, state)
+    return verdict
+
+
+def _verdict_event(root: Path, kind: str) -> dict[str, Any]:
+    return list_events(open_project(root).store, kind=f"loop.probation_{kind}")[0].payload
+
+
+def test_a_canary_better_only_by_noise_on_a_few_labelled_rows_is_rolled_back(
+        proj: Path) -> None:
+    """The reported case: the canary's ROC AUC is above the champion's on a tiny labelled
+    sample, but the paired bootstrap bound of the difference is wide: not promoted."""
+    pool = busy_frame(400, seed=21)
+    p1, p2 = _sklearn_proba(proj, 1, pool)[:, 1], _sklearn_proba(proj, 2, pool)[:, 1]
+    y = pool["busy"].to_numpy()
+    start = next(s for s in range(0, 376, 24)  # the first 24 rows where v2 looks better
+                 if roc_auc_score(y[s:s + 24], p2[s:s + 24])
+                 > roc_auc_score(y[s:s + 24], p1[s:s + 24]))
+    verdict = _probation(proj, challenger=2, champion=1, frame=pool.iloc[start:start + 24])
+    assert verdict["action"] == "rollback", verdict
+    bound = _verdict_event(proj, "rollback")["bound"]
+    assert bound["metric"] == "roc_auc" and bound["rows"] == 24
+    assert bound["difference"] < 0  # better, observed
+    assert bound["upper"] > bound["margin"] > 0  # the bound is wider than the margin
+    assert bound["confidence"] == 0.95 and bound["resamples"] > 1000
+    assert bound["margin_from"].startswith("loop.canary.margin")
+    assert "upper bound" in verdict["reason"]
+    assert desired_state(open_project(proj)).challenger is None
+
+
+def test_a_clearly_better_canary_is_promoted_on_the_bound(proj: Path) -> None:
+    verdict = _probation(proj, challenger=1, champion=3, frame=busy_frame(300, seed=22))
+    assert verdict["action"] == "promote", verdict
+    event = _verdict_event(proj, "promote")
+    assert event["paired"]["metric"] == "roc_auc" and event["paired"]["rows"] == 300
+    assert event["bound"]["upper"] < 0  # better even at the 95% bound
+    assert desired_state(open_project(proj)).champion == 1
+
+
+def test_a_clearly_worse_canary_is_rolled_back_on_the_bound(proj: Path) -> None:
+    verdict = _probation(proj, challenger=3, champion=1, frame=busy_frame(300, seed=23))
+    assert verdict["action"] == "rollback", verdict
+    bound = _verdict_event(proj, "rollback")["bound"]
+    assert bound["difference"] > 0 and bound["upper"] > bound["margin"]
+    state = desired_state(open_project(proj))
+    assert (state.champion, state.challenger) == (1, None)
+
+
+def test_the_canary_margin_is_the_gates_when_they_judge_the_same_metric(proj: Path) -> None:
+    """With a non-inferiority gate on ROC AUC, the canary is held to the gate's margin and
+    confidence: v2, as good as v1 overall, passes on enough rows."""
+    text = (proj / "mloop.yaml").read_text()
+    (proj / "mloop.yaml").write_text(text + "gates:\n  non_inferiority: {metric: roc_auc, "
+                                            "margin: 0.1, confidence: 0.9, resamples: 500}\n")
+    verdict = _probation(proj, challenger=2, champion=1, frame=busy_frame(300, seed=24))
+    assert verdict["action"] == "promote", verdict
+    bound = _verdict_event(proj, "promote")["bound"]
+    assert (bound["margin"], bound["margin_from"]) == (0.1, "gates.non_inferiority.margin")
+    assert (bound["confidence"], bound["resamples"]) == (0.9, 500)
+    assert bound["upper"] <= 0.1
