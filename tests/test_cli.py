@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -143,3 +144,16 @@ def test_bike_example_trains_and_registers(bike_project: Path) -> None:
     assert ev["metrics"]["r2"] > 0.3  # a real signal; the April holdout is harder than winter
     assert ev["metrics"]["mae"] < 90
     shutil.rmtree(bike_project / ".mloop")
+
+
+def test_loading_the_cli_imports_no_heavy_library() -> None:
+    """Every command pays the CLI's import time: the services (and MLflow, pandas, ...) are
+    imported inside the commands that use them, never when the command line is assembled."""
+    heavy = ["mlflow", "pandas", "pyarrow", "sklearn", "numpy", "sqlalchemy", "mloop.project",
+             "mloop.config", "mloop.status", "mloop.store", "mloop.registry", "mloop.serving",
+             "mloop.monitoring", "mloop.loop"]
+    code = ("import json, sys, mloop.cli.app\n"
+            f"print(json.dumps([m for m in {heavy!r} if m in sys.modules]))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True)
+    assert json.loads(proc.stdout) == []

@@ -746,12 +746,12 @@ def test_rows_the_log_cannot_store_are_set_aside_without_blocking_the_rest(
              for p in (1.5, "oops")]  # one version group Arrow cannot make one column of
     for e in (good, *mixed):
         assert log.append(e)
-    assert log.commit() == 1
-    assert log.rejected == 2 and log.queued == 0
+    assert log.commit() == 2  # only the odd one out is set aside, not its whole group
+    assert log.quarantined == 1 and log.queued == 0
     assert log.append(LogEntry([new_request_id(ts)], ts, 1, "champion", 1.0, [2.5],
                                {"temp": [21.0]}))
     assert log.commit() == 1  # later commits are not blocked
-    assert read_log(str(tmp_path / "log")).num_rows == 2
+    assert read_log(str(tmp_path / "log")).num_rows == 3
 
 
 def test_the_log_buffer_refuses_beyond_its_limit_and_commits_on_close(tmp_path: Path) -> None:

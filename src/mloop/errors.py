@@ -14,7 +14,8 @@ one-line message and exit code 1 (``--debug`` shows the traceback). Anything els
     ├── RunNotFoundError         no pipeline run with that id
     ├── ModelNotFoundError       no such registered model version
     ├── GateFailedError          promotion refused: the candidate failed a gate
-    └── PromotionError           an alias change could not be made (lost a race, MLflow refused)
+    ├── PromotionError           an alias change could not be made (lost a race, MLflow refused)
+    └── PurgeNotFoundError       no inference-log purge with that id
 """
 
 from __future__ import annotations
@@ -94,4 +95,8 @@ class GateFailedError(MloopError):
 
 
 class PromotionError(MloopError):
+    pass
+
+
+class PurgeNotFoundError(MloopError):
     pass

@@ -33,3 +33,39 @@ def short(value: str | None, n: int = 12) -> str:
 
 def fmt_metrics(metrics: dict[str, float]) -> str:
     return " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+
+
+def num(x: float | None) -> str:
+    """A metric for a table cell: four significant digits, blank when missing."""
+    return "" if x is None else f"{x:.4g}"
+
+
+def print_gates(report: dict[str, Any]) -> None:
+    """A gate report: the verdict line, then one row per gate with its value and threshold."""
+    champ = f"champion v{report['champion']}" if report["champion"] else "no champion yet"
+    out.print(f"gates for [bold]{report['model']}[/] v{report['version']} ({champ}): "
+              + ("[green]passed" if report["passed"] else "[red]failed"))
+    colour = {"pass": "green", "fail": "red", "skip": "yellow"}
+    out.print(table("gates", ["gate", "result", "value", "threshold", "detail"],
+                    [[r["gate"], f"[{colour[r['status']]}]{r['status']}", num(r["value"]),
+                      num(r["threshold"]), r["message"]] for r in report["results"]]))
+
+
+def print_promotion(detail: dict[str, Any]) -> None:
+    """What ``gate_and_promote`` did with a candidate."""
+    if detail.get("promotion"):
+        p = detail["promotion"]
+        out.print(f"[green]promoted[/] v{p['version']} to champion (was "
+                  f"{'v' + str(p['replaced']) if p['replaced'] else 'nothing'})")
+    elif detail.get("promotion_error"):
+        out.print(f"[red]not promoted:[/] {detail['promotion_error']}")
+    elif not detail["gates"]["passed"]:
+        out.print("[red]not promoted:[/] a gate failed; the champion is unchanged")
+
+
+def print_change(change: dict[str, Any]) -> None:
+    """One alias change (promote, rollback, canary, shadow, stop)."""
+    was = f"v{change['replaced']}" if change["replaced"] is not None else "nothing"
+    now = f"v{change['version']}" if change["version"] is not None else "nothing"
+    out.print(f"{change['action']}: '{change['alias']}' of {change['model']} is now "
+              f"[bold]{now}[/] (was {was}) by {change['actor']}: {change['reason']}")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import pyarrow as pa
@@ -160,18 +160,30 @@ def retrain(project: Project, data: TrainingData, *, on_event: Any = None) -> di
 
 
 def event_time_now(project: Project) -> datetime | None:
-    """The log's watermark: the newest event time (the loop's clock). Only the newest day
-    folder is read."""
-    from mloop.monitoring.windows import read_rows, watermark
-    from mloop.serving.inference_log import log_days
+    """The loop's clock: the event clock of the log's answered rows (see
+    ``mloop.monitoring.windows.event_clock``: the newest event time, unless fewer than ten
+    requests lie after a silence of more than a day, as a smoke test after a replay would).
+    Day folders are read newest first until enough distinct event times are in hand, so
+    usually only the newest day is read. Segments found unreadable are quarantined and
+    recorded in the audit chain."""
+    from mloop.monitoring.windows import CLOCK_CONFIRMATIONS, event_clock
+    from mloop.serving.inference_log import log_days, read_segments, segment_files
+    from mloop.serving.quarantine import record_quarantine_events
     from mloop.storage import ObjectStore
 
-    days = log_days(ObjectStore(project.uris["inference_log_uri"]))
-    if not days:
+    store = ObjectStore(project.uris["inference_log_uri"])
+    chunks: list[pa.Array] = []
+    for day in reversed(log_days(store)):
+        for t in read_segments(store, segment_files(store, first_day=day, last_day=day)):
+            answered = t.filter(pc.not_equal(t.column("_role"), "shadow"))
+            chunks += answered.column("_ts").cast(pa.timestamp("us", tz="UTC")).chunks
+        if chunks and pc.count_distinct(pa.chunked_array(chunks)).as_py() \
+                > 2 * CLOCK_CONFIRMATIONS:
+            break
+    record_quarantine_events(store, project.store)
+    if not chunks:
         return None
-    newest = datetime.fromisoformat(days[-1]).replace(tzinfo=UTC)
-    return watermark(read_rows(project.uris["inference_log_uri"],
-                               since=newest - timedelta(microseconds=1)))
+    return event_clock(pa.chunked_array(chunks, pa.timestamp("us", tz="UTC")))
 
 
 def count_labelled_since(project: Project, since: datetime | None) -> int:

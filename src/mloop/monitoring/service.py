@@ -284,8 +284,15 @@ def run_monitor(project: Project, *, window: str | None = None,
         alert = _alert(project, summary, performance_only=True)
         if alert is not None:
             alerts.append(alert)
+    # segments found unreadable on the way were quarantined and skipped: into the audit chain
+    from mloop.serving.quarantine import record_quarantine_events
+    from mloop.storage import ObjectStore
+
+    quarantined = record_quarantine_events(ObjectStore(project.uris["inference_log_uri"]),
+                                           project.store)
     return {"model": name, "window": spec.text, "champion": champion,
-            "evaluated": evaluated, "refreshed": refreshed, "alerts": alerts}
+            "evaluated": evaluated, "refreshed": refreshed, "alerts": alerts,
+            "quarantined": quarantined}
 
 
 def _alert(project: Project, summary: dict[str, Any], *, performance_only: bool = False
