@@ -190,6 +190,27 @@ def test_the_inference_log_keeps_the_probabilities_each_client_got(proj: Path) -
     assert np.array_equal(logged, np.asarray(body["probabilities"]))
 
 
+def test_a_quarantined_request_keeps_its_probabilities(tmp_path: Path) -> None:
+    """A request whose inputs the log cannot store is set aside whole: read back, fixed and
+    appended again, it is logged with the probabilities its client got."""
+    from mloop.serving.inference_log import read_quarantined_entries
+
+    uri = str(tmp_path / "log")
+    log = InferenceLog(uri, commit_interval=3600)
+    entry = LogEntry([new_request_id(1_700_000_000.0)], 1_700_000_000.0, 1, "champion", 1.0,
+                     [1], {"hour": [8], "weather": ["Clear"], "temp": [2**63 + 5]}, None,
+                     [[0.25, 0.75]], [0, 1])
+    assert log.append(entry)
+    [name] = log.commit_report().quarantine_files
+    [back] = read_quarantined_entries(ObjectStore(uri), name)
+    assert (back.probabilities, back.classes) == ([[0.25, 0.75]], [0, 1])
+    back.cols["temp"] = [21.5]
+    assert log.append(back)
+    assert log.commit() == 1
+    row = read_log(uri).to_pylist()[0]
+    assert (row["_prediction"], row["_proba_0"], row["_proba_1"]) == (1, 0.25, 0.75)
+
+
 def test_mloop_predict_writes_one_probability_column_per_class(
         proj: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import pyarrow.parquet as pq

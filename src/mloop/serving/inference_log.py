@@ -371,7 +371,8 @@ def _write_quarantine(store: ObjectStore, name: str, entries: list[LogEntry],
     pending note for the audit chain."""
     lines = [json.dumps({"ids": e.ids, "ts": e.ts, "version": e.version, "role": e.role,
                          "latency_ms": e.latency_ms, "predictions": e.predictions,
-                         "cols": e.cols, "key": e.key, "reason": why}, default=_jsonable)
+                         "cols": e.cols, "key": e.key, "probabilities": e.probabilities,
+                         "classes": e.classes, "reason": why}, default=_jsonable)
              for e, why in zip(entries, reasons, strict=True)]
     store.write_bytes(name, ("\n".join(lines) + "\n").encode())
     rows = sum(len(e.ids) for e in entries)
