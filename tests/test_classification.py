@@ -124,7 +124,8 @@ def test_predict_answers_class_probabilities_that_match_the_sklearn_model(
         proj: Path, engine: str) -> None:
     frame = busy_frame(40, seed=5)
     with _server(proj, enabled=engine == "onnx") as srv:
-        assert srv.get("/model").json()["champion"]["engine"] == engine
+        champion = srv.get("/model").json()["champion"]
+        assert (champion["engine"], champion["classes"]) == (engine, [0, 1])
         r = srv.post("/predict", {"records": _records(frame)})
     assert r.status_code == 200, r.text
     body = r.json()

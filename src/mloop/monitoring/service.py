@@ -159,7 +159,7 @@ def _performance(window: pa.Table, labels: dict[str, Any], ref: Reference
         return out
     labelled = window.take(pa.array(rows, pa.int64()))
     y = np.asarray([labels[ids[n]] for n in rows])
-    p = labelled.column(PREDICTION).to_numpy(zero_copy_only=False)
+    p = np.asarray(labelled.column(PREDICTION).to_pylist())
     if ref.task != "regression":
         y, p = y.astype(str), p.astype(str)
     metric, classes, proba = ref.metric, None, None

@@ -115,7 +115,7 @@ class ServedModel:
         return {"version": self.version, "task": self.task, "signature": self.schema.describe(),
                 "loaded_at": self.loaded_at, "load_seconds": round(self.load_seconds, 3),
                 "engine": "onnx" if self.compiled is not None else "original",
-                "compiled": self.compile_verdict}
+                "compiled": self.compile_verdict, "classes": self.classes}
 
 
 def predict_method(body: Any, model: ServedModel | None) -> str:
