@@ -31,6 +31,7 @@ from mloop.serving.deploy import deploy_challenger, desired_state, stop_challeng
 from mloop.serving.inference_log import read_log
 from mloop.serving.labels import read_labels
 from mloop.serving.model import load_served
+from mloop.serving.server import default_collectors
 
 from .conftest import rentals_frame
 from .serving_util import ServerThread, free_port, metric
@@ -95,7 +96,8 @@ def _server(root: Path, *, auth: Any = None, **serving: Any) -> ServerThread:
         cfg.inference_log = cfg.inference_log.model_copy(update=ilog)
     if commit is not None:
         cfg.inference_log.commit_interval_seconds = commit
-    return ServerThread(create_app(project, cfg, auth=auth))
+    return ServerThread(create_app(project, cfg, auth=auth,
+                                   collectors=default_collectors(project)))
 
 
 def _rows(n: int, seed: int = 1) -> list[dict[str, Any]]:

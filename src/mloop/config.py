@@ -226,9 +226,11 @@ class CompileConfig(_Strict):
     """The verified fast path (mloop.serving.compiled): ONNX only where it matches."""
 
     enabled: bool = True
-    atol: float = Field(1e-3, ge=0)  # regression: |compiled - original| <= atol + rtol*|orig|
+    # values and class probabilities: |compiled - original| <= atol + rtol*|original|
+    atol: float = Field(1e-3, ge=0)
     rtol: float = Field(1e-4, ge=0)
-    max_label_mismatch: float = Field(0.0, ge=0, le=1)  # classification: share of rows
+    # classification: share of rows whose label or a probability may differ
+    max_label_mismatch: float = Field(0.0, ge=0, le=1)
 
 
 class ServingConfig(_Strict):

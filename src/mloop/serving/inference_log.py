@@ -18,9 +18,13 @@ entry: the entries that cannot be stored, and only those, go to a JSON-lines fil
 ``quarantine/segments/`` and the reader goes on with the rest (mloop.serving.quarantine).
 
 Columns: ``_request_id``, ``_ts`` (event time, UTC), ``_version``, ``_role`` (champion,
-canary, shadow), ``_latency_ms``, ``_prediction``, ``_key`` (routing key or null), then one
-column per model input under its own name. The leading underscore keeps mloop's columns out of
-the features' namespace.
+canary, shadow), ``_latency_ms``, ``_prediction``, ``_key`` (routing key or null), for a
+classifier with probabilities one float64 ``_proba_<class>`` column per class (a column per
+class rather than one list column: each segment names its own classes, segments of versions
+with different classes concatenate by name, and DuckDB or pandas read them with no decoding;
+logs written before these columns, or by a model without probabilities, simply lack them),
+then one column per model input under its own name. The leading underscore keeps mloop's
+columns out of the features' namespace.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from mloop.storage import ObjectStore
 log = logging.getLogger("mloop.serving")
 
 META_COLUMNS = ("_request_id", "_ts", "_version", "_role", "_latency_ms", "_prediction", "_key")
+PROBA_PREFIX = "_proba_"
 LABELS_DIR = "labels"
 
 
@@ -80,6 +85,8 @@ class LogEntry:
     predictions: list[Any]
     cols: dict[str, list]
     key: str | None = None
+    probabilities: list[list[float]] | None = None  # per row, in ``classes`` order
+    classes: list[Any] | None = None
 
     @property
     def day(self) -> str:
@@ -364,7 +371,8 @@ def _write_quarantine(store: ObjectStore, name: str, entries: list[LogEntry],
     pending note for the audit chain."""
     lines = [json.dumps({"ids": e.ids, "ts": e.ts, "version": e.version, "role": e.role,
                          "latency_ms": e.latency_ms, "predictions": e.predictions,
-                         "cols": e.cols, "key": e.key, "reason": why}, default=_jsonable)
+                         "cols": e.cols, "key": e.key, "probabilities": e.probabilities,
+                         "classes": e.classes, "reason": why}, default=_jsonable)
              for e, why in zip(entries, reasons, strict=True)]
     store.write_bytes(name, ("\n".join(lines) + "\n").encode())
     rows = sum(len(e.ids) for e in entries)
@@ -416,6 +424,16 @@ def _to_table(entries: list[LogEntry]) -> pa.Table:
         "_prediction": pa.array(flat(lambda e: e.predictions)),
         "_key": pa.array(rep(lambda e: e.key), pa.string()),
     }
+    # a version's entries share its classes: the first entry with probabilities names them
+    classes = next((e.classes for e in entries if e.probabilities is not None), None) or []
+    for j, c in enumerate(classes):
+        values: list[float | None] = []
+        for e in entries:
+            if e.probabilities is None:
+                values += [None] * len(e.ids)
+            else:
+                values += [row[j] for row in e.probabilities]
+        columns[f"{PROBA_PREFIX}{c}"] = pa.array(values, pa.float64())
     names: list[str] = []
     for e in entries:  # inputs in signature order; a version's entries share one signature
         for name in e.cols:
