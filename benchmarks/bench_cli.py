@@ -8,7 +8,9 @@ process and what it waited for). Target: every read command <= 1 s wall. Next to
 where one exists, the MLflow call that answers the same question on the same tracking store:
 MLflow's own CLI (``mlflow experiments search``, ``mlflow runs list``, ``mlflow runs
 describe``) or, for the model registry, which MLflow's CLI does not cover, the
-``MlflowClient`` call in a fresh ``python -c``.
+``MlflowClient`` call in a fresh ``python -c``. First, as a floor, a fresh ``python -c`` that
+only imports the libraries every mloop command stands on (SQLAlchemy's ORM, pydantic, typer,
+rich, PyYAML): what the machine charges before mloop does anything.
 
 Writes (``mloop deploy canary`` then ``mloop deploy stop-challenger``; ``mloop models promote``
 then ``mloop models rollback``) run on a copy of the project, so the project measured is left as
@@ -47,6 +49,9 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 READ_TARGET_S = 1.0
+# The libraries under every mloop command (metadata store, config, CLI): a fresh process that
+# only imports them is the floor this machine sets, whatever mloop does.
+FLOOR_IMPORTS = "import sqlalchemy.orm, pydantic.main, typer, rich.console, rich.table, yaml"
 WRITE_OVERHEAD_S = 2.0
 _CLK = os.sysconf("SC_CLK_TCK")
 
@@ -290,6 +295,10 @@ def main() -> None:
     try:
         facts = _facts(project, mloop, env)
         anchor_env = {**env, "MLFLOW_TRACKING_URI": facts["tracking_uri"]}
+        floor = measure([sys.executable, "-c", FLOOR_IMPORTS], cwd=project, env=env,
+                        repeats=args.repeats)
+        print(f"floor: python importing what every mloop command needs ({FLOOR_IMPORTS[7:]}): "
+              f"{_fmt(floor.wall).strip()} s wall, {_fmt(floor.cpu).strip()} s CPU", flush=True)
         reads = []
         print(f"{'command':<34} {'wall':>6} {'cpu':>6}   {'':<4}  {'MLflow on the same store':<44}"
               f" {'wall':>6} {'cpu':>6}", flush=True)
@@ -331,6 +340,7 @@ def main() -> None:
                     "loadavg_before": loadavg, "busy_cores_before": round(busy, 2)},
         "mlflow_version": _mlflow.__version__, "project": str(project),
         "bytecode_cache": "PYTHONDONTWRITEBYTECODE" not in env,
+        "floor": {"what": FLOOR_IMPORTS, **floor.to_dict()},
         "reads": reads, "writes": writes,
         "all_reads_pass": all(r["pass"] for r in reads),
         "all_writes_pass": all(w["pass"] for w in writes),
