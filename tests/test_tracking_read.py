@@ -170,6 +170,7 @@ def test_a_database_that_is_not_mlflows_falls_back(tmp_path: Path) -> None:
         conn.execute("create table t (x int)")
     assert sql_reader(f"sqlite:///{path}") is None
     assert sql_reader(f"sqlite:///{tmp_path / 'missing.db'}") is None
+    assert sql_reader("mysql+nosuchdriver://u@127.0.0.1/db") is None  # MLflow will say why
     assert not (tmp_path / "missing.db").exists()  # left for MLflow to create
 
 

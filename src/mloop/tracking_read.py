@@ -3,12 +3,14 @@
 ``import mlflow`` and opening an ``MlflowClient`` on a SQL store cost seconds per process
 (MLflow's modules, its ORM mappers, its schema check), and a read command only needs a few
 rows. When the tracking and registry URIs are databases MLflow writes to (sqlite, postgresql,
-mysql) and their ``alembic_version`` is a revision this module was checked against (the table
-in ``KNOWN_MLFLOW_REVISIONS``; ``tests/test_tracking_read.py`` compares every reading with
+mysql) and their ``alembic_version`` is a revision this module was checked against (those
+listed in ``KNOWN_MLFLOW_REVISIONS``; ``tests/test_tracking_read.py`` compares every reading with
 ``MlflowClient`` on a real store), :class:`SqlTrackingReader` runs a handful of SQLAlchemy Core
 queries over the columns it names below, without reflection. Anything else (an HTTP tracking
 server, a file store, a newer or older MLflow schema, MLflow workspaces switched on) gets
-:class:`ClientTrackingReader`, the same answers through ``MlflowClient``.
+:class:`ClientTrackingReader`, the same answers through ``MlflowClient``. The one write that
+takes the same road is an alias change (``tracking_sql.set_model_alias``, on this reader's
+engine).
 
 The schema check is one indexed query per database per process: cheaper than a cached verdict
 would be to look up, and it cannot go stale when someone runs ``mlflow db upgrade``.
@@ -350,7 +352,10 @@ def sql_reader(tracking_uri: str, registry_uri: str | None = None) -> SqlTrackin
     if (not all(is_sql_uri(u) for u in uris) or any(_missing_sqlite_file(u) for u in uris)
             or _workspaces_on()):
         return None
-    engines = {uri: _engine(uri) for uri in uris}
+    try:
+        engines = {uri: _engine(uri) for uri in uris}
+    except (ImportError, sa.exc.SQLAlchemyError):  # e.g. no driver: MLflow's error is clearer
+        return None
     if all(mlflow_schema_revision(e) in KNOWN_MLFLOW_REVISIONS for e in engines.values()):
         return SqlTrackingReader(engines[registry_uri], engines[tracking_uri])
     for engine in engines.values():
