@@ -203,8 +203,12 @@ def project_root(tmp_path_factory) -> Path:
 
 
 def _through_client(root: Path) -> Any:
+    """The project with MlflowClient as its reader (built here: ``project.mlflow`` would also
+    point MLflow's process-wide registry URI at this project, for every later test)."""
     project = open_project(root)
-    project.__dict__["tracking"] = ClientTrackingReader(lambda: project.mlflow)
+    uris = project.uris
+    project.__dict__["tracking"] = ClientTrackingReader(
+        lambda: MlflowClient(uris["tracking_uri"], uris["registry_uri"]))
     return project
 
 
