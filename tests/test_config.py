@@ -1,8 +1,16 @@
 from __future__ import annotations
 
+import copy
+import pickle
+from datetime import timedelta
+
 import pytest
 
-from mloop.config import parse_config
+from mloop.config import (
+    Duration,
+    parse_config,
+    parse_window,
+)
 from mloop.errors import ConfigError
 
 VALID = """\
@@ -153,3 +161,93 @@ def test_serving_section_defaults_and_errors() -> None:
         parse_config(VALID + "serving:\n  inference_log: {on_full: wait}\n")
     # how a model is served does not change what it is
     assert parse_config(VALID + "serving: {port: 9000}\n").config_hash() == cfg.config_hash()
+
+
+# ------------------------------------------------------------------------------ durations
+
+@pytest.mark.parametrize(("text", "length"), [
+    ("30s", timedelta(seconds=30)), ("90m", timedelta(minutes=90)), ("6h", timedelta(hours=6)),
+    ("1d", timedelta(days=1)), ("1.5d", timedelta(hours=36)), ("0s", timedelta(0)),
+])
+def test_a_duration_is_a_timedelta_that_prints_as_written(text: str, length: timedelta) -> None:
+    cfg = parse_config(VALID + f"loop:\n  guards: {{cooldown: {text}}}\n")
+    cooldown = cfg.loop.guards.cooldown
+    assert isinstance(cooldown, timedelta)
+    assert cooldown == length
+    assert (str(cooldown), f"{cooldown}") == (text, text)
+    assert cfg.model_dump(mode="json")["loop"]["guards"]["cooldown"] == text
+
+
+def test_every_duration_of_the_loop_policy_is_parsed_into_a_timedelta() -> None:
+    cfg = parse_config(VALID + "loop:\n  triggers: {schedule: 28d}\n  retrain: {window: 60d}\n"
+                       "  guards: {cooldown: 21d}\n  canary: {probation: 5d}\n")
+    loop = cfg.loop
+    assert loop.canary is not None and loop.triggers.schedule is not None
+    assert (loop.triggers.schedule, loop.retrain.window, loop.guards.cooldown,
+            loop.canary.probation) == (timedelta(days=28), timedelta(days=60),
+                                       timedelta(days=21), timedelta(days=5))
+    defaults = parse_config(VALID).loop
+    assert defaults.canary is not None
+    assert [str(d) for d in (defaults.retrain.window, defaults.guards.cooldown,
+                             defaults.canary.probation)] == ["60d", "1d", "3d"]
+    assert defaults.triggers.schedule is None
+
+
+@pytest.mark.parametrize(("value", "shown"), [
+    ("3x", "'3x'"), ("1w", "'1w'"), ("-1d", "'-1d'"), ("6 h", "'6 h'"), ("3600", "3600"),
+])
+def test_a_bad_duration_names_file_line_key_value_and_the_accepted_forms(value: str,
+                                                                        shown: str) -> None:
+    text = VALID + f"loop:\n  guards:\n    cooldown: {value}\n"
+    with pytest.raises(ConfigError, match=rf"mloop.yaml:7: 'loop.guards.cooldown': {shown} is "
+                                          rf"not a duration: write a number and a unit "
+                                          rf"\(s, m, h or d\), e.g. 30s"):
+        parse_config(text)
+
+
+def test_a_bare_number_of_seconds_is_refused_with_the_form_to_write() -> None:
+    with pytest.raises(ConfigError, match=r"'loop.canary.probation': 3600 is not a duration: "
+                                          r".*; for seconds write 3600s"):
+        parse_config(VALID + "loop:\n  canary: {probation: 3600}\n")
+
+
+def test_a_duration_survives_copies_and_pickles_with_its_text() -> None:
+    cfg = parse_config(VALID + "loop:\n  guards: {cooldown: 36h}\n")
+    for clone in (copy.deepcopy(cfg), pickle.loads(pickle.dumps(cfg)), cfg.model_copy(deep=True)):
+        assert clone.loop.guards.cooldown == timedelta(hours=36)
+        assert str(clone.loop.guards.cooldown) == "36h"
+
+
+def test_a_timedelta_given_from_python_becomes_a_duration_written_shortest() -> None:
+    assert str(Duration.parse(timedelta(hours=48))) == "2d"
+    assert str(Duration.parse(timedelta(minutes=90))) == "90m"
+    assert str(Duration.parse(timedelta(milliseconds=1500))) == "1.5s"
+    assert Duration.parse(timedelta(milliseconds=1500)) == Duration.parse("1.5s")
+
+
+@pytest.mark.parametrize(("text", "size"), [
+    ("1d", timedelta(days=1)), ("6h", timedelta(hours=6)), ("1.5h", timedelta(minutes=90)),
+    ("5000rows", 5000), (" 7d ", timedelta(days=7)),
+])
+def test_a_window_is_a_duration_or_a_row_count(text: str, size: timedelta | int) -> None:
+    assert parse_window(text) == size
+
+
+@pytest.mark.parametrize("text", ["0d", "0rows", "1.5rows", "rows", "1w", "daily"])
+def test_a_bad_window_names_the_key_and_value(text: str) -> None:
+    with pytest.raises(ConfigError, match=rf"mloop.yaml:6: 'monitoring.window': '{text}' is "
+                                          rf"not a window size: a duration such as 1d"):
+        parse_config(VALID + f"monitoring:\n  window: {text}\n")
+
+
+def test_the_monitoring_window_keeps_its_text_which_names_the_windows_in_the_store() -> None:
+    assert parse_config(VALID + "monitoring: {window: 7d}\n").monitoring.window == "7d"
+
+
+def test_the_scrape_interval_must_be_a_whole_prometheus_duration() -> None:
+    cfg = parse_config(VALID + "kubernetes: {scrape_interval: 1m}\n")
+    assert cfg.kubernetes.scrape_interval == timedelta(minutes=1)
+    assert str(cfg.kubernetes.scrape_interval) == "1m"
+    with pytest.raises(ConfigError, match=r"'kubernetes.scrape_interval': '1.5m': Prometheus "
+                                          r"takes a whole number and a unit"):
+        parse_config(VALID + "kubernetes: {scrape_interval: 1.5m}\n")
