@@ -3,15 +3,24 @@ from __future__ import annotations
 import copy
 import pickle
 from datetime import timedelta
+from pathlib import Path
+from typing import Annotated
 
 import pytest
+from pydantic import BaseModel
 
 from mloop.config import (
     Duration,
+    NotHashed,
+    ProjectConfig,
+    load_config,
     parse_config,
     parse_window,
+    unhashed_fields,
 )
 from mloop.errors import ConfigError
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 VALID = """\
 project: demo
@@ -251,3 +260,64 @@ def test_the_scrape_interval_must_be_a_whole_prometheus_duration() -> None:
     with pytest.raises(ConfigError, match=r"'kubernetes.scrape_interval': '1.5m': Prometheus "
                                           r"takes a whole number and a unit"):
         parse_config(VALID + "kubernetes: {scrape_interval: 1.5m}\n")
+
+
+# ---------------------------------------------------------------------------- config_hash
+
+def test_the_sections_left_out_of_config_hash_are_the_ones_that_do_not_shape_the_model(
+        ) -> None:
+    assert unhashed_fields(ProjectConfig) == dict.fromkeys(
+        ["stores", "gates", "serving", "monitoring", "loop", "kubernetes", "airflow",
+         "kubeflow", "spark", "tune"], True)
+
+
+def test_a_marker_on_a_nested_field_leaves_out_only_that_field() -> None:
+    class Inner(BaseModel):
+        kept: int = 1
+        left_out: Annotated[int, NotHashed("for the test")] = 2
+
+    class Outer(BaseModel):
+        one: Inner = Inner()
+        many: list[Inner] = [Inner()]
+        named: dict[str, Inner] = {"a": Inner()}
+        maybe: Inner | None = Inner()
+
+    inner = {"left_out": True}
+    exclude = unhashed_fields(Outer)
+    assert exclude == {"one": inner, "many": {"__all__": inner}, "named": {"__all__": inner},
+                       "maybe": inner}
+    assert Outer().model_dump(exclude=exclude) == {"one": {"kept": 1}, "many": [{"kept": 1}],
+                                                   "named": {"a": {"kept": 1}},
+                                                   "maybe": {"kept": 1}}
+
+
+@pytest.mark.parametrize(("example", "digest"), [
+    ("bike_sharing", "6dedca701ce7c749ccf0d0416bc350d0162001bba024bd87f1c355582ca8543d"),
+    ("flights", "211346339a2db4fb7380a3ff0cc16414a6169a5d4c0ee3a5d3d911288469b1aa"),
+])
+def test_the_examples_keep_the_config_hash_their_registered_versions_carry(
+        example: str, digest: str) -> None:
+    """A change here means every existing project's versions stop matching their config:
+    only accept it for a change that really alters what is trained."""
+    assert load_config(EXAMPLES / example / "mloop.yaml").config_hash() == digest
+
+
+@pytest.mark.parametrize("extra", [
+    "stores: {data_uri: elsewhere}\n", "gates: {auto_promote: true}\n",
+    "serving: {port: 9000}\n", "monitoring: {window: 6h}\n",
+    "loop:\n  guards: {cooldown: 24h}\n", "kubernetes: {scrape_interval: 1m}\n",
+    "airflow: {dag_id: nightly}\n", "kubeflow: {mloop_bin: /x/mloop}\n",
+    "spark: {master: 'local[4]'}\n",
+    "tune:\n  search_space: {max_iter: {type: int, low: 10, high: 20}}\n",
+])
+def test_changing_a_section_that_does_not_shape_the_model_keeps_the_hash(extra: str) -> None:
+    assert parse_config(VALID + extra).config_hash() == parse_config(VALID).config_hash()
+
+
+@pytest.mark.parametrize("extra", [
+    "split: {seed: 7}\n", "model: {params: {max_iter: 5}}\n",
+    "features: {exclude: [z]}\n", "validation: {min_rows: 10}\n",
+    "pipeline: {retries: 1}\n", "profile: {bins: 10}\n", "metrics: [mae]\n",
+])
+def test_changing_a_section_that_shapes_the_model_changes_the_hash(extra: str) -> None:
+    assert parse_config(VALID + extra).config_hash() != parse_config(VALID).config_hash()

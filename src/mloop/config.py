@@ -6,16 +6,19 @@ The loader keeps the YAML line of every key so each error reads
 variable is an error naming the key, never an empty string.
 
 Lengths of time (``cooldown: 21d``) are parsed here once, into :class:`Duration` (a
-``timedelta``); every other module uses that.
+``timedelta``); every other module uses that. Fields that do not shape the trained model carry
+a :class:`NotHashed` marker, which is how :meth:`ProjectConfig.config_hash` leaves them out.
 """
 
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import json
 import os
 import re
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -148,6 +151,48 @@ def _prometheus_interval(value: Duration) -> Duration:
 
 
 PrometheusInterval = Annotated[Duration, AfterValidator(_prometheus_interval)]
+
+
+# ------------------------------------------------------------------------- config_hash
+
+
+@dataclass(frozen=True)
+class NotHashed:
+    """Marks a config field that does not shape the trained model, so ``config_hash`` (which
+    registered versions carry) leaves it out: ``Annotated[ServingConfig, NotHashed("...")]``.
+    ``why`` is the reason, for the reader; a marker on a nested field works too."""
+
+    why: str
+
+
+@functools.cache
+def unhashed_fields(model: type[BaseModel]) -> dict[str, Any]:
+    """The fields of ``model`` marked :class:`NotHashed`, as pydantic's ``exclude`` argument:
+    ``{"stores": True, ...}``, with nested markers under their section (``{"__all__": ...}``
+    through lists and mappings of models)."""
+    out: dict[str, Any] = {}
+    for name, field in model.model_fields.items():
+        if any(isinstance(m, NotHashed) for m in field.metadata):
+            out[name] = True
+            continue
+        inner = _unhashed_inside(field.annotation)
+        if inner:
+            out[name] = inner
+    return out
+
+
+def _unhashed_inside(annotation: Any) -> dict[str, Any]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return unhashed_fields(annotation)
+    origin, args = getattr(annotation, "__origin__", None), getattr(annotation, "__args__", ())
+    if origin in (list, dict) and args:
+        inner = _unhashed_inside(args[-1])
+        return {"__all__": inner} if inner else {}
+    for arg in args:  # X | None
+        inner = _unhashed_inside(arg)
+        if inner:
+            return inner
+    return {}
 
 
 class _Strict(BaseModel):
@@ -685,7 +730,9 @@ class SparkConfig(_Strict):
 
 class ProjectConfig(_Strict):
     project: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    stores: StoresConfig = Field(default_factory=StoresConfig)
+    stores: Annotated[StoresConfig, NotHashed(
+        "moving the stores changes nothing about the model")] = Field(
+        default_factory=StoresConfig)
     data: DataConfig
     target: str
     task: Task | None = None
@@ -695,16 +742,26 @@ class ProjectConfig(_Strict):
     metrics: list[str] | None = None
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
-    gates: GatesConfig = Field(default_factory=GatesConfig)
+    gates: Annotated[GatesConfig, NotHashed("a gate judges a model, it does not shape it")] = (
+        Field(default_factory=GatesConfig))
     profile: ProfileConfig = Field(default_factory=ProfileConfig)
-    serving: ServingConfig = Field(default_factory=ServingConfig)
-    monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig)
-    loop: LoopConfig = Field(default_factory=LoopConfig)
-    kubernetes: KubernetesConfig = Field(default_factory=KubernetesConfig)
-    airflow: AirflowConfig = Field(default_factory=AirflowConfig)
-    kubeflow: KubeflowConfig = Field(default_factory=KubeflowConfig)
-    spark: SparkConfig = Field(default_factory=SparkConfig)
-    tune: TuneConfig | None = None
+    serving: Annotated[ServingConfig, NotHashed("how a model is served")] = Field(
+        default_factory=ServingConfig)
+    monitoring: Annotated[MonitoringConfig, NotHashed("how a served model is watched")] = (
+        Field(default_factory=MonitoringConfig))
+    loop: Annotated[LoopConfig, NotHashed("when a model is retrained and rolled out")] = Field(
+        default_factory=LoopConfig)
+    kubernetes: Annotated[KubernetesConfig, NotHashed("where it is deployed")] = Field(
+        default_factory=KubernetesConfig)
+    airflow: Annotated[AirflowConfig, NotHashed("who schedules the runs")] = Field(
+        default_factory=AirflowConfig)
+    kubeflow: Annotated[KubeflowConfig, NotHashed("who schedules the runs")] = Field(
+        default_factory=KubeflowConfig)
+    spark: Annotated[SparkConfig, NotHashed("where batch scoring runs")] = Field(
+        default_factory=SparkConfig)
+    # a search space changes what `mloop tune` tries, not what one run trains: a tuned run
+    # carries its parameters in model.params
+    tune: Annotated[TuneConfig | None, NotHashed("what `mloop tune` tries")] = None
     _file: str = PrivateAttr(default=CONFIG_FILE)
     _lines: dict[tuple[Any, ...], int] = PrivateAttr(default_factory=dict)
     _secrets: frozenset[str] = PrivateAttr(default=frozenset())
@@ -731,15 +788,10 @@ class ProjectConfig(_Strict):
         return self.model.name or self.project
 
     def config_hash(self) -> str:
-        """sha256 of everything that shapes the model; stores and gates are left out (moving
-        the stores or changing a gate or how it is served changes nothing about the model), and
-        so is ``tune`` (a search space changes what `mloop tune` tries, not what one run
-        trains: a tuned run carries its parameters in ``model.params``), and ``spark`` (where
-        batch scoring runs)."""
-        body = self.model_dump(mode="json", exclude={"stores", "gates", "serving",
-                                                       "monitoring", "loop", "kubernetes",
-                                                       "airflow", "kubeflow", "tune",
-                                                       "spark"})
+        """sha256 of everything that shapes the model: every field but those marked
+        :class:`NotHashed` (stores, gates, serving, ...). Registered versions carry it, so a
+        project whose model-shaping settings are unchanged keeps its hash."""
+        body = self.model_dump(mode="json", exclude=unhashed_fields(type(self)))
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
