@@ -105,7 +105,7 @@ def test_the_init_template_wires_the_same_graph_as_the_built_in_pipeline() -> No
         (n.name, n.inputs, n.params, n.step.source_hash) for n in built_in.order()]
 
 
-def test_decorated_steps_and_pipelines_keep_their_signatures_for_mypy() -> None:
+def test_decorated_steps_pipelines_and_open_project_keep_their_signatures_for_mypy() -> None:
     """mypy checks tests/typed_dsl_usage.py: each `# N:` / `# E:` line must get that note or
     error, and no other line an error (the runner's `ctx` left out of a step's signature)."""
     api = pytest.importorskip("mypy.api")
@@ -116,7 +116,8 @@ def test_decorated_steps_and_pipelines_keep_their_signatures_for_mypy() -> None:
     # only mloop's typed surface is analysed (the rest is skipped): seconds, not a minute
     out, err, _status = api.run([
         str(usage), str(package / "__init__.py"), str(package / "pipeline" / "dsl.py"),
-        str(package / "pipeline" / "context.py"), "--follow-imports=skip",
+        str(package / "pipeline" / "context.py"), str(package / "project.py"),
+        "--follow-imports=skip",
         "--cache-dir=/dev/null", "--no-error-summary", "--hide-error-context", "--no-pretty"])
     assert not err, err
     got: dict[tuple[int, str], list[str]] = {}

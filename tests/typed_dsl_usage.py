@@ -1,4 +1,5 @@
-"""Typed use of ``@step`` and ``@pipeline``, checked by mypy in test_dsl.py (never imported).
+"""Typed use of ``@step``, ``@pipeline`` and ``open_project``, checked by mypy in test_dsl.py
+(never imported).
 
 A line ending in a comment "N: text" must get a mypy note containing the text, one ending in
 "E: text" an error containing it; any other line must pass.
@@ -6,7 +7,7 @@ A line ending in a comment "N: text" must get a mypy note containing the text, o
 
 from typing import reveal_type
 
-from mloop import pipeline, step
+from mloop import open_project, pipeline, step
 from mloop.pipeline.context import StepContext
 
 
@@ -56,3 +57,6 @@ fit([1], 0.1)  # E: Too many positional arguments for "__call__" of "Step"
 score({"lr": 0.1})  # E: Missing positional argument "rows" in call to "__call__" of "Step"
 named("x.csv")  # E: Missing named argument "limit" for "__call__" of "Pipeline"
 bare(path=1)  # E: Argument "path" to "__call__" of "Pipeline" has incompatible type "int"
+
+reveal_type(open_project("."))  # N: mloop.project.Project
+open_project(3)  # E: Argument 1 to "open_project" has incompatible type "int"
