@@ -282,7 +282,7 @@ def test_a_stray_row_does_not_close_the_replays_last_window() -> None:
     ts = [int(t * 1e6) for t in [*times, stray]]
     table = pa.table({"_request_id": [str(i) for i in range(len(ts))],
                       "_ts": pa.array(ts, pa.int64()).cast(pa.timestamp("us", tz="UTC"))})
-    windows = time_windows(table, 86_400, None)
+    windows = time_windows(table, timedelta(days=1), None)
     assert len(windows) == 3  # the fourth day is not over in the replay's time
     assert windows[-1][1] == datetime.fromtimestamp(T2011 + 3 * 86_400, UTC)
 

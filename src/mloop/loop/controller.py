@@ -29,7 +29,6 @@ from mloop.loop.retrain import (
     count_labelled_since,
     event_time_now,
     retrain,
-    seconds,
 )
 from mloop.project import Project
 from mloop.security.audit import append_event
@@ -173,9 +172,8 @@ def check_triggers(project: Project, state: LoopState, new: list[MonitorWindowRo
                               "label_coverage": w.label_coverage, "onset": _iso(w.start)})
             break  # only the newest window with enough labels counts
     last = _dt(state.get("last_retrain_at")) or _dt(state.get("started_at"))
-    if t.schedule is not None and last is not None \
-            and (now - last).total_seconds() >= seconds(t.schedule):
-        fired.append({"trigger": "schedule", "every": t.schedule, "since": _iso(last)})
+    if t.schedule is not None and last is not None and now - last >= t.schedule:
+        fired.append({"trigger": "schedule", "every": str(t.schedule), "since": _iso(last)})
     if t.new_labels is not None:
         n = count_labelled_since(project, _dt(state.get("last_retrain_at")))
         if n >= t.new_labels:
@@ -192,7 +190,7 @@ def check_guards(project: Project, state: LoopState, now: datetime) -> str | Non
     if state.get("probation"):
         return "a challenger is on probation"
     last = _dt(state.get("last_retrain_at"))
-    if last is not None and (now - last).total_seconds() < seconds(g.cooldown):
+    if last is not None and now - last < g.cooldown:
         return f"cooldown: last retrain at {last.isoformat()} (cooldown {g.cooldown})"
     day_ago = now - timedelta(days=1)
     stamps = [_dt(t) for t in state.get("retrain_times", [])]
@@ -274,17 +272,17 @@ def judge_probation(project: Project, state: LoopState, now: datetime) -> dict[s
     challenger = _live_stats(rows, labelled, prob["version"], "canary")
     champion = _live_stats(rows, labelled, prob["champion"], "champion")
     inputs: dict[str, Any] = {"challenger": challenger, "champion": champion,
-                              "probation": policy.probation, "margin": policy.margin}
+                              "probation": str(policy.probation), "margin": policy.margin}
     if policy.latency_p95_ms is not None and challenger["latency_p95_ms"] is not None \
             and challenger["latency_p95_ms"] > policy.latency_p95_ms:
         return _end_probation(project, state, prob, "rollback",
                               f"latency p95 {challenger['latency_p95_ms']:.1f} ms over the "
                               f"budget of {policy.latency_p95_ms:g} ms", inputs, now)
     elapsed = (now - started).total_seconds()
-    if elapsed < seconds(policy.probation):
+    if elapsed < policy.probation.total_seconds():
         return None
     if labelled.num_rows < policy.min_labelled or challenger["rows"] == 0:
-        if elapsed < 3 * seconds(policy.probation):
+        if elapsed < 3 * policy.probation.total_seconds():
             return None  # wait for labels (and traffic), up to three probation lengths
         why = ("the canary answered no traffic" if challenger["rows"] == 0 else
                f"only {labelled.num_rows} labelled rows")
@@ -403,8 +401,7 @@ def run_once(project: Project, *, on_event: Any = None) -> dict[str, Any]:
         return {"now": _iso(now), "actions": actions, "triggers": fired, "monitor": monitor}
     champion = desired_state(project).champion
     need = loop_cfg.retrain.min_labelled_rows
-    have = count_labelled_since(project, now - timedelta(seconds=seconds(
-        loop_cfg.retrain.window)))
+    have = count_labelled_since(project, now - loop_cfg.retrain.window)
     if have < need:
         guard = (f"{have} labelled rows in the last {loop_cfg.retrain.window} "
                  f"(loop.retrain.min_labelled_rows {need})")

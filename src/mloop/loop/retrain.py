@@ -11,7 +11,6 @@ version has the same lineage, gates and reproducibility as any other.
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -22,15 +21,6 @@ import pyarrow.compute as pc
 
 from mloop.errors import MloopError
 from mloop.project import Project
-
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def seconds(duration: str) -> float:
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd])", duration)
-    if not m:
-        raise MloopError(f"'{duration}' is not a duration like 30m, 6h or 60d")
-    return float(m.group(1)) * _UNITS[m.group(2)]
 
 
 @dataclass
@@ -43,14 +33,14 @@ class TrainingData:
     until: datetime
 
 
-def labelled_traffic(project: Project, *, until: datetime, window: str) -> pa.Table:
+def labelled_traffic(project: Project, *, until: datetime, window: timedelta) -> pa.Table:
     """Answered rows with ``until - window < _ts <= until`` that have a label, with the label
     as a ``target`` column and the event time as the time column."""
     from mloop.monitoring.windows import read_rows
     from mloop.serving.labels import read_labels
 
     cfg = project.config
-    since = until - timedelta(seconds=seconds(window))
+    since = until - window
     rows = read_rows(project.uris["inference_log_uri"], since=since, until=until)
     labels = read_labels(project.uris["inference_log_uri"])
     if rows.num_rows == 0 or labels.num_rows == 0:
@@ -83,7 +73,7 @@ def build_training_data(project: Project, *, until: datetime, champion: int | No
     rel = f"retrain/traffic-{until:%Y%m%dT%H%M%S}-{int(time.time())}.parquet"
     project.outputs.write_parquet(rel, table)
     return TrainingData(project.outputs.uri_for(rel), table.num_rows, labelled, original,
-                        until - timedelta(seconds=seconds(cfg.window)), until)
+                        until - cfg.window, until)
 
 
 def _original_types(project: Project, champion: int, table: pa.Table) -> pa.Table:
