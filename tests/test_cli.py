@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import subprocess
@@ -157,3 +158,22 @@ def test_loading_the_cli_imports_no_heavy_library() -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True)
     assert json.loads(proc.stdout) == []
+
+
+def test_a_window_table_in_80_columns_keeps_every_window_span_whole() -> None:
+    from rich.console import Console
+
+    from mloop.cli.monitor import window_table
+
+    windows = [{"id": 1000 + i, "start": f"2024-03-{i + 1:02d}T06:00:00+00:00",
+                "end": f"2024-03-{i + 1:02d}T07:00:00+00:00", "rows": 12_345,
+                "versions": [1, 2], "drifted": True, "drift_share": 0.4,
+                "prediction_drifted": False, "quality_findings": 3, "metric": "mae",
+                "metric_value": 8.8123, "reference_metric": 7.9, "label_coverage": 1.0}
+               for i in range(3)]
+    console = Console(width=80, record=True, file=io.StringIO())
+    console.print(window_table("rentals: windows of 1h", windows))
+    text = console.export_text()
+    for i in range(3):
+        assert f"{1000 + i} │ 2024-03-{i + 1:02d} 06:00 → 07:00 │" in text
+

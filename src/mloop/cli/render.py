@@ -3,13 +3,25 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-out = Console()  # stdout: tables, or the JSON document
+
+def _stdout_width() -> int | None:
+    """None on a terminal (rich fits its width). For a pipe, a file or a CI log, where rich
+    would assume 80 columns and cut table cells with '…', a width that fits every table whole
+    (``COLUMNS`` still wins when set)."""
+    stdout = sys.stdout
+    if "COLUMNS" in os.environ or stdout is None or stdout.isatty():
+        return None
+    return 200
+
+
+out = Console(width=_stdout_width())  # stdout: tables, or the JSON document
 err = Console(stderr=True)  # progress and messages, so stdout stays machine-readable
 
 
@@ -18,10 +30,14 @@ def emit_json(payload: Any) -> None:
     sys.stdout.flush()
 
 
-def table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
+def table(title: str, columns: list[str], rows: list[list[Any]], *,
+          no_wrap: tuple[str, ...] = ()) -> Table:
+    """A rich table; the ``no_wrap`` columns are never wrapped nor cut (the others give way
+    when the terminal is narrow)."""
     t = Table(title=title, title_justify="left", header_style="bold")
-    for c in columns:
-        t.add_column(c)
+    for i, c in enumerate(columns):
+        width = max((len(str(r[i])) for r in rows), default=0) if c in no_wrap else None
+        t.add_column(c, no_wrap=c in no_wrap, min_width=width)
     for r in rows:
         t.add_row(*["" if v is None else str(v) for v in r])
     return t
@@ -69,3 +85,4 @@ def print_change(change: dict[str, Any]) -> None:
     now = f"v{change['version']}" if change["version"] is not None else "nothing"
     out.print(f"{change['action']}: '{change['alias']}' of {change['model']} is now "
               f"[bold]{now}[/] (was {was}) by {change['actor']}: {change['reason']}")
+

@@ -1,0 +1,187 @@
+"""The CLI in every state a project goes through: fresh, trained, with a champion, serving
+traffic, monitored, with a canary on probation. Each state is built once (a small synthetic
+project, the real server on 127.0.0.1, the real loop) and frozen as a copy; commands run
+in-process through ``mloop.cli.app.main``, so MLflow is imported once."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from mloop.cli.app import main
+from mloop.project import open_project
+
+from .conftest import SMALL_CONFIG, rentals_frame
+from .serving_util import ServerThread
+
+pytestmark = pytest.mark.slow
+
+CONFIG = SMALL_CONFIG + """\
+monitoring:
+  window: 1d
+loop:
+  triggers: {new_labels: 100}
+  retrain: {window: 30d, min_labelled_rows: 100, include_original: true}
+  canary: {weight: 0.5, probation: 30d, min_labelled: 50}
+"""
+DAYS = ["2024-03-01", "2024-03-02", "2024-03-03", "2024-03-04"]
+
+
+@dataclass
+class Ran:
+    code: int
+    out: str
+    err: str
+
+
+def cli(root: Path | None, *args: str) -> Ran:
+    """``mloop [-C root] args`` in this process; an exception escaping ``main`` (a crash, not
+    a domain error) propagates to the test."""
+    out, err = io.StringIO(), io.StringIO()
+    argv = [*(["-C", str(root)] if root is not None else []), *args]
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    return Ran(code, out.getvalue(), err.getvalue())
+
+
+def ok(root: Path | None, *args: str) -> Ran:
+    ran = cli(root, *args)
+    assert ran.code == 0, f"mloop {' '.join(args)} exited {ran.code}:\n{ran.err}"
+    return ran
+
+
+@dataclass
+class States:
+    roots: dict[str, Path]
+    files: dict[str, Path] = field(default_factory=dict)
+    loop_output: str = ""
+
+
+def _traffic(root: Path) -> pd.DataFrame:
+    """Four days of /predict calls through the real server; returns the rows with their
+    request ids and true counts (the labels that arrive later)."""
+    frame = rentals_frame(800, seed=7)
+    frame["request_id"] = ""
+    with ServerThread(_app(root)) as server:
+        for day_no, day in enumerate(DAYS):
+            for call in range(8):
+                start = day_no * 200 + call * 25
+                chunk = frame.iloc[start:start + 25]
+                body = {"records": [{"hour": int(h), "weather": w, "temp": float(t)} for h, w, t
+                                    in zip(chunk["hour"], chunk["weather"], chunk["temp"],
+                                           strict=True)],
+                        "timestamp": f"{day}T{call * 3:02d}:00:00+00:00"}
+                resp = server.post("/predict", body)
+                assert resp.status_code == 200, resp.text
+                frame.loc[chunk.index, "request_id"] = resp.json()["request_ids"]
+    return frame
+
+
+def _app(root: Path):  # type: ignore[no-untyped-def]
+    from mloop.serving.app import create_app
+
+    project = open_project(root)
+    cfg = project.config.serving.model_copy(update={"poll_seconds": 0.2})
+    cfg.inference_log = cfg.inference_log.model_copy(update={"commit_interval_seconds": 0.2})
+    return create_app(project, cfg)
+
+
+@pytest.fixture(scope="module")
+def states(tmp_path_factory: pytest.TempPathFactory) -> Iterator[States]:
+    base = tmp_path_factory.mktemp("states")
+    roots: dict[str, Path] = {}
+
+    def freeze(name: str, master: Path) -> None:
+        roots[name] = base / name
+        shutil.copytree(master, roots[name])
+
+    ok(None, "init", str(base / "fresh"))
+    roots["fresh"] = base / "fresh"
+
+    master = base / "master"
+    (master / "data").mkdir(parents=True)
+    (master / "mloop.yaml").write_text(CONFIG)
+    rentals_frame().to_parquet(master / "data" / "rentals.parquet", index=False)
+    ok(master, "run", "--json")
+    freeze("trained", master)
+
+    ok(master, "models", "promote", "1", "--reason", "the first model")
+    freeze("champion", master)
+
+    rows = _traffic(master)
+    freeze("traffic", master)
+
+    files = {"labels": base / "labels.csv", "input": base / "input.parquet",
+             "other": base / "other.parquet"}
+    rows.rename(columns={"cnt": "label"})[["request_id", "label"]].to_csv(files["labels"],
+                                                                          index=False)
+    rows[["hour", "weather", "temp"]].to_parquet(files["input"], index=False)
+    rentals_frame(300, seed=3).to_parquet(files["other"], index=False)
+    ok(master, "labels", "ingest", str(files["labels"]))
+    ok(master, "monitor")
+    freeze("monitored", master)
+
+    loop_output = ok(master, "loop", "--once").out
+    assert json.loads(ok(master, "deploy", "status", "--json").out)["challenger"] == 2
+    freeze("canary", master)
+    yield States(roots, files, loop_output)
+
+
+def copy_of(states: States, name: str, tmp_path: Path) -> Path:
+    """A private copy of a state, for a command that changes it."""
+    root = tmp_path / name
+    shutil.copytree(states.roots[name], root)
+    return root
+
+
+# ------------------------------------------------------------------------------ monitoring
+
+def test_monitor_report_writes_the_newest_window_once_windows_exist(states: States,
+                                                                    tmp_path: Path) -> None:
+    page = tmp_path / "r.html"
+    ok(states.roots["monitored"], "monitor", "report", "--html", str(page))
+    html = page.read_text()
+    assert "Window 2024-03-03T00:00 → 2024-03-04T00:00" in html  # the newest, in detail
+    assert "The newest" not in html  # every window is in the history
+
+
+def test_monitor_windows_lists_ids_spans_and_verdicts(states: States) -> None:
+    root = states.roots["monitored"]
+    listed = json.loads(ok(root, "monitor", "windows", "--json").out)
+    assert (listed["window"], listed["total"]) == ("1d", 3)
+    first = listed["windows"][0]
+    assert first["start"].startswith("2024-03-01") and first["versions"] == [1]
+    assert first["rows"] == 200 and first["label_coverage"] == 1.0
+    assert first["metric"] == "mae" and first["metric_value"] > 0
+    assert {"id", "end", "drift_share", "quality_findings", "drifted"} <= set(first)
+    human = ok(root, "monitor", "windows").out
+    for w in listed["windows"]:
+        assert f"{w['start'][:10]} 00:00 → {w['end'][5:10]} 00:00" in human
+    assert "…" not in human
+    one = ok(root, "monitor", "windows", "--limit", "1").out
+    assert "2 older window(s) not shown: `--limit 3` shows every one" in one
+
+
+def test_monitor_table_shows_the_newest_windows_and_says_how_many_are_hidden(
+        states: States, tmp_path: Path) -> None:
+    root = copy_of(states, "monitored", tmp_path)
+    ran = ok(root, "monitor", "--window", "1h")
+    hourly = json.loads(ok(root, "monitor", "windows", "--window", "1h", "--json",
+                           "--limit", "1000").out)["total"]
+    assert hourly > 20  # windows of 1h with traffic in them, over three days
+    assert f"{hourly - 20:,} more window(s) evaluated in this run, not shown" in ran.out
+    assert "`mloop monitor windows --window 1h --limit" in ran.out
+    assert "…" not in ran.out  # no window name cut at 80 columns
+    assert len(ran.out.splitlines()) < 70
+    page = tmp_path / "r.html"
+    ran = ok(root, "monitor", "report", "--window", "1h", "--limit", "10", "--html", str(page))
+    assert f"The newest 10 of {hourly} windows" in page.read_text()
+    assert f"--limit {hourly}" in ran.err
