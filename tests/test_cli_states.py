@@ -185,3 +185,12 @@ def test_monitor_table_shows_the_newest_windows_and_says_how_many_are_hidden(
     ran = ok(root, "monitor", "report", "--window", "1h", "--limit", "10", "--html", str(page))
     assert f"The newest 10 of {hourly} windows" in page.read_text()
     assert f"--limit {hourly}" in ran.err
+
+
+# ------------------------------------------------------------------------------ serving
+
+def test_deploy_status_shows_the_champion_and_the_canary(states: States) -> None:
+    champion = ok(states.roots["champion"], "deploy", "status").out
+    assert "champion" in champion and "v1" in champion and "100%" in champion
+    canary = ok(states.roots["canary"], "deploy", "status").out
+    assert "v2" in canary and "canary" in canary and "50%" in canary
