@@ -194,3 +194,27 @@ def test_deploy_status_shows_the_champion_and_the_canary(states: States) -> None
     assert "champion" in champion and "v1" in champion and "100%" in champion
     canary = ok(states.roots["canary"], "deploy", "status").out
     assert "v2" in canary and "canary" in canary and "50%" in canary
+
+
+# ------------------------------------------------------------------------------ the loop
+
+def test_loop_prints_readable_lines_not_python_dicts(states: States) -> None:
+    text = states.loop_output
+    assert "canary_started v2" in text
+    assert "weight: 0.5" in text
+    assert "trigger new_labels" in text and "labelled_rows: 800" in text
+    assert "{'" not in text and "'}" not in text
+
+
+def test_events_show_each_payload_whole_and_json_is_one_document(states: States) -> None:
+    root = states.roots["canary"]
+    doc = json.loads(ok(root, "events", "--json").out)
+    kinds = [e["kind"] for e in doc["events"]]
+    assert "loop.canary_started" in kinds and "promote" in kinds
+    started = next(e for e in doc["events"] if e["kind"] == "loop.canary_started")
+    human = ok(root, "events").out
+    assert "…" not in human
+    assert f"loop.canary_started  {started['actor']}  (#{started['id']})" in human
+    assert "    weight: 0.5" in human
+    one = ok(root, "events", "--type", "loop.canary_started", "--json").out
+    assert [e["kind"] for e in json.loads(one)["events"]] == ["loop.canary_started"]

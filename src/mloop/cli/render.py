@@ -86,3 +86,13 @@ def print_change(change: dict[str, Any]) -> None:
     out.print(f"{change['action']}: '{change['alias']}' of {change['model']} is now "
               f"[bold]{now}[/] (was {was}) by {change['actor']}: {change['reason']}")
 
+
+def fields(data: Any, indent: int = 4) -> str:
+    """``data`` whole, as indented YAML-style lines: what a person reads best for nested
+    payloads (nothing cut, nothing in Python's repr)."""
+    import yaml
+
+    text = yaml.safe_dump(json.loads(json.dumps(data, default=str)), sort_keys=False,
+                          allow_unicode=True, default_flow_style=False, width=100)
+    pad = " " * indent
+    return "\n".join(pad + line for line in text.rstrip("\n").splitlines())
