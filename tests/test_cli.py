@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from .conftest import rentals_frame, run_cli
+from .conftest import SMALL_CONFIG, rentals_frame, run_cli
 
 
 def test_init_scaffolds_a_project_and_refuses_to_overwrite(tmp_path: Path) -> None:
@@ -177,3 +177,14 @@ def test_a_window_table_in_80_columns_keeps_every_window_span_whole() -> None:
     for i in range(3):
         assert f"{1000 + i} │ 2024-03-{i + 1:02d} 06:00 → 07:00 │" in text
 
+
+def test_a_misspelt_target_suggests_the_closest_column_and_lists_the_data_columns(
+        make_project, capsys) -> None:
+    from mloop.cli.app import main
+
+    root = make_project(SMALL_CONFIG.replace("target: cnt", "target: Count"))
+    assert main(["-C", str(root), "run"]) == 1
+    message = " ".join(capsys.readouterr().err.split())
+    assert ("column 'Count': required: expected 'present', got 'missing' (did you mean "
+            "'cnt'?) (the data's columns: ts, hour, weather, temp, cnt)") in message
+    assert "Traceback" not in message
