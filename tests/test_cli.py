@@ -188,3 +188,21 @@ def test_a_misspelt_target_suggests_the_closest_column_and_lists_the_data_column
     assert ("column 'Count': required: expected 'present', got 'missing' (did you mean "
             "'cnt'?) (the data's columns: ts, hour, weather, temp, cnt)") in message
     assert "Traceback" not in message
+
+
+@pytest.mark.slow
+def test_run_says_why_a_candidate_was_not_promoted_and_the_command_that_would(
+        make_project, capsys) -> None:
+    import shlex
+
+    from mloop.cli.app import main
+
+    root = make_project()  # no gates: section, so gates.auto_promote is off
+    assert main(["-C", str(root), "run"]) == 0
+    said = capsys.readouterr().out
+    assert ("not promoted: every gate passed; gates.auto_promote is off in mloop.yaml, so the "
+            "champion is unchanged (none yet)") in said
+    command = said.split("to promote it: ", 1)[1].splitlines()[0]
+    assert command == 'mloop models promote 1 --reason "every gate passed"'
+    assert main(["-C", str(root), *shlex.split(command)[1:], "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["version"] == 1

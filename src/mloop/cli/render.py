@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 
@@ -68,15 +69,19 @@ def print_gates(report: dict[str, Any]) -> None:
 
 
 def print_promotion(detail: dict[str, Any]) -> None:
-    """What ``gate_and_promote`` did with a candidate."""
+    """What gating did with a candidate: promoted, or why not and the command that would."""
     if detail.get("promotion"):
         p = detail["promotion"]
         out.print(f"[green]promoted[/] v{p['version']} to champion (was "
                   f"{'v' + str(p['replaced']) if p['replaced'] else 'nothing'})")
-    elif detail.get("promotion_error"):
-        out.print(f"[red]not promoted:[/] {detail['promotion_error']}")
-    elif not detail["gates"]["passed"]:
-        out.print("[red]not promoted:[/] a gate failed; the champion is unchanged")
+        return
+    note, command = detail["promotion_note"], detail["promote_command"]
+    if command is None:  # e.g. it is already the champion
+        out.print(note, markup=False, highlight=False)
+        return
+    colour = "yellow" if detail["gates"]["passed"] else "red"
+    out.print(f"[{colour}]not promoted:[/] {escape(note)}", highlight=False)
+    out.print(f"to promote it: {command}", markup=False, highlight=False)
 
 
 def print_change(change: dict[str, Any]) -> None:
