@@ -191,6 +191,31 @@ def test_a_misspelt_target_suggests_the_closest_column_and_lists_the_data_column
 
 
 @pytest.mark.slow
+def test_a_template_project_is_promoted_by_its_first_run_and_served(tmp_path: Path,
+                                                                    capsys) -> None:
+    from mloop.cli.app import main
+    from mloop.project import open_project
+    from mloop.serving.app import create_app
+
+    from .serving_util import ServerThread
+
+    root = tmp_path / "shop"
+    assert main(["init", str(root), "--task", "regression"]) == 0
+    rentals_frame(400).rename(columns={"cnt": "target"}).to_csv(root / "data" / "train.csv",
+                                                                index=False)
+    capsys.readouterr()
+    assert main(["-C", str(root), "run"]) == 0
+    said = capsys.readouterr().out
+    assert "gates for shop v1 (no champion yet): passed" in said
+    assert "absolute.r2.min" in said and "promoted v1 to champion (was nothing)" in said
+    with ServerThread(create_app(open_project(root))) as server:
+        answer = server.post("/predict", {"records": [
+            {"hour": 6, "weather": "Clear", "temp": 12.5}]})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["version"] == 1
+
+
+@pytest.mark.slow
 def test_run_says_why_a_candidate_was_not_promoted_and_the_command_that_would(
         make_project, capsys) -> None:
     import shlex
