@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import json
+import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -218,3 +221,157 @@ def test_events_show_each_payload_whole_and_json_is_one_document(states: States)
     assert "    weight: 0.5" in human
     one = ok(root, "events", "--type", "loop.canary_started", "--json").out
     assert [e["kind"] for e in json.loads(one)["events"]] == ["loop.canary_started"]
+
+
+# ------------------------------------------------------------------------------ the matrix
+# Every command of README's CLI table, in every state, with and without --json: exit 0, 1
+# or 2, never a traceback, and with --json one JSON document on stdout (or nothing, when the
+# command failed before it had anything to report).
+
+REPO = Path(__file__).resolve().parents[1]
+STATES = ["fresh", "trained", "champion", "traffic", "monitored", "canary"]
+
+# Left out of the matrix, each for its reason; the bounded forms run instead are in COMMANDS.
+EXCLUDED = {
+    ("serve",): "runs until SIGINT/SIGTERM (the traffic state is built through the same app)",
+    ("demo",): "replays two years of bike traffic through a real server: minutes",
+    ("tune",): "an Optuna study of many pipeline runs: minutes (tests/test_tune.py)",
+    ("export", "kubeflow"): "compiles with the kfp SDK in a subprocess per call "
+                            "(tests/test_export_kubeflow.py)",
+}
+# Bounded forms: `loop --once` (not the endless loop), `monitor` without --serve-metrics,
+# `events` without --follow, `predict` with the local engine (not --engine spark).
+
+
+@dataclass(frozen=True)
+class Ctx:
+    """What a command line needs from its state: ids that exist there (or plausible ones
+    that do not) and files to read and write."""
+
+    run_id: str
+    digest: str
+    version: int
+    files: dict[str, Path]
+    out: Path
+
+
+# (command path) -> (argv builder, takes --json, changes the state)
+COMMANDS: dict[tuple[str, ...], tuple[Callable[[Ctx], list[str]], bool, bool]] = {
+    ("init",): (lambda c: ["init", str(c.out / "new-project")], True, False),
+    ("run",): (lambda c: ["run"], True, True),
+    ("status",): (lambda c: ["status"], True, False),
+    ("runs", "list"): (lambda c: ["runs", "list"], True, False),
+    ("runs", "show"): (lambda c: ["runs", "show", c.run_id], True, False),
+    ("runs", "create"): (lambda c: ["runs", "create"], True, True),
+    ("runs", "gate"): (lambda c: ["runs", "gate", c.run_id], True, True),
+    ("step", "run"): (lambda c: ["step", "run", "tabular", "ingest", "--run-id", c.run_id],
+                      True, True),
+    ("data", "snapshot"): (lambda c: ["data", "snapshot", str(c.files["input"])], True, True),
+    ("data", "list"): (lambda c: ["data", "list"], True, False),
+    ("data", "profile"): (lambda c: ["data", "profile", c.digest], True, False),
+    ("models", "list"): (lambda c: ["models", "list"], True, False),
+    ("models", "gate"): (lambda c: ["models", "gate", str(c.version)], True, True),
+    ("models", "promote"): (lambda c: ["models", "promote", str(c.version), "--reason",
+                                       "matrix"], True, True),
+    ("models", "rollback"): (lambda c: ["models", "rollback", "--reason", "matrix"], True,
+                             True),
+    ("models", "history"): (lambda c: ["models", "history"], True, False),
+    ("models", "lineage"): (lambda c: ["models", "lineage", "1"], True, False),
+    ("models", "diff"): (lambda c: ["models", "diff", "1", "2"], True, False),
+    ("models", "reproduce"): (lambda c: ["models", "reproduce", "1"], True, True),
+    ("audit", "verify"): (lambda c: ["audit", "verify"], True, False),
+    ("deploy", "canary"): (lambda c: ["deploy", "canary", str(c.version), "--weight", "0.2"],
+                           True, True),
+    ("deploy", "shadow"): (lambda c: ["deploy", "shadow", str(c.version)], True, True),
+    ("deploy", "stop-challenger"): (lambda c: ["deploy", "stop-challenger"], True, True),
+    ("deploy", "status"): (lambda c: ["deploy", "status"], True, False),
+    ("predict",): (lambda c: ["predict", "-i", str(c.files["input"]), "-o",
+                              str(c.out / "scored.parquet")], True, False),
+    ("labels", "ingest"): (lambda c: ["labels", "ingest", str(c.files["labels"])], True, True),
+    ("tokens", "create"): (lambda c: ["tokens", "create", "--name", "matrix"], True, True),
+    ("tokens", "list"): (lambda c: ["tokens", "list"], True, False),
+    ("tokens", "revoke"): (lambda c: ["tokens", "revoke", "1"], False, True),
+    ("monitor",): (lambda c: ["monitor"], True, True),
+    ("monitor", "windows"): (lambda c: ["monitor", "windows"], True, False),
+    ("monitor", "report"): (lambda c: ["monitor", "report", "--html", str(c.out / "r.html")],
+                            False, False),
+    ("monitor", "compare"): (lambda c: ["monitor", "compare", str(c.files["input"]),
+                                        str(c.files["other"])], True, False),
+    ("monitor", "rules"): (lambda c: ["monitor", "rules", "--out", str(c.out / "a.yml")],
+                           False, False),
+    ("monitor", "dashboard"): (lambda c: ["monitor", "dashboard", "--out",
+                                          str(c.out / "g.json")], False, False),
+    ("loop",): (lambda c: ["loop", "--once"], True, True),
+    ("events",): (lambda c: ["events"], True, False),
+    ("export", "k8s"): (lambda c: ["export", "k8s", "--out", str(c.out / "k8s")], True, False),
+    ("export", "airflow"): (lambda c: ["export", "airflow", "--out", str(c.out / "dags")],
+                            True, False),
+    ("doctor",): (lambda c: ["doctor"], True, False),
+    ("db", "upgrade"): (lambda c: ["db", "upgrade"], True, True),
+}
+
+
+def documented_commands() -> set[tuple[str, ...]]:
+    """The command paths in README's CLI table (`mloop runs show RUN_ID` -> runs, show)."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    section = text.split("\n## The CLI", 1)[1].split("\n## ", 1)[0]
+    found = set()
+    for line in section.splitlines():
+        if not line.startswith("| `"):
+            continue
+        for fragment in re.findall(r"`([^`]+)`", line.split(" | ", 1)[0]):
+            words = fragment.split()
+            words = words[1:] if words[0] == "mloop" else words
+            path = tuple(itertools.takewhile(lambda w: re.fullmatch(r"[a-z][a-z0-9-]*", w),
+                                             words))
+            if path:
+                found.add(path)
+    return found
+
+
+def test_the_matrix_covers_every_command_readme_documents() -> None:
+    documented = documented_commands()
+    assert len(documented) > 30  # the table was found and read
+    assert documented - set(COMMANDS) - set(EXCLUDED) == set()
+
+
+@pytest.fixture(scope="module")
+def ids(states: States) -> dict[str, tuple[str, str, int]]:
+    """Per state: the newest run id, a snapshot digest and the newest version (plausible
+    stand-ins where the state has none yet)."""
+    found = {}
+    for name, root in states.roots.items():
+        def listed(*args: str, key: str, _root: Path = root) -> list[dict[str, Any]]:
+            ran = cli(_root, *args, "--json")
+            return json.loads(ran.out)[key] if ran.code == 0 else []
+
+        runs = listed("runs", "list", key="runs")
+        snaps = listed("data", "list", key="snapshots")
+        versions = listed("models", "list", key="versions")
+        found[name] = (runs[0]["run_id"] if runs else "0123456789abcdef",
+                       snaps[0]["digest"] if snaps else "deadbeef",
+                       max((v["version"] for v in versions), default=1))
+    return found
+
+
+FORMS = [(command, json_) for command, (_, takes_json, _) in COMMANDS.items()
+         for json_ in ([False, True] if takes_json else [False])]
+
+
+@pytest.mark.parametrize(("command", "json_"), FORMS,
+                         ids=[" ".join(c) + (" --json" if j else "") for c, j in FORMS])
+@pytest.mark.parametrize("state", STATES)
+def test_every_command_in_every_state(states: States, ids: dict[str, tuple[str, str, int]],
+                                      state: str, command: tuple[str, ...], json_: bool,
+                                      tmp_path: Path) -> None:
+    build, _, changes = COMMANDS[command]
+    root = copy_of(states, state, tmp_path) if changes else states.roots[state]
+    run_id, digest, version = ids[state]
+    (tmp_path / "out").mkdir()
+    ctx = Ctx(run_id, digest, version, states.files, tmp_path / "out")
+    argv = build(ctx) + (["--json"] if json_ else [])
+    ran = cli(root, *argv)  # an exception escaping main() fails the test with its traceback
+    assert ran.code in (0, 1, 2), f"mloop {' '.join(argv)}: exit {ran.code}\n{ran.err}"
+    assert "Traceback" not in ran.err, ran.err
+    if json_ and (ran.code == 0 or ran.out.strip()):
+        json.loads(ran.out)  # one document: two would be 'Extra data'
