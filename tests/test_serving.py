@@ -31,6 +31,7 @@ from mloop.serving.deploy import deploy_challenger, desired_state, stop_challeng
 from mloop.serving.inference_log import read_log
 from mloop.serving.labels import read_labels
 from mloop.serving.model import load_served
+from mloop.serving.server import default_collectors
 
 from .conftest import rentals_frame
 from .serving_util import ServerThread, free_port, metric
@@ -95,7 +96,8 @@ def _server(root: Path, *, auth: Any = None, **serving: Any) -> ServerThread:
         cfg.inference_log = cfg.inference_log.model_copy(update=ilog)
     if commit is not None:
         cfg.inference_log.commit_interval_seconds = commit
-    return ServerThread(create_app(project, cfg, auth=auth))
+    return ServerThread(create_app(project, cfg, auth=auth,
+                                   collectors=default_collectors(project)))
 
 
 def _rows(n: int, seed: int = 1) -> list[dict[str, Any]]:
@@ -746,12 +748,12 @@ def test_rows_the_log_cannot_store_are_set_aside_without_blocking_the_rest(
              for p in (1.5, "oops")]  # one version group Arrow cannot make one column of
     for e in (good, *mixed):
         assert log.append(e)
-    assert log.commit() == 1
-    assert log.rejected == 2 and log.queued == 0
+    assert log.commit() == 2  # only the odd one out is set aside, not its whole group
+    assert log.quarantined == 1 and log.queued == 0
     assert log.append(LogEntry([new_request_id(ts)], ts, 1, "champion", 1.0, [2.5],
                                {"temp": [21.0]}))
     assert log.commit() == 1  # later commits are not blocked
-    assert read_log(str(tmp_path / "log")).num_rows == 2
+    assert read_log(str(tmp_path / "log")).num_rows == 3
 
 
 def test_the_log_buffer_refuses_beyond_its_limit_and_commits_on_close(tmp_path: Path) -> None:

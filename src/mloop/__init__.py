@@ -5,13 +5,27 @@ The public surface: ``step`` and ``pipeline`` to write pipelines, ``log_metric``
 project from Python.
 """
 
+from __future__ import annotations
+
 __version__ = "0.1.0"
+
+from typing import TYPE_CHECKING
 
 from mloop.pipeline.dsl import pipeline, step
 from mloop.tracking import log_metric, log_metrics
 
+if TYPE_CHECKING:
+    from pathlib import Path
 
-def open_project(path=None):
+    from mloop.project import Project
+
+
+def open_project(path: str | Path | None = None) -> Project:
+    """The project whose mloop.yaml is in ``path`` or the nearest folder above it (default:
+    the current folder); ProjectNotFoundError names where it looked.
+
+    Imported when called, so ``import mloop`` in a pipeline file does not load the stores.
+    """
     from mloop.project import open_project as _open
 
     return _open(path)

@@ -15,7 +15,8 @@ one-line message and exit code 1 (``--debug`` shows the traceback). Anything els
     ├── ModelNotFoundError       no such registered model version
     ├── CandidateNotRegisteredError  a pipeline run registered no model version (carries run id)
     ├── GateFailedError          promotion refused: the candidate failed a gate
-    └── PromotionError           an alias change could not be made (lost a race, MLflow refused)
+    ├── PromotionError           an alias change could not be made (lost a race, MLflow refused)
+    └── PurgeNotFoundError       no inference-log purge with that id
 """
 
 from __future__ import annotations
@@ -104,4 +105,8 @@ class GateFailedError(MloopError):
 
 
 class PromotionError(MloopError):
+    pass
+
+
+class PurgeNotFoundError(MloopError):
     pass

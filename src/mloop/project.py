@@ -100,5 +100,8 @@ class Project:
 
 
 def open_project(path: str | Path | None = None) -> Project:
+    """The project whose mloop.yaml is in ``path`` or the nearest folder above it (default:
+    the current folder), its config validated. Stores and clients are built on first use, so
+    opening a project costs only reading its config."""
     root = find_project_root(Path(path) if path else None)
     return Project(root=root, config=load_config(root / CONFIG_FILE))

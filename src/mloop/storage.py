@@ -109,6 +109,10 @@ class ObjectStore:
         """The filesystem path of ``rel`` (for ``self.fs``; no scheme on object stores)."""
         return f"{self.base.rstrip('/')}/{rel}" if rel else self.base
 
+    def relative(self, path: str) -> str:
+        """The inverse of :meth:`path`: ``rel`` of a full filesystem path under the base."""
+        return path.removeprefix(self.base.rstrip("/") + "/")
+
     def uri_for(self, rel: str) -> str:
         """What to show or record for ``rel``: a local path, or ``s3://bucket/key``."""
         return self.path(rel) if self.local else f"{self._scheme}://{self.path(rel)}"
@@ -152,6 +156,18 @@ class ObjectStore:
 
     def read_parquet(self, rel: str) -> pa.Table:
         return pq.read_table(self.path(rel), filesystem=self.fs)
+
+    def move(self, src: str, dst: str) -> None:
+        """Move one file within the store (FileNotFoundError if ``src`` is gone, e.g. another
+        process moved it first). Locally a rename: atomic, so the file is in exactly one place
+        at any instant; on object stores a server-side copy then a delete."""
+        target = self.path(dst)
+        if self._folders:
+            self.fs.create_dir(target.rpartition("/")[0], recursive=True)
+        if self.local:
+            os.replace(self.path(src), target)
+            return
+        self.fs.move(self.path(src), target)
 
     def delete(self, rel: str) -> None:
         """Remove one file (missing is fine)."""

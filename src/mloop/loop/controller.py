@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import sqlalchemy as sa
@@ -30,7 +29,6 @@ from mloop.loop.retrain import (
     count_labelled_since,
     event_time_now,
     retrain,
-    seconds,
 )
 from mloop.project import Project
 from mloop.security.audit import append_event
@@ -174,9 +172,8 @@ def check_triggers(project: Project, state: LoopState, new: list[MonitorWindowRo
                               "label_coverage": w.label_coverage, "onset": _iso(w.start)})
             break  # only the newest window with enough labels counts
     last = _dt(state.get("last_retrain_at")) or _dt(state.get("started_at"))
-    if t.schedule is not None and last is not None \
-            and (now - last).total_seconds() >= seconds(t.schedule):
-        fired.append({"trigger": "schedule", "every": t.schedule, "since": _iso(last)})
+    if t.schedule is not None and last is not None and now - last >= t.schedule:
+        fired.append({"trigger": "schedule", "every": str(t.schedule), "since": _iso(last)})
     if t.new_labels is not None:
         n = count_labelled_since(project, _dt(state.get("last_retrain_at")))
         if n >= t.new_labels:
@@ -193,7 +190,7 @@ def check_guards(project: Project, state: LoopState, now: datetime) -> str | Non
     if state.get("probation"):
         return "a challenger is on probation"
     last = _dt(state.get("last_retrain_at"))
-    if last is not None and (now - last).total_seconds() < seconds(g.cooldown):
+    if last is not None and now - last < g.cooldown:
         return f"cooldown: last retrain at {last.isoformat()} (cooldown {g.cooldown})"
     day_ago = now - timedelta(days=1)
     stamps = [_dt(t) for t in state.get("retrain_times", [])]
@@ -225,40 +222,10 @@ def paired_scores(project: Project, labelled: pa.Table, versions: list[int]
                   ) -> dict[str, Any]:
     """Each version's metric on the same labelled rows (their logged inputs re-scored by
     every version): a paired comparison, so the verdict is not swayed by which hours each
-    side happened to answer."""
-    from mloop.monitoring.service import monitored_metric
-    from mloop.registry.candidates import get_version
-    from mloop.serving.model import load_served
-    from mloop.tabular.metrics import compute_metrics
+    side happened to answer. See ``mloop.loop.verdict``."""
+    from mloop.loop.verdict import score_paired
 
-    tags = dict(get_version(project, versions[0]).tags or {})
-    task = tags.get("mloop.task", project.config.task or "regression")
-    metric = monitored_metric(task, tags.get("mloop.primary_metric"))
-    out: dict[str, Any] = {"metric": metric, "rows": labelled.num_rows, "values": {}}
-    if not labelled.num_rows:
-        return out
-    y = labelled.column("label").to_numpy(zero_copy_only=False)
-    if task != "regression":
-        y = y.astype(str)
-    preds = {}
-    for v in versions:
-        model = load_served(project, v, warm=False)
-        cols = {name: (labelled.column(name).to_pylist() if name in labelled.column_names
-                       else [None] * labelled.num_rows) for name in model.schema.names}
-        pred = np.asarray(model.predict_columns(cols))
-        preds[v] = pred.astype(str) if task != "regression" else pred
-    try:
-        out["values"] = {v: compute_metrics(task, [metric], y, p)[metric]
-                         for v, p in preds.items()}
-    except ValueError:
-        if task == "regression":
-            raise
-        # a metric that needs the positive class's own type (f1 with integer classes) cannot
-        # be computed on labels kept as text: judge on accuracy rather than not at all
-        out["metric"] = metric = "accuracy"
-        out["values"] = {v: compute_metrics(task, [metric], y, p)[metric]
-                         for v, p in preds.items()}
-    return out
+    return score_paired(project, labelled, versions).summary()
 
 
 def challenger_errors(project: Project, version: int, since_wall: float | None
@@ -280,10 +247,9 @@ def judge_probation(project: Project, state: LoopState, now: datetime) -> dict[s
     predict or breached its latency budget; None while it is still on probation.
 
     The verdict compares challenger and champion on the same labelled rows of the probation
-    (every row answered in it, by either side, re-scored by both versions); the live canary
+    (every row answered in it, by either side, re-scored by both versions), by the paired
+    bootstrap bound of the non-inferiority gate (``mloop.loop.verdict``); the live canary
     rows give the error and latency checks."""
-    from mloop.tabular.metrics import HIGHER_IS_BETTER
-
     prob = state.get("probation")
     policy = project.config.loop.canary
     if not prob or policy is None:
@@ -306,33 +272,36 @@ def judge_probation(project: Project, state: LoopState, now: datetime) -> dict[s
     challenger = _live_stats(rows, labelled, prob["version"], "canary")
     champion = _live_stats(rows, labelled, prob["champion"], "champion")
     inputs: dict[str, Any] = {"challenger": challenger, "champion": champion,
-                              "probation": policy.probation, "margin": policy.margin}
+                              "probation": str(policy.probation), "margin": policy.margin}
     if policy.latency_p95_ms is not None and challenger["latency_p95_ms"] is not None \
             and challenger["latency_p95_ms"] > policy.latency_p95_ms:
         return _end_probation(project, state, prob, "rollback",
                               f"latency p95 {challenger['latency_p95_ms']:.1f} ms over the "
                               f"budget of {policy.latency_p95_ms:g} ms", inputs, now)
     elapsed = (now - started).total_seconds()
-    if elapsed < seconds(policy.probation):
+    if elapsed < policy.probation.total_seconds():
         return None
     if labelled.num_rows < policy.min_labelled or challenger["rows"] == 0:
-        if elapsed < 3 * seconds(policy.probation):
+        if elapsed < 3 * policy.probation.total_seconds():
             return None  # wait for labels (and traffic), up to three probation lengths
         why = ("the canary answered no traffic" if challenger["rows"] == 0 else
                f"only {labelled.num_rows} labelled rows")
         return _end_probation(project, state, prob, "rollback",
                               f"{why} after {elapsed / 86400:.1f} days (need "
                               f"{policy.min_labelled} labelled rows)", inputs, now)
-    paired = paired_scores(project, labelled, [prob["version"], prob["champion"]])
-    inputs["paired"] = paired
-    higher = HIGHER_IS_BETTER.get(paired["metric"], False)
-    c, b = paired["values"][prob["version"]], paired["values"][prob["champion"]]
-    ok = c >= b * (1 - policy.margin) if higher else c <= b * (1 + policy.margin)
-    verdict = (f"{paired['metric']} challenger v{prob['version']} {c:.4g} vs champion "
-               f"v{prob['champion']} {b:.4g} on the same {paired['rows']} labelled rows "
-               f"(the canary answered {challenger['rows']} rows live)")
-    return _end_probation(project, state, prob, "promote" if ok else "rollback", verdict,
-                          inputs, now)
+    from mloop.loop.verdict import canary_bound, score_paired
+
+    paired = score_paired(project, labelled, [prob["version"], prob["champion"]])
+    bound = canary_bound(project, paired, prob["version"], prob["champion"])
+    inputs["paired"], inputs["bound"] = paired.summary(), bound
+    c, b = paired.values[prob["version"]], paired.values[prob["champion"]]
+    verdict = (f"{paired.metric} challenger v{prob['version']} {c:.4g} vs champion "
+               f"v{prob['champion']} {b:.4g} on the same {bound['rows']} labelled rows: worse "
+               f"by {bound['difference']:+.4g} observed, {bound['upper']:+.4g} at the "
+               f"{bound['confidence']:.0%} upper bound (margin {bound['margin']:.4g}, "
+               f"{bound['margin_from']}; the canary answered {challenger['rows']} rows live)")
+    return _end_probation(project, state, prob, "promote" if bound["passed"] else "rollback",
+                          verdict, inputs, now)
 
 
 def _end_probation(project: Project, state: LoopState, prob: dict[str, Any], outcome: str,
@@ -432,8 +401,7 @@ def run_once(project: Project, *, on_event: Any = None) -> dict[str, Any]:
         return {"now": _iso(now), "actions": actions, "triggers": fired, "monitor": monitor}
     champion = desired_state(project).champion
     need = loop_cfg.retrain.min_labelled_rows
-    have = count_labelled_since(project, now - timedelta(seconds=seconds(
-        loop_cfg.retrain.window)))
+    have = count_labelled_since(project, now - loop_cfg.retrain.window)
     if have < need:
         guard = (f"{have} labelled rows in the last {loop_cfg.retrain.window} "
                  f"(loop.retrain.min_labelled_rows {need})")

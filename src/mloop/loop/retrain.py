@@ -11,10 +11,9 @@ version has the same lineage, gates and reproducibility as any other.
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import pyarrow as pa
@@ -22,15 +21,6 @@ import pyarrow.compute as pc
 
 from mloop.errors import MloopError
 from mloop.project import Project
-
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def seconds(duration: str) -> float:
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd])", duration)
-    if not m:
-        raise MloopError(f"'{duration}' is not a duration like 30m, 6h or 60d")
-    return float(m.group(1)) * _UNITS[m.group(2)]
 
 
 @dataclass
@@ -43,14 +33,14 @@ class TrainingData:
     until: datetime
 
 
-def labelled_traffic(project: Project, *, until: datetime, window: str) -> pa.Table:
+def labelled_traffic(project: Project, *, until: datetime, window: timedelta) -> pa.Table:
     """Answered rows with ``until - window < _ts <= until`` that have a label, with the label
     as a ``target`` column and the event time as the time column."""
     from mloop.monitoring.windows import read_rows
     from mloop.serving.labels import read_labels
 
     cfg = project.config
-    since = until - timedelta(seconds=seconds(window))
+    since = until - window
     rows = read_rows(project.uris["inference_log_uri"], since=since, until=until)
     labels = read_labels(project.uris["inference_log_uri"])
     if rows.num_rows == 0 or labels.num_rows == 0:
@@ -83,7 +73,7 @@ def build_training_data(project: Project, *, until: datetime, champion: int | No
     rel = f"retrain/traffic-{until:%Y%m%dT%H%M%S}-{int(time.time())}.parquet"
     project.outputs.write_parquet(rel, table)
     return TrainingData(project.outputs.uri_for(rel), table.num_rows, labelled, original,
-                        until - timedelta(seconds=seconds(cfg.window)), until)
+                        until - cfg.window, until)
 
 
 def _original_types(project: Project, champion: int, table: pa.Table) -> pa.Table:
@@ -156,18 +146,30 @@ def retrain(project: Project, data: TrainingData, *, on_event: Any = None) -> di
 
 
 def event_time_now(project: Project) -> datetime | None:
-    """The log's watermark: the newest event time (the loop's clock). Only the newest day
-    folder is read."""
-    from mloop.monitoring.windows import read_rows, watermark
-    from mloop.serving.inference_log import log_days
+    """The loop's clock: the event clock of the log's answered rows (see
+    ``mloop.monitoring.windows.event_clock``: the newest event time, unless fewer than ten
+    requests lie after a silence of more than a day, as a smoke test after a replay would).
+    Day folders are read newest first until enough distinct event times are in hand, so
+    usually only the newest day is read. Segments found unreadable are quarantined and
+    recorded in the audit chain."""
+    from mloop.monitoring.windows import CLOCK_CONFIRMATIONS, event_clock
+    from mloop.serving.inference_log import log_days, read_segments, segment_files
+    from mloop.serving.quarantine import record_quarantine_events
     from mloop.storage import ObjectStore
 
-    days = log_days(ObjectStore(project.uris["inference_log_uri"]))
-    if not days:
+    store = ObjectStore(project.uris["inference_log_uri"])
+    chunks: list[pa.Array] = []
+    for day in reversed(log_days(store)):
+        for t in read_segments(store, segment_files(store, first_day=day, last_day=day)):
+            answered = t.filter(pc.not_equal(t.column("_role"), "shadow"))
+            chunks += answered.column("_ts").cast(pa.timestamp("us", tz="UTC")).chunks
+        if chunks and pc.count_distinct(pa.chunked_array(chunks)).as_py() \
+                > 2 * CLOCK_CONFIRMATIONS:
+            break
+    record_quarantine_events(store, project.store)
+    if not chunks:
         return None
-    newest = datetime.fromisoformat(days[-1]).replace(tzinfo=UTC)
-    return watermark(read_rows(project.uris["inference_log_uri"],
-                               since=newest - timedelta(microseconds=1)))
+    return event_clock(pa.chunked_array(chunks, pa.timestamp("us", tz="UTC")))
 
 
 def count_labelled_since(project: Project, since: datetime | None) -> int:

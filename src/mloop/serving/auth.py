@@ -9,7 +9,7 @@ import threading
 import time
 
 from mloop.security.tokens import active_hashes, token_hash
-from mloop.serving.app import HTTPError
+from mloop.serving.edge import HTTPError
 from mloop.store.db import Store
 
 _RANK = {"predict": 1, "admin": 2}

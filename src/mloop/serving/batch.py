@@ -1,9 +1,10 @@
 """Batch scoring of files larger than memory: read a chunk, predict, append, repeat.
 
 Input is Parquet (read row group by row group) or CSV (pyarrow's streaming reader); output is
-one Parquet file with the input columns plus ``prediction``, written under a temporary name and
-renamed at the end, so a failure leaves no half-written output. Memory is bounded by the chunk
-size, not the file size.
+one Parquet file with the input columns plus ``prediction`` (and, for a classifier, one
+``proba_<class>`` column per class, in the order of the model's classes), written under a
+temporary name and renamed at the end, so a failure leaves no half-written output. Memory is
+bounded by the chunk size, not the file size.
 """
 
 from __future__ import annotations
@@ -121,10 +122,11 @@ def predict_file(project: Project, input_path: Path, output_path: Path, *,
                 if batch.num_rows == 0:
                     continue
                 frame = _frame(model, batch, input_path, rows)
-                pred = np.asarray(model.predict_frame(frame))
-                if pred.ndim > 1:
-                    pred = pred.reshape(len(pred), -1)[:, 0]
+                pred, proba = model.score_frame(frame)
                 out = pa.Table.from_batches([batch]).append_column("prediction", pa.array(pred))
+                if proba is not None and model.classes is not None:
+                    for j, c in enumerate(model.classes):
+                        out = out.append_column(f"proba_{c}", pa.array(proba[:, j]))
                 if writer is None:
                     writer = pq.ParquetWriter(tmp, out.schema, compression="zstd")
                 writer.write_table(out.cast(writer.schema))

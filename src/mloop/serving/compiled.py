@@ -4,8 +4,10 @@ scikit-learn spends milliseconds per predict call on input validation and column
 the same pipeline compiled with skl2onnx runs in tens of microseconds under onnxruntime (which
 also releases the GIL). Compilation is not exact (trees compare in float32), so a compiled
 model serves only after it has been checked against the original on the version's holdout
-snapshot: every prediction within ``atol + rtol * |original|`` (regression) or the same label
-on all but ``max_label_mismatch`` of the rows (classification). The verdict is recorded on the
+snapshot: every prediction within ``atol + rtol * |original|`` (regression), or, for a
+classifier, the same label and every class probability within ``atol + rtol * p`` on all but
+``max_label_mismatch`` of the rows (the probabilities are served and logged, so they are held
+to the same standard as a regression's values). The verdict is recorded on the
 MLflow version (tag ``mloop.compiled``); a mismatch, a failed conversion or a missing optional
 dependency (``pip install mloop[fast]``) means the original serves, as before.
 
@@ -43,8 +45,9 @@ class CompiledModel:
     numeric: list[bool]
     fills: dict[str, str]
     output: str
+    proba_output: str | None = None  # a classifier's (rows, classes) probabilities
 
-    def predict_columns(self, cols: dict[str, list]) -> np.ndarray:
+    def _feeds(self, cols: dict[str, list]) -> dict[str, np.ndarray]:
         feeds = {}
         for name, is_num in zip(self.names, self.numeric, strict=True):
             values = cols[name]
@@ -54,9 +57,22 @@ class CompiledModel:
                 fill = self.fills.get(name, "")
                 arr = np.array([fill if v is None else v for v in values], dtype=object)
             feeds[name] = arr.reshape(-1, 1)
-        out = self.session.run([self.output], feeds)[0]
-        return np.asarray(out).reshape(len(out), -1)[:, 0] if np.ndim(out) > 1 else \
-            np.asarray(out)
+        return feeds
+
+    def predict_columns(self, cols: dict[str, list]) -> np.ndarray:
+        return _flat(self.session.run([self.output], self._feeds(cols))[0])
+
+    def score_columns(self, cols: dict[str, list]) -> tuple[np.ndarray, np.ndarray | None]:
+        """Labels (or values) and, for a classifier, its probabilities: one run for both."""
+        if self.proba_output is None:
+            return self.predict_columns(cols), None
+        label, proba = self.session.run([self.output, self.proba_output], self._feeds(cols))
+        return _flat(label), np.asarray(proba, dtype=np.float64)
+
+
+def _flat(out: Any) -> np.ndarray:
+    arr = np.asarray(out)
+    return arr.reshape(len(arr), -1)[:, 0] if arr.ndim > 1 else arr
 
 
 @dataclass
@@ -154,8 +170,9 @@ def compile_sklearn(model: Any, schema: InputSchema) -> CompiledModel:
                                        providers=["CPUExecutionProvider"])
     except Exception as exc:
         raise CompileUnsupported(f"{type(exc).__name__}: {str(exc)[:300]}") from None
-    output = session.get_outputs()[0].name
-    return CompiledModel(session, schema.names, numeric, fills, output)
+    outputs = session.get_outputs()
+    proba = outputs[1].name if options is not None and len(outputs) > 1 else None
+    return CompiledModel(session, schema.names, numeric, fills, outputs[0].name, proba)
 
 
 def verify(compiled: CompiledModel, original: Any, frame: Any, schema: InputSchema, task: str,
@@ -167,8 +184,9 @@ def verify(compiled: CompiledModel, original: Any, frame: Any, schema: InputSche
         values = frame[c.name].tolist()
         cols[c.name] = [None if (v is None or (isinstance(v, float) and v != v)) else v
                         for v in values]
-    ref = np.asarray(original.predict(schema.frame(cols)))
-    got = compiled.predict_columns(cols)
+    frame_in = schema.frame(cols)
+    ref = np.asarray(original.predict(frame_in))
+    got, got_proba = compiled.score_columns(cols)
     n = len(ref)
     if task == "regression":
         diff = np.abs(got.astype(np.float64) - ref.astype(np.float64))
@@ -179,10 +197,27 @@ def verify(compiled: CompiledModel, original: Any, frame: Any, schema: InputSche
                   f"{atol:g} + {rtol:g}·|prediction|), {bad} outside")
         return Verdict("verified" if ok else "mismatch", detail, n, worst, bad,
                        time.perf_counter() - t0)
-    bad = int((got.astype(str) != ref.astype(str)).sum())
+    label_off = got.astype(str) != ref.astype(str)
+    proba_off: np.ndarray = np.zeros(n, dtype=bool)
+    proba_worst: float | None = None
+    if hasattr(original, "predict_proba"):
+        ref_proba = np.asarray(original.predict_proba(frame_in), dtype=np.float64)
+        if got_proba is None or got_proba.shape != ref_proba.shape:
+            shape = None if got_proba is None else got_proba.shape
+            return Verdict("mismatch", f"the compiled model's probabilities have shape {shape}, "
+                           f"the original's {ref_proba.shape}", n, None, n,
+                           time.perf_counter() - t0)
+        diff = np.abs(got_proba - ref_proba)
+        proba_off = np.asarray((diff > atol + rtol * np.abs(ref_proba)).any(axis=1))
+        proba_worst = float(diff.max()) if n else 0.0
+    bad = int((label_off | proba_off).sum())
     ok = bad <= max_label_mismatch * n
-    detail = f"{n} holdout rows, {bad} labels differ (allowed {max_label_mismatch:.2%})"
-    return Verdict("verified" if ok else "mismatch", detail, n, None, bad,
+    detail = f"{n} holdout rows, {int(label_off.sum())} labels differ"
+    if proba_worst is not None:
+        detail += (f", {int(proba_off.sum())} with a probability off by more than {atol:g} + "
+                   f"{rtol:g}·p (max |difference| {proba_worst:.3g})")
+    detail += f" (allowed {max_label_mismatch:.2%} of rows)"
+    return Verdict("verified" if ok else "mismatch", detail, n, proba_worst, bad,
                    time.perf_counter() - t0)
 
 

@@ -34,6 +34,16 @@ def auth_enabled(cfg: ServingConfig, host: str, flag: bool | None = None) -> boo
     return not is_loopback(host)
 
 
+def default_collectors(project: Project) -> list[Any]:
+    """The gauges /metrics shows beside the server's own: the newest monitor window and the
+    loop's state. Built here, where the serving process is composed, so the app itself imports
+    neither monitoring nor the loop."""
+    from mloop.loop.gauges import LoopCollector
+    from mloop.monitoring.alerts import MonitorCollector
+
+    return [MonitorCollector(project), LoopCollector(project)]
+
+
 def build_app(project: Project, cfg: ServingConfig, *, auth: bool) -> Any:
     from mloop.serving.app import create_app
 
@@ -42,7 +52,7 @@ def build_app(project: Project, cfg: ServingConfig, *, auth: bool) -> Any:
         from mloop.serving.auth import TokenAuth
 
         checker = TokenAuth(project.store, refresh_seconds=cfg.poll_seconds)
-    return create_app(project, cfg, auth=checker)
+    return create_app(project, cfg, auth=checker, collectors=default_collectors(project))
 
 
 def app_from_env() -> Any:

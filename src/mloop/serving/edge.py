@@ -1,0 +1,127 @@
+"""What every request meets before its endpoint: the error responses, the body limit, auth and
+the request metrics.
+
+Endpoints raise :class:`HTTPError` (or ``InputError`` for a body that does not match the
+signature); the app's exception handlers turn them into JSON answers. :class:`RequestMetrics`
+is a plain ASGI middleware (no per-request task or copy of the body) that times and counts
+the answers of the endpoints that do work, and is the one place an unexpected exception
+becomes a 500 instead of a dropped connection.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from mloop.errors import MloopError
+from mloop.serving.schema import InputError
+
+log = logging.getLogger("mloop.serving")
+
+
+class HTTPError(MloopError):
+    """A request answered with ``status`` and the JSON ``body`` (which names the problem)."""
+
+    def __init__(self, status: int, body: dict[str, Any],
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(body.get("error"))
+        self.status, self.body, self.headers = status, body, headers or {}
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None
+                  ) -> Response:
+    """orjson straight to bytes (numpy values included): no pydantic serialisation."""
+    return Response(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), status_code=status,
+                    media_type="application/json", headers=headers)
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    """Exception handler for :class:`HTTPError`."""
+    if not isinstance(exc, HTTPError):  # pragma: no cover - registered for HTTPError only
+        raise exc
+    return json_response(exc.body, exc.status, exc.headers)
+
+
+async def input_error(request: Request, exc: Exception) -> Response:
+    """Exception handler for ``InputError``: 422 naming each bad field."""
+    if not isinstance(exc, InputError):  # pragma: no cover - registered for InputError only
+        raise exc
+    return json_response(exc.to_dict(), 422)
+
+
+def authorize(request: Request, role: str) -> None:
+    """Raise 401/403 unless the bearer token has ``role`` (no-op when the app has no auth)."""
+    auth = request.app.state.auth
+    if auth is not None:
+        auth.check(request.headers.get("authorization"), role)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole body, refused with 413 as soon as it is known to exceed ``limit`` bytes
+    (from Content-Length, else while streaming): an oversized body is never held in memory."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise HTTPError(413, {"error": f"body of {declared} bytes exceeds the limit of "
+                                       f"{limit} (serving.max_body_bytes)"})
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise HTTPError(413, {"error": f"body exceeds the limit of {limit} bytes "
+                                           f"(serving.max_body_bytes)"})
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+VERSION_HEADER = b"x-mloop-version"
+
+
+class RequestMetrics:
+    """Count and time the answers of the endpoints in ``endpoints`` (path -> metric label):
+    ``mloop_requests_total{endpoint,status,version}`` (version from the response's
+    ``x-mloop-version`` header), the latency histogram and the in-flight gauge, read from the
+    app's ``ServerState``. An exception no handler took is logged and answered 500 here."""
+
+    def __init__(self, app: ASGIApp, *, endpoints: dict[str, str]) -> None:
+        self.app = app
+        self.endpoints = endpoints
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        endpoint = self.endpoints.get(scope["path"]) if scope["type"] == "http" else None
+        if endpoint is None:
+            await self.app(scope, receive, send)
+            return
+        metrics = scope["app"].state.mloop.metrics
+        status, version, started = 500, "", False
+
+        async def send_and_note(message: Message) -> None:
+            nonlocal status, version, started
+            if message["type"] == "http.response.start":
+                started = True
+                status = message["status"]
+                for name, value in message.get("headers", ()):
+                    if name == VERSION_HEADER:
+                        version = value.decode()
+            await send(message)
+
+        t0 = time.perf_counter()
+        metrics.in_flight.inc()
+        try:
+            await self.app(scope, receive, send_and_note)
+        except Exception as exc:  # the model or the server failed: a 500, never silent
+            log.exception("%s failed", endpoint)
+            status = 500
+            if not started:
+                response = json_response(
+                    {"error": f"prediction failed: {type(exc).__name__}: {exc}"}, 500)
+                await response(scope, receive, send)
+        finally:
+            metrics.in_flight.dec()
+            metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
+            metrics.requests.labels(endpoint, str(status), version).inc()
