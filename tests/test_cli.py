@@ -66,7 +66,10 @@ def test_template_project_runs_end_to_end_with_its_own_pipeline_file(tmp_path: P
     assert len(status["snapshots"]) == 3  # source, train, holdout
     runs = json.loads(run_cli("runs", "list", "--json", cwd=root).stdout)["runs"]
     assert [r["run_id"] for r in runs] == [out["run_id"]]
-    client = MlflowClient(status["stores"]["tracking_uri"])
+    # both URIs: mlflow's process-wide registry URI may name a project an earlier in-process
+    # test opened
+    client = MlflowClient(status["stores"]["tracking_uri"],
+                          registry_uri=status["stores"]["registry_uri"])
     tags = client.get_model_version("shop", "1").tags
     assert (tags["mloop.git_commit"], tags["mloop.git_dirty"]) == (head, "false")
     human = run_cli("status", cwd=root).stdout
