@@ -13,6 +13,7 @@ one-line message and exit code 1 (``--debug`` shows the traceback). Anything els
     ├── StepFailedError          a step raised after its retries (carries step, run id, traceback)
     ├── RunNotFoundError         no pipeline run with that id
     ├── ModelNotFoundError       no such registered model version
+    ├── CandidateNotRegisteredError  a pipeline run registered no model version (carries run id)
     ├── GateFailedError          promotion refused: the candidate failed a gate
     ├── PromotionError           an alias change could not be made (lost a race, MLflow refused)
     └── PurgeNotFoundError       no inference-log purge with that id
@@ -88,6 +89,15 @@ class StepFailedError(MloopError):
         self.run_id = run_id
         self.error = error
         self.traceback = traceback
+
+
+class CandidateNotRegisteredError(MloopError):
+    """A pipeline run finished (or stopped) without its ``register`` step's output."""
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__(f"pipeline run {run_id} has registered no model version (no "
+                         f"succeeded 'register' step)")
+        self.run_id = run_id
 
 
 class GateFailedError(MloopError):

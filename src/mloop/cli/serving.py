@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from mloop.cli._common import JsonOpt, open_project, report
-from mloop.cli.render import err, out, print_change, short, table
+from mloop.cli.render import err, out, print_change, table
 from mloop.errors import MloopError
 
 deploy_app = typer.Typer(no_args_is_help=True, help="Challengers: canary (a share of traffic) "
@@ -88,10 +88,14 @@ def deploy_status(json_: JsonOpt = False) -> None:
     from mloop.serving.deploy import desired_state
 
     def render(state: dict[str, Any]) -> None:
+        def v(version: int | None) -> str:
+            return "none" if version is None else f"v{version}"
+
         out.print(table("deployment", ["role", "version", "mode", "traffic"], [
-            ["champion", short(state["champion"]), "", f"{1 - state['weight']:.0%}"],
-            ["challenger", short(state["challenger"]), state["mode"] or "",
-             f"{state['weight']:.0%}"]]))
+            ["champion", v(state["champion"]), "",
+             f"{1 - state['weight']:.0%}" if state["champion"] is not None else ""],
+            ["challenger", v(state["challenger"]), state["mode"] or "",
+             f"{state['weight']:.0%}" if state["challenger"] is not None else ""]]))
 
     report(desired_state(open_project()).to_dict(), json_, render)
 
