@@ -151,14 +151,9 @@ def labels_ingest(
 ) -> None:
     """Store ground truth by request id; ids the inference log does not hold are reported
     (and make the exit code 1), never stored."""
-    from mloop.serving.labels import read_label_file, store_labels
-    from mloop.storage import ObjectStore
+    from mloop.serving.labels import ingest_label_file
 
-    project = open_project()
-    task = project.config.task or "regression"
-    labels = read_label_file(file, task)
-    result = store_labels(ObjectStore(project.uris["inference_log_uri"]), labels, task=task,
-                          source=f"file:{file.name}")
+    result = ingest_label_file(open_project(), file)
 
     def render(result: dict[str, Any]) -> None:
         out.print(f"stored {result['stored']} label(s) from {file}")
@@ -166,6 +161,9 @@ def labels_ingest(
             shown = ", ".join(result["unknown_ids"][:10])
             err.print(f"[yellow]{result['unknown']} unknown request id(s), not stored: "
                       f"{shown}{' ...' if result['unknown'] > 10 else ''}")
+        if result.get("quarantined"):
+            err.print(f"[yellow]{result['quarantined']} damaged log segment(s) moved to "
+                      "quarantine on the way (see `mloop events --type log.`)")
 
     report(result, json_, render)
     if result["unknown"]:
