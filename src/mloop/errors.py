@@ -15,6 +15,7 @@ one-line message and exit code 1 (``--debug`` shows the traceback). Anything els
     ├── ModelNotFoundError       no such registered model version
     ├── GateFailedError          promotion refused: the candidate failed a gate
     ├── PromotionError           an alias change could not be made (lost a race, MLflow refused)
+    ├── StaleStateError          another loop controller saved the state first: stop acting
     └── PurgeNotFoundError       no inference-log purge with that id
 """
 
@@ -96,6 +97,11 @@ class GateFailedError(MloopError):
 
 class PromotionError(MloopError):
     pass
+
+
+class StaleStateError(MloopError):
+    """The loop controller's saved state changed since this pass read it (another controller
+    saved first): the pass stops without acting further."""
 
 
 class PurgeNotFoundError(MloopError):
