@@ -6,6 +6,7 @@ one-line message and exit code 1 (``--debug`` shows the traceback). Anything els
     MloopError
     ├── ConfigError              mloop.yaml is malformed (carries file, line, key)
     ├── ProjectNotFoundError     no mloop.yaml in the folder or its parents
+    ├── MissingExtraError        an optional dependency is not installed (carries extra, module)
     ├── DataSourceError          the configured data cannot be read
     ├── ValidationFailedError    data broke the expectations in mloop.yaml (carries the report)
     ├── SnapshotNotFoundError    no snapshot with that digest
@@ -70,6 +71,16 @@ class RunNotFoundError(MloopError):
 
 class ModelNotFoundError(MloopError):
     pass
+
+
+class MissingExtraError(MloopError):
+    """A feature needs an optional dependency: ``module``, installed by ``mloop[extra]``.
+    Raised by :func:`mloop.extras.require_extra`, which words every such message alike."""
+
+    def __init__(self, message: str, *, extra: str, module: str) -> None:
+        super().__init__(message)
+        self.extra = extra
+        self.module = module
 
 
 class ValidationFailedError(MloopError):
