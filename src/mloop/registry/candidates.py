@@ -22,7 +22,8 @@ def get_version(project: Any, version: int) -> Any:
         return project.mlflow.get_model_version(project.config.model_name, str(version))
     except MlflowException:
         raise ModelNotFoundError(f"model '{project.config.model_name}' has no version "
-                                 f"{version} (see `mloop models list`)") from None
+                                 f"{version} (see `mloop models list`)",
+                                 model=project.config.model_name, version=version) from None
 
 
 def _requirements(model: Any) -> list[str]:
