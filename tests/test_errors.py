@@ -1,8 +1,10 @@
-"""The error tree in use: one "no champion" error naming the command that makes one, one
-sentence for every missing extra, and DataSourceError for inputs that cannot be read."""
+"""The error tree in use: every error importable from ``mloop``, one "no champion" error
+naming the command that makes one, one sentence for every missing extra, and
+DataSourceError for inputs that cannot be read."""
 
 from __future__ import annotations
 
+import inspect
 import re
 import sys
 import textwrap
@@ -11,7 +13,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from mloop.errors import DataSourceError, MissingExtraError, ModelNotFoundError
+import mloop
+import mloop.errors
+from mloop.errors import DataSourceError, MissingExtraError, MloopError, ModelNotFoundError
 from mloop.extras import EXTRAS, require_extra
 from mloop.project import open_project
 
@@ -19,6 +23,17 @@ from .conftest import run_cli
 
 NO_CHAMPION = ("'rentals' has no champion: {}; make one with "
                "`mloop models promote VERSION --reason \"...\"`")
+
+ERRORS = [cls for _, cls in inspect.getmembers(mloop.errors, inspect.isclass)
+          if issubclass(cls, MloopError) and cls.__module__ == "mloop.errors"]
+
+
+@pytest.mark.parametrize("cls", ERRORS, ids=lambda c: c.__name__)
+def test_every_error_is_exported_from_mloop_and_drawn_in_the_tree(cls: type) -> None:
+    assert cls.__name__ in mloop.__all__
+    assert getattr(mloop, cls.__name__) is cls
+    assert re.search(rf"^\s*(├──|└──)?\s*{cls.__name__}\b", mloop.errors.__doc__ or "",
+                     re.MULTILINE), f"{cls.__name__} is not drawn in errors.py's tree"
 
 
 # ------------------------------------------------------------------------------ extras

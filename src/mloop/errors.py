@@ -2,6 +2,7 @@
 
 Every error a user can cause derives from :class:`MloopError`; the CLI turns these into a
 one-line message and exit code 1 (``--debug`` shows the traceback). Anything else is a bug.
+Each is also importable from ``mloop`` itself.
 
     MloopError
     ├── ConfigError              mloop.yaml is malformed (carries file, line, key)
