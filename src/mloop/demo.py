@@ -156,7 +156,7 @@ def run_demo(opts: DemoOptions, *, progress: Callable[[str, dict[str, Any]], Non
         "cpu_seconds_per_1k_predictions": serving_cpu,
         "cost_per_1k_predictions": None if serving_cpu is None else
         round(serving_cpu / 3600 * rates.cpu_hour, 8), "currency": rates.currency}
-    summary["history"] = load_state(project).get("history", [])
+    summary["history"] = [h.model_dump(mode="json") for h in load_state(project).history]
     summary["seconds"] = round(time.perf_counter() - t_start, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     from mloop.loop.report import loop_html

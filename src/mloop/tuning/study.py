@@ -68,7 +68,7 @@ from optuna.study import MaxTrialsCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from mloop.config import CONFIG_FILE, ModelConfig, SearchParam
-from mloop.errors import ConfigError, MloopError
+from mloop.errors import ConfigError, MloopError, PipelineDefinitionError
 from mloop.pipeline.artifacts import load_output
 from mloop.pipeline.dsl import Graph
 from mloop.pipeline.runner import (
@@ -625,15 +625,15 @@ def _ancestors(graph: Graph, name: str) -> list[str]:
 
 def _train_node(graph: Graph) -> Any:
     if "train" not in graph.nodes:
-        raise MloopError(f"`mloop tune` tunes the model of the pipeline's 'train' step, and "
-                         f"pipeline '{graph.pipeline}' has none (steps: "
-                         f"{', '.join(graph.nodes)})")
+        raise PipelineDefinitionError(f"`mloop tune` tunes the model of the pipeline's "
+                                      f"'train' step, and pipeline '{graph.pipeline}' has "
+                                      f"none (steps: {', '.join(graph.nodes)})")
     node = graph.nodes["train"]
     if node.step.fn is not builtin_steps.train.fn or "data" not in node.inputs:
         fn = node.step.fn
-        raise MloopError(f"`mloop tune` fits the model the built-in train step builds "
-                         f"(mloop.tabular.model); this pipeline's 'train' step is "
-                         f"{fn.__module__}.{fn.__qualname__}")
+        raise PipelineDefinitionError(f"`mloop tune` fits the model the built-in train step "
+                                      f"builds (mloop.tabular.model); this pipeline's 'train' "
+                                      f"step is {fn.__module__}.{fn.__qualname__}")
     return node
 
 
