@@ -48,14 +48,26 @@ def _trusted_types(model: Any) -> list[str]:
     return sorted(skops.io.get_untrusted_types(data=skops.io.dumps(model)))
 
 
+def candidate_signature(input_example: Any, predictions: Any, signature_input: Any = None
+                        ) -> Any:
+    """The MLflow signature a candidate is logged with: inferred from ``signature_input``
+    (the training features) when given, so columns that had missing values are optional;
+    else from the example."""
+    from mlflow.models import infer_signature
+
+    return infer_signature(input_example if signature_input is None else signature_input,
+                           predictions)
+
+
 def register_candidate(client: Any, *, run_id: str, model: Any, name: str, input_example: Any,
                        predictions: Any, tags: dict[str, str],
                        description: str | None = None,
-                       signature_input: Any = None) -> dict[str, Any]:
+                       signature_input: Any = None, signature: Any = None) -> dict[str, Any]:
     """Log ``model`` (sklearn flavour, skops format) under ``run_id`` and register a version.
 
-    The input signature is inferred from ``signature_input`` (the training features) when
-    given, so columns that had missing values are optional; else from the example.
+    ``signature`` is the one to log (``candidate_signature`` makes it; the register step
+    needs it before the version exists, to compile the model against it); without it, it is
+    inferred here the same way.
 
     Returns ``{"name", "version", "model_uri", "run_id"}``. The version is created last, so a
     failure before it leaves the registry untouched.
@@ -63,10 +75,9 @@ def register_candidate(client: Any, *, run_id: str, model: Any, name: str, input
     import mlflow
     import mlflow.sklearn
     from mlflow.exceptions import MlflowException
-    from mlflow.models import infer_signature
 
-    signature = infer_signature(input_example if signature_input is None else signature_input,
-                                predictions)
+    if signature is None:
+        signature = candidate_signature(input_example, predictions, signature_input)
     with mlflow.start_run(run_id=run_id):
         info = mlflow.sklearn.log_model(
             model, name="model", signature=signature, input_example=input_example,

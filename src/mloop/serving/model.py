@@ -147,8 +147,9 @@ def predict_method(body: Any, model: ServedModel | None) -> str:
 def load_served(project: Project, version: int, *, warm: bool = True,
                 compile: Any = None) -> ServedModel:
     """Load ``version`` of the project's model and (by default) warm it up. With ``compile``
-    (a CompileConfig, enabled), a scikit-learn model is compiled and serves compiled if it
-    verifies on the version's holdout."""
+    (a CompileConfig, enabled), a scikit-learn model serves compiled if its graph verifies on
+    the version's holdout (the graph and verdict stored at registration, see
+    ``mloop.serving.compiled.load_compiled``)."""
     from mloop.registry.candidates import get_version, load_pyfunc
 
     t0 = time.perf_counter()
@@ -173,10 +174,11 @@ def load_served(project: Project, version: int, *, warm: bool = True,
     if task == "classification" and raw is not None:
         served.classes, served.proba_frame = _with_probabilities(raw)
     if compile is not None and compile.enabled and raw is not None:
-        from mloop.serving.compiled import compile_and_verify
+        from mloop.serving.compiled import load_compiled
 
-        served.compiled, verdict = compile_and_verify(project, int(version), raw, schema, task,
-                                                      tags, compile)
+        served.compiled, verdict = load_compiled(project, int(version), tags=tags,
+                                                 schema=schema, task=task, cfg=compile,
+                                                 original=lambda: raw, run_id=mv.run_id)
         served.compile_verdict = verdict.to_dict()
     if warm:
         served.warm_up()
