@@ -99,8 +99,53 @@ def register_candidate(client: Any, *, run_id: str, model: Any, name: str, input
 
 
 _PYFUNCS: OrderedDict[tuple[str, str, int], tuple[Path, Any]] = OrderedDict()
+_COPIES: OrderedDict[tuple[str, str, int], Path] = OrderedDict()
 _PYFUNCS_LOCK = threading.Lock()
 PYFUNC_CACHE_SIZE = 4
+
+
+def _cached(cache: OrderedDict[Any, Any], key: Any) -> Any:
+    with _PYFUNCS_LOCK:
+        hit = cache.get(key)
+        if hit is not None:
+            cache.move_to_end(key)
+        return hit
+
+
+def _keep(cache: OrderedDict[Any, Any], key: Any, value: Any) -> None:
+    with _PYFUNCS_LOCK:
+        cache[key] = value
+        while len(cache) > PYFUNC_CACHE_SIZE:
+            cache.popitem(last=False)
+
+
+def _local_copy(project: Any, version: int) -> Path:
+    """The version's model folder on local disk (downloaded once per process)."""
+    import mlflow.artifacts
+
+    name = project.config.model_name
+    key = (project.uris["tracking_uri"], name, int(version))
+    hit = _cached(_COPIES, key)
+    if hit is not None and hit.exists():
+        return Path(hit)
+    path = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}"))
+    _keep(_COPIES, key, path)
+    return path
+
+
+def load_metadata(project: Any, version: int) -> tuple[Path, Any]:
+    """The local copy and the MLmodel (``mlflow.models.Model``: flavours, signature, input
+    example) of ``version``, without loading the model itself: a server that serves the
+    version's stored compiled graph never needs the original, and deserializing it costs
+    more than everything else a hot swap does."""
+    from mlflow.models import Model
+
+    name = project.config.model_name
+    hit = _cached(_PYFUNCS, (project.uris["tracking_uri"], name, int(version)))
+    if hit is not None:
+        return hit[0], hit[1].metadata
+    path = _local_copy(project, version)
+    return path, Model.load(str(path))
 
 
 def load_pyfunc(project: Any, version: int) -> tuple[Path, Any]:
@@ -108,20 +153,14 @@ def load_pyfunc(project: Any, version: int) -> tuple[Path, Any]:
     registered version never changes, and one controller pass may load the same two versions
     three times (gates, probation verdict, promotion), at 0.4 s and a fresh artifact copy
     each."""
-    import mlflow.artifacts
     import mlflow.pyfunc
 
     name = project.config.model_name
     key = (project.uris["tracking_uri"], name, int(version))
-    with _PYFUNCS_LOCK:
-        hit = _PYFUNCS.get(key)
-        if hit is not None:
-            _PYFUNCS.move_to_end(key)
-            return hit
-    path = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}"))
+    hit = _cached(_PYFUNCS, key)
+    if hit is not None:
+        return hit  # type: ignore[no-any-return]
+    path = _local_copy(project, version)
     loaded = (path, mlflow.pyfunc.load_model(str(path)))
-    with _PYFUNCS_LOCK:
-        _PYFUNCS[key] = loaded
-        while len(_PYFUNCS) > PYFUNC_CACHE_SIZE:
-            _PYFUNCS.popitem(last=False)
+    _keep(_PYFUNCS, key, loaded)
     return loaded
