@@ -20,13 +20,22 @@ project's mloop.yaml, alternated per repetition):
               registered are loaded directly (onnxruntime session from the stored bytes; no
               skl2onnx, no original model).
 
-each on a quiet machine and with ``--burners`` processes spinning (started by the benchmark
-after the alias change, 2 s before t0, stopped after the measurement: on this 2-core machine
-two burners load both cores). Every measurement uses a freshly started server (no process
-caches of v2), and the alias is put back to v1 between them.
+each under three loads, started by the benchmark after the alias change, 2 s before t0 and
+stopped after the measurement:
 
-Target (PASS/MISS): every "after" measurement <= 1 s, quiet and busy (the slowest repetition
-counts). "before" is printed against the same line for comparison.
+  * quiet        -- nothing added (on a shared machine other processes may still run: the
+                    CPU the whole machine used during each swap is recorded, in cores);
+  * busy         -- ``--burners`` processes spinning (two load both cores of this machine);
+  * busy+traffic -- the burners plus a client process sending the same one-row request back
+                    to back on 8 keep-alive connections:
+                    the server answers v1 while it loads v2, as during a replay (where
+                    canaries used to start answering 17-30 s after the alias changed).
+
+Every measurement uses a freshly started server (no process caches of v2), and the alias is
+put back to v1 between them.
+
+Target (PASS/MISS): every "after" measurement <= 1 s, under every load (the slowest
+repetition counts). "before" is printed against the same line for comparison.
 
 Data and model: examples/bike_sharing copied to a temp folder; ``mloop run`` trains v1 (promoted;
 if a gate fails on a busy machine it is force-promoted, and a note says so); then
@@ -76,7 +85,8 @@ from bench_serving import (
 
 TARGET_SECONDS = 1.0
 MODES = ("before", "after")  # serving.compile.stored: false / true
-LOADS = ("quiet", "busy")
+LOADS = ("quiet", "busy", "busy+traffic")
+TRAFFIC_CONNECTIONS = 8
 STORED_LINE = re.compile(r"^  compile: \{stored: (true|false)\}$", re.M)
 
 
@@ -211,6 +221,42 @@ def measure_swap(server: Server, body: bytes, to_version: int, timeout: float = 
             "answers_from_old": answered["old"], "errors": answered["errors"]}
 
 
+_TRAFFIC = """\
+import http.client, sys, threading
+host, port, path, body, n = sys.argv[1:6]
+port, n = int(port), int(n)
+def loop():
+    conn = http.client.HTTPConnection(host, port, timeout=30)
+    while True:
+        try:
+            conn.request("POST", path, body, {"Content-Type": "application/json"})
+            conn.getresponse().read()
+        except OSError:
+            conn.close()
+            conn = http.client.HTTPConnection(host, port, timeout=30)
+for _ in range(n):
+    threading.Thread(target=loop, daemon=True).start()
+threading.Event().wait()
+"""
+
+
+class Traffic:
+    """A client process sending the one-row request back to back on ``connections`` keep-alive
+    connections until stopped: the server is busy answering the old version while it loads
+    the new one (as during a replay, where canaries used to start answering 17-30 s late)."""
+
+    def __init__(self, server: Server, body: bytes, connections: int) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _TRAFFIC, "127.0.0.1", str(server.port),
+             server.predict_path, body.decode(), str(connections)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def stop(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+
 def one(project_dir: Path, project: Any, *, mode: str, load: str, rep: int, v1: int, v2: int,
         report: Any, burners: int, port: int, logs: Path, body: bytes) -> dict[str, Any]:
     from mloop.registry.promotion import promote, rollback
@@ -224,18 +270,24 @@ def one(project_dir: Path, project: Any, *, mode: str, load: str, rep: int, v1: 
                      "--port", str(port), "--workers", "1"],
                     port, "/ready", "/predict", _server_env(), logs)
     burn: Burners | None = None
+    traffic: Traffic | None = None
     try:
         server.start()
         server.wait_ready(180)
         promote(project, v2, reason="bench_swap: the measured swap", force=True,
                 gate_report=report)
-        if load == "busy":
+        if load.startswith("busy"):
             burn = Burners(burners)
+        if load.endswith("traffic"):
+            traffic = Traffic(server, body, TRAFFIC_CONNECTIONS)
+        if burn is not None or traffic is not None:
             time.sleep(2.0)
         return measure_swap(server, body, v2)
     except ServerFailed as exc:
         raise SystemExit(f"{exc}\n--- stderr (tail) ---\n{exc.stderr}") from None
     finally:
+        if traffic is not None:
+            traffic.stop()
         if burn is not None:
             burn.stop()
         server.stop()
@@ -333,7 +385,7 @@ def print_report(results: dict[str, Any]) -> None:
           f"the server's poll (POST /reload) to the first answer of v{results['to']}; "
           f"{results['config']['repeats']} fresh server(s) per cell, busy = "
           f"{results['config']['burners']} CPU burners on {results['machine']['cpus']} CPUs")
-    print(f"{'cell':<14} {'first answer (each)':<30} {'max':>7} {'load':>7} {'compile+verify':>15}"
+    print(f"{'cell':<20} {'first answer (each)':<24} {'max':>7} {'load':>7} {'compile+verify':>15}"
           f"  target <= {TARGET_SECONDS:g} s")
     for mode in MODES:
         for load in LOADS:
@@ -343,7 +395,7 @@ def print_report(results: dict[str, Any]) -> None:
             if not reps or cell is None:
                 continue
             each = " ".join(f"{r['first_answer_s']:.3f}" for r in reps)
-            print(f"{key:<14} {each:<30} {cell['first_answer_s_max']:>7.3f} "
+            print(f"{key:<20} {each:<24} {cell['first_answer_s_max']:>7.3f} "
                   f"{cell['server_load_s_median']:>7.3f} {cell['compile_verify_s_median']:>15.3f}"
                   f"  {cell['result']}")
     print("\nwhere a load's time goes (in process, median of 3, seconds):")
