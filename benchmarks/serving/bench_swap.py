@@ -354,13 +354,19 @@ def _phases_once(project: Any, version: int) -> dict[str, float]:
 
 # ------------------------------------------------------------------------------- output
 
-def _git() -> dict[str, Any]:
+def _git(out: Path) -> dict[str, Any]:
+    """The commit measured, and whether the work tree matched it (this run's own results
+    file, about to be overwritten, does not count)."""
     def git(*args: str) -> str:
         return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True,
                               timeout=30).stdout.strip()
 
+    resolved = out.resolve()
+    mine = str(resolved.relative_to(REPO)) if resolved.is_relative_to(REPO) else None
     with contextlib.suppress(OSError, subprocess.SubprocessError):
-        return {"commit": git("rev-parse", "HEAD"), "clean": git("status", "--porcelain") == ""}
+        dirty = [line for line in git("status", "--porcelain").splitlines()
+                 if line[3:] != mine]
+        return {"commit": git("rev-parse", "HEAD"), "clean": not dirty, "dirty": dirty}
     return {"commit": None, "clean": None}
 
 
@@ -457,7 +463,7 @@ def main() -> None:
         results: dict[str, Any] = {
             "benchmark": "serving/swap",
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
-            "git": _git(), "model": project.config.model_name, "from": v1, "to": v2,
+            "git": _git(args.out), "model": project.config.model_name, "from": v1, "to": v2,
             "config": {"repeats": args.repeats, "burners": args.burners, "row": args.row,
                        "env": SERVER_ENV, "workers": 1, "target_s": TARGET_SECONDS,
                        "example": str(EXAMPLE)},
