@@ -11,7 +11,6 @@ version has the same lineage, gates and reproducibility as any other.
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -22,15 +21,6 @@ import pyarrow.compute as pc
 
 from mloop.errors import MloopError
 from mloop.project import Project
-
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def seconds(duration: str) -> float:
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd])", duration)
-    if not m:
-        raise MloopError(f"'{duration}' is not a duration like 30m, 6h or 60d")
-    return float(m.group(1)) * _UNITS[m.group(2)]
 
 
 @dataclass
@@ -43,14 +33,14 @@ class TrainingData:
     until: datetime
 
 
-def labelled_traffic(project: Project, *, until: datetime, window: str) -> pa.Table:
+def labelled_traffic(project: Project, *, until: datetime, window: timedelta) -> pa.Table:
     """Answered rows with ``until - window < _ts <= until`` that have a label, with the label
     as a ``target`` column and the event time as the time column."""
     from mloop.monitoring.windows import read_rows
     from mloop.serving.labels import read_labels
 
     cfg = project.config
-    since = until - timedelta(seconds=seconds(window))
+    since = until - window
     rows = read_rows(project.uris["inference_log_uri"], since=since, until=until)
     labels = read_labels(project.uris["inference_log_uri"])
     if rows.num_rows == 0 or labels.num_rows == 0:
@@ -83,7 +73,7 @@ def build_training_data(project: Project, *, until: datetime, champion: int | No
     rel = f"retrain/traffic-{until:%Y%m%dT%H%M%S}-{int(time.time())}.parquet"
     project.outputs.write_parquet(rel, table)
     return TrainingData(project.outputs.uri_for(rel), table.num_rows, labelled, original,
-                        until - timedelta(seconds=seconds(cfg.window)), until)
+                        until - cfg.window, until)
 
 
 def _original_types(project: Project, champion: int, table: pa.Table) -> pa.Table:
@@ -132,9 +122,8 @@ def retrain(project: Project, data: TrainingData, *, on_event: Any = None) -> di
 
     from mloop.config import DataConfig
     from mloop.memory import PeakMemory
-    from mloop.pipeline.artifacts import load_output
-    from mloop.pipeline.runner import run_pipeline
     from mloop.project import Project as _Project
+    from mloop.registry.training import train_candidate
     from mloop.storage import filesystem
 
     fs, where = filesystem(data.path)
@@ -146,12 +135,9 @@ def retrain(project: Project, data: TrainingData, *, on_event: Any = None) -> di
     retrain_project = _Project(project.root, config)
     cpu0 = time.process_time()
     t0 = time.perf_counter()
-    with PeakMemory() as peak:
-        result = run_pipeline(retrain_project, on_event=on_event)
-    reg = next(s for s in result.steps if s.step == "register")
-    out = load_output(reg.outputs["output"], retrain_project.outputs,
-                      retrain_project.snapshots)
-    return {"version": int(out["version"]), "pipeline_run_id": result.run_id,
+    with PeakMemory() as peak:  # the controller gates and rolls out itself
+        trained = train_candidate(retrain_project, on_event=on_event, gate=False)
+    return {"version": trained.version, "pipeline_run_id": trained.pipeline_run_id,
             "seconds": round(time.perf_counter() - t0, 2),
             "cpu_seconds": round(time.process_time() - cpu0, 2),
             "peak_memory_mb": round(peak.peak_mb, 1),

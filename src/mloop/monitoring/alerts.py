@@ -183,7 +183,7 @@ def _window_seconds(spec: str) -> int:
     from mloop.monitoring.windows import WindowSpec
 
     w = WindowSpec.parse(spec)
-    return w.seconds or 86400
+    return int(w.length.total_seconds()) if w.length else 86400
 
 
 def rules_yaml(project: Project) -> str:

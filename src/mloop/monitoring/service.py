@@ -206,14 +206,12 @@ def run_monitor(project: Project, *, window: str | None = None,
                 seed: int = 0) -> dict[str, Any]:
     """Evaluate every complete window newer than the last one evaluated (or ``since``);
     refresh the performance of earlier windows whose labels were incomplete."""
-    from mloop.serving.deploy import desired_state
+    from mloop.registry.aliases import require_champion
 
     cfg = project.config.monitoring
     spec = WindowSpec.parse(window or cfg.window)
     name = project.config.model_name
-    champion = desired_state(project).champion
-    if champion is None:
-        raise MloopError(f"'{name}' has no champion: nothing to monitor against")
+    champion = require_champion(project, needed_for="nothing to monitor against")
     with project.store.session() as s:
         last = s.scalars(sa.select(MonitorWindowRow).where(
             MonitorWindowRow.model == name, MonitorWindowRow.spec == spec.text)
@@ -224,8 +222,8 @@ def run_monitor(project: Project, *, window: str | None = None,
     start_after = max(filter(None, [last_end, as_utc(since)]), default=None)
     read_since = start_after - timedelta(microseconds=1) if start_after else None
     rows = read_rows(project.uris["inference_log_uri"], since=read_since, until=until)
-    if spec.seconds:
-        windows = time_windows(rows, spec.seconds, start_after, cfg.lateness_seconds)
+    if spec.length:
+        windows = time_windows(rows, spec.length, start_after, cfg.lateness_seconds)
     else:
         assert spec.rows is not None
         windows = row_windows(rows, spec.rows, skip_ids=boundary)
@@ -340,7 +338,7 @@ def _refresh_performance(project: Project, spec: WindowSpec, labels: dict[str, A
         window = read_rows(project.uris["inference_log_uri"],
                            since=as_utc(row.start) - timedelta(microseconds=1),
                            until=as_utc(row.end))
-        if spec.seconds:
+        if spec.length:
             window = window.filter(pc.less(window.column("_ts"),
                                            pa.scalar(as_utc(row.end), window.column("_ts").type)))
         ids = set(window.column("_request_id").to_pylist()) if window.num_rows else set()

@@ -13,35 +13,38 @@ does not close every window up to today.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from mloop.config import parse_window
 from mloop.errors import MloopError
 from mloop.serving.inference_log import read_segments, segment_files
 from mloop.storage import ObjectStore
 
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 @dataclass(frozen=True)
 class WindowSpec:
+    """A window size as written (``text`` names its windows in the store): by event time
+    (``length``) or by row count (``rows``)."""
+
     text: str
-    seconds: int | None = None
+    length: timedelta | None = None
     rows: int | None = None
 
     @classmethod
     def parse(cls, text: str) -> WindowSpec:
-        m = re.fullmatch(r"(\d+)(rows|[smhd])", text.strip())
-        if not m or int(m.group(1)) <= 0:
-            raise MloopError(f"window '{text}': expected a size like 1d, 6h, 30m or 5000rows")
-        n, unit = int(m.group(1)), m.group(2)
-        if unit == "rows":
-            return cls(text, rows=n)
-        return cls(text, seconds=n * _UNITS[unit])
+        """``monitoring.window`` or ``--window``: parsed as the config parses it."""
+        try:
+            size = parse_window(text)
+        except ValueError:
+            raise MloopError(f"window '{text}': expected a size like 1d, 6h, 30m or "
+                             f"5000rows") from None
+        return cls(text, rows=size) if isinstance(size, int) else cls(text, length=size)
 
 
 def read_rows(uri: str, *, since: datetime | None = None, until: datetime | None = None
@@ -134,7 +137,7 @@ def event_clock(ts: pa.Array | pa.ChunkedArray, *, confirmations: int = CLOCK_CO
         if gap > max(gap_floor, span):
             clock = micros[m]
             break
-    return datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=int(clock))
+    return _EPOCH + timedelta(microseconds=int(clock))
 
 
 def watermark(table: pa.Table) -> datetime | None:
@@ -144,27 +147,27 @@ def watermark(table: pa.Table) -> datetime | None:
     return event_clock(table.column("_ts"))
 
 
-def align(ts: datetime, seconds: int) -> datetime:
-    """The start of the epoch-aligned window of ``seconds`` holding ``ts``."""
-    epoch = int(ts.timestamp())
-    return datetime.fromtimestamp(epoch - epoch % seconds, UTC)
+def align(ts: datetime, length: timedelta) -> datetime:
+    """The start of the epoch-aligned window of ``length`` holding ``ts``."""
+    return _EPOCH + (ts - _EPOCH) // length * length
 
 
-def time_windows(table: pa.Table, seconds: int, after: datetime | None,
+def time_windows(table: pa.Table, length: timedelta, after: datetime | None,
                  lateness: float = 0.0) -> list[tuple[datetime, datetime, pa.Table]]:
-    """Complete windows in ``table`` (whose end the watermark has passed by ``lateness``
-    seconds, so rows committed a little late still land in their window), oldest first."""
+    """Complete windows of ``length`` in ``table`` (whose end the watermark has passed by
+    ``lateness`` seconds, so rows committed a little late still land in their window), oldest
+    first."""
     mark = watermark(table)
     if mark is None:
         return []
     mark = mark - timedelta(seconds=lateness)
     first = pc.min(table.column("_ts")).as_py()
     first = first if first.tzinfo else first.replace(tzinfo=UTC)
-    start = align(first, seconds) if after is None else max(after, align(first, seconds))
+    start = align(first, length) if after is None else max(after, align(first, length))
     out = []
     ts = table.column("_ts")
-    while start + timedelta(seconds=seconds) <= mark:
-        end = start + timedelta(seconds=seconds)
+    while start + length <= mark:
+        end = start + length
         lo, hi = pa.scalar(start, ts.type), pa.scalar(end, ts.type)
         part = table.filter(pc.and_(pc.greater_equal(ts, lo), pc.less(ts, hi)))
         if part.num_rows:

@@ -7,9 +7,12 @@ import importlib.metadata
 import threading
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mloop import __version__
+
+if TYPE_CHECKING:
+    from mloop.tracking_read import ModelVersionRecord
 
 
 def get_version(project: Any, version: int) -> Any:
@@ -22,7 +25,21 @@ def get_version(project: Any, version: int) -> Any:
         return project.mlflow.get_model_version(project.config.model_name, str(version))
     except MlflowException:
         raise ModelNotFoundError(f"model '{project.config.model_name}' has no version "
-                                 f"{version} (see `mloop models list`)") from None
+                                 f"{version} (see `mloop models list`)",
+                                 model=project.config.model_name, version=version) from None
+
+
+def version_record(project: Any, version: int) -> ModelVersionRecord:
+    """The version as recorded in MLflow, read without loading MLflow when the store allows
+    (:mod:`mloop.tracking_read`); ModelNotFoundError naming it when there is none."""
+    from mloop.errors import ModelNotFoundError
+
+    record = project.tracking.model_version(project.config.model_name, version)
+    if record is None:
+        raise ModelNotFoundError(f"model '{project.config.model_name}' has no version "
+                                 f"{version} (see `mloop models list`)",
+                                 model=project.config.model_name, version=version)
+    return record
 
 
 def _requirements(model: Any) -> list[str]:

@@ -50,7 +50,8 @@ from typing import Any
 
 import numpy as np
 
-from mloop.errors import MloopError
+from mloop.errors import MissingExtraError, MloopError
+from mloop.extras import require_extra
 from mloop.serving.schema import InputSchema
 
 log = logging.getLogger("mloop.serving")
@@ -237,12 +238,10 @@ def convert_sklearn(model: Any, schema: InputSchema) -> bytes:
     """The serialized ONNX graph of a fitted scikit-learn model, carrying in its metadata what
     a session needs besides the graph (the string fill values, a classifier's classes), so
     the stored bytes alone serve. CompileUnsupported if it cannot be converted."""
-    try:
-        from skl2onnx import convert_sklearn as skl2onnx_convert
-        from skl2onnx.common.data_types import FloatTensorType, StringTensorType
-    except ImportError as exc:
-        raise CompileUnsupported(f"optional dependency missing ({exc.name}); "
-                                 f"pip install 'mloop[fast]'") from None
+    _require("skl2onnx")
+    from skl2onnx import convert_sklearn as skl2onnx_convert
+    from skl2onnx.common.data_types import FloatTensorType, StringTensorType
+
     stripped, fills = _strip_string_imputers(model)
     numeric = [c.type in _NUMERIC for c in schema.columns]
     types = [(c.name, FloatTensorType([None, 1]) if num else StringTensorType([None, 1]))
@@ -266,15 +265,19 @@ def convert_sklearn(model: Any, schema: InputSchema) -> bytes:
     return bytes(onx.SerializeToString())
 
 
+def _require(module: str) -> Any:
+    """``module`` of the ``fast`` extra, or CompileUnsupported saying how to install it."""
+    try:
+        return require_extra("fast", module)
+    except MissingExtraError as exc:
+        raise CompileUnsupported(str(exc)) from None
+
+
 def session_from_bytes(data: bytes, schema: InputSchema) -> CompiledModel:
     """An onnxruntime session (one thread) over a graph ``convert_sklearn`` made. Needs
     onnxruntime only; CompileUnsupported if it is missing or the graph does not fit
     ``schema``."""
-    try:
-        import onnxruntime as ort
-    except ImportError as exc:
-        raise CompileUnsupported(f"optional dependency missing ({exc.name}); "
-                                 f"pip install 'mloop[fast]'") from None
+    ort = _require("onnxruntime")
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
     so.inter_op_num_threads = 1
