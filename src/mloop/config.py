@@ -390,6 +390,9 @@ class CompileConfig(_Strict):
     rtol: float = Field(1e-4, ge=0)
     # classification: share of rows whose label or a probability may differ
     max_label_mismatch: float = Field(0.0, ge=0, le=1)
+    # load the graph and verdict stored with the version (false: compile and verify at
+    # every load, as before they were stored; kept to measure the difference)
+    stored: bool = True
 
 
 class ServingConfig(_Strict):
