@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 from typing import TYPE_CHECKING
 
 from mloop.errors import (
+    CandidateNotRegisteredError,
     ConfigError,
     DataSourceError,
     GateFailedError,
@@ -51,6 +52,7 @@ def open_project(path: str | Path | None = None) -> Project:
 
 
 __all__ = [
+    "CandidateNotRegisteredError",
     "ConfigError",
     "DataSourceError",
     "GateFailedError",
