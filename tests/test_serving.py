@@ -1134,8 +1134,8 @@ def test_loop_and_events_cli(proj: Path, capsys) -> None:
     assert main(["-C", str(proj), "loop", "--once"]) == 0
     assert "event time 2024-08-01" in capsys.readouterr().out
     assert main(["-C", str(proj), "events", "--type", "promote", "--json"]) == 0
-    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [e["kind"] for e in lines] == ["promote"]  # the fixture's promotion of v1
-    assert lines[0]["payload"]["version"] == 1
+    events = json.loads(capsys.readouterr().out)["events"]  # one document (not --follow)
+    assert [e["kind"] for e in events] == ["promote"]  # the fixture's promotion of v1
+    assert events[0]["payload"]["version"] == 1
     assert main(["-C", str(proj), "events", "--since", "not-a-time"]) == 1
     assert "--since 'not-a-time'" in capsys.readouterr().err

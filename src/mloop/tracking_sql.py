@@ -19,7 +19,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from mloop.errors import MloopError
+from mloop.errors import MloopError, ModelNotFoundError
 
 _SCHEMES = ("sqlite", "postgresql", "mysql")
 _METRICS = {"key", "value", "timestamp", "run_uuid", "step", "is_nan"}
@@ -149,7 +149,8 @@ def set_model_alias(engine: sa.Engine, model: str, alias: str, version: int | No
             mv.c.workspace == DEFAULT_WORKSPACE, mv.c.name == model,
             mv.c.version == int(version), mv.c.current_stage != DELETED_STAGE)).first()
         if found is None:
-            raise MloopError(f"model '{model}' has no version {version} in MLflow")
+            raise ModelNotFoundError(f"model '{model}' has no version {version} in MLflow",
+                                     model=model, version=int(version))
         conn.execute(ALIASES.delete().where(here))
         conn.execute(ALIASES.insert().values(workspace=DEFAULT_WORKSPACE, name=model,
                                              alias=alias, version=int(version)))

@@ -853,8 +853,9 @@ def train_best(project: Project, setup: Setup, name: str, best: FrozenTrial,
         effective_config_text(project, params, name, best.number)))
     version, registered, evaluation = trained.version, trained.registered, trained.evaluation
     if registered is None or evaluation is None:
-        raise MloopError(f"pipeline run {trained.pipeline_run_id} registered v{version} but "
-                         f"has no 'evaluate' step output: nothing to compare the trial with")
+        raise PipelineDefinitionError(f"pipeline run {trained.pipeline_run_id} registered "
+                                      f"v{version} but has no 'evaluate' step output: nothing "
+                                      f"to compare the trial with")
     tags = {"mloop.tune.study": name, "mloop.tune.trial": str(best.number),
             "mloop.tune.metric": setup.metric, "mloop.tune.value": f"{best.value:.6g}",
             "mloop.tune.mlflow_run_id": tune_run_id}
