@@ -199,8 +199,10 @@ PROMTOOL_TEST = {
     "rule_files": ["alerts.yml"], "evaluation_interval": "1m",
     "tests": [{
         "interval": "1m",
-        "input_series": [{"series": f'{name}{{model="rentals", window="1d"}}', "values": v}
-                         for name, v in _SERIES.items()],
+        "input_series": [*({"series": f'{name}{{model="rentals", window="1d"}}', "values": v}
+                           for name, v in _SERIES.items()),
+                         {"series": "mloop_inference_log_quarantined_segments",
+                          "values": "0 0 0 1 1"}],
         "alert_rule_test": [
             {"eval_time": "1m", "alertname": "MloopDatasetDrift", "exp_alerts": []},
             {"eval_time": "3m", "alertname": "MloopDatasetDrift", "exp_alerts": [{
@@ -211,6 +213,14 @@ PROMTOOL_TEST = {
                 "exp_labels": {"severity": "critical", "model": "rentals", "window": "1d"},
                 "exp_annotations": {"summary": "mae of rentals on labelled traffic is more "
                                                "than 10% worse than its holdout value",
+                                    "description": _DESCRIPTION}}]},
+            {"eval_time": "2m", "alertname": "MloopInferenceLogQuarantine", "exp_alerts": []},
+            {"eval_time": "4m", "alertname": "MloopInferenceLogQuarantine", "exp_alerts": [{
+                "exp_labels": {"severity": "warning", "model": "rentals"},
+                "exp_annotations": {"summary": "Inference-log rows or segments could not be "
+                                               "stored or read and were set aside in the "
+                                               "log's quarantine folder (see `mloop events "
+                                               "--type log.`)",
                                     "description": _DESCRIPTION}}]},
         ]}],
 }
@@ -229,7 +239,7 @@ def test_promtool_accepts_the_rules_and_they_fire_on_the_metrics(make_project, t
     check = subprocess.run([promtool, "check", "rules", str(tmp_path / "alerts.yml")],
                            capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
-    assert "SUCCESS: 11 rules found" in check.stdout
+    assert "SUCCESS: 12 rules found" in check.stdout
     import yaml
 
     (tmp_path / "test.yml").write_text(yaml.safe_dump(PROMTOOL_TEST))

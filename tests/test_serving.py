@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -749,12 +750,12 @@ def test_rows_the_log_cannot_store_are_set_aside_without_blocking_the_rest(
              for p in (1.5, "oops")]  # one version group Arrow cannot make one column of
     for e in (good, *mixed):
         assert log.append(e)
-    assert log.commit() == 1
-    assert log.rejected == 2 and log.queued == 0
+    assert log.commit() == 2  # only the odd one out is set aside, not its whole group
+    assert log.quarantined == 1 and log.queued == 0
     assert log.append(LogEntry([new_request_id(ts)], ts, 1, "champion", 1.0, [2.5],
                                {"temp": [21.0]}))
     assert log.commit() == 1  # later commits are not blocked
-    assert read_log(str(tmp_path / "log")).num_rows == 2
+    assert read_log(str(tmp_path / "log")).num_rows == 3
 
 
 def test_the_log_buffer_refuses_beyond_its_limit_and_commits_on_close(tmp_path: Path) -> None:
@@ -996,7 +997,7 @@ def test_the_loop_retrains_on_drift_canaries_then_promotes_after_probation(proj:
     verdict = run_once(open_project(proj))
     assert [a["action"] for a in verdict["actions"]][:1] == ["promote"], verdict["actions"]
     assert desired_state(project).champion == 5 and desired_state(project).challenger is None
-    assert load_state(project).get("probation") is None
+    assert load_state(project).probation is None
     metrics = loop_metrics(project)
     assert metrics["retrains"] == 1 and metrics["promoted"] == 1
     # gated once, before the canary: the promotion reused that report (same gate config)
@@ -1017,12 +1018,13 @@ def test_the_loop_retrains_on_drift_canaries_then_promotes_after_probation(proj:
     # the rollback path: a challenger that does not know the heat wave (v2, trained on normal
     # weather) is judged on the same labelled rows as the champion, and loses
     from mloop.loop.controller import save_state
+    from mloop.loop.state import Probation
 
     deploy_challenger(project, 2, mode="canary", weight=0.5, reason="test: a weaker canary")
     state = load_state(project)
-    state.data["probation"] = {"version": 2, "champion": 5,
-                               "started_at": "2024-06-05T12:00:00+00:00",
-                               "started_wall": time.time() - 5}
+    state.probation = Probation(version=2, champion=5,
+                                started_at=datetime(2024, 6, 5, 12, tzinfo=UTC),
+                                started_wall=datetime.now(UTC) - timedelta(seconds=5))
     save_state(project, state)
     hot3 = _hot(400, seed=45)
     _label(project, _log_traffic(project, hot3.iloc[:200], "2024-06-06", version=2,
@@ -1054,10 +1056,11 @@ def test_a_failing_canary_never_fails_a_client_and_is_rolled_back_at_once(proj: 
     failure is counted and recorded, and the controller's next pass rolls it back without
     waiting for the probation to end."""
     from mloop.loop.controller import load_state, run_once, save_state
+    from mloop.loop.state import Probation
 
     (proj / "mloop.yaml").write_text((proj / "mloop.yaml").read_text() + LOOP)
     project = open_project(proj)
-    t0 = time.time() - 1
+    t0 = datetime.now(UTC) - timedelta(seconds=1)
     deploy_challenger(project, 3, mode="canary", weight=0.5, reason="test: a broken canary")
     with _server(proj, commit=0.2) as srv:
         srv.wait_for(lambda: srv.get("/model").json()["challenger"] is not None)
@@ -1072,8 +1075,8 @@ def test_a_failing_canary_never_fails_a_client_and_is_rolled_back_at_once(proj: 
     event = list_events(project.store, kind="serve.challenger_error")[-1].payload
     assert event["version"] == 3 and "challenger exploded" in event["error"]
     state = load_state(project)
-    state.data["probation"] = {"version": 3, "champion": 1,
-                               "started_at": "2024-09-01T09:00:00+00:00", "started_wall": t0}
+    state.probation = Probation(version=3, champion=1,
+                                started_at=datetime(2024, 9, 1, 9, tzinfo=UTC), started_wall=t0)
     save_state(project, state)
     out = run_once(open_project(proj))  # probation (1d) far from over: rolled back anyway
     assert out["actions"][0]["action"] == "rollback", out["actions"]
@@ -1083,6 +1086,7 @@ def test_a_failing_canary_never_fails_a_client_and_is_rolled_back_at_once(proj: 
 
 def test_the_loop_guards_failures_and_restarts(proj: Path) -> None:
     from mloop.loop.controller import load_state, run_once, save_state
+    from mloop.loop.state import InFlight
 
     (proj / "mloop.yaml").write_text((proj / "mloop.yaml").read_text() + LOOP.replace(
         "min_labelled_rows: 300", "min_labelled_rows: 100000"))
@@ -1112,12 +1116,12 @@ def test_the_loop_guards_failures_and_restarts(proj: Path) -> None:
     assert held["actions"] and held["actions"][0]["action"] == "held"
     # a controller killed mid-retrain: the next pass records it instead of redoing it
     state = load_state(project)
-    state.data["in_flight"] = {"triggered_at": "2024-07-03T00:00:00+00:00",
-                               "triggers": ["drift"]}
+    state.in_flight = InFlight(triggered_at=datetime(2024, 7, 3, tzinfo=UTC),
+                               triggers=["drift"])
     save_state(project, state)
     resumed = run_once(open_project(proj))
     assert resumed["actions"][0]["action"] == "retrain_interrupted"
-    assert load_state(project).get("in_flight") is None
+    assert load_state(project).in_flight is None
     kinds = [e.kind for e in list_events(project.store, limit=30)]
     assert "loop.retrain_interrupted" in kinds and "loop.trigger_held" in kinds
 
@@ -1131,8 +1135,8 @@ def test_loop_and_events_cli(proj: Path, capsys) -> None:
     assert main(["-C", str(proj), "loop", "--once"]) == 0
     assert "event time 2024-08-01" in capsys.readouterr().out
     assert main(["-C", str(proj), "events", "--type", "promote", "--json"]) == 0
-    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [e["kind"] for e in lines] == ["promote"]  # the fixture's promotion of v1
-    assert lines[0]["payload"]["version"] == 1
+    events = json.loads(capsys.readouterr().out)["events"]  # one document (not --follow)
+    assert [e["kind"] for e in events] == ["promote"]  # the fixture's promotion of v1
+    assert events[0]["payload"]["version"] == 1
     assert main(["-C", str(proj), "events", "--since", "not-a-time"]) == 1
     assert "--since 'not-a-time'" in capsys.readouterr().err

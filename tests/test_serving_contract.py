@@ -368,7 +368,7 @@ def test_every_accepted_row_commits_to_the_log_exactly(tmp_path: Path) -> None:
         cols = SCHEMA.from_records([rec]).columns
         accepted.append(cols)
         assert log.append(LogEntry([new_request_id(ts)], ts, 1, "champion", 1.0, [0.0], cols))
-    assert log.commit() == len(extremes) and log.rejected == 0
+    assert log.commit() == len(extremes) and log.quarantined == 0
     table = read_log(str(tmp_path / "log"))
     for name in SCHEMA.names:
         assert table[name].to_pylist() == [c[name][0] for c in accepted], name

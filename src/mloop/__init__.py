@@ -2,19 +2,76 @@
 
 The public surface: ``step`` and ``pipeline`` to write pipelines, ``log_metric`` /
 ``log_metrics`` to log from inside a step (buffered, batched), ``open_project`` to work with a
-project from Python.
+project from Python, and the errors mloop raises (``mloop.MloopError`` and its tree, drawn in
+:mod:`mloop.errors`), so callers catch ``mloop.ModelNotFoundError`` without knowing where it
+is defined.
 """
+
+from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from typing import TYPE_CHECKING
+
+from mloop.errors import (
+    CandidateNotRegisteredError,
+    ConfigError,
+    DataSourceError,
+    GateFailedError,
+    MissingExtraError,
+    MloopError,
+    ModelNotFoundError,
+    PipelineDefinitionError,
+    ProjectNotFoundError,
+    PromotionError,
+    PurgeNotFoundError,
+    RunNotFoundError,
+    SnapshotNotFoundError,
+    StaleStateError,
+    StepFailedError,
+    ValidationFailedError,
+)
 from mloop.pipeline.dsl import pipeline, step
 from mloop.tracking import log_metric, log_metrics
 
+if TYPE_CHECKING:
+    from pathlib import Path
 
-def open_project(path=None):
+    from mloop.project import Project
+
+
+def open_project(path: str | Path | None = None) -> Project:
+    """The project whose mloop.yaml is in ``path`` or the nearest folder above it (default:
+    the current folder); ProjectNotFoundError names where it looked.
+
+    Imported when called, so ``import mloop`` in a pipeline file does not load the stores.
+    """
     from mloop.project import open_project as _open
 
     return _open(path)
 
 
-__all__ = ["__version__", "log_metric", "log_metrics", "open_project", "pipeline", "step"]
+__all__ = [
+    "CandidateNotRegisteredError",
+    "ConfigError",
+    "DataSourceError",
+    "GateFailedError",
+    "MissingExtraError",
+    "MloopError",
+    "ModelNotFoundError",
+    "PipelineDefinitionError",
+    "ProjectNotFoundError",
+    "PromotionError",
+    "PurgeNotFoundError",
+    "RunNotFoundError",
+    "SnapshotNotFoundError",
+    "StaleStateError",
+    "StepFailedError",
+    "ValidationFailedError",
+    "__version__",
+    "log_metric",
+    "log_metrics",
+    "open_project",
+    "pipeline",
+    "step",
+]

@@ -4,15 +4,22 @@ The loader keeps the YAML line of every key so each error reads
 ``mloop.yaml:12: unknown key 'modle' under 'train' (did you mean 'model'?)``.
 ``${VAR}`` in any string value is replaced from the environment (for secrets); a missing
 variable is an error naming the key, never an empty string.
+
+Lengths of time (``cooldown: 21d``) are parsed here once, into :class:`Duration` (a
+``timedelta``); every other module uses that. Fields that do not shape the trained model carry
+a :class:`NotHashed` marker, which is how :meth:`ProjectConfig.config_hash` leaves them out.
 """
 
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import json
 import os
 import re
+from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -23,17 +30,169 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    GetCoreSchemaHandler,
+    GetJsonSchemaHandler,
     PrivateAttr,
     ValidationError,
     field_validator,
     model_validator,
 )
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema, core_schema
 
 from mloop.errors import ConfigError
 
 CONFIG_FILE = "mloop.yaml"
 
 Task = Literal["regression", "classification"]
+
+
+# ------------------------------------------------------------------------------ durations
+
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_DURATION_HELP = "a number and a unit (s, m, h or d), e.g. 30s, 90m, 6h, 1.5d"
+
+
+class Duration(timedelta):
+    """A length of time as mloop.yaml writes it: ``30s``, ``90m``, ``6h``, ``1.5d``.
+
+    It is a ``timedelta`` (compare it, add it to a datetime, ``total_seconds()``) that prints
+    and dumps as it was written, so messages and events quote the user's value ("cooldown
+    21d", not "21 days, 0:00:00"). Arithmetic on it gives plain timedeltas. The one parser of
+    durations: monitoring windows and the loop's policy use it too.
+    """
+
+    __slots__ = ("text",)
+    text: str
+
+    @classmethod
+    def parse(cls, value: object) -> Duration:
+        """``value`` as a Duration: a string such as ``6h``, or a timedelta. ValueError names
+        the value and the accepted forms (the config loader adds file, line and key)."""
+        if isinstance(value, Duration):
+            return value
+        if isinstance(value, timedelta) and value >= timedelta(0):
+            return cls._make(value, _written(value))
+        m = _DURATION_RE.fullmatch(value) if isinstance(value, str) else None
+        if m is None:
+            hint = (f"; for seconds write {value}s" if isinstance(value, int | float)
+                    and not isinstance(value, bool) else "")
+            raise ValueError(f"{value!r} is not a duration: write {_DURATION_HELP}{hint}")
+        try:
+            length = timedelta(seconds=float(m.group(1)) * _UNIT_SECONDS[m.group(2)])
+        except OverflowError:
+            raise ValueError(f"{value!r} is too long a duration (at most 999999999d)") from None
+        return cls._make(length, m.group(0))
+
+    @classmethod
+    def _make(cls, length: timedelta, text: str) -> Duration:
+        out = cls(length.days, length.seconds, length.microseconds)
+        out.text = text
+        return out
+
+    def __str__(self) -> str:
+        return self.text
+
+    def __repr__(self) -> str:
+        return f"Duration({self.text!r})"
+
+    def __reduce__(self) -> tuple[Any, ...]:  # copies and pickles keep the text
+        return (Duration.parse, (self.text,))
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: GetCoreSchemaHandler
+                                     ) -> CoreSchema:
+        return core_schema.no_info_plain_validator_function(
+            cls.parse, serialization=core_schema.to_string_ser_schema(when_used="json"))
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, schema: CoreSchema, handler: GetJsonSchemaHandler
+                                     ) -> JsonSchemaValue:
+        return {"type": "string", "pattern": f"^{_DURATION_RE.pattern}$",
+                "examples": ["30s", "90m", "6h", "1.5d"]}
+
+
+def _written(length: timedelta) -> str:
+    """The shortest way to write ``length`` in the units a Duration reads."""
+    us = length // timedelta(microseconds=1)
+    for unit in ("d", "h", "m", "s"):
+        per = _UNIT_SECONDS[unit] * 1_000_000
+        if us % per == 0:
+            return f"{us // per}{unit}"
+    return f"{us // 1_000_000}.{us % 1_000_000:06d}".rstrip("0") + "s"
+
+
+def parse_window(text: str) -> Duration | int:
+    """A monitoring window's size: a positive duration (``1d``, ``6h``; by event time) or a
+    positive row count (``5000rows``). ValueError says what is allowed."""
+    spec = text.strip()
+    rows = re.fullmatch(r"(\d+)rows", spec)
+    size: Duration | int | None = int(rows.group(1)) if rows else None
+    if rows is None and _DURATION_RE.fullmatch(spec):
+        size = Duration.parse(spec)
+    if not size:  # neither, or zero
+        raise ValueError(f"{text!r} is not a window size: a duration such as 1d, 6h or 30m, "
+                         f"or a row count such as 5000rows")
+    return size
+
+
+def _window(text: str) -> str:
+    parse_window(text)
+    return text
+
+
+def _prometheus_interval(value: Duration) -> Duration:
+    # written as-is into a ServiceMonitor: Prometheus takes whole numbers with a unit
+    if not re.fullmatch(r"\d+[smhd]", value.text):
+        raise ValueError(f"{value.text!r}: Prometheus takes a whole number and a unit "
+                         f"(s, m, h or d), e.g. 30s or 1m")
+    return value
+
+
+PrometheusInterval = Annotated[Duration, AfterValidator(_prometheus_interval)]
+
+
+# ------------------------------------------------------------------------- config_hash
+
+
+@dataclass(frozen=True)
+class NotHashed:
+    """Marks a config field that does not shape the trained model, so ``config_hash`` (which
+    registered versions carry) leaves it out: ``Annotated[ServingConfig, NotHashed("...")]``.
+    ``why`` is the reason, for the reader; a marker on a nested field works too."""
+
+    why: str
+
+
+@functools.cache
+def unhashed_fields(model: type[BaseModel]) -> dict[str, Any]:
+    """The fields of ``model`` marked :class:`NotHashed`, as pydantic's ``exclude`` argument:
+    ``{"stores": True, ...}``, with nested markers under their section (``{"__all__": ...}``
+    through lists and mappings of models)."""
+    out: dict[str, Any] = {}
+    for name, field in model.model_fields.items():
+        if any(isinstance(m, NotHashed) for m in field.metadata):
+            out[name] = True
+            continue
+        inner = _unhashed_inside(field.annotation)
+        if inner:
+            out[name] = inner
+    return out
+
+
+def _unhashed_inside(annotation: Any) -> dict[str, Any]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return unhashed_fields(annotation)
+    origin, args = getattr(annotation, "__origin__", None), getattr(annotation, "__args__", ())
+    if origin in (list, dict) and args:
+        inner = _unhashed_inside(args[-1])
+        return {"__all__": inner} if inner else {}
+    for arg in args:  # X | None
+        inner = _unhashed_inside(arg)
+        if inner:
+            return inner
+    return {}
 
 
 class _Strict(BaseModel):
@@ -226,9 +385,14 @@ class CompileConfig(_Strict):
     """The verified fast path (mloop.serving.compiled): ONNX only where it matches."""
 
     enabled: bool = True
-    atol: float = Field(1e-3, ge=0)  # regression: |compiled - original| <= atol + rtol*|orig|
+    # values and class probabilities: |compiled - original| <= atol + rtol*|original|
+    atol: float = Field(1e-3, ge=0)
     rtol: float = Field(1e-4, ge=0)
-    max_label_mismatch: float = Field(0.0, ge=0, le=1)  # classification: share of rows
+    # classification: share of rows whose label or a probability may differ
+    max_label_mismatch: float = Field(0.0, ge=0, le=1)
+    # load the graph and verdict stored with the version (false: compile and verify at
+    # every load, as before they were stored; kept to measure the difference)
+    stored: bool = True
 
 
 class ServingConfig(_Strict):
@@ -278,7 +442,8 @@ DriftMethod = Literal["auto", "psi", "ks", "wasserstein", "jensen_shannon", "chi
 class MonitoringConfig(_Strict):
     """Drift and quality of live windows against the champion's training profile."""
 
-    window: str = Field("1d", pattern=r"^\d+(rows|[smhd])$")  # 1d, 6h, 5000rows
+    # by event time (1d, 6h) or by count (5000rows); the text names the windows in the store
+    window: Annotated[str, AfterValidator(_window)] = "1d"
     # a time window closes once the newest event is this far past its end (late commits)
     lateness_seconds: float = Field(10.0, ge=0)
     label_horizon_windows: int = Field(60, ge=1)  # windows re-scored when labels arrive
@@ -291,9 +456,6 @@ class MonitoringConfig(_Strict):
     performance_margin: float = Field(0.1, ge=0)
     min_label_coverage: float = Field(0.5, ge=0, le=1)  # alert rule: coverage below this
     webhook: WebhookConfig | None = None
-
-
-_DURATION = r"^\d+(\.\d+)?[smhd]$"
 
 
 class DriftTrigger(_Strict):
@@ -311,24 +473,24 @@ class TriggersConfig(_Strict):
     drift: DriftTrigger | None = None
     features: list[str] = Field(default_factory=list)  # drift of a named feature
     performance: PerformanceTrigger | None = None
-    schedule: str | None = Field(None, pattern=_DURATION)  # at most this long between retrains
+    schedule: Duration | None = None  # at most this long between retrains
     new_labels: int | None = Field(None, ge=1)  # labelled rows since the last retrain
 
 
 class RetrainConfig(_Strict):
-    window: str = Field("60d", pattern=_DURATION)  # most recent labelled traffic
+    window: Duration = Duration.parse("60d")  # most recent labelled traffic
     include_original: bool = False  # plus the champion's original training snapshot
     min_labelled_rows: int = Field(500, ge=1)
 
 
 class GuardsConfig(_Strict):
-    cooldown: str = Field("1d", pattern=_DURATION)  # between retrains (event time)
+    cooldown: Duration = Duration.parse("1d")  # between retrains (event time)
     max_per_day: int = Field(3, ge=1)
 
 
 class CanaryPolicy(_Strict):
     weight: float = Field(0.2, gt=0, lt=1)
-    probation: str = Field("3d", pattern=_DURATION)  # event time before the verdict
+    probation: Duration = Duration.parse("3d")  # event time before the verdict
     min_labelled: int = Field(100, ge=1)  # labelled rows of the probation (paired verdict)
     margin: float = Field(0.0, ge=0)  # challenger may be worse than champion by this (rel.)
     latency_p95_ms: float | None = Field(None, gt=0)  # breach: immediate rollback
@@ -534,7 +696,7 @@ class KubernetesConfig(_Strict):
     secret_name: DnsLabel | None = None  # holds store URIs with credentials; "<name>-stores"
     service_account: DnsLabel | None = None
     monitor_labels: dict[str, str] = Field(default_factory=dict)  # for Prometheus' selectors
-    scrape_interval: str = Field("30s", pattern=r"^\d+[smh]$")
+    scrape_interval: PrometheusInterval = Duration.parse("30s")
 
     @model_validator(mode="after")
     def _hpa_needs_a_cpu_request(self) -> KubernetesConfig:
@@ -575,7 +737,9 @@ class SparkConfig(_Strict):
 
 class ProjectConfig(_Strict):
     project: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    stores: StoresConfig = Field(default_factory=StoresConfig)
+    stores: Annotated[StoresConfig, NotHashed(
+        "moving the stores changes nothing about the model")] = Field(
+        default_factory=StoresConfig)
     data: DataConfig
     target: str
     task: Task | None = None
@@ -585,16 +749,26 @@ class ProjectConfig(_Strict):
     metrics: list[str] | None = None
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
-    gates: GatesConfig = Field(default_factory=GatesConfig)
+    gates: Annotated[GatesConfig, NotHashed("a gate judges a model, it does not shape it")] = (
+        Field(default_factory=GatesConfig))
     profile: ProfileConfig = Field(default_factory=ProfileConfig)
-    serving: ServingConfig = Field(default_factory=ServingConfig)
-    monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig)
-    loop: LoopConfig = Field(default_factory=LoopConfig)
-    kubernetes: KubernetesConfig = Field(default_factory=KubernetesConfig)
-    airflow: AirflowConfig = Field(default_factory=AirflowConfig)
-    kubeflow: KubeflowConfig = Field(default_factory=KubeflowConfig)
-    spark: SparkConfig = Field(default_factory=SparkConfig)
-    tune: TuneConfig | None = None
+    serving: Annotated[ServingConfig, NotHashed("how a model is served")] = Field(
+        default_factory=ServingConfig)
+    monitoring: Annotated[MonitoringConfig, NotHashed("how a served model is watched")] = (
+        Field(default_factory=MonitoringConfig))
+    loop: Annotated[LoopConfig, NotHashed("when a model is retrained and rolled out")] = Field(
+        default_factory=LoopConfig)
+    kubernetes: Annotated[KubernetesConfig, NotHashed("where it is deployed")] = Field(
+        default_factory=KubernetesConfig)
+    airflow: Annotated[AirflowConfig, NotHashed("who schedules the runs")] = Field(
+        default_factory=AirflowConfig)
+    kubeflow: Annotated[KubeflowConfig, NotHashed("who schedules the runs")] = Field(
+        default_factory=KubeflowConfig)
+    spark: Annotated[SparkConfig, NotHashed("where batch scoring runs")] = Field(
+        default_factory=SparkConfig)
+    # a search space changes what `mloop tune` tries, not what one run trains: a tuned run
+    # carries its parameters in model.params
+    tune: Annotated[TuneConfig | None, NotHashed("what `mloop tune` tries")] = None
     _file: str = PrivateAttr(default=CONFIG_FILE)
     _lines: dict[tuple[Any, ...], int] = PrivateAttr(default_factory=dict)
     _secrets: frozenset[str] = PrivateAttr(default=frozenset())
@@ -621,15 +795,10 @@ class ProjectConfig(_Strict):
         return self.model.name or self.project
 
     def config_hash(self) -> str:
-        """sha256 of everything that shapes the model; stores and gates are left out (moving
-        the stores or changing a gate or how it is served changes nothing about the model), and
-        so is ``tune`` (a search space changes what `mloop tune` tries, not what one run
-        trains: a tuned run carries its parameters in ``model.params``), and ``spark`` (where
-        batch scoring runs)."""
-        body = self.model_dump(mode="json", exclude={"stores", "gates", "serving",
-                                                       "monitoring", "loop", "kubernetes",
-                                                       "airflow", "kubeflow", "tune",
-                                                       "spark"})
+        """sha256 of everything that shapes the model: every field but those marked
+        :class:`NotHashed` (stores, gates, serving, ...). Registered versions carry it, so a
+        project whose model-shaping settings are unchanged keeps its hash."""
+        body = self.model_dump(mode="json", exclude=unhashed_fields(type(self)))
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
@@ -760,11 +929,23 @@ def _describe(err: Any, lines: dict, file: str) -> ConfigError:
     return ConfigError(f"'{key}': {msg} (got {got_s})", file=file, line=line, key=key)
 
 
+# libyaml's parser when PyYAML was built with it: every command parses mloop.yaml, and the
+# pure-Python parser takes ~0.1 s of a read command's time. Same constructors, same marks;
+# a file libyaml rejects is parsed again in Python, whose error messages mloop shows.
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def _parse_yaml(text: str) -> tuple[Any, Any]:
+    try:
+        return yaml.compose(text, Loader=_YAML_LOADER), yaml.load(text, Loader=_YAML_LOADER)
+    except yaml.YAMLError:
+        return yaml.compose(text), yaml.safe_load(text)
+
+
 def parse_config(text: str, *, file: str = CONFIG_FILE) -> ProjectConfig:
     """Parse mloop.yaml text; raise ConfigError naming file, line and key on any problem."""
     try:
-        node = yaml.compose(text)
-        raw = yaml.safe_load(text)
+        node, raw = _parse_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None

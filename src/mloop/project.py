@@ -10,12 +10,16 @@ import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mloop.config import CONFIG_FILE, STORE_ENV_VARS, ProjectConfig, load_config
-from mloop.data.snapshot import SnapshotStore
 from mloop.errors import ProjectNotFoundError
-from mloop.storage import ObjectStore, resolve_uri
-from mloop.store.db import Store
+
+if TYPE_CHECKING:  # imported where used: a read command needs few of them (pyarrow, ORM)
+    from mloop.data.snapshot import SnapshotStore
+    from mloop.storage import ObjectStore
+    from mloop.store.db import Store
+    from mloop.tracking_read import TrackingReader
 
 
 def find_project_root(start: Path | None = None) -> Path:
@@ -40,6 +44,8 @@ class Project:
     @functools.cached_property
     def uris(self) -> dict[str, str]:
         """Every store URI, absolute, after environment overrides (``MLOOP_*_URI``)."""
+        from mloop.storage import resolve_uri
+
         stores = self.config.stores.model_dump()
         out: dict[str, str] = {}
         for key, env in STORE_ENV_VARS.items():
@@ -66,16 +72,23 @@ class Project:
 
     @functools.cached_property
     def store(self) -> Store:
+        from mloop.store.db import Store
+
         return Store(self.uris["store_uri"])
 
     @functools.cached_property
     def snapshots(self) -> SnapshotStore:
+        from mloop.data.snapshot import SnapshotStore
+        from mloop.storage import ObjectStore
+
         prof = self.config.profile
         return SnapshotStore(ObjectStore(self.uris["data_uri"]), bins=prof.bins,
                              top_k=prof.top_k)
 
     @functools.cached_property
     def outputs(self) -> ObjectStore:
+        from mloop.storage import ObjectStore
+
         return ObjectStore(self.uris["outputs_uri"])
 
     @functools.cached_property
@@ -93,6 +106,15 @@ class Project:
                             registry_uri=self.uris["registry_uri"])
 
     @functools.cached_property
+    def tracking(self) -> TrackingReader:
+        """Reads of MLflow's registry and runs: straight from its SQL schema when it is one
+        mloop knows (no MLflow import), else through ``self.mlflow``."""
+        from mloop.tracking_read import open_reader
+
+        return open_reader(self.uris["tracking_uri"], self.uris["registry_uri"],
+                           lambda: self.mlflow)
+
+    @functools.cached_property
     def experiment_id(self) -> str:
         from mloop.tracking import get_or_create_experiment
 
@@ -100,5 +122,8 @@ class Project:
 
 
 def open_project(path: str | Path | None = None) -> Project:
+    """The project whose mloop.yaml is in ``path`` or the nearest folder above it (default:
+    the current folder), its config validated. Stores and clients are built on first use, so
+    opening a project costs only reading its config."""
     root = find_project_root(Path(path) if path else None)
     return Project(root=root, config=load_config(root / CONFIG_FILE))

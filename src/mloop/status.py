@@ -4,11 +4,11 @@ with stable keys, rendered as tables by the CLI or printed as JSON with ``--json
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from mloop.data.source import read_file_table
-from mloop.project import Project
-from mloop.store.models import PipelineRunRow, StepRunRow
+if TYPE_CHECKING:
+    from mloop.project import Project
+    from mloop.store.models import PipelineRunRow, StepRunRow
 
 
 def _iso(dt: Any) -> str | None:
@@ -43,43 +43,29 @@ def list_runs(project: Project, limit: int = 20) -> list[dict[str, Any]]:
 def show_run(project: Project, run_id: str) -> dict[str, Any]:
     row = project.store.get_pipeline_run(run_id)
     out = run_summary(project, row)
-    out["steps"] = [_step_dict(s) for s in project.store.step_runs(row.id)]
-    failed = [s for s in project.store.step_runs(row.id) if s.status == "failed"]
+    steps = project.store.step_runs(row.id)
+    out["steps"] = [_step_dict(s) for s in steps]
+    failed = [s for s in steps if s.status == "failed"]
     out["traceback"] = failed[-1].traceback if failed else None
     return out
 
 
 def model_versions(project: Project, limit: int = 10) -> list[dict[str, Any]]:
-    from mlflow.exceptions import MlflowException
-
-    client = project.mlflow
-    try:
-        versions = client.search_model_versions(f"name='{project.config.model_name}'",
-                                                max_results=limit,
-                                                order_by=["version_number DESC"])
-    except MlflowException:
-        return []
-    aliases: dict[str, list[str]] = {}
-    try:
-        rm = client.get_registered_model(project.config.model_name)
-        for alias, version in (rm.aliases or {}).items():
-            aliases.setdefault(str(version), []).append(alias)
-    except MlflowException:
-        pass
+    """The newest ``limit`` versions of the project's model with their aliases, gate verdict,
+    lineage tags and holdout metrics (read without MLflow when the store allows)."""
     out = []
-    for mv in versions:
-        tags = mv.tags or {}
+    for mv in project.tracking.model_versions(project.config.model_name, limit=limit):
+        tags = mv.tags
         out.append({
-            "name": mv.name, "version": int(mv.version),
+            "name": mv.name, "version": mv.version,
             "created_at": mv.creation_timestamp, "run_id": mv.run_id,
-            "aliases": sorted(aliases.get(str(mv.version), [])),
+            "aliases": list(mv.aliases),
             "gates": tags.get("mloop.gates"),  # passed | failed | None (never gated)
             "pipeline_run_id": tags.get("mloop.pipeline_run_id"),
             "snapshot_train": tags.get("mloop.snapshot.train"),
             "snapshot_holdout": tags.get("mloop.snapshot.holdout"),
             "primary_metric": tags.get("mloop.primary_metric"),
-            "metrics": {k[len("mloop.metric."):]: float(v) for k, v in tags.items()
-                        if k.startswith("mloop.metric.")},
+            "metrics": mv.metrics,
         })
     return out
 
@@ -103,6 +89,8 @@ def project_status(project: Project) -> dict[str, Any]:
 
 def snapshot_file(project: Project, path: Path) -> dict[str, Any]:
     """Snapshot a CSV/Parquet file or folder into the project's data store."""
+    from mloop.data.source import read_file_table
+
     table = read_file_table(path)
     snap, created = project.snapshots.put(table, source=str(path.resolve()))
     project.store.record_snapshot(digest=snap.digest, rows=snap.rows, columns=len(snap.schema),

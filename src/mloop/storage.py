@@ -19,12 +19,12 @@ import functools
 import os
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-import pyarrow as pa
-import pyarrow.fs as pafs
-import pyarrow.parquet as pq
+if TYPE_CHECKING:  # imported where used: resolving a URI must not cost pyarrow's import
+    import pyarrow as pa
+    import pyarrow.fs as pafs
 
 # Most specific first, as boto3 does (a service-specific endpoint beats the global one).
 S3_ENDPOINT_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL")
@@ -61,6 +61,8 @@ def s3_settings() -> dict[str, str | None]:
 def _s3_filesystem(endpoint: str | None, region: str | None) -> pafs.S3FileSystem:
     """One S3 filesystem per endpoint and region, shared by every ObjectStore of the process
     (the AWS SDK's client and connection pool are thread-safe and costly to build)."""
+    import pyarrow.fs as pafs
+
     kwargs: dict[str, Any] = {"region": region or "us-east-1"}
     if endpoint:
         parts = urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")
@@ -74,11 +76,15 @@ def _s3_filesystem(endpoint: str | None, region: str | None) -> pafs.S3FileSyste
 
 @functools.lru_cache(maxsize=64)
 def _bucket_region(bucket: str) -> str:
+    import pyarrow.fs as pafs
+
     return str(pafs.resolve_s3_region(bucket))
 
 
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     """pyarrow filesystem and base path for a URI or local path."""
+    import pyarrow.fs as pafs
+
     if is_local(uri):
         path = uri[len("file://") :] if uri.startswith("file://") else uri
         return pafs.LocalFileSystem(), os.path.abspath(path)
@@ -109,11 +115,17 @@ class ObjectStore:
         """The filesystem path of ``rel`` (for ``self.fs``; no scheme on object stores)."""
         return f"{self.base.rstrip('/')}/{rel}" if rel else self.base
 
+    def relative(self, path: str) -> str:
+        """The inverse of :meth:`path`: ``rel`` of a full filesystem path under the base."""
+        return path.removeprefix(self.base.rstrip("/") + "/")
+
     def uri_for(self, rel: str) -> str:
         """What to show or record for ``rel``: a local path, or ``s3://bucket/key``."""
         return self.path(rel) if self.local else f"{self._scheme}://{self.path(rel)}"
 
     def exists(self, rel: str) -> bool:
+        import pyarrow.fs as pafs
+
         return self.fs.get_file_info(self.path(rel)).type != pafs.FileType.NotFound
 
     def read_bytes(self, rel: str) -> bytes:
@@ -140,6 +152,8 @@ class ObjectStore:
         os.replace(tmp, target)
 
     def write_parquet(self, rel: str, table: pa.Table) -> None:
+        import pyarrow.parquet as pq
+
         target = self.path(rel)
         if self._folders:
             self.fs.create_dir(target.rpartition("/")[0], recursive=True)
@@ -151,7 +165,21 @@ class ObjectStore:
         os.replace(tmp, target)
 
     def read_parquet(self, rel: str) -> pa.Table:
+        import pyarrow.parquet as pq
+
         return pq.read_table(self.path(rel), filesystem=self.fs)
+
+    def move(self, src: str, dst: str) -> None:
+        """Move one file within the store (FileNotFoundError if ``src`` is gone, e.g. another
+        process moved it first). Locally a rename: atomic, so the file is in exactly one place
+        at any instant; on object stores a server-side copy then a delete."""
+        target = self.path(dst)
+        if self._folders:
+            self.fs.create_dir(target.rpartition("/")[0], recursive=True)
+        if self.local:
+            os.replace(self.path(src), target)
+            return
+        self.fs.move(self.path(src), target)
 
     def delete(self, rel: str) -> None:
         """Remove one file (missing is fine)."""
@@ -159,6 +187,8 @@ class ObjectStore:
             self.fs.delete_file(self.path(rel))
 
     def listdir(self, rel: str = "") -> list[str]:
+        import pyarrow.fs as pafs
+
         sel = pafs.FileSelector(self.path(rel), allow_not_found=True)
         return sorted(info.base_name for info in self.fs.get_file_info(sel))
 

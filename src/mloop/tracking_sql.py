@@ -13,13 +13,13 @@ URI is an HTTP tracking server, the caller falls back to ``log_batch``. The rows
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 
-from mloop.errors import MloopError
+from mloop.errors import MloopError, ModelNotFoundError
 
 _SCHEMES = ("sqlite", "postgresql", "mysql")
 _METRICS = {"key", "value", "timestamp", "run_uuid", "step", "is_nan"}
@@ -65,6 +65,8 @@ class SqlMetricWriter:
         return cls(engine, metrics, latest, meta.tables["runs"])
 
     def _insert_ignore(self, conn: sa.Connection, rows: list[dict[str, Any]]) -> None:
+        from sqlalchemy.dialects import postgresql, sqlite
+
         dialect = conn.dialect.name
         if dialect == "sqlite":
             stmt: Any = sqlite.insert(self.metrics).on_conflict_do_nothing()
@@ -118,3 +120,37 @@ class SqlMetricWriter:
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+_ALIAS_NAME = re.compile(r"^[A-Za-z_][\w\-]{0,255}$")
+
+
+def set_model_alias(engine: sa.Engine, model: str, alias: str, version: int | None) -> None:
+    """Point ``alias`` of ``model`` at ``version`` (None: remove it) in an MLflow database of
+    a known revision, writing the row ``MlflowClient.set_registered_model_alias`` writes.
+
+    Only for an engine a :class:`~mloop.tracking_read.SqlTrackingReader` opened (so the schema
+    was checked). Like MLflow it refuses a version that does not exist or was deleted, and
+    removing an alias that is not set is not an error.
+    """
+    from mloop.tracking_read import ALIASES, DEFAULT_WORKSPACE, DELETED_STAGE, MODEL_VERSIONS
+
+    if not _ALIAS_NAME.match(alias) or alias.lower() == "latest" or re.match(r"^v\d+$", alias):
+        raise MloopError(f"'{alias}' is not an alias MLflow accepts (letters, digits, _ and -; "
+                         f"not 'latest' or v<number>)")
+    here = sa.and_(ALIASES.c.workspace == DEFAULT_WORKSPACE, ALIASES.c.name == model,
+                   ALIASES.c.alias == alias)
+    with engine.begin() as conn:
+        if version is None:
+            conn.execute(ALIASES.delete().where(here))
+            return
+        mv = MODEL_VERSIONS
+        found = conn.execute(sa.select(mv.c.version).where(
+            mv.c.workspace == DEFAULT_WORKSPACE, mv.c.name == model,
+            mv.c.version == int(version), mv.c.current_stage != DELETED_STAGE)).first()
+        if found is None:
+            raise ModelNotFoundError(f"model '{model}' has no version {version} in MLflow",
+                                     model=model, version=int(version))
+        conn.execute(ALIASES.delete().where(here))
+        conn.execute(ALIASES.insert().values(workspace=DEFAULT_WORKSPACE, name=model,
+                                             alias=alias, version=int(version)))

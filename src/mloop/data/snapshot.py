@@ -10,14 +10,14 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pyarrow as pa
-
-from mloop.data.canonical import canonicalize, table_digest
-from mloop.data.profile import compute_profile
 from mloop.errors import SnapshotNotFoundError
-from mloop.storage import ObjectStore
+
+if TYPE_CHECKING:  # reading a snapshot's record needs neither pyarrow.compute nor numpy
+    import pyarrow as pa
+
+    from mloop.storage import ObjectStore
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,9 @@ class SnapshotStore:
 
     def put(self, table: pa.Table, *, source: str) -> tuple[Snapshot, bool]:
         """Store ``table``; return the snapshot and whether it was newly written."""
+        from mloop.data.canonical import canonicalize, table_digest
+        from mloop.data.profile import compute_profile
+
         table = canonicalize(table)
         digest = table_digest(table)
         if self.objects.exists(f"{digest}/snapshot.json"):

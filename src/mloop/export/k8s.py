@@ -311,7 +311,7 @@ def service_monitor(project: Project) -> dict[str, Any]:
     k8s = project.config.kubernetes
     name = app_name(project)
     endpoint: dict[str, Any] = {"port": "http", "path": "/metrics",
-                                "interval": k8s.scrape_interval}
+                                "interval": str(k8s.scrape_interval)}
     if project.config.serving.tls_cert:
         endpoint["scheme"] = "https"
     return {"apiVersion": "monitoring.coreos.com/v1", "kind": "ServiceMonitor",

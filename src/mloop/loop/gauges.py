@@ -41,7 +41,8 @@ class LoopCollector:
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import GaugeMetricFamily
 
-        from mloop.loop.controller import load_state, loop_metrics
+        from mloop.loop.controller import loop_metrics
+        from mloop.loop.state import load_state
 
         model = self.project.config.model_name
         try:
@@ -60,7 +61,7 @@ class LoopCollector:
         probation = GaugeMetricFamily("mloop_loop_on_probation",
                                       "1 while a retrained challenger is on probation",
                                       labels=["model"])
-        probation.add_metric([model], float(bool(state.get("probation"))))
+        probation.add_metric([model], float(state.probation is not None))
         yield probation
         for name, (key, helptext) in GAUGES.items():
             if numbers.get(key) is None:

@@ -11,10 +11,9 @@ version has the same lineage, gates and reproducibility as any other.
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import pyarrow as pa
@@ -22,15 +21,6 @@ import pyarrow.compute as pc
 
 from mloop.errors import MloopError
 from mloop.project import Project
-
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def seconds(duration: str) -> float:
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd])", duration)
-    if not m:
-        raise MloopError(f"'{duration}' is not a duration like 30m, 6h or 60d")
-    return float(m.group(1)) * _UNITS[m.group(2)]
 
 
 @dataclass
@@ -43,14 +33,14 @@ class TrainingData:
     until: datetime
 
 
-def labelled_traffic(project: Project, *, until: datetime, window: str) -> pa.Table:
+def labelled_traffic(project: Project, *, until: datetime, window: timedelta) -> pa.Table:
     """Answered rows with ``until - window < _ts <= until`` that have a label, with the label
     as a ``target`` column and the event time as the time column."""
     from mloop.monitoring.windows import read_rows
     from mloop.serving.labels import read_labels
 
     cfg = project.config
-    since = until - timedelta(seconds=seconds(window))
+    since = until - window
     rows = read_rows(project.uris["inference_log_uri"], since=since, until=until)
     labels = read_labels(project.uris["inference_log_uri"])
     if rows.num_rows == 0 or labels.num_rows == 0:
@@ -83,7 +73,7 @@ def build_training_data(project: Project, *, until: datetime, champion: int | No
     rel = f"retrain/traffic-{until:%Y%m%dT%H%M%S}-{int(time.time())}.parquet"
     project.outputs.write_parquet(rel, table)
     return TrainingData(project.outputs.uri_for(rel), table.num_rows, labelled, original,
-                        until - timedelta(seconds=seconds(cfg.window)), until)
+                        until - cfg.window, until)
 
 
 def _original_types(project: Project, champion: int, table: pa.Table) -> pa.Table:
@@ -132,9 +122,8 @@ def retrain(project: Project, data: TrainingData, *, on_event: Any = None) -> di
 
     from mloop.config import DataConfig
     from mloop.memory import PeakMemory
-    from mloop.pipeline.artifacts import load_output
-    from mloop.pipeline.runner import run_pipeline
     from mloop.project import Project as _Project
+    from mloop.registry.training import train_candidate
     from mloop.storage import filesystem
 
     fs, where = filesystem(data.path)
@@ -146,12 +135,9 @@ def retrain(project: Project, data: TrainingData, *, on_event: Any = None) -> di
     retrain_project = _Project(project.root, config)
     cpu0 = time.process_time()
     t0 = time.perf_counter()
-    with PeakMemory() as peak:
-        result = run_pipeline(retrain_project, on_event=on_event)
-    reg = next(s for s in result.steps if s.step == "register")
-    out = load_output(reg.outputs["output"], retrain_project.outputs,
-                      retrain_project.snapshots)
-    return {"version": int(out["version"]), "pipeline_run_id": result.run_id,
+    with PeakMemory() as peak:  # the controller gates and rolls out itself
+        trained = train_candidate(retrain_project, on_event=on_event, gate=False)
+    return {"version": trained.version, "pipeline_run_id": trained.pipeline_run_id,
             "seconds": round(time.perf_counter() - t0, 2),
             "cpu_seconds": round(time.process_time() - cpu0, 2),
             "peak_memory_mb": round(peak.peak_mb, 1),
@@ -160,18 +146,30 @@ def retrain(project: Project, data: TrainingData, *, on_event: Any = None) -> di
 
 
 def event_time_now(project: Project) -> datetime | None:
-    """The log's watermark: the newest event time (the loop's clock). Only the newest day
-    folder is read."""
-    from mloop.monitoring.windows import read_rows, watermark
-    from mloop.serving.inference_log import log_days
+    """The loop's clock: the event clock of the log's answered rows (see
+    ``mloop.monitoring.windows.event_clock``: the newest event time, unless fewer than ten
+    requests lie after a silence of more than a day, as a smoke test after a replay would).
+    Day folders are read newest first until enough distinct event times are in hand, so
+    usually only the newest day is read. Segments found unreadable are quarantined and
+    recorded in the audit chain."""
+    from mloop.monitoring.windows import CLOCK_CONFIRMATIONS, event_clock
+    from mloop.serving.inference_log import log_days, read_segments, segment_files
+    from mloop.serving.quarantine import record_quarantine_events
     from mloop.storage import ObjectStore
 
-    days = log_days(ObjectStore(project.uris["inference_log_uri"]))
-    if not days:
+    store = ObjectStore(project.uris["inference_log_uri"])
+    chunks: list[pa.Array] = []
+    for day in reversed(log_days(store)):
+        for t in read_segments(store, segment_files(store, first_day=day, last_day=day)):
+            answered = t.filter(pc.not_equal(t.column("_role"), "shadow"))
+            chunks += answered.column("_ts").cast(pa.timestamp("us", tz="UTC")).chunks
+        if chunks and pc.count_distinct(pa.chunked_array(chunks)).as_py() \
+                > 2 * CLOCK_CONFIRMATIONS:
+            break
+    record_quarantine_events(store, project.store)
+    if not chunks:
         return None
-    newest = datetime.fromisoformat(days[-1]).replace(tzinfo=UTC)
-    return watermark(read_rows(project.uris["inference_log_uri"],
-                               since=newest - timedelta(microseconds=1)))
+    return event_clock(pa.chunked_array(chunks, pa.timestamp("us", tz="UTC")))
 
 
 def count_labelled_since(project: Project, since: datetime | None) -> int:

@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from mloop.config import WebhookConfig
 from mloop.project import Project
 from mloop.store.db import as_utc
-from mloop.store.models import MonitorWindowRow
+from mloop.store.models import EventRow, MonitorWindowRow
 
 log = logging.getLogger("mloop.monitoring")
 
@@ -55,6 +55,8 @@ class MonitorCollector:
         model = self.project.config.model_name
         try:
             with self.project.store.session() as s:
+                damaged = s.scalar(sa.select(sa.func.count()).select_from(EventRow).where(
+                    EventRow.kind == "log.segment_quarantined"))
                 row = s.scalars(sa.select(MonitorWindowRow).where(
                     MonitorWindowRow.model == model).order_by(MonitorWindowRow.end.desc(),
                                                               MonitorWindowRow.id.desc())
@@ -62,6 +64,11 @@ class MonitorCollector:
         except Exception as exc:  # a scrape must not crash the server
             log.warning("monitor gauges unavailable: %s", exc)
             return
+        quarantined = GaugeMetricFamily(
+            "mloop_inference_log_quarantined_segments", "Inference-log and label segments "
+            "found unreadable and moved to quarantine (log.segment_quarantined events)")
+        quarantined.add_metric([], float(damaged or 0))
+        yield quarantined
         if row is None:
             return
         values = {
@@ -158,6 +165,11 @@ def alert_rules(project: Project) -> dict[str, Any]:
         rule("MloopInferenceLogDrops",
              'increase(mloop_inference_log_rows_total{outcome="dropped"}[15m]) > 0', "warning",
              "The inference log dropped rows (its buffer was full)"),
+        rule("MloopInferenceLogQuarantine",
+             'increase(mloop_inference_log_rows_total{outcome="quarantined"}[15m]) > 0 '
+             'or delta(mloop_inference_log_quarantined_segments[15m]) > 0', "warning",
+             "Inference-log rows or segments could not be stored or read and were set aside "
+             "in the log's quarantine folder (see `mloop events --type log.`)"),
         rule("MloopLatencyHigh",
              "histogram_quantile(0.99, sum by (le) "
              "(rate(mloop_request_latency_seconds_bucket[5m]))) > 0.5", "warning",
@@ -171,7 +183,7 @@ def _window_seconds(spec: str) -> int:
     from mloop.monitoring.windows import WindowSpec
 
     w = WindowSpec.parse(spec)
-    return w.seconds or 86400
+    return int(w.length.total_seconds()) if w.length else 86400
 
 
 def rules_yaml(project: Project) -> str:

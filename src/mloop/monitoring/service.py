@@ -4,7 +4,11 @@ Reference = the profile of the champion's training snapshot (computed when the s
 taken; never recomputed here) and, for prediction drift, the profile of the champion's
 predictions on its holdout snapshot (computed once per version and kept in the outputs store).
 Performance joins the window's request ids with the labels that have arrived; windows still
-missing labels are re-scored on later runs as labels come in.
+missing labels are re-scored on later runs as labels come in. It is the version's primary
+metric; ROC AUC and log loss are computed from the probabilities the server logged
+(``_proba_<class>``). Labelled rows logged without probabilities (logs older than those
+columns, a model without ``predict_proba``) are judged on accuracy instead, against the
+holdout's accuracy, and the window's report says why.
 """
 
 from __future__ import annotations
@@ -29,7 +33,6 @@ from mloop.store.db import as_utc, utcnow
 from mloop.store.models import MonitorWindowRow
 
 PREDICTION = "_prediction"
-_PROBA_METRICS = {"roc_auc", "log_loss"}
 
 
 @dataclass
@@ -41,6 +44,9 @@ class Reference:
     task: str
     metric: str | None
     metric_value: float | None
+    # what a window is judged on when the primary metric needs probabilities it lacks
+    fallback_metric: str | None = None
+    fallback_value: float | None = None
 
 
 def reference_for(project: Project, version: int) -> Reference:
@@ -60,17 +66,46 @@ def reference_for(project: Project, version: int) -> Reference:
     features = [c for c in inputs if profile["columns"].get(c, {}).get("kind")
                 in ("numeric", "categorical")]
     metric = monitored_metric(task, tags.get("mloop.primary_metric"))
-    value = tags.get(f"mloop.metric.{metric}")
+    fallback = label_metric(task, metric)
+
+    def holdout(name: str) -> float | None:
+        value = tags.get(f"mloop.metric.{name}")
+        return float(value) if value is not None else None
+
     return Reference(version, profile, features, _prediction_profile(project, version, tags),
-                     task, metric, float(value) if value is not None else None)
+                     task, metric, holdout(metric), fallback, holdout(fallback))
 
 
 def monitored_metric(task: str, primary: str | None) -> str:
-    """The metric computed on labelled traffic: the primary one, unless it needs
-    probabilities (the log keeps predicted values only)."""
-    if primary and primary not in _PROBA_METRICS:
-        return primary
+    """The metric computed on labelled traffic: the primary one (probability metrics from
+    the logged probabilities), else the task's default."""
+    return primary or ("mae" if task == "regression" else "accuracy")
+
+
+def label_metric(task: str, metric: str) -> str:
+    """What stands in for ``metric`` on rows that have labels but no probabilities."""
+    from mloop.tabular.metrics import PROBA_METRICS
+
+    if metric not in PROBA_METRICS:
+        return metric
     return "mae" if task == "regression" else "accuracy"
+
+
+def logged_probabilities(table: pa.Table) -> tuple[list[str], np.ndarray | None]:
+    """The classes and (rows, classes) probabilities the server logged for ``table``'s rows;
+    None if any row has none (written before probabilities were logged, or by a model
+    without them). A class missing from some version's columns has probability 0 there."""
+    from mloop.serving.inference_log import PROBA_PREFIX
+
+    names = [n for n in table.column_names if n.startswith(PROBA_PREFIX)]
+    if not names or not table.num_rows:
+        return [n.removeprefix(PROBA_PREFIX) for n in names], None
+    values = np.column_stack([table.column(n).to_numpy(zero_copy_only=False)
+                              .astype(np.float64) for n in names])
+    missing = np.isnan(values)
+    if missing.all(axis=1).any():
+        return [n.removeprefix(PROBA_PREFIX) for n in names], None
+    return [n.removeprefix(PROBA_PREFIX) for n in names], np.where(missing, 0.0, values)
 
 
 def _signature_inputs(project: Project, version: int) -> list[str]:
@@ -116,20 +151,34 @@ def _performance(window: pa.Table, labels: dict[str, Any], ref: Reference
     from mloop.tabular.metrics import compute_metrics
 
     ids = window.column("_request_id").to_pylist()
-    preds = window.column(PREDICTION).to_pylist()
-    pairs = [(labels[i], p) for i, p in zip(ids, preds, strict=True) if i in labels]
-    out: dict[str, Any] = {"metric": ref.metric, "labelled_rows": len(pairs),
-                           "coverage": len(pairs) / len(ids) if ids else 0.0, "value": None,
+    rows = [n for n, i in enumerate(ids) if i in labels]
+    out: dict[str, Any] = {"metric": ref.metric, "labelled_rows": len(rows),
+                           "coverage": len(rows) / len(ids) if ids else 0.0, "value": None,
                            "reference": ref.metric_value}
-    if pairs and ref.metric:
-        y = np.asarray([a for a, _ in pairs])
-        p = np.asarray([b for _, b in pairs])
-        if ref.task != "regression":
-            y, p = y.astype(str), p.astype(str)
-        try:
-            out["value"] = compute_metrics(ref.task, [ref.metric], y, p)[ref.metric]
-        except Exception as exc:  # e.g. r2 on one labelled row
-            out["error"] = f"{type(exc).__name__}: {exc}"
+    if not rows or not ref.metric:
+        return out
+    labelled = window.take(pa.array(rows, pa.int64()))
+    y = np.asarray([labels[ids[n]] for n in rows])
+    p = np.asarray(labelled.column(PREDICTION).to_pylist())
+    if ref.task != "regression":
+        y, p = y.astype(str), p.astype(str)
+    metric, classes, proba = ref.metric, None, None
+    if ref.fallback_metric and ref.fallback_metric != metric:
+        classes, proba = logged_probabilities(labelled)
+        if proba is None:
+            out.update(metric=ref.fallback_metric, reference=ref.fallback_value,
+                       fallback=f"{metric} needs the class probabilities, and labelled rows "
+                                f"were logged without them: judged on {ref.fallback_metric}")
+            metric = ref.fallback_metric
+    try:
+        value = compute_metrics(ref.task, [metric], y, p, proba, classes=classes)[metric]
+    except Exception as exc:  # e.g. r2 on one labelled row, a label the model never had
+        out["error"] = f"{type(exc).__name__}: {exc}"
+        return out
+    if np.isfinite(value):
+        out["value"] = value
+    else:
+        out["error"] = f"{metric} is not defined on these labelled rows (a single class?)"
     return out
 
 
@@ -157,14 +206,12 @@ def run_monitor(project: Project, *, window: str | None = None,
                 seed: int = 0) -> dict[str, Any]:
     """Evaluate every complete window newer than the last one evaluated (or ``since``);
     refresh the performance of earlier windows whose labels were incomplete."""
-    from mloop.serving.deploy import desired_state
+    from mloop.registry.aliases import require_champion
 
     cfg = project.config.monitoring
     spec = WindowSpec.parse(window or cfg.window)
     name = project.config.model_name
-    champion = desired_state(project).champion
-    if champion is None:
-        raise MloopError(f"'{name}' has no champion: nothing to monitor against")
+    champion = require_champion(project, needed_for="nothing to monitor against")
     with project.store.session() as s:
         last = s.scalars(sa.select(MonitorWindowRow).where(
             MonitorWindowRow.model == name, MonitorWindowRow.spec == spec.text)
@@ -175,8 +222,8 @@ def run_monitor(project: Project, *, window: str | None = None,
     start_after = max(filter(None, [last_end, as_utc(since)]), default=None)
     read_since = start_after - timedelta(microseconds=1) if start_after else None
     rows = read_rows(project.uris["inference_log_uri"], since=read_since, until=until)
-    if spec.seconds:
-        windows = time_windows(rows, spec.seconds, start_after, cfg.lateness_seconds)
+    if spec.length:
+        windows = time_windows(rows, spec.length, start_after, cfg.lateness_seconds)
     else:
         assert spec.rows is not None
         windows = row_windows(rows, spec.rows, skip_ids=boundary)
@@ -235,8 +282,15 @@ def run_monitor(project: Project, *, window: str | None = None,
         alert = _alert(project, summary, performance_only=True)
         if alert is not None:
             alerts.append(alert)
+    # segments found unreadable on the way were quarantined and skipped: into the audit chain
+    from mloop.serving.quarantine import record_quarantine_events
+    from mloop.storage import ObjectStore
+
+    quarantined = record_quarantine_events(ObjectStore(project.uris["inference_log_uri"]),
+                                           project.store)
     return {"model": name, "window": spec.text, "champion": champion,
-            "evaluated": evaluated, "refreshed": refreshed, "alerts": alerts}
+            "evaluated": evaluated, "refreshed": refreshed, "alerts": alerts,
+            "quarantined": quarantined}
 
 
 def _alert(project: Project, summary: dict[str, Any], *, performance_only: bool = False
@@ -284,7 +338,7 @@ def _refresh_performance(project: Project, spec: WindowSpec, labels: dict[str, A
         window = read_rows(project.uris["inference_log_uri"],
                            since=as_utc(row.start) - timedelta(microseconds=1),
                            until=as_utc(row.end))
-        if spec.seconds:
+        if spec.length:
             window = window.filter(pc.less(window.column("_ts"),
                                            pa.scalar(as_utc(row.end), window.column("_ts").type)))
         ids = set(window.column("_request_id").to_pylist()) if window.num_rows else set()
@@ -300,6 +354,7 @@ def _refresh_performance(project: Project, spec: WindowSpec, labels: dict[str, A
             fresh = s.get(MonitorWindowRow, row.id)
             assert fresh is not None
             fresh.metric_value, fresh.labelled_rows = perf["value"], perf["labelled_rows"]
+            fresh.metric, fresh.reference_metric = perf["metric"], perf["reference"]
             fresh.label_coverage, fresh.performance_at = perf["coverage"], utcnow()
             fresh.report = {**fresh.report, "performance": json_safe(perf)}
             s.commit()

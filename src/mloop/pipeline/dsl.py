@@ -5,6 +5,13 @@ and returns a reference to its future output; passing that reference to another 
 dependency edge. Other arguments are parameters (JSON values, part of the cache key). A step
 may take a ``ctx`` argument: the runner injects a :class:`~mloop.pipeline.context.StepContext`.
 Outside a pipeline, a step is just its function.
+
+Both decorators keep the decorated function's signature for type checkers and editors
+(``ParamSpec``, as Prefect types ``flow``): a step is typed as called, without the ``ctx`` the
+runner injects when ``ctx: StepContext`` is its first parameter, and returning what the
+function returns (inside a pipeline the value is an :class:`OutputRef` standing for it, which
+passes on to the next step as if it were the value). Outside a pipeline a step that takes
+``ctx`` is called as ``step.fn(ctx, ...)``.
 """
 
 from __future__ import annotations
@@ -17,11 +24,17 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Concatenate, Generic, ParamSpec, Protocol, TypeVar, overload
 
 from pydantic import BaseModel
 
 from mloop.errors import PipelineDefinitionError
+
+if TYPE_CHECKING:
+    from mloop.pipeline.context import StepContext
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 _BUILDING: contextvars.ContextVar[Graph | None] = contextvars.ContextVar("mloop_graph",
                                                                          default=None)
@@ -99,10 +112,10 @@ def _jsonable(value: Any, where: str) -> Any:
     return value
 
 
-class Step:
-    """A function tagged as a pipeline step."""
+class Step(Generic[P, R]):
+    """A function tagged as a pipeline step; called with ``P`` (its parameters but ``ctx``)."""
 
-    def __init__(self, fn: Callable[..., Any], *, name: str | None = None,
+    def __init__(self, fn: Callable[..., R], *, name: str | None = None,
                  outputs: tuple[str, ...] = ("output",), retries: int | None = None,
                  cache: bool = True,
                  cache_valid: Callable[[Any, dict[str, Any]], bool] | None = None) -> None:
@@ -135,13 +148,13 @@ class Step:
             h.update(_mloop_source_digest().encode())
         return h.hexdigest()
 
-    def with_fn(self, fn: Callable[..., Any]) -> Step:
+    def with_fn(self, fn: Callable[..., Any]) -> Step[..., Any]:
         """This step's name and outputs, another function (a user override)."""
         base = fn.fn if isinstance(fn, Step) else fn
         return Step(base, name=self.name, outputs=self.outputs, retries=self.retries,
                     cache=self.cache, cache_valid=self.cache_valid)
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         graph = _BUILDING.get()
         if graph is None:
             return self.fn(*args, **kwargs)
@@ -168,29 +181,59 @@ class Step:
                 f"step '{self.name}' called without argument(s) {', '.join(missing)}")
         name = graph.add(self, inputs, params)
         refs = tuple(OutputRef(name, o) for o in self.outputs)
-        return refs[0] if len(refs) == 1 else refs
+        # the promise stands in for the value while the graph is built (see the module doc)
+        promise: Any = refs[0] if len(refs) == 1 else refs
+        return promise
+
+
+class _StepDecorator(Protocol):
+    """What ``@step(...)`` with arguments returns: the decorator, with the same typing."""
+
+    @overload
+    def __call__(self, fn: Callable[Concatenate[StepContext, P], R], /) -> Step[P, R]: ...
+
+    @overload
+    def __call__(self, fn: Callable[P, R], /) -> Step[P, R]: ...
+
+
+# A first parameter ``ctx: StepContext`` is the runner's to fill: the first overload drops it
+# from the signature callers see. An untyped ``ctx`` matches both, and the step is then Any.
+@overload
+def step(fn: Callable[Concatenate[StepContext, P], R], /) -> Step[P, R]: ...
+
+
+@overload
+def step(fn: Callable[P, R], /) -> Step[P, R]: ...
+
+
+@overload
+def step(*, name: str | None = None, outputs: tuple[str, ...] | list[str] = ("output",),
+         retries: int | None = None, cache: bool = True,
+         cache_valid: Callable[[Any, dict[str, Any]], bool] | None = None) -> _StepDecorator: ...
 
 
 def step(fn: Callable[..., Any] | None = None, *, name: str | None = None,
          outputs: tuple[str, ...] | list[str] = ("output",), retries: int | None = None,
          cache: bool = True,
          cache_valid: Callable[[Any, dict[str, Any]], bool] | None = None) -> Any:
-    """Tag a function as a step.
+    """Tag a function as a step: ``@step`` or ``@step(name=..., outputs=...)``.
 
     ``outputs`` names a tuple return value's parts. ``cache=False`` always runs it (a step
     that reads the outside world). ``cache_valid(project, outputs)`` can veto a cache hit whose
     outputs point at something that may have gone (e.g. a deleted model version).
     """
 
-    def wrap(f: Callable[..., Any]) -> Step:
+    def wrap(f: Callable[..., Any]) -> Step[..., Any]:
         return Step(f, name=name, outputs=tuple(outputs), retries=retries, cache=cache,
                     cache_valid=cache_valid)
 
     return wrap(fn) if fn is not None else wrap
 
 
-class Pipeline:
-    def __init__(self, fn: Callable[..., Any], *, name: str | None = None) -> None:
+class Pipeline(Generic[P]):
+    """A function tagged as a pipeline; calling it with ``P`` builds its :class:`Graph`."""
+
+    def __init__(self, fn: Callable[P, Any], *, name: str | None = None) -> None:
         functools.update_wrapper(self, fn)
         self.fn = fn
         self.name = name or fn.__name__
@@ -211,14 +254,23 @@ class Pipeline:
             node.step = node.step.with_fn(fn)
         return graph
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Graph:
-        return self.build(*args, **kwargs)
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Graph:
+        build: Callable[..., Graph] = self.build  # P's arguments, and no overrides
+        return build(*args, **kwargs)
+
+
+@overload
+def pipeline(fn: Callable[P, Any], /) -> Pipeline[P]: ...
+
+
+@overload
+def pipeline(*, name: str | None = None) -> Callable[[Callable[P, Any]], Pipeline[P]]: ...
 
 
 def pipeline(fn: Callable[..., Any] | None = None, *, name: str | None = None) -> Any:
-    """Tag a function that wires steps together."""
+    """Tag a function that wires steps together: ``@pipeline`` or ``@pipeline(name=...)``."""
 
-    def wrap(f: Callable[..., Any]) -> Pipeline:
+    def wrap(f: Callable[..., Any]) -> Pipeline[...]:
         return Pipeline(f, name=name)
 
     return wrap(fn) if fn is not None else wrap

@@ -51,8 +51,8 @@ def paired_bootstrap(metric: str, task: str, y: np.ndarray, candidate: np.ndarra
     the one-sided upper ``confidence`` bound."""
     sign = -1.0 if HIGHER_IS_BETTER.get(metric, False) else 1.0
     observed = sign * (
-        compute_metrics(task, [metric], y, candidate, candidate_proba)[metric]
-        - compute_metrics(task, [metric], y, baseline, baseline_proba)[metric])
+        compute_metrics(task, [metric], y, candidate, candidate_proba, classes=classes)[metric]
+        - compute_metrics(task, [metric], y, baseline, baseline_proba, classes=classes)[metric])
     rng = np.random.default_rng(seed)
     n = len(y)
     diffs: list[np.ndarray] = []
@@ -68,12 +68,17 @@ def paired_bootstrap(metric: str, task: str, y: np.ndarray, candidate: np.ndarra
                 idx = np.repeat(np.arange(n), w[i].astype(int))
                 cp = candidate_proba[idx] if candidate_proba is not None else None
                 bp = baseline_proba[idx] if baseline_proba is not None else None
-                mc[i] = compute_metrics(task, [metric], y[idx], candidate[idx], cp)[metric]
-                mb[i] = compute_metrics(task, [metric], y[idx], baseline[idx], bp)[metric]
+                mc[i] = compute_metrics(task, [metric], y[idx], candidate[idx], cp,
+                                        classes=classes)[metric]
+                mb[i] = compute_metrics(task, [metric], y[idx], baseline[idx], bp,
+                                        classes=classes)[metric]
         diffs.append(sign * (mc - mb))
         done += r
     all_diffs = np.concatenate(diffs)
     all_diffs = all_diffs[np.isfinite(all_diffs)]
+    if not all_diffs.size:  # the metric is defined on no resample (e.g. one class labelled)
+        return {"observed": float(observed), "upper": float("nan"), "lower": float("nan"),
+                "confidence": confidence, "resamples": 0}
     return {"observed": float(observed),
             "upper": float(np.quantile(all_diffs, confidence)),
             "lower": float(np.quantile(all_diffs, 1.0 - confidence)),

@@ -7,9 +7,12 @@ import importlib.metadata
 import threading
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mloop import __version__
+
+if TYPE_CHECKING:
+    from mloop.tracking_read import ModelVersionRecord
 
 
 def get_version(project: Any, version: int) -> Any:
@@ -22,7 +25,21 @@ def get_version(project: Any, version: int) -> Any:
         return project.mlflow.get_model_version(project.config.model_name, str(version))
     except MlflowException:
         raise ModelNotFoundError(f"model '{project.config.model_name}' has no version "
-                                 f"{version} (see `mloop models list`)") from None
+                                 f"{version} (see `mloop models list`)",
+                                 model=project.config.model_name, version=version) from None
+
+
+def version_record(project: Any, version: int) -> ModelVersionRecord:
+    """The version as recorded in MLflow, read without loading MLflow when the store allows
+    (:mod:`mloop.tracking_read`); ModelNotFoundError naming it when there is none."""
+    from mloop.errors import ModelNotFoundError
+
+    record = project.tracking.model_version(project.config.model_name, version)
+    if record is None:
+        raise ModelNotFoundError(f"model '{project.config.model_name}' has no version "
+                                 f"{version} (see `mloop models list`)",
+                                 model=project.config.model_name, version=version)
+    return record
 
 
 def _requirements(model: Any) -> list[str]:
@@ -48,14 +65,26 @@ def _trusted_types(model: Any) -> list[str]:
     return sorted(skops.io.get_untrusted_types(data=skops.io.dumps(model)))
 
 
+def candidate_signature(input_example: Any, predictions: Any, signature_input: Any = None
+                        ) -> Any:
+    """The MLflow signature a candidate is logged with: inferred from ``signature_input``
+    (the training features) when given, so columns that had missing values are optional;
+    else from the example."""
+    from mlflow.models import infer_signature
+
+    return infer_signature(input_example if signature_input is None else signature_input,
+                           predictions)
+
+
 def register_candidate(client: Any, *, run_id: str, model: Any, name: str, input_example: Any,
                        predictions: Any, tags: dict[str, str],
                        description: str | None = None,
-                       signature_input: Any = None) -> dict[str, Any]:
+                       signature_input: Any = None, signature: Any = None) -> dict[str, Any]:
     """Log ``model`` (sklearn flavour, skops format) under ``run_id`` and register a version.
 
-    The input signature is inferred from ``signature_input`` (the training features) when
-    given, so columns that had missing values are optional; else from the example.
+    ``signature`` is the one to log (``candidate_signature`` makes it; the register step
+    needs it before the version exists, to compile the model against it); without it, it is
+    inferred here the same way.
 
     Returns ``{"name", "version", "model_uri", "run_id"}``. The version is created last, so a
     failure before it leaves the registry untouched.
@@ -63,10 +92,9 @@ def register_candidate(client: Any, *, run_id: str, model: Any, name: str, input
     import mlflow
     import mlflow.sklearn
     from mlflow.exceptions import MlflowException
-    from mlflow.models import infer_signature
 
-    signature = infer_signature(input_example if signature_input is None else signature_input,
-                                predictions)
+    if signature is None:
+        signature = candidate_signature(input_example, predictions, signature_input)
     with mlflow.start_run(run_id=run_id):
         info = mlflow.sklearn.log_model(
             model, name="model", signature=signature, input_example=input_example,
@@ -88,8 +116,53 @@ def register_candidate(client: Any, *, run_id: str, model: Any, name: str, input
 
 
 _PYFUNCS: OrderedDict[tuple[str, str, int], tuple[Path, Any]] = OrderedDict()
+_COPIES: OrderedDict[tuple[str, str, int], Path] = OrderedDict()
 _PYFUNCS_LOCK = threading.Lock()
 PYFUNC_CACHE_SIZE = 4
+
+
+def _cached(cache: OrderedDict[Any, Any], key: Any) -> Any:
+    with _PYFUNCS_LOCK:
+        hit = cache.get(key)
+        if hit is not None:
+            cache.move_to_end(key)
+        return hit
+
+
+def _keep(cache: OrderedDict[Any, Any], key: Any, value: Any) -> None:
+    with _PYFUNCS_LOCK:
+        cache[key] = value
+        while len(cache) > PYFUNC_CACHE_SIZE:
+            cache.popitem(last=False)
+
+
+def _local_copy(project: Any, version: int) -> Path:
+    """The version's model folder on local disk (downloaded once per process)."""
+    import mlflow.artifacts
+
+    name = project.config.model_name
+    key = (project.uris["tracking_uri"], name, int(version))
+    hit = _cached(_COPIES, key)
+    if hit is not None and hit.exists():
+        return Path(hit)
+    path = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}"))
+    _keep(_COPIES, key, path)
+    return path
+
+
+def load_metadata(project: Any, version: int) -> tuple[Path, Any]:
+    """The local copy and the MLmodel (``mlflow.models.Model``: flavours, signature, input
+    example) of ``version``, without loading the model itself: a server that serves the
+    version's stored compiled graph never needs the original, and deserializing it costs
+    more than everything else a hot swap does."""
+    from mlflow.models import Model
+
+    name = project.config.model_name
+    hit = _cached(_PYFUNCS, (project.uris["tracking_uri"], name, int(version)))
+    if hit is not None:
+        return hit[0], hit[1].metadata
+    path = _local_copy(project, version)
+    return path, Model.load(str(path))
 
 
 def load_pyfunc(project: Any, version: int) -> tuple[Path, Any]:
@@ -97,20 +170,14 @@ def load_pyfunc(project: Any, version: int) -> tuple[Path, Any]:
     registered version never changes, and one controller pass may load the same two versions
     three times (gates, probation verdict, promotion), at 0.4 s and a fresh artifact copy
     each."""
-    import mlflow.artifacts
     import mlflow.pyfunc
 
     name = project.config.model_name
     key = (project.uris["tracking_uri"], name, int(version))
-    with _PYFUNCS_LOCK:
-        hit = _PYFUNCS.get(key)
-        if hit is not None:
-            _PYFUNCS.move_to_end(key)
-            return hit
-    path = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}"))
+    hit = _cached(_PYFUNCS, key)
+    if hit is not None:
+        return hit  # type: ignore[no-any-return]
+    path = _local_copy(project, version)
     loaded = (path, mlflow.pyfunc.load_model(str(path)))
-    with _PYFUNCS_LOCK:
-        _PYFUNCS[key] = loaded
-        while len(_PYFUNCS) > PYFUNC_CACHE_SIZE:
-            _PYFUNCS.popitem(last=False)
+    _keep(_PYFUNCS, key, loaded)
     return loaded

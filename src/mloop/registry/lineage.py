@@ -10,7 +10,7 @@ from typing import Any
 
 from mloop.errors import MloopError
 from mloop.project import Project
-from mloop.registry.candidates import get_version
+from mloop.registry.candidates import version_record
 
 
 def _snapshot(project: Project, digest: str | None) -> dict[str, Any] | None:
@@ -26,16 +26,13 @@ def _snapshot(project: Project, digest: str | None) -> dict[str, Any] | None:
 
 def lineage(project: Project, version: int) -> dict[str, Any]:
     """version -> registering run -> pipeline run (steps, config, code) -> snapshots -> source."""
-    from mlflow.exceptions import MlflowException
-
-    mv = get_version(project, version)
-    tags = dict(mv.tags or {})
+    mv = version_record(project, version)
+    tags = mv.tags
     out: dict[str, Any] = {
-        "model": mv.name, "version": int(mv.version), "source": mv.source,
-        "created_at": mv.creation_timestamp, "aliases": list(mv.aliases or []),
+        "model": mv.name, "version": mv.version, "source": mv.source,
+        "created_at": mv.creation_timestamp, "aliases": list(mv.aliases),
         "gates": tags.get("mloop.gates"),
-        "metrics": {k[len("mloop.metric."):]: float(v) for k, v in tags.items()
-                    if k.startswith("mloop.metric.")},
+        "metrics": mv.metrics,
         "run": {"mlflow_run_id": mv.run_id},
         "code": {"git_commit": tags.get("mloop.git_commit"),
                  "git_dirty": tags.get("mloop.git_dirty"),
@@ -62,12 +59,8 @@ def lineage(project: Project, version: int) -> dict[str, Any]:
             for s in project.store.step_runs(row.id):
                 if s.status != "succeeded":
                     continue
-                params: dict[str, str] = {}
-                if s.mlflow_run_id:
-                    try:
-                        params = dict(project.mlflow.get_run(s.mlflow_run_id).data.params)
-                    except MlflowException:
-                        params = {}
+                run = project.tracking.run(s.mlflow_run_id) if s.mlflow_run_id else None
+                params = dict(run.params) if run is not None else {}
                 steps.append({"step": s.step, "cache_hit": bool(s.cache_hit),
                               "cache_key": s.cache_key, "mlflow_run_id": s.mlflow_run_id,
                               "outputs": {k: v["digest"] for k, v in s.outputs.items()},

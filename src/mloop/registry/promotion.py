@@ -20,14 +20,19 @@ from sqlalchemy.orm import Session
 
 from mloop.errors import GateFailedError, MloopError, PromotionError
 from mloop.project import Project
-from mloop.registry.candidates import get_version
+from mloop.registry.aliases import (
+    CHALLENGER,
+    CHAMPION,
+    PREVIOUS,
+    mlflow_alias,
+    require_champion,
+    stored_alias,
+)
+from mloop.registry.candidates import version_record
 from mloop.security.audit import add_event, current_actor
 from mloop.store.db import as_utc, utcnow
 from mloop.store.models import AliasRow, DeploymentRow
 
-CHAMPION = "champion"
-CHALLENGER = "challenger"
-PREVIOUS = "previous"
 _UNSET: Any = object()
 
 
@@ -46,24 +51,19 @@ class AliasChange:
         return dict(self.__dict__)
 
 
-def stored_alias(project: Project, alias: str = CHAMPION) -> int | None:
-    with project.store.session() as s:
-        row = s.get(AliasRow, (project.config.model_name, alias))
-        return row.version if row is not None else None
-
-
-def mlflow_alias(project: Project, alias: str = CHAMPION) -> int | None:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return int(project.mlflow.get_model_version_by_alias(project.config.model_name,
-                                                             alias).version)
-    except MlflowException:
-        return None
-
-
 def _set_mlflow_alias(project: Project, alias: str, version: int | None) -> None:
-    client, name = project.mlflow, project.config.model_name
+    from mloop.tracking_read import SqlTrackingReader
+    from mloop.tracking_sql import set_model_alias
+
+    name, reader = project.config.model_name, project.tracking
+    if isinstance(reader, SqlTrackingReader):  # the row MlflowClient writes, no MLflow import
+        if version is None:
+            with contextlib.suppress(Exception):
+                set_model_alias(reader.registry, name, alias, None)
+        else:
+            set_model_alias(reader.registry, name, alias, version)
+        return
+    client = project.mlflow
     if version is None:
         with contextlib.suppress(Exception):
             client.delete_registered_model_alias(name, alias)
@@ -194,7 +194,7 @@ def promote(project: Project, version: int, *, reason: str, force: bool = False,
 
     if not reason.strip():
         raise MloopError("a promotion needs a reason (--reason \"...\"): it goes in the history")
-    get_version(project, version)
+    version_record(project, version)
     champion = stored_alias(project) if expected_champion is _UNSET else expected_champion
     if champion == version:
         raise PromotionError(f"v{version} is already the champion")
@@ -228,9 +228,7 @@ def rollback(project: Project, *, reason: str, to: int | None = None,
     if not reason.strip():
         raise MloopError("a rollback needs a reason (--reason \"...\"): it goes in the history")
     name = project.config.model_name
-    current = stored_alias(project)
-    if current is None:
-        raise PromotionError(f"'{name}' has no champion to roll back")
+    current = require_champion(project, needed_for="nothing to roll back")
     served = [d for d in history(project)["deployments"] if d["alias"] == CHAMPION]
     earlier = [d["version"] for d in served if d["version"] != current]
     if to is None:
@@ -243,7 +241,7 @@ def rollback(project: Project, *, reason: str, to: int | None = None,
     elif to not in earlier:
         raise PromotionError(f"v{to} has never been champion of '{name}'; promote it instead "
                              f"(its gates apply)")
-    get_version(project, to)
+    version_record(project, to)
     return change_alias(project, CHAMPION, to, expected=current, action="rollback",
                         reason=reason, actor=actor)
 

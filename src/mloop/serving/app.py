@@ -43,6 +43,7 @@ from mloop.serving.edge import (
 from mloop.serving.formats import csv_parser, mlflow_parser, parse_json, predict_request
 from mloop.serving.inference_log import InferenceLog
 from mloop.serving.metrics import ServingMetrics
+from mloop.serving.model import predict_method
 from mloop.serving.schema import InputError
 from mloop.serving.scoring import Scored, score
 from mloop.serving.state import ServerState
@@ -77,7 +78,8 @@ async def predict(request: Request) -> Response:
     v = scored.slot.model.version
     return json_response({"version": v, "role": scored.role,
                           "request_ids": scored.request_ids,
-                          "predictions": scored.predictions},
+                          **scored.slot.model.response_fields(scored.predictions,
+                                                              scored.probabilities)},
                          headers=_headers(scored))
 
 
@@ -88,10 +90,14 @@ async def invocations(request: Request) -> Response:
     ctype = request.headers.get("content-type", "application/json").split(";")[0].strip()
     raw = await read_body(request, state.config.max_body_bytes)
     strict = state.config.strict_columns
+    method = "predict"
     if ctype == "text/csv":
         parser = csv_parser(raw, strict=strict)
     elif ctype in ("application/json", ""):
-        parser = mlflow_parser(parse_json(raw), strict=strict)
+        body = parse_json(raw)
+        parser = mlflow_parser(body, strict=strict)
+        champion = state.routing.champion
+        method = predict_method(body, champion.model if champion else None)
     else:
         raise HTTPError(415, {"error": f"content type '{ctype}' is not supported; use "
                                        f"application/json or text/csv"})
@@ -99,7 +105,9 @@ async def invocations(request: Request) -> Response:
                          timestamp=time.time())
     headers = _headers(scored)
     headers["x-mloop-request-ids"] = ",".join(scored.request_ids[:1000])
-    return json_response({"predictions": scored.predictions}, headers=headers)
+    return json_response(scored.slot.model.response_fields(scored.predictions,
+                                                           scored.probabilities, method=method),
+                         headers=headers)
 
 
 IGNORED_HEADER = "x-mloop-ignored-columns"
@@ -225,7 +233,9 @@ _PREDICTIONS = {"type": "array", "description": "One per row, in row order"}
 
 ROUTES: list[BaseRoute] = [
     APIRoute("/predict", predict, methods=["POST"], tags=["scoring"], responses={
-        **openapi.ok("Predictions, their request ids, and the version that answered", {
+        **openapi.ok("Predictions, their request ids, and the version that answered; for a "
+                     "classifier also 'probabilities' (one list per row) and 'classes' (their "
+                     "order)", {
             "type": "object", "required": ["version", "role", "request_ids", "predictions"],
             "properties": {"version": {"type": "integer"},
                            "role": {"enum": ["champion", "canary"]},
@@ -233,7 +243,9 @@ ROUTES: list[BaseRoute] = [
                            "predictions": _PREDICTIONS}}, headers=_VERSION_HEADERS),
         **openapi.errors(400, 413, 415, 422, 503)}),
     APIRoute("/invocations", invocations, methods=["POST"], tags=["scoring"], responses={
-        **openapi.ok("Predictions, as MLflow's scoring server answers", {
+        **openapi.ok("Predictions, as MLflow's scoring server answers (with params "
+                     "{'predict_method': 'predict_proba'}: per-row class probabilities, and "
+                     "'classes')", {
             "type": "object", "required": ["predictions"],
             "properties": {"predictions": _PREDICTIONS}}, headers={
             **_VERSION_HEADERS, "x-mloop-request-ids": {

@@ -1,9 +1,10 @@
 """Batch scoring of files larger than memory: read a chunk, predict, append, repeat.
 
 Input is Parquet (read row group by row group) or CSV (pyarrow's streaming reader); output is
-one Parquet file with the input columns plus ``prediction``, written under a temporary name and
-renamed at the end, so a failure leaves no half-written output. Memory is bounded by the chunk
-size, not the file size.
+one Parquet file with the input columns plus ``prediction`` (and, for a classifier, one
+``proba_<class>`` column per class, in the order of the model's classes), written under a
+temporary name and renamed at the end, so a failure leaves no half-written output. Memory is
+bounded by the chunk size, not the file size.
 
 The model gets only the signature's columns. Other columns (an id to join on, say) are not
 scored and kept in the output as read, and listed as ``ignored_columns`` in the result; with
@@ -21,7 +22,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from mloop.errors import MloopError
+from mloop.errors import DataSourceError
 from mloop.project import Project
 from mloop.serving.model import ServedModel, load_served
 
@@ -38,7 +39,7 @@ def _reader(path: Path, chunk_rows: int) -> tuple[Iterator[pa.RecordBatch], int 
         try:
             pf = pq.ParquetFile(path)
         except Exception as exc:
-            raise MloopError(f"{path}: not a readable Parquet file ({exc})") from exc
+            raise DataSourceError(f"{path}: not a readable Parquet file ({exc})") from exc
         return pf.iter_batches(batch_size=chunk_rows), pf.metadata.num_rows, "rows"
     if suffix in (".csv", ".txt", ".gz"):
         import pyarrow.csv as pacsv
@@ -47,24 +48,24 @@ def _reader(path: Path, chunk_rows: int) -> tuple[Iterator[pa.RecordBatch], int 
             reader = pacsv.open_csv(path, read_options=pacsv.ReadOptions(
                 block_size=max(1 << 20, chunk_rows * 200)))
         except Exception as exc:
-            raise MloopError(f"{path}: not a readable CSV file ({exc})") from exc
+            raise DataSourceError(f"{path}: not a readable CSV file ({exc})") from exc
         return iter(reader), None, "rows"
-    raise MloopError(f"{path}: unsupported input type '{suffix}' (use .parquet or .csv)")
+    raise DataSourceError(f"{path}: unsupported input type '{suffix}' (use .parquet or .csv)")
 
 
 def _frame(model: ServedModel, batch: pa.RecordBatch, path: Path, offset: int) -> Any:
     names = batch.schema.names
     missing = [c.name for c in model.schema.columns if c.name not in names]
     if missing:
-        raise MloopError(f"{path}: missing column(s) {missing} that v{model.version}'s "
-                         f"signature requires (found {names})")
+        raise DataSourceError(f"{path}: missing column(s) {missing} that v{model.version}'s "
+                              f"signature requires (found {names})")
     cols = {}
     for c in model.schema.columns:
         col = batch.column(names.index(c.name))
         if c.required and col.null_count:
             first = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
-            raise MloopError(f"{path}: column '{c.name}' is null at row {offset + first} but "
-                             f"the signature requires a value")
+            raise DataSourceError(f"{path}: column '{c.name}' is null at row {offset + first} but "
+                                  f"the signature requires a value")
         target = _ARROW.get(c.type)
         if target is not None and col.type != target:
             if c.type == "string":
@@ -73,8 +74,8 @@ def _frame(model: ServedModel, batch: pa.RecordBatch, path: Path, offset: int) -
                 try:
                     col = col.cast(target)
                 except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-                    raise MloopError(f"{path}: column '{c.name}' is {col.type}, the signature "
-                                     f"expects {c.type} ({exc})") from None
+                    raise DataSourceError(f"{path}: column '{c.name}' is {col.type}, the signature "
+                                          f"expects {c.type} ({exc})") from None
         cols[c.name] = col
     frame = pa.table(cols).to_pandas()
     for c in model.schema.columns:
@@ -90,14 +91,13 @@ def predict_file(project: Project, input_path: Path, output_path: Path, *,
     import psutil
     import pyarrow.parquet as pq
 
-    from mloop.serving.deploy import desired_state
+    from mloop.registry.aliases import require_champion
 
     if not input_path.exists():
-        raise MloopError(f"{input_path}: no such file")
+        raise DataSourceError(f"{input_path}: no such file")
     if version is None:
-        version = desired_state(project).champion
-        if version is None:
-            raise MloopError(f"'{project.config.model_name}' has no champion; pass --version")
+        version = require_champion(project, needed_for="`mloop predict` scores with it "
+                                                       "unless --version names a version")
     batches, total, unit = _reader(input_path, chunk_rows)
     model = load_served(project, version)
     output_path.parent.mkdir(parents=True, exist_ok=True)
@@ -130,10 +130,11 @@ def predict_file(project: Project, input_path: Path, output_path: Path, *,
                 if batch.num_rows == 0:
                     continue
                 frame = _frame(model, batch, input_path, rows)
-                pred = np.asarray(model.predict_frame(frame))
-                if pred.ndim > 1:
-                    pred = pred.reshape(len(pred), -1)[:, 0]
+                pred, proba = model.score_frame(frame)
                 out = pa.Table.from_batches([batch]).append_column("prediction", pa.array(pred))
+                if proba is not None and model.classes is not None:
+                    for j, c in enumerate(model.classes):
+                        out = out.append_column(f"proba_{c}", pa.array(proba[:, j]))
                 if writer is None:
                     writer = pq.ParquetWriter(tmp, out.schema, compression="zstd")
                 writer.write_table(out.cast(writer.schema))
@@ -141,7 +142,7 @@ def predict_file(project: Project, input_path: Path, output_path: Path, *,
                 bar.advance(task, batch.num_rows)
                 peak = max(peak, proc.memory_info().rss)
         if writer is None:
-            raise MloopError(f"{input_path}: no rows to score")
+            raise DataSourceError(f"{input_path}: no rows to score")
         writer.close()
         writer = None
         os.replace(tmp, output_path)

@@ -15,7 +15,8 @@ import sqlalchemy as sa
 
 from mloop.errors import MloopError, PromotionError
 from mloop.project import Project
-from mloop.registry.candidates import get_version
+from mloop.registry.aliases import require_champion
+from mloop.registry.candidates import version_record
 from mloop.registry.promotion import (
     CHALLENGER,
     CHAMPION,
@@ -70,13 +71,8 @@ def deploy_challenger(project: Project, version: int, *, mode: str, weight: floa
     if not reason.strip():
         raise MloopError("a deployment needs a reason (--reason \"...\"): it goes in the "
                          "history")
-    get_version(project, version)
-    champion = stored_alias(project, CHAMPION)
-    if champion is None:
-        champion = mlflow_alias(project, CHAMPION)
-    if champion is None:
-        raise PromotionError(f"'{project.config.model_name}' has no champion; promote one "
-                             f"before adding a challenger")
+    version_record(project, version)
+    champion = require_champion(project, needed_for="a challenger is deployed next to it")
     if champion == version:
         raise PromotionError(f"v{version} is the champion; a challenger must be another "
                              f"version")

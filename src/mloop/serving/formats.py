@@ -208,9 +208,6 @@ def mlflow_parser(body: Any, *, strict: bool = False) -> Parser:
         raise InputError([FieldError("body", "needs exactly one of dataframe_split, "
                                              "dataframe_records, inputs, instances "
                                              f"(got {sorted(body)})")])
-    if not isinstance(body.get("params", {}), dict):
-        raise InputError([FieldError("params", "must be an object (parameters for the "
-                                               "model's predict)")])
     k = keys[0]
     payload = body[k]
     if k == "dataframe_split":

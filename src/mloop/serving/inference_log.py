@@ -10,14 +10,26 @@ written to a temporary name and renamed into place, so a reader never sees a tor
 clean stop (SIGTERM, lifespan shutdown) commits everything; a ``kill -9`` loses at most what
 arrived since the last commit, and every segment already on disk stays readable.
 
+No acknowledged row is lost silently. A group whose values Arrow cannot make columns of (an
+integer beyond 2^53 among doubles, an object where a number belongs) is converted entry by
+entry: the entries that cannot be stored, and only those, go to a JSON-lines file under
+``quarantine/rows/`` with everything needed to append them again, and are counted
+(``CommitReport.quarantined``, ``on_quarantine``). A segment a reader cannot open is moved to
+``quarantine/segments/`` and the reader goes on with the rest (mloop.serving.quarantine).
+
 Columns: ``_request_id``, ``_ts`` (event time, UTC), ``_version``, ``_role`` (champion,
-canary, shadow), ``_latency_ms``, ``_prediction``, ``_key`` (routing key or null), then one
-column per model input under its own name. The leading underscore keeps mloop's columns out of
-the features' namespace.
+canary, shadow), ``_latency_ms``, ``_prediction``, ``_key`` (routing key or null), for a
+classifier with probabilities one float64 ``_proba_<class>`` column per class (a column per
+class rather than one list column: each segment names its own classes, segments of versions
+with different classes concatenate by name, and DuckDB or pandas read them with no decoding;
+logs written before these columns, or by a model without probabilities, simply lack them),
+then one column per model input under its own name. The leading underscore keeps mloop's
+columns out of the features' namespace.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import secrets
@@ -25,17 +37,19 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import pyarrow as pa
 
+from mloop.serving.quarantine import ROWS_DIR, read_or_quarantine, write_note
 from mloop.storage import ObjectStore
 
 log = logging.getLogger("mloop.serving")
 
 META_COLUMNS = ("_request_id", "_ts", "_version", "_role", "_latency_ms", "_prediction", "_key")
+PROBA_PREFIX = "_proba_"
 LABELS_DIR = "labels"
 
 
@@ -71,18 +85,41 @@ class LogEntry:
     predictions: list[Any]
     cols: dict[str, list]
     key: str | None = None
+    probabilities: list[list[float]] | None = None  # per row, in ``classes`` order
+    classes: list[Any] | None = None
 
     @property
     def day(self) -> str:
         return datetime.fromtimestamp(self.ts, UTC).strftime("%Y-%m-%d")
 
 
+@dataclass
+class CommitReport:
+    """What one commit did with the rows it took from the buffer: every row is either in a
+    log segment or in a quarantine file, never neither."""
+
+    written: int = 0
+    quarantined: int = 0
+    segments: int = 0
+    quarantine_files: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"committed_rows": self.written, "quarantined_rows": self.quarantined,
+                "segments": self.segments, "quarantine_files": self.quarantine_files}
+
+
 class InferenceLog:
-    """Buffer + background group commit. ``append`` is safe from any thread."""
+    """Buffer + background group commit. ``append`` is safe from any thread.
+
+    ``on_write(n)`` and ``on_quarantine(n)`` are called after each commit with the rows it
+    wrote to segments and the rows it set aside in quarantine (for the server's
+    ``mloop_inference_log_rows_total{outcome=...}``); ``on_queue(n)`` with the rows still
+    buffered."""
 
     def __init__(self, uri: str, *, commit_interval: float = 1.0, max_queue: int = 100_000,
                  on_write: Callable[[int], None] | None = None,
-                 on_queue: Callable[[int], None] | None = None) -> None:
+                 on_queue: Callable[[int], None] | None = None,
+                 on_quarantine: Callable[[int], None] | None = None) -> None:
         self.store = ObjectStore(uri)
         self.commit_interval = commit_interval
         self.max_queue = max_queue
@@ -97,8 +134,9 @@ class InferenceLog:
         self._recent_ids: set[str] = set()  # uncommitted ids, so early feedback finds them
         self._on_write = on_write
         self._on_queue = on_queue
+        self._on_quarantine = on_quarantine
         self.dropped = 0
-        self.rejected = 0  # rows no partition or Arrow type could hold (bugs, not load)
+        self.quarantined = 0  # rows no partition or Arrow type could hold (bugs, not load)
         self.written = 0
         self.segments = 0
         self.failures = 0
@@ -154,49 +192,75 @@ class InferenceLog:
                 log.exception("inference log commit failed; retrying at the next interval")
 
     def commit(self) -> int:
-        """Write everything buffered now as one segment per (day, version)."""
+        """Write everything buffered now as one segment per (day, version); the rows
+        written (see :meth:`commit_report` for the rows set aside too)."""
+        return self.commit_report().written
+
+    def commit_report(self) -> CommitReport:
+        """Commit now and say where every row went: segments, or quarantine for the entries
+        Arrow cannot store (each such entry alone; the rest of its group is written)."""
         with self._commit_lock:
             return self._commit()
 
-    def _commit(self) -> int:
-        with self._lock:
-            entries, self._entries = self._entries, []
-            count, self._rows = self._rows, 0
-        if not entries:
-            return 0
+    def _plan(self, entries: list[LogEntry]
+              ) -> list[tuple[str, pa.Table | None, list[LogEntry], list[str]]]:
+        """What to write, in order: (name, table, its entries, []) per (day, version), then
+        (name, None, entries, reasons) for the entries no segment can hold."""
         groups: dict[tuple[str, int], list[LogEntry]] = defaultdict(list)
+        bad: list[tuple[LogEntry, str]] = []
         for e in entries:
             try:
                 groups[(e.day, e.version)].append(e)
-            except (ValueError, OverflowError, OSError):  # a time no partition can hold
-                self.rejected += len(e.ids)
-                count -= len(e.ids)
-                log.error("inference log: dropped %d row(s) with an impossible event time %r",
-                          len(e.ids), e.ts)
-        pending = sorted(groups.items())
-        try:
-            while pending:
-                (day, version), part = pending[0]
-                try:
-                    table = _to_table(part)
-                except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as exc:
-                    # rows Arrow cannot hold would block every later commit: set them aside
-                    self.rejected += sum(len(e.ids) for e in part)
-                    count -= sum(len(e.ids) for e in part)
-                    log.error("inference log: dropped %d row(s) that cannot be stored: %s",
-                              sum(len(e.ids) for e in part), exc)
-                    pending.pop(0)
-                    continue
+            except (ValueError, OverflowError, OSError, TypeError) as exc:
+                bad.append((e, f"event time {e.ts!r} has no day partition ({exc})"))
+        todo: list[tuple[str, pa.Table | None, list[LogEntry], list[str]]] = []
+        for (day, version), part in sorted(groups.items(), key=lambda kv: str(kv[0])):
+            table, kept, rejected = _convert(part)
+            bad += rejected
+            if table is not None:
                 self._seq += 1
-                name = (f"day={day}/version={version}/part-{int(time.time() * 1000):013d}-"
-                        f"{os.getpid()}-{self._seq:06d}.parquet")
-                self.store.write_parquet(name, table)
-                self.segments += 1
-                self.written += sum(len(e.ids) for e in part)
-                pending.pop(0)
+                todo.append((f"day={day}/version={version}/part-{int(time.time() * 1000):013d}"
+                             f"-{os.getpid()}-{self._seq:06d}.parquet", table, kept, []))
+        if bad:
+            self._seq += 1
+            todo.append((f"{ROWS_DIR}/part-{int(time.time() * 1000):013d}-{os.getpid()}-"
+                         f"{self._seq:06d}.jsonl", None, [e for e, _ in bad],
+                         [why for _, why in bad]))
+        return todo
+
+    def _commit(self) -> CommitReport:
+        with self._lock:
+            entries, self._entries = self._entries, []
+            self._rows = 0
+        report = CommitReport()
+        if not entries:
+            return report
+        try:
+            todo = self._plan(entries)
+        except Exception:  # a bug, not a bad value: keep every row for the next try
+            with self._lock:
+                self._entries[:0] = entries
+                self._rows += sum(len(e.ids) for e in entries)
+            raise
+        try:  # in order; after a failure only the items not yet written go back
+            while todo:
+                name, table, part, reasons = todo[0]
+                rows = sum(len(e.ids) for e in part)
+                if table is not None:
+                    self.store.write_parquet(name, table)
+                    self.segments += 1
+                    self.written += rows
+                    report.segments += 1
+                    report.written += rows
+                else:
+                    _write_quarantine(self.store, name, part, reasons)
+                    self.quarantined += rows
+                    report.quarantined += rows
+                    report.quarantine_files.append(name)
+                todo.pop(0)
         except Exception:
-            # only the groups not yet written go back (in front, in order): no duplicates
-            unwritten = [e for _, part in pending for e in part]
+            # only the items not yet written go back (in front, in order): no duplicates
+            unwritten = [e for _, _, part, _ in todo for e in part]
             with self._lock:
                 self._entries[:0] = unwritten
                 self._rows += sum(len(e.ids) for e in unwritten)
@@ -206,10 +270,140 @@ class InferenceLog:
                 self._recent_ids.difference_update(e.ids)
             size = self._rows
         if self._on_write is not None:
-            self._on_write(count)
+            self._on_write(report.written)
+        if self._on_quarantine is not None and report.quarantined:
+            self._on_quarantine(report.quarantined)
         if self._on_queue is not None:
             self._on_queue(size)
-        return count
+        return report
+
+
+# Conversion failures of values a client sent: Arrow's (ArrowInvalid is a ValueError,
+# ArrowTypeError a TypeError) and Python's (an int beyond int64 raises OverflowError).
+_CONVERT_ERRORS = (pa.ArrowException, ValueError, TypeError, OverflowError)
+
+
+def _convert(entries: list[LogEntry]
+             ) -> tuple[pa.Table | None, list[LogEntry], list[tuple[LogEntry, str]]]:
+    """Entries of one (day, version) → (one table, the entries in it, the entries set aside
+    with why). The whole group is converted at once; only if that fails is each entry
+    converted alone, to find the ones no column type can hold (or that disagree with the
+    type most rows have), so one bad value never costs another request its rows."""
+    try:
+        return _checked(_to_table(entries)), entries, []
+    except _CONVERT_ERRORS:
+        pass
+    good: list[tuple[pa.Table, LogEntry]] = []
+    bad: list[tuple[LogEntry, str]] = []
+    for e in entries:
+        try:
+            good.append((_checked(_to_table([e])), e))
+        except _CONVERT_ERRORS as exc:
+            bad.append((e, _why(exc)))
+    target = _common_schema([t for t, _ in good])
+    tables: list[pa.Table] = []
+    kept: list[LogEntry] = []
+    for t, e in good:
+        try:
+            tables.append(_conform(t, target))
+            kept.append(e)
+        except _CONVERT_ERRORS as exc:
+            bad.append((e, _why(exc)))
+    if not tables:
+        return None, [], bad
+    return pa.concat_tables(tables).combine_chunks(), kept, bad
+
+
+def _why(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:500]
+
+
+def _checked(table: pa.Table) -> pa.Table:
+    """``table`` if every model input holds one value per cell (a nested value, such as an
+    object where a number belongs, would make a struct column no reader expects)."""
+    for f in table.schema:
+        if not f.name.startswith("_") and pa.types.is_nested(f.type):
+            raise ValueError(f"input '{f.name}' holds {f.type} values, not one scalar per row")
+    return table
+
+
+def _common_schema(tables: list[pa.Table]) -> pa.Schema:
+    """Per column, the type most rows have (integers and floats together make double; all-null
+    columns take the others' type; a tie goes to the type seen first)."""
+    rows: dict[str, dict[pa.DataType, int]] = {}
+    for t in tables:
+        for f in t.schema:
+            rows.setdefault(f.name, {})
+            if not pa.types.is_null(f.type):
+                rows[f.name][f.type] = rows[f.name].get(f.type, 0) + t.num_rows
+    fields = []
+    for name, counts in rows.items():
+        numeric = [t for t in counts if pa.types.is_integer(t) or pa.types.is_floating(t)]
+        if len(numeric) > 1:
+            counts = {**{t: n for t, n in counts.items() if t not in numeric},
+                      pa.float64(): sum(counts[t] for t in numeric)}
+        best = max(counts.items(), key=lambda kv: kv[1])[0] if counts else pa.null()
+        fields.append(pa.field(name, best))
+    return pa.schema(fields)
+
+
+def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``table`` with ``schema``'s columns and types: a safe cast (an integer a double cannot
+    hold exactly fails), null columns where it has none."""
+    cols = []
+    for f in schema:
+        if f.name in table.column_names:
+            col = table.column(f.name)
+            try:
+                cols.append(col if col.type == f.type else col.cast(f.type, safe=True))
+            except _CONVERT_ERRORS as exc:
+                raise type(exc)(f"input '{f.name}': {col.type} where the other rows have "
+                                f"{f.type}: {exc}") from exc
+        else:
+            cols.append(pa.nulls(table.num_rows, f.type))
+    return pa.table(cols, schema=schema)
+
+
+def _write_quarantine(store: ObjectStore, name: str, entries: list[LogEntry],
+                      reasons: list[str]) -> None:
+    """The entries a commit could not store, one JSON object per line with every field of
+    the LogEntry as received (read back with :func:`read_quarantined_entries`), plus a
+    pending note for the audit chain."""
+    lines = [json.dumps({"ids": e.ids, "ts": e.ts, "version": e.version, "role": e.role,
+                         "latency_ms": e.latency_ms, "predictions": e.predictions,
+                         "cols": e.cols, "key": e.key, "probabilities": e.probabilities,
+                         "classes": e.classes, "reason": why}, default=_jsonable)
+             for e, why in zip(entries, reasons, strict=True)]
+    store.write_bytes(name, ("\n".join(lines) + "\n").encode())
+    rows = sum(len(e.ids) for e in entries)
+    write_note(store, name, "rows_quarantined",
+               {"rows": rows, "entries": len(entries), "reasons": sorted(set(reasons))[:10],
+                "request_ids": [i for e in entries for i in e.ids][:20]})
+    log.error("inference log: %d row(s) could not be stored and were set aside in %s: %s",
+              rows, store.uri_for(name), reasons[0])
+
+
+def _jsonable(value: Any) -> Any:
+    """What JSON cannot hold as is: numpy scalars as Python numbers, the rest as text."""
+    item = getattr(value, "item", None)
+    if callable(item):
+        try:
+            return item()
+        except (TypeError, ValueError):
+            pass
+    return repr(value)
+
+
+def read_quarantined_entries(store: ObjectStore, rel: str) -> list[LogEntry]:
+    """The entries in a rows quarantine file, as they were appended (to fix and append
+    again)."""
+    out = []
+    for line in store.read_bytes(rel).decode().splitlines():
+        if line.strip():
+            fields = json.loads(line)
+            fields.pop("reason", None)
+            out.append(LogEntry(**fields))
+    return out
 
 
 def _to_table(entries: list[LogEntry]) -> pa.Table:
@@ -230,66 +424,142 @@ def _to_table(entries: list[LogEntry]) -> pa.Table:
         "_prediction": pa.array(flat(lambda e: e.predictions)),
         "_key": pa.array(rep(lambda e: e.key), pa.string()),
     }
+    # a version's entries share its classes: the first entry with probabilities names them
+    classes = next((e.classes for e in entries if e.probabilities is not None), None) or []
+    for j, c in enumerate(classes):
+        values: list[float | None] = []
+        for e in entries:
+            if e.probabilities is None:
+                values += [None] * len(e.ids)
+            else:
+                values += [row[j] for row in e.probabilities]
+        columns[f"{PROBA_PREFIX}{c}"] = pa.array(values, pa.float64())
     names: list[str] = []
     for e in entries:  # inputs in signature order; a version's entries share one signature
         for name in e.cols:
             if name not in columns and name not in names:
                 names.append(name)
     for name in names:
-        columns[name] = pa.array([v for e in entries
-                                  for v in e.cols.get(name, [None] * len(e.ids))])
+        columns[name] = _column(name, [v for e in entries
+                                       for v in e.cols.get(name, [None] * len(e.ids))])
     return pa.table(columns)
+
+
+def _column(name: str, values: list) -> pa.Array:
+    try:
+        return pa.array(values)
+    except _CONVERT_ERRORS as exc:  # the same error, naming the input
+        raise type(exc)(f"input '{name}': {exc}") from exc
 
 
 def segment_files(store: ObjectStore, *, first_day: str | None = None,
                   last_day: str | None = None) -> list[str]:
-    """Full paths of the committed answer segments (not labels, not temporary files), only
-    from the ``day=`` folders within [first_day, last_day] when given: the one place that
-    knows the log's layout."""
-    import pyarrow.fs as pafs
-
+    """Full paths of the committed answer segments (not labels, not quarantine, not temporary
+    files), only from the ``day=`` folders within [first_day, last_day] when given: the one
+    place that knows the log's layout."""
     out = []
     for day in log_days(store):
         if (first_day and day < first_day) or (last_day and day > last_day):
             continue
-        sel = pafs.FileSelector(store.path(f"day={day}"), recursive=True,
-                                allow_not_found=True)
-        out += [i.path for i in store.fs.get_file_info(sel)
-                if i.type == pafs.FileType.File and i.base_name.endswith(".parquet")
-                and not i.base_name.startswith(".tmp-")]
+        out += parquet_files(store, f"day={day}")
     return sorted(out)
+
+
+def parquet_files(store: ObjectStore, rel: str) -> list[str]:
+    """Full paths of the Parquet files under ``rel`` (recursively), temporary names skipped.
+    The listing also tells the segment cache which files changed since it read them (a
+    purge rewrites a segment under its own name)."""
+    import pyarrow.fs as pafs
+
+    sel = pafs.FileSelector(store.path(rel), recursive=True, allow_not_found=True)
+    infos = [i for i in store.fs.get_file_info(sel)
+             if i.type == pafs.FileType.File and i.base_name.endswith(".parquet")
+             and not i.base_name.startswith(".tmp-")]
+    _SEGMENTS.observe(store, infos)
+    return sorted(i.path for i in infos)
+
+
+def _stamp(info: Any) -> tuple[int, int]:
+    return (int(info.size or 0), int(info.mtime_ns or 0))
 
 
 class _SegmentCache:
     """Segments already read, by full path, least recently used dropped beyond a byte budget
-    (``MLOOP_SEGMENT_CACHE_MB``, default 256). Segments are immutable (written once under a
-    unique name, never rewritten), so a cached copy can never be stale: a controller pass or a
-    monitor that rereads the log only pays for the segments committed since its last read."""
+    (``MLOOP_SEGMENT_CACHE_MB``, default 256). A segment is written once under a unique name;
+    the one exception, a purge rewriting it, changes its size and modification time, which
+    the next listing sees (:meth:`observe`) and drops the stale copy. So a controller pass or
+    a monitor that rereads the log only pays for the segments committed since its last read.
+
+    A copy is stamped with the size and time its listing showed (no extra request per file
+    on an object store), or, for a file read without a listing just before, with a fresh
+    look at the file, taken before reading: a rewrite in between leaves the stamp old, never
+    the copy.
+
+    A segment that cannot be read is moved to quarantine (mloop.serving.quarantine) and
+    skipped: one damaged file never stops a reader."""
+
+    LISTED_MAX = 200_000  # stamps of listed, not yet read files kept for their first read
 
     def __init__(self) -> None:
         from collections import OrderedDict
 
-        self.tables: OrderedDict[tuple[str, str], pa.Table] = OrderedDict()
+        Stamp = tuple[int, int]
+        self.tables: OrderedDict[tuple[str, str], tuple[pa.Table, Stamp]] = OrderedDict()
+        self.listed: OrderedDict[tuple[str, str], Stamp] = OrderedDict()
         self.bytes = 0
         self.lock = threading.Lock()
 
-    def read(self, store: ObjectStore, path: str) -> pa.Table:
+    def observe(self, store: ObjectStore, infos: list[Any]) -> None:
+        """Note what a listing ``infos`` shows; drop cached copies of files it shows changed."""
+        with self.lock:
+            for info in infos:
+                key, stamp = (store.uri, info.path), _stamp(info)
+                hit = self.tables.get(key)
+                if hit is None:
+                    self.listed[key] = stamp
+                    self.listed.move_to_end(key)
+                elif hit[1] != stamp:
+                    del self.tables[key]
+                    self.bytes -= hit[0].nbytes
+                    self.listed[key] = stamp
+            while len(self.listed) > self.LISTED_MAX:
+                self.listed.popitem(last=False)
+
+    def forget(self, store: ObjectStore, path: str) -> None:
+        with self.lock:
+            self.listed.pop((store.uri, path), None)
+            hit = self.tables.pop((store.uri, path), None)
+            if hit is not None:
+                self.bytes -= hit[0].nbytes
+
+    def read(self, store: ObjectStore, path: str) -> pa.Table | None:
+        """The segment's table; None if it is gone or was quarantined as unreadable."""
         import pyarrow.dataset as ds
+        import pyarrow.fs as pafs
 
         key = (store.uri, path)
         with self.lock:
             hit = self.tables.get(key)
             if hit is not None:
                 self.tables.move_to_end(key)
-                return hit
-        table = ds.dataset(path, filesystem=store.fs, format="parquet").to_table()
+                return hit[0]
+            stamp = self.listed.pop(key, None)
+        if stamp is None:
+            info = store.fs.get_file_info(path)
+            if info.type == pafs.FileType.NotFound:
+                return None
+            stamp = _stamp(info)
+        table = read_or_quarantine(store, path, lambda: ds.dataset(
+            path, filesystem=store.fs, format="parquet").to_table())
+        if table is None:
+            return None
         budget = float(os.environ.get("MLOOP_SEGMENT_CACHE_MB", "256")) * 2**20
         with self.lock:
             if table.nbytes <= budget and key not in self.tables:
-                self.tables[key] = table
+                self.tables[key] = (table, stamp)
                 self.bytes += table.nbytes
                 while self.bytes > budget:
-                    _, old = self.tables.popitem(last=False)
+                    _, (old, _) = self.tables.popitem(last=False)
                     self.bytes -= old.nbytes
         return table
 
@@ -299,8 +569,21 @@ _SEGMENTS = _SegmentCache()
 
 def read_segments(store: ObjectStore, files: list[str]) -> list[pa.Table]:
     """The tables of these segment files (log or label segments), from the cache when read
-    before."""
-    return [_SEGMENTS.read(store, f) for f in files]
+    before. Files that are gone or unreadable are left out (unreadable ones are moved to
+    quarantine with a pending note: see mloop.serving.quarantine)."""
+    return [t for t in (_SEGMENTS.read(store, f) for f in files) if t is not None]
+
+
+def rewrite_segment(store: ObjectStore, rel: str, table: pa.Table | None) -> None:
+    """Replace the segment ``rel`` atomically, under its own name, by ``table`` (delete it
+    if None): for purges only (committed segments are otherwise never rewritten). This
+    process's cached copy is dropped at once; other processes see the new size and time at
+    their next listing."""
+    if table is None:
+        store.delete(rel)
+    else:
+        store.write_parquet(rel, table)
+    _SEGMENTS.forget(store, store.path(rel))
 
 
 def log_days(store: ObjectStore) -> list[str]:
@@ -315,8 +598,8 @@ def read_log(uri: str, columns: list[str] | None = None) -> pa.Table:
     ``_ts`` already carry them)."""
 
     store = ObjectStore(uri)
-    files = segment_files(store)
-    if not files:
+    tables = read_segments(store, segment_files(store))
+    if not tables:
         return pa.table({c: pa.array([], pa.null()) for c in (columns or META_COLUMNS)})
-    table = pa.concat_tables(read_segments(store, files), promote_options="permissive")
+    table = pa.concat_tables(tables, promote_options="permissive")
     return table.select(columns) if columns else table

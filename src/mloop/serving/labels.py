@@ -8,6 +8,7 @@ never kept. A later label for the same id supersedes an earlier one (``received_
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -15,21 +16,28 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from mloop.errors import MloopError
-from mloop.serving.inference_log import LABELS_DIR, id_day, read_segments, segment_files
+from mloop.errors import DataSourceError
+from mloop.serving.inference_log import (
+    LABELS_DIR,
+    id_day,
+    parquet_files,
+    read_segments,
+    segment_files,
+)
 from mloop.storage import ObjectStore
+
+if TYPE_CHECKING:
+    from mloop.project import Project
 
 
 def known_ids(store: ObjectStore, ids: Iterable[str]) -> set[str]:
     """The subset of ``ids`` present in committed log segments; only the days the ids encode
-    are read, and only their id column."""
-    import pyarrow.dataset as ds
-
+    are read, and only their id column. A damaged segment is quarantined and skipped."""
     by_day: dict[str, set[str]] = defaultdict(set)
     for i in ids:
         day = id_day(i)
@@ -38,13 +46,27 @@ def known_ids(store: ObjectStore, ids: Iterable[str]) -> set[str]:
     found: set[str] = set()
     for day, wanted in by_day.items():
         files = segment_files(store, first_day=day, last_day=day)
-        if not files:
-            continue
-        dataset = ds.dataset(files, filesystem=store.fs, format="parquet")
-        col = dataset.to_table(columns=["_request_id"],
-                               filter=pc.field("_request_id").isin(list(wanted))).column(0)
-        found.update(col.to_pylist())
+        if files:
+            found.update(_ids_in(store, files, wanted))
     return found
+
+
+def _ids_in(store: ObjectStore, files: list[str], wanted: set[str]) -> list[str]:
+    import pyarrow.dataset as ds
+
+    try:  # one scan of the id column, the filter pushed down
+        dataset = ds.dataset(files, filesystem=store.fs, format="parquet")
+        return dataset.to_table(columns=["_request_id"],
+                                filter=pc.field("_request_id").isin(list(wanted))
+                                ).column(0).to_pylist()
+    except (pa.ArrowException, OSError):
+        pass  # a file is damaged or gone: read them one by one (quarantining the bad one)
+    value_set = pa.array(sorted(wanted), pa.string())
+    out: list[str] = []
+    for t in read_segments(store, files):
+        ids = t.column("_request_id")
+        out += ids.filter(pc.is_in(ids, value_set=value_set)).to_pylist()
+    return out
 
 
 def store_labels(store: ObjectStore, labels: dict[str, Any], *, task: str, source: str,
@@ -105,45 +127,67 @@ def _check_label(label: Any, task: str, where: str) -> Any:
 
 
 def read_label_file(path: Path, task: str) -> dict[str, Any]:
-    """``request_id,label`` CSV or Parquet → {id: label}; MloopError naming file and row."""
+    """``request_id,label`` CSV or Parquet → {id: label}; DataSourceError naming the file and the
+    place of the first bad value as a person finds it: in a CSV the line number (the header
+    is line 1, so the first label is on line 2), in Parquet the row number (the first row is
+    row 1). Regression labels written as text in a CSV ("3.5") are read as numbers, so one
+    bad value is named instead of the first row of a column parsed as text."""
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
     if not path.exists():
-        raise MloopError(f"{path}: no such file")
+        raise DataSourceError(f"{path}: no such file")
+    csv = path.suffix.lower() != ".parquet"
     try:
-        if path.suffix.lower() == ".parquet":
+        if not csv:
             table = pq.read_table(path)
-        else:
-            table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(
-                column_types={"request_id": pa.string()}))
+        else:  # blank lines are kept (and skipped below) so that line numbers stay true
+            table = pacsv.read_csv(
+                path, parse_options=pacsv.ParseOptions(ignore_empty_lines=False),
+                convert_options=pacsv.ConvertOptions(column_types={"request_id": pa.string()}))
     except Exception as exc:
-        raise MloopError(f"{path}: cannot be read as {path.suffix or 'CSV'} ({exc})") from exc
+        raise DataSourceError(f"{path}: cannot be read as {path.suffix or 'CSV'} ({exc})") from exc
     missing = [c for c in ("request_id", "label") if c not in table.column_names]
     if missing:
-        raise MloopError(f"{path}: missing column(s) {missing}; expected request_id,label "
-                         f"(found {table.column_names})")
+        raise DataSourceError(f"{path}: missing column(s) {missing}; expected request_id,label "
+                              f"(found {table.column_names})")
     out: dict[str, Any] = {}
     for n, (rid, label) in enumerate(zip(table.column("request_id").to_pylist(),
                                          table.column("label").to_pylist(), strict=True)):
-        row = n + 2 if path.suffix.lower() != ".parquet" else n
+        where = f"line {n + 2}" if csv else f"row {n + 1}"
+        if csv and not rid and label in (None, ""):
+            continue  # a blank line
         if not rid:
-            raise MloopError(f"{path}: row {row}: empty request_id")
+            raise DataSourceError(f"{path}: {where}: empty request_id")
+        if task == "regression" and isinstance(label, str):
+            with contextlib.suppress(ValueError):  # not a number: named just below
+                label = float(label)
         try:
             out[str(rid)] = _check_label(label, task, "label")
         except ValueError as exc:
-            raise MloopError(f"{path}: row {row}: {exc}") from None
+            raise DataSourceError(f"{path}: {where}: {exc}") from None
     return out
+
+
+def ingest_label_file(project: Project, path: Path, *, source: str | None = None
+                      ) -> dict[str, Any]:
+    """``mloop labels ingest FILE``: read the file, keep the labels whose ids the log holds,
+    and record in the audit chain any segment found unreadable on the way (it was moved to
+    quarantine; the rest were read). Returns the counts of :func:`store_labels`, plus the
+    quarantine events written."""
+    from mloop.serving.quarantine import record_quarantine_events
+
+    task = project.config.task or "regression"
+    labels = read_label_file(path, task)
+    store = ObjectStore(project.uris["inference_log_uri"])
+    result = store_labels(store, labels, task=task, source=source or f"file:{path.name}")
+    result["quarantined"] = record_quarantine_events(store, project.store)
+    return result
 
 
 def label_files(store: ObjectStore) -> list[str]:
     """Full paths of the committed label segments."""
-    import pyarrow.fs as pafs
-
-    sel = pafs.FileSelector(store.path(LABELS_DIR), recursive=True, allow_not_found=True)
-    return sorted(i.path for i in store.fs.get_file_info(sel)
-                  if i.type == pafs.FileType.File and i.base_name.endswith(".parquet")
-                  and not i.base_name.startswith(".tmp-"))
+    return parquet_files(store, LABELS_DIR)
 
 
 _LATEST: dict[str, tuple[tuple[str, ...], pa.Table]] = {}  # uri -> (files, labels)
@@ -168,8 +212,11 @@ def read_labels(uri: str) -> pa.Table:
 
 def _latest_labels(store: ObjectStore, files: list[str]) -> pa.Table:
     cols = ["_request_id", "label", "received_at"]
-    table = pa.concat_tables([t.select(cols) for t in read_segments(store, files)],
-                             promote_options="permissive")
+    tables = [t.select(cols) for t in read_segments(store, files)]
+    if not tables:  # every label segment was unreadable (now in quarantine)
+        return pa.table({"_request_id": pa.array([], pa.string()),
+                         "label": pa.array([], pa.float64())})
+    table = pa.concat_tables(tables, promote_options="permissive")
     table = table.sort_by([("_request_id", "ascending"), ("received_at", "descending")])
     ids = table.column("_request_id").combine_chunks()
     if table.num_rows > 1:  # the first row of each id is its latest label

@@ -86,7 +86,9 @@ class ServingMetrics:
         self.rows_scored = 0
         self.cpu_base = 0.0  # process CPU time when the first row was scored (startup excluded)
         self.log_rows = Counter("mloop_inference_log_rows", "Inference-log rows by outcome "
-                                "(written, dropped: queue full)", ["outcome"], registry=r)
+                                "(written; dropped: queue full; quarantined: not storable, "
+                                "kept in the log's quarantine folder)", ["outcome"],
+                                registry=r)
         self.log_queue = Gauge("mloop_inference_log_queue", "Rows waiting for the next "
                                "inference-log commit", registry=r, multiprocess_mode="livesum")
         self.serving_version = Gauge("mloop_serving_version", "Version serving each role "

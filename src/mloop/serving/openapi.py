@@ -156,8 +156,10 @@ def predict_body(schema: InputSchema | None, *, strict: bool) -> dict[str, Any]:
                                               "'columns' (object of equal-length lists)"}
 
 
-def invocations_body(schema: InputSchema | None, *, strict: bool) -> dict[str, Any]:
-    """MLflow's scoring formats, one per request."""
+def invocations_body(schema: InputSchema | None, *, strict: bool, classes: bool = False
+                     ) -> dict[str, Any]:
+    """MLflow's scoring formats, one per request; ``classes``: the model has class
+    probabilities (``params.predict_method`` may ask for them)."""
     if schema is None:
         return {"type": "object", "description": "one of " + ", ".join(MLFLOW_FORMATS)}
     row = row_schema(schema, strict=strict)
@@ -180,7 +182,12 @@ def invocations_body(schema: InputSchema | None, *, strict: bool) -> dict[str, A
         "anyOf": [{"not": {"type": "array"}}, columns["additionalProperties"]]}}
     named: dict[str, dict[str, Any]] = {"dataframe_split": split, "dataframe_records": records,
              "inputs": {"anyOf": [scalars, records]}, "instances": {"anyOf": [scalars, records]}}
-    return {"oneOf": [_only(k, v, MLFLOW_FORMATS, {"params": {"type": "object"}})
+    methods = ["predict", "predict_proba"] if classes else ["predict"]
+    params = {"anyOf": [{"type": "object", "additionalProperties": False, "properties": {
+        "predict_method": {"enum": methods}}}, {"type": "null"}],
+        "description": "{'predict_method': 'predict_proba'} answers per-row class "
+                       "probabilities (a classifier with them); 'predict' (default) labels"}
+    return {"oneOf": [_only(k, v, MLFLOW_FORMATS, {"params": params})
                       for k, v in named.items()]}
 
 
@@ -208,8 +215,9 @@ def bodies(app: FastAPI, spec: dict[str, Any]) -> None:
     paths = spec["paths"]
     paths["/predict"]["post"]["requestBody"] = {"required": True, "content": {
         JSON: {"schema": predict_body(schema, strict=strict)}}}
+    classes = champion is not None and champion.model.classes is not None
     paths["/invocations"]["post"]["requestBody"] = {"required": True, "content": {
-        JSON: {"schema": invocations_body(schema, strict=strict)},
+        JSON: {"schema": invocations_body(schema, strict=strict, classes=classes)},
         "text/csv": {"schema": csv_body(schema)}}}
     task = champion.model.task if champion is not None else \
         state.project.config.task or "regression"

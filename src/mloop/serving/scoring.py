@@ -19,7 +19,8 @@ from mloop.serving.state import ServerState, Slot
 
 @dataclass(frozen=True)
 class Scored:
-    """What answered a request: the slot (version), its role, and per row the prediction
+    """What answered a request: the slot (version), its role, and per row the prediction,
+    the class probabilities (a classifier that has them; in ``slot.model.classes`` order)
     and the request id the inference log keeps it under."""
 
     slot: Slot
@@ -28,6 +29,7 @@ class Scored:
     request_ids: list[str]
     columns: dict[str, list]
     ignored: dict[str, int]  # fields outside the signature, left out: name -> rows
+    probabilities: list[list[float]] | None = None
 
 
 async def score(state: ServerState, parser: Parser, *, key: str | None, timestamp: float
@@ -57,14 +59,15 @@ async def score(state: ServerState, parser: Parser, *, key: str | None, timestam
     if ignored:
         state.metrics.ignored(ignored)
     latency_ms = (time.perf_counter() - t0) * 1000
+    preds, proba = slot.model.unpack(preds)
     ids = request_ids(timestamp, n)
     observe(state.metrics, slot, preds)
     state.metrics.scored(n)
     await log_rows(state, LogEntry(ids, timestamp, slot.model.version, role, latency_ms, preds,
-                                   cols, key))
+                                   cols, key, proba, slot.model.classes))
     if routing.mode == "shadow" and routing.challenger is not None:
         shadow(state, routing.challenger, parser, ids, timestamp, key)
-    return Scored(slot, role, preds, ids, cols, ignored)
+    return Scored(slot, role, preds, ids, cols, ignored, proba)
 
 
 def request_ids(ts: float, n: int) -> list[str]:
@@ -126,9 +129,10 @@ def shadow(state: ServerState, slot: Slot, parser: Parser, ids: list[str], ts: f
         try:
             cols, _, _ = parser(slot.model.schema)
             t0 = time.perf_counter()
-            preds = await slot.batcher.submit(cols, n)
+            preds, proba = slot.model.unpack(await slot.batcher.submit(cols, n))
             await log_rows(state, LogEntry(ids, ts, slot.model.version, "shadow",
-                                           (time.perf_counter() - t0) * 1000, preds, cols, key))
+                                           (time.perf_counter() - t0) * 1000, preds, cols, key,
+                                           proba, slot.model.classes))
             m.shadow.labels(v, "ok").inc(n)
         except InputError:
             m.shadow.labels(v, "invalid").inc(n)

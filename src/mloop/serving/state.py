@@ -168,7 +168,7 @@ class ServerState:
             rows.observe(n)
             secs.observe(seconds)
 
-        b = MicroBatcher(model.predict_columns, max_batch=self.config.max_batch_rows,
+        b = MicroBatcher(model.score_columns, max_batch=self.config.max_batch_rows,
                          max_wait_ms=self.config.max_wait_ms, name=f"v{v}", on_batch=on_batch,
                          threads=self.config.model_threads)
         b.start()

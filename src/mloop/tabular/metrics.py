@@ -51,11 +51,45 @@ HIGHER_IS_BETTER = {"rmse": False, "mae": False, "r2": True, "mape": False, "med
                     "roc_auc": True, "log_loss": False}
 
 
+# Computed from class probabilities, not from predicted labels.
+PROBA_METRICS = frozenset({"roc_auc", "log_loss"})
+
+
 def metrics_for(task: str) -> dict[str, Metric]:
     return REGRESSION if task == "regression" else CLASSIFICATION
 
 
 def compute_metrics(task: str, names: list[str], y_true: Any, y_pred: Any,
-                    y_proba: Any = None) -> dict[str, float]:
+                    y_proba: Any = None, *, classes: list[Any] | None = None
+                    ) -> dict[str, float]:
+    """``names`` on these rows. ``classes`` names the columns of ``y_proba`` in order; with
+    it the probability metrics hold on any subset of rows (a live window or a bootstrap
+    resample that lacks a class): log loss still knows every class, and ROC AUC is NaN,
+    not an error, when the rows hold a single class."""
     table = metrics_for(task)
-    return {name: table[name](y_true, y_pred, y_proba) for name in names}
+    out = {}
+    for name in names:
+        if classes is not None and name in PROBA_METRICS and y_proba is not None:
+            out[name] = _proba_metric(name, y_true, np.asarray(y_proba, dtype=float), classes)
+        else:
+            out[name] = table[name](y_true, y_pred, y_proba)
+    return out
+
+
+def _proba_metric(name: str, y: Any, proba: np.ndarray, classes: list[Any]) -> float:
+    index = {c: i for i, c in enumerate(classes)}
+    try:
+        codes = np.fromiter((index[v] for v in y), dtype=np.int64, count=len(y))
+    except KeyError as exc:
+        raise ValueError(f"label {exc.args[0]!r} is not one of the model's classes "
+                         f"{list(classes)}") from None
+    sums = proba.sum(axis=1, keepdims=True)
+    proba = proba / np.where(sums > 0, sums, 1.0)  # float32 probabilities sum to 1 ± 1e-7
+    k = len(classes)
+    if name == "log_loss":
+        return float(skm.log_loss(codes, proba, labels=list(range(k))))
+    if len(np.unique(codes)) < k:
+        return float("nan")  # a class the rows do not hold has no ROC curve
+    if k == 2:
+        return float(skm.roc_auc_score(codes, proba[:, 1]))
+    return float(skm.roc_auc_score(codes, proba, multi_class="ovr", labels=list(range(k))))

@@ -169,8 +169,9 @@ def _version_still_registered(project: Any, outputs: dict[str, Any]) -> bool:
 def register(ctx: StepContext, model: Any, spec: dict[str, Any], evaluation: dict[str, Any],
              source: Snapshot, train_data: Snapshot, holdout: Snapshot,
              model_name: str) -> dict[str, Any]:
-    """Log the model with signature and example; create a version tagged with its lineage."""
-    from mloop.registry.candidates import register_candidate
+    """Log the model with signature and example; create a version tagged with its lineage
+    and, with the compiled fast path on, its verified ONNX graph (``_compile``)."""
+    from mloop.registry.candidates import candidate_signature, register_candidate
     from mloop.tracking import git_info
 
     frame = ctx.project.snapshots.read_table(holdout.digest).slice(0, 5).to_pandas()
@@ -194,9 +195,40 @@ def register(ctx: StepContext, model: Any, spec: dict[str, Any], evaluation: dic
     }
     for snap, role in ((source, "source"), (train_data, "training"), (holdout, "holdout")):
         _log_snapshot(ctx, snap, role, on_parent=False)  # on the run that holds the model
+    predictions = model.predict(example)
+    signature = candidate_signature(example, predictions, seen)
+    tags.update(_compile(ctx, model, signature, spec["task"], holdout.digest))
     out = register_candidate(ctx.project.mlflow, run_id=ctx.mlflow_run_id, model=model,
-                             name=model_name, input_example=example,
-                             predictions=model.predict(example), tags=tags,
-                             signature_input=seen)
+                             name=model_name, input_example=example, predictions=predictions,
+                             tags=tags, signature=signature)
     ctx.set_tags({"mloop.registered_version": str(out["version"])})
     return out
+
+
+def _compile(ctx: StepContext, model: Any, signature: Any, task: str, holdout: str
+             ) -> dict[str, str]:
+    """Compile and verify the model once, here, for every server that will load it: the
+    graph goes in this run's artifacts, the verdict (``mloop.compiled``) on the version. A
+    model that cannot be compiled gets the verdict that says so; any other failure leaves
+    the version without one, and the first load compiles it (the fast path is an
+    optimisation: it never fails a registration)."""
+    import logging
+
+    from mloop.serving.compiled import TAG, compile_and_store
+    from mloop.serving.schema import InputSchema
+
+    cfg = ctx.project.config.serving.compile
+    if not cfg.enabled:
+        return {}
+    try:
+        _, verdict = compile_and_store(
+            ctx.project, model=model, schema=InputSchema.from_mlflow(signature.inputs),
+            task=task, holdout=holdout, cfg=cfg, run_id=ctx.mlflow_run_id,
+            compiled_at="registration")
+    except Exception as exc:
+        logging.getLogger("mloop.pipeline").warning(
+            "the model was not compiled at registration (%s: %s); servers will compile it "
+            "when they load it", type(exc).__name__, exc)
+        return {}
+    ctx.log_metric("compile_seconds", verdict.seconds)
+    return {TAG: verdict.to_tag()}

@@ -1,0 +1,112 @@
+"""What every command module shares: the ``Annotated`` options, the project opener, argument
+parsers, the one ``report`` helper behind ``--json``, and atomic file writes.
+
+Import-light on purpose: ``typer``, ``rich`` and mloop's own errors only. Each command imports
+the services it drives inside its body, so ``mloop --help`` and the read commands never pay for
+MLflow, pandas or scikit-learn they do not use.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from contextvars import ContextVar
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+
+import typer
+
+from mloop.cli.render import emit_json, err
+from mloop.errors import MloopError
+
+if TYPE_CHECKING:
+    from mloop.config import MonitoringConfig
+    from mloop.project import Project
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+ProjectOpt = Annotated[
+    Path | None,
+    typer.Option("--project", "-C", help="Project folder (default: search upward from here).",
+                 envvar="MLOOP_PROJECT"),
+]
+NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="Run every step, ignore the cache.")]
+ReasonOpt = Annotated[str, typer.Option("--reason", help="Why: recorded in the history.")]
+
+
+@dataclass(frozen=True)
+class RootOptions:
+    """The root callback's options, seen by every command of one invocation."""
+
+    project: Path | None = None
+    debug: bool = False
+
+
+# A context variable, not a module global: two invocations in one process (tests call
+# ``main`` repeatedly) each see their own options.
+_root_options: ContextVar[RootOptions | None] = ContextVar("mloop_cli_root", default=None)
+
+
+def set_root_options(*, project: Path | None, debug: bool) -> None:
+    _root_options.set(RootOptions(project=project,
+                                  debug=debug or bool(os.environ.get("MLOOP_DEBUG"))))
+
+
+def root_options() -> RootOptions:
+    return _root_options.get() or RootOptions()
+
+
+def open_project() -> Project:
+    """The project named by ``-C``/``MLOOP_PROJECT``, else the one found upward from here."""
+    from mloop.project import open_project as _open_project
+
+    return _open_project(root_options().project)
+
+
+def monitoring_config() -> MonitoringConfig:
+    """The project's monitoring section if there is a project here, else the defaults."""
+    from mloop.config import MonitoringConfig
+    from mloop.errors import ProjectNotFoundError
+
+    try:
+        return open_project().config.monitoring
+    except ProjectNotFoundError:
+        return MonitoringConfig()
+
+
+T = TypeVar("T")
+
+
+def report(result: T, json_: bool, render: Callable[[T], None], *,
+           to_json: Callable[[T], Any] | None = None) -> None:
+    """Print ``result``: one JSON document on stdout with ``--json`` (through ``to_json``
+    when the result needs shaping first), else the human rendering."""
+    if json_:
+        emit_json(to_json(result) if to_json is not None else result)
+    else:
+        render(result)
+
+
+def iso_arg(value: str | None, flag: str) -> datetime | None:
+    """An ISO 8601 option value as an aware datetime (UTC when it names no zone)."""
+    from datetime import UTC
+
+    if value is None:
+        return None
+    try:
+        dt = datetime.fromisoformat(value)
+    except ValueError:
+        raise MloopError(f"{flag} '{value}': not an ISO 8601 time (e.g. 2012-01-01 or "
+                         f"2012-01-01T06:00)") from None
+    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write atomically (temp + rename): a report is never half-written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    err.print(f"wrote {path} ({len(text.encode()) // 1024} KiB)")
+

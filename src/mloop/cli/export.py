@@ -1,0 +1,97 @@
+"""Hand the project to other systems: ``mloop export k8s|airflow|kubeflow``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from mloop.cli._common import JsonOpt, open_project, report
+from mloop.cli.render import err, out
+
+export_app = typer.Typer(no_args_is_help=True, help="Hand the project to other systems: "
+                                                    "Kubernetes manifests and a Dockerfile, "
+                                                    "an Airflow DAG, a Kubeflow pipeline.")
+
+
+@export_app.command("k8s")
+def export_k8s(
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder to write: new, empty, or a "
+                                                        "previous export (only its files are "
+                                                        "replaced).")],
+    json_: JsonOpt = False,
+) -> None:
+    """Deployment + Service + HPA, a KServe InferenceService, a CronJob for `mloop loop
+    --once`, ServiceMonitor + PrometheusRule and a Dockerfile, from mloop.yaml's
+    `kubernetes:` section."""
+    from mloop.export.k8s import k8s_notes, write_k8s
+
+    project = open_project()
+    written = write_k8s(project, out_dir)
+    notes = k8s_notes(project, out_dir)
+
+    def render(_: dict[str, Any]) -> None:
+        for p in written:
+            out.print(f"wrote {p}")
+        for w in notes["warnings"]:
+            err.print(f"[yellow]warning:[/] {w}")
+        for n in notes["notes"]:
+            err.print(f"note: {n}")
+        err.print(f"build the image: {notes['build']}")
+
+    report({"out": str(out_dir), "files": [str(p) for p in written], **notes}, json_, render)
+
+
+@export_app.command("airflow")
+def export_airflow(
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder to write (e.g. a subfolder of "
+                                                        "Airflow's DAGs folder): new, empty, or "
+                                                        "a previous export.")],
+    pipeline: Annotated[str | None, typer.Option(help="Pipeline name (default: the "
+                                                      "project's).")] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """An Airflow 3 DAG: `runs create`, one task per step (`mloop step run`) in dependency
+    order, then `runs gate`; from mloop.yaml's `airflow:` section."""
+    from mloop.export.airflow import dag_spec, write_airflow
+
+    project = open_project()
+    path = write_airflow(project, out_dir, pipeline=pipeline)
+    spec = dag_spec(project, pipeline)
+
+    def render(_: dict[str, Any]) -> None:
+        out.print(f"wrote {path}")
+        err.print(f"DAG '{spec.dag_id}': {' -> '.join(spec.tasks)}")
+
+    report({"out": str(out_dir), "file": str(path), "dag_id": spec.dag_id,
+            "pipeline": spec.pipeline, "schedule": spec.schedule, "tasks": spec.tasks},
+           json_, render)
+
+
+@export_app.command("kubeflow")
+def export_kubeflow(
+    out_file: Annotated[Path, typer.Option("--out", help="The pipeline file to write (.yaml): "
+                                                         "new, or a previous export.")],
+    pipeline: Annotated[str | None, typer.Option(help="Pipeline name (default: the "
+                                                      "project's).")] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """A Kubeflow Pipelines (KFP v2) pipeline compiled with the kfp SDK: `runs create`, one
+    task per step (`mloop step run`) in dependency order, then `runs gate`; every task on
+    `kubeflow.base_image`, which must hold mloop[kubeflow]. From mloop.yaml's `kubeflow:`."""
+    from mloop.export.kubeflow import describe, kubeflow_warnings, pipeline_spec, write_kubeflow
+
+    project = open_project()
+    path = write_kubeflow(project, out_file, pipeline=pipeline)
+    info = describe(pipeline_spec(project, pipeline))
+    warnings = kubeflow_warnings(project)
+
+    def render(_: dict[str, Any]) -> None:
+        out.print(f"wrote {path}")
+        err.print(f"pipeline '{info['pipeline_name']}' on {info['image']}: "
+                  f"{' -> '.join(info['tasks'])}")
+        for w in warnings:
+            err.print(f"[yellow]warning:[/] {w}")
+
+    report({"file": str(path), **info, "warnings": warnings}, json_, render)

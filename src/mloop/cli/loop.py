@@ -1,0 +1,188 @@
+"""The closed loop: ``mloop loop``, ``mloop events``, ``mloop audit verify`` and ``mloop demo``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from mloop.cli._common import JsonOpt, iso_arg, open_project, report
+from mloop.cli.render import err, fields, num, out, table
+
+audit_app = typer.Typer(no_args_is_help=True, help="The tamper-evident event chain.")
+
+
+def loop_cmd(
+    once: Annotated[bool, typer.Option("--once", help="One pass, then exit (for cron, "
+                                                      "Airflow, a Kubernetes CronJob).")] = False,
+    every: Annotated[float, typer.Option(min=1, help="Seconds between passes.")] = 60.0,
+    json_: JsonOpt = False,
+) -> None:
+    """The controller: monitor new windows, judge canaries, retrain and roll out by policy."""
+    import time
+
+    from mloop.loop.controller import run_once
+
+    project = open_project()
+    while True:
+        result = run_once(project)
+        report(result, json_, _print_pass,
+               to_json=lambda r: {k: v for k, v in r.items() if k != "monitor"})
+        if once:
+            return
+        time.sleep(every)
+
+
+def _print_pass(result: dict[str, Any]) -> None:
+    if result.get("now") is None:
+        out.print(result.get("message") or "no traffic in the inference log yet")
+    else:
+        mon = result.get("monitor") or {}
+        triggers = result.get("triggers") or []
+        out.print(f"event time {result['now']}: {len(mon.get('evaluated', []))} new "
+                  f"window(s), triggers: {', '.join(t['trigger'] for t in triggers) or 'none'}",
+                  highlight=False)
+        for t in triggers:
+            out.print(f"  trigger [bold]{t['trigger']}[/]", highlight=False)
+            rest = {k: v for k, v in t.items() if k != "trigger"}
+            if rest:
+                out.print(fields(rest, 4), markup=False, highlight=False)
+    if not result["actions"]:
+        out.print("  no action")
+    for a in result["actions"]:
+        version = f" v{a['version']}" if a.get("version") is not None else ""
+        why = a.get("reason") or a.get("guard") or a.get("error")
+        out.print(f"  [bold]{a['action']}[/]{version}" + (f": {why}" if why else ""),
+                  highlight=False)
+        rest = {k: v for k, v in a.items()
+                if k not in ("action", "version", "reason", "guard", "error", "triggers")}
+        if rest:
+            out.print(fields(rest, 4), markup=False, highlight=False)
+
+
+def demo(
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for the run, summary.json and "
+                                                        "loop.html.")] = Path("mloop-demo"),
+    until: Annotated[str, typer.Option(help="Replay up to this date (2013-01-01: all of "
+                                            "2011-2012; earlier for a quick run).")] =
+    "2013-01-01",
+    label_delay_days: Annotated[float, typer.Option(help="Labels arrive this long after the "
+                                                         "prediction.")] = 2.0,
+    json_: JsonOpt = False,
+) -> None:
+    """The whole loop on the bike data: train, serve, replay 2011-2012 over HTTP with late
+    labels, let the controller retrain/canary/promote; compare with the frozen model."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from mloop.demo import DemoOptions, run_demo
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn(
+        "{task.completed:,.0f}/{task.fields[hours]} h"), TimeElapsedColumn(), console=err,
+        disable=json_)
+    task = bar.add_task("preparing", total=None, hours="?")
+
+    def on(kind: str, info: dict[str, Any]) -> None:
+        if kind == "phase":
+            bar.update(task, description=info["text"])
+        elif kind == "replay":
+            bar.update(task, total=info["total"], completed=0, hours=f"{info['total']:,}",
+                       description="replaying 2011-2012 over HTTP")
+        elif kind == "progress":
+            bar.update(task, completed=info["done"],
+                       description=f"replaying: {info['now'][:10]}")
+            for a in info["actions"]:
+                err.print(f"  {info['now'][:10]} [bold]{a['action']}[/] "
+                          f"{a.get('version', '') and 'v' + str(a.get('version'))} "
+                          f"{a.get('reason', a.get('guard', ''))}", highlight=False)
+
+    with bar:
+        summary = run_demo(DemoOptions(out=out_dir, end=until,
+                                       label_delay_days=label_delay_days), progress=on)
+
+    def render(summary: dict[str, Any]) -> None:
+        out.print(table("MAE per month (rentals/hour)", ["month", "hours", "frozen", "loop",
+                                                         "served by"],
+                        [[m["month"], f"{m['hours']:,}", f"{m['mae_frozen']:.1f}",
+                          f"{m['mae_loop']:.1f}", ", ".join(f"v{v}" for v in m["versions"])]
+                         for m in summary["months"]]))
+        loop = summary["loop"]
+        out.print(f"2012 MAE: loop [bold]{num(summary['mae_2012_loop'])}[/] vs frozen "
+                  f"{num(summary['mae_2012_frozen'])}; retrains {loop['retrains']}, promoted "
+                  f"{loop['promoted']}, rolled back {loop['rolled_back']}, rejected "
+                  f"{loop['rejected']}; time to detect {num(loop['time_to_detect_hours'])} h, "
+                  f"to deploy {num(loop['time_to_deploy_hours'])} h (event time); "
+                  f"{summary['seconds']} s in all")
+        out.print(f"wrote {out_dir / 'summary.json'} and {out_dir / 'loop.html'}")
+
+    report(summary, json_, render,
+           to_json=lambda s: {k: v for k, v in s.items() if k != "history"})
+
+
+def events(
+    since: Annotated[str | None, typer.Option(help="ISO time: only events at or after.")] =
+    None,
+    type_: Annotated[str | None, typer.Option("--type", help="An event kind, or a prefix "
+                                                             "ending in '.' (loop.).")] = None,
+    limit: Annotated[int, typer.Option(min=1)] = 50,
+    follow: Annotated[bool, typer.Option(
+        "--follow", "-f", help="Keep printing new events. With --json: one JSON document per "
+                               "line (NDJSON), as they come, instead of one document.")] = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Every action and its cause, newest first (the audit chain); each payload in full."""
+    import json as _json
+    import time
+
+    from mloop.security.audit import list_events
+
+    project = open_project()
+    rows = list_events(project.store, limit=limit, kind=type_,
+                       since=iso_arg(since, "--since"))
+
+    def body(e: Any) -> dict[str, Any]:
+        return {"id": e.id, "at": e.at.isoformat(timespec="seconds"), "kind": e.kind,
+                "actor": e.actor, "payload": e.payload}
+
+    def show(batch: list[Any]) -> None:
+        for e in batch:
+            if json_:  # --follow: a stream has no end to close one document with
+                sys.stdout.write(_json.dumps(body(e), default=str) + "\n")
+                sys.stdout.flush()
+                continue
+            out.print(f"{e.at.isoformat(timespec='seconds')}  [bold]{e.kind}[/]  {e.actor}  "
+                      f"(#{e.id})", highlight=False)
+            if e.payload:
+                out.print(fields(e.payload, 4), markup=False, highlight=False)
+
+    if not follow:
+        report(rows, json_, show, to_json=lambda r: {"events": [body(e) for e in r]})
+        return
+    show(rows)
+    last = max((e.id for e in rows), default=0)
+    while True:
+        time.sleep(1.0)
+        new = list(reversed(list_events(project.store, limit=1000, kind=type_,
+                                        after_id=last)))
+        show(new)
+        last = max([last, *(e.id for e in new)])
+
+
+@audit_app.command("verify")
+def audit_verify(json_: JsonOpt = False) -> None:
+    """Recompute the event chain's hashes; exit 1 and name the first broken row if any."""
+    from mloop.security.audit import verify_chain
+
+    chain = verify_chain(open_project().store)
+
+    def render(c: dict[str, Any]) -> None:
+        if c["ok"]:
+            out.print(f"audit chain intact: {c['events']} events")
+        else:
+            sys.stderr.write(f"audit chain broken: {c['problem']}\n")
+
+    report({"ok": chain.ok, "events": chain.events, "first_bad_id": chain.first_bad_id,
+            "problem": chain.problem}, json_, render)
+    if not chain.ok:
+        raise typer.Exit(1)
