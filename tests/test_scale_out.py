@@ -268,8 +268,8 @@ def test_bike_loop_on_mlflow_server_postgres_and_s3(cluster: Cluster, tmp_path: 
                             for k in segments)
     assert labels and all(k.endswith(".parquet") for k in labels)
 
-    from mloop.serving.inference_log import read_log
-    from mloop.serving.labels import read_labels
+    from mloop.traffic.inference_log import read_log
+    from mloop.traffic.labels import read_labels
 
     log_table = read_log(cluster.env["MLOOP_INFERENCE_LOG_URI"])
     assert sorted(log_table.column("_request_id").to_pylist()) == sorted(ids)

@@ -147,8 +147,8 @@ def labels_ingest(
 ) -> None:
     """Store ground truth by request id; ids the inference log does not hold are reported
     (and make the exit code 1), never stored."""
-    from mloop.serving.labels import read_label_file, store_labels
     from mloop.storage import ObjectStore
+    from mloop.traffic.labels import read_label_file, store_labels
 
     project = open_project()
     task = project.config.task or "regression"

@@ -255,7 +255,7 @@ def judge_probation(project: Project, state: LoopState, now: datetime) -> dict[s
     if not prob or policy is None:
         return None
     from mloop.monitoring.windows import read_rows
-    from mloop.serving.labels import read_labels
+    from mloop.traffic.labels import read_labels
 
     started = _dt(prob["started_at"])
     assert started is not None

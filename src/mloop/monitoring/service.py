@@ -95,7 +95,7 @@ def logged_probabilities(table: pa.Table) -> tuple[list[str], np.ndarray | None]
     """The classes and (rows, classes) probabilities the server logged for ``table``'s rows;
     None if any row has none (written before probabilities were logged, or by a model
     without them). A class missing from some version's columns has probability 0 there."""
-    from mloop.serving.inference_log import PROBA_PREFIX
+    from mloop.traffic.inference_log import PROBA_PREFIX
 
     names = [n for n in table.column_names if n.startswith(PROBA_PREFIX)]
     if not names or not table.num_rows:
@@ -183,7 +183,7 @@ def _performance(window: pa.Table, labels: dict[str, Any], ref: Reference
 
 
 def _labels(project: Project) -> dict[str, Any]:
-    from mloop.serving.labels import read_labels
+    from mloop.traffic.labels import read_labels
 
     table = read_labels(project.uris["inference_log_uri"])
     return dict(zip(table.column("_request_id").to_pylist(), table.column("label").to_pylist(),
@@ -285,8 +285,8 @@ def run_monitor(project: Project, *, window: str | None = None,
         if alert is not None:
             alerts.append(alert)
     # segments found unreadable on the way were quarantined and skipped: into the audit chain
-    from mloop.serving.quarantine import record_quarantine_events
     from mloop.storage import ObjectStore
+    from mloop.traffic.quarantine import record_quarantine_events
 
     quarantined = record_quarantine_events(ObjectStore(project.uris["inference_log_uri"]),
                                            project.store)
