@@ -61,7 +61,7 @@ def load_state(project: Project) -> LoopState:
 
 def save_state(project: Project, state: LoopState) -> None:
     """Write ``state`` if nobody saved since it was read (else StaleState)."""
-    from mloop.security.audit import json_safe
+    from mloop.store.db import json_safe
 
     with project.store.session() as s:
         row = s.get(LoopStateRow, state.model)

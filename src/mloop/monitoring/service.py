@@ -28,8 +28,7 @@ from mloop.monitoring.drift import NullModel
 from mloop.monitoring.evaluate import evaluate_window
 from mloop.monitoring.windows import WindowSpec, read_rows, row_windows, time_windows
 from mloop.project import Project
-from mloop.security.audit import json_safe
-from mloop.store.db import as_utc, utcnow
+from mloop.store.db import as_utc, json_safe, utcnow
 from mloop.store.models import MonitorWindowRow
 
 PREDICTION = "_prediction"
