@@ -25,8 +25,9 @@ from sklearn.metrics import roc_auc_score
 from mloop.cli.app import main
 from mloop.config import CompileConfig
 from mloop.project import open_project
+from mloop.registry.aliases import stored_alias
 from mloop.registry.gates import load_version
-from mloop.registry.promotion import change_alias, stored_alias
+from mloop.registry.promotion import change_alias
 from mloop.security.audit import list_events
 from mloop.serving.app import create_app
 from mloop.serving.deploy import deploy_challenger, desired_state

@@ -228,7 +228,7 @@ def test_bike_loop_on_mlflow_server_postgres_and_s3(cluster: Cluster, tmp_path: 
                                                         "snapshot.json")} <= data_keys
             assert project.snapshots.read_table(snap.digest).num_rows == snap.rows
         assert cluster.s3_keys("outputs/")
-        from mloop.registry.promotion import stored_alias
+        from mloop.registry.aliases import stored_alias
 
         assert stored_alias(project) == 1  # the champion, in mloop's PostgreSQL store
         # MLflow's artifacts went through the server into S3 (the client never spoke S3)

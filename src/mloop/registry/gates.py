@@ -20,11 +20,10 @@ import pandas as pd
 from mloop.config import GatesConfig, SliceGate
 from mloop.errors import MloopError
 from mloop.project import Project
+from mloop.registry.aliases import champion_version
 from mloop.registry.bootstrap import paired_bootstrap
 from mloop.registry.candidates import get_version
 from mloop.tabular.metrics import DEFAULTS, HIGHER_IS_BETTER, compute_metrics, metrics_for
-
-CHAMPION = "champion"
 
 
 @dataclass
@@ -90,14 +89,6 @@ def load_version(project: Project, version: int) -> LoadedVersion:
     # the sklearn flavour's pyfunc wrapper holds the fitted estimator: no second load
     return LoadedVersion(int(version), dict(mv.tags or {}), path, pyfunc.get_raw_model(),
                          pyfunc, inputs)
-
-
-def champion_version(project: Project) -> int | None:
-    """The champion as mloop recorded it; MLflow's alias only if mloop never set one."""
-    from mloop.registry.promotion import mlflow_alias, stored_alias
-
-    recorded = stored_alias(project, CHAMPION)
-    return recorded if recorded is not None else mlflow_alias(project, CHAMPION)
 
 
 def _worse_by(metric: str, value: float, reference: float) -> float:

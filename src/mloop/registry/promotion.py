@@ -20,14 +20,12 @@ from sqlalchemy.orm import Session
 
 from mloop.errors import GateFailedError, MloopError, PromotionError
 from mloop.project import Project
+from mloop.registry.aliases import CHALLENGER, CHAMPION, PREVIOUS, mlflow_alias, stored_alias
 from mloop.registry.candidates import version_record
 from mloop.security.audit import add_event, current_actor
 from mloop.store.db import as_utc, utcnow
 from mloop.store.models import AliasRow, DeploymentRow
 
-CHAMPION = "champion"
-CHALLENGER = "challenger"
-PREVIOUS = "previous"
 _UNSET: Any = object()
 
 
@@ -44,17 +42,6 @@ class AliasChange:
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
-
-
-def stored_alias(project: Project, alias: str = CHAMPION) -> int | None:
-    with project.store.session() as s:
-        row = s.get(AliasRow, (project.config.model_name, alias))
-        return row.version if row is not None else None
-
-
-def mlflow_alias(project: Project, alias: str = CHAMPION) -> int | None:
-    """The version MLflow's alias names (None: unset, or its version was deleted)."""
-    return project.tracking.alias(project.config.model_name, alias)
 
 
 def _set_mlflow_alias(project: Project, alias: str, version: int | None) -> None:
