@@ -124,7 +124,7 @@ def check_triggers(project: Project, state: LoopState, new: list[MonitorWindowRo
     """Which triggers fire, each with what it saw. Updates the drift streak in ``state``.
     Only windows judged against the current champion count: drift from an older model's
     reference says nothing about the model serving now."""
-    from mloop.tabular.metrics import HIGHER_IS_BETTER
+    from mloop.metrics import HIGHER_IS_BETTER
 
     t = project.config.loop.triggers
     if champion is not None:

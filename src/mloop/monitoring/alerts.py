@@ -112,8 +112,7 @@ def _flag(value: bool | None) -> float | None:
 
 def alert_rules(project: Project) -> dict[str, Any]:
     """Prometheus alerting rules for the project's policy (``promtool check rules`` clean)."""
-    from mloop.monitoring.service import monitored_metric
-    from mloop.tabular.metrics import DEFAULTS, HIGHER_IS_BETTER
+    from mloop.metrics import DEFAULTS, HIGHER_IS_BETTER, monitored_metric
 
     cfg = project.config.monitoring
     model = project.config.model_name

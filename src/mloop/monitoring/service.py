@@ -50,6 +50,7 @@ class Reference:
 
 def reference_for(project: Project, version: int) -> Reference:
     """The training profile and holdout-prediction profile of ``version``."""
+    from mloop.metrics import label_metric, monitored_metric
     from mloop.registry.candidates import get_version
 
     mv = get_version(project, version)
@@ -73,21 +74,6 @@ def reference_for(project: Project, version: int) -> Reference:
 
     return Reference(version, profile, features, _prediction_profile(project, version, tags),
                      task, metric, holdout(metric), fallback, holdout(fallback))
-
-
-def monitored_metric(task: str, primary: str | None) -> str:
-    """The metric computed on labelled traffic: the primary one (probability metrics from
-    the logged probabilities), else the task's default."""
-    return primary or ("mae" if task == "regression" else "accuracy")
-
-
-def label_metric(task: str, metric: str) -> str:
-    """What stands in for ``metric`` on rows that have labels but no probabilities."""
-    from mloop.tabular.metrics import PROBA_METRICS
-
-    if metric not in PROBA_METRICS:
-        return metric
-    return "mae" if task == "regression" else "accuracy"
 
 
 def logged_probabilities(table: pa.Table) -> tuple[list[str], np.ndarray | None]:
@@ -147,7 +133,7 @@ def _prediction_profile(project: Project, version: int, tags: dict[str, str]
 
 def _performance(window: pa.Table, labels: dict[str, Any], ref: Reference
                  ) -> dict[str, Any]:
-    from mloop.tabular.metrics import compute_metrics
+    from mloop.metrics import compute_metrics
 
     ids = window.column("_request_id").to_pylist()
     rows = [n for n, i in enumerate(ids) if i in labels]
@@ -297,9 +283,9 @@ def run_monitor(project: Project, *, window: str | None = None,
 def _alert(project: Project, summary: dict[str, Any], *, performance_only: bool = False
            ) -> dict[str, Any] | None:
     """Record a breach in the audit chain and POST it to the webhook, if one is set."""
+    from mloop.metrics import HIGHER_IS_BETTER
     from mloop.monitoring.alerts import breaches, post_webhook
     from mloop.security.audit import append_event
-    from mloop.tabular.metrics import HIGHER_IS_BETTER
 
     cfg = project.config.monitoring
     probe = summary if not performance_only else {
