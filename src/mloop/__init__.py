@@ -7,10 +7,9 @@ project from Python.
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
 from typing import TYPE_CHECKING
 
+from mloop._version import __version__
 from mloop.pipeline.dsl import pipeline, step
 from mloop.tracking import log_metric, log_metrics
 

@@ -29,7 +29,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from mloop import __version__
+from mloop._version import __version__
 from mloop.config import STORE_ENV_VARS
 from mloop.errors import MloopError
 from mloop.export.files import check_export_file, step_tasks, write_export_file
