@@ -25,11 +25,11 @@ from mloop.errors import MloopError, PromotionError
 from mloop.project import open_project
 from mloop.registry.promotion import change_alias, history
 from mloop.security.audit import list_events
+from mloop.server import default_collectors
 from mloop.serving.app import create_app
 from mloop.serving.batch import predict_file
 from mloop.serving.deploy import deploy_challenger, desired_state, stop_challenger
 from mloop.serving.model import load_served
-from mloop.serving.server import default_collectors
 from mloop.traffic.inference_log import read_log
 from mloop.traffic.labels import read_labels
 
@@ -556,7 +556,7 @@ def test_tls_with_a_cert_and_key(proj: Path, tmp_path: Path) -> None:
 
 def test_serving_beyond_loopback_without_a_token_is_refused(proj: Path) -> None:
     from mloop.errors import MloopError
-    from mloop.serving.server import auth_enabled, serve
+    from mloop.server import auth_enabled, serve
 
     cfg = open_project(proj).config.serving
     assert auth_enabled(cfg, "127.0.0.1") is False

@@ -32,7 +32,7 @@ def serve(
     tls_key: Annotated[str | None, typer.Option(help="TLS private key (PEM).")] = None,
 ) -> None:
     """Serve the champion (and challenger) over HTTP until SIGINT/SIGTERM."""
-    from mloop.serving.server import serve as run_server
+    from mloop.server import serve as run_server
 
     project = open_project()
     cfg = project.config.serving
