@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -326,6 +325,7 @@ def _probation(root: Path, *, challenger: int, champion: int, frame: pd.DataFram
     the version itself, as the server would log it), labelled, then the probation is judged
     a day after it ended."""
     from mloop.loop.controller import judge_probation, load_state, save_state
+    from mloop.loop.state import Probation
 
     project = open_project(root)
     if stored_alias(project) != champion:
@@ -352,9 +352,9 @@ def _probation(root: Path, *, challenger: int, champion: int, frame: pd.DataFram
     store_labels(ObjectStore(uri), dict(zip(ids, labels, strict=True)),
                  task="classification", source="test")
     state = load_state(project)
-    state.data["probation"] = {"version": challenger, "champion": champion,
-                               "started_at": datetime.fromtimestamp(t0 - 60, UTC).isoformat(),
-                               "started_wall": time.time() - 5}
+    state.probation = Probation(version=challenger, champion=champion,
+                                started_at=datetime.fromtimestamp(t0 - 60, UTC),
+                                started_wall=datetime.now(UTC) - timedelta(seconds=5))
     save_state(project, state)
     now = datetime.fromtimestamp(t0, UTC) + timedelta(days=2)
     verdict = judge_probation(project, state, now)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import subprocess
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from .conftest import rentals_frame, run_cli
+from .conftest import SMALL_CONFIG, rentals_frame, run_cli
 
 
 def test_init_scaffolds_a_project_and_refuses_to_overwrite(tmp_path: Path) -> None:
@@ -65,7 +66,10 @@ def test_template_project_runs_end_to_end_with_its_own_pipeline_file(tmp_path: P
     assert len(status["snapshots"]) == 3  # source, train, holdout
     runs = json.loads(run_cli("runs", "list", "--json", cwd=root).stdout)["runs"]
     assert [r["run_id"] for r in runs] == [out["run_id"]]
-    client = MlflowClient(status["stores"]["tracking_uri"])
+    # both URIs: mlflow's process-wide registry URI may name a project an earlier in-process
+    # test opened
+    client = MlflowClient(status["stores"]["tracking_uri"],
+                          registry_uri=status["stores"]["registry_uri"])
     tags = client.get_model_version("shop", "1").tags
     assert (tags["mloop.git_commit"], tags["mloop.git_dirty"]) == (head, "false")
     human = run_cli("status", cwd=root).stdout
@@ -157,3 +161,76 @@ def test_loading_the_cli_imports_no_heavy_library() -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True)
     assert json.loads(proc.stdout) == []
+
+
+def test_a_window_table_in_80_columns_keeps_every_window_span_whole() -> None:
+    from rich.console import Console
+
+    from mloop.cli.monitor import window_table
+
+    windows = [{"id": 1000 + i, "start": f"2024-03-{i + 1:02d}T06:00:00+00:00",
+                "end": f"2024-03-{i + 1:02d}T07:00:00+00:00", "rows": 12_345,
+                "versions": [1, 2], "drifted": True, "drift_share": 0.4,
+                "prediction_drifted": False, "quality_findings": 3, "metric": "mae",
+                "metric_value": 8.8123, "reference_metric": 7.9, "label_coverage": 1.0}
+               for i in range(3)]
+    console = Console(width=80, record=True, file=io.StringIO())
+    console.print(window_table("rentals: windows of 1h", windows))
+    text = console.export_text()
+    for i in range(3):
+        assert f"{1000 + i} │ 2024-03-{i + 1:02d} 06:00 → 07:00 │" in text
+
+
+def test_a_misspelt_target_suggests_the_closest_column_and_lists_the_data_columns(
+        make_project, capsys) -> None:
+    from mloop.cli.app import main
+
+    root = make_project(SMALL_CONFIG.replace("target: cnt", "target: Count"))
+    assert main(["-C", str(root), "run"]) == 1
+    message = " ".join(capsys.readouterr().err.split())
+    assert ("column 'Count': required: expected 'present', got 'missing' (did you mean "
+            "'cnt'?) (the data's columns: ts, hour, weather, temp, cnt)") in message
+    assert "Traceback" not in message
+
+
+@pytest.mark.slow
+def test_a_template_project_is_promoted_by_its_first_run_and_served(tmp_path: Path,
+                                                                    capsys) -> None:
+    from mloop.cli.app import main
+    from mloop.project import open_project
+    from mloop.serving.app import create_app
+
+    from .serving_util import ServerThread
+
+    root = tmp_path / "shop"
+    assert main(["init", str(root), "--task", "regression"]) == 0
+    rentals_frame(400).rename(columns={"cnt": "target"}).to_csv(root / "data" / "train.csv",
+                                                                index=False)
+    capsys.readouterr()
+    assert main(["-C", str(root), "run"]) == 0
+    said = capsys.readouterr().out
+    assert "gates for shop v1 (no champion yet): passed" in said
+    assert "absolute.r2.min" in said and "promoted v1 to champion (was nothing)" in said
+    with ServerThread(create_app(open_project(root))) as server:
+        answer = server.post("/predict", {"records": [
+            {"hour": 6, "weather": "Clear", "temp": 12.5}]})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["version"] == 1
+
+
+@pytest.mark.slow
+def test_run_says_why_a_candidate_was_not_promoted_and_the_command_that_would(
+        make_project, capsys) -> None:
+    import shlex
+
+    from mloop.cli.app import main
+
+    root = make_project()  # no gates: section, so gates.auto_promote is off
+    assert main(["-C", str(root), "run"]) == 0
+    said = capsys.readouterr().out
+    assert ("not promoted: every gate passed; gates.auto_promote is off in mloop.yaml, so the "
+            "champion is unchanged (none yet)") in said
+    command = said.split("to promote it: ", 1)[1].splitlines()[0]
+    assert command == 'mloop models promote 1 --reason "every gate passed"'
+    assert main(["-C", str(root), *shlex.split(command)[1:], "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["version"] == 1

@@ -130,7 +130,7 @@ def test_bad_airflow_values_name_the_key(bike: Path, extra: str, key: str) -> No
 
 def test_jinja_in_a_path_is_refused(bike: Path) -> None:
     _with(bike, "\nairflow: {project_dir: '/data/{{ ds }}'}\n")
-    with pytest.raises(MloopError, match=r"'airflow.project_dir'.*Jinja"):
+    with pytest.raises(ConfigError, match=r"'airflow.project_dir'.*Jinja"):
         dag_spec(open_project(bike))
 
 

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import yaml
 
-from mloop.errors import ConfigError, MloopError, PipelineDefinitionError
+from mloop.errors import ConfigError, MissingExtraError, MloopError, PipelineDefinitionError
 from mloop.export.kubeflow import kubeflow_pipeline, pipeline_spec, write_kubeflow
 from mloop.pipeline.dsl import _mloop_source_digest
 from mloop.pipeline.runner import registered_version
@@ -242,10 +242,10 @@ def test_without_kfp_the_error_says_what_to_install(bike: Path, tmp_path: Path,
     monkeypatch.setitem(sys.modules, "kfp", None)  # `import kfp` fails
     monkeypatch.delitem(sys.modules, "mloop.export.kfp_pipeline", raising=False)
     out = tmp_path / "pipeline.yaml"
-    with pytest.raises(MloopError, match=re.escape(
-            "`mloop export kubeflow` compiles the pipeline with the kfp SDK, which is not "
-            "installed here: pip install 'mloop[kubeflow]'")):
+    with pytest.raises(MissingExtraError, match=re.escape(
+            "`mloop export kubeflow` needs the kfp SDK: pip install 'mloop[kubeflow]'")) as exc:
         write_kubeflow(open_project(bike), out)
+    assert (exc.value.extra, exc.value.module) == ("kubeflow", "kfp")
     assert not out.exists()
 
 

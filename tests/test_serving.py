@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -995,7 +996,7 @@ def test_the_loop_retrains_on_drift_canaries_then_promotes_after_probation(proj:
     verdict = run_once(open_project(proj))
     assert [a["action"] for a in verdict["actions"]][:1] == ["promote"], verdict["actions"]
     assert desired_state(project).champion == 5 and desired_state(project).challenger is None
-    assert load_state(project).get("probation") is None
+    assert load_state(project).probation is None
     metrics = loop_metrics(project)
     assert metrics["retrains"] == 1 and metrics["promoted"] == 1
     # gated once, before the canary: the promotion reused that report (same gate config)
@@ -1016,12 +1017,13 @@ def test_the_loop_retrains_on_drift_canaries_then_promotes_after_probation(proj:
     # the rollback path: a challenger that does not know the heat wave (v2, trained on normal
     # weather) is judged on the same labelled rows as the champion, and loses
     from mloop.loop.controller import save_state
+    from mloop.loop.state import Probation
 
     deploy_challenger(project, 2, mode="canary", weight=0.5, reason="test: a weaker canary")
     state = load_state(project)
-    state.data["probation"] = {"version": 2, "champion": 5,
-                               "started_at": "2024-06-05T12:00:00+00:00",
-                               "started_wall": time.time() - 5}
+    state.probation = Probation(version=2, champion=5,
+                                started_at=datetime(2024, 6, 5, 12, tzinfo=UTC),
+                                started_wall=datetime.now(UTC) - timedelta(seconds=5))
     save_state(project, state)
     hot3 = _hot(400, seed=45)
     _label(project, _log_traffic(project, hot3.iloc[:200], "2024-06-06", version=2,
@@ -1053,10 +1055,11 @@ def test_a_failing_canary_never_fails_a_client_and_is_rolled_back_at_once(proj: 
     failure is counted and recorded, and the controller's next pass rolls it back without
     waiting for the probation to end."""
     from mloop.loop.controller import load_state, run_once, save_state
+    from mloop.loop.state import Probation
 
     (proj / "mloop.yaml").write_text((proj / "mloop.yaml").read_text() + LOOP)
     project = open_project(proj)
-    t0 = time.time() - 1
+    t0 = datetime.now(UTC) - timedelta(seconds=1)
     deploy_challenger(project, 3, mode="canary", weight=0.5, reason="test: a broken canary")
     with _server(proj, commit=0.2) as srv:
         srv.wait_for(lambda: srv.get("/model").json()["challenger"] is not None)
@@ -1071,8 +1074,8 @@ def test_a_failing_canary_never_fails_a_client_and_is_rolled_back_at_once(proj: 
     event = list_events(project.store, kind="serve.challenger_error")[-1].payload
     assert event["version"] == 3 and "challenger exploded" in event["error"]
     state = load_state(project)
-    state.data["probation"] = {"version": 3, "champion": 1,
-                               "started_at": "2024-09-01T09:00:00+00:00", "started_wall": t0}
+    state.probation = Probation(version=3, champion=1,
+                                started_at=datetime(2024, 9, 1, 9, tzinfo=UTC), started_wall=t0)
     save_state(project, state)
     out = run_once(open_project(proj))  # probation (1d) far from over: rolled back anyway
     assert out["actions"][0]["action"] == "rollback", out["actions"]
@@ -1082,6 +1085,7 @@ def test_a_failing_canary_never_fails_a_client_and_is_rolled_back_at_once(proj: 
 
 def test_the_loop_guards_failures_and_restarts(proj: Path) -> None:
     from mloop.loop.controller import load_state, run_once, save_state
+    from mloop.loop.state import InFlight
 
     (proj / "mloop.yaml").write_text((proj / "mloop.yaml").read_text() + LOOP.replace(
         "min_labelled_rows: 300", "min_labelled_rows: 100000"))
@@ -1111,12 +1115,12 @@ def test_the_loop_guards_failures_and_restarts(proj: Path) -> None:
     assert held["actions"] and held["actions"][0]["action"] == "held"
     # a controller killed mid-retrain: the next pass records it instead of redoing it
     state = load_state(project)
-    state.data["in_flight"] = {"triggered_at": "2024-07-03T00:00:00+00:00",
-                               "triggers": ["drift"]}
+    state.in_flight = InFlight(triggered_at=datetime(2024, 7, 3, tzinfo=UTC),
+                               triggers=["drift"])
     save_state(project, state)
     resumed = run_once(open_project(proj))
     assert resumed["actions"][0]["action"] == "retrain_interrupted"
-    assert load_state(project).get("in_flight") is None
+    assert load_state(project).in_flight is None
     kinds = [e.kind for e in list_events(project.store, limit=30)]
     assert "loop.retrain_interrupted" in kinds and "loop.trigger_held" in kinds
 

@@ -498,3 +498,62 @@ def test_rows_without_a_timestamp_are_stamped_with_their_arrival_time(proj: Path
     stamps = [ts.timestamp() for ts in read_log(project.uris["inference_log_uri"])
               .column("_ts").to_pylist()]
     assert len(stamps) == 2 and all(t0 <= s <= t1 for s in stamps)
+
+
+def test_mloop_data_purge_and_restore_from_the_command_line(
+        make_project: Callable[..., Path]) -> None:
+    import json
+
+    from mloop.cli.app import main
+
+    root = make_project()
+    project = open_project(root)
+    uri = project.uris["inference_log_uri"]
+    replayed, strays = _replay_and_stray(project)
+    now = datetime.now(UTC)
+    args = ["-C", str(root), "data", "purge", "--from", (now - timedelta(hours=1)).isoformat(),
+            "--to", now.isoformat(), "--reason", "smoke tests", "--json"]
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(args) == 0
+    done = json.loads(buf.getvalue())
+    assert done["status"] == "purged" and done["rows"] == len(strays)
+    assert sorted(read_log(uri).column("_request_id").to_pylist()) == sorted(replayed)
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(["-C", str(root), "data", "purges", "--json"]) == 0
+    assert [p["purge_id"] for p in json.loads(buf.getvalue())["purges"]] == [done["purge_id"]]
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["-C", str(root), "data", "restore", done["purge_id"]]) == 0
+    assert len(read_log(uri)) == len(replayed) + len(strays)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--from", "yesterday", "--to", "2011-01-02"], "--from 'yesterday': not an ISO 8601"),
+    (["--from", "2011-01-02", "--to", "2011-01-01"], "must be before --to"),
+])
+def test_mloop_data_purge_refuses_a_bad_range_and_changes_nothing(
+        make_project: Callable[..., Path], capsys: pytest.CaptureFixture[str],
+        args: list[str], message: str) -> None:
+    from mloop.cli.app import main
+
+    root = make_project()
+    project = open_project(root)
+    replayed, strays = _replay_and_stray(project)
+    assert main(["-C", str(root), "data", "purge", *args]) == 1
+    assert message in capsys.readouterr().err
+    assert len(read_log(project.uris["inference_log_uri"])) == len(replayed) + len(strays)
+
+
+def test_mloop_data_restore_of_an_unknown_purge_names_it(
+        make_project: Callable[..., Path], capsys: pytest.CaptureFixture[str]) -> None:
+    from mloop.cli.app import main
+
+    root = make_project()
+    assert main(["-C", str(root), "data", "restore", "no-such-purge"]) == 1
+    assert "no-such-purge" in capsys.readouterr().err

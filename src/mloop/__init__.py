@@ -2,7 +2,9 @@
 
 The public surface: ``step`` and ``pipeline`` to write pipelines, ``log_metric`` /
 ``log_metrics`` to log from inside a step (buffered, batched), ``open_project`` to work with a
-project from Python.
+project from Python, and the errors mloop raises (``mloop.MloopError`` and its tree, drawn in
+:mod:`mloop.errors`), so callers catch ``mloop.ModelNotFoundError`` without knowing where it
+is defined.
 """
 
 from __future__ import annotations
@@ -10,6 +12,23 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from mloop._version import __version__
+from mloop.errors import (
+    ConfigError,
+    DataSourceError,
+    GateFailedError,
+    MissingExtraError,
+    MloopError,
+    ModelNotFoundError,
+    PipelineDefinitionError,
+    ProjectNotFoundError,
+    PromotionError,
+    PurgeNotFoundError,
+    RunNotFoundError,
+    SnapshotNotFoundError,
+    StaleStateError,
+    StepFailedError,
+    ValidationFailedError,
+)
 from mloop.pipeline.dsl import pipeline, step
 from mloop.tracking import log_metric, log_metrics
 
@@ -30,4 +49,26 @@ def open_project(path: str | Path | None = None) -> Project:
     return _open(path)
 
 
-__all__ = ["__version__", "log_metric", "log_metrics", "open_project", "pipeline", "step"]
+__all__ = [
+    "ConfigError",
+    "DataSourceError",
+    "GateFailedError",
+    "MissingExtraError",
+    "MloopError",
+    "ModelNotFoundError",
+    "PipelineDefinitionError",
+    "ProjectNotFoundError",
+    "PromotionError",
+    "PurgeNotFoundError",
+    "RunNotFoundError",
+    "SnapshotNotFoundError",
+    "StaleStateError",
+    "StepFailedError",
+    "ValidationFailedError",
+    "__version__",
+    "log_metric",
+    "log_metrics",
+    "open_project",
+    "pipeline",
+    "step",
+]

@@ -93,9 +93,8 @@ def run_demo(opts: DemoOptions, *, progress: Callable[[str, dict[str, Any]], Non
     import requests
 
     from mloop.loop.controller import load_state, loop_metrics, run_once
-    from mloop.pipeline.runner import run_pipeline
     from mloop.project import open_project
-    from mloop.registry.promotion import gate_and_promote
+    from mloop.registry.training import gate_candidate, train_candidate
 
     say = progress or (lambda _kind, _info: None)
     t_start = time.perf_counter()
@@ -109,19 +108,14 @@ def run_demo(opts: DemoOptions, *, progress: Callable[[str, dict[str, Any]], Non
 
     # 1. the initial model, exactly as `mloop run` makes it
     say("phase", {"text": "training the initial model on Jan-Apr 2011"})
-    result = run_pipeline(project)
-    reg = next(s for s in result.steps if s.step == "register")
-    from mloop.pipeline.artifacts import load_output
-
-    first = int(load_output(reg.outputs["output"], project.outputs,
-                            project.snapshots)["version"])
-    outcome = gate_and_promote(project, first)
-    if outcome["promotion"] is None:
+    first = train_candidate(project, gate=False).version
+    gating = gate_candidate(project, first)
+    if not gating.promoted:
         # e.g. the latency gate on a machine busy with something else: the demo needs a
         # champion to serve, so the override is made, and recorded as one
         from mloop.registry.promotion import promote
 
-        failed = [r["gate"] for r in outcome["gates"]["results"] if r["status"] == "fail"]
+        failed = [r["gate"] for r in gating.gates["results"] if r["status"] == "fail"]
         say("phase", {"text": f"initial model failed gate(s) {failed}; promoting it with "
                               f"--force for the demo (recorded as an override)"})
         promote(project, first, reason=f"demo: initial model despite {failed}", force=True)
@@ -162,7 +156,7 @@ def run_demo(opts: DemoOptions, *, progress: Callable[[str, dict[str, Any]], Non
         "cpu_seconds_per_1k_predictions": serving_cpu,
         "cost_per_1k_predictions": None if serving_cpu is None else
         round(serving_cpu / 3600 * rates.cpu_hour, 8), "currency": rates.currency}
-    summary["history"] = load_state(project).get("history", [])
+    summary["history"] = [h.model_dump(mode="json") for h in load_state(project).history]
     summary["seconds"] = round(time.perf_counter() - t_start, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     from mloop.loop.report import loop_html

@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from mloop.extras import EXTRAS, install_hint, missing_extra_message
 from mloop.tracking import redact
 
 if TYPE_CHECKING:
@@ -46,9 +47,6 @@ TIMEOUT = 5.0
 _PG_DRIVERS = {"psycopg": ("psycopg", "psycopg"), "psycopg2": ("psycopg2", "psycopg2-binary"),
                "pg8000": ("pg8000", "pg8000"), "asyncpg": ("asyncpg", "asyncpg")}
 
-# optional extras: name -> the modules they bring
-_EXTRAS = {"fast": ("onnxruntime", "skl2onnx", "onnx"), "tune": ("optuna",),
-           "kubeflow": ("kfp",), "spark": ("pyspark",)}
 # imported for real (a native library that may not load); the others are only looked up:
 # importing skl2onnx registers every converter and takes seconds
 _IMPORT = {"onnxruntime", "onnx"}
@@ -412,10 +410,11 @@ def _pg_driver_checks(uris: dict[str, str]) -> list[Check]:
         try:
             importlib.import_module(module)
         except ImportError as exc:
-            hint = ("pip install 'mloop[postgres]' and write postgresql+psycopg://"
-                    if driver != "psycopg" else "pip install 'mloop[postgres]'")
+            detail = (missing_extra_message("postgres") if driver == "psycopg" else
+                      f"postgresql+{driver}:// needs {dist}: pip install {dist}, or "
+                      f"{install_hint('postgres')} and write postgresql+psycopg://")
             out.append(Check("driver", f"postgresql+{driver}", "fail",
-                             f"{module} is not importable ({exc}): {hint}"))
+                             f"{detail} ({module} is not importable: {exc})"))
             continue
         version = _client_version(dist) or _client_version(module) or "?"
         out.append(Check("driver", f"postgresql+{driver}", "ok", f"{module} {version}"))
@@ -461,17 +460,19 @@ def _check_serving(project: Project) -> Check:
 
 def _check_extras(project: Project) -> list[Check]:
     cfg = project.config
+    # the extras this configuration uses, and what in it uses them
     wanted = {
-        "fast": ("serving.compile.enabled (ONNX fast path)" if cfg.serving.compile.enabled
+        "fast": ("serving.compile.enabled (the ONNX fast path)" if cfg.serving.compile.enabled
                  else None),
-        "tune": "the tune: section (mloop tune)" if cfg.tune is not None else None,
-        "kubeflow": ("the kubeflow: section (mloop export kubeflow)"
+        "tune": "the tune: section (`mloop tune`)" if cfg.tune is not None else None,
+        "kubeflow": ("the kubeflow: section (`mloop export kubeflow`)"
                      if "kubeflow" in cfg.model_fields_set else None),
-        "spark": ("the spark: section (mloop predict --engine spark)"
+        "spark": ("the spark: section (`mloop predict --engine spark`)"
                   if "spark" in cfg.model_fields_set else None),
     }
     out = []
-    for extra, modules in _EXTRAS.items():
+    for extra in wanted:
+        modules = EXTRAS[extra].modules
         versions, missing = [], []
         for module in modules:
             try:
@@ -488,8 +489,8 @@ def _check_extras(project: Project) -> list[Check]:
         elif why:
             fallback = "; serving runs the original model" if extra == "fast" else ""
             out.append(Check("extra", extra, "warn",
-                             f"used by {why} but not importable: {', '.join(missing)}"
-                             f"{fallback}; pip install 'mloop[{extra}]'"))
+                             f"{missing_extra_message(extra, feature=why)} (not importable: "
+                             f"{', '.join(missing)}){fallback}"))
         else:
             names = ", ".join(m.split(" (")[0] for m in missing)
             out.append(Check("extra", extra, "ok", f"not installed (not configured): {names}"))

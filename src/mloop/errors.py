@@ -2,20 +2,36 @@
 
 Every error a user can cause derives from :class:`MloopError`; the CLI turns these into a
 one-line message and exit code 1 (``--debug`` shows the traceback). Anything else is a bug.
+Each is also importable from ``mloop`` itself.
 
     MloopError
     ├── ConfigError              mloop.yaml is malformed (carries file, line, key)
     ├── ProjectNotFoundError     no mloop.yaml in the folder or its parents
-    ├── DataSourceError          the configured data cannot be read
+    ├── MissingExtraError        an optional dependency is not installed (carries extra, module)
+    ├── DataSourceError          an input cannot be read: the configured data, a file to score,
+    │                            a labels file (missing, unreadable, or lacking what is needed)
     ├── ValidationFailedError    data broke the expectations in mloop.yaml (carries the report)
     ├── SnapshotNotFoundError    no snapshot with that digest
     ├── PipelineDefinitionError  the step graph is malformed (cycle, unknown step, bad override)
+    │                            or lacks a step a command needs (tune's 'train')
     ├── StepFailedError          a step raised after its retries (carries step, run id, traceback)
     ├── RunNotFoundError         no pipeline run with that id
-    ├── ModelNotFoundError       no such registered model version
+    ├── ModelNotFoundError       no such registered version, or no champion (carries model,
+    │                            version)
+    ├── CandidateNotRegisteredError  a pipeline run registered no model version (carries run id)
     ├── GateFailedError          promotion refused: the candidate failed a gate
     ├── PromotionError           an alias change could not be made (lost a race, MLflow refused)
+    ├── StaleStateError          another loop controller saved the state first: stop acting
     └── PurgeNotFoundError       no inference-log purge with that id
+
+``MloopError`` itself is raised where no caller would handle the case apart from any other
+user error, the message being all there is to act on: a bad argument or option value
+(``--weight``, ``--out``, a window like ``1x``), an id that names nothing (a monitored window,
+a token, a study), a missing ``--reason``, a precondition not met yet (too few labelled rows to
+retrain), a version mloop did not make (no lineage tags to gate or monitor with), a machine
+that lacks something (Spark without S3A), a process that failed on its way (the demo's server,
+a tune worker), mloop's own records in a shape it cannot read. A subclass is added when some
+caller catches it on its own.
 """
 
 from __future__ import annotations
@@ -68,7 +84,24 @@ class RunNotFoundError(MloopError):
 
 
 class ModelNotFoundError(MloopError):
-    pass
+    """No such version of ``model`` (``version``), or none holds the alias asked for (no
+    champion yet: ``version`` is None)."""
+
+    def __init__(self, message: str, *, model: str | None = None,
+                 version: int | None = None) -> None:
+        super().__init__(message)
+        self.model = model
+        self.version = version
+
+
+class MissingExtraError(MloopError):
+    """A feature needs an optional dependency: ``module``, installed by ``mloop[extra]``.
+    Raised by :func:`mloop.extras.require_extra`, which words every such message alike."""
+
+    def __init__(self, message: str, *, extra: str, module: str) -> None:
+        super().__init__(message)
+        self.extra = extra
+        self.module = module
 
 
 class ValidationFailedError(MloopError):
@@ -90,12 +123,26 @@ class StepFailedError(MloopError):
         self.traceback = traceback
 
 
+class CandidateNotRegisteredError(MloopError):
+    """A pipeline run finished (or stopped) without its ``register`` step's output."""
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__(f"pipeline run {run_id} has registered no model version (no "
+                         f"succeeded 'register' step)")
+        self.run_id = run_id
+
+
 class GateFailedError(MloopError):
     pass
 
 
 class PromotionError(MloopError):
     pass
+
+
+class StaleStateError(MloopError):
+    """The loop controller's saved state changed since this pass read it (another controller
+    saved first): the pass stops without acting further."""
 
 
 class PurgeNotFoundError(MloopError):

@@ -16,21 +16,26 @@ db_app = typer.Typer(no_args_is_help=True, help="mloop's own metadata store.")
 def init(
     name: Annotated[str, typer.Argument(help="Folder to create (its name is the project name).")],
     template: Annotated[str, typer.Option(help="Project template.")] = "tabular",
+    task: Annotated[str | None, typer.Option(
+        help="regression or classification: mloop.yaml names the task and gates candidates "
+             "on its quality (default: inferred from the target, size gate only).")] = None,
     json_: JsonOpt = False,
 ) -> None:
-    """Scaffold a project: mloop.yaml, pipeline.py and a data/ folder."""
+    """Scaffold a project: mloop.yaml (gates with auto_promote on: a candidate that passes
+    them serves), pipeline.py and a data/ folder."""
     from mloop.scaffold import init_project
 
     target = Path(name)
-    written = init_project(target, template=template, name=target.resolve().name)
+    written = init_project(target, template=template, name=target.resolve().name, task=task)
 
     def render(_: dict[str, Any]) -> None:
         for p in written:
             out.print(f"created {p}")
         out.print(f"next: put your data in {target / 'data'}, edit {target / 'mloop.yaml'}, "
-                  f"then `cd {name} && mloop run`")
+                  f"then `cd {name} && mloop run` (a candidate that passes the gates in "
+                  f"mloop.yaml becomes the champion) and `mloop serve`")
 
-    report({"project": target.resolve().name, "root": str(target.resolve()),
+    report({"project": target.resolve().name, "root": str(target.resolve()), "task": task,
             "files": [str(p) for p in written]}, json_, render)
 
 

@@ -7,10 +7,11 @@ from typing import Annotated, Any
 
 import typer
 
-from mloop.cli._common import JsonOpt, open_project, report
+from mloop.cli._common import JsonOpt, ReasonOpt, iso_arg, open_project, report
 from mloop.cli.render import out, table
 
-data_app = typer.Typer(no_args_is_help=True, help="Snapshots: content-addressed data + profile.")
+data_app = typer.Typer(no_args_is_help=True, help="Snapshots (content-addressed data + profile) "
+                                                  "and purges of the inference log.")
 
 
 @data_app.command("snapshot")
@@ -66,3 +67,62 @@ def data_profile(digest: str, json_: JsonOpt = False) -> None:
                          for n, c in prof["columns"].items()]))
 
     report(open_project().snapshots.profile(digest), json_, render)
+
+
+def _print_purge(d: dict[str, Any]) -> None:
+    if d["status"] == "nothing":
+        out.print(f"no answered row between {d['from']} and {d['to']}"
+                  f"{' of v' + str(d['version']) if d['version'] else ''}: nothing purged")
+        return
+    verb = "purged" if d["status"] == "purged" else "restored"
+    out.print(f"{verb} {d['rows']} row(s) from {len(d['segments'])} segment(s) "
+              f"[{d['from']} .. {d['to']}){' of v' + str(d['version']) if d['version'] else ''}")
+    if d["status"] == "purged":
+        out.print(f"purge id [bold]{d['purge_id']}[/] (rows kept in {d['location']}); undo with "
+                  f"`mloop data restore {d['purge_id']}`")
+
+
+@data_app.command("purge")
+def data_purge(
+    start: Annotated[str, typer.Option("--from", help="First event time (ISO 8601; UTC if no "
+                                                      "zone), included.")],
+    end: Annotated[str, typer.Option("--to", help="Last event time, excluded.")],
+    version: Annotated[int | None, typer.Option(min=1, help="Only rows this version "
+                                                            "answered.")] = None,
+    reason: ReasonOpt = "",
+    json_: JsonOpt = False,
+) -> None:
+    """Move answered rows of the inference log (from <= event time < to) to quarantine, out of
+    monitoring, labels and retraining; recorded as an event, undone by `mloop data restore`.
+    Flush a running server first (POST /flush): rows still in its buffer are not purged."""
+    from mloop.traffic.purge import purge_rows
+
+    t0, t1 = iso_arg(start, "--from"), iso_arg(end, "--to")
+    if t0 is None or t1 is None:  # typer requires both; this only narrows the types
+        raise typer.BadParameter("--from and --to are required")
+    result = purge_rows(open_project(), start=t0, end=t1, version=version, reason=reason)
+    report(result.to_dict(), json_, _print_purge)
+
+
+@data_app.command("restore")
+def data_restore(purge_id: Annotated[str, typer.Argument(help="The id `mloop data purge` "
+                                                              "printed.")],
+                 json_: JsonOpt = False) -> None:
+    """Put a purge's rows back into the inference log (rows it still holds are not doubled)."""
+    from mloop.traffic.purge import restore_purge
+
+    report(restore_purge(open_project(), purge_id).to_dict(), json_, _print_purge)
+
+
+@data_app.command("purges")
+def data_purges(json_: JsonOpt = False) -> None:
+    """Every purge of the inference log: id, range, version, reason, status, rows."""
+    from mloop.traffic.purge import list_purges
+
+    def render(rows: list[dict[str, Any]]) -> None:
+        out.print(table("purges", ["purge id", "from", "to", "version", "rows", "status",
+                                   "reason"],
+                        [[m.get("purge_id"), m.get("from"), m.get("to"), m.get("version"),
+                          m.get("rows"), m.get("status"), m.get("reason")] for m in rows]))
+
+    report(list_purges(open_project()), json_, render, to_json=lambda rows: {"purges": rows})

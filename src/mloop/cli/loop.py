@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from mloop.cli._common import JsonOpt, iso_arg, open_project, report
-from mloop.cli.render import err, num, out, table
+from mloop.cli.render import err, fields, num, out, table
 
 audit_app = typer.Typer(no_args_is_help=True, help="The tamper-evident event chain.")
 
@@ -36,13 +36,30 @@ def loop_cmd(
 
 
 def _print_pass(result: dict[str, Any]) -> None:
-    mon = result.get("monitor") or {}
-    out.print(f"event time {result.get('now') or 'n/a'}: {len(mon.get('evaluated', []))} new "
-              f"window(s), triggers: "
-              f"{', '.join(t['trigger'] for t in result.get('triggers', [])) or 'none'}")
+    if result.get("now") is None:
+        out.print(result.get("message") or "no traffic in the inference log yet")
+    else:
+        mon = result.get("monitor") or {}
+        triggers = result.get("triggers") or []
+        out.print(f"event time {result['now']}: {len(mon.get('evaluated', []))} new "
+                  f"window(s), triggers: {', '.join(t['trigger'] for t in triggers) or 'none'}",
+                  highlight=False)
+        for t in triggers:
+            out.print(f"  trigger [bold]{t['trigger']}[/]", highlight=False)
+            rest = {k: v for k, v in t.items() if k != "trigger"}
+            if rest:
+                out.print(fields(rest, 4), markup=False, highlight=False)
+    if not result["actions"]:
+        out.print("  no action")
     for a in result["actions"]:
-        detail = {k: v for k, v in a.items() if k not in ("action", "triggers")}
-        out.print(f"  [bold]{a['action']}[/] {detail}")
+        version = f" v{a['version']}" if a.get("version") is not None else ""
+        why = a.get("reason") or a.get("guard") or a.get("error")
+        out.print(f"  [bold]{a['action']}[/]{version}" + (f": {why}" if why else ""),
+                  highlight=False)
+        rest = {k: v for k, v in a.items()
+                if k not in ("action", "version", "reason", "guard", "error", "triggers")}
+        if rest:
+            out.print(fields(rest, 4), markup=False, highlight=False)
 
 
 def demo(
@@ -109,11 +126,12 @@ def events(
     type_: Annotated[str | None, typer.Option("--type", help="An event kind, or a prefix "
                                                              "ending in '.' (loop.).")] = None,
     limit: Annotated[int, typer.Option(min=1)] = 50,
-    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new events."
-                                         )] = False,
+    follow: Annotated[bool, typer.Option(
+        "--follow", "-f", help="Keep printing new events. With --json: one JSON document per "
+                               "line (NDJSON), as they come, instead of one document.")] = False,
     json_: JsonOpt = False,
 ) -> None:
-    """Every action and its cause, newest first (the audit chain)."""
+    """Every action and its cause, newest first (the audit chain); each payload in full."""
     import json as _json
     import time
 
@@ -123,21 +141,27 @@ def events(
     rows = list_events(project.store, limit=limit, kind=type_,
                        since=iso_arg(since, "--since"))
 
+    def body(e: Any) -> dict[str, Any]:
+        return {"id": e.id, "at": e.at.isoformat(timespec="seconds"), "kind": e.kind,
+                "actor": e.actor, "payload": e.payload}
+
     def show(batch: list[Any]) -> None:
         for e in batch:
-            body = {"id": e.id, "at": e.at.isoformat(timespec="seconds"), "kind": e.kind,
-                    "actor": e.actor, "payload": e.payload}
-            if json_:
-                sys.stdout.write(_json.dumps(body, default=str) + "\n")
-            else:
-                summary = _json.dumps(e.payload, default=str)
-                out.print(f"{body['at']}  [bold]{e.kind}[/]  {e.actor}  "
-                          f"{summary[:160]}{'…' if len(summary) > 160 else ''}",
-                          highlight=False)
+            if json_:  # --follow: a stream has no end to close one document with
+                sys.stdout.write(_json.dumps(body(e), default=str) + "\n")
+                sys.stdout.flush()
+                continue
+            out.print(f"{e.at.isoformat(timespec='seconds')}  [bold]{e.kind}[/]  {e.actor}  "
+                      f"(#{e.id})", highlight=False)
+            if e.payload:
+                out.print(fields(e.payload, 4), markup=False, highlight=False)
 
+    if not follow:
+        report(rows, json_, show, to_json=lambda r: {"events": [body(e) for e in r]})
+        return
     show(rows)
     last = max((e.id for e in rows), default=0)
-    while follow:
+    while True:
         time.sleep(1.0)
         new = list(reversed(list_events(project.store, limit=1000, kind=type_,
                                         after_id=last)))

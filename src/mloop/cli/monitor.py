@@ -53,27 +53,47 @@ def monitor(
     report(result, json_, _print_monitor_run)
 
 
+SHOWN = 20  # windows a table shows before it says how many more there are
+
+
 def _print_monitor_run(result: dict[str, Any]) -> None:
     rows = result["evaluated"] + result["refreshed"]
     if not rows:
         out.print(f"no new complete {result['window']} window since the last run")
         return
-    out.print(table(f"{result['model']}: windows of {result['window']} (reference: champion "
-                    f"v{result['champion']})",
-                    ["window", "rows", "versions", "drift", "prediction", "quality",
-                     "metric", "labels"],
-                    [[f"{w['start'][:16]} → {w['end'][:16]}", f"{w['rows']:,}",
-                      ",".join(f"v{v}" for v in w["versions"] or []),
-                      ("[red]drift" if w["drifted"] else "[green]ok") +
-                      f" ({(w['drift_share'] or 0):.0%})",
-                      "[red]drift" if w["prediction_drifted"] else "ok",
-                      str(w["quality_findings"]),
-                      "" if w["metric_value"] is None else
-                      f"{w['metric']} {w['metric_value']:.4g} (ref "
-                      f"{num(w['reference_metric'])})",
-                      f"{w['label_coverage']:.0%}"] for w in rows]))
+    shown = rows[-SHOWN:]
+    out.print(window_table(f"{result['model']}: windows of {result['window']} (reference: "
+                           f"champion v{result['champion']})", shown))
+    if len(rows) > len(shown):
+        out.print(f"{len(rows) - len(shown):,} more window(s) evaluated in this run, not "
+                  f"shown: `mloop monitor windows --window {result['window']} --limit "
+                  f"{len(rows)}` lists them, `--json` gives every one")
     if result["refreshed"]:
         out.print(f"{len(result['refreshed'])} earlier window(s) re-scored with late labels")
+
+
+def span(start: str, end: str) -> str:
+    """``2024-03-01 00:00 → 03-02 00:00``: the end without what it shares with the start."""
+    a, b = start[:16].replace("T", " "), end[:16].replace("T", " ")
+    if a[:10] == b[:10]:
+        return f"{a} → {b[11:]}"
+    return f"{a} → {b[5:] if a[:4] == b[:4] else b}"
+
+
+def window_table(title: str, windows: list[dict[str, Any]]) -> Any:
+    """One row per window: its id, span and verdicts (the window column is never cut)."""
+    return table(title, ["id", "window", "rows", "versions", "drift", "prediction", "quality",
+                         "metric", "labels"],
+                 [[w["id"], span(w["start"], w["end"]), f"{w['rows']:,}",
+                   ",".join(f"v{v}" for v in w["versions"] or []),
+                   ("[red]drift" if w["drifted"] else "[green]ok") +
+                   f" ({(w['drift_share'] or 0):.0%})",
+                   "[red]drift" if w["prediction_drifted"] else "ok",
+                   str(w["quality_findings"]),
+                   "" if w["metric_value"] is None else
+                   f"{w['metric']} {w['metric_value']:.4g} (ref {num(w['reference_metric'])})",
+                   f"{w['label_coverage']:.0%}"] for w in windows],
+                 no_wrap=("id", "window"))
 
 
 def _serve_monitor_metrics(project: Project, port: int, every: float,
@@ -145,15 +165,68 @@ def monitor_compare(
            to_json=lambda r: {k: v for k, v in r.items() if k != "profile"})
 
 
+@monitor_app.command("windows")
+def monitor_windows(
+    window: Annotated[str | None, typer.Option(help="Window size (default "
+                                                    "monitoring.window).")] = None,
+    limit: Annotated[int, typer.Option(min=1, help="The newest N windows.")] = SHOWN,
+    json_: JsonOpt = False,
+) -> None:
+    """Stored windows, oldest to newest, with their verdicts: drift share, quality findings,
+    performance and label coverage. Their ids are what `mloop monitor report` takes."""
+    from mloop.monitoring.service import list_windows
+
+    project = open_project()
+    spec = _spec(project, window)
+    rows = list_windows(project, window=spec, limit=limit)
+    result = {"model": project.config.model_name, "window": spec,
+              "total": _count_windows(project, spec), "windows": rows}
+
+    def render(r: dict[str, Any]) -> None:
+        if not r["windows"]:
+            out.print(f"no {spec} window stored yet: `mloop monitor` evaluates the inference "
+                      f"log's complete windows")
+            return
+        out.print(window_table(f"{r['model']}: windows of {spec} ({len(r['windows'])} of "
+                               f"{r['total']:,})", r["windows"]))
+        hidden = r["total"] - len(r["windows"])
+        if hidden > 0:
+            out.print(f"{hidden:,} older window(s) not shown: `--limit {r['total']}` shows "
+                      f"every one")
+
+    report(result, json_, render)
+
+
+def _spec(project: Project, window: str | None) -> str:
+    from mloop.monitoring.windows import WindowSpec
+
+    return WindowSpec.parse(window or project.config.monitoring.window).text
+
+
+def _count_windows(project: Project, spec: str) -> int:
+    """How many windows of ``spec`` are stored for the project's model."""
+    import sqlalchemy as sa
+
+    from mloop.store.models import MonitorWindowRow
+
+    with project.store.session() as s:
+        return int(s.scalar(sa.select(sa.func.count()).select_from(MonitorWindowRow).where(
+            MonitorWindowRow.model == project.config.model_name,
+            MonitorWindowRow.spec == spec)) or 0)
+
+
 @monitor_app.command("report")
 def monitor_report(
-    window_id: Annotated[int | None, typer.Argument(help="A window id (default: the newest)."
-                                                    )] = None,
+    window_id: Annotated[int | None, typer.Argument(help="A window id (default: the newest; "
+                                                         "`mloop monitor windows` lists "
+                                                         "them).")] = None,
     html_out: Annotated[Path, typer.Option("--html", help="HTML file to write.")] =
     Path("monitoring.html"),
     window: Annotated[str | None, typer.Option(help="Window size of the history (default "
                                                     "monitoring.window).")] = None,
-    limit: Annotated[int, typer.Option(min=1, help="Windows in the history.")] = 100,
+    limit: Annotated[int, typer.Option(min=1, help="Windows in the history: the newest N "
+                                                   "(the report says how many it leaves "
+                                                   "out).")] = 100,
 ) -> None:
     """Write a self-contained HTML report: history plots and one window in detail."""
     from mloop.monitoring.report import monitor_html
@@ -161,12 +234,19 @@ def monitor_report(
 
     project = open_project()
     focus = get_window(project, window_id) if window_id is not None else None
-    history = list_windows(project, window=window or (focus or {}).get("spec"), limit=limit,
-                           with_reports=True)
-    if focus is None and history:
-        focus = history[-1]
+    spec = _spec(project, window or (focus or {}).get("spec"))
+    history = list_windows(project, window=spec, limit=limit, with_reports=True)
     reports = [w.pop("report") for w in history]
-    write_text(html_out, monitor_html(project.config.model_name, history, reports, focus))
+    if focus is None and history:
+        focus = {**history[-1], "report": reports[-1]}
+    total = _count_windows(project, spec)
+    if total > len(history):
+        err.print(f"the history shows the newest {len(history):,} of {total:,} windows; "
+                  f"`--limit {total}` shows every one")
+    write_text(html_out, monitor_html(project.config.model_name, history, reports, focus,
+                                      total=total,
+                                      more_hint=f"mloop monitor report --window {spec} "
+                                                f"--limit {total}"))
 
 
 def print_monitor_report(result: dict[str, Any]) -> None:

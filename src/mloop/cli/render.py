@@ -3,13 +3,26 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-out = Console()  # stdout: tables, or the JSON document
+
+def _stdout_width() -> int | None:
+    """None on a terminal (rich fits its width). For a pipe, a file or a CI log, where rich
+    would assume 80 columns and cut table cells with '…', a width that fits every table whole
+    (``COLUMNS`` still wins when set)."""
+    stdout = sys.stdout
+    if "COLUMNS" in os.environ or stdout is None or stdout.isatty():
+        return None
+    return 200
+
+
+out = Console(width=_stdout_width())  # stdout: tables, or the JSON document
 err = Console(stderr=True)  # progress and messages, so stdout stays machine-readable
 
 
@@ -18,10 +31,14 @@ def emit_json(payload: Any) -> None:
     sys.stdout.flush()
 
 
-def table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
+def table(title: str, columns: list[str], rows: list[list[Any]], *,
+          no_wrap: tuple[str, ...] = ()) -> Table:
+    """A rich table; the ``no_wrap`` columns are never wrapped nor cut (the others give way
+    when the terminal is narrow)."""
     t = Table(title=title, title_justify="left", header_style="bold")
-    for c in columns:
-        t.add_column(c)
+    for i, c in enumerate(columns):
+        width = max((len(str(r[i])) for r in rows), default=0) if c in no_wrap else None
+        t.add_column(c, no_wrap=c in no_wrap, min_width=width)
     for r in rows:
         t.add_row(*["" if v is None else str(v) for v in r])
     return t
@@ -52,15 +69,19 @@ def print_gates(report: dict[str, Any]) -> None:
 
 
 def print_promotion(detail: dict[str, Any]) -> None:
-    """What ``gate_and_promote`` did with a candidate."""
+    """What gating did with a candidate: promoted, or why not and the command that would."""
     if detail.get("promotion"):
         p = detail["promotion"]
         out.print(f"[green]promoted[/] v{p['version']} to champion (was "
                   f"{'v' + str(p['replaced']) if p['replaced'] else 'nothing'})")
-    elif detail.get("promotion_error"):
-        out.print(f"[red]not promoted:[/] {detail['promotion_error']}")
-    elif not detail["gates"]["passed"]:
-        out.print("[red]not promoted:[/] a gate failed; the champion is unchanged")
+        return
+    note, command = detail["promotion_note"], detail["promote_command"]
+    if command is None:  # e.g. it is already the champion
+        out.print(note, markup=False, highlight=False)
+        return
+    colour = "yellow" if detail["gates"]["passed"] else "red"
+    out.print(f"[{colour}]not promoted:[/] {escape(note)}", highlight=False)
+    out.print(f"to promote it: {command}", markup=False, highlight=False)
 
 
 def print_change(change: dict[str, Any]) -> None:
@@ -69,3 +90,14 @@ def print_change(change: dict[str, Any]) -> None:
     now = f"v{change['version']}" if change["version"] is not None else "nothing"
     out.print(f"{change['action']}: '{change['alias']}' of {change['model']} is now "
               f"[bold]{now}[/] (was {was}) by {change['actor']}: {change['reason']}")
+
+
+def fields(data: Any, indent: int = 4) -> str:
+    """``data`` whole, as indented YAML-style lines: what a person reads best for nested
+    payloads (nothing cut, nothing in Python's repr)."""
+    import yaml
+
+    text = yaml.safe_dump(json.loads(json.dumps(data, default=str)), sort_keys=False,
+                          allow_unicode=True, default_flow_style=False, width=100)
+    pad = " " * indent
+    return "\n".join(pad + line for line in text.rstrip("\n").splitlines())

@@ -29,7 +29,7 @@ def run(no_cache: NoCacheOpt = False, json_: JsonOpt = False) -> None:
     register."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from mloop.pipeline.runner import run_pipeline
+    from mloop.registry.training import train_candidate
     from mloop.status import show_run
 
     project = open_project()
@@ -51,32 +51,27 @@ def run(no_cache: NoCacheOpt = False, json_: JsonOpt = False) -> None:
                                 f"{info['attempt']} in {info['wait_s']:.1f}s: {info['error']}")
             elif event == "failed":
                 progress.update(tasks[name], description=f"{name} [red]failed")
+            elif event == "gate":
+                tasks["gate"] = progress.add_task(
+                    f"gating v{info['version']} against the champion", total=None)
 
         try:
-            result = run_pipeline(project, use_cache=not no_cache, on_event=on_event)
+            trained = train_candidate(project, use_cache=not no_cache, on_event=on_event)
         except StepFailedError as exc:
             progress.stop()
             if json_:
                 emit_json(show_run(project, exc.run_id))
             raise
-    detail = show_run(project, result.run_id)
-    reg = next((s for s in detail["steps"] if s["step"] == "register"), None)
-    if reg is not None:
-        from mloop.pipeline.artifacts import load_output
-
-        detail["registered"] = load_output(reg["outputs"]["output"], project.outputs,
-                                           project.snapshots)
-    ev = next((s for s in detail["steps"] if s["step"] == "evaluate"), None)
-    if ev is not None:
-        from mloop.pipeline.artifacts import load_output
-
-        detail["evaluation"] = load_output(ev["outputs"]["output"], project.outputs,
-                                           project.snapshots)
-    if "registered" in detail:
-        from mloop.registry.promotion import gate_and_promote
-
-        with err.status("gating the candidate against the champion"):
-            detail.update(gate_and_promote(project, detail["registered"]["version"]))
+        if "gate" in tasks:
+            progress.update(tasks["gate"], total=1, completed=1,
+                            description=f"gating v{trained.version} [green]✓")
+    detail = show_run(project, trained.pipeline_run_id)
+    if trained.registered is not None:
+        detail["registered"] = trained.registered
+    if trained.evaluation is not None:
+        detail["evaluation"] = trained.evaluation
+    if trained.gating is not None:
+        detail.update(trained.gating.to_dict())
     report(detail, json_, _print_run_result)
 
 
@@ -154,10 +149,10 @@ def runs_gate(run_id: str, json_: JsonOpt = False) -> None:
     """Gate the version pipeline run RUN_ID registered against the champion and, with
     gates.auto_promote, promote it: what `mloop run` does after the steps."""
     from mloop.pipeline.runner import registered_version
-    from mloop.registry.promotion import gate_and_promote
+    from mloop.registry.training import gate_candidate
 
     project = open_project()
-    result = gate_and_promote(project, registered_version(project, run_id))
+    result = gate_candidate(project, registered_version(project, run_id)).to_dict()
 
     def render(r: dict[str, Any]) -> None:
         print_gates(r["gates"])

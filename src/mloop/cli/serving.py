@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from mloop.cli._common import JsonOpt, open_project, report
-from mloop.cli.render import err, out, print_change, short, table
+from mloop.cli.render import err, out, print_change, table
 from mloop.errors import MloopError
 
 deploy_app = typer.Typer(no_args_is_help=True, help="Challengers: canary (a share of traffic) "
@@ -88,10 +88,14 @@ def deploy_status(json_: JsonOpt = False) -> None:
     from mloop.serving.deploy import desired_state
 
     def render(state: dict[str, Any]) -> None:
+        def v(version: int | None) -> str:
+            return "none" if version is None else f"v{version}"
+
         out.print(table("deployment", ["role", "version", "mode", "traffic"], [
-            ["champion", short(state["champion"]), "", f"{1 - state['weight']:.0%}"],
-            ["challenger", short(state["challenger"]), state["mode"] or "",
-             f"{state['weight']:.0%}"]]))
+            ["champion", v(state["champion"]), "",
+             f"{1 - state['weight']:.0%}" if state["champion"] is not None else ""],
+            ["challenger", v(state["challenger"]), state["mode"] or "",
+             f"{state['weight']:.0%}" if state["challenger"] is not None else ""]]))
 
     report(desired_state(open_project()).to_dict(), json_, render)
 
@@ -147,14 +151,9 @@ def labels_ingest(
 ) -> None:
     """Store ground truth by request id; ids the inference log does not hold are reported
     (and make the exit code 1), never stored."""
-    from mloop.storage import ObjectStore
-    from mloop.traffic.labels import read_label_file, store_labels
+    from mloop.traffic.labels import ingest_label_file
 
-    project = open_project()
-    task = project.config.task or "regression"
-    labels = read_label_file(file, task)
-    result = store_labels(ObjectStore(project.uris["inference_log_uri"]), labels, task=task,
-                          source=f"file:{file.name}")
+    result = ingest_label_file(open_project(), file)
 
     def render(result: dict[str, Any]) -> None:
         out.print(f"stored {result['stored']} label(s) from {file}")
@@ -162,6 +161,9 @@ def labels_ingest(
             shown = ", ".join(result["unknown_ids"][:10])
             err.print(f"[yellow]{result['unknown']} unknown request id(s), not stored: "
                       f"{shown}{' ...' if result['unknown'] > 10 else ''}")
+        if result.get("quarantined"):
+            err.print(f"[yellow]{result['quarantined']} damaged log segment(s) moved to "
+                      "quarantine on the way (see `mloop events --type log.`)")
 
     report(result, json_, render)
     if result["unknown"]:

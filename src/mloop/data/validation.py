@@ -69,7 +69,7 @@ def validate_table(table: pa.Table, rules: ValidationConfig) -> dict[str, Any]:
     for name in required:
         if name not in present:
             violations.append({"column": name, "check": "required", "expected": "present",
-                               "actual": "missing"})
+                               "actual": "missing", "columns": table.column_names})
     if rows < rules.min_rows:
         violations.append({"column": None, "check": "min_rows", "expected": rules.min_rows,
                            "actual": rows})
@@ -86,6 +86,15 @@ def validate_table(table: pa.Table, rules: ValidationConfig) -> dict[str, Any]:
             "violations": violations}
 
 
+def did_you_mean(name: str, names: list[str]) -> str:
+    """`` (did you mean 'cnt'?)`` for the closest of ``names`` (case-insensitively), or ''."""
+    import difflib
+
+    by_lower = {n.lower(): n for n in names}
+    close = difflib.get_close_matches(name.lower(), list(by_lower), n=1, cutoff=0.6)
+    return f" (did you mean '{by_lower[close[0]]}'?)" if close else ""
+
+
 def format_report(report: dict[str, Any]) -> str:
     lines = [f"{len(report['violations'])} data expectation(s) failed on {report['rows']} rows:"]
     for v in report["violations"]:
@@ -95,5 +104,8 @@ def format_report(report: dict[str, Any]) -> str:
             detail += f", got {v['actual']!r}"
         if "violations" in v:
             detail += f"; {v['violations']} row(s), e.g. {v.get('examples')}"
+        if v["check"] == "required" and v.get("columns") is not None:
+            detail += (f"{did_you_mean(v['column'], v['columns'])} (the data's columns: "
+                       f"{', '.join(v['columns'])})")
         lines.append(f"  - {col}: {v['check']}: {detail}")
     return "\n".join(lines)

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mloop._version import __version__
-from mloop.errors import MloopError
+from mloop.errors import ConfigError, PipelineDefinitionError
 from mloop.export.files import step_tasks, write_export
 from mloop.pipeline.runner import build_graph
 from mloop.project import Project
@@ -70,8 +70,8 @@ def _free_id(wanted: str, taken: set[str]) -> str:
 
 def _no_template(value: str, key: str) -> str:
     if any(mark in value for mark in ("{{", "{%", "{#")):
-        raise MloopError(f"'airflow.{key}': '{value}' holds Jinja markup, which Airflow would "
-                         f"render in the task's command")
+        raise ConfigError(f"'airflow.{key}': '{value}' holds Jinja markup, which Airflow "
+                          f"would render in the task's command", key=f"airflow.{key}")
     return value
 
 
@@ -81,8 +81,9 @@ def dag_spec(project: Project, pipeline: str | None = None) -> DagSpec:
     graph = build_graph(project, pipeline)
     for name in (graph.pipeline, *graph.nodes):
         if not TASK_ID.match(name):
-            raise MloopError(f"'{name}' cannot be an Airflow task id (letters, digits, '_', "
-                             f"'.', '-'): rename the pipeline or step")
+            raise PipelineDefinitionError(f"'{name}' cannot be an Airflow task id (letters, "
+                                          f"digits, '_', '.', '-'): rename the pipeline or "
+                                          f"step")
     af = cfg.airflow
     project_dir = af.project_dir or str(project.root)
     cli = shlex.join([_no_template(af.mloop_bin, "mloop_bin"), "-C",

@@ -31,15 +31,14 @@ from typing import Any
 
 from mloop._version import __version__
 from mloop.config import STORE_ENV_VARS
-from mloop.errors import MloopError
 from mloop.export.files import check_export_file, step_tasks, write_export_file
 from mloop.export.k8s import PROJECT_IN_IMAGE, _is_local, image_name
 from mloop.export.kfp_spec import PipelineSpec
+from mloop.extras import require_extra
 from mloop.pipeline.runner import build_graph
 from mloop.project import Project
 
 GENERATOR = "mloop export kubeflow"
-INSTALL_HINT = "pip install 'mloop[kubeflow]'"
 SUFFIXES = (".yaml", ".yml")
 
 
@@ -87,13 +86,9 @@ def _header(spec: PipelineSpec) -> str:
 
 def compile_spec(spec: PipelineSpec) -> str:
     """The pipeline file's text: mloop's header, then KFP's compiled v2 YAML."""
-    try:
-        from mloop.export.kfp_pipeline import compile_pipeline
-    except ImportError as exc:
-        if exc.name is not None and exc.name.split(".")[0] == "kfp":
-            raise MloopError(f"`{GENERATOR}` compiles the pipeline with the kfp SDK, which is "
-                             f"not installed here: {INSTALL_HINT}") from exc
-        raise
+    require_extra("kubeflow", "kfp")
+    from mloop.export.kfp_pipeline import compile_pipeline
+
     return _header(spec) + compile_pipeline(spec)
 
 

@@ -5,17 +5,16 @@ It uses the same services as the CLI (``run_monitor``, ``evaluate_gates``,
 ``deploy_challenger``, ``promote``, ``stop_challenger``). Its clock is the inference log's
 event time (the watermark), so cooldowns and probations mean the same thing for live traffic
 and for a replay. Its progress (last window seen, drift streak, retrain in flight, probation,
-history) is one row in mloop's store, saved after every step with a revision check: a
-``kill -9`` followed by a restart resumes from the last saved step and never repeats an action
-that completed; a retrain interrupted mid-way is recorded as such and not silently redone.
-Every decision is an event in the audit chain with what it was based on.
+history: :class:`mloop.loop.state.LoopState`) is one row in mloop's store, saved after every
+step with a revision check: a ``kill -9`` followed by a restart resumes from the last saved
+step and never repeats an action that completed; a retrain interrupted mid-way is recorded as
+such and not silently redone. Every decision is an event in the audit chain with what it was
+based on.
 """
 
 from __future__ import annotations
 
 import contextlib
-import time
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -30,68 +29,36 @@ from mloop.loop.retrain import (
     event_time_now,
     retrain,
 )
+from mloop.loop.state import (
+    DriftTrigger,
+    FeatureTrigger,
+    InFlight,
+    LoopState,
+    NewLabelsTrigger,
+    PerformanceTrigger,
+    Probation,
+    Retrain,
+    ScheduleTrigger,
+    Trigger,
+    load_state,
+    save_state,
+)
 from mloop.project import Project
 from mloop.security.audit import append_event
-from mloop.store.db import utcnow
-from mloop.store.models import LoopStateRow, MonitorWindowRow
+from mloop.store.models import MonitorWindowRow
 
-
-class StaleState(MloopError):
-    """Another controller saved the state first: this pass stops without acting further."""
-
-
-@dataclass
-class LoopState:
-    model: str
-    revision: int = 0
-    data: dict[str, Any] = field(default_factory=dict)
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return self.data.get(key, default)
-
-
-def load_state(project: Project) -> LoopState:
-    name = project.config.model_name
-    with project.store.session() as s:
-        row = s.get(LoopStateRow, name)
-        if row is None:
-            return LoopState(name)
-        return LoopState(name, row.revision, dict(row.state))
-
-
-def save_state(project: Project, state: LoopState) -> None:
-    """Write ``state`` if nobody saved since it was read (else StaleState)."""
-    from mloop.store.db import json_safe
-
-    with project.store.session() as s:
-        row = s.get(LoopStateRow, state.model)
-        current = row.revision if row is not None else 0
-        if current != state.revision:
-            raise StaleState(f"the loop state of '{state.model}' changed underneath this pass "
-                             f"(revision {current}, expected {state.revision}): another "
-                             f"controller is running")
-        body = json_safe(state.data)
-        if row is None:
-            s.add(LoopStateRow(model=state.model, revision=1, state=body, updated_at=utcnow()))
-        else:
-            row.revision, row.state, row.updated_at = current + 1, body, utcnow()
-        try:
-            s.commit()
-        except sa.exc.IntegrityError:
-            raise StaleState(f"another controller created the loop state of "
-                             f"'{state.model}' first") from None
-    state.revision = current + 1
+# the state is read and written through these; importable from here as before
+__all__ = ["LoopState", "check_guards", "check_triggers", "judge_probation", "load_state",
+           "loop_metrics", "run_once", "save_state"]
 
 
 def _iso(dt: datetime | None) -> str | None:
     return dt.isoformat() if dt is not None else None
 
 
-def _dt(text: str | None) -> datetime | None:
-    if not text:
-        return None
-    dt = datetime.fromisoformat(text)
-    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
+def _dumped(triggers: list[Trigger]) -> list[dict[str, Any]]:
+    """Triggers as events and ``run_once`` report them: plain JSON."""
+    return [t.model_dump(mode="json") for t in triggers]
 
 
 def _event(project: Project, kind: str, payload: dict[str, Any]) -> None:
@@ -120,7 +87,7 @@ def _recent_windows(project: Project, n: int) -> list[MonitorWindowRow]:
 
 
 def check_triggers(project: Project, state: LoopState, new: list[MonitorWindowRow],
-                   now: datetime, champion: int | None = None) -> list[dict[str, Any]]:
+                   now: datetime, champion: int | None = None) -> list[Trigger]:
     """Which triggers fire, each with what it saw. Updates the drift streak in ``state``.
     Only windows judged against the current champion count: drift from an older model's
     reference says nothing about the model serving now."""
@@ -129,35 +96,35 @@ def check_triggers(project: Project, state: LoopState, new: list[MonitorWindowRo
     t = project.config.loop.triggers
     if champion is not None:
         new = [w for w in new if w.reference_version in (None, champion)]
-    fired: list[dict[str, Any]] = []
-    streak = int(state.get("drift_streak", 0))
-    onset = state.get("drift_onset")
+    fired: list[Trigger] = []
+    streak, onset = state.drift_streak, state.drift_onset
     for w in new:
         if w.drifted:
             streak += 1
-            onset = onset or _iso(w.start)
+            onset = onset or w.start
         else:
             streak, onset = 0, None
-    state.data["drift_streak"], state.data["drift_onset"] = streak, onset
+    state.drift_streak, state.drift_onset = streak, onset
     if t.drift is not None and streak >= t.drift.consecutive:
-        fired.append({"trigger": "drift", "streak": streak, "onset": onset,
-                      "windows": [w.id for w in new if w.drifted][-t.drift.consecutive:],
-                      "drift_share": [w.drift_share for w in new][-t.drift.consecutive:]})
+        fired.append(DriftTrigger(
+            streak=streak, onset=state.drift_onset,
+            windows=[w.id for w in new if w.drifted][-t.drift.consecutive:],
+            drift_share=[w.drift_share for w in new][-t.drift.consecutive:]))
     for name in t.features:
         for w in new:
             cols = ((w.report or {}).get("drift") or {}).get("columns", [])
             hit = next((c for c in cols if c["column"] == name and c["drifted"]), None)
             if hit is not None:
-                fired.append({"trigger": "feature", "feature": name, "window": w.id,
-                              "score": hit["score"], "threshold": hit["threshold"],
-                              "min_effect": hit["min_effect"], "onset": _iso(w.start)})
+                fired.append(FeatureTrigger(feature=name, window=w.id, score=hit["score"],
+                                            threshold=hit["threshold"],
+                                            min_effect=hit["min_effect"], onset=w.start))
                 break
     if t.performance is not None:
-        seen = int(state.get("performance_seen_window", 0))
         for w in reversed(_recent_windows(project, 30)):
             if champion is not None and w.reference_version not in (None, champion):
                 continue
-            if w.id <= seen or w.labelled_rows < t.performance.min_labelled \
+            if w.id <= state.performance_seen_window \
+                    or w.labelled_rows < t.performance.min_labelled \
                     or w.metric_value is None or w.reference_metric is None:
                 continue
             higher = HIGHER_IS_BETTER.get(w.metric or "", False)
@@ -165,36 +132,34 @@ def check_triggers(project: Project, state: LoopState, new: list[MonitorWindowRo
             worse = (w.metric_value < ref * (1 - t.performance.margin)) if higher else \
                 (w.metric_value > ref * (1 + t.performance.margin))
             if worse:
-                state.data["performance_seen_window"] = w.id
-                fired.append({"trigger": "performance", "window": w.id, "metric": w.metric,
-                              "value": w.metric_value, "reference": ref,
-                              "margin": t.performance.margin,
-                              "label_coverage": w.label_coverage, "onset": _iso(w.start)})
+                state.performance_seen_window = w.id
+                fired.append(PerformanceTrigger(
+                    window=w.id, metric=w.metric, value=w.metric_value, reference=ref,
+                    margin=t.performance.margin, label_coverage=w.label_coverage,
+                    onset=w.start))
             break  # only the newest window with enough labels counts
-    last = _dt(state.get("last_retrain_at")) or _dt(state.get("started_at"))
+    last = state.last_retrain_at or state.started_at
     if t.schedule is not None and last is not None and now - last >= t.schedule:
-        fired.append({"trigger": "schedule", "every": str(t.schedule), "since": _iso(last)})
+        fired.append(ScheduleTrigger(every=str(t.schedule), since=last))
     if t.new_labels is not None:
-        n = count_labelled_since(project, _dt(state.get("last_retrain_at")))
+        n = count_labelled_since(project, state.last_retrain_at)
         if n >= t.new_labels:
-            fired.append({"trigger": "new_labels", "labelled_rows": n,
-                          "threshold": t.new_labels})
+            fired.append(NewLabelsTrigger(labelled_rows=n, threshold=t.new_labels))
     return fired
 
 
 def check_guards(project: Project, state: LoopState, now: datetime) -> str | None:
     """Why a retrain may not start now (None: it may)."""
     g = project.config.loop.guards
-    if state.get("in_flight"):
+    if state.in_flight is not None:
         return "a retrain is already in flight"
-    if state.get("probation"):
+    if state.probation is not None:
         return "a challenger is on probation"
-    last = _dt(state.get("last_retrain_at"))
+    last = state.last_retrain_at
     if last is not None and now - last < g.cooldown:
         return f"cooldown: last retrain at {last.isoformat()} (cooldown {g.cooldown})"
     day_ago = now - timedelta(days=1)
-    stamps = [_dt(t) for t in state.get("retrain_times", [])]
-    recent = [t for t in stamps if t is not None and t > day_ago]
+    recent = [t for t in state.retrain_times if t > day_ago]
     if len(recent) >= g.max_per_day:
         return f"{len(recent)} retrains in the last day (max_per_day {g.max_per_day})"
     return None
@@ -228,12 +193,12 @@ def paired_scores(project: Project, labelled: pa.Table, versions: list[int]
     return score_paired(project, labelled, versions).summary()
 
 
-def challenger_errors(project: Project, version: int, since_wall: float | None
+def challenger_errors(project: Project, version: int, since: datetime | None
                       ) -> dict[str, Any] | None:
-    """The newest ``serve.challenger_error`` event for ``version`` since its canary began."""
+    """The newest ``serve.challenger_error`` event for ``version`` since its canary began
+    (``since``, wall clock)."""
     from mloop.security.audit import list_events
 
-    since = datetime.fromtimestamp(since_wall, UTC) if since_wall else None
     for e in list_events(project.store, limit=200, kind="serve.challenger_error",
                          since=since):
         p = e.payload or {}
@@ -250,27 +215,25 @@ def judge_probation(project: Project, state: LoopState, now: datetime) -> dict[s
     (every row answered in it, by either side, re-scored by both versions), by the paired
     bootstrap bound of the non-inferiority gate (``mloop.loop.verdict``); the live canary
     rows give the error and latency checks."""
-    prob = state.get("probation")
+    prob = state.probation
     policy = project.config.loop.canary
-    if not prob or policy is None:
+    if prob is None or policy is None:
         return None
     from mloop.monitoring.windows import read_rows
     from mloop.traffic.labels import read_labels
 
-    started = _dt(prob["started_at"])
-    assert started is not None
-    errors = challenger_errors(project, prob["version"], prob.get("started_wall"))
+    errors = challenger_errors(project, prob.version, prob.started_wall)
     if errors is not None:
         return _end_probation(project, state, prob, "rollback",
                               f"the canary failed to predict {errors['failed_rows']} row(s): "
                               f"{errors['error']}", {"errors": errors}, now)
     uri = project.uris["inference_log_uri"]
-    rows = read_rows(uri, since=started)
+    rows = read_rows(uri, since=prob.started_at)
     labels = read_labels(uri)
     labelled = rows.join(labels, keys="_request_id", join_type="inner") \
         if rows.num_rows and labels.num_rows else rows.slice(0, 0)
-    challenger = _live_stats(rows, labelled, prob["version"], "canary")
-    champion = _live_stats(rows, labelled, prob["champion"], "champion")
+    challenger = _live_stats(rows, labelled, prob.version, "canary")
+    champion = _live_stats(rows, labelled, prob.champion, "champion")
     inputs: dict[str, Any] = {"challenger": challenger, "champion": champion,
                               "probation": str(policy.probation), "margin": policy.margin}
     if policy.latency_p95_ms is not None and challenger["latency_p95_ms"] is not None \
@@ -278,7 +241,7 @@ def judge_probation(project: Project, state: LoopState, now: datetime) -> dict[s
         return _end_probation(project, state, prob, "rollback",
                               f"latency p95 {challenger['latency_p95_ms']:.1f} ms over the "
                               f"budget of {policy.latency_p95_ms:g} ms", inputs, now)
-    elapsed = (now - started).total_seconds()
+    elapsed = (now - prob.started_at).total_seconds()
     if elapsed < policy.probation.total_seconds():
         return None
     if labelled.num_rows < policy.min_labelled or challenger["rows"] == 0:
@@ -291,12 +254,12 @@ def judge_probation(project: Project, state: LoopState, now: datetime) -> dict[s
                               f"{policy.min_labelled} labelled rows)", inputs, now)
     from mloop.loop.verdict import canary_bound, score_paired
 
-    paired = score_paired(project, labelled, [prob["version"], prob["champion"]])
-    bound = canary_bound(project, paired, prob["version"], prob["champion"])
+    paired = score_paired(project, labelled, [prob.version, prob.champion])
+    bound = canary_bound(project, paired, prob.version, prob.champion)
     inputs["paired"], inputs["bound"] = paired.summary(), bound
-    c, b = paired.values[prob["version"]], paired.values[prob["champion"]]
-    verdict = (f"{paired.metric} challenger v{prob['version']} {c:.4g} vs champion "
-               f"v{prob['champion']} {b:.4g} on the same {bound['rows']} labelled rows: worse "
+    c, b = paired.values[prob.version], paired.values[prob.champion]
+    verdict = (f"{paired.metric} challenger v{prob.version} {c:.4g} vs champion "
+               f"v{prob.champion} {b:.4g} on the same {bound['rows']} labelled rows: worse "
                f"by {bound['difference']:+.4g} observed, {bound['upper']:+.4g} at the "
                f"{bound['confidence']:.0%} upper bound (margin {bound['margin']:.4g}, "
                f"{bound['margin_from']}; the canary answered {challenger['rows']} rows live)")
@@ -304,29 +267,28 @@ def judge_probation(project: Project, state: LoopState, now: datetime) -> dict[s
                           verdict, inputs, now)
 
 
-def _end_probation(project: Project, state: LoopState, prob: dict[str, Any], outcome: str,
+def _end_probation(project: Project, state: LoopState, prob: Probation, outcome: str,
                    why: str, inputs: dict[str, Any], now: datetime) -> dict[str, Any]:
     from mloop.registry.promotion import promote
     from mloop.serving.deploy import stop_challenger
 
-    version = prob["version"]
     if outcome == "promote":
         try:
-            promote(project, version, reason=f"loop: probation passed: {why}",
-                    expected_champion=prob["champion"], actor="mloop-loop",
+            promote(project, prob.version, reason=f"loop: probation passed: {why}",
+                    expected_champion=prob.champion, actor="mloop-loop",
                     gate_report=_stored_gates(project, prob))
         except MloopError as exc:
             outcome, why = "rollback", f"promotion refused: {exc}"
     if outcome == "rollback":
         with contextlib.suppress(MloopError):  # already gone
             stop_challenger(project, reason=f"loop: rolled back: {why}", actor="mloop-loop")
-    record = _history_entry(state, version)
+    record = state.retrain_of(prob.version)
     if record is not None:
-        record.update(outcome="promoted" if outcome == "promote" else "rolled_back",
-                      decided_at=_iso(now), reason=why)
-    state.data["probation"] = None
-    _event(project, f"probation_{outcome}", {"version": version, "reason": why, **inputs})
-    return {"action": outcome, "version": version, "reason": why}
+        record.outcome = "promoted" if outcome == "promote" else "rolled_back"
+        record.decided_at, record.reason = now, why
+    state.probation = None
+    _event(project, f"probation_{outcome}", {"version": prob.version, "reason": why, **inputs})
+    return {"action": outcome, "version": prob.version, "reason": why}
 
 
 def _gates_hash(project: Project) -> str:
@@ -337,37 +299,31 @@ def _gates_hash(project: Project) -> str:
     return hashlib.sha256(body.encode()).hexdigest()[:16]
 
 
-def _stored_gates(project: Project, prob: dict[str, Any]) -> Any:
+def _stored_gates(project: Project, prob: Probation) -> Any:
     """The gate report the candidate passed before its canary, if the gate config is still
     the one it passed (promote then need not run every gate again); else None: promote runs
     them under today's config."""
     from mloop.registry.gates import GateReport, GateResult
 
-    body = prob.get("gates")
-    if not body or prob.get("gates_config") != _gates_hash(project):
+    body = prob.gates
+    if not body or prob.gates_config != _gates_hash(project):
         return None
     return GateReport(**{**body, "results": [GateResult(**r) for r in body["results"]]})
-
-
-def _history_entry(state: LoopState, version: int) -> dict[str, Any] | None:
-    for rec in reversed(state.data.setdefault("history", [])):
-        if rec.get("version") == version:
-            return rec
-    return None
 
 
 # ----------------------------------------------------------------------------- one pass
 
 def run_once(project: Project, *, on_event: Any = None) -> dict[str, Any]:
-    """One controller pass; returns what it saw and did."""
+    """One controller pass; returns what it saw and did (plain JSON: the CLI prints it)."""
     from mloop.monitoring.service import run_monitor
     from mloop.serving.deploy import desired_state
 
     loop_cfg = project.config.loop
     state = load_state(project)
     actions: list[dict[str, Any]] = []
-    if state.get("in_flight"):
-        flight = state.data.pop("in_flight")
+    if state.in_flight is not None:
+        flight = state.in_flight.model_dump(mode="json")
+        state.in_flight = None
         _event(project, "retrain_interrupted", {"in_flight": flight})
         actions.append({"action": "retrain_interrupted", **flight})
         save_state(project, state)
@@ -376,44 +332,46 @@ def run_once(project: Project, *, on_event: Any = None) -> dict[str, Any]:
     if now is None:
         return {"now": None, "actions": actions, "monitor": monitor,
                 "message": "no traffic in the inference log yet"}
-    state.data.setdefault("started_at", _iso(now))
-    new = _new_windows(project, int(state.get("last_window_id", 0)))
+    if state.started_at is None:
+        state.started_at = now
+    new = _new_windows(project, state.last_window_id)
     if new:
-        state.data["last_window_id"] = new[-1].id
+        state.last_window_id = new[-1].id
     verdict = judge_probation(project, state, now)
     if verdict is not None:
         actions.append(verdict)
         if verdict["action"] == "promote":
-            state.data["last_promotion_at"] = _iso(now)
-            state.data["drift_streak"], state.data["drift_onset"] = 0, None
+            state.last_promotion_at = now
+            state.drift_streak, state.drift_onset = 0, None
     fired = check_triggers(project, state, new, now, desired_state(project).champion)
     save_state(project, state)
+    seen = _dumped(fired)
     if not fired or not loop_cfg.enabled:
-        return {"now": _iso(now), "actions": actions, "triggers": fired, "monitor": monitor}
+        return {"now": _iso(now), "actions": actions, "triggers": seen, "monitor": monitor}
     blocked = check_guards(project, state, now)
     if blocked is not None:
-        _event(project, "trigger_held", {"triggers": fired, "guard": blocked})
-        actions.append({"action": "held", "guard": blocked, "triggers": fired})
-        return {"now": _iso(now), "actions": actions, "triggers": fired, "monitor": monitor}
+        _event(project, "trigger_held", {"triggers": seen, "guard": blocked})
+        actions.append({"action": "held", "guard": blocked, "triggers": seen})
+        return {"now": _iso(now), "actions": actions, "triggers": seen, "monitor": monitor}
     if loop_cfg.action == "alert":
-        _event(project, "alert", {"triggers": fired})
-        actions.append({"action": "alert", "triggers": fired})
-        return {"now": _iso(now), "actions": actions, "triggers": fired, "monitor": monitor}
+        _event(project, "alert", {"triggers": seen})
+        actions.append({"action": "alert", "triggers": seen})
+        return {"now": _iso(now), "actions": actions, "triggers": seen, "monitor": monitor}
     champion = desired_state(project).champion
     need = loop_cfg.retrain.min_labelled_rows
     have = count_labelled_since(project, now - loop_cfg.retrain.window)
     if have < need:
         guard = (f"{have} labelled rows in the last {loop_cfg.retrain.window} "
                  f"(loop.retrain.min_labelled_rows {need})")
-        _event(project, "trigger_held", {"triggers": fired, "guard": guard})
-        actions.append({"action": "held", "guard": guard, "triggers": fired})
-        return {"now": _iso(now), "actions": actions, "triggers": fired, "monitor": monitor}
+        _event(project, "trigger_held", {"triggers": seen, "guard": guard})
+        actions.append({"action": "held", "guard": guard, "triggers": seen})
+        return {"now": _iso(now), "actions": actions, "triggers": seen, "monitor": monitor}
     actions.append(_retrain_and_roll_out(project, state, fired, now, champion,
                                          on_event=on_event))
-    return {"now": _iso(now), "actions": actions, "triggers": fired, "monitor": monitor}
+    return {"now": _iso(now), "actions": actions, "triggers": seen, "monitor": monitor}
 
 
-def _retrain_and_roll_out(project: Project, state: LoopState, fired: list[dict[str, Any]],
+def _retrain_and_roll_out(project: Project, state: LoopState, fired: list[Trigger],
                           now: datetime, champion: int | None, *, on_event: Any = None
                           ) -> dict[str, Any]:
     from mloop.registry.gates import evaluate_gates
@@ -421,61 +379,62 @@ def _retrain_and_roll_out(project: Project, state: LoopState, fired: list[dict[s
     from mloop.serving.deploy import deploy_challenger
 
     policy = project.config.loop
-    record: dict[str, Any] = {"triggered_at": _iso(now), "triggers": fired,
-                              "onset": min((f["onset"] for f in fired if f.get("onset")),
-                                           default=None),
-                              "champion": champion, "started_wall": time.time()}
-    state.data["in_flight"] = {"triggered_at": _iso(now),
-                               "triggers": [f["trigger"] for f in fired]}
-    state.data["last_retrain_at"] = _iso(now)
-    state.data.setdefault("retrain_times", []).append(_iso(now))
-    state.data["retrain_times"] = state.data["retrain_times"][-50:]
+    record = Retrain(triggered_at=now, triggers=fired,
+                     onset=min((f.onset for f in fired if f.onset is not None), default=None),
+                     champion=champion, started_wall=datetime.now(UTC))
+    state.in_flight = InFlight(triggered_at=now, triggers=[f.trigger for f in fired])
+    state.last_retrain_at = now
+    state.retrain_times = [*state.retrain_times, now][-50:]
     save_state(project, state)  # from here a crash is "interrupted", never a silent redo
-    _event(project, "retrain_started", {"triggers": fired, "champion": champion})
+    _event(project, "retrain_started", {"triggers": _dumped(fired), "champion": champion})
     try:
         data = build_training_data(project, until=now, champion=champion)
         result = retrain(project, data, on_event=on_event)
     except Exception as exc:
-        record.update(outcome="failed", reason=f"{type(exc).__name__}: {exc}")
+        record.outcome, record.reason = "failed", f"{type(exc).__name__}: {exc}"
         return _finish(project, state, record, "retrain_failed",
-                       {"error": record["reason"], "triggers": fired})
-    record.update(version=result["version"], **{k: result[k] for k in (
-        "seconds", "cpu_seconds", "peak_memory_mb", "training_rows", "labelled_rows",
-        "pipeline_run_id")})
-    report = evaluate_gates(project, result["version"])
-    record["gates_passed"] = report.passed
+                       {"error": record.reason, "triggers": _dumped(fired)})
+    version = record.version = int(result["version"])
+    record.seconds = result["seconds"]
+    record.cpu_seconds = result["cpu_seconds"]
+    record.peak_memory_mb = result["peak_memory_mb"]
+    record.training_rows = result["training_rows"]
+    record.labelled_rows = result["labelled_rows"]
+    record.pipeline_run_id = result["pipeline_run_id"]
+    report = evaluate_gates(project, version)
+    record.gates_passed = report.passed
     if not report.passed:
         failed = [r.gate for r in report.results if r.status == "fail"]
-        record.update(outcome="rejected", reason=f"failed gates {failed}")
+        record.outcome, record.reason = "rejected", f"failed gates {failed}"
         return _finish(project, state, record, "candidate_rejected",
-                       {"version": result["version"], "failed_gates": failed})
+                       {"version": version, "failed_gates": failed})
     if policy.canary is None or champion is None:
         try:
-            promote(project, result["version"], reason="loop: retrained, every gate passed",
+            promote(project, version, reason="loop: retrained, every gate passed",
                     expected_champion=champion, gate_report=report, actor="mloop-loop")
         except MloopError as exc:
-            record.update(outcome="rejected", reason=str(exc))
+            record.outcome, record.reason = "rejected", str(exc)
             return _finish(project, state, record, "promotion_refused",
-                           {"version": result["version"], "error": str(exc)})
-        record.update(outcome="promoted", decided_at=_iso(now))
-        state.data["last_promotion_at"] = _iso(now)
-        return _finish(project, state, record, "promoted", {"version": result["version"]})
-    wall = time.time()  # challenger errors are counted from here
-    deploy_challenger(project, result["version"], mode="canary", weight=policy.canary.weight,
+                           {"version": version, "error": str(exc)})
+        record.outcome, record.decided_at = "promoted", now
+        state.last_promotion_at = now
+        return _finish(project, state, record, "promoted", {"version": version})
+    wall = datetime.now(UTC)  # challenger errors are counted from here
+    deploy_challenger(project, version, mode="canary", weight=policy.canary.weight,
                       reason=f"loop: retrained on {data.labelled_rows} labelled rows; "
                              f"probation {policy.canary.probation}", actor="mloop-loop")
-    state.data["probation"] = {"version": result["version"], "champion": champion,
-                               "started_at": _iso(now), "started_wall": wall,
-                               "gates": report.to_dict(), "gates_config": _gates_hash(project)}
-    record.update(outcome="canary")
+    state.probation = Probation(version=version, champion=champion, started_at=now,
+                                started_wall=wall, gates=report.to_dict(),
+                                gates_config=_gates_hash(project))
+    record.outcome = "canary"
     return _finish(project, state, record, "canary_started",
-                   {"version": result["version"], "weight": policy.canary.weight})
+                   {"version": version, "weight": policy.canary.weight})
 
 
-def _finish(project: Project, state: LoopState, record: dict[str, Any], kind: str,
+def _finish(project: Project, state: LoopState, record: Retrain, kind: str,
             payload: dict[str, Any]) -> dict[str, Any]:
-    state.data.pop("in_flight", None)
-    state.data.setdefault("history", []).append(record)
+    state.in_flight = None
+    state.history.append(record)
     save_state(project, state)
     _event(project, kind, payload)
     return {"action": kind, **payload}
@@ -485,40 +444,36 @@ def loop_metrics(project: Project, state: LoopState | None = None) -> dict[str, 
     """Time to detect, time to deploy, retrain cost and outcomes, from the saved history."""
     state = state or load_state(project)
     rates = project.config.loop.costs
-    history = state.get("history", [])
-    retrains = [h for h in history if h.get("version") is not None or h.get("outcome")]
-    done = [h for h in retrains if h.get("outcome") in ("promoted", "rolled_back", "canary",
-                                                        "rejected", "failed")]
-    promoted = [h for h in retrains if h.get("outcome") == "promoted"]
-    rolled = [h for h in retrains if h.get("outcome") == "rolled_back"]
-    detect = [_gap(h.get("onset"), h.get("triggered_at")) for h in retrains]
-    deploy = [_gap(h.get("triggered_at"), h.get("decided_at")) for h in promoted]
-    cpu = sum(h.get("cpu_seconds") or 0 for h in retrains)
-    gb_hours = sum((h.get("peak_memory_mb") or 0) / 1024 * (h.get("seconds") or 0) / 3600
-                   for h in retrains)
+    retrains = [h for h in state.history if h.version is not None or h.outcome]
+    done = [h for h in retrains if h.outcome in ("promoted", "rolled_back", "canary",
+                                                 "rejected", "failed")]
+    promoted = [h for h in retrains if h.outcome == "promoted"]
+    rolled = [h for h in retrains if h.outcome == "rolled_back"]
+    detect = [_gap(h.onset, h.triggered_at) for h in retrains]
+    deploy = [_gap(h.triggered_at, h.decided_at) for h in promoted]
+    cpu = sum(h.cpu_seconds or 0 for h in retrains)
+    gb_hours = sum((h.peak_memory_mb or 0) / 1024 * (h.seconds or 0) / 3600 for h in retrains)
     return {
         "retrains": len(retrains), "promoted": len(promoted), "rolled_back": len(rolled),
-        "rejected": sum(1 for h in retrains if h.get("outcome") == "rejected"),
-        "failed": sum(1 for h in retrains if h.get("outcome") == "failed"),
+        "rejected": sum(1 for h in retrains if h.outcome == "rejected"),
+        "failed": sum(1 for h in retrains if h.outcome == "failed"),
         "deployment_success_rate": (len(promoted) / len(done)) if done else None,
         "rollback_frequency": (len(rolled) / len(done)) if done else None,
         "time_to_detect_hours": _mean(detect, 3600),
         "time_to_deploy_hours": _mean(deploy, 3600),
-        "retrain_seconds": _mean([h.get("seconds") for h in retrains if h.get("seconds")], 1),
+        "retrain_seconds": _mean([h.seconds for h in retrains if h.seconds], 1),
         "retrain_cpu_seconds_total": round(cpu, 2),
-        "retrain_peak_memory_mb_max": max((h.get("peak_memory_mb") or 0 for h in retrains),
+        "retrain_peak_memory_mb_max": max((h.peak_memory_mb or 0 for h in retrains),
                                           default=None),
         "retrain_cost": round(cpu / 3600 * rates.cpu_hour + gb_hours * rates.gb_hour, 6),
         "currency": rates.currency,
     }
 
 
-def _gap(start: str | None, end: str | None) -> float | None:
-    a, b = _dt(start), _dt(end)
-    return (b - a).total_seconds() if a is not None and b is not None else None
+def _gap(start: datetime | None, end: datetime | None) -> float | None:
+    return (end - start).total_seconds() if start is not None and end is not None else None
 
 
 def _mean(values: list[Any], unit: float) -> float | None:
     vals = [v for v in values if v is not None]
     return round(sum(vals) / len(vals) / unit, 3) if vals else None
-

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from mloop.collector import StoreCollector, gauge
+from mloop.loop.state import LoopState, load_state
 
 GAUGES = {
     "mloop_loop_time_to_detect_hours": ("time_to_detect_hours",
@@ -27,21 +28,21 @@ GAUGES = {
 OUTCOMES = ("promoted", "rolled_back", "rejected", "failed")
 
 
-class LoopCollector(StoreCollector[tuple[Any, dict[str, Any]]]):
+class LoopCollector(StoreCollector[tuple[LoopState, dict[str, Any]]]):
     """Prometheus collector over ``loop_metrics(project)``."""
 
     what = "loop gauges"
     log = logging.getLogger("mloop.loop")
 
-    def read(self) -> tuple[Any, dict[str, Any]] | None:
-        from mloop.loop.controller import load_state, loop_metrics
+    def read(self) -> tuple[LoopState, dict[str, Any]] | None:
+        from mloop.loop.controller import loop_metrics
 
         state = load_state(self.project)
         if not state.revision:
             return None  # no controller has run for this model
         return state, loop_metrics(self.project, state)
 
-    def families(self, data: tuple[Any, dict[str, Any]]) -> Iterator[Any]:
+    def families(self, data: tuple[LoopState, dict[str, Any]]) -> Iterator[Any]:
         state, numbers = data
         model = self.project.config.model_name
         retrains = gauge("mloop_loop_retrains", "Retrains by outcome", ["model", "outcome"])
@@ -50,7 +51,7 @@ class LoopCollector(StoreCollector[tuple[Any, dict[str, Any]]]):
         yield retrains
         probation = gauge("mloop_loop_on_probation",
                           "1 while a retrained challenger is on probation", ["model"])
-        probation.add_metric([model], float(bool(state.get("probation"))))
+        probation.add_metric([model], float(state.probation is not None))
         yield probation
         for name, (key, helptext) in GAUGES.items():
             if numbers.get(key) is None:

@@ -8,7 +8,13 @@ import html
 from datetime import datetime
 from typing import Any
 
+from mloop.loop.state import Retrain
 from mloop.monitoring.report import _plt, _svg, _table, history_plots, render
+
+
+def _history(summary: dict[str, Any]) -> list[Retrain]:
+    """The controller's retrains, as the summary holds them (its saved history, in JSON)."""
+    return [Retrain.model_validate(h) for h in summary.get("history", [])]
 
 
 def _months_plot(summary: dict[str, Any]) -> str:
@@ -22,12 +28,9 @@ def _months_plot(summary: dict[str, Any]) -> str:
             label="frozen first model")
     ax.plot(x, [m["mae_loop"] for m in months], marker="o", color="#d9534f",
             label="mloop's loop (what was served)")
-    for h in summary.get("history", []):
-        at = h.get("decided_at") or h.get("triggered_at")
-        if not at:
-            continue
-        when = datetime.fromisoformat(at).replace(tzinfo=None)
-        colour = {"promoted": "#137333", "rolled_back": "#b00020"}.get(h.get("outcome"),
+    for h in _history(summary):
+        when = (h.decided_at or h.triggered_at).replace(tzinfo=None)
+        colour = {"promoted": "#137333", "rolled_back": "#b00020"}.get(h.outcome or "",
                                                                          "#f0ad4e")
         ax.axvline(when, color=colour, alpha=0.35, linewidth=1)
     ax.set_ylabel("MAE (rentals/hour)", fontsize=8)
@@ -65,14 +68,12 @@ def loop_html(project: Any, summary: dict[str, Any]) -> str:
     reports = [w.pop("report") for w in windows]
     body += ["<h2>Drift and performance over time</h2>", history_plots(windows, reports)]
     rows = []
-    for h in summary.get("history", []):
-        rows.append([html.escape(str(h.get("triggered_at", ""))[:16]),
-                     html.escape(", ".join(t["trigger"] for t in h.get("triggers", []))),
-                     f"v{h['version']}" if h.get("version") else "",
-                     html.escape(str(h.get("outcome", ""))),
-                     html.escape(str(h.get("reason", ""))[:200]),
-                     num(h.get("seconds")), num(h.get("cpu_seconds")),
-                     num(h.get("peak_memory_mb"), ".0f")])
+    for h in _history(summary):
+        rows.append([html.escape(h.triggered_at.isoformat()[:16]),
+                     html.escape(", ".join(t.trigger for t in h.triggers)),
+                     f"v{h.version}" if h.version else "",
+                     html.escape(h.outcome or ""), html.escape((h.reason or "")[:200]),
+                     num(h.seconds), num(h.cpu_seconds), num(h.peak_memory_mb, ".0f")])
     body += ["<h2>Retrains</h2>", _table(["triggered (event time)", "trigger", "candidate",
                                            "outcome", "why", "seconds", "CPU-s",
                                            "peak MB"], rows)]

@@ -122,9 +122,8 @@ def retrain(project: Project, data: TrainingData, *, on_event: Any = None) -> di
 
     from mloop.config import DataConfig
     from mloop.memory import PeakMemory
-    from mloop.pipeline.artifacts import load_output
-    from mloop.pipeline.runner import run_pipeline
     from mloop.project import Project as _Project
+    from mloop.registry.training import train_candidate
     from mloop.storage import filesystem
 
     fs, where = filesystem(data.path)
@@ -136,12 +135,9 @@ def retrain(project: Project, data: TrainingData, *, on_event: Any = None) -> di
     retrain_project = _Project(project.root, config)
     cpu0 = time.process_time()
     t0 = time.perf_counter()
-    with PeakMemory() as peak:
-        result = run_pipeline(retrain_project, on_event=on_event)
-    reg = next(s for s in result.steps if s.step == "register")
-    out = load_output(reg.outputs["output"], retrain_project.outputs,
-                      retrain_project.snapshots)
-    return {"version": int(out["version"]), "pipeline_run_id": result.run_id,
+    with PeakMemory() as peak:  # the controller gates and rolls out itself
+        trained = train_candidate(retrain_project, on_event=on_event, gate=False)
+    return {"version": trained.version, "pipeline_run_id": trained.pipeline_run_id,
             "seconds": round(time.perf_counter() - t0, 2),
             "cpu_seconds": round(time.process_time() - cpu0, 2),
             "peak_memory_mb": round(peak.peak_mb, 1),

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from mloop.config import MonitoringConfig
-from mloop.errors import MloopError
+from mloop.errors import DataSourceError, MloopError
 from mloop.monitoring.drift import ColumnReference, NullModel, detect
 from mloop.monitoring.quality import QualityThresholds, check_column
 
@@ -40,7 +40,7 @@ def evaluate_file(profile: dict[str, Any], path: Path, cfg: MonitoringConfig, *,
     try:
         pf = pq.ParquetFile(path)
     except Exception as exc:
-        raise MloopError(f"{path}: not a readable Parquet file ({exc})") from exc
+        raise DataSourceError(f"{path}: not a readable Parquet file ({exc})") from exc
     present = set(pf.schema_arrow.names)
 
     def column(name: str) -> pa.ChunkedArray | None:
@@ -86,11 +86,11 @@ def _evaluate(profile: dict[str, Any], get_column: Any, rows: int, cfg: Monitori
 
 
 def read_table(path: Path) -> pa.Table:
-    """A Parquet or CSV file, or a folder of Parquet files; MloopError naming it otherwise."""
+    """A Parquet or CSV file, or a folder of Parquet files; DataSourceError naming it otherwise."""
     from mloop.data.source import read_file_table
 
     if not path.exists():
-        raise MloopError(f"{path}: no such file or folder")
+        raise DataSourceError(f"{path}: no such file or folder")
     return read_file_table(path)
 
 

@@ -177,11 +177,20 @@ def compare_html(report: dict[str, Any]) -> str:
 
 
 def monitor_html(model: str, windows: list[dict[str, Any]], reports: list[dict[str, Any]],
-                 focus: dict[str, Any] | None) -> str:
-    body = ["<h2>Over time</h2>", history_plots(windows, reports)]
-    body.append(_table(["window", "rows", "drift", "share", "prediction", "quality",
+                 focus: dict[str, Any] | None, *, total: int | None = None,
+                 more_hint: str | None = None) -> str:
+    """The history of ``windows`` (the newest ones; ``total`` is how many are stored, and the
+    page says so when it shows fewer, with ``more_hint``, the command that shows them all)
+    and ``focus`` in detail."""
+    body = ["<h2>Over time</h2>"]
+    if total is not None and total > len(windows):
+        hint = f": <code>{html.escape(more_hint)}</code> shows every one" if more_hint else ""
+        body.append(f"<p class='muted'>The newest {len(windows):,} of {total:,} windows"
+                    f"{hint}.</p>")
+    body.append(history_plots(windows, reports))
+    body.append(_table(["id", "window", "rows", "drift", "share", "prediction", "quality",
                         "metric", "labels"],
-                       [[f"{w['start'][:16]} → {w['end'][:16]}", f"{w['rows']:,}",
+                       [[w["id"], f"{w['start'][:16]} → {w['end'][:16]}", f"{w['rows']:,}",
                          _verdict(w["drifted"]), f"{(w['drift_share'] or 0):.0%}",
                          _verdict(w["prediction_drifted"]), w["quality_findings"],
                          "" if w["metric_value"] is None else f"{w['metric_value']:.4g}",

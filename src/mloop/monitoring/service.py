@@ -191,14 +191,12 @@ def run_monitor(project: Project, *, window: str | None = None,
                 seed: int = 0) -> dict[str, Any]:
     """Evaluate every complete window newer than the last one evaluated (or ``since``);
     refresh the performance of earlier windows whose labels were incomplete."""
-    from mloop.serving.deploy import desired_state
+    from mloop.registry.aliases import require_champion
 
     cfg = project.config.monitoring
     spec = WindowSpec.parse(window or cfg.window)
     name = project.config.model_name
-    champion = desired_state(project).champion
-    if champion is None:
-        raise MloopError(f"'{name}' has no champion: nothing to monitor against")
+    champion = require_champion(project, needed_for="nothing to monitor against")
     with project.store.session() as s:
         last = s.scalars(sa.select(MonitorWindowRow).where(
             MonitorWindowRow.model == name, MonitorWindowRow.spec == spec.text)

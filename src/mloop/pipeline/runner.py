@@ -18,7 +18,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mloop._version import __version__
-from mloop.errors import ConfigError, MloopError, PipelineDefinitionError, StepFailedError
+from mloop.errors import (
+    CandidateNotRegisteredError,
+    ConfigError,
+    MloopError,
+    PipelineDefinitionError,
+    StepFailedError,
+)
 from mloop.memory import PeakMemory
 from mloop.pipeline.artifacts import load_output, output_exists, save_output
 from mloop.pipeline.context import StepContext, apply_parent_effect
@@ -344,7 +350,6 @@ def registered_version(project: Project, run_id: str) -> int:
     run = project.store.get_pipeline_run(run_id)
     step = project.store.latest_step_run(run.id, "register")
     if step is None or "output" not in step.outputs:
-        raise MloopError(f"pipeline run {run.id} has registered no model version (no "
-                         f"succeeded 'register' step)")
+        raise CandidateNotRegisteredError(run.id)
     registered = load_output(step.outputs["output"], project.outputs, project.snapshots)
     return int(registered["version"])

@@ -25,7 +25,8 @@ def get_version(project: Any, version: int) -> Any:
         return project.mlflow.get_model_version(project.config.model_name, str(version))
     except MlflowException:
         raise ModelNotFoundError(f"model '{project.config.model_name}' has no version "
-                                 f"{version} (see `mloop models list`)") from None
+                                 f"{version} (see `mloop models list`)",
+                                 model=project.config.model_name, version=version) from None
 
 
 def version_record(project: Any, version: int) -> ModelVersionRecord:
@@ -36,7 +37,8 @@ def version_record(project: Any, version: int) -> ModelVersionRecord:
     record = project.tracking.model_version(project.config.model_name, version)
     if record is None:
         raise ModelNotFoundError(f"model '{project.config.model_name}' has no version "
-                                 f"{version} (see `mloop models list`)")
+                                 f"{version} (see `mloop models list`)",
+                                 model=project.config.model_name, version=version)
     return record
 
 

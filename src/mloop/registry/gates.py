@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from mloop.config import GatesConfig, SliceGate
-from mloop.errors import MloopError
+from mloop.errors import ConfigError, MloopError
 from mloop.metrics import DEFAULTS, HIGHER_IS_BETTER, compute_metrics, metrics_for
 from mloop.project import Project
 from mloop.registry.aliases import champion_version
@@ -225,7 +225,8 @@ def gate_non_inferiority(task: str, metric: str, y: np.ndarray, cand: tuple, cha
                          ) -> GateResult:
     cfg = gates.non_inferiority
     if cfg is None:
-        raise MloopError("gates.non_inferiority is not configured")
+        raise ConfigError("gates.non_inferiority is not configured",
+                          key="gates.non_inferiority")
     boot = paired_bootstrap(metric, task, y, cand[0], champ[0], candidate_proba=cand[1],
                             baseline_proba=champ[1], classes=classes,
                             resamples=cfg.resamples, confidence=cfg.confidence, seed=cfg.seed)
@@ -298,8 +299,8 @@ def evaluate_gates(project: Project, version: int, *, record: bool = True) -> Ga
         needed.add(gates.non_inferiority.metric or primary)
     unknown = sorted(m for m in needed if m not in known)
     if unknown:
-        raise MloopError(f"gates name metric(s) {', '.join(unknown)} that a {task} model does "
-                         f"not have; choose from {', '.join(known)}")
+        raise ConfigError(f"gates name metric(s) {', '.join(unknown)} that a {task} model "
+                          f"does not have; choose from {', '.join(known)}", key="gates")
     metrics = compute_metrics(task, sorted(needed), y, pred, proba)
 
     train_labels = None

@@ -20,7 +20,14 @@ from sqlalchemy.orm import Session
 
 from mloop.errors import GateFailedError, MloopError, PromotionError
 from mloop.project import Project
-from mloop.registry.aliases import CHALLENGER, CHAMPION, PREVIOUS, mlflow_alias, stored_alias
+from mloop.registry.aliases import (
+    CHALLENGER,
+    CHAMPION,
+    PREVIOUS,
+    mlflow_alias,
+    require_champion,
+    stored_alias,
+)
 from mloop.registry.candidates import version_record
 from mloop.security.audit import add_event, current_actor
 from mloop.store.db import as_utc, utcnow
@@ -221,9 +228,7 @@ def rollback(project: Project, *, reason: str, to: int | None = None,
     if not reason.strip():
         raise MloopError("a rollback needs a reason (--reason \"...\"): it goes in the history")
     name = project.config.model_name
-    current = stored_alias(project)
-    if current is None:
-        raise PromotionError(f"'{name}' has no champion to roll back")
+    current = require_champion(project, needed_for="nothing to roll back")
     served = [d for d in history(project)["deployments"] if d["alias"] == CHAMPION]
     earlier = [d["version"] for d in served if d["version"] != current]
     if to is None:

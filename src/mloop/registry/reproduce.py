@@ -15,7 +15,7 @@ from typing import Any
 from mloop.config import parse_config
 from mloop.data.canonical import table_digest
 from mloop.data.source import read_source
-from mloop.errors import MloopError
+from mloop.errors import MloopError, PipelineDefinitionError, RunNotFoundError
 from mloop.pipeline.artifacts import load_output
 from mloop.pipeline.runner import build_graph, execute_step, finish_pipeline_run, start_pipeline_run
 from mloop.project import Project
@@ -36,8 +36,8 @@ def reproduce(project: Project, version: int) -> dict[str, Any]:
     lin = lineage(project, version)
     run_id = lin["pipeline_run"].get("run_id")
     if not run_id or lin["pipeline_run"].get("missing"):
-        raise MloopError(f"version {version} records no pipeline run mloop knows; it cannot be "
-                         f"reproduced")
+        raise RunNotFoundError(f"version {version} records no pipeline run mloop knows; it "
+                               f"cannot be reproduced")
     recorded = project.store.get_pipeline_run(run_id)
     text = _recorded_config(project, recorded.mlflow_run_id or "")
     config = parse_config(text, file=f"mloop.yaml recorded with pipeline run {run_id[:12]}")
@@ -85,7 +85,8 @@ def reproduce(project: Project, version: int) -> dict[str, Any]:
     finish_pipeline_run(rp, run, status="succeeded")
     evaluate = next((s for s in rp.store.step_runs(run.id) if s.step == "evaluate"), None)
     if evaluate is None:
-        raise MloopError("the recorded pipeline has no 'evaluate' step: nothing to compare")
+        raise PipelineDefinitionError("the recorded pipeline has no 'evaluate' step: nothing "
+                                      "to compare")
     now = load_output(evaluate.outputs["output"], rp.outputs, rp.snapshots)["metrics"]
     tol = project.config.gates.reproduce_tolerance
     recorded_metrics = dict(lin["metrics"])  # tags keep 6 significant digits...

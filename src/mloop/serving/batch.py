@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from mloop.errors import MloopError
+from mloop.errors import DataSourceError
 from mloop.project import Project
 from mloop.serving.model import ServedModel, load_served
 
@@ -35,7 +35,7 @@ def _reader(path: Path, chunk_rows: int) -> tuple[Iterator[pa.RecordBatch], int 
         try:
             pf = pq.ParquetFile(path)
         except Exception as exc:
-            raise MloopError(f"{path}: not a readable Parquet file ({exc})") from exc
+            raise DataSourceError(f"{path}: not a readable Parquet file ({exc})") from exc
         return pf.iter_batches(batch_size=chunk_rows), pf.metadata.num_rows, "rows"
     if suffix in (".csv", ".txt", ".gz"):
         import pyarrow.csv as pacsv
@@ -44,24 +44,24 @@ def _reader(path: Path, chunk_rows: int) -> tuple[Iterator[pa.RecordBatch], int 
             reader = pacsv.open_csv(path, read_options=pacsv.ReadOptions(
                 block_size=max(1 << 20, chunk_rows * 200)))
         except Exception as exc:
-            raise MloopError(f"{path}: not a readable CSV file ({exc})") from exc
+            raise DataSourceError(f"{path}: not a readable CSV file ({exc})") from exc
         return iter(reader), None, "rows"
-    raise MloopError(f"{path}: unsupported input type '{suffix}' (use .parquet or .csv)")
+    raise DataSourceError(f"{path}: unsupported input type '{suffix}' (use .parquet or .csv)")
 
 
 def _frame(model: ServedModel, batch: pa.RecordBatch, path: Path, offset: int) -> Any:
     names = batch.schema.names
     missing = [c.name for c in model.schema.columns if c.name not in names]
     if missing:
-        raise MloopError(f"{path}: missing column(s) {missing} that v{model.version}'s "
-                         f"signature requires (found {names})")
+        raise DataSourceError(f"{path}: missing column(s) {missing} that v{model.version}'s "
+                              f"signature requires (found {names})")
     cols = {}
     for c in model.schema.columns:
         col = batch.column(names.index(c.name))
         if c.required and col.null_count:
             first = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
-            raise MloopError(f"{path}: column '{c.name}' is null at row {offset + first} but "
-                             f"the signature requires a value")
+            raise DataSourceError(f"{path}: column '{c.name}' is null at row {offset + first} but "
+                                  f"the signature requires a value")
         target = _ARROW.get(c.type)
         if target is not None and col.type != target:
             if c.type == "string":
@@ -70,8 +70,8 @@ def _frame(model: ServedModel, batch: pa.RecordBatch, path: Path, offset: int) -
                 try:
                     col = col.cast(target)
                 except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-                    raise MloopError(f"{path}: column '{c.name}' is {col.type}, the signature "
-                                     f"expects {c.type} ({exc})") from None
+                    raise DataSourceError(f"{path}: column '{c.name}' is {col.type}, the signature "
+                                          f"expects {c.type} ({exc})") from None
         cols[c.name] = col
     frame = pa.table(cols).to_pandas()
     for c in model.schema.columns:
@@ -87,14 +87,13 @@ def predict_file(project: Project, input_path: Path, output_path: Path, *,
     import psutil
     import pyarrow.parquet as pq
 
-    from mloop.serving.deploy import desired_state
+    from mloop.registry.aliases import require_champion
 
     if not input_path.exists():
-        raise MloopError(f"{input_path}: no such file")
+        raise DataSourceError(f"{input_path}: no such file")
     if version is None:
-        version = desired_state(project).champion
-        if version is None:
-            raise MloopError(f"'{project.config.model_name}' has no champion; pass --version")
+        version = require_champion(project, needed_for="`mloop predict` scores with it "
+                                                       "unless --version names a version")
     batches, total, unit = _reader(input_path, chunk_rows)
     model = load_served(project, version)
     output_path.parent.mkdir(parents=True, exist_ok=True)
@@ -134,7 +133,7 @@ def predict_file(project: Project, input_path: Path, output_path: Path, *,
                 bar.advance(task, batch.num_rows)
                 peak = max(peak, proc.memory_info().rss)
         if writer is None:
-            raise MloopError(f"{input_path}: no rows to score")
+            raise DataSourceError(f"{input_path}: no rows to score")
         writer.close()
         writer = None
         os.replace(tmp, output_path)

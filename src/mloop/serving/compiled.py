@@ -145,13 +145,16 @@ def _append_exp(onx: Any) -> None:
 
 def compile_sklearn(model: Any, schema: InputSchema) -> CompiledModel:
     """Convert a fitted scikit-learn model; CompileUnsupported if it cannot be."""
+    from mloop.errors import MissingExtraError
+    from mloop.extras import require_extra
+
     try:
-        import onnxruntime as ort
-        from skl2onnx import convert_sklearn
-        from skl2onnx.common.data_types import FloatTensorType, StringTensorType
-    except ImportError as exc:
-        raise CompileUnsupported(f"optional dependency missing ({exc.name}); "
-                                 f"pip install 'mloop[fast]'") from None
+        ort = require_extra("fast", "onnxruntime")
+        require_extra("fast", "skl2onnx")
+    except MissingExtraError as exc:
+        raise CompileUnsupported(str(exc)) from None
+    from skl2onnx import convert_sklearn
+    from skl2onnx.common.data_types import FloatTensorType, StringTensorType
     stripped, fills = _strip_string_imputers(model)
     numeric = [c.type in _NUMERIC for c in schema.columns]
     types = [(c.name, FloatTensorType([None, 1]) if num else StringTensorType([None, 1]))

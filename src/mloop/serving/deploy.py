@@ -15,7 +15,13 @@ import sqlalchemy as sa
 
 from mloop.errors import MloopError, PromotionError
 from mloop.project import Project
-from mloop.registry.aliases import CHALLENGER, CHAMPION, mlflow_alias, stored_alias
+from mloop.registry.aliases import (
+    CHALLENGER,
+    CHAMPION,
+    mlflow_alias,
+    require_champion,
+    stored_alias,
+)
 from mloop.registry.candidates import version_record
 from mloop.registry.promotion import AliasChange, change_alias
 from mloop.store.models import DeploymentRow
@@ -65,12 +71,7 @@ def deploy_challenger(project: Project, version: int, *, mode: str, weight: floa
         raise MloopError("a deployment needs a reason (--reason \"...\"): it goes in the "
                          "history")
     version_record(project, version)
-    champion = stored_alias(project, CHAMPION)
-    if champion is None:
-        champion = mlflow_alias(project, CHAMPION)
-    if champion is None:
-        raise PromotionError(f"'{project.config.model_name}' has no champion; promote one "
-                             f"before adding a challenger")
+    champion = require_champion(project, needed_for="a challenger is deployed next to it")
     if champion == version:
         raise PromotionError(f"v{version} is the champion; a challenger must be another "
                              f"version")

@@ -35,11 +35,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from mloop.errors import MloopError
+from mloop.errors import DataSourceError, MloopError
+from mloop.extras import require_extra
 from mloop.project import Project
 from mloop.serving.schema import InputSchema
 
-INSTALL_HINT = "pip install 'mloop[spark]'"
 DEFAULT_MASTER = "local[2]"
 
 # MLflow signature type -> Spark SQL type (DDL names)
@@ -53,14 +53,9 @@ _FRACTIONAL = ("float", "double", "decimal")
 
 
 def require_pyspark() -> Any:
-    """The pyspark module, or a MloopError naming the extra that installs it."""
-    try:
-        import pyspark
-        import pyspark.sql
-    except ImportError:
-        raise MloopError(f"`mloop predict --engine spark` needs PySpark: {INSTALL_HINT}"
-                         ) from None
-    return pyspark
+    """The pyspark module (with its SQL layer), or MissingExtraError naming the extra."""
+    require_extra("spark", "pyspark.sql")
+    return require_extra("spark", "pyspark")
 
 
 def spark_path(uri: str | Path) -> str:
@@ -95,15 +90,15 @@ def _input_format(src: str, fmt: str | None) -> str:
     if _is_local(src):
         path = _local_path(src)
         if path.is_file():
-            raise MloopError(f"{src}: unsupported input type '{path.suffix}' "
-                             f"(use .parquet or .csv, or a folder of them)")
+            raise DataSourceError(f"{src}: unsupported input type '{path.suffix}' "
+                                  f"(use .parquet or .csv, or a folder of them)")
         files = [p.name.lower() for p in path.rglob("*") if p.is_file()
                  and not p.name.startswith((".", "_"))]
         if any(f.endswith(".parquet") for f in files):
             return "parquet"
         if any(f.endswith((".csv", ".csv.gz")) for f in files):
             return "csv"
-        raise MloopError(f"{src}: no .parquet or .csv files in this folder")
+        raise DataSourceError(f"{src}: no .parquet or .csv files in this folder")
     return "parquet"
 
 
@@ -227,8 +222,9 @@ def _read(session: Any, src: str, fmt: str) -> Any:
         return session.read.parquet(spark_path(src))
     except AnalysisException as exc:
         if "PATH_NOT_FOUND" in str(exc) or "Path does not exist" in str(exc):
-            raise MloopError(f"{src}: no such file or folder") from None
-        raise MloopError(f"{src}: Spark cannot read it as {fmt} ({_first_line(exc)})") from None
+            raise DataSourceError(f"{src}: no such file or folder") from None
+        raise DataSourceError(f"{src}: Spark cannot read it as {fmt} "
+                              f"({_first_line(exc)})") from None
     except Exception as exc:
         if "S3AFileSystem" in str(exc) or "No FileSystem for scheme" in str(exc):
             raise MloopError(_s3a_hint(src)) from None
@@ -264,8 +260,8 @@ def _validate(df: Any, schema: InputSchema, src: str, version: int) -> tuple[int
     names = df.columns
     missing = [c.name for c in schema.columns if c.name not in names]
     if missing:
-        raise MloopError(f"{src}: missing column(s) {missing} that v{version}'s signature "
-                         f"requires (found {names})")
+        raise DataSourceError(f"{src}: missing column(s) {missing} that v{version}'s signature "
+                              f"requires (found {names})")
     types = {f.name: f.dataType.simpleString() for f in df.schema.fields}
     aggs = [F.count(F.lit(1))]
     checks: list[tuple[str, str, str]] = []  # (column, kind, detail)
@@ -292,20 +288,20 @@ def _validate(df: Any, schema: InputSchema, src: str, version: int) -> tuple[int
     row = df.agg(*aggs).first()
     rows = int(row[0])
     if rows == 0:
-        raise MloopError(f"{src}: no rows to score")
+        raise DataSourceError(f"{src}: no rows to score")
     i = 1
     for name, kind, detail in checks:
         count = int(row[i] or 0)
         if kind == "null":
             i += 1
             if count:
-                raise MloopError(f"{src}: column '{name}' is null in {count} row(s) but the "
-                                 f"signature requires a value")
+                raise DataSourceError(f"{src}: column '{name}' is null in {count} row(s) but the "
+                                      f"signature requires a value")
         else:
             example, i = row[i + 1], i + 2
             if count:
-                raise MloopError(f"{src}: column '{name}' is {detail} ({count} value(s) cannot "
-                                 f"be cast, e.g. {example!r})")
+                raise DataSourceError(f"{src}: column '{name}' is {detail} ({count} value(s) "
+                                      f"cannot be cast, e.g. {example!r})")
     return rows, cast_cols
 
 
@@ -336,21 +332,20 @@ def predict_spark(project: Project, input: str | Path, output: str | Path, *,
     seconds, as ``predict_file`` does.
     """
     require_pyspark()
+    from mloop.registry.aliases import require_champion
     from mloop.registry.candidates import get_version
-    from mloop.serving.deploy import desired_state
 
     src, dst = str(input), str(output)
     if _is_local(src) and not _local_path(src).exists():
-        raise MloopError(f"{src}: no such file or folder")
+        raise DataSourceError(f"{src}: no such file or folder")
     fmt = _input_format(src, input_format)
     cfg = getattr(project.config, "spark", None)
     master = master or getattr(cfg, "master", None) or DEFAULT_MASTER
     settings = {**(getattr(cfg, "conf", None) or {}), **(conf or {})}
     _ = project.mlflow  # points MLflow's fluent API (spark_udf's download) at the project
     if version is None:
-        version = desired_state(project).champion
-        if version is None:
-            raise MloopError(f"'{project.config.model_name}' has no champion; pass --version")
+        version = require_champion(project, needed_for="`mloop predict` scores with it "
+                                                       "unless --version names a version")
     get_version(project, version)  # ModelNotFoundError naming it
     schema, result_type = _signature(project, version)
 

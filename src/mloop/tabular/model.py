@@ -18,6 +18,7 @@ from sklearn.preprocessing import OneHotEncoder, OrdinalEncoder
 
 from mloop.config import ModelConfig
 from mloop.data.profile import column_kind
+from mloop.data.validation import did_you_mean
 from mloop.errors import ConfigError
 from mloop.pipeline.loader import import_object
 
@@ -46,8 +47,9 @@ def resolve_spec(schema: pa.Schema, sample_target: pa.ChunkedArray, *, target: s
     """Decide task and the numeric/categorical feature lists from config and dtypes."""
     names = schema.names
     if target not in names:
-        raise ConfigError(f"'target': column '{target}' is not in the data (columns: "
-                          f"{', '.join(names)})", key="target")
+        raise ConfigError(f"'target': column '{target}' is not in the data"
+                          f"{did_you_mean(target, names)} (columns: {', '.join(names)})",
+                          key="target")
     excluded = {target, *features.get("exclude", [])}
     if features.get("time_column"):
         excluded.add(features["time_column"])
@@ -57,7 +59,8 @@ def resolve_spec(schema: pa.Schema, sample_target: pa.ChunkedArray, *, target: s
                         ("features.exclude", features.get("exclude"))):
         for col in listed or []:
             if col not in names:
-                raise ConfigError(f"'{key}': column '{col}' is not in the data (columns: "
+                raise ConfigError(f"'{key}': column '{col}' is not in the data"
+                                  f"{did_you_mean(col, names)} (columns: "
                                   f"{', '.join(names)})", key=key)
     explicit = set(numeric or []) | set(categorical or [])
     inferred_num, inferred_cat = [], []

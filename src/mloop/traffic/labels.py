@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from mloop.errors import MloopError
+from mloop.errors import DataSourceError
 from mloop.storage import ObjectStore
 from mloop.traffic.inference_log import (
     LABELS_DIR,
@@ -127,7 +127,7 @@ def _check_label(label: Any, task: str, where: str) -> Any:
 
 
 def read_label_file(path: Path, task: str) -> dict[str, Any]:
-    """``request_id,label`` CSV or Parquet → {id: label}; MloopError naming the file and the
+    """``request_id,label`` CSV or Parquet → {id: label}; DataSourceError naming the file and the
     place of the first bad value as a person finds it: in a CSV the line number (the header
     is line 1, so the first label is on line 2), in Parquet the row number (the first row is
     row 1). Regression labels written as text in a CSV ("3.5") are read as numbers, so one
@@ -136,7 +136,7 @@ def read_label_file(path: Path, task: str) -> dict[str, Any]:
     import pyarrow.parquet as pq
 
     if not path.exists():
-        raise MloopError(f"{path}: no such file")
+        raise DataSourceError(f"{path}: no such file")
     csv = path.suffix.lower() != ".parquet"
     try:
         if not csv:
@@ -146,11 +146,11 @@ def read_label_file(path: Path, task: str) -> dict[str, Any]:
                 path, parse_options=pacsv.ParseOptions(ignore_empty_lines=False),
                 convert_options=pacsv.ConvertOptions(column_types={"request_id": pa.string()}))
     except Exception as exc:
-        raise MloopError(f"{path}: cannot be read as {path.suffix or 'CSV'} ({exc})") from exc
+        raise DataSourceError(f"{path}: cannot be read as {path.suffix or 'CSV'} ({exc})") from exc
     missing = [c for c in ("request_id", "label") if c not in table.column_names]
     if missing:
-        raise MloopError(f"{path}: missing column(s) {missing}; expected request_id,label "
-                         f"(found {table.column_names})")
+        raise DataSourceError(f"{path}: missing column(s) {missing}; expected request_id,label "
+                              f"(found {table.column_names})")
     out: dict[str, Any] = {}
     for n, (rid, label) in enumerate(zip(table.column("request_id").to_pylist(),
                                          table.column("label").to_pylist(), strict=True)):
@@ -158,14 +158,14 @@ def read_label_file(path: Path, task: str) -> dict[str, Any]:
         if csv and not rid and label in (None, ""):
             continue  # a blank line
         if not rid:
-            raise MloopError(f"{path}: {where}: empty request_id")
+            raise DataSourceError(f"{path}: {where}: empty request_id")
         if task == "regression" and isinstance(label, str):
             with contextlib.suppress(ValueError):  # not a number: named just below
                 label = float(label)
         try:
             out[str(rid)] = _check_label(label, task, "label")
         except ValueError as exc:
-            raise MloopError(f"{path}: {where}: {exc}") from None
+            raise DataSourceError(f"{path}: {where}: {exc}") from None
     return out
 
 

@@ -4,12 +4,9 @@ becomes a registered, gated candidate like any other. See :mod:`mloop.tuning.stu
 
 from __future__ import annotations
 
-from mloop.errors import MloopError
+from mloop.extras import require_extra
 
 
 def require_optuna() -> None:
-    """Optuna is an optional dependency (``pip install 'mloop[tune]'``)."""
-    try:
-        import optuna  # noqa: F401
-    except ImportError:
-        raise MloopError("`mloop tune` needs Optuna: pip install 'mloop[tune]'") from None
+    """Optuna is an optional dependency (the ``tune`` extra): MissingExtraError without it."""
+    require_extra("tune", "optuna")

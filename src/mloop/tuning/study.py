@@ -68,7 +68,7 @@ from optuna.study import MaxTrialsCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from mloop.config import CONFIG_FILE, ModelConfig, SearchParam
-from mloop.errors import ConfigError, MloopError
+from mloop.errors import ConfigError, MloopError, PipelineDefinitionError
 from mloop.metrics import DEFAULTS, HIGHER_IS_BETTER, compute_metrics, metrics_for
 from mloop.pipeline.artifacts import load_output
 from mloop.pipeline.dsl import Graph
@@ -77,10 +77,10 @@ from mloop.pipeline.runner import (
     build_graph,
     execute_step,
     finish_pipeline_run,
-    run_pipeline,
     start_pipeline_run,
 )
 from mloop.project import Project
+from mloop.registry.training import train_candidate
 from mloop.tabular import steps as builtin_steps
 from mloop.tabular.model import (
     DEFAULT_ESTIMATORS,
@@ -625,15 +625,15 @@ def _ancestors(graph: Graph, name: str) -> list[str]:
 
 def _train_node(graph: Graph) -> Any:
     if "train" not in graph.nodes:
-        raise MloopError(f"`mloop tune` tunes the model of the pipeline's 'train' step, and "
-                         f"pipeline '{graph.pipeline}' has none (steps: "
-                         f"{', '.join(graph.nodes)})")
+        raise PipelineDefinitionError(f"`mloop tune` tunes the model of the pipeline's "
+                                      f"'train' step, and pipeline '{graph.pipeline}' has "
+                                      f"none (steps: {', '.join(graph.nodes)})")
     node = graph.nodes["train"]
     if node.step.fn is not builtin_steps.train.fn or "data" not in node.inputs:
         fn = node.step.fn
-        raise MloopError(f"`mloop tune` fits the model the built-in train step builds "
-                         f"(mloop.tabular.model); this pipeline's 'train' step is "
-                         f"{fn.__module__}.{fn.__qualname__}")
+        raise PipelineDefinitionError(f"`mloop tune` fits the model the built-in train step "
+                                      f"builds (mloop.tabular.model); this pipeline's 'train' "
+                                      f"step is {fn.__module__}.{fn.__qualname__}")
     return node
 
 
@@ -800,10 +800,10 @@ def run_study(project: Project, *, trials: int | None = None, workers: int = 1,
 
     notify("phase", {"text": f"training trial {best.number} through the pipeline"})
     summary.update(train_best(project, setup, name, best, parent, on_event=step_event))
-    from mloop.registry.promotion import gate_and_promote
+    from mloop.registry.training import gate_candidate
 
     notify("phase", {"text": "gating the candidate against the champion"})
-    summary.update(gate_and_promote(project, summary["registered"]["version"]))
+    summary.update(gate_candidate(project, summary["registered"]["version"]).to_dict())
     return summary
 
 
@@ -849,22 +849,18 @@ def train_best(project: Project, setup: Setup, name: str, best: FrozenTrial,
     params = {**setup.model["params"], **best.params}
     model = project.config.model.model_copy(update={"params": params})
     tuned = Project(project.root, project.config.model_copy(update={"model": model}))
-    result = run_pipeline(tuned, on_event=on_event,
-                          config_text=effective_config_text(project, params, name, best.number))
-    steps = {s.step: s for s in result.steps}
-    if "register" not in steps or "evaluate" not in steps:
-        raise MloopError("the pipeline ran but has no 'evaluate' and 'register' steps: "
-                         "nothing to gate")
-    registered = load_output(steps["register"].outputs["output"], tuned.outputs,
-                             tuned.snapshots)
-    evaluation = load_output(steps["evaluate"].outputs["output"], tuned.outputs,
-                             tuned.snapshots)
+    trained = train_candidate(tuned, on_event=on_event, gate=False, config_text=(
+        effective_config_text(project, params, name, best.number)))
+    version, registered, evaluation = trained.version, trained.registered, trained.evaluation
+    if registered is None or evaluation is None:
+        raise MloopError(f"pipeline run {trained.pipeline_run_id} registered v{version} but "
+                         f"has no 'evaluate' step output: nothing to compare the trial with")
     tags = {"mloop.tune.study": name, "mloop.tune.trial": str(best.number),
             "mloop.tune.metric": setup.metric, "mloop.tune.value": f"{best.value:.6g}",
             "mloop.tune.mlflow_run_id": tune_run_id}
     client = project.mlflow
     for k, v in tags.items():
-        client.set_model_version_tag(registered["name"], str(registered["version"]), k, v)
-        client.set_tag(result.mlflow_run_id, k, v)
-    return {"pipeline_run_id": result.run_id, "params": params, "registered": registered,
-            "evaluation": evaluation}
+        client.set_model_version_tag(registered["name"], str(version), k, v)
+        client.set_tag(trained.run.mlflow_run_id, k, v)
+    return {"pipeline_run_id": trained.pipeline_run_id, "params": params,
+            "registered": registered, "evaluation": evaluation}
