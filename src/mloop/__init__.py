@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from mloop._version import __version__
 from mloop.errors import (
+    CandidateNotRegisteredError,
     ConfigError,
     DataSourceError,
     GateFailedError,
@@ -50,6 +51,7 @@ def open_project(path: str | Path | None = None) -> Project:
 
 
 __all__ = [
+    "CandidateNotRegisteredError",
     "ConfigError",
     "DataSourceError",
     "GateFailedError",
