@@ -19,11 +19,11 @@ import pandas as pd
 
 from mloop.config import GatesConfig, SliceGate
 from mloop.errors import ConfigError, MloopError
+from mloop.metrics import DEFAULTS, HIGHER_IS_BETTER, compute_metrics, metrics_for
 from mloop.project import Project
 from mloop.registry.aliases import champion_version
 from mloop.registry.bootstrap import paired_bootstrap
 from mloop.registry.candidates import get_version
-from mloop.tabular.metrics import DEFAULTS, HIGHER_IS_BETTER, compute_metrics, metrics_for
 
 
 @dataclass

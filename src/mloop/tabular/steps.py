@@ -17,9 +17,9 @@ from mloop.data.snapshot import Snapshot
 from mloop.data.source import read_source
 from mloop.data.validation import format_report, validate_table
 from mloop.errors import ConfigError, ValidationFailedError
+from mloop.metrics import DEFAULTS, compute_metrics, metrics_for
 from mloop.pipeline.context import StepContext
 from mloop.pipeline.dsl import step
-from mloop.tabular.metrics import DEFAULTS, compute_metrics, metrics_for
 from mloop.tabular.model import build_model, features_frame, resolve_spec
 
 

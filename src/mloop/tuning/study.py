@@ -69,6 +69,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from mloop.config import CONFIG_FILE, ModelConfig, SearchParam
 from mloop.errors import ConfigError, MloopError, PipelineDefinitionError
+from mloop.metrics import DEFAULTS, HIGHER_IS_BETTER, compute_metrics, metrics_for
 from mloop.pipeline.artifacts import load_output
 from mloop.pipeline.dsl import Graph
 from mloop.pipeline.runner import (
@@ -81,7 +82,6 @@ from mloop.pipeline.runner import (
 from mloop.project import Project
 from mloop.registry.training import train_candidate
 from mloop.tabular import steps as builtin_steps
-from mloop.tabular.metrics import DEFAULTS, HIGHER_IS_BETTER, compute_metrics, metrics_for
 from mloop.tabular.model import (
     DEFAULT_ESTIMATORS,
     build_model,

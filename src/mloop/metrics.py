@@ -1,4 +1,7 @@
-"""Task metrics by name. The first configured metric is the project's primary metric."""
+"""Task metrics by name. The first configured metric is the project's primary metric.
+
+Training, gates, tuning, monitoring and the loop all score with this one table, so a metric
+means the same thing wherever it is reported; it depends on nothing else in mloop."""
 
 from __future__ import annotations
 
@@ -53,6 +56,19 @@ HIGHER_IS_BETTER = {"rmse": False, "mae": False, "r2": True, "mape": False, "med
 
 # Computed from class probabilities, not from predicted labels.
 PROBA_METRICS = frozenset({"roc_auc", "log_loss"})
+
+
+def monitored_metric(task: str, primary: str | None) -> str:
+    """The metric computed on labelled traffic: the primary one (probability metrics from
+    the logged probabilities), else the task's default."""
+    return primary or ("mae" if task == "regression" else "accuracy")
+
+
+def label_metric(task: str, metric: str) -> str:
+    """What stands in for ``metric`` on rows that have labels but no probabilities."""
+    if metric not in PROBA_METRICS:
+        return metric
+    return "mae" if task == "regression" else "accuracy"
 
 
 def metrics_for(task: str) -> dict[str, Metric]:
