@@ -104,8 +104,11 @@ def _proba_metric(name: str, y: Any, proba: np.ndarray, classes: list[Any]) -> f
     k = len(classes)
     if name == "log_loss":
         return float(skm.log_loss(codes, proba, labels=list(range(k))))
-    if len(np.unique(codes)) < k:
-        return float("nan")  # a class the rows do not hold has no ROC curve
+    present = np.unique(codes)
+    if len(present) < 2:
+        return float("nan")  # one class on these rows: no ROC curve at all
     if k == 2:
         return float(skm.roc_auc_score(codes, proba[:, 1]))
-    return float(skm.roc_auc_score(codes, proba, multi_class="ovr", labels=list(range(k))))
+    # One-vs-rest, macro-averaged over the classes these rows hold: sklearn's 'ovr' when every
+    # class is present, and still defined on a holdout or window that lacks a rare class.
+    return float(np.mean([skm.roc_auc_score(codes == c, proba[:, c]) for c in present]))

@@ -407,8 +407,10 @@ class Objective:
     def score(self, estimator: Any) -> float:
         pred = estimator.predict(self.data.X_val)
         proba = estimator.predict_proba(self.data.X_val) if self.proba else None
-        value = compute_metrics(self.task, [self.setup.metric], self.data.y_val, pred,
-                                proba)[self.setup.metric]
+        classes = getattr(estimator, "classes_", None) if proba is not None else None
+        value = compute_metrics(self.task, [self.setup.metric], self.data.y_val, pred, proba,
+                                classes=None if classes is None else list(classes)
+                                )[self.setup.metric]
         if not math.isfinite(value):
             raise ValueError(f"{self.setup.metric} on the validation rows is {value}")
         return value
