@@ -24,15 +24,16 @@ from sklearn.metrics import roc_auc_score
 from mloop.cli.app import main
 from mloop.config import CompileConfig
 from mloop.project import open_project
+from mloop.registry.aliases import stored_alias
 from mloop.registry.gates import load_version
-from mloop.registry.promotion import change_alias, stored_alias
+from mloop.registry.promotion import change_alias
 from mloop.security.audit import list_events
 from mloop.serving.app import create_app
 from mloop.serving.deploy import deploy_challenger, desired_state
-from mloop.serving.inference_log import InferenceLog, LogEntry, new_request_id, read_log
-from mloop.serving.labels import store_labels
 from mloop.serving.model import load_served
 from mloop.storage import ObjectStore
+from mloop.traffic.inference_log import InferenceLog, LogEntry, new_request_id, read_log
+from mloop.traffic.labels import store_labels
 
 from .conftest import rentals_frame
 from .serving_util import ServerThread
@@ -193,7 +194,7 @@ def test_the_inference_log_keeps_the_probabilities_each_client_got(proj: Path) -
 def test_a_quarantined_request_keeps_its_probabilities(tmp_path: Path) -> None:
     """A request whose inputs the log cannot store is set aside whole: read back, fixed and
     appended again, it is logged with the probabilities its client got."""
-    from mloop.serving.inference_log import read_quarantined_entries
+    from mloop.traffic.inference_log import read_quarantined_entries
 
     uri = str(tmp_path / "log")
     log = InferenceLog(uri, commit_interval=3600)

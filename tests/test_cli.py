@@ -28,6 +28,22 @@ def test_init_scaffolds_a_project_and_refuses_to_overwrite(tmp_path: Path) -> No
     assert "already exists; refusing to overwrite" in again.stderr
 
 
+@pytest.mark.parametrize("task", ["regression", "classification"])
+def test_a_template_project_carries_a_loop_policy_that_can_act(tmp_path: Path,
+                                                               task: str) -> None:
+    """Without triggers `mloop loop` never acts: a new project would be monitored but never
+    retrained, however far it drifts."""
+    from mloop.cli.app import main
+    from mloop.config import load_config
+
+    assert main(["init", str(tmp_path / "p"), "--task", task]) == 0
+    config = load_config(tmp_path / "p" / "mloop.yaml")
+    triggers = config.loop.triggers
+    assert config.loop.enabled and config.loop.action == "retrain"
+    assert triggers.drift is not None and triggers.performance is not None
+    assert triggers.schedule is not None and config.loop.canary is not None
+
+
 def test_init_rejects_an_unknown_template(tmp_path: Path) -> None:
     proc = run_cli("init", "p", "--template", "vision", cwd=tmp_path, check=False)
     assert proc.returncode == 1

@@ -135,7 +135,7 @@ def test_a_file_to_score_that_cannot_be_read_is_a_data_source_error(make_project
 ])
 def test_a_labels_file_that_cannot_be_read_is_a_data_source_error(
         tmp_path: Path, text: str | None, message: str) -> None:
-    from mloop.serving.labels import read_label_file
+    from mloop.traffic.labels import read_label_file
 
     path = tmp_path / "labels.csv"
     if text is not None:

@@ -12,8 +12,8 @@ import pytest
 
 from mloop.cli.app import main
 from mloop.project import open_project
+from mloop.registry.aliases import mlflow_alias, stored_alias
 from mloop.registry.gates import load_version
-from mloop.registry.promotion import mlflow_alias, stored_alias
 
 from .conftest import REPO
 

@@ -33,10 +33,10 @@ metrics: [f1, accuracy]
 def test_paired_verdict_on_integer_classes_with_binary_f1(make_project) -> None:
     from mloop.loop.controller import paired_scores
     from mloop.monitoring.windows import read_rows
-    from mloop.serving.inference_log import InferenceLog, LogEntry, new_request_id
-    from mloop.serving.labels import read_labels, store_labels
     from mloop.serving.model import load_served
     from mloop.storage import ObjectStore
+    from mloop.traffic.inference_log import InferenceLog, LogEntry, new_request_id
+    from mloop.traffic.labels import read_labels, store_labels
 
     frame = rentals_frame(600)
     frame["busy"] = (frame["cnt"] > frame["cnt"].median()).astype(int)

@@ -16,8 +16,9 @@ import sqlalchemy as sa
 
 from mloop.errors import GateFailedError, PromotionError
 from mloop.project import open_project
+from mloop.registry.aliases import stored_alias
 from mloop.registry.gates import evaluate_gates
-from mloop.registry.promotion import change_alias, history, promote, rollback, stored_alias
+from mloop.registry.promotion import change_alias, history, promote, rollback
 from mloop.security.audit import list_events, verify_chain
 
 from .conftest import rentals_frame, run_cli

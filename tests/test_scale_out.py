@@ -228,7 +228,7 @@ def test_bike_loop_on_mlflow_server_postgres_and_s3(cluster: Cluster, tmp_path: 
                                                         "snapshot.json")} <= data_keys
             assert project.snapshots.read_table(snap.digest).num_rows == snap.rows
         assert cluster.s3_keys("outputs/")
-        from mloop.registry.promotion import stored_alias
+        from mloop.registry.aliases import stored_alias
 
         assert stored_alias(project) == 1  # the champion, in mloop's PostgreSQL store
         # MLflow's artifacts went through the server into S3 (the client never spoke S3)
@@ -268,8 +268,8 @@ def test_bike_loop_on_mlflow_server_postgres_and_s3(cluster: Cluster, tmp_path: 
                             for k in segments)
     assert labels and all(k.endswith(".parquet") for k in labels)
 
-    from mloop.serving.inference_log import read_log
-    from mloop.serving.labels import read_labels
+    from mloop.traffic.inference_log import read_log
+    from mloop.traffic.labels import read_labels
 
     log_table = read_log(cluster.env["MLOOP_INFERENCE_LOG_URI"])
     assert sorted(log_table.column("_request_id").to_pylist()) == sorted(ids)

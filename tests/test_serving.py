@@ -26,13 +26,13 @@ from mloop.errors import MloopError, PromotionError
 from mloop.project import open_project
 from mloop.registry.promotion import change_alias, history
 from mloop.security.audit import list_events
+from mloop.server import default_collectors
 from mloop.serving.app import create_app
 from mloop.serving.batch import predict_file
 from mloop.serving.deploy import deploy_challenger, desired_state, stop_challenger
-from mloop.serving.inference_log import read_log
-from mloop.serving.labels import read_labels
 from mloop.serving.model import load_served
-from mloop.serving.server import default_collectors
+from mloop.traffic.inference_log import read_log
+from mloop.traffic.labels import read_labels
 
 from .conftest import rentals_frame
 from .serving_util import ServerThread, free_port, metric
@@ -558,7 +558,7 @@ def test_tls_with_a_cert_and_key(proj: Path, tmp_path: Path) -> None:
 
 def test_serving_beyond_loopback_without_a_token_is_refused(proj: Path) -> None:
     from mloop.errors import MloopError
-    from mloop.serving.server import auth_enabled, serve
+    from mloop.server import auth_enabled, serve
 
     cfg = open_project(proj).config.serving
     assert auth_enabled(cfg, "127.0.0.1") is False
@@ -741,7 +741,7 @@ def test_a_full_inference_log_drops_and_counts_instead_of_blocking(proj: Path) -
 
 def test_rows_the_log_cannot_store_are_set_aside_without_blocking_the_rest(
         tmp_path: Path) -> None:
-    from mloop.serving.inference_log import InferenceLog, LogEntry, new_request_id
+    from mloop.traffic.inference_log import InferenceLog, LogEntry, new_request_id
 
     log = InferenceLog(str(tmp_path / "log"), commit_interval=3600)
     ts = 1_700_000_000.0
@@ -759,7 +759,7 @@ def test_rows_the_log_cannot_store_are_set_aside_without_blocking_the_rest(
 
 
 def test_the_log_buffer_refuses_beyond_its_limit_and_commits_on_close(tmp_path: Path) -> None:
-    from mloop.serving.inference_log import InferenceLog, LogEntry, new_request_id
+    from mloop.traffic.inference_log import InferenceLog, LogEntry, new_request_id
 
     log = InferenceLog(str(tmp_path / "log"), commit_interval=3600, max_queue=4)
     log.start()
@@ -786,7 +786,7 @@ def _log_traffic(project: Any, frame: pd.DataFrame, day: str, version: int = 1,
                  role: str = "champion") -> list[str]:
     """Rows answered by ``version`` on ``day`` (spread over the day), through the same writer
     the server uses; returns their request ids."""
-    from mloop.serving.inference_log import InferenceLog, LogEntry, new_request_id
+    from mloop.traffic.inference_log import InferenceLog, LogEntry, new_request_id
 
     model = load_served(project, version)
     cols = {c: frame[c].tolist() for c in ("hour", "weather", "temp")}
@@ -806,8 +806,8 @@ def _log_traffic(project: Any, frame: pd.DataFrame, day: str, version: int = 1,
 
 def test_monitor_evaluates_each_new_day_once_and_rescores_late_labels(proj: Path) -> None:
     from mloop.monitoring.service import list_windows, run_monitor
-    from mloop.serving.labels import store_labels
     from mloop.storage import ObjectStore
+    from mloop.traffic.labels import store_labels
 
     project = open_project(proj)
     same1, same2 = rentals_frame(600, seed=21), rentals_frame(600, seed=22)
@@ -954,8 +954,8 @@ def _hot(n: int, seed: int) -> pd.DataFrame:
 
 
 def _label(project: Any, ids: list[str], frame: pd.DataFrame) -> None:
-    from mloop.serving.labels import store_labels
     from mloop.storage import ObjectStore
+    from mloop.traffic.labels import store_labels
 
     store_labels(ObjectStore(project.uris["inference_log_uri"]),
                  dict(zip(ids, frame["cnt"].astype(float), strict=True)), task="regression",

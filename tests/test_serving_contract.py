@@ -29,21 +29,21 @@ from mloop.errors import MloopError
 from mloop.pipeline.runner import run_pipeline
 from mloop.project import open_project
 from mloop.registry.promotion import change_alias
+from mloop.server import serve
 from mloop.serving.app import create_app
 from mloop.serving.batch import predict_file
 from mloop.serving.batcher import MicroBatcher
 from mloop.serving.formats import latest_event_time
-from mloop.serving.inference_log import (
+from mloop.serving.metrics import ServingMetrics
+from mloop.serving.schema import Column, InputError, InputSchema
+from mloop.serving.scoring import request_ids
+from mloop.traffic.inference_log import (
     InferenceLog,
     LogEntry,
     id_day,
     new_request_id,
     read_log,
 )
-from mloop.serving.metrics import ServingMetrics
-from mloop.serving.schema import Column, InputError, InputSchema
-from mloop.serving.scoring import request_ids
-from mloop.serving.server import serve
 
 from .conftest import SMALL_CONFIG, rentals_frame
 from .serving_util import ServerThread, free_port, metric

@@ -20,8 +20,9 @@ from mlflow.tracking import MlflowClient
 
 from mloop.errors import MloopError
 from mloop.project import open_project
+from mloop.registry.aliases import mlflow_alias
 from mloop.registry.lineage import lineage
-from mloop.registry.promotion import alias_drift, mlflow_alias
+from mloop.registry.promotion import alias_drift
 from mloop.serving.deploy import desired_state, stop_challenger
 from mloop.status import model_versions
 from mloop.tracking_read import (

@@ -19,15 +19,15 @@ import pytest
 from mloop.errors import MloopError, PurgeNotFoundError
 from mloop.project import open_project
 from mloop.security.audit import list_events, verify_chain
-from mloop.serving.inference_log import (
+from mloop.storage import ObjectStore
+from mloop.traffic.inference_log import (
     InferenceLog,
     LogEntry,
     new_request_id,
     read_log,
     read_quarantined_entries,
 )
-from mloop.serving.labels import read_label_file, read_labels, store_labels
-from mloop.storage import ObjectStore
+from mloop.traffic.labels import read_label_file, read_labels, store_labels
 
 from .conftest import SMALL_CONFIG, rentals_frame
 
@@ -156,7 +156,7 @@ def test_a_failed_write_puts_the_rows_back_for_the_next_commit(tmp_path: Path) -
 def test_a_truncated_segment_is_quarantined_and_readers_go_on_with_the_rest(
         tmp_path: Path) -> None:
     from mloop.monitoring.windows import read_rows
-    from mloop.serving.quarantine import quarantined_segments
+    from mloop.traffic.quarantine import quarantined_segments
 
     root = tmp_path / "log"
     ids = _replay(str(root), rows=300, step=60, per_commit=100)  # one day, three commits
@@ -176,7 +176,7 @@ def test_a_truncated_segment_is_quarantined_and_readers_go_on_with_the_rest(
 
 
 def test_a_read_error_on_a_healthy_file_is_raised_not_quarantined(tmp_path: Path) -> None:
-    from mloop.serving.quarantine import read_or_quarantine
+    from mloop.traffic.quarantine import read_or_quarantine
 
     root = tmp_path / "log"
     _replay(str(root), rows=10, per_commit=10)
@@ -300,7 +300,7 @@ def _replay_and_stray(project: Any) -> tuple[list[str], list[str]]:
 
 def test_purge_moves_rows_out_of_the_log_and_restore_puts_back_the_same_rows(
         make_project: Callable[..., Path]) -> None:
-    from mloop.serving.purge import list_purges, purge_rows, restore_purge
+    from mloop.traffic.purge import list_purges, purge_rows, restore_purge
 
     project = open_project(make_project())
     uri = project.uris["inference_log_uri"]
@@ -328,7 +328,7 @@ def test_purge_moves_rows_out_of_the_log_and_restore_puts_back_the_same_rows(
 
 def test_purge_of_one_version_keeps_the_other_versions_rows(
         make_project: Callable[..., Path]) -> None:
-    from mloop.serving.purge import purge_rows
+    from mloop.traffic.purge import purge_rows
 
     project = open_project(make_project())
     uri = project.uris["inference_log_uri"]
@@ -343,7 +343,7 @@ def test_purge_of_one_version_keeps_the_other_versions_rows(
 def test_purge_keeps_the_rest_of_a_segment_in_place(make_project: Callable[..., Path]
                                                    ) -> None:
     from mloop.loop.retrain import event_time_now
-    from mloop.serving.purge import purge_rows, restore_purge
+    from mloop.traffic.purge import purge_rows, restore_purge
 
     project = open_project(make_project())
     uri = project.uris["inference_log_uri"]
@@ -360,7 +360,7 @@ def test_purge_keeps_the_rest_of_a_segment_in_place(make_project: Callable[..., 
 
 
 def test_purge_names_its_errors(make_project: Callable[..., Path]) -> None:
-    from mloop.serving.purge import purge_rows, restore_purge
+    from mloop.traffic.purge import purge_rows, restore_purge
 
     project = open_project(make_project())
     now = datetime.now(UTC)
@@ -443,7 +443,7 @@ def test_monitor_loop_and_label_ingest_go_on_when_a_segment_is_truncated(proj: P
     from mloop.loop.controller import run_once
     from mloop.monitoring.alerts import MonitorCollector
     from mloop.monitoring.service import run_monitor
-    from mloop.serving.labels import ingest_label_file
+    from mloop.traffic.labels import ingest_label_file
 
     project = open_project(proj)
     uri = project.uris["inference_log_uri"]

@@ -9,10 +9,9 @@ is defined.
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
 from typing import TYPE_CHECKING
 
+from mloop._version import __version__
 from mloop.errors import (
     CandidateNotRegisteredError,
     ConfigError,

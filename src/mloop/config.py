@@ -373,7 +373,7 @@ class GatesConfig(_Strict):
 
 
 class InferenceLogConfig(_Strict):
-    """The background writer of served rows (see mloop.serving.inference_log)."""
+    """The background writer of served rows (see mloop.traffic.inference_log)."""
 
     enabled: bool = True
     commit_interval_seconds: float = Field(1.0, gt=0, le=3600)  # what a kill -9 can lose

@@ -95,7 +95,7 @@ def data_purge(
     """Move answered rows of the inference log (from <= event time < to) to quarantine, out of
     monitoring, labels and retraining; recorded as an event, undone by `mloop data restore`.
     Flush a running server first (POST /flush): rows still in its buffer are not purged."""
-    from mloop.serving.purge import purge_rows
+    from mloop.traffic.purge import purge_rows
 
     t0, t1 = iso_arg(start, "--from"), iso_arg(end, "--to")
     if t0 is None or t1 is None:  # typer requires both; this only narrows the types
@@ -109,7 +109,7 @@ def data_restore(purge_id: Annotated[str, typer.Argument(help="The id `mloop dat
                                                               "printed.")],
                  json_: JsonOpt = False) -> None:
     """Put a purge's rows back into the inference log (rows it still holds are not doubled)."""
-    from mloop.serving.purge import restore_purge
+    from mloop.traffic.purge import restore_purge
 
     report(restore_purge(open_project(), purge_id).to_dict(), json_, _print_purge)
 
@@ -117,7 +117,7 @@ def data_restore(purge_id: Annotated[str, typer.Argument(help="The id `mloop dat
 @data_app.command("purges")
 def data_purges(json_: JsonOpt = False) -> None:
     """Every purge of the inference log: id, range, version, reason, status, rows."""
-    from mloop.serving.purge import list_purges
+    from mloop.traffic.purge import list_purges
 
     def render(rows: list[dict[str, Any]]) -> None:
         out.print(table("purges", ["purge id", "from", "to", "version", "rows", "status",

@@ -32,7 +32,7 @@ def serve(
     tls_key: Annotated[str | None, typer.Option(help="TLS private key (PEM).")] = None,
 ) -> None:
     """Serve the champion (and challenger) over HTTP until SIGINT/SIGTERM."""
-    from mloop.serving.server import serve as run_server
+    from mloop.server import serve as run_server
 
     project = open_project()
     cfg = project.config.serving
@@ -151,7 +151,7 @@ def labels_ingest(
 ) -> None:
     """Store ground truth by request id; ids the inference log does not hold are reported
     (and make the exit code 1), never stored."""
-    from mloop.serving.labels import ingest_label_file
+    from mloop.traffic.labels import ingest_label_file
 
     result = ingest_label_file(open_project(), file)
 

@@ -29,7 +29,7 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mloop import __version__
+from mloop._version import __version__
 from mloop.errors import ConfigError, PipelineDefinitionError
 from mloop.export.files import step_tasks, write_export
 from mloop.pipeline.runner import build_graph

@@ -20,7 +20,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from mloop import __version__
+from mloop._version import __version__
 from mloop.errors import MloopError
 
 MARKER = ".mloop-export.json"  # lists the files an export wrote: only those are overwritten

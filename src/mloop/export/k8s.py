@@ -27,7 +27,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 import yaml
 
-from mloop import __version__
+from mloop._version import __version__
 from mloop.config import CONFIG_FILE, STORE_ENV_VARS, KubernetesConfig
 from mloop.export.files import MARKER as MARKER  # re-exported: tests and callers use it
 from mloop.export.files import write_export

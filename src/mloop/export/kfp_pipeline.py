@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from kfp import compiler, dsl
 
 if TYPE_CHECKING:
-    from mloop.export.kubeflow import PipelineSpec
+    from mloop.export.kfp_spec import PipelineSpec
 
 
 # ---------------------------------------------------------------- what the tasks run (as text)

@@ -26,46 +26,20 @@ or its environment).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mloop import __version__
+from mloop._version import __version__
 from mloop.config import STORE_ENV_VARS
 from mloop.export.files import check_export_file, step_tasks, write_export_file
 from mloop.export.k8s import PROJECT_IN_IMAGE, _is_local, image_name
+from mloop.export.kfp_spec import PipelineSpec
 from mloop.extras import require_extra
 from mloop.pipeline.runner import build_graph
 from mloop.project import Project
 
 GENERATOR = "mloop export kubeflow"
 SUFFIXES = (".yaml", ".yml")
-
-
-@dataclass
-class PipelineSpec:
-    """Everything the compiled pipeline says, before kfp builds it."""
-
-    name: str  # KFP's pipeline name
-    description: str
-    project: str
-    pipeline: str  # mloop's
-    image: str
-    mloop_bin: str
-    project_dir: str
-    retry_backoff_s: float
-    steps: dict[str, tuple[list[str], int]]  # step -> (upstream steps, retries)
-    task_names: dict[str, str]  # step -> its KFP task's name
-    create_task: str = "create-run"
-    gate_task: str | None = "gate"
-    gate_upstream: list[str] = field(default_factory=list)
-    gate_retries: int = 0
-
-    @property
-    def tasks(self) -> list[str]:
-        """KFP task names in dependency order."""
-        return [self.create_task, *(self.task_names[s] for s in self.steps),
-                *([self.gate_task] if self.gate_task else [])]
 
 
 def kfp_name(name: str) -> str:

@@ -91,7 +91,7 @@ def check_triggers(project: Project, state: LoopState, new: list[MonitorWindowRo
     """Which triggers fire, each with what it saw. Updates the drift streak in ``state``.
     Only windows judged against the current champion count: drift from an older model's
     reference says nothing about the model serving now."""
-    from mloop.tabular.metrics import HIGHER_IS_BETTER
+    from mloop.metrics import HIGHER_IS_BETTER
 
     t = project.config.loop.triggers
     if champion is not None:
@@ -220,7 +220,7 @@ def judge_probation(project: Project, state: LoopState, now: datetime) -> dict[s
     if prob is None or policy is None:
         return None
     from mloop.monitoring.windows import read_rows
-    from mloop.serving.labels import read_labels
+    from mloop.traffic.labels import read_labels
 
     errors = challenger_errors(project, prob.version, prob.started_wall)
     if errors is not None:

@@ -7,9 +7,8 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
-from mloop.project import Project
-
-log = logging.getLogger("mloop.loop")
+from mloop.collector import StoreCollector, gauge
+from mloop.loop.state import LoopState, load_state
 
 GAUGES = {
     "mloop_loop_time_to_detect_hours": ("time_to_detect_hours",
@@ -29,47 +28,38 @@ GAUGES = {
 OUTCOMES = ("promoted", "rolled_back", "rejected", "failed")
 
 
-class LoopCollector:
+class LoopCollector(StoreCollector[tuple[LoopState, dict[str, Any]]]):
     """Prometheus collector over ``loop_metrics(project)``."""
 
-    def __init__(self, project: Project) -> None:
-        self.project = project
+    what = "loop gauges"
+    log = logging.getLogger("mloop.loop")
 
-    def describe(self) -> list[Any]:
-        return []  # unchecked collector: samples are produced at scrape time
-
-    def collect(self) -> Iterator[Any]:
-        from prometheus_client.core import GaugeMetricFamily
-
+    def read(self) -> tuple[LoopState, dict[str, Any]] | None:
         from mloop.loop.controller import loop_metrics
-        from mloop.loop.state import load_state
 
+        state = load_state(self.project)
+        if not state.revision:
+            return None  # no controller has run for this model
+        return state, loop_metrics(self.project, state)
+
+    def families(self, data: tuple[LoopState, dict[str, Any]]) -> Iterator[Any]:
+        state, numbers = data
         model = self.project.config.model_name
-        try:
-            state = load_state(self.project)
-            if not state.revision:
-                return  # no controller has run for this model
-            numbers = loop_metrics(self.project, state)
-        except Exception as exc:  # a scrape must not crash the server
-            log.warning("loop gauges unavailable: %s", exc)
-            return
-        retrains = GaugeMetricFamily("mloop_loop_retrains", "Retrains by outcome",
-                                     labels=["model", "outcome"])
+        retrains = gauge("mloop_loop_retrains", "Retrains by outcome", ["model", "outcome"])
         for outcome in OUTCOMES:
             retrains.add_metric([model, outcome], float(numbers[outcome]))
         yield retrains
-        probation = GaugeMetricFamily("mloop_loop_on_probation",
-                                      "1 while a retrained challenger is on probation",
-                                      labels=["model"])
+        probation = gauge("mloop_loop_on_probation",
+                          "1 while a retrained challenger is on probation", ["model"])
         probation.add_metric([model], float(state.probation is not None))
         yield probation
         for name, (key, helptext) in GAUGES.items():
             if numbers.get(key) is None:
                 continue
-            g = GaugeMetricFamily(name, helptext, labels=["model"])
+            g = gauge(name, helptext, ["model"])
             g.add_metric([model], float(numbers[key]))
             yield g
-        cost = GaugeMetricFamily("mloop_loop_retrain_cost", "Money spent retraining (the "
-                                 "config's CPU and memory rates)", labels=["model", "currency"])
+        cost = gauge("mloop_loop_retrain_cost", "Money spent retraining (the config's CPU and "
+                     "memory rates)", ["model", "currency"])
         cost.add_metric([model, numbers["currency"]], float(numbers["retrain_cost"]))
         yield cost

@@ -37,7 +37,7 @@ def labelled_traffic(project: Project, *, until: datetime, window: timedelta) ->
     """Answered rows with ``until - window < _ts <= until`` that have a label, with the label
     as a ``target`` column and the event time as the time column."""
     from mloop.monitoring.windows import read_rows
-    from mloop.serving.labels import read_labels
+    from mloop.traffic.labels import read_labels
 
     cfg = project.config
     since = until - window
@@ -153,9 +153,9 @@ def event_time_now(project: Project) -> datetime | None:
     usually only the newest day is read. Segments found unreadable are quarantined and
     recorded in the audit chain."""
     from mloop.monitoring.windows import CLOCK_CONFIRMATIONS, event_clock
-    from mloop.serving.inference_log import log_days, read_segments, segment_files
-    from mloop.serving.quarantine import record_quarantine_events
     from mloop.storage import ObjectStore
+    from mloop.traffic.inference_log import log_days, read_segments, segment_files
+    from mloop.traffic.quarantine import record_quarantine_events
 
     store = ObjectStore(project.uris["inference_log_uri"])
     chunks: list[pa.Array] = []
@@ -174,7 +174,7 @@ def event_time_now(project: Project) -> datetime | None:
 
 def count_labelled_since(project: Project, since: datetime | None) -> int:
     from mloop.monitoring.windows import read_rows
-    from mloop.serving.labels import read_labels
+    from mloop.traffic.labels import read_labels
 
     rows = read_rows(project.uris["inference_log_uri"], since=since)
     labels = read_labels(project.uris["inference_log_uri"])

@@ -23,8 +23,7 @@ from pydantic import ValidationError as _PydanticValidationError
 
 from mloop.errors import MloopError, StaleStateError
 from mloop.project import Project
-from mloop.security.audit import json_safe
-from mloop.store.db import utcnow
+from mloop.store.db import json_safe, utcnow
 from mloop.store.models import LoopStateRow
 
 __all__ = ["DriftTrigger", "FeatureTrigger", "InFlight", "Instant", "LoopState",

@@ -53,10 +53,9 @@ class Paired:
 def score_paired(project: Project, labelled: pa.Table, versions: list[int]) -> Paired:
     """Re-score the labelled rows' logged inputs with every version (the original models, in
     float64) and compute each one's metric."""
-    from mloop.monitoring.service import label_metric, monitored_metric
+    from mloop.metrics import PROBA_METRICS, compute_metrics, label_metric, monitored_metric
     from mloop.registry.candidates import get_version
     from mloop.serving.model import load_served
-    from mloop.tabular.metrics import PROBA_METRICS, compute_metrics
 
     tags = dict(get_version(project, versions[0]).tags or {})
     task = tags.get("mloop.task", project.config.task or "regression")

@@ -15,6 +15,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from mloop.collector import StoreCollector, gauge
 from mloop.config import WebhookConfig
 from mloop.project import Project
 from mloop.store.db import as_utc
@@ -40,34 +41,30 @@ FEATURE_GAUGES = {
 }
 
 
-class MonitorCollector:
+class MonitorCollector(StoreCollector[tuple[int, MonitorWindowRow | None]]):
     """A Prometheus collector reading the newest window of ``project``'s model."""
 
-    def __init__(self, project: Project) -> None:
-        self.project = project
+    what = "monitor gauges"
+    log = logging.getLogger("mloop.monitoring")
 
-    def describe(self) -> list[Any]:
-        return []  # unchecked collector: samples are produced at scrape time
-
-    def collect(self) -> Iterator[Any]:
-        from prometheus_client.core import GaugeMetricFamily
-
+    def read(self) -> tuple[int, MonitorWindowRow | None]:
         model = self.project.config.model_name
-        try:
-            with self.project.store.session() as s:
-                damaged = s.scalar(sa.select(sa.func.count()).select_from(EventRow).where(
-                    EventRow.kind == "log.segment_quarantined"))
-                row = s.scalars(sa.select(MonitorWindowRow).where(
-                    MonitorWindowRow.model == model).order_by(MonitorWindowRow.end.desc(),
-                                                              MonitorWindowRow.id.desc())
-                    .limit(1)).first()
-        except Exception as exc:  # a scrape must not crash the server
-            log.warning("monitor gauges unavailable: %s", exc)
-            return
-        quarantined = GaugeMetricFamily(
+        with self.project.store.session() as s:
+            damaged = s.scalar(sa.select(sa.func.count()).select_from(EventRow).where(
+                EventRow.kind == "log.segment_quarantined"))
+            row = s.scalars(sa.select(MonitorWindowRow).where(
+                MonitorWindowRow.model == model).order_by(MonitorWindowRow.end.desc(),
+                                                          MonitorWindowRow.id.desc())
+                .limit(1)).first()
+        return damaged or 0, row
+
+    def families(self, data: tuple[int, MonitorWindowRow | None]) -> Iterator[Any]:
+        damaged, row = data
+        model = self.project.config.model_name
+        quarantined = gauge(
             "mloop_inference_log_quarantined_segments", "Inference-log and label segments "
             "found unreadable and moved to quarantine (log.segment_quarantined events)")
-        quarantined.add_metric([], float(damaged or 0))
+        quarantined.add_metric([], float(damaged))
         yield quarantined
         if row is None:
             return
@@ -87,12 +84,11 @@ class MonitorCollector:
             value = values[name]
             if value is None:
                 continue
-            g = GaugeMetricFamily(name, helptext, labels=labels)
+            g = gauge(name, helptext, labels)
             g.add_metric([model, row.spec], float(value))
             yield g
         columns = ((row.report or {}).get("drift") or {}).get("columns", [])
-        fams = {n: GaugeMetricFamily(n, h, labels=[*labels, "feature"])
-                for n, h in FEATURE_GAUGES.items()}
+        fams = {n: gauge(n, h, [*labels, "feature"]) for n, h in FEATURE_GAUGES.items()}
         for c in columns:
             key = [model, row.spec, c["column"]]
             fams["mloop_monitor_feature_drift_score"].add_metric(key, float(c["score"]))
@@ -112,8 +108,7 @@ def _flag(value: bool | None) -> float | None:
 
 def alert_rules(project: Project) -> dict[str, Any]:
     """Prometheus alerting rules for the project's policy (``promtool check rules`` clean)."""
-    from mloop.monitoring.service import monitored_metric
-    from mloop.tabular.metrics import DEFAULTS, HIGHER_IS_BETTER
+    from mloop.metrics import DEFAULTS, HIGHER_IS_BETTER, monitored_metric
 
     cfg = project.config.monitoring
     model = project.config.model_name

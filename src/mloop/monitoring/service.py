@@ -28,8 +28,7 @@ from mloop.monitoring.drift import NullModel
 from mloop.monitoring.evaluate import evaluate_window
 from mloop.monitoring.windows import WindowSpec, read_rows, row_windows, time_windows
 from mloop.project import Project
-from mloop.security.audit import json_safe
-from mloop.store.db import as_utc, utcnow
+from mloop.store.db import as_utc, json_safe, utcnow
 from mloop.store.models import MonitorWindowRow
 
 PREDICTION = "_prediction"
@@ -51,6 +50,7 @@ class Reference:
 
 def reference_for(project: Project, version: int) -> Reference:
     """The training profile and holdout-prediction profile of ``version``."""
+    from mloop.metrics import label_metric, monitored_metric
     from mloop.registry.candidates import get_version
 
     mv = get_version(project, version)
@@ -76,26 +76,11 @@ def reference_for(project: Project, version: int) -> Reference:
                      task, metric, holdout(metric), fallback, holdout(fallback))
 
 
-def monitored_metric(task: str, primary: str | None) -> str:
-    """The metric computed on labelled traffic: the primary one (probability metrics from
-    the logged probabilities), else the task's default."""
-    return primary or ("mae" if task == "regression" else "accuracy")
-
-
-def label_metric(task: str, metric: str) -> str:
-    """What stands in for ``metric`` on rows that have labels but no probabilities."""
-    from mloop.tabular.metrics import PROBA_METRICS
-
-    if metric not in PROBA_METRICS:
-        return metric
-    return "mae" if task == "regression" else "accuracy"
-
-
 def logged_probabilities(table: pa.Table) -> tuple[list[str], np.ndarray | None]:
     """The classes and (rows, classes) probabilities the server logged for ``table``'s rows;
     None if any row has none (written before probabilities were logged, or by a model
     without them). A class missing from some version's columns has probability 0 there."""
-    from mloop.serving.inference_log import PROBA_PREFIX
+    from mloop.traffic.inference_log import PROBA_PREFIX
 
     names = [n for n in table.column_names if n.startswith(PROBA_PREFIX)]
     if not names or not table.num_rows:
@@ -148,7 +133,7 @@ def _prediction_profile(project: Project, version: int, tags: dict[str, str]
 
 def _performance(window: pa.Table, labels: dict[str, Any], ref: Reference
                  ) -> dict[str, Any]:
-    from mloop.tabular.metrics import compute_metrics
+    from mloop.metrics import compute_metrics
 
     ids = window.column("_request_id").to_pylist()
     rows = [n for n, i in enumerate(ids) if i in labels]
@@ -183,7 +168,7 @@ def _performance(window: pa.Table, labels: dict[str, Any], ref: Reference
 
 
 def _labels(project: Project) -> dict[str, Any]:
-    from mloop.serving.labels import read_labels
+    from mloop.traffic.labels import read_labels
 
     table = read_labels(project.uris["inference_log_uri"])
     return dict(zip(table.column("_request_id").to_pylist(), table.column("label").to_pylist(),
@@ -283,8 +268,8 @@ def run_monitor(project: Project, *, window: str | None = None,
         if alert is not None:
             alerts.append(alert)
     # segments found unreadable on the way were quarantined and skipped: into the audit chain
-    from mloop.serving.quarantine import record_quarantine_events
     from mloop.storage import ObjectStore
+    from mloop.traffic.quarantine import record_quarantine_events
 
     quarantined = record_quarantine_events(ObjectStore(project.uris["inference_log_uri"]),
                                            project.store)
@@ -296,9 +281,9 @@ def run_monitor(project: Project, *, window: str | None = None,
 def _alert(project: Project, summary: dict[str, Any], *, performance_only: bool = False
            ) -> dict[str, Any] | None:
     """Record a breach in the audit chain and POST it to the webhook, if one is set."""
+    from mloop.metrics import HIGHER_IS_BETTER
     from mloop.monitoring.alerts import breaches, post_webhook
     from mloop.security.audit import append_event
-    from mloop.tabular.metrics import HIGHER_IS_BETTER
 
     cfg = project.config.monitoring
     probe = summary if not performance_only else {

@@ -21,8 +21,8 @@ import pyarrow.compute as pc
 
 from mloop.config import parse_window
 from mloop.errors import MloopError
-from mloop.serving.inference_log import read_segments, segment_files
 from mloop.storage import ObjectStore
+from mloop.traffic.inference_log import read_segments, segment_files
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 

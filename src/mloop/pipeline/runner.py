@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from mloop import __version__
+from mloop._version import __version__
 from mloop.errors import (
     CandidateNotRegisteredError,
     ConfigError,

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from mloop.tabular.metrics import HIGHER_IS_BETTER, compute_metrics
+from mloop.metrics import HIGHER_IS_BETTER, compute_metrics
 
 _BLOCK = 256  # resamples per weight matrix, to bound memory on large holdouts
 

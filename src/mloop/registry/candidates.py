@@ -9,7 +9,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mloop import __version__
+from mloop._version import __version__
 
 if TYPE_CHECKING:
     from mloop.tracking_read import ModelVersionRecord

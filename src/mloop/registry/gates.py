@@ -19,11 +19,11 @@ import pandas as pd
 
 from mloop.config import GatesConfig, SliceGate
 from mloop.errors import ConfigError, MloopError
+from mloop.metrics import DEFAULTS, HIGHER_IS_BETTER, compute_metrics, metrics_for
 from mloop.project import Project
 from mloop.registry.aliases import champion_version
 from mloop.registry.bootstrap import paired_bootstrap
 from mloop.registry.candidates import get_version
-from mloop.tabular.metrics import DEFAULTS, HIGHER_IS_BETTER, compute_metrics, metrics_for
 
 
 @dataclass
@@ -240,7 +240,8 @@ def gate_non_inferiority(task: str, metric: str, y: np.ndarray, cand: tuple, cha
 
 
 def gate_slice(task: str, spec: SliceGate, metric: str, frame: pd.DataFrame, y: np.ndarray,
-               pred: np.ndarray, proba: np.ndarray | None, overall: float) -> GateResult:
+               pred: np.ndarray, proba: np.ndarray | None, overall: float, *,
+               classes: list[Any] | None = None) -> GateResult:
     name = f"slice.{spec.column}"
     if spec.column not in frame.columns:
         return GateResult(name, "fail", None, spec.margin,
@@ -257,7 +258,8 @@ def gate_slice(task: str, spec: SliceGate, metric: str, frame: pd.DataFrame, y: 
             slices.append({"slice": key, "rows": len(pos), "status": "skip"})
             continue
         value = compute_metrics(task, [metric], y[pos], pred[pos],
-                                proba[pos] if proba is not None else None)[metric]
+                                proba[pos] if proba is not None else None,
+                                classes=classes)[metric]
         worse = _worse_by(metric, value, overall)
         if not np.isfinite(worse):  # a slice whose metric cannot be computed counts as worst
             worse = float("inf")
@@ -293,6 +295,8 @@ def evaluate_gates(project: Project, version: int, *, record: bool = True) -> Ga
     primary = tags.get("mloop.primary_metric") or (project.config.metrics or DEFAULTS[task])[0]
     known = metrics_for(task)
     pred, proba = cand.predict(frame)
+    # the columns of predict_proba, so probability metrics hold on rows lacking a class
+    classes = list(getattr(cand.sklearn_model, "classes_", [])) or None
     needed = {primary, *(g.metric for g in gates.absolute),
               *(s.metric or primary for s in gates.slices)}
     if gates.non_inferiority is not None:
@@ -301,7 +305,7 @@ def evaluate_gates(project: Project, version: int, *, record: bool = True) -> Ga
     if unknown:
         raise ConfigError(f"gates name metric(s) {', '.join(unknown)} that a {task} model "
                           f"does not have; choose from {', '.join(known)}", key="gates")
-    metrics = compute_metrics(task, sorted(needed), y, pred, proba)
+    metrics = compute_metrics(task, sorted(needed), y, pred, proba, classes=classes)
 
     train_labels = None
     if task == "classification" and tags.get("mloop.snapshot.train"):
@@ -327,7 +331,6 @@ def evaluate_gates(project: Project, version: int, *, record: bool = True) -> Ga
                                           f"champion v{champ_v} needs columns the candidate's "
                                           f"holdout lacks: {', '.join(missing)}"))
             else:
-                classes = (list(getattr(cand.sklearn_model, "classes_", [])) or None)
                 results.append(gate_non_inferiority(task, metric, y, (pred, proba),
                                                     champion.predict(frame), champion.version,
                                                     gates,
@@ -340,7 +343,8 @@ def evaluate_gates(project: Project, version: int, *, record: bool = True) -> Ga
     results.append(gate_sanity(pred, task, train_labels, gates))
     for spec in gates.slices:
         metric = spec.metric or primary
-        results.append(gate_slice(task, spec, metric, frame, y, pred, proba, metrics[metric]))
+        results.append(gate_slice(task, spec, metric, frame, y, pred, proba, metrics[metric],
+                                  classes=classes))
 
     report = GateReport(project.config.model_name, version, champ_v,
                         all(r.status != "fail" for r in results),

@@ -11,7 +11,6 @@ from __future__ import annotations
 import getpass
 import hashlib
 import json
-import math
 import os
 import socket
 import time
@@ -23,7 +22,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from mloop.errors import MloopError
-from mloop.store.db import Store
+from mloop.store.db import Store, json_safe
 from mloop.store.models import AuditHeadRow, EventRow
 
 GENESIS = "0" * 64
@@ -44,21 +43,6 @@ def event_hash(prev_hash: str, at: datetime, kind: str, actor: str,
     body = json.dumps({"prev": prev_hash, "at": _stamp(at), "kind": kind, "actor": actor,
                        "payload": payload}, sort_keys=True, default=str)
     return hashlib.sha256(body.encode()).hexdigest()
-
-
-def json_safe(value: Any) -> Any:
-    """``value`` as the JSON column will return it, with NaN/inf as null (PostgreSQL's json
-    type rejects them, and a hash must not depend on how a database spells them)."""
-    def clean(v: Any) -> Any:
-        if isinstance(v, float) and not math.isfinite(v):
-            return None
-        if isinstance(v, dict):
-            return {str(k): clean(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [clean(x) for x in v]
-        return v
-
-    return clean(json.loads(json.dumps(value, default=str)))
 
 
 def add_event(session: Session, kind: str, payload: dict[str, Any], *,

@@ -41,12 +41,12 @@ from mloop.serving.edge import (
     require_json,
 )
 from mloop.serving.formats import csv_parser, mlflow_parser, parse_json, predict_request
-from mloop.serving.inference_log import InferenceLog
 from mloop.serving.metrics import ServingMetrics
 from mloop.serving.model import predict_method
 from mloop.serving.schema import InputError
 from mloop.serving.scoring import Scored, score
 from mloop.serving.state import ServerState
+from mloop.traffic.inference_log import InferenceLog
 
 __all__ = ["HTTPError", "create_app"]
 
@@ -128,7 +128,7 @@ def _headers(scored: Scored) -> dict[str, str]:
 
 async def feedback(request: Request) -> Response:
     """Ground truth for earlier predictions, by request id (unknown ids are reported)."""
-    from mloop.serving.labels import parse_feedback, store_labels
+    from mloop.traffic.labels import parse_feedback, store_labels
 
     state = _state(request)
     authorize(request, "admin")

@@ -15,16 +15,15 @@ import sqlalchemy as sa
 
 from mloop.errors import MloopError, PromotionError
 from mloop.project import Project
-from mloop.registry.aliases import require_champion
-from mloop.registry.candidates import version_record
-from mloop.registry.promotion import (
+from mloop.registry.aliases import (
     CHALLENGER,
     CHAMPION,
-    AliasChange,
-    change_alias,
     mlflow_alias,
+    require_champion,
     stored_alias,
 )
+from mloop.registry.candidates import version_record
+from mloop.registry.promotion import AliasChange, change_alias
 from mloop.store.models import DeploymentRow
 
 MODES = ("canary", "shadow")

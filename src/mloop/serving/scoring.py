@@ -11,10 +11,10 @@ from typing import Any
 
 from mloop.serving.edge import HTTPError
 from mloop.serving.formats import Parser
-from mloop.serving.inference_log import LogEntry, new_request_id
 from mloop.serving.metrics import ServingMetrics
 from mloop.serving.schema import InputError
 from mloop.serving.state import ServerState, Slot
+from mloop.traffic.inference_log import LogEntry, new_request_id
 
 
 @dataclass(frozen=True)

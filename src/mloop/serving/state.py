@@ -19,9 +19,9 @@ from mloop.config import ServingConfig
 from mloop.project import Project
 from mloop.serving.batcher import MicroBatcher
 from mloop.serving.deploy import DesiredState, desired_state
-from mloop.serving.inference_log import InferenceLog
 from mloop.serving.metrics import ServingMetrics
 from mloop.serving.model import ServedModel, load_served
+from mloop.traffic.inference_log import InferenceLog
 
 log = logging.getLogger("mloop.serving")
 

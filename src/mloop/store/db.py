@@ -4,6 +4,8 @@ scale). Opening a store brings its schema to the latest Alembic revision."""
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,6 +40,21 @@ def as_utc(dt: datetime | None) -> datetime | None:
     if dt is not None and dt.tzinfo is None:
         return dt.replace(tzinfo=UTC)
     return dt
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` as the JSON column will return it, with NaN/inf as null (PostgreSQL's json
+    type rejects them, and a hash must not depend on how a database spells them)."""
+    def clean(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {str(k): clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+
+    return clean(json.loads(json.dumps(value, default=str)))
 
 
 def _sqlite_explicit_begin(engine: sa.Engine) -> None:
@@ -202,8 +219,6 @@ class Store:
     # ------------------------------------------------------------------ gates
     def record_gate_run(self, report: Any) -> int:
         """Store a GateReport (mloop.registry.gates) as one run and its results, atomically."""
-        from mloop.security.audit import json_safe
-
         with self.session() as s, s.begin():
             run = GateRunRow(model=report.model, version=report.version,
                              champion_version=report.champion, passed=report.passed,

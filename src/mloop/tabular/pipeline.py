@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from mloop.config import ProjectConfig
 from mloop.errors import ConfigError
+from mloop.metrics import CLASSIFICATION, DEFAULTS, REGRESSION
 from mloop.pipeline.dsl import pipeline
 from mloop.tabular import steps as s
-from mloop.tabular.metrics import CLASSIFICATION, DEFAULTS, REGRESSION
 from mloop.tabular.model import make_estimator
 
 

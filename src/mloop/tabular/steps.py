@@ -17,9 +17,9 @@ from mloop.data.snapshot import Snapshot
 from mloop.data.source import read_source
 from mloop.data.validation import format_report, validate_table
 from mloop.errors import ConfigError, ValidationFailedError
+from mloop.metrics import DEFAULTS, compute_metrics, metrics_for
 from mloop.pipeline.context import StepContext
 from mloop.pipeline.dsl import step
-from mloop.tabular.metrics import DEFAULTS, compute_metrics, metrics_for
 from mloop.tabular.model import build_model, features_frame, resolve_spec
 
 
@@ -120,7 +120,8 @@ def train(ctx: StepContext, data: Snapshot, target: str, task: str | None,
     train_pred = estimator.predict(X)
     proba = estimator.predict_proba(X) if hasattr(estimator, "predict_proba") else None
     names = list(metrics_for(spec["task"]))[:3]
-    for k, v in compute_metrics(spec["task"], names, y, train_pred, proba).items():
+    for k, v in compute_metrics(spec["task"], names, y, train_pred, proba,
+                                classes=_classes(estimator, proba)).items():
         ctx.log_metric(f"train_{k}", v)
     inner = estimator.steps[-1][1]
     for i, loss in enumerate(np.asarray(getattr(inner, "train_score_", []))):
@@ -128,6 +129,13 @@ def train(ctx: StepContext, data: Snapshot, target: str, task: str | None,
     ctx.set_tags({"mloop.task": spec["task"], "mloop.estimator": type(inner).__module__ + "."
                   + type(inner).__name__})
     return estimator, spec
+
+
+def _classes(model: Any, proba: Any) -> list[Any] | None:
+    """The columns of ``predict_proba`` in order, so probability metrics hold on a holdout
+    that lacks one of the classes the model learned (a rare class, a time split)."""
+    classes = getattr(model, "classes_", None)
+    return None if proba is None or classes is None else list(classes)
 
 
 @step
@@ -145,7 +153,8 @@ def evaluate(ctx: StepContext, model: Any, spec: dict[str, Any], holdout: Snapsh
     pred = model.predict(X)
     proba = model.predict_proba(X) if (spec["task"] == "classification"
                                        and hasattr(model, "predict_proba")) else None
-    values = compute_metrics(spec["task"], metrics, y, pred, proba)
+    values = compute_metrics(spec["task"], metrics, y, pred, proba,
+                             classes=_classes(model, proba))
     for k, v in values.items():
         ctx.log_metric(f"holdout_{k}", v)
     ctx.log_parent_metrics({f"holdout_{k}": v for k, v in values.items()})

@@ -69,6 +69,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from mloop.config import CONFIG_FILE, ModelConfig, SearchParam
 from mloop.errors import ConfigError, MloopError, PipelineDefinitionError
+from mloop.metrics import DEFAULTS, HIGHER_IS_BETTER, compute_metrics, metrics_for
 from mloop.pipeline.artifacts import load_output
 from mloop.pipeline.dsl import Graph
 from mloop.pipeline.runner import (
@@ -81,7 +82,6 @@ from mloop.pipeline.runner import (
 from mloop.project import Project
 from mloop.registry.training import train_candidate
 from mloop.tabular import steps as builtin_steps
-from mloop.tabular.metrics import DEFAULTS, HIGHER_IS_BETTER, compute_metrics, metrics_for
 from mloop.tabular.model import (
     DEFAULT_ESTIMATORS,
     build_model,
@@ -407,8 +407,10 @@ class Objective:
     def score(self, estimator: Any) -> float:
         pred = estimator.predict(self.data.X_val)
         proba = estimator.predict_proba(self.data.X_val) if self.proba else None
-        value = compute_metrics(self.task, [self.setup.metric], self.data.y_val, pred,
-                                proba)[self.setup.metric]
+        classes = getattr(estimator, "classes_", None) if proba is not None else None
+        value = compute_metrics(self.task, [self.setup.metric], self.data.y_val, pred, proba,
+                                classes=None if classes is None else list(classes)
+                                )[self.setup.metric]
         if not math.isfinite(value):
             raise ValueError(f"{self.setup.metric} on the validation rows is {value}")
         return value

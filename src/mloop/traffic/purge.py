@@ -32,9 +32,9 @@ import pyarrow.compute as pc
 from mloop.errors import MloopError, PurgeNotFoundError
 from mloop.project import Project
 from mloop.security.audit import append_event
-from mloop.serving.inference_log import read_segments, rewrite_segment, segment_files
-from mloop.serving.quarantine import QUARANTINE_DIR, files_under
 from mloop.storage import ObjectStore
+from mloop.traffic.inference_log import read_segments, rewrite_segment, segment_files
+from mloop.traffic.quarantine import QUARANTINE_DIR, files_under
 
 PURGES_DIR = f"{QUARANTINE_DIR}/purges"
 MANIFEST = "manifest.json"

@@ -1,4 +1,7 @@
-"""Task metrics by name. The first configured metric is the project's primary metric."""
+"""Task metrics by name. The first configured metric is the project's primary metric.
+
+Training, gates, tuning, monitoring and the loop all score with this one table, so a metric
+means the same thing wherever it is reported; it depends on nothing else in mloop."""
 
 from __future__ import annotations
 
@@ -55,6 +58,19 @@ HIGHER_IS_BETTER = {"rmse": False, "mae": False, "r2": True, "mape": False, "med
 PROBA_METRICS = frozenset({"roc_auc", "log_loss"})
 
 
+def monitored_metric(task: str, primary: str | None) -> str:
+    """The metric computed on labelled traffic: the primary one (probability metrics from
+    the logged probabilities), else the task's default."""
+    return primary or ("mae" if task == "regression" else "accuracy")
+
+
+def label_metric(task: str, metric: str) -> str:
+    """What stands in for ``metric`` on rows that have labels but no probabilities."""
+    if metric not in PROBA_METRICS:
+        return metric
+    return "mae" if task == "regression" else "accuracy"
+
+
 def metrics_for(task: str) -> dict[str, Metric]:
     return REGRESSION if task == "regression" else CLASSIFICATION
 
@@ -88,8 +104,11 @@ def _proba_metric(name: str, y: Any, proba: np.ndarray, classes: list[Any]) -> f
     k = len(classes)
     if name == "log_loss":
         return float(skm.log_loss(codes, proba, labels=list(range(k))))
-    if len(np.unique(codes)) < k:
-        return float("nan")  # a class the rows do not hold has no ROC curve
+    present = np.unique(codes)
+    if len(present) < 2:
+        return float("nan")  # one class on these rows: no ROC curve at all
     if k == 2:
         return float(skm.roc_auc_score(codes, proba[:, 1]))
-    return float(skm.roc_auc_score(codes, proba, multi_class="ovr", labels=list(range(k))))
+    # One-vs-rest, macro-averaged over the classes these rows hold: sklearn's 'ovr' when every
+    # class is present, and still defined on a holdout or window that lacks a rare class.
+    return float(np.mean([skm.roc_auc_score(codes == c, proba[:, c]) for c in present]))

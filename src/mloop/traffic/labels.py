@@ -22,14 +22,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mloop.errors import DataSourceError
-from mloop.serving.inference_log import (
+from mloop.storage import ObjectStore
+from mloop.traffic.inference_log import (
     LABELS_DIR,
     id_day,
     parquet_files,
     read_segments,
     segment_files,
 )
-from mloop.storage import ObjectStore
 
 if TYPE_CHECKING:
     from mloop.project import Project
@@ -175,7 +175,7 @@ def ingest_label_file(project: Project, path: Path, *, source: str | None = None
     and record in the audit chain any segment found unreadable on the way (it was moved to
     quarantine; the rest were read). Returns the counts of :func:`store_labels`, plus the
     quarantine events written."""
-    from mloop.serving.quarantine import record_quarantine_events
+    from mloop.traffic.quarantine import record_quarantine_events
 
     task = project.config.task or "regression"
     labels = read_label_file(path, task)

@@ -8,7 +8,7 @@ reader. Under ``<inference_log_uri>/quarantine/`` (a folder no log or label read
                                        (``read_quarantined_entries`` gives them back)
     segments/<original path>           log or label segments no reader could open, moved
                                        unchanged (bytes as found, for a post-mortem)
-    purges/<purge id>/...              rows taken out on purpose (mloop.serving.purge)
+    purges/<purge id>/...              rows taken out on purpose (mloop.traffic.purge)
 
 Each rows file and each moved segment gets a note ``<file>.pending.json`` saying what happened
 and why. Damage is found by whichever process reads first (a server answering /feedback, a

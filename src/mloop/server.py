@@ -1,5 +1,9 @@
-"""Running the app under uvicorn: one process, or N workers each with its own batcher and
-inference-log writer (segment names carry the pid, so workers never collide)."""
+"""The serving process: the app composed with its collaborators, run under uvicorn in one
+process or N workers, each with its own batcher and inference-log writer (segment names carry
+the pid, so workers never collide).
+
+This is the process's composition root, above serving, monitoring and the loop: it hands
+``create_app`` the gauges of monitoring and the loop, so :mod:`mloop.serving` imports neither."""
 
 from __future__ import annotations
 
@@ -11,6 +15,8 @@ from typing import Any
 
 from mloop.config import ServingConfig
 from mloop.errors import MloopError
+from mloop.loop.gauges import LoopCollector
+from mloop.monitoring.alerts import MonitorCollector
 from mloop.project import Project, open_project
 
 ENV_PROJECT = "MLOOP_PROJECT"
@@ -37,11 +43,7 @@ def auth_enabled(cfg: ServingConfig, host: str, flag: bool | None = None) -> boo
 
 def default_collectors(project: Project) -> list[Any]:
     """The gauges /metrics shows beside the server's own: the newest monitor window and the
-    loop's state. Built here, where the serving process is composed, so the app itself imports
-    neither monitoring nor the loop."""
-    from mloop.loop.gauges import LoopCollector
-    from mloop.monitoring.alerts import MonitorCollector
-
+    loop's state."""
     return [MonitorCollector(project), LoopCollector(project)]
 
 
@@ -114,7 +116,7 @@ def serve(project: Project, *, host: str | None = None, port: int | None = None,
         os.environ[ENV_PROJECT] = str(project.root)
         os.environ["MLOOP_SERVE_CONFIG"] = cfg.model_dump_json()
         os.environ[ENV_AUTH] = "1" if use_auth else "0"
-        uvicorn.run("mloop.serving.server:app_from_env", factory=True, workers=cfg.workers,
+        uvicorn.run("mloop.server:app_from_env", factory=True, workers=cfg.workers,
                     **common)
     else:
         uvicorn.run(build_app(project, cfg, auth=use_auth), **common)

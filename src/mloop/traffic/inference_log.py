@@ -15,7 +15,7 @@ integer beyond 2^53 among doubles, an object where a number belongs) is converte
 entry: the entries that cannot be stored, and only those, go to a JSON-lines file under
 ``quarantine/rows/`` with everything needed to append them again, and are counted
 (``CommitReport.quarantined``, ``on_quarantine``). A segment a reader cannot open is moved to
-``quarantine/segments/`` and the reader goes on with the rest (mloop.serving.quarantine).
+``quarantine/segments/`` and the reader goes on with the rest (mloop.traffic.quarantine).
 
 Columns: ``_request_id``, ``_ts`` (event time, UTC), ``_version``, ``_role`` (champion,
 canary, shadow), ``_latency_ms``, ``_prediction``, ``_key`` (routing key or null), for a
@@ -43,8 +43,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from mloop.serving.quarantine import ROWS_DIR, read_or_quarantine, write_note
 from mloop.storage import ObjectStore
+from mloop.traffic.quarantine import ROWS_DIR, read_or_quarantine, write_note
 
 log = logging.getLogger("mloop.serving")
 
@@ -495,7 +495,7 @@ class _SegmentCache:
     look at the file, taken before reading: a rewrite in between leaves the stamp old, never
     the copy.
 
-    A segment that cannot be read is moved to quarantine (mloop.serving.quarantine) and
+    A segment that cannot be read is moved to quarantine (mloop.traffic.quarantine) and
     skipped: one damaged file never stops a reader."""
 
     LISTED_MAX = 200_000  # stamps of listed, not yet read files kept for their first read
@@ -570,7 +570,7 @@ _SEGMENTS = _SegmentCache()
 def read_segments(store: ObjectStore, files: list[str]) -> list[pa.Table]:
     """The tables of these segment files (log or label segments), from the cache when read
     before. Files that are gone or unreadable are left out (unreadable ones are moved to
-    quarantine with a pending note: see mloop.serving.quarantine)."""
+    quarantine with a pending note: see mloop.traffic.quarantine)."""
     return [t for t in (_SEGMENTS.read(store, f) for f in files) if t is not None]
 
 

@@ -1,0 +1,217 @@
+"""The shape of the code, checked: no import cycle between modules or between packages, and
+each package imports only from its own layer or below (DESIGN.md, "The shape of the code").
+
+Imports are read from the source with ``ast``, wherever they stand: at module level, inside
+functions (the lazy imports that keep the CLI fast) and under ``TYPE_CHECKING`` (a type is a
+dependency too). A cycle hidden inside a function is still a cycle; it only fails later, at
+the first call that closes it. Nothing of mloop is imported here.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+import networkx as nx
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+# Each package of mloop (a folder, or a top-level module: ``mloop.project`` is the package
+# ``project``; ``mloop`` itself is the public façade) and its layer, bottom first. A module
+# imports only from packages of its own layer or below; within a layer the cycle tests keep
+# the order.
+LAYERS: list[tuple[str, set[str]]] = [
+    ("foundation: imports nothing of mloop above it",
+     {"errors", "_version", "extras", "config", "storage", "store", "memory", "metrics"}),
+    ("records kept elsewhere: MLflow's tracking store, snapshots, the audit chain and tokens",
+     {"tracking_read", "tracking_sql", "tracking", "data", "security"}),
+    ("the composition root every service receives", {"project"}),
+    ("what the services build on: pipelines, the inference log and labels, the gauges' base",
+     {"pipeline", "traffic", "collector"}),
+    ("model versions: candidates, gates, aliases, promotion", {"registry"}),
+    ("the built-in tabular models; the server's app, models and deployments",
+     {"tabular", "serving"}),
+    ("watching what serves, tuning, exporting to other systems",
+     {"monitoring", "tuning", "export"}),
+    ("the loop that retrains and promotes", {"loop"}),
+    ("processes and services behind one command each",
+     {"server", "status", "doctor", "demo", "scaffold"}),
+    ("the user's surface: the CLI, the package façade, project templates",
+     {"cli", "mloop", "__main__", "templates"}),
+]
+
+
+@dataclass(frozen=True)
+class Import:
+    source: str  # the importing module, e.g. mloop.serving.app
+    target: str  # the module it imports (a package's __init__ when the name is defined there)
+    where: str  # file:line, and how the import is hidden if it is
+
+    def __str__(self) -> str:
+        return f"{self.source} -> {self.target}  ({self.where})"
+
+
+def _modules(root: Path) -> dict[str, Path]:
+    """Dotted name -> file, for every module of the package at ``root``."""
+    out = {}
+    for path in sorted(root.rglob("*.py")):
+        parts = list(path.relative_to(root.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        out[".".join(parts)] = path
+    return out
+
+
+def _hidden(node: ast.AST, parents: dict[ast.AST, ast.AST]) -> str:
+    """'in a function', 'under TYPE_CHECKING' or '' for an import statement."""
+    while node in parents:
+        node = parents[node]
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            return ", in a function"
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            return ", under TYPE_CHECKING"
+    return ""
+
+
+def read_imports(root: Path) -> list[Import]:
+    """Every import between modules of the package at ``root`` (relative ones resolved)."""
+    modules = _modules(root)
+    top = root.name
+
+    def resolve(name: str) -> str | None:
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    found = []
+    for module, path in modules.items():
+        tree = ast.parse(path.read_text(), filename=str(path))
+        parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+        package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
+                    base = ".".join([*anchor, *([node.module] if node.module else [])])
+                # `from a import b`: the module a.b if there is one, else a (b is a name in it)
+                names = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base
+                         for a in node.names]
+            else:
+                continue
+            where = f"{path.relative_to(root.parent)}:{node.lineno}{_hidden(node, parents)}"
+            for name in dict.fromkeys(names):
+                if name != top and not name.startswith(top + "."):
+                    continue
+                target = resolve(name)
+                if target is not None and target != module:
+                    found.append(Import(module, target, where))
+    return found
+
+
+def package_of(module: str) -> str:
+    """``mloop.serving.app`` -> ``serving``; ``mloop.project`` -> ``project``; ``mloop`` ->
+    ``mloop``."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else parts[0]
+
+
+def graphs(imports: list[Import]) -> tuple[nx.DiGraph, nx.DiGraph]:
+    """The module graph and the package graph; each edge keeps the imports that make it."""
+    files, packages = nx.DiGraph(), nx.DiGraph()
+    for imp in imports:
+        for graph, a, b in ((files, imp.source, imp.target),
+                            (packages, package_of(imp.source), package_of(imp.target))):
+            if a != b:
+                graph.add_edge(a, b)
+                graph.edges[a, b].setdefault("imports", []).append(imp)
+    return files, packages
+
+
+def cycles(graph: nx.DiGraph) -> list[str]:
+    """One cycle per strongly connected group, as its path and the imports that close it."""
+    out = []
+    for group in sorted(nx.strongly_connected_components(graph), key=sorted):
+        if len(group) < 2:
+            continue
+        edges = nx.find_cycle(graph.subgraph(group), source=min(group))
+        path = " -> ".join([*(a for a, _ in edges), edges[0][0]])
+        lines = [f"  {graph.edges[a, b]['imports'][0]}" for a, b in edges]
+        out.append("\n".join([path, *lines]))
+    return out
+
+
+@functools.cache
+def _mloop() -> tuple[nx.DiGraph, nx.DiGraph]:
+    return graphs(read_imports(SRC / "mloop"))
+
+
+def test_no_module_of_mloop_imports_one_that_imports_it_back() -> None:
+    found = cycles(_mloop()[0])
+    assert not found, "import cycles between modules:\n" + "\n".join(found)
+
+
+def test_no_package_of_mloop_imports_one_that_imports_it_back() -> None:
+    found = cycles(_mloop()[1])
+    assert not found, "import cycles between packages:\n" + "\n".join(found)
+
+
+def test_each_package_imports_only_from_its_own_layer_or_below() -> None:
+    layer = {pkg: i for i, (_, members) in enumerate(LAYERS) for pkg in members}
+    packages = _mloop()[1]
+    unplaced = sorted(p for p in packages if p not in layer)
+    assert not unplaced, (f"package(s) {', '.join(unplaced)} have no layer: add each to "
+                          f"LAYERS in {Path(__file__).name}")
+    upward = [f"  {packages.edges[a, b]['imports'][0]}  (layer '{LAYERS[layer[a]][0]}' "
+              f"imports layer '{LAYERS[layer[b]][0]}')"
+              for a, b in sorted(packages.edges) if layer[b] > layer[a]]
+    assert not upward, "imports from a higher layer:\n" + "\n".join(upward)
+
+
+# ------------------------------------------------------------- the checker, on a small tree
+
+def _tree(tmp_path: Path, files: dict[str, str]) -> Path:
+    for name, text in files.items():
+        path = tmp_path / "pkg" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return tmp_path / "pkg"
+
+
+def test_a_cycle_closed_inside_a_function_is_reported_as_its_path(tmp_path: Path) -> None:
+    root = _tree(tmp_path, {
+        "__init__.py": "",
+        "a.py": "from pkg.b import f\n",
+        "b.py": "def f():\n    from . import a\n",
+    })
+    files, _ = graphs(read_imports(root))
+    [found] = cycles(files)
+    assert found.splitlines()[0] == "pkg.a -> pkg.b -> pkg.a"
+    assert "pkg/b.py:2, in a function" in found
+
+
+def test_imports_under_type_checking_and_relative_ones_count(tmp_path: Path) -> None:
+    root = _tree(tmp_path, {
+        "__init__.py": "",
+        "low/__init__.py": "",
+        "low/x.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+                    "    from ..high.y import Y\n",
+        "high/__init__.py": "",
+        "high/y.py": "from pkg.low import x\nclass Y: ...\n",
+    })
+    _, packages = graphs(read_imports(root))
+    [found] = cycles(packages)
+    assert "pkg.low.x -> pkg.high.y  (pkg/low/x.py:3, under TYPE_CHECKING)" in found
+
+
+@pytest.mark.parametrize("statement", ["import pkg.other", "from pkg import other",
+                                       "from pkg.other import VALUE", "from . import other"])
+def test_each_form_of_import_names_the_module_it_loads(tmp_path: Path, statement: str) -> None:
+    root = _tree(tmp_path, {"__init__.py": "", "other.py": "VALUE = 1\n",
+                            "user.py": statement + "\n"})
+    assert [(i.source, i.target) for i in read_imports(root)] == [("pkg.user", "pkg.other")]
