@@ -170,7 +170,8 @@ def test_invocations_refuses_params_it_does_not_know_naming_them(
     split = {"columns": list(FEATURES), "data": [[8, "Clear", 14.5]]}
     with _server(proj) as srv:
         r = srv.post("/invocations", {"dataframe_split": split, "params": params})
-        assert srv.post("/flush").json() == {"committed_rows": 0}  # nothing was scored
+        # nothing was scored
+        assert srv.post("/flush").json() == {"committed_rows": 0, "quarantined_rows": 0}
     assert r.status_code == 422, r.text
     fields = r.json()["fields"]
     assert [f["field"] for f in fields] == [field]
@@ -183,7 +184,7 @@ def test_the_inference_log_keeps_the_probabilities_each_client_got(proj: Path) -
     frame = busy_frame(10, seed=7)
     with _server(proj) as srv:
         body = srv.post("/predict", {"records": _records(frame)}).json()
-        assert srv.post("/flush").json() == {"committed_rows": 10}
+        assert srv.post("/flush").json() == {"committed_rows": 10, "quarantined_rows": 0}
     table = read_log(open_project(proj).uris["inference_log_uri"]).to_pandas()
     table = table.set_index("_request_id").loc[body["request_ids"]]
     assert table["_prediction"].tolist() == body["predictions"]
@@ -272,7 +273,7 @@ def test_monitoring_computes_roc_auc_from_the_served_probabilities(proj: Path) -
         first = srv.post("/predict", {"records": _records(day1),
                                       "timestamp": _day("2024-04-01", 10)}).json()
         srv.post("/predict", {"records": _records(day2), "timestamp": _day("2024-04-02", 10)})
-        assert srv.post("/flush").json() == {"committed_rows": 125}
+        assert srv.post("/flush").json() == {"committed_rows": 125, "quarantined_rows": 0}
         labels = {"labels": [{"request_id": i, "label": int(y)}
                              for i, y in zip(first["request_ids"], day1["busy"], strict=True)]}
         assert srv.post("/feedback", labels).json()["stored"] == 120

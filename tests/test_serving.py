@@ -413,9 +413,9 @@ def test_flush_commits_the_log_now(proj: Path) -> None:
         ids = srv.post("/predict", {"records": _rows(3)}).json()["request_ids"]
         assert read_log(uri).num_rows == 0  # an hour until the next commit
         r = srv.post("/flush")
-        assert r.status_code == 200 and r.json() == {"committed_rows": 3}
+        assert r.status_code == 200 and r.json() == {"committed_rows": 3, "quarantined_rows": 0}
         assert sorted(read_log(uri).column("_request_id").to_pylist()) == sorted(ids)
-        assert srv.post("/flush").json() == {"committed_rows": 0}
+        assert srv.post("/flush").json() == {"committed_rows": 0, "quarantined_rows": 0}
     with _server(proj, inference_log={"enabled": False}) as srv:
         r = srv.post("/flush")
         assert r.status_code == 409 and "disabled" in r.json()["error"]

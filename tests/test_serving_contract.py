@@ -45,7 +45,7 @@ from mloop.traffic.inference_log import (
     read_log,
 )
 
-from .conftest import SMALL_CONFIG, rentals_frame
+from .conftest import SMALL_CONFIG, rentals_frame, run_cli
 from .serving_util import ServerThread, free_port, metric
 
 pytestmark = pytest.mark.slow
@@ -271,7 +271,7 @@ def test_an_integer_a_double_cannot_hold_is_refused_and_the_log_keeps_the_other_
             "field": "temp", "row": 0, "value": 9007199254740993,
             "problem": "integer beyond ±2^53 cannot be held exactly by a double (send it as a "
                        "float, or use a long column)"}]
-        assert srv.post("/flush").json() == {"committed_rows": 2}
+        assert srv.post("/flush").json() == {"committed_rows": 2, "quarantined_rows": 0}
     logged = read_log(open_project(proj).uris["inference_log_uri"])
     assert sorted(logged["_request_id"].to_pylist()) == sorted(first.json()["request_ids"])
     assert logged["temp"].to_pylist() == [11.5, 3.0]
@@ -464,6 +464,14 @@ def test_serving_beyond_loopback_without_a_token_refuses_before_announcing(proj:
     with pytest.raises(MloopError, match="mloop tokens create"):
         serve(open_project(proj), host="0.0.0.0", port=free_port(), announce=said.append)
     assert said == []
+
+
+def test_mloop_serve_beyond_loopback_without_a_token_prints_only_the_refusal(proj: Path) -> None:
+    proc = run_cli("serve", "--host", "0.0.0.0", "--port", str(free_port()), cwd=proj,
+                   check=False)
+    assert proc.returncode == 1
+    assert "mloop tokens create" in proc.stderr
+    assert "serving '" not in proc.stderr and "Traceback" not in proc.stderr
 
 
 def _inputs(n: int) -> pd.DataFrame:

@@ -35,12 +35,11 @@ def serve(
     from mloop.server import serve as run_server
 
     project = open_project()
-    cfg = project.config.serving
-    shown = f"{'https' if tls_cert or cfg.tls_cert else 'http'}://{host or cfg.host}:" \
-            f"{port if port is not None else cfg.port}"
-    err.print(f"serving '{project.config.model_name}' on {shown} (docs at {shown}/docs)")
+    name = project.config.model_name
+    # announced only once every check passed: a refused start prints its error alone
     run_server(project, host=host, port=port, workers=workers, auth=auth, tls_cert=tls_cert,
-               tls_key=tls_key)
+               tls_key=tls_key,
+               announce=lambda url: err.print(f"serving '{name}' on {url} (docs at {url}/docs)"))
 
 
 @deploy_app.command("canary")

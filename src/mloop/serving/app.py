@@ -171,8 +171,9 @@ async def flush(request: Request) -> Response:
     if state.inference_log is None:
         raise HTTPError(409, {"error": "the inference log is disabled "
                                        "(serving.inference_log.enabled: false)"})
-    rows = await asyncio.to_thread(state.inference_log.commit)
-    return json_response({"committed_rows": rows})
+    report = await asyncio.to_thread(state.inference_log.commit_report)
+    return json_response({"committed_rows": report.written,
+                          "quarantined_rows": report.quarantined})
 
 
 # ----------------------------------------------------------------------------------- probes
@@ -258,8 +259,11 @@ ROUTES: list[BaseRoute] = [
     APIRoute("/reload", reload, methods=["POST"], tags=["admin"],
              responses=openapi.ok("The deployment now served", _ANY_OBJECT)),
     APIRoute("/flush", flush, methods=["POST"], tags=["admin"], responses={
-        **openapi.ok("Rows committed", {"type": "object", "required": ["committed_rows"],
-                                        "properties": {"committed_rows": {"type": "integer"}}}),
+        **openapi.ok("Rows committed, and rows set aside in quarantine (values the log cannot "
+                     "store)", {"type": "object",
+                                "required": ["committed_rows", "quarantined_rows"],
+                                "properties": {"committed_rows": {"type": "integer"},
+                                               "quarantined_rows": {"type": "integer"}}}),
         **openapi.errors(409)}),
     APIRoute("/health", health, methods=["GET"], tags=["probes"], responses=openapi.ok(
         "Alive", {"type": "object", "properties": {"status": {"const": "alive"}}})),
@@ -332,6 +336,7 @@ def create_app(project: Project, config: ServingConfig | None = None, *, auth: A
             project.uris["inference_log_uri"], commit_interval=logcfg.commit_interval_seconds,
             max_queue=logcfg.max_queue_rows,
             on_write=lambda n: m.log_rows.labels("written").inc(n),
+            on_quarantine=lambda n: m.log_rows.labels("quarantined").inc(n),
             on_queue=m.log_queue.set)
     for collector in collectors:
         state.metrics.registry.register(collector)  # type: ignore[arg-type]
