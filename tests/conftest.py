@@ -17,6 +17,11 @@ import pytest
 import sqlalchemy as sa
 
 REPO = Path(__file__).resolve().parents[1]
+
+# pytest-xdist hands its workers the launching terminal's width as COLUMNS, and rich would then
+# lay every table out for that terminal instead of for the pipe it writes to. Tests read
+# mloop's output as a script does (stdout not a terminal): no COLUMNS, before mloop is imported.
+os.environ.pop("COLUMNS", None)
 BIKE = REPO / "examples" / "bike_sharing"
 
 
