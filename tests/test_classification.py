@@ -312,7 +312,7 @@ def test_monitoring_judges_logs_without_probabilities_on_accuracy(proj: Path) ->
         float(np.mean(np.asarray(preds) == frame["busy"].to_numpy())))
     tags = project.mlflow.get_model_version("busy", "1").tags
     assert window["reference_metric"] == pytest.approx(float(tags["mloop.metric.accuracy"]))
-    from mloop.monitoring.service import get_window
+    from mloop.monitoring.windows_store import get_window
 
     perf = get_window(project, window["id"])["report"]["performance"]
     assert "roc_auc needs the class probabilities" in perf["fallback"]

@@ -11,6 +11,8 @@ import itertools
 import json
 import re
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -171,6 +173,35 @@ def test_monitor_windows_lists_ids_spans_and_verdicts(states: States) -> None:
     assert "…" not in human
     one = ok(root, "monitor", "windows", "--limit", "1").out
     assert "2 older window(s) not shown: `--limit 3` shows every one" in one
+
+
+def test_monitor_windows_lists_from_a_fresh_process_without_numpy_pyarrow_pandas_or_mlflow(
+        states: States) -> None:
+    root = states.roots["monitored"]
+    heavy = ["mlflow", "pandas", "pyarrow", "numpy", "sklearn", "scipy"]
+    code = ("import contextlib, io, json, sys\n"
+            "from mloop.cli.app import main\n"
+            "listing = io.StringIO()\n"
+            "with contextlib.redirect_stdout(listing):\n"
+            f"    code = main(['-C', {str(root)!r}, 'monitor', 'windows', '--json'])\n"
+            f"print(json.dumps({{'code': code, 'listing': json.loads(listing.getvalue()), "
+            f"'loaded': [m for m in {heavy!r} if m in sys.modules]}}))")
+    ran = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    result = json.loads(ran.stdout)
+    assert result["code"] == 0 and result["loaded"] == []
+    assert result["listing"] == json.loads(ok(root, "monitor", "windows", "--json").out)
+    assert result["listing"]["total"] == 3 and len(result["listing"]["windows"]) == 3
+
+
+def test_monitor_report_of_an_unknown_window_points_to_the_listing_of_ids(
+        states: States, tmp_path: Path) -> None:
+    ran = cli(states.roots["monitored"], "monitor", "report", "999", "--html",
+              str(tmp_path / "r.html"))
+    assert ran.code != 0
+    assert "no monitored window 999" in ran.err
+    assert "`mloop monitor windows` lists the stored windows and their ids" in ran.err
+    assert not (tmp_path / "r.html").exists()
 
 
 def test_monitor_table_shows_the_newest_windows_and_says_how_many_are_hidden(

@@ -805,7 +805,8 @@ def _log_traffic(project: Any, frame: pd.DataFrame, day: str, version: int = 1,
 
 
 def test_monitor_evaluates_each_new_day_once_and_rescores_late_labels(proj: Path) -> None:
-    from mloop.monitoring.service import list_windows, run_monitor
+    from mloop.monitoring.service import run_monitor
+    from mloop.monitoring.windows_store import list_windows
     from mloop.storage import ObjectStore
     from mloop.traffic.labels import store_labels
 

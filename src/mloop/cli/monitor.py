@@ -174,13 +174,13 @@ def monitor_windows(
 ) -> None:
     """Stored windows, oldest to newest, with their verdicts: drift share, quality findings,
     performance and label coverage. Their ids are what `mloop monitor report` takes."""
-    from mloop.monitoring.service import list_windows
+    from mloop.monitoring.windows_store import count_windows, list_windows, window_spec
 
     project = open_project()
-    spec = _spec(project, window)
+    spec = window_spec(project, window)
     rows = list_windows(project, window=spec, limit=limit)
     result = {"model": project.config.model_name, "window": spec,
-              "total": _count_windows(project, spec), "windows": rows}
+              "total": count_windows(project, spec), "windows": rows}
 
     def render(r: dict[str, Any]) -> None:
         if not r["windows"]:
@@ -195,24 +195,6 @@ def monitor_windows(
                       f"every one")
 
     report(result, json_, render)
-
-
-def _spec(project: Project, window: str | None) -> str:
-    from mloop.monitoring.windows import WindowSpec
-
-    return WindowSpec.parse(window or project.config.monitoring.window).text
-
-
-def _count_windows(project: Project, spec: str) -> int:
-    """How many windows of ``spec`` are stored for the project's model."""
-    import sqlalchemy as sa
-
-    from mloop.store.models import MonitorWindowRow
-
-    with project.store.session() as s:
-        return int(s.scalar(sa.select(sa.func.count()).select_from(MonitorWindowRow).where(
-            MonitorWindowRow.model == project.config.model_name,
-            MonitorWindowRow.spec == spec)) or 0)
 
 
 @monitor_app.command("report")
@@ -230,16 +212,21 @@ def monitor_report(
 ) -> None:
     """Write a self-contained HTML report: history plots and one window in detail."""
     from mloop.monitoring.report import monitor_html
-    from mloop.monitoring.service import get_window, list_windows
+    from mloop.monitoring.windows_store import (
+        count_windows,
+        get_window,
+        list_windows,
+        window_spec,
+    )
 
     project = open_project()
     focus = get_window(project, window_id) if window_id is not None else None
-    spec = _spec(project, window or (focus or {}).get("spec"))
+    spec = window_spec(project, window or (focus or {}).get("spec"))
     history = list_windows(project, window=spec, limit=limit, with_reports=True)
     reports = [w.pop("report") for w in history]
     if focus is None and history:
         focus = {**history[-1], "report": reports[-1]}
-    total = _count_windows(project, spec)
+    total = count_windows(project, spec)
     if total > len(history):
         err.print(f"the history shows the newest {len(history):,} of {total:,} windows; "
                   f"`--limit {total}` shows every one")

@@ -42,7 +42,7 @@ def _months_plot(summary: dict[str, Any]) -> str:
 
 
 def loop_html(project: Any, summary: dict[str, Any]) -> str:
-    from mloop.monitoring.service import list_windows
+    from mloop.monitoring.windows_store import list_windows
 
     loop = summary.get("loop", {})
 

@@ -175,7 +175,7 @@ def alert_rules(project: Project) -> dict[str, Any]:
 
 
 def _window_seconds(spec: str) -> int:
-    from mloop.monitoring.windows import WindowSpec
+    from mloop.monitoring.windows_store import WindowSpec
 
     w = WindowSpec.parse(spec)
     return int(w.length.total_seconds()) if w.length else 86400

@@ -26,7 +26,8 @@ import sqlalchemy as sa
 from mloop.errors import MloopError
 from mloop.monitoring.drift import NullModel
 from mloop.monitoring.evaluate import evaluate_window
-from mloop.monitoring.windows import WindowSpec, read_rows, row_windows, time_windows
+from mloop.monitoring.windows import read_rows, row_windows, time_windows
+from mloop.monitoring.windows_store import WindowSpec, window_summary
 from mloop.project import Project
 from mloop.store.db import as_utc, json_safe, utcnow
 from mloop.store.models import MonitorWindowRow
@@ -345,36 +346,3 @@ def _refresh_performance(project: Project, spec: WindowSpec, labels: dict[str, A
             s.commit()
             out.append(window_summary(fresh))
     return out
-
-
-def window_summary(row: MonitorWindowRow) -> dict[str, Any]:
-    return {"id": row.id, "start": as_utc(row.start).isoformat(),
-            "end": as_utc(row.end).isoformat(), "rows": row.rows,
-            "versions": row.report.get("versions"), "drifted": row.drifted,
-            "drift_share": row.drift_share, "prediction_drifted": row.prediction_drifted,
-            "quality_findings": row.quality_findings, "metric": row.metric,
-            "metric_value": row.metric_value, "reference_metric": row.reference_metric,
-            "label_coverage": row.label_coverage}
-
-
-def list_windows(project: Project, *, window: str | None = None, limit: int = 100,
-                 with_reports: bool = False) -> list[dict[str, Any]]:
-    """The newest ``limit`` windows, oldest first (with their full reports if asked)."""
-    spec = WindowSpec.parse(window or project.config.monitoring.window)
-    with project.store.session() as s:
-        rows = list(s.scalars(sa.select(MonitorWindowRow).where(
-            MonitorWindowRow.model == project.config.model_name,
-            MonitorWindowRow.spec == spec.text).order_by(MonitorWindowRow.start.desc())
-            .limit(limit)))
-    return [{**window_summary(r), **({"report": r.report} if with_reports else {})}
-            for r in reversed(rows)]
-
-
-def get_window(project: Project, window_id: int) -> dict[str, Any]:
-    with project.store.session() as s:
-        row = s.get(MonitorWindowRow, window_id)
-        if row is None or row.model != project.config.model_name:
-            raise MloopError(f"no monitored window {window_id} for "
-                             f"'{project.config.model_name}' (see `mloop monitor --json`)")
-        return {**window_summary(row), "spec": row.spec, "report": row.report}
-

@@ -13,38 +13,16 @@ does not close every window up to today.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from mloop.config import parse_window
-from mloop.errors import MloopError
+from mloop.monitoring.windows_store import WindowSpec as WindowSpec  # re-exported: its old home
 from mloop.storage import ObjectStore
 from mloop.traffic.inference_log import read_segments, segment_files
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-@dataclass(frozen=True)
-class WindowSpec:
-    """A window size as written (``text`` names its windows in the store): by event time
-    (``length``) or by row count (``rows``)."""
-
-    text: str
-    length: timedelta | None = None
-    rows: int | None = None
-
-    @classmethod
-    def parse(cls, text: str) -> WindowSpec:
-        """``monitoring.window`` or ``--window``: parsed as the config parses it."""
-        try:
-            size = parse_window(text)
-        except ValueError:
-            raise MloopError(f"window '{text}': expected a size like 1d, 6h, 30m or "
-                             f"5000rows") from None
-        return cls(text, rows=size) if isinstance(size, int) else cls(text, length=size)
 
 
 def read_rows(uri: str, *, since: datetime | None = None, until: datetime | None = None

@@ -1,0 +1,93 @@
+"""Stored monitoring windows, read back: the window spec, the listing, one window, the count.
+
+What ``mloop monitor windows`` and ``mloop monitor report`` read is rows of the metadata
+store, so this module stands on SQLAlchemy alone: it imports neither numpy, pyarrow, pandas
+nor scikit-learn (evaluating a window, in :mod:`mloop.monitoring.service`, needs them), and
+a listing costs a process no more than opening the project does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+
+from mloop.config import parse_window
+from mloop.errors import MloopError
+from mloop.store.db import as_utc
+from mloop.store.models import MonitorWindowRow
+
+if TYPE_CHECKING:
+    from mloop.project import Project
+
+
+@dataclass(frozen=True)
+class WindowSpec:
+    """A window size as written (``text`` names its windows in the store): by event time
+    (``length``) or by row count (``rows``)."""
+
+    text: str
+    length: timedelta | None = None
+    rows: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> WindowSpec:
+        """``monitoring.window`` or ``--window``: parsed as the config parses it."""
+        try:
+            size = parse_window(text)
+        except ValueError:
+            raise MloopError(f"window '{text}': expected a size like 1d, 6h, 30m or "
+                             f"5000rows") from None
+        return cls(text, rows=size) if isinstance(size, int) else cls(text, length=size)
+
+
+def window_spec(project: Project, window: str | None = None) -> str:
+    """The spec text windows are stored under: ``window`` or, if None, the project's
+    ``monitoring.window``; a size that does not parse is refused with the sizes it takes."""
+    return WindowSpec.parse(window or project.config.monitoring.window).text
+
+
+def window_summary(row: MonitorWindowRow) -> dict[str, Any]:
+    """One stored window's verdicts, without its full report (what a listing shows)."""
+    return {"id": row.id, "start": as_utc(row.start).isoformat(),
+            "end": as_utc(row.end).isoformat(), "rows": row.rows,
+            "versions": row.report.get("versions"), "drifted": row.drifted,
+            "drift_share": row.drift_share, "prediction_drifted": row.prediction_drifted,
+            "quality_findings": row.quality_findings, "metric": row.metric,
+            "metric_value": row.metric_value, "reference_metric": row.reference_metric,
+            "label_coverage": row.label_coverage}
+
+
+def list_windows(project: Project, *, window: str | None = None, limit: int = 100,
+                 with_reports: bool = False) -> list[dict[str, Any]]:
+    """The newest ``limit`` windows, oldest first (with their full reports if asked)."""
+    spec = window_spec(project, window)
+    with project.store.session() as s:
+        rows = list(s.scalars(sa.select(MonitorWindowRow).where(
+            MonitorWindowRow.model == project.config.model_name,
+            MonitorWindowRow.spec == spec).order_by(MonitorWindowRow.start.desc())
+            .limit(limit)))
+    return [{**window_summary(r), **({"report": r.report} if with_reports else {})}
+            for r in reversed(rows)]
+
+
+def count_windows(project: Project, spec: str) -> int:
+    """How many windows of ``spec`` are stored for the project's model (a listing shows the
+    newest few and says how many it leaves out)."""
+    with project.store.session() as s:
+        return int(s.scalar(sa.select(sa.func.count()).select_from(MonitorWindowRow).where(
+            MonitorWindowRow.model == project.config.model_name,
+            MonitorWindowRow.spec == window_spec(project, spec))) or 0)
+
+
+def get_window(project: Project, window_id: int) -> dict[str, Any]:
+    """One stored window of the project's model, with its spec and full report."""
+    with project.store.session() as s:
+        row = s.get(MonitorWindowRow, window_id)
+        if row is None or row.model != project.config.model_name:
+            raise MloopError(f"no monitored window {window_id} for "
+                             f"'{project.config.model_name}' (`mloop monitor windows` lists "
+                             f"the stored windows and their ids)")
+        return {**window_summary(row), "spec": row.spec, "report": row.report}
