@@ -35,6 +35,7 @@ from mloop.serving.batch import predict_file
 from mloop.serving.batcher import MicroBatcher
 from mloop.serving.formats import latest_event_time
 from mloop.serving.metrics import ServingMetrics
+from mloop.serving.model import load_served
 from mloop.serving.schema import Column, InputError, InputSchema
 from mloop.serving.scoring import request_ids
 from mloop.traffic.inference_log import (
@@ -408,8 +409,8 @@ def test_whatever_a_column_accepts_from_separate_requests_the_log_stores_exactly
 
 def test_a_one_row_request_waits_at_most_one_batch_behind_a_large_one() -> None:
     """The model's time grows with its batch (0.1 ms a row here). A 3,200-row request is
-    scored 64 rows at a time; a one-row request sent while it is in flight is answered
-    after at most about one piece, long before the large one is done."""
+    scored in pieces of about the default 20 ms budget; a one-row request sent while it is
+    in flight is answered after at most about one piece, long before the large one is done."""
     def model(cols: dict[str, list]) -> list[Any]:
         time.sleep(len(cols["x"]) * 1e-4)
         return [v * 2 for v in cols["x"]]
@@ -433,11 +434,42 @@ def test_a_one_row_request_waits_at_most_one_batch_behind_a_large_one() -> None:
     assert preds == [v * 2 for v in range(3200)]  # every piece back, in order
 
 
+def test_a_large_request_on_the_original_model_costs_at_most_twice_one_predict_call(
+        trained: Path) -> None:
+    """Each scikit-learn predict call has a fixed cost of milliseconds, so 20,000 rows in
+    64-row pieces took ~45x one whole call. Pieces sized by the time budget grow as the
+    batcher learns the model's costs: the request costs at most about twice one call."""
+    model = load_served(open_project(trained), 1, compile=None)
+    assert model.compiled is None
+    frame = rentals_frame(20_000, seed=3)
+    cols = {"hour": frame["hour"].astype(float).tolist(), "weather": frame["weather"].tolist(),
+            "temp": frame["temp"].astype(float).tolist()}
+
+    def whole() -> float:
+        t0 = time.perf_counter()
+        model.score_columns(cols)
+        return time.perf_counter() - t0
+
+    async def pieces() -> tuple[float, list[Any], int]:
+        batcher = MicroBatcher(model.score_columns, max_batch=64, max_batch_ms=20)
+        t0 = time.perf_counter()
+        preds = await batcher.submit(cols, 20_000)
+        took = time.perf_counter() - t0
+        await batcher.stop()
+        return took, preds, batcher.cost.largest
+
+    one_call = min(whole() for _ in range(3))
+    took, preds, largest = min(asyncio.run(pieces()) for _ in range(2))
+    assert preds == model.score_columns(cols)
+    assert largest > 64
+    assert took <= 2 * one_call + 0.02, f"{took:.3f} s in pieces vs {one_call:.3f} s whole"
+
+
 def test_a_large_request_is_answered_whole_and_in_order(proj: Path) -> None:
     frame = rentals_frame(1000, seed=5)
     rows = [{"hour": int(h), "weather": w, "temp": float(t)}
             for h, w, t in zip(frame["hour"], frame["weather"], frame["temp"], strict=True)]
-    with _server(proj, max_batch_rows=64) as srv:
+    with _server(proj, max_batch_rows=64, max_batch_ms=0) as srv:  # fixed 64-row pieces
         one = srv.post("/predict", {"records": rows}).json()
         many = [srv.post("/predict", {"records": rows[i:i + 250]}).json()["predictions"]
                 for i in range(0, 1000, 250)]

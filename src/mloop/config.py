@@ -399,7 +399,9 @@ class ServingConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     workers: int = Field(1, ge=1)
-    max_batch_rows: int = Field(64, ge=1)  # micro-batch cap
+    max_batch_rows: int = Field(64, ge=1)  # micro-batch size, and the smallest piece
+    # a large request is scored in pieces predicted to take this long (0: max_batch_rows)
+    max_batch_ms: float = Field(20.0, ge=0, le=10_000)
     max_wait_ms: float = Field(0.0, ge=0, le=1000)  # extra wait for company under load
     max_body_bytes: int = Field(1_048_576, ge=1024)  # larger bodies get 413
     # request fields outside the signature: left out and counted (false), or 422 (true)

@@ -40,7 +40,7 @@ def worker_exit() -> None:
         multiprocess.mark_process_dead(os.getpid())
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384)
 # Predictions of any scale: ±1-2-5 steps from 0.01 to 500,000, and 0. A regression target may
 # be a probability or a price; one fixed set (Prometheus needs one per metric) covers both.
 _STEPS = [m * 10.0 ** k for k in range(-2, 6) for m in (1, 2, 5)]

@@ -170,7 +170,8 @@ class ServerState:
 
         b = MicroBatcher(model.score_columns, max_batch=self.config.max_batch_rows,
                          max_wait_ms=self.config.max_wait_ms, name=f"v{v}", on_batch=on_batch,
-                         threads=self.config.model_threads)
+                         threads=self.config.model_threads,
+                         max_batch_ms=self.config.max_batch_ms)
         b.start()
         return b
 
