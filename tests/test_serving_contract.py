@@ -37,12 +37,12 @@ from mloop.serving.formats import latest_event_time
 from mloop.serving.metrics import ServingMetrics
 from mloop.serving.model import load_served
 from mloop.serving.schema import Column, InputError, InputSchema
-from mloop.serving.scoring import request_ids
 from mloop.traffic.inference_log import (
     InferenceLog,
     LogEntry,
     id_day,
     new_request_id,
+    new_request_ids,
     read_log,
 )
 
@@ -482,7 +482,7 @@ def test_a_large_request_is_answered_whole_and_in_order(proj: Path) -> None:
 
 def test_the_request_ids_of_a_large_request_are_unique_and_carry_its_day() -> None:
     ts = 1_714_557_600.5  # 2024-05-01T10:00:00.5Z
-    ids = request_ids(ts, 5000)
+    ids = new_request_ids(ts, 5000)
     assert len(set(ids)) == 5000
     assert {len(i) for i in ids} == {24} and {i[:12] for i in ids} == {new_request_id(ts)[:12]}
     assert {id_day(i) for i in ids} == {"2024-05-01"}

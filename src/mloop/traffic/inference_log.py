@@ -59,6 +59,16 @@ def new_request_id(ts: float) -> str:
     return f"{int(ts * 1000):012x}{secrets.token_hex(6)}"
 
 
+def new_request_ids(ts: float, n: int) -> list[str]:
+    """``n`` ids in :func:`new_request_id`'s format from one read of the OS's random source:
+    one read per row cost ~1 µs each, half a millisecond on a 500-row request."""
+    if n == 1:
+        return [new_request_id(ts)]
+    prefix = f"{int(ts * 1000):012x}"
+    rand = secrets.token_hex(6 * n)
+    return [prefix + rand[i:i + 12] for i in range(0, 12 * n, 12)]
+
+
 def id_day(request_id: str) -> str | None:
     """``YYYY-MM-DD`` of the event time encoded in a request id, or None if it is not one."""
     if len(request_id) != 24:
