@@ -11,7 +11,6 @@ one-split stump (clearly worse)."""
 from __future__ import annotations
 
 import json
-import shutil
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ from mloop.traffic.inference_log import InferenceLog, LogEntry, new_request_id, 
 from mloop.traffic.labels import store_labels
 
 from .conftest import rentals_frame
+from .helpers import copy_project
 from .serving_util import ServerThread
 
 pytestmark = pytest.mark.slow
@@ -93,9 +93,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def proj(trained: Path, tmp_path: Path) -> Path:
-    root = tmp_path / "busy"
-    shutil.copytree(trained, root)
-    return root
+    return copy_project(trained, tmp_path)
 
 
 def _server(root: Path, **compile_: Any) -> ServerThread:

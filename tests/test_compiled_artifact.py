@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 from importlib import metadata
@@ -33,6 +32,7 @@ from mloop.serving.app import create_app
 from mloop.serving.compiled import TAG
 from mloop.serving.model import load_served
 
+from .helpers import copy_project
 from .serving_util import ServerThread
 
 pytestmark = pytest.mark.slow
@@ -109,9 +109,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def proj(trained: Path, tmp_path: Path) -> Path:
     """A copy with its own registry (tags); the artifact store is still the trained one's."""
-    root = tmp_path / "rentals"
-    shutil.copytree(trained, root)
-    return root
+    return copy_project(trained, tmp_path)
 
 
 def _tag(project: Any, version: int) -> dict[str, Any]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -35,6 +34,7 @@ from mloop.traffic.inference_log import read_log
 from mloop.traffic.labels import read_labels
 
 from .conftest import rentals_frame
+from .helpers import copy_project
 from .serving_util import ServerThread, free_port, metric
 from .test_gates import GOOD, RESEED, _train, _write
 
@@ -80,9 +80,7 @@ def trained(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def proj(trained: Path, tmp_path: Path) -> Path:
-    root = tmp_path / "proj"
-    shutil.copytree(trained, root)
-    return root
+    return copy_project(trained, tmp_path)
 
 
 def _server(root: Path, *, auth: Any = None, **serving: Any) -> ServerThread:

@@ -5,7 +5,6 @@ undone, label files whose errors name the right line."""
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -30,6 +29,7 @@ from mloop.traffic.inference_log import (
 from mloop.traffic.labels import read_label_file, read_labels, store_labels
 
 from .conftest import SMALL_CONFIG, rentals_frame
+from .helpers import copy_project, train_champion
 
 T2011 = datetime(2011, 3, 1, tzinfo=UTC).timestamp()
 
@@ -405,24 +405,13 @@ LOOP_ALERT = "loop: {action: alert}\nmonitoring: {window: 1d}\n"
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from mloop.pipeline.runner import run_pipeline
-    from mloop.registry.promotion import change_alias
-
-    root = tmp_path_factory.mktemp("traffic") / "proj"
-    (root / "data").mkdir(parents=True)
-    (root / "mloop.yaml").write_text(SMALL_CONFIG + LOOP_ALERT)
-    rentals_frame(400).to_parquet(root / "data" / "rentals.parquet", index=False)
-    assert run_pipeline(open_project(root)).status == "succeeded"
-    change_alias(open_project(root), "champion", 1, expected=None, action="promote",
-                 reason="test setup")
-    return root
+    return train_champion(tmp_path_factory.mktemp("traffic") / "proj",
+                          SMALL_CONFIG + LOOP_ALERT, rentals_frame(400))
 
 
 @pytest.fixture
 def proj(trained: Path, tmp_path: Path) -> Path:
-    root = tmp_path / "proj"
-    shutil.copytree(trained, root)
-    return root
+    return copy_project(trained, tmp_path)
 
 
 def _traffic(uri: str, day: str, rows: int, commits: int = 2, seed: int = 0) -> list[str]:
