@@ -104,13 +104,13 @@ def test_doctor_warns_about_a_store_behind_and_fails_on_a_busy_port(make_project
         port = busy.getsockname()[1]
         root = make_project(_config(port=port))
         old = Store(f"sqlite:///{root / '.mloop' / 'mloop.db'}", upgrade=False)
-        old.upgrade("0007")
+        old.upgrade("0008")
         old.engine.dispose()
         (root / ".mloop" / "mlflow.db").write_bytes(b"this is not a database" * 100)
         code, checks, _ = _doctor(root)
     assert code == 1, checks
     assert checks["store"]["status"] == "warn"
-    assert checks["store"]["detail"] == ("behind: schema 0007, head 0008: run "
+    assert checks["store"]["detail"] == ("behind: schema 0008, head 0009: run "
                                          "`mloop db upgrade`")
     assert checks["serving"]["status"] == "fail"
     assert "not mloop serve" in checks["serving"]["detail"]

@@ -270,3 +270,35 @@ def test_reproduce_matches_the_recorded_metrics_then_reports_changed_data(proj) 
         changed["problems"][0]
     # the recorded snapshot is immutable, so the metrics still reproduce exactly
     assert all(c["same"] for c in changed["metrics"])
+
+
+def test_promote_reuses_a_gate_report_only_for_the_same_champion_and_gate_config(proj) -> None:
+    from mloop.registry.candidates import _PYFUNCS
+
+    project = open_project(proj)
+    promote(project, 1, reason="first")
+    gated = evaluate_gates(project, 2)  # what `mloop run` / `mloop models gate` leave behind
+    _PYFUNCS.clear()
+    change = promote(project, 2, reason="retrained")
+    assert change.gates == {"passed": True, "evaluated_at": gated.evaluated_at, "against": 1,
+                            "reused": True, "failed": []}
+    assert not _PYFUNCS, "a reused report must not load any model"
+    assert list_events(project.store)[0].payload["gates_reused"] is True
+
+    # v3 fails against v2; once the gate config is loosened, the stale refusal must not stick
+    assert not evaluate_gates(project, 3).passed
+    _write(proj, params=GOOD, gates="gates:\n  non_inferiority: {margin: 1000.0}\n")
+    change = promote(open_project(proj), 3, reason="margin widened")
+    assert change.gates is not None
+    assert (change.gates["reused"], change.gates["passed"], change.gates["against"]) == (
+        False, True, 2)
+
+    # another champion: v1's report against no champion is not reused against v3
+    out = run_cli("models", "promote", "1", "--reason", "back to v1", cwd=proj).stdout
+    assert "gates passed against v3" in " ".join(out.split()) and "evaluated now" in out
+    assert "(reused" not in out
+    # gated via the CLI, then promoted: the CLI says the report was reused
+    rollback(open_project(proj), reason="v3 again")
+    run_cli("models", "gate", "2", cwd=proj)
+    out = run_cli("models", "promote", "2", "--reason", "gated a moment ago", cwd=proj).stdout
+    assert "reused: same champion and gate config" in " ".join(out.split())

@@ -90,6 +90,13 @@ def print_change(change: dict[str, Any]) -> None:
     now = f"v{change['version']}" if change["version"] is not None else "nothing"
     out.print(f"{change['action']}: '{change['alias']}' of {change['model']} is now "
               f"[bold]{now}[/] (was {was}) by {change['actor']}: {change['reason']}")
+    gates = change.get("gates")
+    if gates:
+        against = f"v{gates['against']}" if gates["against"] is not None else "no champion"
+        verdict = "passed" if gates["passed"] else f"failed ({', '.join(gates['failed'])})"
+        how = ("reused: same champion and gate config" if gates["reused"]
+               else "evaluated now")
+        out.print(f"  gates {verdict} against {against} at {gates['evaluated_at']} ({how})")
 
 
 def fields(data: Any, indent: int = 4) -> str:

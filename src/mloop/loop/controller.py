@@ -44,6 +44,7 @@ from mloop.loop.state import (
     save_state,
 )
 from mloop.project import Project
+from mloop.registry.gate_report import gates_config_hash
 from mloop.security.audit import append_event
 from mloop.store.models import MonitorWindowRow
 
@@ -291,22 +292,14 @@ def _end_probation(project: Project, state: LoopState, prob: Probation, outcome:
     return {"action": outcome, "version": prob.version, "reason": why}
 
 
-def _gates_hash(project: Project) -> str:
-    import hashlib
-    import json
-
-    body = json.dumps(project.config.gates.model_dump(mode="json"), sort_keys=True)
-    return hashlib.sha256(body.encode()).hexdigest()[:16]
-
-
 def _stored_gates(project: Project, prob: Probation) -> Any:
     """The gate report the candidate passed before its canary, if the gate config is still
     the one it passed (promote then need not run every gate again); else None: promote runs
     them under today's config."""
-    from mloop.registry.gates import GateReport, GateResult
+    from mloop.registry.gate_report import GateReport, GateResult
 
     body = prob.gates
-    if not body or prob.gates_config != _gates_hash(project):
+    if not body or prob.gates_config != gates_config_hash(project):
         return None
     return GateReport(**{**body, "results": [GateResult(**r) for r in body["results"]]})
 
@@ -425,7 +418,7 @@ def _retrain_and_roll_out(project: Project, state: LoopState, fired: list[Trigge
                              f"probation {policy.canary.probation}", actor="mloop-loop")
     state.probation = Probation(version=version, champion=champion, started_at=now,
                                 started_wall=wall, gates=report.to_dict(),
-                                gates_config=_gates_hash(project))
+                                gates_config=gates_config_hash(project))
     record.outcome = "canary"
     return _finish(project, state, record, "canary_started",
                    {"version": version, "weight": policy.canary.weight})

@@ -9,7 +9,7 @@ A gate that cannot apply (non-inferiority with no champion yet) is skipped and s
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -24,29 +24,8 @@ from mloop.project import Project
 from mloop.registry.aliases import champion_version
 from mloop.registry.bootstrap import paired_bootstrap
 from mloop.registry.candidates import get_version
-
-
-@dataclass
-class GateResult:
-    gate: str
-    status: str  # pass | fail | skip
-    value: float | None
-    threshold: float | None
-    message: str
-    detail: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class GateReport:
-    model: str
-    version: int
-    champion: int | None
-    passed: bool
-    evaluated_at: str
-    results: list[GateResult]
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+from mloop.registry.gate_report import GateReport, GateResult, record_gate_report
+from mloop.registry.gate_report import fmt_value as _fmt
 
 
 @dataclass
@@ -94,10 +73,6 @@ def load_version(project: Project, version: int) -> LoadedVersion:
 def _worse_by(metric: str, value: float, reference: float) -> float:
     """How much worse ``value`` is than ``reference`` (positive = worse), in metric units."""
     return (reference - value) if HIGHER_IS_BETTER.get(metric, False) else (value - reference)
-
-
-def _fmt(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.4g}"
 
 
 # ------------------------------------------------------------------------ individual gates
@@ -352,22 +327,3 @@ def evaluate_gates(project: Project, version: int, *, record: bool = True) -> Ga
     if record:
         record_gate_report(project, report)
     return report
-
-
-def record_gate_report(project: Project, report: GateReport) -> None:
-    """Store the results, tag the MLflow version, append the audit event."""
-    from mloop.security.audit import append_event
-
-    project.store.record_gate_run(report)
-    client = project.mlflow
-    name, v = report.model, str(report.version)
-    client.set_model_version_tag(name, v, "mloop.gates", "passed" if report.passed else "failed")
-    client.set_model_version_tag(name, v, "mloop.gates.evaluated_at", report.evaluated_at)
-    for r in report.results:
-        client.set_model_version_tag(
-            name, v, f"mloop.gate.{r.gate}",
-            f"{r.status} value={_fmt(r.value)} threshold={_fmt(r.threshold)}")
-    append_event(project.store, "gate", {
-        "model": name, "version": report.version, "champion": report.champion,
-        "passed": report.passed,
-        "results": {r.gate: [r.status, r.value, r.threshold] for r in report.results}})

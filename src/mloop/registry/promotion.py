@@ -29,6 +29,7 @@ from mloop.registry.aliases import (
     stored_alias,
 )
 from mloop.registry.candidates import version_record
+from mloop.registry.gate_report import stored_gate_report
 from mloop.security.audit import add_event, current_actor
 from mloop.store.db import as_utc, utcnow
 from mloop.store.models import AliasRow, DeploymentRow
@@ -46,6 +47,8 @@ class AliasChange:
     actor: str
     reason: str
     at: str
+    # promotions only: the gate report it rests on (passed, evaluated_at, against, reused)
+    gates: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -187,21 +190,24 @@ def promote(project: Project, version: int, *, reason: str, force: bool = False,
             gate_report: Any = None) -> AliasChange:
     """Make ``version`` the champion if its gates passed against the current champion.
 
-    Gates run now (``gate_report`` may hand in one computed a moment ago against the same
-    champion). ``force`` promotes despite failed gates and records the override.
+    Gates run now unless a report computed against the same champion under the same gate
+    config is at hand (``gate_report``, or the newest stored one). ``force`` promotes despite
+    failed gates and records the override.
     """
-    from mloop.registry.gates import evaluate_gates
-
     if not reason.strip():
         raise MloopError("a promotion needs a reason (--reason \"...\"): it goes in the history")
     version_record(project, version)
     champion = stored_alias(project) if expected_champion is _UNSET else expected_champion
     if champion == version:
         raise PromotionError(f"v{version} is already the champion")
-    # Gates run at promotion time, against the champion being replaced and with today's gate
-    # config: an older result may predate a stricter gate.
-    report = gate_report if gate_report is not None else evaluate_gates(project, version)
-    if report.champion != champion and champion is not None:
+    # Gates hold against the champion being replaced and under today's gate config: a stored
+    # report is reused only when both are what it was computed with (gate_report.py), else
+    # the gates run now. An older result may predate a stricter gate or another champion.
+    report = gate_report if gate_report is not None else stored_gate_report(project, version,
+                                                                             champion)
+    if report is None or (report.champion != champion and champion is not None):
+        from mloop.registry.gates import evaluate_gates
+
         report = evaluate_gates(project, version)
     passed = report.passed
     summary = "; ".join(f"'{r.gate}' ({r.message})" for r in report.results
@@ -213,7 +219,12 @@ def promote(project: Project, version: int, *, reason: str, force: bool = False,
     action = "promote" if passed else "override"
     change = change_alias(project, CHAMPION, version, expected=champion, action=action,
                           reason=reason, actor=actor,
-                          details={"gates_passed": passed, "forced": force and not passed})
+                          details={"gates_passed": passed, "forced": force and not passed,
+                                   "gates_evaluated_at": report.evaluated_at,
+                                   "gates_reused": report.reused})
+    change.gates = {"passed": passed, "evaluated_at": report.evaluated_at,
+                    "against": report.champion, "reused": report.reused,
+                    "failed": [r.gate for r in report.results if r.status == "fail"]}
     if stored_alias(project, CHALLENGER) == version:
         # the challenger graduated: it must not come back as canary after a later rollback
         change_alias(project, CHALLENGER, None, expected=version, action="stop",

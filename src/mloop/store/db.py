@@ -24,7 +24,7 @@ from mloop.store.models import (
 )
 
 MIGRATIONS = Path(__file__).parent / "migrations"
-HEAD_REVISION = "0008"  # the newest file in migrations/versions (a test keeps them in step)
+HEAD_REVISION = "0009"  # the newest file in migrations/versions (a test keeps them in step)
 
 
 def utcnow() -> datetime:
@@ -217,18 +217,18 @@ class Store:
             return list(s.scalars(q).all())
 
     # ------------------------------------------------------------------ gates
-    def record_gate_run(self, report: Any) -> int:
+    def record_gate_run(self, report: Any, *, gates_hash: str | None = None) -> int:
         """Store a GateReport (mloop.registry.gates) as one run and its results, atomically."""
         with self.session() as s, s.begin():
             run = GateRunRow(model=report.model, version=report.version,
                              champion_version=report.champion, passed=report.passed,
-                             evaluated_at=utcnow())
+                             evaluated_at=utcnow(), gates_hash=gates_hash)
             s.add(run)
             s.flush()
             for r in report.results:
                 s.add(GateResultRow(gate_run_id=run.id, gate=r.gate, status=r.status,
                                     value=r.value, threshold=r.threshold,
-                                    detail=json_safe(r.detail)))
+                                    detail=json_safe(r.detail), message=r.message))
             return run.id
 
     def latest_gate_runs(self, model: str) -> dict[int, GateRunRow]:

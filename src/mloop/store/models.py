@@ -91,6 +91,9 @@ class GateRunRow(Base):
     champion_version: Mapped[int | None] = mapped_column(Integer)
     passed: Mapped[bool] = mapped_column(Boolean)
     evaluated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # the gate config (and mloop release) it ran under: a promotion reuses the run only if
+    # today's is the same (mloop.registry.gates.gates_config_hash); None before 0009
+    gates_hash: Mapped[str | None] = mapped_column(String(64))
 
     __table_args__ = (Index("ix_gate_runs_version", "model", "version"),)
 
@@ -105,6 +108,7 @@ class GateResultRow(Base):
     value: Mapped[float | None] = mapped_column(Float)
     threshold: Mapped[float | None] = mapped_column(Float)
     detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    message: Mapped[str | None] = mapped_column(Text)
 
 
 class EventRow(Base):
