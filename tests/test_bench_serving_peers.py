@@ -108,3 +108,15 @@ def test_nocompile_project_reads_the_trained_stores_with_compile_off(
         assert copy.uris[key] == original.uris[key], key
     assert copy.uris["inference_log_uri"] != original.uris["inference_log_uri"]
     assert (dest / "data").resolve() == (trained / "data").resolve()
+
+
+def test_file_digests_key_the_data_files_by_their_path_in_the_project(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.parquet").write_bytes(b"abc")
+    (data / "notes.txt").write_bytes(b"ignored")
+    digests = peers.file_digests(data, tmp_path)
+    assert digests == {
+        "data/a.parquet": "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"}
+    assert peers.file_digests(data / "a.parquet", tmp_path / "elsewhere") == {
+        str(data / "a.parquet"): digests["data/a.parquet"]}

@@ -872,7 +872,7 @@ def main() -> None:
         if not data_path.exists():
             data_path = EXAMPLE / "data" / "bike_hourly.parquet"
         mv = model_version_row(registry_uri, model, version)
-        data_version = {"files_sha256": file_digests(data_path),
+        data_version = {"files_sha256": file_digests(data_path, project_dir),
                         "snapshots": {k[len("mloop.snapshot."):]: v
                                       for k, v in ((mv or {}).get("tags") or {}).items()
                                       if k.startswith("mloop.snapshot.")} or None}

@@ -247,8 +247,9 @@ def write_mlserver_repo(root: Path, *, model: str, model_dir: Path, http_port: i
 
 # ------------------------------------------------------------------- data version
 
-def file_digests(path: Path) -> dict[str, str]:
-    """sha256 of the data file, or of each Parquet/CSV file under a data folder."""
+def file_digests(path: Path, root: Path) -> dict[str, str]:
+    """sha256 of the data file, or of each Parquet/CSV file under a data folder, keyed by the
+    path relative to ``root`` (the project folder) when it lies inside it."""
     files = [path] if path.is_file() else sorted(
         p for p in path.rglob("*") if p.suffix in (".parquet", ".csv") and p.is_file())
     out = {}
@@ -257,7 +258,7 @@ def file_digests(path: Path) -> dict[str, str]:
         with open(f, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 h.update(chunk)
-        out[str(f)] = h.hexdigest()
+        out[str(f.relative_to(root)) if f.is_relative_to(root) else str(f)] = h.hexdigest()
     return out
 
 
