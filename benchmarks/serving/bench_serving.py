@@ -1,55 +1,95 @@
-"""Online serving: mloop's HTTP model server vs MLflow's ``mlflow models serve``, same model.
+"""Online serving: the server's effect and the compiler's, separated, against MLServer and MLflow.
 
     python benchmarks/serving/bench_serving.py [--project DIR] [--duration 20] [--repeats 1]
-                                               [--out benchmarks/serving/results.json]
+        [--mlserver-venv .venv-mlserver] [--skip-mlserver] [--out benchmarks/serving/results.json]
 
 What is measured: HTTP throughput (req/s) and latency (p50, p99) of one-row prediction
-requests, plus errors, for three servers run side by side in this one run, each as its own
-process with ONE worker and the same environment (OMP_NUM_THREADS=1):
+requests, plus errors, for five servers run side by side in this one run, each as its own
+process (tree) with ONE worker and the same environment (OMP_NUM_THREADS=1), all serving the
+SAME registered model version:
 
-  * mloop  -- ``mloop -C DIR serve`` answering POST /predict ``{"records": [row]}``
-  * mlflow -- ``mlflow models serve -m models:/NAME/V --env-manager local --workers 1``
-              answering POST /invocations ``{"dataframe_records": [row]}``
-  * bare   -- floor A: a bare Starlette endpoint (``bare_asgi.py``) under uvicorn with its
-              default loop/http (uvloop + httptools) returning a constant JSON: no model, no
-              parsing, the most any uvicorn-served Python endpoint can do here.
+  * mloop          -- ``mloop -C DIR serve`` (the product): POST /predict ``{"records": [row]}``,
+                      on the verified ONNX fast path when the version compiled and verified
+                      (``serving.compile``, the default)
+  * mloop_nocompile -- the same server and version with ``serving.compile.enabled: false``: the
+                      original scikit-learn pipeline, the engine MLServer and MLflow run. A
+                      second project folder holding only the changed mloop.yaml reads the
+                      trained project's registry, artifacts and store (``MLOOP_*_URI``); nothing
+                      is retrained. Its inference log is its own.
+  * mlserver       -- MLServer 1.7.1 with mlserver-mlflow 1.7.1 (``MLflowRuntime``, which loads
+                      the version's MLflow model folder with ``mlflow.pyfunc.load_model``) and
+                      adaptive batching (max_batch_size 64, max_batch_time 0.002 s), debug (and
+                      so its access log) off, one inference worker process behind its HTTP
+                      process (``parallel_workers: 1``, its default), in a venv of its own
+                      (``--mlserver-venv``, created on demand by ``setup_mlserver.sh``: MLServer
+                      1.7.1 needs Python < 3.13 and FastAPI < 0.116; the model-loading libraries
+                      are pinned to requirements.lock). POST /v2/models/NAME/infer with a
+                      one-row V2 request (one ``[1, 1]`` tensor per signature column: FP64,
+                      INT64, BYTES for strings).
+  * mlflow         -- ``mlflow models serve -m models:/NAME/V --env-manager local --workers 1``
+                      answering POST /invocations ``{"dataframe_records": [row]}``
+  * bare           -- a floor: a bare Starlette endpoint (``bare_asgi.py``) under uvicorn with
+                      its default loop/http (uvloop + httptools) returning a constant JSON: no
+                      model, no parsing, the most any uvicorn-served Python endpoint can do here.
+
+Ratios printed per concurrency C (req/s unless named p99):
+
+  * server effect  = mloop_nocompile / mlserver -- two servers, one scikit-learn engine
+  * compile effect = mloop / mloop_nocompile    -- one server, with and without the fast path
+  * mloop / mlflow, mloop / mlserver, and mloop as a share of the bare floor
 
 Load comes from ``wrk -t1 -cC -dDs --latency -s post.lua`` (a separate process) at C = 1, 8
-and 32 connections, after a 3 s warm-up per server; runs are interleaved (for each C: mloop,
-mlflow, bare). Errors are wrk's non-2xx responses and socket errors (connect, read, write,
-timeout at wrk's default 2 s), and for mloop also the non-2xx statuses of its own
-``mloop_requests_total`` counter (GET /metrics), which also gives its mean micro-batch size.
+and 32 connections, after a warm-up per server (``--warmup`` s at c=8); runs are interleaved:
+for each repeat and each C every server runs once, in an order rotated by one place per
+(repeat, C) so no server always follows the same neighbour. Errors are wrk's non-2xx
+responses and socket errors (connect, read, write, timeout at wrk's default 2 s), and for both
+mloop servers also the non-2xx statuses of their own ``mloop_requests_total`` counter
+(GET /metrics), which also gives their mean micro-batch size. Before the runs every server
+must answer the benchmark row with 200; a peer that cannot be set up, does not start or does
+not answer is reported as failed (with why) and the others are still measured.
 
 Floor B (no HTTP, measured in this process after the servers are stopped): the served model
-loaded as mloop's server loads it (``load_served``, with ``serving.compile`` when this mloop
-has the verified ONNX path), ``predict_columns`` timed for one row and for 64-row batches
-under ``threadpool_limits(1)``; 1e6 / (per-row us at 64 rows) is the rows/s the model itself
-allows with batching, the ceiling for mloop's micro-batcher. When mloop serves a compiled
-model, the original scikit-learn path (what MLflow runs) is timed too.
+loaded as mloop's server loads it (``load_served`` with ``serving.compile``),
+``predict_columns`` timed for one row and for 64-row batches under ``threadpool_limits(1)``;
+1e6 / (per-row us at 64 rows) is the rows/s the engine itself allows with batching, the
+ceiling for a micro-batching server. When mloop serves a compiled model, the original
+scikit-learn path (what mloop_nocompile, MLServer and MLflow run) is timed too.
 
 Per run the CPU used (share of one core) by the server under test, by wrk, and by everything
-else on the machine is recorded from /proc: on a shared machine "cpu other" says how much a
-run was disturbed.
+else on the machine ("cpu other") is recorded from /proc: on a shared machine "cpu other" says
+how much a run was disturbed; the results file also keeps the machine's load before the run.
+
+Provenance in the results file: the git commit and whether the tree was clean
+(``git status --porcelain``, taken before the run), the data version (sha256 of the data
+file(s) the project trains on and the snapshot digests mloop recorded on the version:
+``mloop.snapshot.source/train/holdout``), library versions of both environments, the exact
+commands and MLServer's settings.
 
 Data and model: the UCI Bike Sharing example (``examples/bike_sharing``). Without
 ``--project`` the example is copied to a temp folder and ``mloop run`` trains, registers and
 promotes version 1 of ``bike-sharing`` (~20 s; if a gate fails there, typically the latency
 gate on a busy machine, the benchmark force-promotes v1 in that throwaway copy and prints a
-note); with ``--project DIR`` that trained project is
-reused (its champion is served by both servers). The request row is a real row of
-``data/bike_hourly.parquet`` (``--row``, default 5000: 2011-08-01 06:00, outside the training
-window), typed by the signature mloop's GET /model reports (doubles sent as JSON floats).
+note); with ``--project DIR`` that trained project is reused (its champion is served by every
+server). The request row is a real row of ``data/bike_hourly.parquet`` (``--row``, default
+5000: 2011-08-01 06:00, outside the training window), typed by the signature mloop's GET /model
+reports (doubles sent as JSON floats).
 
-Targets (printed as PASS/MISS): at 8 and 32 connections mloop's req/s >= 20x MLflow's and its
-p99 <= 1/5 of MLflow's; at 1 connection mloop's p50 <= 1/2 of MLflow's; zero mloop errors.
+Targets (printed as PASS/MISS). Issue 19's, mloop compiled against MLflow: at 8 and 32
+connections req/s >= 20x and p99 <= 1/5; at 1 connection p50 <= 1/2; zero errors on both
+mloop servers. Issue 20's, against MLServer: the same engine (compile off) >= 2x MLServer's
+req/s and <= 1/2 of its p99 at 8 and 32 connections; the fast path >= 10x MLServer's req/s at
+every C; mloop compiled >= 35% of the bare floor at 32 connections.
 
-Caveats: wrk, the server under test and the idle servers share this machine's cores. wrk 4
-corrects its latency histogram for coordinated omission (for each response slower than the
-mean interval it adds the requests a closed loop held back as synthetic samples), so a server
-with rare long stalls shows a p99 far above the share of slow responses it actually sent;
-``max ms`` and the notes flag that. MLflow runs as shipped (uvicorn with its access log on,
-logged here to a file); mloop runs as configured in the project (its inference log on by
-default: with ``--project`` the benchmark's requests are recorded in ``DIR/.mloop/inference``).
+Caveats: wrk, the server under test and the four idle servers share this machine's cores (the
+idle ones poll or tick: "cpu other"). MLServer is two processes (HTTP + one inference worker)
+where mloop and MLflow are one. wrk 4 corrects its latency histogram for coordinated omission
+(for each response slower than the mean interval it adds the requests a closed loop held back
+as synthetic samples), so a server with rare long stalls shows a p99 far above the share of
+slow responses it actually sent; ``max ms`` and the notes flag that. MLflow runs as shipped
+(uvicorn with its access log on, logged here to a file); mloop runs as configured in the
+project (its inference log on by default: with ``--project`` the compiled server's requests
+are recorded in ``DIR/.mloop/inference``). Absolute figures drift between days on shared
+machines: compare within one run.
 """
 
 from __future__ import annotations
@@ -78,6 +118,24 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from peers import (
+    MLSERVER_MAX_BATCH_SIZE,
+    MLSERVER_MAX_BATCH_TIME_S,
+    MLSERVER_PARALLEL_WORKERS,
+    PeerSetupError,
+    ensure_mlserver_venv,
+    file_digests,
+    git_state,
+    mlflow_model_dir,
+    model_version_row,
+    nocompile_project,
+    separated_ratios,
+    v2_first_prediction,
+    v2_infer_request,
+    venv_versions,
+    write_mlserver_repo,
+)
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 EXAMPLE = REPO / "examples" / "bike_sharing"
@@ -88,7 +146,15 @@ SERVER_ENV = {"OMP_NUM_THREADS": "1"}
 TARGET_RPS_RATIO = 20.0   # at 8 and 32 connections: mloop req/s >= 20x MLflow's
 TARGET_P99_RATIO = 0.2    # at 8 and 32 connections: mloop p99 <= 1/5 of MLflow's
 TARGET_P50_RATIO = 0.5    # at 1 connection: mloop p50 <= 1/2 of MLflow's
-SERVERS = ("mloop", "mlflow", "bare")
+# issue 20, against MLServer
+TARGET_SERVER_RPS = 2.0   # at 8 and 32: mloop compile off req/s >= 2x MLServer's
+TARGET_SERVER_P99 = 0.5   # at 8 and 32: mloop compile off p99 <= 1/2 of MLServer's
+TARGET_FAST_RPS = 10.0    # at every C: mloop compiled req/s >= 10x MLServer's
+TARGET_BARE_SHARE = 0.35  # at 32: mloop compiled >= 35% of the bare floor's req/s
+SERVERS = ("mloop", "mloop_nocompile", "mlserver", "mlflow", "bare")
+MLOOP_SERVERS = ("mloop", "mloop_nocompile")
+LABELS = {"mloop": "mloop compiled", "mloop_nocompile": "mloop compile off",
+          "mlserver": "MLServer 1.7.1", "mlflow": "mlflow serve", "bare": "bare ASGI"}
 
 _ORIGINAL_ENV = dict(os.environ)
 os.environ.update(SERVER_ENV)  # floor B in this process runs under the same setting
@@ -548,12 +614,6 @@ def _aggregate(reps: list[dict[str, Any]]) -> dict[str, Any]:
     return agg
 
 
-def _ratio(a: float | None, b: float | None) -> float | None:
-    if a is None or b is None or b == 0:
-        return None
-    return a / b
-
-
 def _f(x: float | None, fmt: str = "{:,.1f}") -> str:
     return "n/a" if x is None else fmt.format(x)
 
@@ -562,13 +622,16 @@ def report(results: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    con = Console(width=132)
+    con = Console(width=140)
     cfg = results["config"]
+    git = results.get("git") or {}
     con.print(f"\n[bold]Serving benchmark[/]: {results['model']} v{results['version']} "
               f"(one row per request), wrk -t1 -d{cfg['duration_s']}s x{cfg['repeats']} per "
-              f"cell after a {cfg['warmup_s']} s warm-up")
-    con.print(f"mloop engine: {results.get('mloop_engine')}; MLflow: pyfunc (scikit-learn "
-              f"pipeline); row {results['row_index']} of {Path(results['data']).name}")
+              f"cell after a {cfg['warmup_s']} s warm-up; commit {str(git.get('commit'))[:12]}"
+              f" ({'clean' if git.get('clean') else 'DIRTY tree' if git else 'unknown'})")
+    con.print(f"mloop compiled engine: {results.get('mloop_engine')}; mloop compile off, "
+              f"MLServer and MLflow: the scikit-learn pipeline (pyfunc); row "
+              f"{results['row_index']} of {Path(results['data']).name}")
     con.print(f"each server: 1 worker, env {' '.join(f'{k}={v}' for k, v in SERVER_ENV.items())}"
               f"; machine: {results['machine']['cpus']} CPUs ({results['machine']['cpu']}), "
               f"{results['machine']['cpu_busy_before']:.0%} of a core busy before start")
@@ -577,29 +640,38 @@ def report(results: dict[str, Any]) -> None:
         t = Table(title=f"{c} connection{'s' if c > 1 else ''}", title_justify="left")
         for col in ("server", "req/s", "p50 ms", "p90 ms", "p99 ms", "max ms", "errors wrk",
                     "errors server", "mean batch", "cpu server", "cpu wrk", "cpu other"):
-            t.add_column(col, justify="left" if col == "server" else "right")
+            t.add_column(col, justify="left" if col == "server" else "right",
+                         no_wrap=col == "server")
         for name in SERVERS:
             r = cell.get(name)
             if r is None:
-                t.add_row(name, "failed", *[""] * 10)
+                t.add_row(LABELS[name], "failed" if name in results["failures"] else "not run",
+                          *[""] * 10)
                 continue
-            t.add_row(name, _f(r["rps"]), _f(r["p50_ms"], "{:.2f}"), _f(r["p90_ms"], "{:.2f}"),
-                      _f(r["p99_ms"], "{:.2f}"), _f(r["max_ms"], "{:.1f}"), str(r["errors"]),
+            t.add_row(LABELS[name], _f(r["rps"]), _f(r["p50_ms"], "{:.2f}"),
+                      _f(r["p90_ms"], "{:.2f}"), _f(r["p99_ms"], "{:.2f}"),
+                      _f(r["max_ms"], "{:.1f}"), str(r["errors"]),
                       str(r.get("server_non_2xx", "")),
-                      _f(r.get("mean_batch_rows"), "{:.2f}") if name == "mloop" else "",
+                      _f(r.get("mean_batch_rows"), "{:.2f}") if name in MLOOP_SERVERS else "",
                       _f(r["server_cpu"], "{:.0%}"), _f(r["wrk_cpu"], "{:.0%}"),
                       _f(r["other_cpu"], "{:.0%}"))
         con.print(t)
 
-    t = Table(title="mloop vs MLflow", title_justify="left")
-    for col in ("connections", "req/s ratio", "p99 ratio", "p50 ratio",
-                "mloop / bare req/s", "mloop / batched-predict floor"):
+    t = Table(title="separated effects (req/s ratios unless p99; p99 ratios: below 1 is better)",
+              title_justify="left")
+    for col in ("connections", "server effect\ncompile off / MLServer",
+                "server effect p99", "compile effect\ncompiled / compile off",
+                "compile effect p99", "mloop / MLServer", "mloop / MLflow",
+                "mloop p99 / MLflow", "mloop / bare"):
         t.add_column(col, justify="right")
     for c in cfg["connections"]:
         r = results["ratios"][str(c)]
-        t.add_row(str(c), _f(r["rps_ratio"], "{:.1f}x"), _f(r["p99_ratio"], "{:.3f}"),
-                  _f(r["p50_ratio"], "{:.3f}"), _f(r["mloop_vs_bare"], "{:.1%}"),
-                  _f(r["mloop_vs_batched_floor"], "{:.1%}"))
+        t.add_row(str(c), _f(r["server_effect_rps"], "{:.2f}x"),
+                  _f(r["server_effect_p99"], "{:.3f}"), _f(r["compile_effect_rps"], "{:.2f}x"),
+                  _f(r["compile_effect_p99"], "{:.3f}"), _f(r["mloop_vs_mlserver_rps"],
+                                                            "{:.1f}x"),
+                  _f(r["mloop_vs_mlflow_rps"], "{:.1f}x"), _f(r["mloop_vs_mlflow_p99"], "{:.3f}"),
+                  _f(r["mloop_vs_bare"], "{:.1%}"))
     con.print(t)
 
     t = Table(title="targets", title_justify="left")
@@ -612,7 +684,7 @@ def report(results: dict[str, Any]) -> None:
 
     fb = results["floors"].get("in_process")
     bare = results["floors"].get("bare_asgi_rps", {})
-    con.print("[bold]floors[/] (req/s of mloop vs these: see the ratio table)")
+    con.print("[bold]floors[/]")
     if fb:
         for key, label in (("served", "as served"), ("original", "original pipeline")):
             f = fb.get(key)
@@ -622,10 +694,18 @@ def report(results: dict[str, Any]) -> None:
                           f"{f['one_row_calls_per_s']:,.0f} calls/s); {f['batch_rows']}-row "
                           f"batches {f['per_row_us_in_batch']:.2f} us/row (= "
                           f"{f['batched_rows_per_s']:,.0f} rows/s)")
+        con.print("  share of that batched limit reached over HTTP: " + ", ".join(
+            f"c={c}: compiled {_f(results['ratios'][str(c)]['mloop_vs_batched_floor'], '{:.1%}')}"
+            f", compile off "
+            f"{_f(results['ratios'][str(c)]['nocompile_vs_batched_floor'], '{:.1%}')}"
+            for c in cfg["connections"]))
     else:
         con.print(f"  in-process predict: failed ({results['floors'].get('in_process_error')})")
     con.print("  bare ASGI (uvicorn + Starlette, constant JSON): " + ", ".join(
         f"c={c}: {_f(v)} req/s" for c, v in bare.items()))
+    for name, why in results["failures"].items():
+        con.print(f"[red]FAILED: {LABELS.get(name, name)}[/]: {why.splitlines()[0]}"
+                  + (" (details in the results file)" if "\n" in why else ""))
     for note in results["notes"]:
         con.print(f"[yellow]note:[/] {note}")
     con.print(f"\nJSON: {results['out']}")
@@ -633,52 +713,68 @@ def report(results: dict[str, Any]) -> None:
 
 def evaluate(results: dict[str, Any]) -> None:
     runs, conns = results["runs"], results["config"]["connections"]
-    fb = results["floors"].get("in_process")
-    floor_rows = fb["served"]["batched_rows_per_s"] if fb else None
-    ratios: dict[str, Any] = {}
-    for c in conns:
-        ml, mf, bare = (runs[str(c)].get(s) for s in SERVERS)
-        g = (lambda r, k: r[k] if r else None)  # noqa: E731
-        ratios[str(c)] = {
-            "rps_ratio": _ratio(g(ml, "rps"), g(mf, "rps")),
-            "p99_ratio": _ratio(g(ml, "p99_ms"), g(mf, "p99_ms")),
-            "p50_ratio": _ratio(g(ml, "p50_ms"), g(mf, "p50_ms")),
-            "mloop_vs_bare": _ratio(g(ml, "rps"), g(bare, "rps")),
-            "mloop_vs_batched_floor": _ratio(g(ml, "rps"), floor_rows),
-        }
-    results["ratios"] = ratios
-
+    fb = results["floors"].get("in_process") or {}
+    served = fb.get("served") or {}
+    # the scikit-learn pipeline's own batched limit: timed beside the compiled one, or as served
+    original = fb.get("original") or (served if served.get("engine") == "original" else {})
+    served_floor, original_floor = (served.get("batched_rows_per_s"),
+                                    original.get("batched_rows_per_s"))
+    results["ratios"] = {str(c): separated_ratios(runs[str(c)],
+                                                  batched_floor_served=served_floor,
+                                                  batched_floor_original=original_floor)
+                         for c in conns}
+    ratios = results["ratios"]
     targets = []
 
     def verdict(ok: bool | None) -> str:
         return "n/a" if ok is None else ("PASS" if ok else "MISS")
 
+    def add(target: str, value: float | None, fmt: str, ok: bool | None) -> None:
+        targets.append({"target": target, "measured": _f(value, fmt), "value": value,
+                        "result": verdict(None if value is None else ok)})
+
     for c in (8, 32):
         if str(c) not in ratios:
             continue
         r = ratios[str(c)]
-        rr, pr = r["rps_ratio"], r["p99_ratio"]
-        targets.append({"target": f"c={c}: mloop req/s >= {TARGET_RPS_RATIO:g}x MLflow's",
-                        "measured": _f(rr, "{:.1f}x"), "value": rr,
-                        "result": verdict(None if rr is None else rr >= TARGET_RPS_RATIO)})
-        targets.append({"target": f"c={c}: mloop p99 <= 1/{1 / TARGET_P99_RATIO:g} of MLflow's",
-                        "measured": _f(pr, "{:.3f} of it"), "value": pr,
-                        "result": verdict(None if pr is None else pr <= TARGET_P99_RATIO)})
+        rr, pr = r["mloop_vs_mlflow_rps"], r["mloop_vs_mlflow_p99"]
+        add(f"c={c}: mloop req/s >= {TARGET_RPS_RATIO:g}x MLflow's", rr, "{:.1f}x",
+            rr is not None and rr >= TARGET_RPS_RATIO)
+        add(f"c={c}: mloop p99 <= 1/{1 / TARGET_P99_RATIO:g} of MLflow's", pr, "{:.3f} of it",
+            pr is not None and pr <= TARGET_P99_RATIO)
     if "1" in ratios:
-        r50 = ratios["1"]["p50_ratio"]
-        targets.append({"target": f"c=1: mloop p50 <= 1/{1 / TARGET_P50_RATIO:g} of MLflow's",
-                        "measured": _f(r50, "{:.3f} of it"), "value": r50,
-                        "result": verdict(None if r50 is None else r50 <= TARGET_P50_RATIO)})
-    ml_cells = [runs[str(c)].get("mloop") for c in conns]
-    if all(ml_cells):
-        wrk_err = sum(m["errors"] for m in ml_cells)  # type: ignore[index]
-        srv_err = sum(m.get("server_non_2xx", 0) for m in ml_cells)  # type: ignore[union-attr]
-        targets.append({"target": "zero mloop errors (wrk non-2xx + socket, server non-2xx)",
-                        "measured": f"{wrk_err} wrk, {srv_err} server", "value": wrk_err + srv_err,
-                        "result": verdict(wrk_err + srv_err == 0)})
-    else:
-        targets.append({"target": "zero mloop errors", "measured": "mloop did not run",
-                        "value": None, "result": "n/a"})
+        r50 = ratios["1"]["mloop_vs_mlflow_p50"]
+        add(f"c=1: mloop p50 <= 1/{1 / TARGET_P50_RATIO:g} of MLflow's", r50, "{:.3f} of it",
+            r50 is not None and r50 <= TARGET_P50_RATIO)
+    for name in MLOOP_SERVERS:
+        cells = [runs[str(c)].get(name) for c in conns]
+        if all(cells):
+            wrk_err = sum(m["errors"] for m in cells)  # type: ignore[index]
+            srv_err = sum(m.get("server_non_2xx", 0) for m in cells)  # type: ignore[union-attr]
+            targets.append({"target": f"zero {LABELS[name]} errors (wrk non-2xx + socket, "
+                                      f"server non-2xx)",
+                            "measured": f"{wrk_err} wrk, {srv_err} server",
+                            "value": wrk_err + srv_err, "result": verdict(wrk_err + srv_err == 0)})
+        else:
+            targets.append({"target": f"zero {LABELS[name]} errors", "measured": "did not run",
+                            "value": None, "result": "n/a"})
+    for c in (8, 32):
+        if str(c) not in ratios:
+            continue
+        r = ratios[str(c)]
+        se, sp = r["server_effect_rps"], r["server_effect_p99"]
+        add(f"c={c}: mloop compile off req/s >= {TARGET_SERVER_RPS:g}x MLServer's (same engine)",
+            se, "{:.2f}x", se is not None and se >= TARGET_SERVER_RPS)
+        add(f"c={c}: mloop compile off p99 <= 1/{1 / TARGET_SERVER_P99:g} of MLServer's", sp,
+            "{:.3f} of it", sp is not None and sp <= TARGET_SERVER_P99)
+    for c in conns:
+        fr = ratios[str(c)]["mloop_vs_mlserver_rps"]
+        add(f"c={c}: mloop compiled req/s >= {TARGET_FAST_RPS:g}x MLServer's", fr, "{:.1f}x",
+            fr is not None and fr >= TARGET_FAST_RPS)
+    if "32" in ratios:
+        b = ratios["32"]["mloop_vs_bare"]
+        add(f"c=32: mloop compiled >= {TARGET_BARE_SHARE:.0%} of the bare ASGI floor", b,
+            "{:.1%}", b is not None and b >= TARGET_BARE_SHARE)
     results["targets"] = targets
 
 
@@ -698,6 +794,10 @@ def main() -> None:
     ap.add_argument("--floor-seconds", type=float, default=3.0,
                     help="timing budget per in-process floor measurement")
     ap.add_argument("--startup-timeout", type=float, default=180.0)
+    ap.add_argument("--mlserver-venv", type=Path, default=REPO / ".venv-mlserver",
+                    help="MLServer's own virtualenv, created or checked by setup_mlserver.sh "
+                    "(default: .venv-mlserver in the repo root)")
+    ap.add_argument("--skip-mlserver", action="store_true", help="leave MLServer out")
     ap.add_argument("--keep", action="store_true", help="keep the temp folder (trained "
                     "project and server logs)")
     ap.add_argument("--out", type=Path, default=HERE / "results.json")
@@ -710,6 +810,7 @@ def main() -> None:
         signal.signal(sig, lambda s, _f: sys.exit(128 + s))
 
     t_start = time.perf_counter()
+    git = git_state(REPO)  # before anything is written (the results file is tracked)
     loadavg = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() \
         else []
     b0, w0 = _busy_jiffies(), time.perf_counter()
@@ -719,6 +820,14 @@ def main() -> None:
     servers: dict[str, Server] = {}
     notes: list[str] = []
     failures: dict[str, str] = {}
+
+    def fail(name: str, why: str) -> None:
+        """A peer that cannot be measured: said on stderr now, in the report and the JSON."""
+        failures[name] = why
+        print(f"  {LABELS[name]} FAILED: {why}", file=sys.stderr, flush=True)
+        if name in servers:
+            servers.pop(name).stop()
+
     try:
         run_stdout = None
         if args.project:
@@ -762,15 +871,60 @@ def main() -> None:
             if not Path(project.config.data.path).is_absolute() else Path(project.config.data.path)
         if not data_path.exists():
             data_path = EXAMPLE / "data" / "bike_hourly.parquet"
+        mv = model_version_row(registry_uri, model, version)
+        data_version = {"files_sha256": file_digests(data_path, project_dir),
+                        "snapshots": {k[len("mloop.snapshot."):]: v
+                                      for k, v in ((mv or {}).get("tags") or {}).items()
+                                      if k.startswith("mloop.snapshot.")} or None}
 
         env = _server_env()
         logs = workdir / "logs"
         logs.mkdir()
-        p_mloop, p_mlflow, p_bare = _pick_ports(args.base_port, 3)
+        p_mloop, p_nocomp, p_mls, p_mls_grpc, p_mls_metrics, p_mlflow, p_bare = _pick_ports(
+            args.base_port, 7)
         servers["mloop"] = Server(
             "mloop", [_venv_bin("mloop"), "-C", str(project_dir), "serve", "--host",
                       "127.0.0.1", "--port", str(p_mloop), "--workers", "1"],
             p_mloop, "/ready", "/predict", env, logs)
+        try:
+            nc_dir, nc_env = nocompile_project(project_dir, project.uris,
+                                               workdir / "mloop_nocompile" / project_dir.name)
+            servers["mloop_nocompile"] = Server(
+                "mloop_nocompile", [_venv_bin("mloop"), "-C", str(nc_dir), "serve", "--host",
+                                    "127.0.0.1", "--port", str(p_nocomp), "--workers", "1"],
+                p_nocomp, "/ready", "/predict", {**env, **nc_env}, logs)
+        except PeerSetupError as exc:
+            fail("mloop_nocompile", str(exc))
+        mlserver_setup: dict[str, Any] = {}
+        if args.skip_mlserver:
+            notes.append("MLServer left out (--skip-mlserver)")
+        else:
+            try:
+                venv = args.mlserver_venv.resolve()
+                print(f"MLServer venv {venv} (setup_mlserver.sh) ...", flush=True)
+                mlserver_bin = ensure_mlserver_venv(venv, logs / "setup_mlserver.log")
+                model_dir, found = mlflow_model_dir(
+                    mv, model=model, version=version, dest=workdir / "mlflow_model",
+                    mlflow_bin=_venv_bin("mlflow"),
+                    env={**env, "MLFLOW_TRACKING_URI": tracking_uri,
+                         "MLFLOW_REGISTRY_URI": registry_uri})
+                repo_dir = workdir / "mlserver"
+                mlserver_setup = {
+                    "venv": str(venv), "model_dir": str(model_dir), "model_dir_from": found,
+                    **write_mlserver_repo(repo_dir, model=model, model_dir=model_dir,
+                                          http_port=p_mls, grpc_port=p_mls_grpc,
+                                          metrics_port=p_mls_metrics),
+                    "versions": venv_versions(mlserver_bin.parent / "python", (
+                        "mlserver", "mlserver-mlflow", "mlflow", "mlflow-skinny",
+                        "scikit-learn", "skops", "numpy", "pandas", "fastapi", "starlette",
+                        "uvicorn", "uvloop"))}
+                mls_env = {**env, "PATH": f"{mlserver_bin.parent}{os.pathsep}"
+                                          f"{_ORIGINAL_ENV.get('PATH', '')}"}
+                servers["mlserver"] = Server(
+                    "mlserver", [str(mlserver_bin), "start", str(repo_dir)], p_mls,
+                    f"/v2/models/{model}/ready", f"/v2/models/{model}/infer", mls_env, logs)
+            except (PeerSetupError, OSError, subprocess.SubprocessError) as exc:
+                fail("mlserver", f"{type(exc).__name__}: {exc}")
         servers["mlflow"] = Server(
             "mlflow", [_venv_bin("mlflow"), "models", "serve", "-m", f"models:/{model}/{version}",
                        "--env-manager", "local", "--port", str(p_mlflow), "--host", "127.0.0.1",
@@ -783,8 +937,8 @@ def main() -> None:
                      "--host", "127.0.0.1", "--port", str(p_bare), "--workers", "1",
                      "--no-access-log", "--log-level", "warning"],
             p_bare, "/ping", "/predict", env, logs)
-        print(f"starting servers (mloop :{p_mloop}, mlflow :{p_mlflow}, bare :{p_bare}) for "
-              f"{model} v{version} ...", flush=True)
+        print(f"starting servers ({', '.join(f'{n} :{s.port}' for n, s in servers.items())}) "
+              f"for {model} v{version} ...", flush=True)
         for s in servers.values():
             s.start()
         for name in list(servers):
@@ -795,67 +949,87 @@ def main() -> None:
                 if name == "mloop":
                     raise SystemExit(f"mloop's server did not start: {exc}\n--- stderr (tail)"
                                      f" ---\n{exc.stderr}") from None
-                failures[name] = f"{exc}\n--- stderr (tail) ---\n{exc.stderr}"
-                print(f"  {name} FAILED: {exc}\n--- stderr (tail) ---\n{exc.stderr}",
-                      file=sys.stderr, flush=True)
-                servers[name].stop()
-                del servers[name]
-        if "mloop" not in servers:
-            raise SystemExit("mloop's server did not start: nothing to compare")
+                fail(name, f"{exc}\n--- stderr (tail) ---\n{exc.stderr}")
 
         # ---- the row, typed by the signature mloop serves
-        status, raw = _http(servers["mloop"].base + "/model")
-        info = json.loads(raw)
-        champion = info.get("champion") or {}
+        champion = model_info(servers["mloop"])
         signature = champion.get("signature")
-        if status != 200 or not signature:
-            raise SystemExit(f"GET /model gave {status}: {raw[:500]!r}")
-        results_engine = champion.get("engine", "original (no compile support)")
-        if champion.get("compiled"):
-            results_engine += f" (compile: {champion['compiled'].get('status')})"
+        if not signature:
+            raise SystemExit(f"GET /model of mloop's server has no signature: {champion}")
+        results_engine = _engine(champion)
         print(f"mloop engine: {results_engine}", flush=True)
         if champion.get("version") != version:
-            notes.append(f"mloop serves v{champion.get('version')} but MLflow serves v{version}")
+            notes.append(f"mloop serves v{champion.get('version')} but the others serve "
+                         f"v{version}")
+        nocompile_info: dict[str, Any] = {}
+        if "mloop_nocompile" in servers:
+            nocompile_info = model_info(servers["mloop_nocompile"])
+            if nocompile_info.get("engine") != "original":
+                fail("mloop_nocompile", f"serves engine {_engine(nocompile_info)!r}, not the "
+                     f"original pipeline: serving.compile.enabled: false was not applied")
+            elif nocompile_info.get("version") != version:
+                fail("mloop_nocompile", f"serves v{nocompile_info.get('version')}, not "
+                     f"v{version}")
+            else:
+                print(f"mloop compile off engine: {_engine(nocompile_info)}", flush=True)
         idx, rows = real_rows(data_path, signature, args.row, BATCH_ROWS)
         row = rows[0]
-        bodies = {"mloop": {"records": [row]}, "mlflow": {"dataframe_records": [row]},
-                  "bare": {"records": [row]}}
+        bodies = {"mloop": {"records": [row]}, "mloop_nocompile": {"records": [row]},
+                  "mlserver": v2_infer_request(row, signature),
+                  "mlflow": {"dataframe_records": [row]}, "bare": {"records": [row]}}
         body_files = {}
         for name, body in bodies.items():
             body_files[name] = workdir / f"body_{name}.json"
             body_files[name].write_text(json.dumps(body, separators=(",", ":")))
         print(f"row {idx[0]} of {data_path.name}: {json.dumps(row)}", flush=True)
 
-        # ---- one request each: both must answer 200 with the same prediction
+        # ---- one request each: every server must answer 200 (mloop's own, or no run)
         check: dict[str, Any] = {}
-        for name, s in servers.items():
-            st, out = _http(s.url, body_files[name].read_bytes(), timeout=30)
+        for name, s in list(servers.items()):
+            try:
+                st, out = _http(s.url, body_files[name].read_bytes(), timeout=30)
+                pred = v2_first_prediction(json.loads(out)) if name == "mlserver" and st == 200 \
+                    else (json.loads(out).get("predictions", [None])[0] if st == 200 else None)
+            except (OSError, ValueError) as exc:
+                st, out, pred = 0, str(exc).encode(), None
             if st != 200:
-                raise SystemExit(f"{name} answered {st} to the benchmark row: {out[:500]!r}")
-            check[name] = json.loads(out).get("predictions", [None])[0]
+                if name == "mloop":
+                    raise SystemExit(f"mloop answered {st} to the benchmark row: {out[:500]!r}")
+                fail(name, f"answered {st} to the benchmark row: {out[:500]!r}")
+                continue
+            check[name] = pred
         print(f"predictions for that row: {check}", flush=True)
-        if check.get("mlflow") is not None and check.get("mloop") is not None \
-                and check["mlflow"] != check["mloop"]:
-            notes.append(f"mloop and MLflow answer the row differently: {check['mloop']!r} vs "
-                         f"{check['mlflow']!r} (|difference| "
-                         f"{abs(check['mloop'] - check['mlflow']):.2g})")
+        # the scikit-learn pipeline's answer, as mloop (compile off) or else a peer gives it
+        ref_name = next((n for n in ("mloop_nocompile", "mlflow", "mlserver")
+                         if isinstance(check.get(n), int | float)), None)
+        for name, v in check.items():
+            if ref_name and name not in (ref_name, "bare") and isinstance(v, int | float) \
+                    and v != check[ref_name]:
+                notes.append(f"{LABELS[name]} answers the row {v!r}, {LABELS[ref_name]} "
+                             f"{check[ref_name]!r} (|difference| "
+                             f"{abs(v - check[ref_name]):.2g})")
 
         # ---- warm-up, then interleaved runs
         for name, s in servers.items():
             run_wrk(s.url, body_files[name], 8, args.warmup)
         print(f"warmed up ({args.warmup} s each at c=8)", flush=True)
+        names = list(servers)
         raw_runs: dict[int, dict[str, list[dict[str, Any]]]] = {
-            c: {n: [] for n in servers} for c in args.connections}
+            c: {n: [] for n in names} for c in args.connections}
         for rep in range(args.repeats):
-            for c in args.connections:
-                for name, s in servers.items():
+            for ci, c in enumerate(args.connections):
+                shift = (rep * len(args.connections) + ci) % len(names)
+                order = names[shift:] + names[:shift]
+                for pos, name in enumerate(order):
+                    s = servers[name]
                     time.sleep(1.0)  # let the previous server's background work settle
-                    before = mloop_counters(s) if name == "mloop" else {}
+                    before = mloop_counters(s) if name in MLOOP_SERVERS else {}
                     with CpuProbe(s.proc.pid if s.proc else None) as probe:
                         r = run_wrk(s.url, body_files[name], c, args.duration)
                     r.update({k: round(v, 3) for k, v in probe.result.items()})
                     r["implied_mean_ms"] = c / r["rps"] * 1e3 if r["rps"] else None
-                    if name == "mloop":
+                    r["position"] = pos
+                    if name in MLOOP_SERVERS:
                         d = _diff(mloop_counters(s), before)
                         r["server_by_status"] = {k[7:]: int(v) for k, v in d.items()
                                                  if k.startswith("status_") and v}
@@ -864,11 +1038,12 @@ def main() -> None:
                         r["batch_rows_sum"] = d.get("mloop_batch_rows_sum", 0.0)
                         r["batch_calls"] = d.get("mloop_batch_rows_count", 0.0)
                     raw_runs[c][name].append(r)
-                    print(f"  [{rep + 1}/{args.repeats}] c={c:<3} {name:<6} "
+                    print(f"  [{rep + 1}/{args.repeats}] c={c:<3} {name:<15} "
                           f"{r['rps']:>9,.1f} req/s  p50 {r['p50_ms']:.2f} ms  "
                           f"p99 {r['p99_ms']:.2f} ms  errors {r['errors']}  "
                           f"cpu: server {r['server_cpu']:.0%} wrk {r['wrk_cpu']:.0%} "
                           f"other {r['other_cpu']:.0%}", flush=True)
+        commands = {n: s.cmd for n, s in servers.items()}
         for s in servers.values():
             s.stop()
         print("servers stopped; timing the in-process floor ...", flush=True)
@@ -879,17 +1054,18 @@ def main() -> None:
                                            args.floor_seconds)
         except Exception as exc:  # report the rest even if the floor cannot be timed
             floors["in_process_error"] = f"{type(exc).__name__}: {exc}"
-        runs = {str(c): {n: _aggregate(v) for n, v in per.items()}
+        runs = {str(c): {n: _aggregate(v) for n, v in per.items() if v}
                 for c, per in raw_runs.items()}
         floors["bare_asgi_rps"] = {str(c): runs[str(c)]["bare"]["rps"]
                                    for c in args.connections if "bare" in runs[str(c)]}
-        for name, msg in failures.items():
-            notes.append(f"{name} failed to start: {msg}")
         for c in args.connections:
-            mf = runs[str(c)].get("mlflow")
-            if mf and mf["errors"]:
-                notes.append(f"MLflow had {mf['errors']} errors at c={c} (its numbers count "
-                             f"only the answered requests)")
+            for n in ("mlserver", "mlflow"):
+                peer = runs[str(c)].get(n)
+                if peer and peer["errors"]:
+                    notes.append(f"{LABELS[n]} had {peer['errors']} errors at c={c} (its "
+                                 f"numbers count only the answered requests)")
+        other = [r["other_cpu"] for per in runs.values() for r in per.values()
+                 if r.get("other_cpu") is not None]
         busy = [(c, n, r["other_cpu"]) for c in args.connections
                 for n, r in runs[str(c)].items() if (r.get("other_cpu") or 0) > 0.15]
         if busy:
@@ -912,24 +1088,39 @@ def main() -> None:
         if busy_before > 0.15:
             notes.append(f"the machine was not idle before the run: {busy_before:.0%} of a core "
                          f"busy over 2 s (load avg {loadavg})")
+        if not git.get("clean"):
+            notes.append(f"measured on a work tree that was not clean (commit "
+                         f"{git.get('commit')}): {', '.join(git.get('dirty') or [])[:300]}")
 
         results: dict[str, Any] = {
             "benchmark": "serving", "created": datetime.now(UTC).isoformat(timespec="seconds"),
-            "model": model, "version": version, "project": str(project_dir),
+            "git": git, "model": model, "version": version, "project": str(project_dir),
+            "data_version": data_version,
             "mloop_engine": results_engine, "mloop_model_info": champion,
+            "mloop_nocompile_model_info": nocompile_info,
             "row_index": idx[0], "row": row, "data": str(data_path),
             "check_predictions": check,
             "config": {"duration_s": args.duration, "repeats": args.repeats,
                        "warmup_s": args.warmup, "connections": args.connections,
+                       "order": "servers interleaved per (repeat, C), rotated one place each",
                        "wrk": "wrk -t1 -cC -dDs --latency -s post.lua", "env": SERVER_ENV,
                        "workers": 1, "batch_rows_floor": BATCH_ROWS,
-                       "commands": {n: s.cmd for n, s in servers.items()}},
+                       "mlserver": {"max_batch_size": MLSERVER_MAX_BATCH_SIZE,
+                                    "max_batch_time_s": MLSERVER_MAX_BATCH_TIME_S,
+                                    "parallel_workers": MLSERVER_PARALLEL_WORKERS,
+                                    **mlserver_setup},
+                       "bodies": bodies, "commands": commands},
             "startup_s": {n: s.ready_seconds and round(s.ready_seconds, 1)
                           for n, s in servers.items()},
             "machine": {"cpus": os.cpu_count(), "cpu": _cpu_model(),
                         "platform": platform.platform(), "python": platform.python_version(),
                         "loadavg_before": loadavg,
-                        "cpu_busy_before": round(busy_before, 3)},
+                        "cpu_busy_before": round(busy_before, 3),
+                        "cpu_other_during_runs": {
+                            "median": round(statistics.median(other), 3) if other else None,
+                            "max": round(max(other), 3) if other else None,
+                            "unit": "share of one core used by processes other than the "
+                                    "server under test, wrk and this script"}},
             "versions": _versions(),
             "runs": runs, "floors": floors, "notes": notes,
             "failures": failures, "out": str(args.out),
@@ -950,6 +1141,21 @@ def main() -> None:
             shutil.rmtree(workdir, ignore_errors=True)
 
 
+def model_info(server: Server) -> dict[str, Any]:
+    """The champion entry of an mloop server's GET /model (version, signature, engine)."""
+    status, raw = _http(server.base + "/model")
+    if status != 200:
+        raise SystemExit(f"GET /model of {server.name} gave {status}: {raw[:500]!r}")
+    return dict(json.loads(raw).get("champion") or {})
+
+
+def _engine(info: dict[str, Any]) -> str:
+    engine = str(info.get("engine", "original (no compile support)"))
+    if info.get("compiled"):
+        engine += f" (compile: {info['compiled'].get('status')})"
+    return engine
+
+
 def _cpu_model() -> str:
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -960,8 +1166,9 @@ def _cpu_model() -> str:
 
 def _versions() -> dict[str, str]:
     out = {}
-    for dist in ("mloop", "mlflow", "mlflow-skinny", "scikit-learn", "uvicorn", "starlette",
-                 "fastapi", "uvloop", "httptools", "orjson", "pandas", "numpy"):
+    for dist in ("mloop", "mlflow", "mlflow-skinny", "scikit-learn", "skops", "onnxruntime",
+                 "skl2onnx", "uvicorn", "starlette", "fastapi", "uvloop", "httptools", "orjson",
+                 "pandas", "numpy", "threadpoolctl"):
         with contextlib.suppress(metadata.PackageNotFoundError):
             out[dist] = metadata.version(dist)
     with contextlib.suppress(OSError, subprocess.SubprocessError):
