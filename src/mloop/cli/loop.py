@@ -108,8 +108,11 @@ def demo(
                           f"{m['mae_loop']:.1f}", ", ".join(f"v{v}" for v in m["versions"])]
                          for m in summary["months"]]))
         loop = summary["loop"]
-        out.print(f"2012 MAE: loop [bold]{num(summary['mae_2012_loop'])}[/] vs frozen "
-                  f"{num(summary['mae_2012_frozen'])}; retrains {loop['retrains']}, promoted "
+        # a replay that stops before 2012 (--until) has no 2012 to score: the whole replay
+        span, key = (("2012", "2012") if summary.get("mae_2012_loop") is not None
+                     else ("replay", "all"))
+        out.print(f"{span} MAE: loop [bold]{num(summary[f'mae_{key}_loop'])}[/] vs frozen "
+                  f"{num(summary[f'mae_{key}_frozen'])}; retrains {loop['retrains']}, promoted "
                   f"{loop['promoted']}, rolled back {loop['rolled_back']}, rejected "
                   f"{loop['rejected']}; time to detect {num(loop['time_to_detect_hours'])} h, "
                   f"to deploy {num(loop['time_to_deploy_hours'])} h (event time); "
