@@ -1,13 +1,87 @@
-"""Helpers several test modules share (imported as ``from .helpers import ...``): building a
-trained project with a champion once per module, and copying it for a test that changes it."""
+"""Names several test modules share, imported as ``from .helpers import ...`` (as scikit-learn's
+tests import theirs from one common module): the repository's paths, the real ``mloop``
+command, a small rentals table and its config, trained projects built once per module and
+copied for a test that changes them, and what the orchestrator exports compare.
+
+conftest.py holds the fixtures and imports from here; no test module imports conftest.py or
+another test module. Nothing of mloop is imported at module level: conftest.py imports this
+module, and mloop must not be imported before it has cleared ``COLUMNS``.
+"""
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pandas as pd
 
+REPO = Path(__file__).resolve().parents[1]
+BIKE = REPO / "examples" / "bike_sharing"
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None,
+            check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run the real `mloop` console script in a fresh process."""
+    exe = Path(sys.executable).parent / "mloop"
+    full_env = {**os.environ, **(env or {})}
+    proc = subprocess.run([str(exe), *args], cwd=cwd, env=full_env, capture_output=True,
+                          text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"mloop {' '.join(args)} exited {proc.returncode}\n"
+                             f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+# ------------------------------------------------------------------- a small rentals table
+
+def rentals_frame(n: int = 600, seed: int = 0) -> pd.DataFrame:
+    """A small bike-like table: hourly rentals driven by hour, weather and temperature."""
+    rng = np.random.default_rng(seed)
+    hours = np.arange(n) % 24
+    weather = rng.choice(["Clear", "Mist", "Rain"], size=n, p=[0.6, 0.3, 0.1])
+    temp = rng.normal(15, 8, size=n).round(2)
+    base = 20 + 15 * np.sin((hours - 6) / 24 * 2 * np.pi).clip(0) * 10
+    effect = np.where(weather == "Rain", -30, np.where(weather == "Mist", -10, 0))
+    cnt = np.maximum(0, base + 2.5 * temp + effect + rng.normal(0, 8, size=n)).round().astype(int)
+    return pd.DataFrame({
+        "ts": pd.date_range("2024-01-01", periods=n, freq="h"),
+        "hour": hours.astype(int),
+        "weather": weather,
+        "temp": temp,
+        "cnt": cnt,
+    })
+
+
+SMALL_CONFIG = """\
+project: rentals
+data:
+  path: data/rentals.parquet
+target: cnt
+features:
+  time_column: ts
+split:
+  holdout: 0.25
+model:
+  estimator: sklearn.ensemble.HistGradientBoostingRegressor
+  params: {max_iter: 30, random_state: 0}
+metrics: [mae, rmse]
+validation:
+  min_rows: 100
+  columns:
+    temp: {type: numeric, min: -40, max: 60}
+    weather: {allowed: [Clear, Mist, Rain]}
+"""
+
+
+# ---------------------------------------------------------------------- trained projects
 
 def train_champion(root: Path, config: str, frame: pd.DataFrame) -> Path:
     """A project at ``root`` (mloop.yaml + data/rentals.parquet), its pipeline run once and
@@ -32,3 +106,116 @@ def copy_project(trained: Path, tmp_path: Path) -> Path:
     root = tmp_path / trained.name
     shutil.copytree(trained, root)
     return root
+
+
+# A random forest on rentals_frame: PARAMS, GATES and EXCLUDE are filled by
+# write_forest_config.
+FOREST_CONFIG = """\
+project: rentals
+data: {path: data/rentals.parquet}
+target: cnt
+features:
+  time_column: ts
+  exclude: EXCLUDE
+split: {holdout: 0.3}
+model:
+  estimator: sklearn.ensemble.RandomForestRegressor
+  params: PARAMS
+metrics: [mae, rmse]
+GATES
+"""
+
+GOOD = "{n_estimators: 40, min_samples_leaf: 3, random_state: 0}"
+RESEED = "{n_estimators: 40, min_samples_leaf: 3, random_state: 1}"
+WORSE = "{n_estimators: 5, max_depth: 1, random_state: 0}"
+
+
+def write_forest_config(root: Path, *, params: str, gates: str = "",
+                        exclude: str = "[]") -> None:
+    (root / "mloop.yaml").write_text(FOREST_CONFIG.replace("PARAMS", params)
+                                     .replace("GATES", gates).replace("EXCLUDE", exclude))
+
+
+def train_forest(root: Path, params: str, exclude: str = "[]") -> int:
+    """Run the pipeline of ``root`` with these forest parameters; returns the registered
+    version."""
+    from mloop.pipeline.artifacts import load_output
+    from mloop.pipeline.runner import run_pipeline
+    from mloop.project import open_project
+
+    write_forest_config(root, params=params, exclude=exclude)
+    result = run_pipeline(open_project(root))
+    reg = next(s for s in result.steps if s.step == "register")
+    project = open_project(root)
+    return load_output(reg.outputs["output"], project.outputs, project.snapshots)["version"]
+
+
+# ------------------------------------------------------------------ orchestrator exports
+
+MLOOP_BIN = str(Path(sys.executable).parent / "mloop")
+STEPS = ["ingest", "validate", "snapshot", "split", "train", "evaluate", "register"]
+
+
+def copy_bike(root: Path, extra: str = "") -> Path:
+    """The bike-sharing example copied to ``root`` (without its .mloop stores), ``extra``
+    appended to its mloop.yaml."""
+    shutil.copytree(BIKE, root, ignore=shutil.ignore_patterns(".mloop"))
+    if extra:
+        cfg = root / "mloop.yaml"
+        cfg.write_text(cfg.read_text() + textwrap.dedent(extra))
+    return root
+
+
+def append_config(root: Path, extra: str) -> Path:
+    cfg = root / "mloop.yaml"
+    cfg.write_text(cfg.read_text() + textwrap.dedent(extra))
+    return root
+
+
+def run_process_group(args: list[str], env: dict[str, str], log: Path, timeout: float) -> int:
+    """Run a command in its own process group, output to ``log``; stop the group by its PID
+    on a timeout (Airflow's task processes included)."""
+    with log.open("w") as fh:
+        proc = subprocess.Popen(args, env=env, stdout=fh, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            raise AssertionError(f"{' '.join(args)}: no result in {timeout} s; "
+                                 f"see {log}") from None
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def lineage_of(root: Path) -> dict[str, Any]:
+    """`mloop models lineage 1 --json`, computed in this process (a CLI start costs ~8 s)."""
+    from mloop.project import open_project
+    from mloop.registry.lineage import lineage
+
+    return json.loads(json.dumps(lineage(open_project(root), 1), default=str))
+
+
+def comparable_lineage(lin: dict[str, Any], *, code_stable: bool) -> dict[str, Any]:
+    """What must match between two runs of one pipeline on one data set and configuration:
+    everything but ids, timestamps and where things were stored. The register step's output
+    is the registry's record (run and model ids); its name and version are compared."""
+    data = {role: {k: v for k, v in (snap or {}).items() if k != "created_at"}
+            for role, snap in lin["data"].items()}
+    run = lin["pipeline_run"]
+    keys = ("step", "cache_hit", "outputs", "params", *(("cache_key",) if code_stable else ()))
+    steps = [{k: s[k] for k in keys} for s in run["steps"]]
+    for s in steps:
+        if s["step"] == "register":
+            del s["outputs"]
+    return {"model": lin["model"], "version": lin["version"], "metrics": lin["metrics"],
+            "code": lin["code"], "config_hash": lin["config_hash"], "data": data,
+            "pipeline": run["pipeline"], "status": run["status"],
+            "run_config_hash": run["config_hash"], "steps": steps}

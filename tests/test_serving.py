@@ -33,10 +33,15 @@ from mloop.serving.model import load_served
 from mloop.traffic.inference_log import read_log
 from mloop.traffic.labels import read_labels
 
-from .conftest import rentals_frame
-from .helpers import copy_project
+from .helpers import (
+    GOOD,
+    RESEED,
+    copy_project,
+    rentals_frame,
+    train_forest,
+    write_forest_config,
+)
 from .serving_util import ServerThread, free_port, metric
-from .test_gates import GOOD, RESEED, _train, _write
 
 pytestmark = pytest.mark.slow
 
@@ -69,10 +74,10 @@ def trained(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("serving") / "proj"
     (root / "data").mkdir(parents=True)
     rentals_frame(800).to_parquet(root / "data" / "rentals.parquet", index=False)
-    assert [_train(root, GOOD), _train(root, RESEED)] == [1, 2]
+    assert [train_forest(root, GOOD), train_forest(root, RESEED)] == [1, 2]
     assert _register_pyfunc(root, CrashOnTraffic()) == 3
     assert _register_pyfunc(root, FailsToLoad()) == 4
-    _write(root, params=GOOD)
+    write_forest_config(root, params=GOOD)
     change_alias(open_project(root), "champion", 1, expected=None, action="promote",
                  reason="test setup")
     return root
@@ -674,7 +679,6 @@ def test_invocations_answer_like_mlflow_models_serve(proj: Path) -> None:
     from mloop.serving.app import create_app
 
     from .serving_util import ServerThread
-    from .test_serving import FAST, _rows
 
     project = open_project(proj)
     port = free_port()
