@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import sqlalchemy as sa
 
-from .helpers import SMALL_CONFIG, copy_bike, rentals_frame
+from .helpers import SMALL_CONFIG, build_serving_registry, copy_bike, rentals_frame
 
 # pytest-xdist hands its workers the launching terminal's width as COLUMNS, and rich would then
 # lay every table out for that terminal instead of for the pipe it writes to. Tests read
@@ -43,6 +43,15 @@ def make_project(tmp_path: Path) -> Callable[..., Path]:
 @pytest.fixture
 def bike_project(tmp_path: Path) -> Path:
     return copy_bike(tmp_path / "bike_sharing")
+
+
+@pytest.fixture(scope="session")
+def serving_registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The trained project of the serving, monitoring and loop tests (four versions, v1
+    champion: helpers.build_serving_registry), built once per test process, not once per
+    module: pytest-xdist spreads those three modules over its workers, and each worker trains
+    it once. A test changes a copy of it (helpers.copy_project), never this one."""
+    return build_serving_registry(tmp_path_factory.mktemp("serving") / "proj")
 
 
 PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/test"

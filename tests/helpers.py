@@ -1,7 +1,8 @@
 """Names several test modules share, imported as ``from .helpers import ...`` (as scikit-learn's
 tests import theirs from one common module): the repository's paths, the real ``mloop``
-command, a small rentals table and its config, trained projects built once per module and
-copied for a test that changes them, and what the orchestrator exports compare.
+command, a small rentals table and its config, trained projects built once per module (or
+session) and copied for a test that changes them, traffic written to the inference log, and
+what the orchestrator exports compare.
 
 conftest.py holds the fixtures and imports from here; no test module imports conftest.py or
 another test module. Nothing of mloop is imported at module level: conftest.py imports this
@@ -148,6 +149,72 @@ def train_forest(root: Path, params: str, exclude: str = "[]") -> int:
     reg = next(s for s in result.steps if s.step == "register")
     project = open_project(root)
     return load_output(reg.outputs["output"], project.outputs, project.snapshots)["version"]
+
+
+def register_pyfunc(root: Path, model: Any) -> int:
+    """Register ``model`` (an mlflow.pyfunc.PythonModel) as the next version of the project's
+    model, with version 1's signature; returns its version."""
+    import mlflow
+    import mlflow.pyfunc
+    from mlflow.models import get_model_info
+
+    from mloop.project import open_project
+
+    project = open_project(root)
+    client = project.mlflow
+    name = project.config.model_name
+    sig = get_model_info(f"models:/{name}/1").signature
+    example = rentals_frame(5)[["hour", "weather", "temp"]].astype({"hour": "float64"})
+    with mlflow.start_run(experiment_id=project.experiment_id) as run:
+        info = mlflow.pyfunc.log_model(name="model", python_model=model, signature=sig,
+                                       input_example=example, pip_requirements=["mlflow"])
+    mv = client.create_model_version(name, source=info.model_uri, run_id=run.info.run_id,
+                                     model_id=info.model_id, tags={"mloop.task": "regression"})
+    return int(mv.version)
+
+
+def build_serving_registry(root: Path) -> Path:
+    """The project the serving, monitoring and loop tests start from, at ``root``: v1
+    champion (random forest), v2 reseeded, v3 crashes on traffic, v4 fails to load."""
+    from mloop.project import open_project
+    from mloop.registry.promotion import change_alias
+
+    from .serving_models import CrashOnTraffic, FailsToLoad
+
+    (root / "data").mkdir(parents=True)
+    rentals_frame(800).to_parquet(root / "data" / "rentals.parquet", index=False)
+    assert [train_forest(root, GOOD), train_forest(root, RESEED)] == [1, 2]
+    assert register_pyfunc(root, CrashOnTraffic()) == 3
+    assert register_pyfunc(root, FailsToLoad()) == 4
+    write_forest_config(root, params=GOOD)
+    change_alias(open_project(root), "champion", 1, expected=None, action="promote",
+                 reason="test setup")
+    return root
+
+
+# ------------------------------------------------------------------------------- traffic
+
+def log_traffic(project: Any, frame: pd.DataFrame, day: str, version: int = 1,
+                role: str = "champion") -> list[str]:
+    """Rows answered by ``version`` on ``day`` (spread over the day), through the same writer
+    the server uses; returns their request ids."""
+    from mloop.serving.model import load_served
+    from mloop.traffic.inference_log import InferenceLog, LogEntry, new_request_id
+
+    model = load_served(project, version)
+    cols = {c: frame[c].tolist() for c in ("hour", "weather", "temp")}
+    preds = model.predict_columns(cols)
+    start = pd.Timestamp(day, tz="UTC").timestamp()
+    log = InferenceLog(project.uris["inference_log_uri"], commit_interval=3600)
+    ids = []
+    for i in range(len(frame)):
+        ts = start + i * 86_000 / len(frame)
+        rid = new_request_id(ts)
+        ids.append(rid)
+        log.append(LogEntry([rid], ts, version, role, 1.0, [preds[i]],
+                            {c: [v[i]] for c, v in cols.items()}))
+    log.close()
+    return ids
 
 
 # ------------------------------------------------------------------ orchestrator exports
