@@ -5,8 +5,9 @@ session) and copied for a test that changes them, traffic written to the inferen
 what the orchestrator exports compare.
 
 conftest.py holds the fixtures and imports from here; no test module imports conftest.py or
-another test module. Nothing of mloop is imported at module level: conftest.py imports this
-module, and mloop must not be imported before it has cleared ``COLUMNS``.
+another test module (tests/test_architecture.py checks it). Nothing of mloop is imported at
+module level: conftest.py imports this module, and mloop must not be imported before it has
+cleared ``COLUMNS``.
 """
 
 from __future__ import annotations
