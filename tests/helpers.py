@@ -1,13 +1,89 @@
-"""Helpers several test modules share (imported as ``from .helpers import ...``): building a
-trained project with a champion once per module, and copying it for a test that changes it."""
+"""Names several test modules share, imported as ``from .helpers import ...`` (as scikit-learn's
+tests import theirs from one common module): the repository's paths, the real ``mloop``
+command, a small rentals table and its config, trained projects built once per module (or
+session) and copied for a test that changes them, traffic written to the inference log, and
+what the orchestrator exports compare.
+
+conftest.py holds the fixtures and imports from here; no test module imports conftest.py or
+another test module (tests/test_architecture.py checks it). Nothing of mloop is imported at
+module level: conftest.py imports this module, and mloop must not be imported before it has
+cleared ``COLUMNS``.
+"""
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pandas as pd
 
+REPO = Path(__file__).resolve().parents[1]
+BIKE = REPO / "examples" / "bike_sharing"
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None,
+            check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run the real `mloop` console script in a fresh process."""
+    exe = Path(sys.executable).parent / "mloop"
+    full_env = {**os.environ, **(env or {})}
+    proc = subprocess.run([str(exe), *args], cwd=cwd, env=full_env, capture_output=True,
+                          text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"mloop {' '.join(args)} exited {proc.returncode}\n"
+                             f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+# ------------------------------------------------------------------- a small rentals table
+
+def rentals_frame(n: int = 600, seed: int = 0) -> pd.DataFrame:
+    """A small bike-like table: hourly rentals driven by hour, weather and temperature."""
+    rng = np.random.default_rng(seed)
+    hours = np.arange(n) % 24
+    weather = rng.choice(["Clear", "Mist", "Rain"], size=n, p=[0.6, 0.3, 0.1])
+    temp = rng.normal(15, 8, size=n).round(2)
+    base = 20 + 15 * np.sin((hours - 6) / 24 * 2 * np.pi).clip(0) * 10
+    effect = np.where(weather == "Rain", -30, np.where(weather == "Mist", -10, 0))
+    cnt = np.maximum(0, base + 2.5 * temp + effect + rng.normal(0, 8, size=n)).round().astype(int)
+    return pd.DataFrame({
+        "ts": pd.date_range("2024-01-01", periods=n, freq="h"),
+        "hour": hours.astype(int),
+        "weather": weather,
+        "temp": temp,
+        "cnt": cnt,
+    })
+
+
+SMALL_CONFIG = """\
+project: rentals
+data:
+  path: data/rentals.parquet
+target: cnt
+features:
+  time_column: ts
+split:
+  holdout: 0.25
+model:
+  estimator: sklearn.ensemble.HistGradientBoostingRegressor
+  params: {max_iter: 30, random_state: 0}
+metrics: [mae, rmse]
+validation:
+  min_rows: 100
+  columns:
+    temp: {type: numeric, min: -40, max: 60}
+    weather: {allowed: [Clear, Mist, Rain]}
+"""
+
+
+# ---------------------------------------------------------------------- trained projects
 
 def train_champion(root: Path, config: str, frame: pd.DataFrame) -> Path:
     """A project at ``root`` (mloop.yaml + data/rentals.parquet), its pipeline run once and
@@ -32,3 +108,182 @@ def copy_project(trained: Path, tmp_path: Path) -> Path:
     root = tmp_path / trained.name
     shutil.copytree(trained, root)
     return root
+
+
+# A random forest on rentals_frame: PARAMS, GATES and EXCLUDE are filled by
+# write_forest_config.
+FOREST_CONFIG = """\
+project: rentals
+data: {path: data/rentals.parquet}
+target: cnt
+features:
+  time_column: ts
+  exclude: EXCLUDE
+split: {holdout: 0.3}
+model:
+  estimator: sklearn.ensemble.RandomForestRegressor
+  params: PARAMS
+metrics: [mae, rmse]
+GATES
+"""
+
+GOOD = "{n_estimators: 40, min_samples_leaf: 3, random_state: 0}"
+RESEED = "{n_estimators: 40, min_samples_leaf: 3, random_state: 1}"
+WORSE = "{n_estimators: 5, max_depth: 1, random_state: 0}"
+
+
+def write_forest_config(root: Path, *, params: str, gates: str = "",
+                        exclude: str = "[]") -> None:
+    (root / "mloop.yaml").write_text(FOREST_CONFIG.replace("PARAMS", params)
+                                     .replace("GATES", gates).replace("EXCLUDE", exclude))
+
+
+def train_forest(root: Path, params: str, exclude: str = "[]") -> int:
+    """Run the pipeline of ``root`` with these forest parameters; returns the registered
+    version."""
+    from mloop.pipeline.artifacts import load_output
+    from mloop.pipeline.runner import run_pipeline
+    from mloop.project import open_project
+
+    write_forest_config(root, params=params, exclude=exclude)
+    result = run_pipeline(open_project(root))
+    reg = next(s for s in result.steps if s.step == "register")
+    project = open_project(root)
+    return load_output(reg.outputs["output"], project.outputs, project.snapshots)["version"]
+
+
+def register_pyfunc(root: Path, model: Any) -> int:
+    """Register ``model`` (an mlflow.pyfunc.PythonModel) as the next version of the project's
+    model, with version 1's signature; returns its version."""
+    import mlflow
+    import mlflow.pyfunc
+    from mlflow.models import get_model_info
+
+    from mloop.project import open_project
+
+    project = open_project(root)
+    client = project.mlflow
+    name = project.config.model_name
+    sig = get_model_info(f"models:/{name}/1").signature
+    example = rentals_frame(5)[["hour", "weather", "temp"]].astype({"hour": "float64"})
+    with mlflow.start_run(experiment_id=project.experiment_id) as run:
+        info = mlflow.pyfunc.log_model(name="model", python_model=model, signature=sig,
+                                       input_example=example, pip_requirements=["mlflow"])
+    mv = client.create_model_version(name, source=info.model_uri, run_id=run.info.run_id,
+                                     model_id=info.model_id, tags={"mloop.task": "regression"})
+    return int(mv.version)
+
+
+def build_serving_registry(root: Path) -> Path:
+    """The project the serving, monitoring and loop tests start from, at ``root``: v1
+    champion (random forest), v2 reseeded, v3 crashes on traffic, v4 fails to load."""
+    from mloop.project import open_project
+    from mloop.registry.promotion import change_alias
+
+    from .serving_models import CrashOnTraffic, FailsToLoad
+
+    (root / "data").mkdir(parents=True)
+    rentals_frame(800).to_parquet(root / "data" / "rentals.parquet", index=False)
+    assert [train_forest(root, GOOD), train_forest(root, RESEED)] == [1, 2]
+    assert register_pyfunc(root, CrashOnTraffic()) == 3
+    assert register_pyfunc(root, FailsToLoad()) == 4
+    write_forest_config(root, params=GOOD)
+    change_alias(open_project(root), "champion", 1, expected=None, action="promote",
+                 reason="test setup")
+    return root
+
+
+# ------------------------------------------------------------------------------- traffic
+
+def log_traffic(project: Any, frame: pd.DataFrame, day: str, version: int = 1,
+                role: str = "champion") -> list[str]:
+    """Rows answered by ``version`` on ``day`` (spread over the day), through the same writer
+    the server uses; returns their request ids."""
+    from mloop.serving.model import load_served
+    from mloop.traffic.inference_log import InferenceLog, LogEntry, new_request_id
+
+    model = load_served(project, version)
+    cols = {c: frame[c].tolist() for c in ("hour", "weather", "temp")}
+    preds = model.predict_columns(cols)
+    start = pd.Timestamp(day, tz="UTC").timestamp()
+    log = InferenceLog(project.uris["inference_log_uri"], commit_interval=3600)
+    ids = []
+    for i in range(len(frame)):
+        ts = start + i * 86_000 / len(frame)
+        rid = new_request_id(ts)
+        ids.append(rid)
+        log.append(LogEntry([rid], ts, version, role, 1.0, [preds[i]],
+                            {c: [v[i]] for c, v in cols.items()}))
+    log.close()
+    return ids
+
+
+# ------------------------------------------------------------------ orchestrator exports
+
+MLOOP_BIN = str(Path(sys.executable).parent / "mloop")
+STEPS = ["ingest", "validate", "snapshot", "split", "train", "evaluate", "register"]
+
+
+def copy_bike(root: Path, extra: str = "") -> Path:
+    """The bike-sharing example copied to ``root`` (without its .mloop stores), ``extra``
+    appended to its mloop.yaml."""
+    shutil.copytree(BIKE, root, ignore=shutil.ignore_patterns(".mloop"))
+    if extra:
+        cfg = root / "mloop.yaml"
+        cfg.write_text(cfg.read_text() + textwrap.dedent(extra))
+    return root
+
+
+def append_config(root: Path, extra: str) -> Path:
+    cfg = root / "mloop.yaml"
+    cfg.write_text(cfg.read_text() + textwrap.dedent(extra))
+    return root
+
+
+def run_process_group(args: list[str], env: dict[str, str], log: Path, timeout: float) -> int:
+    """Run a command in its own process group, output to ``log``; stop the group by its PID
+    on a timeout (Airflow's task processes included)."""
+    with log.open("w") as fh:
+        proc = subprocess.Popen(args, env=env, stdout=fh, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            raise AssertionError(f"{' '.join(args)}: no result in {timeout} s; "
+                                 f"see {log}") from None
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def lineage_of(root: Path) -> dict[str, Any]:
+    """`mloop models lineage 1 --json`, computed in this process (a CLI start costs ~8 s)."""
+    from mloop.project import open_project
+    from mloop.registry.lineage import lineage
+
+    return json.loads(json.dumps(lineage(open_project(root), 1), default=str))
+
+
+def comparable_lineage(lin: dict[str, Any], *, code_stable: bool) -> dict[str, Any]:
+    """What must match between two runs of one pipeline on one data set and configuration:
+    everything but ids, timestamps and where things were stored. The register step's output
+    is the registry's record (run and model ids); its name and version are compared."""
+    data = {role: {k: v for k, v in (snap or {}).items() if k != "created_at"}
+            for role, snap in lin["data"].items()}
+    run = lin["pipeline_run"]
+    keys = ("step", "cache_hit", "outputs", "params", *(("cache_key",) if code_stable else ()))
+    steps = [{k: s[k] for k in keys} for s in run["steps"]]
+    for s in steps:
+        if s["step"] == "register":
+            del s["outputs"]
+    return {"model": lin["model"], "version": lin["version"], "metrics": lin["metrics"],
+            "code": lin["code"], "config_hash": lin["config_hash"], "data": data,
+            "pipeline": run["pipeline"], "status": run["status"],
+            "run_config_hash": run["config_hash"], "steps": steps}

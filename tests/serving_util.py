@@ -1,14 +1,21 @@
-"""Helpers for serving tests: a real uvicorn server on 127.0.0.1 in a thread, free ports."""
+"""Helpers for serving tests: a real uvicorn server on 127.0.0.1 in a thread, free ports, a
+project's server with its serving settings changed, request rows, Prometheus samples."""
 
 from __future__ import annotations
 
 import socket
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import requests
 import uvicorn
+
+from .helpers import rentals_frame
+
+# serving.poll_seconds for tests: an alias change reaches a running server in 0.2 s, not 5 s
+FAST = {"poll_seconds": 0.2}
 
 
 def free_port() -> int:
@@ -77,3 +84,33 @@ def metric(text: str, name: str, **labels: str) -> float:
         if all(f'{k}="{v}"' in rest for k, v in labels.items()):
             total += float(value)
     return total
+
+
+def project_server(root: Path, *, auth: Any = None, **serving: Any) -> ServerThread:
+    """The project's app (its serving settings, FAST polling, ``serving`` overrides: ``commit``
+    the log's commit interval, ``compile`` and ``inference_log`` their sections' keys) on a
+    ServerThread, not started: use it as a context manager."""
+    from mloop.project import open_project
+    from mloop.server import default_collectors
+    from mloop.serving.app import create_app
+
+    project = open_project(root)
+    commit = serving.pop("commit", None)
+    compile_ = serving.pop("compile", None)
+    ilog = serving.pop("inference_log", None)
+    cfg = project.config.serving.model_copy(update={**FAST, **serving}, deep=True)
+    if compile_ is not None:
+        cfg.compile = cfg.compile.model_copy(update=compile_)
+    if ilog is not None:
+        cfg.inference_log = cfg.inference_log.model_copy(update=ilog)
+    if commit is not None:
+        cfg.inference_log.commit_interval_seconds = commit
+    return ServerThread(create_app(project, cfg, auth=auth,
+                                   collectors=default_collectors(project)))
+
+
+def request_rows(n: int, seed: int = 1) -> list[dict[str, Any]]:
+    """``n`` records of rentals_frame's inputs (hour, weather, temp), as a client sends them."""
+    frame = rentals_frame(n, seed=seed)
+    return [{"hour": int(h), "weather": w, "temp": float(t)}
+            for h, w, t in zip(frame["hour"], frame["weather"], frame["temp"], strict=True)]

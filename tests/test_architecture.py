@@ -5,6 +5,9 @@ Imports are read from the source with ``ast``, wherever they stand: at module le
 functions (the lazy imports that keep the CLI fast) and under ``TYPE_CHECKING`` (a type is a
 dependency too). A cycle hidden inside a function is still a cycle; it only fails later, at
 the first call that closes it. Nothing of mloop is imported here.
+
+The tests have a shape too: names they share live in helper modules (helpers.py,
+serving_util.py, ...), never in conftest.py or a test module for another to import.
 """
 
 from __future__ import annotations
@@ -215,3 +218,73 @@ def test_each_form_of_import_names_the_module_it_loads(tmp_path: Path, statement
     root = _tree(tmp_path, {"__init__.py": "", "other.py": "VALUE = 1\n",
                             "user.py": statement + "\n"})
     assert [(i.source, i.target) for i in read_imports(root)] == [("pkg.user", "pkg.other")]
+
+
+# ------------------------------------------------------------------- the tests' own shape
+
+TESTS = Path(__file__).resolve().parent
+
+
+def _reached(node: ast.Import | ast.ImportFrom) -> list[str]:
+    """The modules of the tests folder an import statement loads, by their file's stem:
+    ``from .conftest import x``, ``from tests import test_a``, ``import conftest`` ..."""
+    if isinstance(node, ast.Import):
+        dotted = [alias.name for alias in node.names]
+    else:
+        base = node.module or ""
+        local = node.level > 0 or base == "tests" or base.startswith("tests.")
+        dotted = [base] if base and base != "tests" else []
+        if local and not dotted:  # `from . import x`, `from tests import x`: x is a module
+            dotted = [alias.name for alias in node.names]
+    stems = []
+    for name in dotted:
+        parts = name.split(".")
+        if parts[0] == "tests" and len(parts) > 1:
+            parts = parts[1:]
+        stems.append(parts[0])
+    return stems
+
+
+def imports_of_tests_or_conftest(folder: Path) -> list[str]:
+    """Every import, in the folder's ``*.py``, of ``conftest`` or of a ``test_*`` module, as
+    ``file:line: statement``. A shared name belongs in ``helpers.py`` (or another helper
+    module): a test module that imports another ties the two together (moving or renaming a
+    test file breaks an unrelated one; a test function imported by name is collected twice),
+    and conftest.py is pytest's file of fixtures and hooks, which pytest loads itself."""
+    found = []
+    for path in sorted(folder.glob("*.py")):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Import | ast.ImportFrom):
+                continue
+            if any(s == "conftest" or s.startswith("test_") for s in _reached(node)):
+                found.append(f"{path.parent.name}/{path.name}:{node.lineno}: "
+                             f"{ast.unparse(node)}")
+    return found
+
+
+def test_no_test_module_imports_conftest_or_another_test_module() -> None:
+    found = imports_of_tests_or_conftest(TESTS)
+    assert not found, ("imports of conftest.py or of a test module (move the shared names to "
+                       "tests/helpers.py):\n" + "\n".join(found))
+
+
+@pytest.mark.parametrize("statement", [
+    "from .conftest import rentals_frame", "from tests.conftest import BIKE", "import conftest",
+    "from . import conftest", "from .test_gates import GOOD", "from tests.test_gates import GOOD",
+    "import tests.test_gates", "from tests import test_gates", "from . import helpers, test_a",
+    "def f():\n    from .test_a import X"])
+def test_each_form_of_importing_a_test_module_or_conftest_is_named(tmp_path: Path,
+                                                                   statement: str) -> None:
+    text = "import os\n\n" + statement + "\n"  # the import on the last line
+    (tmp_path / "test_b.py").write_text(text)
+    [found] = imports_of_tests_or_conftest(tmp_path)
+    assert found.startswith(f"{tmp_path.name}/test_b.py:{len(text.splitlines())}: ")
+
+
+@pytest.mark.parametrize("statement", [
+    "from .helpers import copy_project", "from .serving_util import metric", "import testing",
+    "from tests.helpers import run_cli", "from . import browser", "import pytest"])
+def test_imports_of_helper_modules_are_allowed(tmp_path: Path, statement: str) -> None:
+    (tmp_path / "test_b.py").write_text(statement + "\n")
+    assert imports_of_tests_or_conftest(tmp_path) == []

@@ -34,8 +34,7 @@ from mloop.storage import ObjectStore
 from mloop.traffic.inference_log import InferenceLog, LogEntry, new_request_id, read_log
 from mloop.traffic.labels import store_labels
 
-from .conftest import rentals_frame
-from .helpers import copy_project
+from .helpers import copy_project, rentals_frame
 from .serving_util import ServerThread
 
 pytestmark = pytest.mark.slow

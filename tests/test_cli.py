@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from .conftest import SMALL_CONFIG, rentals_frame, run_cli
+from .helpers import SMALL_CONFIG, rentals_frame, run_cli
 
 
 def test_init_scaffolds_a_project_and_refuses_to_overwrite(tmp_path: Path) -> None:

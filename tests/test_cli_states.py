@@ -24,7 +24,7 @@ import pytest
 from mloop.cli.app import main
 from mloop.project import open_project
 
-from .conftest import SMALL_CONFIG, rentals_frame
+from .helpers import SMALL_CONFIG, rentals_frame
 from .serving_util import ServerThread
 
 pytestmark = pytest.mark.slow

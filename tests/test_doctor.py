@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import SMALL_CONFIG, run_cli
+from .helpers import SMALL_CONFIG, run_cli
 from .serving_util import free_port
 
 

@@ -19,7 +19,7 @@ from mloop.errors import DataSourceError, MissingExtraError, MloopError, ModelNo
 from mloop.extras import EXTRAS, require_extra
 from mloop.project import open_project
 
-from .conftest import run_cli
+from .helpers import run_cli
 
 NO_CHAMPION = ("'rentals' has no champion: {}; make one with "
                "`mloop models promote VERSION --reason \"...\"`")

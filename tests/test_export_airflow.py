@@ -12,15 +12,12 @@ import ast
 import json
 import os
 import re
-import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -30,32 +27,24 @@ from mloop.export.files import MARKER
 from mloop.pipeline.dsl import _mloop_source_digest
 from mloop.pipeline.runner import create_run, registered_version, run_single_step
 from mloop.project import open_project
-from mloop.registry.lineage import lineage
 from mloop.status import list_runs, show_run
 
-from .conftest import BIKE, REPO, run_cli
-
-MLOOP_BIN = str(Path(sys.executable).parent / "mloop")
-STEPS = ["ingest", "validate", "snapshot", "split", "train", "evaluate", "register"]
+from .helpers import (
+    MLOOP_BIN,
+    REPO,
+    STEPS,
+    append_config,
+    comparable_lineage,
+    copy_bike,
+    lineage_of,
+    run_cli,
+    run_process_group,
+)
 
 
 @pytest.fixture
 def bike(tmp_path: Path) -> Path:
-    return _copy(tmp_path / "bike_sharing")
-
-
-def _copy(root: Path, extra: str = "") -> Path:
-    shutil.copytree(BIKE, root, ignore=shutil.ignore_patterns(".mloop"))
-    if extra:
-        cfg = root / "mloop.yaml"
-        cfg.write_text(cfg.read_text() + textwrap.dedent(extra))
-    return root
-
-
-def _with(root: Path, extra: str) -> Path:
-    cfg = root / "mloop.yaml"
-    cfg.write_text(cfg.read_text() + textwrap.dedent(extra))
-    return root
+    return copy_bike(tmp_path / "bike_sharing")
 
 
 # ------------------------------------------------------------------------------ the DAG
@@ -84,7 +73,7 @@ def test_one_task_per_step_in_dependency_order_between_create_run_and_gate(bike:
 
 
 def test_names_schedule_executable_and_retries_come_from_config(bike: Path) -> None:
-    _with(bike, """
+    append_config(bike, """
     pipeline:
       retries: 2
       retry_backoff_seconds: 5
@@ -110,7 +99,7 @@ def test_names_schedule_executable_and_retries_come_from_config(bike: Path) -> N
 
 def test_airflow_settings_do_not_change_the_config_hash(bike: Path) -> None:
     before = open_project(bike).config.config_hash()
-    _with(bike, """
+    append_config(bike, """
     airflow: {dag_id: other, schedule: "@daily", mloop_bin: /x/mloop, project_dir: /p}
     """)
     assert open_project(bike).config.config_hash() == before
@@ -122,14 +111,14 @@ def test_airflow_settings_do_not_change_the_config_hash(bike: Path) -> None:
     ("airflow: {mloop_binary: mloop}", "airflow.mloop_binary"),
 ])
 def test_bad_airflow_values_name_the_key(bike: Path, extra: str, key: str) -> None:
-    _with(bike, "\n" + extra + "\n")
+    append_config(bike, "\n" + extra + "\n")
     with pytest.raises(ConfigError) as info:
         open_project(bike)
     assert info.value.key == key and info.value.line is not None
 
 
 def test_jinja_in_a_path_is_refused(bike: Path) -> None:
-    _with(bike, "\nairflow: {project_dir: '/data/{{ ds }}'}\n")
+    append_config(bike, "\nairflow: {project_dir: '/data/{{ ds }}'}\n")
     with pytest.raises(ConfigError, match=r"'airflow.project_dir'.*Jinja"):
         dag_spec(open_project(bike))
 
@@ -159,7 +148,7 @@ def test_a_custom_pipeline_keeps_its_wiring_and_task_names_never_clash(make_proj
             first = create_run()
             join(gate(first), left(first))
         """})
-    _with(root, "\npipeline: {entry: 'pipeline:custom'}\n")
+    append_config(root, "\npipeline: {entry: 'pipeline:custom'}\n")
     spec = dag_spec(open_project(root))
     assert spec.create_task == "mloop_create_run"  # the step keeps its name
     assert spec.gate_task is None  # no register step: nothing to gate
@@ -211,7 +200,7 @@ def test_the_tasks_commands_one_try_each_airflow_retrying_then_the_gate(make_pro
     `--retries 0` fails on its first try although pipeline.retries is 2 (Airflow retries
     it), succeeds on the next; after the last step the run has succeeded; `runs gate`
     gates and promotes the version it registered."""
-    from .conftest import SMALL_CONFIG
+    from .helpers import SMALL_CONFIG
 
     config = SMALL_CONFIG + ("pipeline:\n  steps:\n    train: flaky:train\n  retries: 2\n"
                              "  retry_backoff_seconds: 0.05\ngates: {auto_promote: true}\n")
@@ -267,7 +256,7 @@ def test_an_occupied_out_folder_is_refused_and_a_reexport_replaces_its_file(
     path = write_airflow(open_project(bike), out)
     assert path == out / "bike_sharing.py"
     assert json.loads((out / MARKER).read_text())["generator"] == "mloop export airflow"
-    _with(bike, "\nairflow: {schedule: '@daily'}\n")
+    append_config(bike, "\nairflow: {schedule: '@daily'}\n")
     assert write_airflow(open_project(bike), out) == path
     assert 'schedule="@daily"' in path.read_text()
     assert sorted(p.name for p in out.iterdir()) == sorted([MARKER, "bike_sharing.py"])
@@ -310,52 +299,6 @@ def _airflow() -> Path:
     return REPO / proc.stdout.strip().splitlines()[-1]
 
 
-def _run_group(args: list[str], env: dict[str, str], log: Path, timeout: float) -> int:
-    """Run a command in its own process group, output to ``log``; stop the group by its PID
-    on a timeout (Airflow's task processes included)."""
-    with log.open("w") as fh:
-        proc = subprocess.Popen(args, env=env, stdout=fh, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        try:
-            return proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-            raise AssertionError(f"{' '.join(args)}: no result in {timeout} s; "
-                                 f"see {log}") from None
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-
-
-def _lineage(root: Path) -> dict[str, Any]:
-    """`mloop models lineage 1 --json`, computed in this process (a CLI start costs ~8 s)."""
-    return json.loads(json.dumps(lineage(open_project(root), 1), default=str))
-
-
-def _comparable(lin: dict[str, Any], *, code_stable: bool) -> dict[str, Any]:
-    """What must match between two runs of one pipeline on one data set and configuration:
-    everything but ids, timestamps and where things were stored. The register step's output
-    is the registry's record (run and model ids); its name and version are compared."""
-    data = {role: {k: v for k, v in (snap or {}).items() if k != "created_at"}
-            for role, snap in lin["data"].items()}
-    run = lin["pipeline_run"]
-    keys = ("step", "cache_hit", "outputs", "params", *(("cache_key",) if code_stable else ()))
-    steps = [{k: s[k] for k in keys} for s in run["steps"]]
-    for s in steps:
-        if s["step"] == "register":
-            del s["outputs"]
-    return {"model": lin["model"], "version": lin["version"], "metrics": lin["metrics"],
-            "code": lin["code"], "config_hash": lin["config_hash"], "data": data,
-            "pipeline": run["pipeline"], "status": run["status"],
-            "run_config_hash": run["config_hash"], "steps": steps}
-
-
 @pytest.mark.slow
 @pytest.mark.integration
 def test_airflow_runs_the_exported_dag_to_the_same_lineage_as_mloop_run(
@@ -368,7 +311,8 @@ def test_airflow_runs_the_exported_dag_to_the_same_lineage_as_mloop_run(
     env_ready = time.monotonic() - started
     # two fresh copies, the same mloop.yaml: one for `mloop run`, one for Airflow
     extra = f"\nairflow:\n  mloop_bin: {json.dumps(MLOOP_BIN)}\n"
-    local, orchestrated = _copy(tmp_path / "local", extra), _copy(tmp_path / "airflow", extra)
+    local = copy_bike(tmp_path / "local", extra)
+    orchestrated = copy_bike(tmp_path / "airflow", extra)
     # the local run goes on meanwhile, in its own process
     local_log = (tmp_path / "local.log").open("w")
     local_run = subprocess.Popen([MLOOP_BIN, "-C", str(local), "run", "--json"],
@@ -384,10 +328,10 @@ def test_airflow_runs_the_exported_dag_to_the_same_lineage_as_mloop_run(
                "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}"}
         env.pop("MLOOP_PROJECT", None)
         t0 = time.monotonic()
-        assert _run_group([str(airflow), "db", "migrate"], env, tmp_path / "migrate.log",
+        assert run_process_group([str(airflow), "db", "migrate"], env, tmp_path / "migrate.log",
                           300) == 0, (tmp_path / "migrate.log").read_text()[-3000:]
         t1 = time.monotonic()
-        rc = _run_group([str(airflow), "dags", "test", "bike-sharing"], env,
+        rc = run_process_group([str(airflow), "dags", "test", "bike-sharing"], env,
                         tmp_path / "dags_test.log", 1200)
         t2 = time.monotonic()
         log = (tmp_path / "dags_test.log").read_text()
@@ -420,9 +364,9 @@ def test_airflow_runs_the_exported_dag_to_the_same_lineage_as_mloop_run(
     assert len({s["mlflow_run_id"] for s in shown["steps"]}) == len(STEPS)
 
     # the registered version: the same lineage as `mloop run`'s, and gated like it
-    mine, theirs = _lineage(orchestrated), _lineage(local)
+    mine, theirs = lineage_of(orchestrated), lineage_of(local)
     assert mine["pipeline_run"]["run_id"] == runs[0]["run_id"]
-    assert _comparable(mine, code_stable=code_stable) == _comparable(theirs,
+    assert comparable_lineage(mine, code_stable=code_stable) == comparable_lineage(theirs,
                                                                      code_stable=code_stable)
     assert [s["step"] for s in mine["pipeline_run"]["steps"]] == STEPS
     assert mine["gates"] in ("passed", "failed") and theirs["gates"] in ("passed", "failed")

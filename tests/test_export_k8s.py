@@ -27,7 +27,7 @@ from mloop.export.k8s import CRD_FILES, MARKER, k8s_manifests, k8s_notes, write_
 from mloop.monitoring.alerts import alert_rules
 from mloop.project import open_project
 
-from .conftest import BIKE, run_cli
+from .helpers import BIKE, run_cli
 
 K8S_VERSION = "1.33"  # a recent release; the newest schemas shipped are checked as well
 LATEST = kubernetes_validate.utils.latest_version()

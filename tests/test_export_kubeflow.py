@@ -31,15 +31,15 @@ from mloop.pipeline.runner import registered_version
 from mloop.project import open_project
 from mloop.status import list_runs, show_run
 
-from .conftest import run_cli
-from .test_export_airflow import (
+from .helpers import (
     MLOOP_BIN,
     STEPS,
-    _comparable,
-    _copy,
-    _lineage,
-    _run_group,
-    _with,
+    append_config,
+    comparable_lineage,
+    copy_bike,
+    lineage_of,
+    run_cli,
+    run_process_group,
 )
 
 TASKS = ["create-run", *STEPS, "gate"]
@@ -63,7 +63,7 @@ components.load_component_from_file(sys.argv[1])()
 
 @pytest.fixture
 def bike(tmp_path: Path) -> Path:
-    return _copy(tmp_path / "bike_sharing")
+    return copy_bike(tmp_path / "bike_sharing")
 
 
 @pytest.fixture
@@ -99,7 +99,7 @@ def test_one_task_per_step_in_dependency_order_between_create_run_and_gate(bike:
 
 @pytest.mark.usefixtures("kfp_sdk")
 def test_the_compiled_pipeline_follows_the_config(bike: Path) -> None:
-    _with(bike, """
+    append_config(bike, """
     pipeline:
       retries: 2
       retry_backoff_seconds: 5
@@ -159,7 +159,7 @@ def test_the_compiled_pipeline_follows_the_config(bike: Path) -> None:
 
 def test_kubeflow_settings_do_not_change_the_config_hash(bike: Path) -> None:
     before = open_project(bike).config.config_hash()
-    _with(bike, """
+    append_config(bike, """
     kubeflow: {pipeline_name: other, base_image: x:1, mloop_bin: /x/mloop, project_dir: /p}
     """)
     assert open_project(bike).config.config_hash() == before
@@ -171,14 +171,14 @@ def test_kubeflow_settings_do_not_change_the_config_hash(bike: Path) -> None:
     ("kubeflow: {image: 'bike:1'}", "kubeflow.image"),
 ])
 def test_bad_kubeflow_values_name_the_key(bike: Path, extra: str, key: str) -> None:
-    _with(bike, "\n" + extra + "\n")
+    append_config(bike, "\n" + extra + "\n")
     with pytest.raises(ConfigError) as info:
         open_project(bike)
     assert info.value.key == key and info.value.line is not None
 
 
 def test_the_k8s_image_and_a_project_name_kfp_cannot_take(make_project) -> None:
-    from .conftest import SMALL_CONFIG
+    from .helpers import SMALL_CONFIG
 
     root = make_project(SMALL_CONFIG.replace("project: rentals", "project: Rentals_2.0")
                         + "kubernetes: {image: 'ghcr.io/acme/rentals:7'}\n")
@@ -213,7 +213,7 @@ def test_a_custom_pipeline_keeps_its_wiring_and_task_names_never_clash(make_proj
             first = create_run()
             join(gate(first), left_side(first))
         """})
-    _with(root, "\npipeline: {entry: 'pipeline:custom'}\n")
+    append_config(root, "\npipeline: {entry: 'pipeline:custom'}\n")
     spec = pipeline_spec(open_project(root))
     assert spec.create_task == "mloop-create-run"  # the step keeps its name
     assert spec.gate_task is None  # no register step: nothing to gate
@@ -278,7 +278,7 @@ def test_a_reexport_replaces_its_own_file(bike: Path, tmp_path: Path) -> None:
     assert write_kubeflow(open_project(bike), out) == out
     assert _doc(out.read_text())["deploymentSpec"]["executors"]["exec-train"]["container"][
         "image"] == "bike-sharing:latest"
-    _with(bike, "\nkubeflow: {base_image: 'bike:2'}\n")
+    append_config(bike, "\nkubeflow: {base_image: 'bike:2'}\n")
     assert write_kubeflow(open_project(bike), out) == out
     assert "image: bike:2" in out.read_text()
     assert [p.name for p in out.parent.iterdir()] == ["pipeline.yaml"]  # no temporary left
@@ -317,7 +317,7 @@ def _kfp_local(pipeline_file: Path, tmp_path: Path, timeout: float) -> tuple[int
     runner.write_text(KFP_LOCAL)
     env = {k: v for k, v in os.environ.items() if k != "MLOOP_PROJECT"}
     log = tmp_path / "kfp_local.log"
-    rc = _run_group([sys.executable, str(runner), str(pipeline_file),
+    rc = run_process_group([sys.executable, str(runner), str(pipeline_file),
                      str(tmp_path / "kfp_root")], env, log, timeout)
     return rc, re.sub(r"\x1b\[[0-9;]*m", "", log.read_text())
 
@@ -338,7 +338,7 @@ def test_kfp_local_runs_the_compiled_pipeline_to_the_same_lineage_as_mloop_run(
     extra = (f"\nkubeflow:\n  base_image: registry.example.com/mloop/bike:1\n"
              f"  mloop_bin: {json.dumps(MLOOP_BIN)}\n"
              f"  project_dir: {json.dumps(str(orchestrated))}\n")
-    local, orchestrated = _copy(tmp_path / "local", extra), _copy(orchestrated, extra)
+    local, orchestrated = copy_bike(tmp_path / "local", extra), copy_bike(orchestrated, extra)
     local_log = (tmp_path / "local.log").open("w")
     local_run = subprocess.Popen([MLOOP_BIN, "-C", str(local), "run", "--json"],
                                  stdout=local_log, stderr=subprocess.STDOUT,
@@ -385,9 +385,9 @@ def test_kfp_local_runs_the_compiled_pipeline_to_the_same_lineage_as_mloop_run(
     assert registered_version(project, run_id) == 1
 
     # the registered version: the same lineage as `mloop run`'s, and gated like it
-    mine, theirs = _lineage(orchestrated), _lineage(local)
+    mine, theirs = lineage_of(orchestrated), lineage_of(local)
     assert mine["pipeline_run"]["run_id"] == run_id
-    assert _comparable(mine, code_stable=code_stable) == _comparable(theirs,
+    assert comparable_lineage(mine, code_stable=code_stable) == comparable_lineage(theirs,
                                                                      code_stable=code_stable)
     assert mine["gates"] in ("passed", "failed") and mine["gates"] == theirs["gates"]
     if mine["gates"] == "passed":  # auto_promote: the gate task promoted it
@@ -433,7 +433,7 @@ def test_kfp_retries_a_failed_step_task(make_project, tmp_path: Path) -> None:
     if tuple(int(p) for p in kfp.__version__.split(".")[:2]) < (2, 17):
         pytest.skip(f"kfp.local {kfp.__version__} ignores retry policies (2.17 honours them)")
     root = make_project(files={"pipeline.py": FLAKY})
-    _with(root, f"""
+    append_config(root, f"""
     pipeline: {{entry: 'pipeline:flaky_pipeline', retry_backoff_seconds: 0.05}}
     kubeflow: {{mloop_bin: {json.dumps(MLOOP_BIN)}, project_dir: {json.dumps(str(root))}}}
     """)

@@ -15,7 +15,7 @@ from mloop.project import open_project
 from mloop.registry.aliases import mlflow_alias, stored_alias
 from mloop.registry.gates import load_version
 
-from .conftest import REPO
+from .helpers import REPO
 
 pytestmark = pytest.mark.slow
 

@@ -13,45 +13,18 @@ from mloop.project import open_project
 from mloop.registry.gates import evaluate_gates
 from mloop.security.audit import verify_chain
 
-from .conftest import rentals_frame, run_cli
+from .helpers import (
+    FOREST_CONFIG,
+    GOOD,
+    RESEED,
+    WORSE,
+    rentals_frame,
+    run_cli,
+    train_forest,
+    write_forest_config,
+)
 
 pytestmark = pytest.mark.slow
-
-BASE = """\
-project: rentals
-data: {path: data/rentals.parquet}
-target: cnt
-features:
-  time_column: ts
-  exclude: EXCLUDE
-split: {holdout: 0.3}
-model:
-  estimator: sklearn.ensemble.RandomForestRegressor
-  params: PARAMS
-metrics: [mae, rmse]
-GATES
-"""
-
-
-def _write(root: Path, *, params: str, gates: str = "", exclude: str = "[]") -> None:
-    (root / "mloop.yaml").write_text(BASE.replace("PARAMS", params).replace("GATES", gates)
-                                     .replace("EXCLUDE", exclude))
-
-
-def _train(root: Path, params: str, exclude: str = "[]") -> int:
-    _write(root, params=params, exclude=exclude)
-    result = run_pipeline(open_project(root))
-    reg = next(s for s in result.steps if s.step == "register")
-    project = open_project(root)
-    from mloop.pipeline.artifacts import load_output
-
-    return load_output(reg.outputs["output"], project.outputs, project.snapshots)["version"]
-
-
-GOOD = "{n_estimators: 40, min_samples_leaf: 3, random_state: 0}"
-RESEED = "{n_estimators: 40, min_samples_leaf: 3, random_state: 1}"
-WORSE = "{n_estimators: 5, max_depth: 1, random_state: 0}"
-
 
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory) -> dict:
@@ -59,18 +32,19 @@ def registry(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("gates") / "proj"
     (root / "data").mkdir(parents=True)
     rentals_frame(800).to_parquet(root / "data" / "rentals.parquet", index=False)
-    versions = {"champion": _train(root, GOOD), "reseeded": _train(root, RESEED),
-                "worse": _train(root, WORSE), "no_temp": _train(root, GOOD, exclude="[temp]")}
+    versions = {"champion": train_forest(root, GOOD), "reseeded": train_forest(root, RESEED),
+                "worse": train_forest(root, WORSE),
+                "no_temp": train_forest(root, GOOD, exclude="[temp]")}
     assert sorted(versions.values()) == [1, 2, 3, 4]
     from mloop.registry.promotion import promote
 
-    _write(root, params=GOOD)
+    write_forest_config(root, params=GOOD)
     promote(open_project(root), versions["champion"], reason="first champion")
     return {"root": root, **versions}
 
 
 def _gate(root: Path, version: int, gates: str, params: str = GOOD, exclude: str = "[]"):
-    _write(root, params=params, gates=gates, exclude=exclude)
+    write_forest_config(root, params=params, gates=gates, exclude=exclude)
     return evaluate_gates(open_project(root), version)
 
 
@@ -88,8 +62,8 @@ def test_the_champion_itself_skips_comparisons_and_says_why(registry) -> None:
 
 
 def test_first_version_skips_comparisons_and_says_why(make_project) -> None:
-    root = make_project(BASE.replace("PARAMS", GOOD).replace("EXCLUDE", "[]").replace(
-        "GATES", "gates:\n  non_inferiority: {margin: 1.0}\n"))
+    root = make_project(FOREST_CONFIG.replace("PARAMS", GOOD).replace("EXCLUDE", "[]")
+                        .replace("GATES", "gates:\n  non_inferiority: {margin: 1.0}\n"))
     run_pipeline(open_project(root))
     report = evaluate_gates(open_project(root), 1)
     gates = _by_name(report)
@@ -194,7 +168,8 @@ def test_gate_results_are_stored_tagged_and_chained(registry) -> None:
 
 def test_cli_gate_prints_numbers_and_exits_1_on_failure(registry) -> None:
     root = registry["root"]
-    _write(root, params=WORSE, gates="gates:\n  absolute: [{metric: mae, max: 0.5}]\n")
+    write_forest_config(root, params=WORSE,
+                        gates="gates:\n  absolute: [{metric: mae, max: 0.5}]\n")
     proc = run_cli("models", "gate", "3", "--json", cwd=root, check=False)
     assert proc.returncode == 1
     got = json.loads(proc.stdout)

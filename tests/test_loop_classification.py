@@ -10,7 +10,7 @@ import pytest
 from mloop.pipeline.runner import run_pipeline
 from mloop.project import open_project
 
-from .conftest import rentals_frame
+from .helpers import rentals_frame
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,7 @@ from sklearn import metrics as skm
 from mloop.metrics import compute_metrics
 from mloop.project import open_project
 
-from .conftest import run_cli
+from .helpers import run_cli
 
 CLASSES = ["drizzle", "rain", "snow", "sun"]
 

@@ -20,7 +20,7 @@ STEPS = ["ingest", "validate", "snapshot", "split", "train", "evaluate", "regist
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, request):
-    from .conftest import SMALL_CONFIG, rentals_frame
+    from .helpers import SMALL_CONFIG, rentals_frame
 
     root = tmp_path_factory.mktemp("readback")
     (root / "data").mkdir()

@@ -13,7 +13,7 @@ from mloop.errors import ConfigError, PipelineDefinitionError, StepFailedError
 from mloop.pipeline.runner import run_pipeline
 from mloop.project import open_project
 
-from .conftest import SMALL_CONFIG, rentals_frame, run_cli
+from .helpers import SMALL_CONFIG, rentals_frame, run_cli
 
 pytestmark = pytest.mark.slow
 

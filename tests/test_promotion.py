@@ -21,8 +21,15 @@ from mloop.registry.gates import evaluate_gates
 from mloop.registry.promotion import change_alias, history, promote, rollback
 from mloop.security.audit import list_events, verify_chain
 
-from .conftest import rentals_frame, run_cli
-from .test_gates import GOOD, RESEED, WORSE, _train, _write
+from .helpers import (
+    GOOD,
+    RESEED,
+    WORSE,
+    rentals_frame,
+    run_cli,
+    train_forest,
+    write_forest_config,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +42,7 @@ def trained(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("promo") / "proj"
     (root / "data").mkdir(parents=True)
     rentals_frame(800).to_parquet(root / "data" / "rentals.parquet", index=False)
-    assert [_train(root, p) for p in (GOOD, RESEED, WORSE)] == [1, 2, 3]
+    assert [train_forest(root, p) for p in (GOOD, RESEED, WORSE)] == [1, 2, 3]
     return root
 
 
@@ -44,7 +51,7 @@ def proj(trained: Path, tmp_path: Path) -> Path:
     """A private copy of the trained project (its stores included) for one test to change."""
     root = tmp_path / "proj"
     shutil.copytree(trained, root)
-    _write(root, params=GOOD, gates=NI)
+    write_forest_config(root, params=GOOD, gates=NI)
     return root
 
 
@@ -149,7 +156,8 @@ except MloopError as exc:
 def test_two_promotions_racing_exactly_one_wins(proj, tmp_path: Path) -> None:
     project = open_project(proj)
     promote(project, 1, reason="first")
-    _write(proj, params=GOOD, gates="")  # both candidates pass: only the race decides
+    # both candidates pass: only the race decides
+    write_forest_config(proj, params=GOOD, gates="")
     for v in (2, 3):
         assert evaluate_gates(open_project(proj), v).passed
     script = tmp_path / "racer.py"

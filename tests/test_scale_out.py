@@ -27,7 +27,7 @@ import pytest
 import requests
 import sqlalchemy as sa
 
-from tests.conftest import BIKE, run_cli
+from tests.helpers import BIKE, run_cli
 from tests.serving_util import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.postgres]

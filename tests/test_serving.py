@@ -11,7 +11,6 @@ import sys
 import threading
 import time
 from collections import Counter
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,6 @@ from mloop.errors import MloopError, PromotionError
 from mloop.project import open_project
 from mloop.registry.promotion import change_alias, history
 from mloop.security.audit import list_events
-from mloop.server import default_collectors
 from mloop.serving.app import create_app
 from mloop.serving.batch import predict_file
 from mloop.serving.deploy import deploy_challenger, desired_state, stop_challenger
@@ -33,76 +31,15 @@ from mloop.serving.model import load_served
 from mloop.traffic.inference_log import read_log
 from mloop.traffic.labels import read_labels
 
-from .conftest import rentals_frame
-from .helpers import copy_project
-from .serving_util import ServerThread, free_port, metric
-from .test_gates import GOOD, RESEED, _train, _write
+from .helpers import copy_project, rentals_frame
+from .serving_util import FAST, ServerThread, free_port, metric, project_server, request_rows
 
 pytestmark = pytest.mark.slow
 
-FAST = {"poll_seconds": 0.2}
-
-
-def _register_pyfunc(root: Path, model: Any) -> int:
-    import mlflow
-    import mlflow.pyfunc
-    from mlflow.models import get_model_info
-
-    project = open_project(root)
-    client = project.mlflow
-    name = project.config.model_name
-    sig = get_model_info(f"models:/{name}/1").signature
-    example = rentals_frame(5)[["hour", "weather", "temp"]].astype({"hour": "float64"})
-    with mlflow.start_run(experiment_id=project.experiment_id) as run:
-        info = mlflow.pyfunc.log_model(name="model", python_model=model, signature=sig,
-                                       input_example=example, pip_requirements=["mlflow"])
-    mv = client.create_model_version(name, source=info.model_uri, run_id=run.info.run_id,
-                                     model_id=info.model_id, tags={"mloop.task": "regression"})
-    return int(mv.version)
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    """v1 champion (random forest), v2 reseeded, v3 crashes on traffic, v4 fails to load."""
-    from .serving_models import CrashOnTraffic, FailsToLoad
-
-    root = tmp_path_factory.mktemp("serving") / "proj"
-    (root / "data").mkdir(parents=True)
-    rentals_frame(800).to_parquet(root / "data" / "rentals.parquet", index=False)
-    assert [_train(root, GOOD), _train(root, RESEED)] == [1, 2]
-    assert _register_pyfunc(root, CrashOnTraffic()) == 3
-    assert _register_pyfunc(root, FailsToLoad()) == 4
-    _write(root, params=GOOD)
-    change_alias(open_project(root), "champion", 1, expected=None, action="promote",
-                 reason="test setup")
-    return root
-
 
 @pytest.fixture
-def proj(trained: Path, tmp_path: Path) -> Path:
-    return copy_project(trained, tmp_path)
-
-
-def _server(root: Path, *, auth: Any = None, **serving: Any) -> ServerThread:
-    project = open_project(root)
-    commit = serving.pop("commit", None)
-    compile_ = serving.pop("compile", None)
-    ilog = serving.pop("inference_log", None)
-    cfg = project.config.serving.model_copy(update={**FAST, **serving}, deep=True)
-    if compile_ is not None:
-        cfg.compile = cfg.compile.model_copy(update=compile_)
-    if ilog is not None:
-        cfg.inference_log = cfg.inference_log.model_copy(update=ilog)
-    if commit is not None:
-        cfg.inference_log.commit_interval_seconds = commit
-    return ServerThread(create_app(project, cfg, auth=auth,
-                                   collectors=default_collectors(project)))
-
-
-def _rows(n: int, seed: int = 1) -> list[dict[str, Any]]:
-    frame = rentals_frame(n, seed=seed)
-    return [{"hour": int(h), "weather": w, "temp": float(t)}
-            for h, w, t in zip(frame["hour"], frame["weather"], frame["temp"], strict=True)]
+def proj(serving_registry: Path, tmp_path: Path) -> Path:
+    return copy_project(serving_registry, tmp_path)
 
 
 def _local(root: Path, version: int, rows: list[dict[str, Any]]) -> list[float]:
@@ -115,9 +52,9 @@ def _local(root: Path, version: int, rows: list[dict[str, Any]]) -> list[float]:
 # ------------------------------------------------------------------------------ endpoints
 
 def test_endpoints_answer_with_the_champion(proj: Path) -> None:
-    rows = _rows(5)
+    rows = request_rows(5)
     expected = _local(proj, 1, rows)
-    with _server(proj) as srv:
+    with project_server(proj) as srv:
         assert srv.get("/health").json() == {"status": "alive"}
         assert srv.get("/ready").json() == {"status": "ready", "version": 1}
         r = srv.post("/predict", {"records": rows})
@@ -156,8 +93,8 @@ def test_endpoints_answer_with_the_champion(proj: Path) -> None:
 
 
 def test_bad_input_is_a_4xx_naming_each_field_and_never_reaches_the_model(proj: Path) -> None:
-    good = _rows(1)[0]
-    with _server(proj, max_body_bytes=4096) as srv:
+    good = request_rows(1)[0]
+    with project_server(proj, max_body_bytes=4096) as srv:
         before = metric(srv.get("/metrics").text, "mloop_batch_rows_count")
         r = srv.post("/predict", {"records": [{"hour": "noon", "weather": None, "temp": 3.0,
                                                "humidity": 0.4}]})
@@ -196,7 +133,7 @@ def test_bad_input_is_a_4xx_naming_each_field_and_never_reaches_the_model(proj: 
 
 
 def test_micro_batching_returns_each_request_its_own_answer(proj: Path) -> None:
-    rows = _rows(96, seed=7)
+    rows = request_rows(96, seed=7)
     expected = _local(proj, 1, rows)
     # the one-by-one answers of the same engine
     one_by_one = [_local(proj, 1, [r])[0] for r in rows[:8]]
@@ -213,7 +150,7 @@ def test_micro_batching_returns_each_request_its_own_answer(proj: Path) -> None:
                 else:
                     answers[i] = r.json()["predictions"][0]
 
-    with _server(proj) as srv:
+    with project_server(proj) as srv:
         threads = [threading.Thread(target=client, args=(list(range(k, 96, 16)),))
                    for k in range(16)]
         for t in threads:
@@ -232,9 +169,9 @@ def test_the_compiled_fast_path_serves_only_after_it_verifies(proj: Path) -> Non
     import mlflow
 
     project = open_project(proj)
-    rows = _rows(30, seed=4)
+    rows = request_rows(30, seed=4)
     original = load_served(project, 1)
-    with _server(proj) as srv:
+    with project_server(proj) as srv:
         info = srv.get("/model").json()["champion"]
         assert info["engine"] == "onnx" and info["compiled"]["status"] == "verified"
         assert info["compiled"]["rows"] == 240  # the holdout snapshot (30% of 800 rows)
@@ -245,12 +182,12 @@ def test_the_compiled_fast_path_serves_only_after_it_verifies(proj: Path) -> Non
                      .get_model_version("rentals", "1").tags["mloop.compiled"])
     assert tag["status"] == "verified" and tag["max_abs_diff"] < 1e-3
     # a tolerance no float32 graph can meet: the original serves, and the verdict says why
-    with _server(proj, compile={"atol": 0.0, "rtol": 0.0}) as srv:
+    with project_server(proj, compile={"atol": 0.0, "rtol": 0.0}) as srv:
         info = srv.get("/model").json()["champion"]
         assert info["engine"] == "original" and info["compiled"]["status"] == "mismatch"
         got = srv.post("/predict", {"records": rows}).json()["predictions"]
     assert got == reference
-    with _server(proj, compile={"enabled": False}) as srv:
+    with project_server(proj, compile={"enabled": False}) as srv:
         assert srv.get("/model").json()["champion"]["engine"] == "original"
 
 
@@ -259,8 +196,8 @@ def test_the_compiled_fast_path_serves_only_after_it_verifies(proj: Path) -> Non
 def test_canary_takes_its_weight_and_a_key_sticks_to_one_version(proj: Path) -> None:
     project = open_project(proj)
     deploy_challenger(project, 2, mode="canary", weight=0.3, reason="try v2")
-    row = _rows(1)[0]
-    with _server(proj) as srv:
+    row = request_rows(1)[0]
+    with project_server(proj) as srv:
         assert srv.get("/model").json()["traffic"] == {"champion": 0.7, "challenger": 0.3}
         with requests.Session() as s:
             versions = Counter(s.post(srv.url + "/predict", json={"records": [row]},
@@ -286,10 +223,10 @@ def test_canary_takes_its_weight_and_a_key_sticks_to_one_version(proj: Path) -> 
 def test_shadow_never_changes_the_answer_and_survives_a_crashing_challenger(
         proj: Path) -> None:
     project = open_project(proj)
-    rows = _rows(20, seed=3)
+    rows = request_rows(20, seed=3)
     expected = _local(proj, 1, rows)
     deploy_challenger(project, 3, mode="shadow", reason="crashes on traffic")
-    with _server(proj, commit=0.2) as srv:
+    with project_server(proj, commit=0.2) as srv:
         assert srv.get("/model").json()["mode"] == "shadow"
         got = [srv.post("/predict", {"records": [r]}).json() for r in rows]
         assert [g["version"] for g in got] == [1] * 20
@@ -314,7 +251,7 @@ def test_shadow_never_changes_the_answer_and_survives_a_crashing_challenger(
 # ------------------------------------------------------------------------------ hot swap
 
 def test_hot_swap_under_32_concurrent_clients_fails_no_request(proj: Path) -> None:
-    rows = _rows(32, seed=5)
+    rows = request_rows(32, seed=5)
     stop = threading.Event()
     failures: list[str] = []
     seen: Counter = Counter()
@@ -332,7 +269,7 @@ def test_hot_swap_under_32_concurrent_clients_fails_no_request(proj: Path) -> No
                 else:
                     seen[r.json()["version"]] += 1
 
-    with _server(proj) as srv:
+    with project_server(proj) as srv:
         threads = [threading.Thread(target=client, args=(r,)) for r in rows]
         for t in threads:
             t.start()
@@ -350,11 +287,11 @@ def test_hot_swap_under_32_concurrent_clients_fails_no_request(proj: Path) -> No
 
 def test_a_version_that_fails_to_load_leaves_the_old_one_serving(proj: Path) -> None:
     project = open_project(proj)
-    with _server(proj) as srv:
+    with project_server(proj) as srv:
         change_alias(project, "champion", 4, expected=1, action="promote", reason="bad")
         srv.wait_for(lambda: "4" in srv.get("/model").json()["failed_versions"])
         assert "corrupt weights" in srv.get("/model").json()["failed_versions"]["4"]
-        assert srv.post("/predict", {"records": _rows(1)}).json()["version"] == 1
+        assert srv.post("/predict", {"records": request_rows(1)}).json()["version"] == 1
         assert srv.get("/ready").status_code == 200
         assert metric(srv.get("/metrics").text, "mloop_model_load_failures_total",
                       version="4") == 1
@@ -366,8 +303,8 @@ def test_a_version_that_fails_to_load_leaves_the_old_one_serving(proj: Path) -> 
 # ------------------------------------------------------------------ inference log, labels
 
 def test_inference_log_and_feedback_by_request_id(proj: Path) -> None:
-    rows = _rows(6)
-    with _server(proj, commit=0.2) as srv:
+    rows = request_rows(6)
+    with project_server(proj, commit=0.2) as srv:
         body = srv.post("/predict", {"records": rows[:4],
                                      "timestamp": "2012-03-04T05:06:07Z"}).json()
         ids = body["request_ids"]
@@ -407,14 +344,14 @@ def test_inference_log_and_feedback_by_request_id(proj: Path) -> None:
 
 def test_flush_commits_the_log_now(proj: Path) -> None:
     uri = open_project(proj).uris["inference_log_uri"]
-    with _server(proj, commit=3600) as srv:
-        ids = srv.post("/predict", {"records": _rows(3)}).json()["request_ids"]
+    with project_server(proj, commit=3600) as srv:
+        ids = srv.post("/predict", {"records": request_rows(3)}).json()["request_ids"]
         assert read_log(uri).num_rows == 0  # an hour until the next commit
         r = srv.post("/flush")
         assert r.status_code == 200 and r.json() == {"committed_rows": 3, "quarantined_rows": 0}
         assert sorted(read_log(uri).column("_request_id").to_pylist()) == sorted(ids)
         assert srv.post("/flush").json() == {"committed_rows": 0, "quarantined_rows": 0}
-    with _server(proj, inference_log={"enabled": False}) as srv:
+    with project_server(proj, inference_log={"enabled": False}) as srv:
         r = srv.post("/flush")
         assert r.status_code == 409 and "disabled" in r.json()["error"]
 
@@ -446,7 +383,7 @@ def test_sigterm_commits_everything_buffered(proj: Path) -> None:
     proc = _spawn_server(proj, port, commit=3600)  # nothing is committed before shutdown
     ids = []
     with requests.Session() as s:
-        for row in _rows(40):
+        for row in request_rows(40):
             ids += s.post(f"http://127.0.0.1:{port}/predict", json={"records": [row]},
                           timeout=30).json()["request_ids"]
     proc.terminate()
@@ -460,7 +397,7 @@ def test_two_workers_share_the_port_and_report_metrics_together(proj: Path) -> N
     port = free_port()
     proc = _spawn_server(proj, port, 0.2, "--workers", "2")
     try:
-        for row in _rows(30):  # a new connection each: the kernel spreads them over workers
+        for row in request_rows(30):  # a new connection each: the kernel spreads them over workers
             r = requests.post(f"http://127.0.0.1:{port}/predict", json={"records": [row]},
                               headers={"Connection": "close"}, timeout=30)
             assert r.status_code == 200
@@ -485,7 +422,7 @@ def test_kill_9_loses_at_most_the_last_commit_interval_and_leaves_a_readable_log
     answered: list[tuple[float, str]] = []
     with requests.Session() as s:
         t_end = time.time() + 3
-        rows = _rows(50)
+        rows = request_rows(50)
         i = 0
         while time.time() < t_end:
             body = s.post(f"http://127.0.0.1:{port}/predict", json={"records": [rows[i % 50]]},
@@ -517,8 +454,8 @@ def test_auth_refuses_missing_and_wrong_tokens_and_checks_roles(proj: Path) -> N
     stored = json.dumps(list_tokens(project.store))
     assert predict_tok.token not in stored and admin_tok.token not in stored
     auth = TokenAuth(project.store, refresh_seconds=0.0)
-    body = {"records": _rows(1)}
-    with _server(proj, auth=auth) as srv:
+    body = {"records": request_rows(1)}
+    with project_server(proj, auth=auth) as srv:
         assert srv.post("/predict", body).status_code == 401
         assert srv.post("/predict", body, headers={"Authorization": "Bearer mlp_wrong"}
                         ).status_code == 401
@@ -547,7 +484,7 @@ def test_tls_with_a_cert_and_key(proj: Path, tmp_path: Path) -> None:
     project = open_project(proj)
     app = create_app(project, project.config.serving.model_copy(update=FAST))
     with ServerThread(app, ssl_certfile=str(cert), ssl_keyfile=str(key)) as srv:
-        r = requests.post(srv.url + "/predict", json={"records": _rows(1)}, verify=str(cert),
+        r = requests.post(srv.url + "/predict", json={"records": request_rows(1)}, verify=str(cert),
                           timeout=30)
         assert r.status_code == 200 and r.json()["version"] == 1
         with pytest.raises(requests.exceptions.SSLError):
@@ -674,7 +611,6 @@ def test_invocations_answer_like_mlflow_models_serve(proj: Path) -> None:
     from mloop.serving.app import create_app
 
     from .serving_util import ServerThread
-    from .test_serving import FAST, _rows
 
     project = open_project(proj)
     port = free_port()
@@ -686,7 +622,7 @@ def test_invocations_answer_like_mlflow_models_serve(proj: Path) -> None:
          "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        rows = _rows(25, seed=9)
+        rows = request_rows(25, seed=9)
         cols = list(rows[0])
         bodies = [{"dataframe_split": {"columns": cols,
                                        "data": [[r[c] for c in cols] for r in rows]}},
@@ -727,9 +663,9 @@ def test_invocations_answer_like_mlflow_models_serve(proj: Path) -> None:
 
 
 def test_a_full_inference_log_drops_and_counts_instead_of_blocking(proj: Path) -> None:
-    rows = _rows(5)
-    with _server(proj, commit=3600, inference_log={"max_queue_rows": 3, "commit_interval_seconds":
-                                                   3600}) as srv:
+    rows = request_rows(5)
+    with project_server(proj, commit=3600, inference_log={"max_queue_rows": 3,
+                                                          "commit_interval_seconds": 3600}) as srv:
         codes = [srv.post("/predict", {"records": [r]}).status_code for r in rows]
         text = srv.get("/metrics").text
     assert codes == [200] * 5  # answers never wait for the log
@@ -776,366 +712,3 @@ def test_the_log_buffer_refuses_beyond_its_limit_and_commits_on_close(tmp_path: 
     parts = sorted(p.relative_to(tmp_path / "log").parts[:2]
                    for p in (tmp_path / "log").rglob("part-*.parquet"))
     assert parts == [("day=2023-11-14", "version=1"), ("day=2023-11-15", "version=2")]
-
-
-# ------------------------------------------------------------------------------ monitoring
-
-def _log_traffic(project: Any, frame: pd.DataFrame, day: str, version: int = 1,
-                 role: str = "champion") -> list[str]:
-    """Rows answered by ``version`` on ``day`` (spread over the day), through the same writer
-    the server uses; returns their request ids."""
-    from mloop.traffic.inference_log import InferenceLog, LogEntry, new_request_id
-
-    model = load_served(project, version)
-    cols = {c: frame[c].tolist() for c in ("hour", "weather", "temp")}
-    preds = model.predict_columns(cols)
-    start = pd.Timestamp(day, tz="UTC").timestamp()
-    log = InferenceLog(project.uris["inference_log_uri"], commit_interval=3600)
-    ids = []
-    for i in range(len(frame)):
-        ts = start + i * 86_000 / len(frame)
-        rid = new_request_id(ts)
-        ids.append(rid)
-        log.append(LogEntry([rid], ts, version, role, 1.0, [preds[i]],
-                            {c: [v[i]] for c, v in cols.items()}))
-    log.close()
-    return ids
-
-
-def test_monitor_evaluates_each_new_day_once_and_rescores_late_labels(proj: Path) -> None:
-    from mloop.monitoring.service import run_monitor
-    from mloop.monitoring.windows_store import list_windows
-    from mloop.storage import ObjectStore
-    from mloop.traffic.labels import store_labels
-
-    project = open_project(proj)
-    same1, same2 = rentals_frame(600, seed=21), rentals_frame(600, seed=22)
-    hot = rentals_frame(600, seed=23)
-    hot["temp"] = hot["temp"] + 15  # a heat wave: temperature shifted by ~2 sd
-    ids1 = _log_traffic(project, same1, "2024-03-01")
-    ids2 = _log_traffic(project, same2, "2024-03-02")
-    _log_traffic(project, hot, "2024-03-03")
-    _log_traffic(project, rentals_frame(5, seed=24), "2024-03-04")  # moves the watermark
-    store = ObjectStore(project.uris["inference_log_uri"])
-    assert store_labels(store, dict(zip(ids1, same1["cnt"].astype(float), strict=True)),
-                        task="regression", source="test")["stored"] == 600
-
-    result = run_monitor(project, window="1d")
-    days = [(w["start"][:10], w["drifted"], w["label_coverage"]) for w in result["evaluated"]]
-    assert days == [("2024-03-01", False, 1.0), ("2024-03-02", False, 0.0),
-                    ("2024-03-03", True, 0.0)]
-    first = result["evaluated"][0]
-    assert first["metric"] == "mae" and 0 < first["metric_value"] < 40
-    hot_report = result["evaluated"][2]
-    assert hot_report["drift_share"] > 0 and hot_report["prediction_drifted"] in (True, False)
-    assert run_monitor(project, window="1d")["evaluated"] == []  # each window once
-
-    # labels for day 2 arrive late: the next run re-scores that window only
-    store_labels(store, dict(zip(ids2[:300], same2["cnt"][:300].astype(float), strict=True)),
-                 task="regression", source="test")
-    again = run_monitor(project, window="1d")
-    assert again["evaluated"] == []
-    assert [(w["start"][:10], w["label_coverage"]) for w in again["refreshed"]] == [
-        ("2024-03-02", 0.5)]
-    stored = list_windows(project, window="1d")
-    assert [w["label_coverage"] for w in stored] == [1.0, 0.5, 0.0]
-
-    # the same log in windows of 500 rows: full windows only, the rest waits
-    by_rows = run_monitor(project, window="500rows")["evaluated"]
-    assert [w["rows"] for w in by_rows] == [500, 500, 500]
-    # one 1,200-row request (one timestamp) split across windows: nothing counted twice
-    _log_traffic(project, rentals_frame(1200, seed=25), "2024-03-05")
-    more = run_monitor(project, window="500rows")["evaluated"]
-    assert [w["rows"] for w in more] == [500, 500, 500]  # 305 waiting + 1,200 new = 1,505
-    assert sum(w["rows"] for w in list_windows(project, window="500rows")) == 3000
-
-    # the HTML report: history plots and the hot day in detail, rendered by a real browser
-    from .browser import is_blank, render
-
-    page = proj / "monitoring.html"
-    hot_id = str(result["evaluated"][2]["id"])
-    assert main(["-C", str(proj), "monitor", "report", hot_id, "--html", str(page)]) == 0
-    dom, console, shot = render(page, proj)
-    # drift share, per-feature scores, performance over time + 3 features + predictions
-    assert dom.count("<svg") == 7
-    assert "Performance on labelled traffic" in dom and "temp: ks" in dom  # 600 rows: KS
-    assert not [line for line in console if "rror" in line], console
-    assert not is_blank(shot)
-    assert main(["-C", str(proj), "monitor", "report", "999", "--html", str(page)]) == 1
-
-
-def test_monitor_cli_reports_nothing_new_and_bad_window_specs(proj: Path, capsys) -> None:
-    assert main(["-C", str(proj), "monitor"]) == 0
-    assert "no new complete 1d window" in capsys.readouterr().out
-    assert main(["-C", str(proj), "monitor", "--window", "fortnight"]) == 1
-    assert "window 'fortnight'" in capsys.readouterr().err
-    assert main(["-C", str(proj), "monitor", "--since", "yesterday"]) == 1
-    assert "--since 'yesterday'" in capsys.readouterr().err
-
-
-def test_a_drifting_window_alerts_the_webhook_and_shows_on_the_servers_metrics(
-        proj: Path) -> None:
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    from mloop.monitoring.service import run_monitor
-
-    received: list[dict] = []
-
-    class Receiver(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            self.send_response(204)
-            self.end_headers()
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    hook = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
-    threading.Thread(target=hook.serve_forever, daemon=True).start()
-    cfg = (proj / "mloop.yaml").read_text()
-    (proj / "mloop.yaml").write_text(
-        cfg + f"monitoring:\n  webhook: {{url: 'http://127.0.0.1:{hook.server_address[1]}/h', "
-              f"backoff_seconds: 0.01}}\n")
-    try:
-        project = open_project(proj)
-        hot = rentals_frame(600, seed=31)
-        hot["temp"] = hot["temp"] + 15
-        _log_traffic(project, rentals_frame(600, seed=30), "2024-05-01")
-        _log_traffic(project, hot, "2024-05-02")
-        _log_traffic(project, rentals_frame(5, seed=32), "2024-05-03")
-        result = run_monitor(project, window="1d")
-    finally:
-        hook.shutdown()
-    assert [a["window"]["start"][:10] for a in result["alerts"]] == ["2024-05-02"]
-    assert result["alerts"][0]["webhook"]["delivered"] is True
-    assert len(received) == 1 and "input drift" in received[0]["reasons"][0]
-    assert [e.payload["window"]["start"][:10]
-            for e in list_events(project.store, kind="monitor.alert")] == ["2024-05-02"]
-    with _server(proj) as srv:
-        text = srv.get("/metrics").text
-    assert metric(text, "mloop_monitor_drifted", model="rentals", window="1d") == 1
-    assert metric(text, "mloop_monitor_feature_drifted", feature="temp") == 1
-    assert metric(text, "mloop_monitor_feature_drifted", feature="hour") == 0
-    assert metric(text, "mloop_monitor_window_rows") == 600
-
-
-def test_a_promoted_canary_does_not_come_back_after_a_rollback(proj: Path) -> None:
-    from mloop.registry.promotion import promote, rollback
-
-    project = open_project(proj)
-    deploy_challenger(project, 2, mode="canary", weight=0.2, reason="try v2")
-    promote(project, 2, reason="graduate the canary", force=True)
-    assert desired_state(project).challenger is None
-    rollback(project, reason="v2 misbehaves")
-    state = desired_state(project)
-    assert (state.champion, state.challenger, state.weight) == (1, None, 0.0)
-
-
-# ------------------------------------------------------------------------ the closed loop
-
-LOOP = """
-loop:
-  triggers: {drift: {consecutive: 1}}
-  retrain: {window: 3d, min_labelled_rows: 300}
-  guards: {cooldown: 3d, max_per_day: 2}
-  canary: {weight: 0.5, probation: 1d, min_labelled: 50}
-"""
-
-
-def _hot(n: int, seed: int) -> pd.DataFrame:
-    """A heat wave: temperatures up 15 degrees, and rentals with them (the same relation the
-    training data follows: 2.5 rentals per degree)."""
-    frame = rentals_frame(n, seed=seed)
-    frame["temp"] = frame["temp"] + 15
-    frame["cnt"] = frame["cnt"] + 37
-    return frame
-
-
-def _label(project: Any, ids: list[str], frame: pd.DataFrame) -> None:
-    from mloop.storage import ObjectStore
-    from mloop.traffic.labels import store_labels
-
-    store_labels(ObjectStore(project.uris["inference_log_uri"]),
-                 dict(zip(ids, frame["cnt"].astype(float), strict=True)), task="regression",
-                 source="test")
-
-
-def test_the_loop_retrains_on_drift_canaries_then_promotes_after_probation(proj: Path) -> None:
-    from mloop.loop.controller import load_state, loop_metrics, run_once
-
-    (proj / "mloop.yaml").write_text((proj / "mloop.yaml").read_text() + LOOP)
-    project = open_project(proj)
-    normal, hot = rentals_frame(600, seed=40), _hot(600, seed=41)
-    _label(project, _log_traffic(project, normal, "2024-06-01"), normal)
-    _label(project, _log_traffic(project, hot, "2024-06-02"), hot)
-    _log_traffic(project, rentals_frame(5, seed=42), "2024-06-03")  # watermark
-
-    first = run_once(project)
-    acts = [a["action"] for a in first["actions"]]
-    assert acts == ["canary_started"], first["actions"]
-    new = first["actions"][0]["version"]
-    assert new == 5 and first["triggers"][0]["trigger"] == "drift"
-    state = desired_state(project)
-    assert (state.champion, state.challenger, state.mode, state.weight) == (1, 5, "canary", 0.5)
-    kinds = [e.kind for e in list_events(project.store, limit=20)]
-    assert "loop.retrain_started" in kinds and "loop.canary_started" in kinds
-
-    # nothing new and probation not over: the next pass does nothing (no second retrain)
-    again = run_once(open_project(proj))
-    assert [a["action"] for a in again["actions"]] in ([], ["held"])
-    assert desired_state(project).challenger == 5
-
-    # a day of split traffic, labelled: the retrained canary knows the heat wave
-    hot2 = _hot(400, seed=43)
-    _label(project, _log_traffic(project, hot2.iloc[:200], "2024-06-04", version=5,
-                                 role="canary"), hot2.iloc[:200])
-    _label(project, _log_traffic(project, hot2.iloc[200:], "2024-06-04", version=1),
-           hot2.iloc[200:])
-    _log_traffic(project, _hot(5, seed=44), "2024-06-05")
-    verdict = run_once(open_project(proj))
-    assert [a["action"] for a in verdict["actions"]][:1] == ["promote"], verdict["actions"]
-    assert desired_state(project).champion == 5 and desired_state(project).challenger is None
-    assert load_state(project).probation is None
-    metrics = loop_metrics(project)
-    assert metrics["retrains"] == 1 and metrics["promoted"] == 1
-    # gated once, before the canary: the promotion reused that report (same gate config)
-    import sqlalchemy as sa
-
-    from mloop.store.models import GateRunRow
-
-    with project.store.session() as s:
-        assert len(s.scalars(sa.select(GateRunRow).where(GateRunRow.version == 5)).all()) == 1
-    assert metrics["time_to_deploy_hours"] > 24  # the probation day, in event time
-    promote_event = list_events(project.store, kind="loop.probation_promote")[0].payload
-    assert promote_event["challenger"]["labelled"] == 200  # what the canary answered live
-    # the verdict is paired: both versions scored on the same 400 labelled rows
-    paired = promote_event["paired"]
-    assert paired["rows"] == 400 and paired["metric"] == "mae"
-    assert paired["values"]["5"] < paired["values"]["1"]
-
-    # the rollback path: a challenger that does not know the heat wave (v2, trained on normal
-    # weather) is judged on the same labelled rows as the champion, and loses
-    from mloop.loop.controller import save_state
-    from mloop.loop.state import Probation
-
-    deploy_challenger(project, 2, mode="canary", weight=0.5, reason="test: a weaker canary")
-    state = load_state(project)
-    state.probation = Probation(version=2, champion=5,
-                                started_at=datetime(2024, 6, 5, 12, tzinfo=UTC),
-                                started_wall=datetime.now(UTC) - timedelta(seconds=5))
-    save_state(project, state)
-    hot3 = _hot(400, seed=45)
-    _label(project, _log_traffic(project, hot3.iloc[:200], "2024-06-06", version=2,
-                                 role="canary"), hot3.iloc[:200])
-    _label(project, _log_traffic(project, hot3.iloc[200:], "2024-06-06", version=5),
-           hot3.iloc[200:])
-    _log_traffic(project, _hot(5, seed=46), "2024-06-07", version=5)
-    judged = run_once(open_project(proj))
-    assert [a["action"] for a in judged["actions"]][:1] == ["rollback"], judged["actions"]
-    # v2 is gone (the same pass may start a new retrain: the drift goes on)
-    assert desired_state(project).champion == 5 and desired_state(project).challenger != 2
-    rolled = list_events(project.store, kind="loop.probation_rollback")[0].payload
-    assert rolled["paired"]["values"]["2"] > rolled["paired"]["values"]["5"]
-
-    # the loop's numbers and the serving cost on the server's /metrics
-    with _server(proj) as srv:
-        for i in range(5):
-            assert srv.post("/predict", {"records": _rows(2, seed=i)}).status_code == 200
-        text = srv.get("/metrics").text
-    assert metric(text, "mloop_loop_retrains", model="rentals", outcome="promoted") == 1
-    assert metric(text, "mloop_loop_retrains", outcome="failed") == 0
-    assert metric(text, "mloop_loop_time_to_deploy_hours") == metrics["time_to_deploy_hours"]
-    assert metric(text, "mloop_loop_retrain_cpu_seconds_total") > 0
-    assert metric(text, "mloop_serving_cpu_seconds_per_1k_predictions") > 0
-
-
-def test_a_failing_canary_never_fails_a_client_and_is_rolled_back_at_once(proj: Path) -> None:
-    """v3 passes warm-up, then raises on every call: the champion answers its share, the
-    failure is counted and recorded, and the controller's next pass rolls it back without
-    waiting for the probation to end."""
-    from mloop.loop.controller import load_state, run_once, save_state
-    from mloop.loop.state import Probation
-
-    (proj / "mloop.yaml").write_text((proj / "mloop.yaml").read_text() + LOOP)
-    project = open_project(proj)
-    t0 = datetime.now(UTC) - timedelta(seconds=1)
-    deploy_challenger(project, 3, mode="canary", weight=0.5, reason="test: a broken canary")
-    with _server(proj, commit=0.2) as srv:
-        srv.wait_for(lambda: srv.get("/model").json()["challenger"] is not None)
-        answers = [srv.post("/predict", {"records": _rows(1, seed=i), "key": f"k{i}",
-                                         "timestamp": "2024-09-01T10:00:00Z"})
-                   for i in range(40)]
-        assert [r.status_code for r in answers] == [200] * 40
-        assert {r.json()["version"] for r in answers} == {1}  # the champion took over
-        failed = metric(srv.get("/metrics").text, "mloop_challenger_errors_total", version="3")
-        assert 5 <= failed < 40  # about half the keys route to the canary
-        srv.wait_for(lambda: list_events(project.store, kind="serve.challenger_error"))
-    event = list_events(project.store, kind="serve.challenger_error")[-1].payload
-    assert event["version"] == 3 and "challenger exploded" in event["error"]
-    state = load_state(project)
-    state.probation = Probation(version=3, champion=1,
-                                started_at=datetime(2024, 9, 1, 9, tzinfo=UTC), started_wall=t0)
-    save_state(project, state)
-    out = run_once(open_project(proj))  # probation (1d) far from over: rolled back anyway
-    assert out["actions"][0]["action"] == "rollback", out["actions"]
-    assert "failed to predict" in out["actions"][0]["reason"]
-    assert desired_state(project).challenger is None and desired_state(project).champion == 1
-
-
-def test_the_loop_guards_failures_and_restarts(proj: Path) -> None:
-    from mloop.loop.controller import load_state, run_once, save_state
-    from mloop.loop.state import InFlight
-
-    (proj / "mloop.yaml").write_text((proj / "mloop.yaml").read_text() + LOOP.replace(
-        "min_labelled_rows: 300", "min_labelled_rows: 100000"))
-    project = open_project(proj)
-    normal, hot = rentals_frame(600, seed=50), _hot(600, seed=51)
-    _label(project, _log_traffic(project, normal, "2024-07-01"), normal)
-    _label(project, _log_traffic(project, hot, "2024-07-02"), hot)
-    _log_traffic(project, rentals_frame(5, seed=52), "2024-07-03")
-
-    # too few labelled rows: held before anything starts (no cooldown consumed)
-    out = run_once(project)
-    assert [a["action"] for a in out["actions"]] == ["held"]
-    assert "min_labelled_rows" in out["actions"][0]["guard"]
-    # a retrain that fails (an estimator parameter sklearn refuses): the champion stays
-    text = (proj / "mloop.yaml").read_text().replace("min_labelled_rows: 100000",
-                                                      "min_labelled_rows: 300")
-    (proj / "mloop.yaml").write_text(text.replace("n_estimators: 40", "n_estimators: -5"))
-    # the drift streak from the first pass still stands, so the trigger fires again
-    out = run_once(open_project(proj))
-    assert [a["action"] for a in out["actions"]] == ["retrain_failed"], out["actions"]
-    assert "n_estimators" in out["actions"][0]["error"]
-    assert desired_state(project).champion == 1
-    # more drift the next day: held by the cooldown (event time), not retried at once
-    _label(project, _log_traffic(project, _hot(600, seed=53), "2024-07-03"), _hot(600, 53))
-    _log_traffic(project, rentals_frame(5, seed=54), "2024-07-03T12:00:00")
-    held = run_once(open_project(proj))
-    assert held["actions"] and held["actions"][0]["action"] == "held"
-    # a controller killed mid-retrain: the next pass records it instead of redoing it
-    state = load_state(project)
-    state.in_flight = InFlight(triggered_at=datetime(2024, 7, 3, tzinfo=UTC),
-                               triggers=["drift"])
-    save_state(project, state)
-    resumed = run_once(open_project(proj))
-    assert resumed["actions"][0]["action"] == "retrain_interrupted"
-    assert load_state(project).in_flight is None
-    kinds = [e.kind for e in list_events(project.store, limit=30)]
-    assert "loop.retrain_interrupted" in kinds and "loop.trigger_held" in kinds
-
-
-def test_loop_and_events_cli(proj: Path, capsys) -> None:
-    assert main(["-C", str(proj), "loop", "--once", "--json"]) == 0
-    first = json.loads(capsys.readouterr().out)
-    assert first["now"] is None and "no traffic" in first["message"]
-    project = open_project(proj)
-    _log_traffic(project, rentals_frame(50, seed=60), "2024-08-01")
-    assert main(["-C", str(proj), "loop", "--once"]) == 0
-    assert "event time 2024-08-01" in capsys.readouterr().out
-    assert main(["-C", str(proj), "events", "--type", "promote", "--json"]) == 0
-    events = json.loads(capsys.readouterr().out)["events"]  # one document (not --follow)
-    assert [e["kind"] for e in events] == ["promote"]  # the fixture's promotion of v1
-    assert events[0]["payload"]["version"] == 1
-    assert main(["-C", str(proj), "events", "--since", "not-a-time"]) == 1
-    assert "--since 'not-a-time'" in capsys.readouterr().err

@@ -44,8 +44,7 @@ from mloop.traffic.inference_log import (
     read_log,
 )
 
-from .conftest import SMALL_CONFIG, rentals_frame, run_cli
-from .helpers import copy_project, train_champion
+from .helpers import SMALL_CONFIG, copy_project, rentals_frame, run_cli, train_champion
 from .serving_util import ServerThread, free_port, metric
 
 pytestmark = pytest.mark.slow

@@ -17,7 +17,7 @@ from mloop.data.source import read_file_table
 from mloop.errors import SnapshotNotFoundError
 from mloop.storage import ObjectStore
 
-from .conftest import BIKE, rentals_frame
+from .helpers import BIKE, rentals_frame
 
 
 @pytest.fixture

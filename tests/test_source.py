@@ -13,7 +13,7 @@ from mloop.data.canonical import table_digest
 from mloop.data.source import read_source
 from mloop.errors import DataSourceError
 
-from .conftest import rentals_frame
+from .helpers import rentals_frame
 
 
 def _load(url: str) -> None:

@@ -30,7 +30,7 @@ from mloop.registry.promotion import change_alias
 from mloop.serving.batch import predict_file
 from mloop.serving.spark_batch import predict_spark, spark_session
 
-from .conftest import SMALL_CONFIG, rentals_frame
+from .helpers import SMALL_CONFIG, rentals_frame
 
 if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
     pytest.skip("Spark needs a Java runtime (17 or 21) on PATH or in JAVA_HOME",

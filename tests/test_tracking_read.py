@@ -35,7 +35,7 @@ from mloop.tracking_read import (
 )
 from mloop.tracking_sql import set_model_alias
 
-from .conftest import SMALL_CONFIG, rentals_frame
+from .helpers import SMALL_CONFIG, rentals_frame
 
 MODEL = "rentals"
 

@@ -28,8 +28,7 @@ from mloop.traffic.inference_log import (
 )
 from mloop.traffic.labels import read_label_file, read_labels, store_labels
 
-from .conftest import SMALL_CONFIG, rentals_frame
-from .helpers import copy_project, train_champion
+from .helpers import SMALL_CONFIG, copy_project, rentals_frame, train_champion
 
 T2011 = datetime(2011, 3, 1, tzinfo=UTC).timestamp()
 

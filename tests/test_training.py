@@ -11,7 +11,7 @@ from mloop.errors import CandidateNotRegisteredError
 from mloop.project import open_project
 from mloop.registry.training import train_candidate
 
-from .conftest import SMALL_CONFIG
+from .helpers import SMALL_CONFIG
 
 pytestmark = pytest.mark.slow
 

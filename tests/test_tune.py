@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from mloop.config import parse_config
 from mloop.errors import ConfigError
 
-from .conftest import SMALL_CONFIG
+from .helpers import SMALL_CONFIG
 
 pytest.importorskip("optuna")
 
