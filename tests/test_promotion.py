@@ -295,7 +295,7 @@ def test_promote_reuses_a_gate_report_only_for_the_same_champion_and_gate_config
 
     # v3 fails against v2; once the gate config is loosened, the stale refusal must not stick
     assert not evaluate_gates(project, 3).passed
-    _write(proj, params=GOOD, gates="gates:\n  non_inferiority: {margin: 1000.0}\n")
+    write_forest_config(proj, params=GOOD, gates="gates:\n  non_inferiority: {margin: 1000.0}\n")
     change = promote(open_project(proj), 3, reason="margin widened")
     assert change.gates is not None
     assert (change.gates["reused"], change.gates["passed"], change.gates["against"]) == (
