@@ -33,7 +33,7 @@ from mloop.tracking_read import (
     open_reader,
     sql_reader,
 )
-from mloop.tracking_sql import set_model_alias
+from mloop.tracking_sql import set_model_alias, set_model_version_tags
 
 from .helpers import SMALL_CONFIG, rentals_frame
 
@@ -118,6 +118,11 @@ def test_direct_reader_lists_the_versions_mlflow_client_lists(store) -> None:
     assert got[1].aliases == ("challenger", "champion")
     assert got[1].description == "version 2" and got[0].tags["mloop.gates"] == "failed"
     assert got[2].metrics == {"mae": 8.5}
+    # the direct reader also says where each version's files are, so loading a version needs
+    # no registry client to resolve ``models:/``
+    for v in got:
+        assert v.storage_location and v.storage_location.startswith("file:"), v
+        assert client.model_version(MODEL, v.version).storage_location is None
     assert direct.model_versions(MODEL, limit=2) == client.model_versions(MODEL, limit=2)
     assert direct.model_versions("other") == client.model_versions("other") == []
     assert direct.model_versions("no-such-model") == client.model_versions("no-such-model") == []
@@ -267,6 +272,33 @@ def test_an_alias_written_directly_is_the_row_mlflow_client_writes(store, tmp_pa
     read_back = MlflowClient(f"sqlite:///{ours}", f"sqlite:///{ours}")
     assert read_back.get_model_version_by_alias(MODEL, "champion").version == 3
     assert read_back.get_model_version(MODEL, "3").aliases == ["champion"]
+
+
+def _version_tag_rows(path: Path) -> list[tuple[Any, ...]]:
+    with sqlite3.connect(path) as conn:
+        return sorted(conn.execute("select * from model_version_tags").fetchall())
+
+
+def test_version_tags_written_directly_are_the_rows_mlflow_client_writes(store,
+                                                                          tmp_path) -> None:
+    """Gate results are tagged on the version this way (no MlflowClient opened)."""
+    src = Path(store["uri"][len("sqlite:///"):])
+    ours, theirs = tmp_path / "ours.db", tmp_path / "theirs.db"
+    shutil.copy(src, ours)
+    shutil.copy(src, theirs)
+    direct = sql_reader(f"sqlite:///{ours}")
+    assert direct is not None
+    tags = {"mloop.gates": "passed", "mloop.gate.size": "pass value=2.2 threshold=50"}
+    set_model_version_tags(direct.registry, MODEL, 3, tags)  # mloop.gates replaces "failed"
+    client = MlflowClient(f"sqlite:///{theirs}", f"sqlite:///{theirs}")
+    for key, value in tags.items():
+        client.set_model_version_tag(MODEL, "3", key, value)
+    assert _version_tag_rows(ours) == _version_tag_rows(theirs)
+    read_back = MlflowClient(f"sqlite:///{ours}", f"sqlite:///{ours}")
+    assert read_back.get_model_version(MODEL, "3").tags["mloop.gates"] == "passed"
+    with pytest.raises(MloopError, match="model 'rentals' has no version 4 in MLflow"):
+        set_model_version_tags(direct.registry, MODEL, 4, tags)  # deleted
+    assert _version_tag_rows(ours) == _version_tag_rows(theirs)
 
 
 @pytest.mark.parametrize(("alias", "version", "message"), [

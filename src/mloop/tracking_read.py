@@ -50,7 +50,7 @@ MODEL_VERSIONS = sa.Table(
     sa.Column("user_id", sa.String), sa.Column("current_stage", sa.String),
     sa.Column("source", sa.String), sa.Column("run_id", sa.String),
     sa.Column("status", sa.String), sa.Column("status_message", sa.String),
-    sa.Column("run_link", sa.String))
+    sa.Column("run_link", sa.String), sa.Column("storage_location", sa.String))
 VERSION_TAGS = sa.Table(
     "model_version_tags", _meta,
     sa.Column("workspace", sa.String), sa.Column("name", sa.String),
@@ -95,6 +95,10 @@ class ModelVersionRecord:
     run_link: str | None
     aliases: tuple[str, ...] = ()  # sorted
     tags: dict[str, str] = field(default_factory=dict)
+    # where the model's files are (MLflow 3 keeps it beside ``source``, a ``models:/m-...``
+    # URI); None when read through MlflowClient, which does not expose it. A locator, not
+    # part of what the version is: left out of equality between the two readers' records
+    storage_location: str | None = field(default=None, compare=False)
 
     @property
     def metrics(self) -> dict[str, float]:
@@ -177,7 +181,7 @@ class SqlTrackingReader:
             user_id=r.user_id, current_stage=r.current_stage, source=r.source,
             run_id=r.run_id, status=r.status, status_message=r.status_message,
             run_link=r.run_link, aliases=tuple(sorted(by_version.get(r.version, []))),
-            tags=tags[r.version]) for r in rows]
+            tags=tags[r.version], storage_location=r.storage_location) for r in rows]
 
     def _alias_rows(self, conn: sa.Connection, model: str) -> dict[str, int]:
         a = ALIASES

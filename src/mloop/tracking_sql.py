@@ -154,3 +154,26 @@ def set_model_alias(engine: sa.Engine, model: str, alias: str, version: int | No
         conn.execute(ALIASES.delete().where(here))
         conn.execute(ALIASES.insert().values(workspace=DEFAULT_WORKSPACE, name=model,
                                              alias=alias, version=int(version)))
+
+
+def set_model_version_tags(engine: sa.Engine, model: str, version: int,
+                           tags: dict[str, str]) -> None:
+    """Set tags on a registered version in one transaction, writing the rows
+    ``MlflowClient.set_model_version_tag`` writes (an existing key is replaced). Only for an
+    engine a :class:`~mloop.tracking_read.SqlTrackingReader` opened (schema checked)."""
+    from mloop.tracking_read import DEFAULT_WORKSPACE, DELETED_STAGE, MODEL_VERSIONS, VERSION_TAGS
+
+    mv, vt = MODEL_VERSIONS, VERSION_TAGS
+    with engine.begin() as conn:
+        found = conn.execute(sa.select(mv.c.version).where(
+            mv.c.workspace == DEFAULT_WORKSPACE, mv.c.name == model,
+            mv.c.version == int(version), mv.c.current_stage != DELETED_STAGE)).first()
+        if found is None:
+            raise ModelNotFoundError(f"model '{model}' has no version {version} in MLflow",
+                                     model=model, version=int(version))
+        here = sa.and_(vt.c.workspace == DEFAULT_WORKSPACE, vt.c.name == model,
+                       vt.c.version == int(version))
+        conn.execute(vt.delete().where(here, vt.c.key.in_(list(tags))))
+        conn.execute(vt.insert(), [{"workspace": DEFAULT_WORKSPACE, "name": model,
+                                    "version": int(version), "key": k, "value": str(v)}
+                                   for k, v in tags.items()])

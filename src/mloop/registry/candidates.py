@@ -15,18 +15,11 @@ if TYPE_CHECKING:
     from mloop.tracking_read import ModelVersionRecord
 
 
-def get_version(project: Any, version: int) -> Any:
-    """The MLflow ModelVersion of the project's model, or ModelNotFoundError naming it."""
-    from mlflow.exceptions import MlflowException
-
-    from mloop.errors import ModelNotFoundError
-
-    try:
-        return project.mlflow.get_model_version(project.config.model_name, str(version))
-    except MlflowException:
-        raise ModelNotFoundError(f"model '{project.config.model_name}' has no version "
-                                 f"{version} (see `mloop models list`)",
-                                 model=project.config.model_name, version=version) from None
+def get_version(project: Any, version: int) -> ModelVersionRecord:
+    """The registered version (tags, run, source), or ModelNotFoundError naming it. Read
+    through :mod:`mloop.tracking_read`: on an MLflow SQL store no ``MlflowClient`` is opened
+    (its first use runs MLflow's schema check, seconds per process)."""
+    return version_record(project, version)
 
 
 def version_record(project: Any, version: int) -> ModelVersionRecord:
@@ -145,7 +138,11 @@ def _local_copy(project: Any, version: int) -> Path:
     hit = _cached(_COPIES, key)
     if hit is not None and hit.exists():
         return Path(hit)
-    path = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}"))
+    # where the files are, when the registry says so and they are on this disk: the same
+    # copy without resolving ``models:/`` through MLflow's registry client
+    where = version_record(project, version).storage_location or ""
+    uri = where if where.startswith("file:") else f"models:/{name}/{version}"
+    path = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
     _keep(_COPIES, key, path)
     return path
 

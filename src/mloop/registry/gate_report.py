@@ -88,16 +88,22 @@ def fmt_value(x: float | None) -> str:
 def record_gate_report(project: Project, report: GateReport) -> None:
     """Store the results, tag the MLflow version, append the audit event."""
     from mloop.security.audit import append_event
+    from mloop.tracking_read import SqlTrackingReader
+    from mloop.tracking_sql import set_model_version_tags
 
     project.store.record_gate_run(report, gates_hash=gates_config_hash(project))
-    client = project.mlflow
-    name, v = report.model, str(report.version)
-    client.set_model_version_tag(name, v, "mloop.gates", "passed" if report.passed else "failed")
-    client.set_model_version_tag(name, v, "mloop.gates.evaluated_at", report.evaluated_at)
+    name = report.model
+    tags = {"mloop.gates": "passed" if report.passed else "failed",
+            "mloop.gates.evaluated_at": report.evaluated_at}
     for r in report.results:
-        client.set_model_version_tag(
-            name, v, f"mloop.gate.{r.gate}",
-            f"{r.status} value={fmt_value(r.value)} threshold={fmt_value(r.threshold)}")
+        tags[f"mloop.gate.{r.gate}"] = (f"{r.status} value={fmt_value(r.value)} "
+                                        f"threshold={fmt_value(r.threshold)}")
+    reader = project.tracking
+    if isinstance(reader, SqlTrackingReader):  # the rows MlflowClient writes, no client opened
+        set_model_version_tags(reader.registry, name, report.version, tags)
+    else:
+        for key, value in tags.items():
+            project.mlflow.set_model_version_tag(name, str(report.version), key, value)
     append_event(project.store, "gate", {
         "model": name, "version": report.version, "champion": report.champion,
         "passed": report.passed,
