@@ -1,6 +1,7 @@
 """CLI latency: mloop's read commands as a user runs them, next to MLflow on the same store.
 
     python benchmarks/bench_cli.py [--project PATH] [--repeats 3] [--out FILE] [--no-anchors]
+        [--allow-override]
 
 Every command runs in a fresh process (``mloop -C PROJECT ...``, stdout to a pipe), ``--repeats``
 times; the table shows the median wall time and the median CPU time (user + system of that
@@ -14,20 +15,25 @@ rich, PyYAML): what the machine charges before mloop does anything.
 
 Writes (``mloop deploy canary`` then ``mloop deploy stop-challenger``; ``mloop models gate``,
 ``mloop models promote`` then ``mloop models rollback``) run on a copy of the project, so the
-project measured is left as it was. A write's own work is the time the same service calls take
-in one warm process (modules imported, stores open; gating still loads both models from disk
-and scores them on the holdout); its overhead is the fresh command's wall time minus that, and
-the target is an overhead <= 2 s. The promotion follows the gate run, as it follows ``mloop
-run`` in a user's session, so it reuses that stored report (same champion, same gate config)
-instead of gating again; ``models gate`` shows what gating costs when it must run. The
-promotion passes ``--force`` because the version promoted may fail a gate against the demo's
-champion; the command's output says so (an override, recorded in the history).
+project measured is left as it was. ``models promote`` is timed on a version that is neither
+champion nor challenger; its gates are evaluated once first (untimed): if they pass it runs
+without ``--force``; if they fail, timing it needs ``--force``, an override, which the benchmark
+does only with ``--allow-override`` or a yes at the terminal (it stops otherwise, e.g. in CI).
+The promotion follows the gate run, as it follows ``mloop run`` in a user's session, so it
+reuses that stored report (same champion, same gate config) instead of gating again; ``models
+gate`` shows what gating costs when it must run. A write's own work is the time the same
+service calls take in one warm process (modules imported, stores open; gating still loads both
+models from disk and scores them on the holdout); its overhead is the fresh command's wall time
+minus that, and the target is an overhead <= 2 s.
 
 Without ``--project`` the state is built first: ``mloop demo --until 2011-07-01`` on the bundled
-bike example in a temporary folder (about a minute on an idle machine).
+bike example in a temporary folder (about a minute on an idle machine); ``--allow-override`` is
+passed on to it (if its initial model fails a gate the demo stops without it).
 
 Results go to ``--out`` (default ``benchmarks/cli_results.json``) with the git commit, whether
-the work tree was clean, the MLflow version and how busy the machine was (other processes'
+the work tree was clean, every override (``overrides``: the demo's and the timed
+promotion's, each with its version, failed gates, reason and who allowed it), the MLflow version
+and how busy the machine was (other processes'
 CPU use over 2 s before the run: on a shared machine a command's wall time includes waiting
 for a core, its CPU time does not). Python's bytecode cache is on for the commands, as in an
 installed package, even if ``PYTHONDONTWRITEBYTECODE`` is set (``--no-bytecode-cache`` keeps
@@ -136,11 +142,60 @@ def _git() -> dict[str, Any]:
             "clean": git("status", "--porcelain") == ""}
 
 
-def build_state(folder: Path, mloop: str, env: dict[str, str]) -> Path:
-    print(f"building the state: mloop demo --until 2011-07-01 into {folder} ...", flush=True)
-    subprocess.run([mloop, "demo", "--out", str(folder), "--until", "2011-07-01", "--json"],
-                   check=True, env=env, stdout=subprocess.DEVNULL)
-    return folder / "project"
+def build_state(folder: Path, mloop: str, env: dict[str, str], *, allow_override: bool
+                ) -> tuple[Path, list[dict[str, Any]]]:
+    """``mloop demo`` (stdin passed through: at a terminal it may ask about an override);
+    returns the project and the demo's overrides."""
+    argv = [mloop, "demo", "--out", str(folder), "--until", "2011-07-01", "--json"]
+    if allow_override:
+        argv.append("--allow-override")
+    print(f"building the state: {' '.join(argv[1:])} ...", flush=True)
+    done = subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"`mloop demo` failed (exit {done.returncode}; its message is above)")
+    overrides = json.loads((folder / "summary.json").read_text()).get("overrides", [])
+    for o in overrides:
+        print(f"OVERRIDE (mloop demo): v{o['version']} promoted despite failed gate(s) "
+              f"{', '.join(g['gate'] for g in o['failed_gates'])} ({o['allowed_by']})",
+              flush=True)
+    return folder / "project", [{"where": "mloop demo (the measured state)", **o}
+                                for o in overrides]
+
+
+_GATES = """
+import json, sys
+from mloop.project import open_project
+from mloop.registry.gates import evaluate_gates
+r = evaluate_gates(open_project(sys.argv[1]), int(sys.argv[2]), record=False)  # no trace
+print(json.dumps({"passed": r.passed, "failed": [f"{x.gate} ({x.message})" for x in r.results
+                                                 if x.status == "fail"]}))
+"""
+
+
+def promote_override(project: Path, version: int, env: dict[str, str], *, allowed: bool
+                     ) -> dict[str, Any] | None:
+    """Will timing ``models promote VERSION`` override failed gates? Evaluated once (untimed)
+    against the champion the timed promotions replace; an override goes ahead only with
+    ``--allow-override`` or a yes at the terminal (SystemExit otherwise). Returns its record."""
+    from mloop.cli._common import confirm_override
+
+    verdict = _json([sys.executable, "-c", _GATES, str(project), str(version)], cwd=project,
+                    env=env)
+    if verdict["passed"]:
+        return None
+    what = f"v{version} failed gate(s) {'; '.join(verdict['failed'])}"
+    allowed_by = confirm_override(f"bench_cli: {what}. Time `models promote {version} --force` "
+                                  f"anyway (an override, on a copy of the project)?",
+                                  allowed=allowed)
+    if allowed_by is None:
+        raise SystemExit(f"bench_cli: {what}; timing its promotion needs --force. Rerun with "
+                         f"--allow-override to do so (recorded in the results as an override), "
+                         f"or with --no-writes.")
+    print(f"OVERRIDE (timed writes): {what}; `models promote` is timed with --force "
+          f"({allowed_by})", flush=True)
+    return {"where": "timed `models promote` (a copy of the project)", "version": version,
+            "failed_gates": verdict["failed"], "allowed_by": allowed_by,
+            "reason": f"bench_cli: timing the promotion despite failed gates ({allowed_by})"}
 
 
 def _json(argv: list[str], *, cwd: Path, env: dict[str, str]) -> Any:
@@ -207,7 +262,7 @@ from mloop.registry.promotion import promote, rollback
 from mloop.serving.deploy import deploy_challenger, desired_state, stop_challenger
 
 project = open_project(sys.argv[1])
-other, repeats = int(sys.argv[2]), int(sys.argv[3])
+other, repeats, force = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "force"
 desired_state(project)
 project.mlflow  # opened once, as a long-lived process would have it
 times = {"canary": [], "stop": [], "gate": [], "promote": [], "rollback": []}
@@ -217,7 +272,7 @@ for _ in range(repeats):
                                              reason="bench")),
         ("stop", lambda: stop_challenger(project, reason="bench")),
         ("gate", lambda: evaluate_gates(project, other)),
-        ("promote", lambda: promote(project, other, reason="bench", force=True)),
+        ("promote", lambda: promote(project, other, reason="bench", force=force)),
         ("rollback", lambda: rollback(project, reason="bench")),
     ):
         _PYFUNCS.clear()  # gating loads its models from disk: that is its own work
@@ -228,24 +283,25 @@ print(json.dumps(times))
 """
 
 
-def write_commands(f: dict[str, Any]) -> list[tuple[str, list[str]]]:
+def write_commands(f: dict[str, Any], *, force: bool) -> list[tuple[str, list[str]]]:
     v = str(f["other_version"])
     return [
         ("canary", ["deploy", "canary", v, "--weight", "0.1", "--reason", "bench"]),
         ("stop", ["deploy", "stop-challenger", "--reason", "bench"]),
         ("gate", ["models", "gate", v]),
-        ("promote", ["models", "promote", v, "--force", "--reason", "bench"]),
+        ("promote", ["models", "promote", v, *(["--force"] if force else []), "--reason",
+                     "bench"]),
         ("rollback", ["models", "rollback", "--reason", "bench"]),
     ]
 
 
 def measure_writes(project: Path, f: dict[str, Any], *, mloop: str, env: dict[str, str],
-                   repeats: int) -> list[dict[str, Any]]:
+                   repeats: int, force: bool) -> list[dict[str, Any]]:
     """Writes on a copy of the project: each fresh command, then the same calls warm."""
     with tempfile.TemporaryDirectory(prefix="mloop-bench-cli-") as tmp:
         copy = Path(tmp) / "project"
         shutil.copytree(project, copy, ignore=shutil.ignore_patterns("inference"))
-        cmds = write_commands(f)
+        cmds = write_commands(f, force=force)
         fresh: dict[str, Timing] = {name: Timing([mloop, *args]) for name, args in cmds}
         for _ in range(repeats):  # in this order, so each pair leaves the state as it found it
             for name, args in cmds:
@@ -259,7 +315,8 @@ def measure_writes(project: Path, f: dict[str, Any], *, mloop: str, env: dict[st
                 else:
                     t.samples.append(sample)
         proc = subprocess.run([sys.executable, "-c", _OWN_WORK, str(copy),
-                               str(f["other_version"]), str(repeats)], cwd=copy, env=env,
+                               str(f["other_version"]), str(repeats),
+                               "force" if force else "gates"], cwd=copy, env=env,
                               capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             raise SystemExit(f"timing the writes in one process failed: {proc.stderr[-800:]}")
@@ -284,6 +341,11 @@ def main() -> None:
     ap.add_argument("--no-bytecode-cache", action="store_true", help="keep "
                     "PYTHONDONTWRITEBYTECODE if set (every command compiles mloop's modules)")
     ap.add_argument("--out", type=Path, default=HERE / "cli_results.json")
+    ap.add_argument("--allow-override", action="store_true",
+                    help="if a model the benchmark promotes (the demo's initial one, the timed "
+                         "`models promote`) fails a gate, promote it anyway (recorded as an "
+                         "override); without it the benchmark asks at a terminal and stops "
+                         "otherwise")
     args = ap.parse_args()
 
     bindir = Path(sys.executable).parent
@@ -298,9 +360,11 @@ def main() -> None:
     busy = _busy_share()
     tmp = None
     project = args.project
+    overrides: list[dict[str, Any]] = []
     if project is None:
         tmp = Path(tempfile.mkdtemp(prefix="mloop-bench-cli-state-"))
-        project = build_state(tmp / "demo", mloop, env)
+        project, overrides = build_state(tmp / "demo", mloop, env,
+                                         allow_override=args.allow_override)
     project = project.resolve()
     try:
         facts = _facts(project, mloop, env)
@@ -329,8 +393,14 @@ def main() -> None:
             print(line + (f"\n    {t.error}" if t.error else ""), flush=True)
             reads.append({"command": name, "mloop": t.to_dict(), "pass": ok,
                           "anchor": ({"what": label, **a.to_dict()} if a is not None else None)})
-        writes = [] if args.no_writes else measure_writes(project, facts, mloop=mloop, env=env,
-                                                           repeats=args.repeats)
+        writes = []
+        if not args.no_writes:
+            forced = promote_override(project, facts["other_version"], env,
+                                      allowed=args.allow_override)
+            if forced is not None:
+                overrides.append(forced)
+            writes = measure_writes(project, facts, mloop=mloop, env=env, repeats=args.repeats,
+                                    force=forced is not None)
         if writes:
             print(f"\n{'write':<48} {'wall':>6} {'cpu':>6} {'own':>6} {'extra':>6}")
             for w in writes:
@@ -351,7 +421,7 @@ def main() -> None:
         "mlflow_version": _mlflow.__version__, "project": str(project),
         "bytecode_cache": "PYTHONDONTWRITEBYTECODE" not in env,
         "floor": {"what": FLOOR_IMPORTS, **floor.to_dict()},
-        "reads": reads, "writes": writes,
+        "reads": reads, "writes": writes, "overrides": overrides,
         "all_reads_pass": all(r["pass"] for r in reads),
         "all_writes_pass": all(w["pass"] for w in writes),
     }
@@ -360,6 +430,9 @@ def main() -> None:
           f"{busy:.1f} cores busy before the run"
           + (" (wall times include waiting for a core)" if busy > 0.5 else "")
           + f"; wrote {args.out}")
+    for o in overrides:
+        print(f"note: OVERRIDE in {o['where']}: v{o['version']} despite failed gate(s) "
+              f"({o['allowed_by']})")
     if not result["all_reads_pass"]:
         sys.exit(1)
 

@@ -250,3 +250,14 @@ def test_run_says_why_a_candidate_was_not_promoted_and_the_command_that_would(
     assert command == 'mloop models promote 1 --reason "every gate passed"'
     assert main(["-C", str(root), *shlex.split(command)[1:], "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["version"] == 1
+
+
+def test_an_override_needs_the_flag_when_nobody_is_at_a_terminal(monkeypatch) -> None:
+    """CI, a pipe, cron: stdin is not a terminal, so nobody can be asked and a gate is
+    overridden only on --allow-override."""
+    from mloop.cli._common import confirm_override
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("y\n"))  # a pipe that would say yes
+    assert confirm_override("Promote v1 despite failed gates?", allowed=False) is None
+    assert confirm_override("Promote v1 despite failed gates?", allowed=True) == \
+        "--allow-override"

@@ -4,6 +4,7 @@ labels, the controller retraining and rolling out; the loop must beat the frozen
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -36,3 +37,70 @@ def test_demo_reduced_mode_beats_the_frozen_model(tmp_path: Path, capsys) -> Non
     assert august["versions"] != [1]
     page = (out / "loop.html").read_text()
     assert page.count("<svg") >= 2 and "Error per month" in page
+
+
+def _example_with_impossible_gate(tmp_path: Path) -> Path:
+    """The bike example with an MAE budget no model meets (measured MAE ~44): the initial
+    model fails gate 'absolute.mae.max' on any machine, busy or not."""
+    from mloop.demo import EXAMPLE
+
+    example = tmp_path / "example"
+    shutil.copytree(EXAMPLE, example, ignore=shutil.ignore_patterns(".mloop"))
+    cfg = example / "mloop.yaml"
+    text = cfg.read_text()
+    assert "{metric: mae, max: 90}" in text
+    cfg.write_text(text.replace("{metric: mae, max: 90}", "{metric: mae, max: 1}"))
+    return example
+
+
+@pytest.mark.parametrize("confirm", [None, "declined"], ids=["unattended", "declined"])
+def test_demo_refuses_to_override_a_failed_gate_unless_told_to(tmp_path: Path,
+                                                                confirm: str | None) -> None:
+    from mloop.demo import DemoOptions, run_demo
+    from mloop.errors import GateFailedError
+    from mloop.project import open_project
+    from mloop.registry.aliases import stored_alias
+
+    asked: list[str] = []
+
+    def decline(question: str) -> bool:
+        asked.append(question)
+        return False
+
+    out = tmp_path / "demo"
+    with pytest.raises(GateFailedError, match=r"failed gate\(s\) absolute\.mae\.max .*"
+                                              r"`mloop demo --allow-override`"):
+        run_demo(DemoOptions(out=out, example=_example_with_impossible_gate(tmp_path)),
+                 confirm_override=decline if confirm else None)
+    if confirm is None:
+        assert asked == []
+    else:
+        (question,) = asked
+        assert "initial model v1" in question and "absolute.mae.max" in question
+    assert stored_alias(open_project(out / "project")) is None  # nothing promoted
+    assert not (out / "project" / "serve.log").exists()  # nothing started
+    assert not (out / "summary.json").exists()
+
+
+def test_demo_with_allow_override_promotes_the_failed_model_and_records_the_override(
+        tmp_path: Path) -> None:
+    from mloop.demo import DemoOptions, run_demo
+    from mloop.project import open_project
+    from mloop.registry.promotion import history
+
+    said: list[str] = []
+    out = tmp_path / "demo"
+    summary = run_demo(DemoOptions(out=out, example=_example_with_impossible_gate(tmp_path),
+                                   end="2011-05-03", allow_override=True),
+                       progress=lambda kind, info: said.append(info.get("text", "")))
+    (override,) = summary["overrides"]
+    assert override["version"] == 1 and override["allowed_by"] == "--allow-override"
+    assert override["action"] == "override"
+    assert [g["gate"] for g in override["failed_gates"]] == ["absolute.mae.max"]
+    assert override["failed_gates"][0]["threshold"] == 1
+    assert json.loads((out / "summary.json").read_text())["overrides"] == [override]
+    assert any(s.startswith("OVERRIDE: initial model v1 failed gate(s) absolute.mae.max")
+               for s in said), said
+    first = history(open_project(out / "project"))["deployments"][-1]  # newest first
+    assert (first["version"], first["action"]) == (1, "override")
+    assert summary["requests"] == 48  # two days replayed, served by the overridden v1

@@ -1,6 +1,7 @@
 """Batch scoring memory: mloop's chunked ``predict`` vs the whole-file pandas way, as files grow.
 
     python benchmarks/serving/bench_batch_memory.py [--project DIR] [--sizes 100000,400000,1600000]
+        [--allow-override]
 
 What is measured: peak resident memory (RSS, sampled by the OS: ``ru_maxrss`` of the child) and
 wall time to score a Parquet file of N rows with the bike example's champion, each side in a
@@ -15,6 +16,13 @@ Data: the rows of ``examples/bike_sharing/data/bike_hourly.parquet`` (17,379 rea
 Bike Sharing, CC BY 4.0) repeated to each size. The claim under test is "constant memory":
 mloop's peak should stay flat as the file grows while the anchor's grows with it. Prints
 one row per size and the growth of each side from the smallest to the largest file.
+
+Without ``--project`` the example is trained here (``mloop run``) and its v1 must pass its gates
+to become champion. If it fails one, the benchmark promotes it anyway only with
+``--allow-override`` or a yes at the terminal (stops otherwise, e.g. in CI), prints the override
+and lists it in the results (``overrides``: version, failed gates, reason, who allowed it).
+Results: ``batch_memory_results.json`` beside this file, with the git commit and whether the
+work tree was clean.
 """
 
 from __future__ import annotations
@@ -80,11 +88,68 @@ def _run(side: str, project: Path, src: Path, out: Path) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _git() -> dict:
+    def git(*args: str) -> str | None:
+        done = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True,
+                              check=False)
+        return done.stdout.rstrip() if done.returncode == 0 else None  # keep a leading space
+
+    status = git("status", "--porcelain")
+    return {"commit": git("rev-parse", "HEAD"),
+            "clean": None if status is None else status == ""}
+
+
+def train(project: Path, *, allowed: bool) -> list[dict]:
+    """``mloop run`` on the copied example; v1 becomes champion by its gates, or despite them
+    only when allowed (returns the override records)."""
+    from mloop.cli._common import confirm_override
+
+    mloop = Path(sys.executable).parent / "mloop"
+    done = subprocess.run([str(mloop), "-C", str(project), "run", "--json"],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"`mloop run` failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    result = json.loads(done.stdout)
+    if result.get("promotion") is not None:
+        return []
+    version = result["registered"]["version"]
+    failed = [f"{r['gate']} ({r['message']})" for r in result["gates"]["results"]
+              if r["status"] == "fail"]
+    if not failed:  # gates passed, auto_promote off: a plain promotion
+        subprocess.run([str(mloop), "-C", str(project), "models", "promote", str(version),
+                        "--reason", "bench_batch_memory: the model scored"], check=True,
+                       capture_output=True)
+        return []
+    what = f"v{version} failed gate(s) {'; '.join(failed)}"
+    allowed_by = confirm_override(f"bench_batch_memory: {what}. Promote it anyway to score "
+                                  f"with it?", allowed=allowed)
+    if allowed_by is None:
+        raise SystemExit(f"bench_batch_memory: {what}; it would have to be champion to be "
+                         f"scored. Rerun with --allow-override to promote it anyway (recorded "
+                         f"in the results as an override), or pass --project with a champion.")
+    reason = f"bench_batch_memory: scored despite failed gate(s) ({allowed_by})"
+    promoted = subprocess.run([str(mloop), "-C", str(project), "models", "promote",
+                               str(version), "--force", "--reason", reason],
+                              capture_output=True, text=True)
+    if promoted.returncode != 0:
+        raise SystemExit(f"`mloop models promote {version} --force` failed:\n"
+                         f"{promoted.stderr[-3000:]}")
+    print(f"OVERRIDE: {what}; promoted anyway ({allowed_by})", flush=True)
+    return [{"version": version, "failed_gates": failed, "reason": reason,
+             "allowed_by": allowed_by}]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--project", type=Path, help="a trained bike project (default: train one)")
     ap.add_argument("--sizes", default="100000,400000,1600000")
+    ap.add_argument("--allow-override", action="store_true",
+                    help="if the freshly trained v1 fails a gate, promote it anyway (recorded "
+                         "as an override); without it the benchmark asks at a terminal and "
+                         "stops otherwise")
     args = ap.parse_args()
+    git = _git()  # before the results file is written: it is in the tree
+    overrides: list[dict] = []
     sizes = [int(s) for s in args.sizes.split(",")]
     with tempfile.TemporaryDirectory(prefix="mloop-bench-batch-") as tmp:
         work = Path(tmp)
@@ -92,11 +157,7 @@ def main() -> None:
         if project is None:
             project = work / "bike_sharing"
             shutil.copytree(EXAMPLE, project, ignore=shutil.ignore_patterns(".mloop"))
-            mloop = Path(sys.executable).parent / "mloop"
-            subprocess.run([str(mloop), "-C", str(project), "run", "--json"], check=True,
-                           capture_output=True)
-            subprocess.run([str(mloop), "-C", str(project), "models", "promote", "1", "--force",
-                            "--reason", "benchmark"], capture_output=True)  # if a gate failed
+            overrides = train(project, allowed=args.allow_override)
         results = []
         for n in sizes:
             src = work / f"in-{n}.parquet"
@@ -120,8 +181,14 @@ def main() -> None:
                   f"{last['rows']:,} rows ({last['rows'] / first['rows']:.0f}x the data)")
         ratio = last["anchor"]["peak_rss_mb"] / last["mloop"]["peak_rss_mb"]
         print(f"at {last['rows']:,} rows the anchor peaks at {ratio:.1f}x mloop's memory")
+        for o in overrides:
+            print(f"note: v{o['version']} was scored despite failed gate(s) "
+                  f"{'; '.join(o['failed_gates'])} ({o['allowed_by']})")
         out = Path(__file__).with_name("batch_memory_results.json")
-        out.write_text(json.dumps(results, indent=2))
+        out.write_text(json.dumps({"benchmark": "serving/batch_memory", "git": git,
+                                   "project": str(args.project) if args.project else
+                                   "examples/bike_sharing, trained here",
+                                   "overrides": overrides, "sizes": results}, indent=2) + "\n")
         print(f"JSON: {out}")
 
 

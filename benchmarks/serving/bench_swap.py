@@ -4,8 +4,8 @@
                                             [--out benchmarks/serving/swap_results.json]
 
 What is measured: a running ``mloop serve`` (one worker, OMP_NUM_THREADS=1, the compiled fast
-path on) serves v1 of the UCI Bike Sharing example; v2 is promoted (``promote(..., force=True)``,
-the service ``mloop models promote`` calls), then ``POST /reload`` makes the server read the
+path on) serves v1 of the UCI Bike Sharing example; v2 is promoted (``promote(...)``, the
+service ``mloop models promote`` calls), then ``POST /reload`` makes the server read the
 aliases (its poll) at t0, while a client sends one-row ``POST /predict`` requests every 5 ms.
 The figure is t0 to the first answer whose ``version`` is 2: the poll, the load, the warm-up,
 the swap and one request. Also recorded: the server's own ``load_seconds`` for v2 and the
@@ -37,10 +37,15 @@ put back to v1 between them.
 Target (PASS/MISS): every "after" measurement <= 1 s, under every load (the slowest
 repetition counts). "before" is printed against the same line for comparison.
 
-Data and model: examples/bike_sharing copied to a temp folder; ``mloop run`` trains v1 (promoted;
-if a gate fails on a busy machine it is force-promoted, and a note says so); then
-``max_iter: 250`` and ``auto_promote: false`` make v2 (registered, not promoted). The server's
-poll interval is set to an hour so that only /reload makes it read the aliases.
+Data and model: examples/bike_sharing copied to a temp folder; ``mloop run`` trains v1 (promoted
+by its gates); then ``max_iter: 250`` and ``auto_promote: false`` make v2 (registered, not
+promoted); v2's gates are evaluated once against v1. The server's poll interval is set to an hour
+so that only /reload makes it read the aliases.
+
+Overrides: if v1 fails a gate, or v2 does (then every measured promotion would override it), the
+benchmark promotes it anyway only with ``--allow-override`` or a yes at the terminal; run without
+a terminal (CI, a pipe) it stops instead. Each override is printed, kept in ``notes`` and listed
+in the results under ``overrides`` (version, failed gates, reason, who allowed it).
 """
 
 from __future__ import annotations
@@ -109,7 +114,28 @@ def _run(project: Path) -> str:
     return done.stdout
 
 
-def prepare(workdir: Path, notes: list[str]) -> tuple[Path, int, int]:
+def allow_override(version: int, failed: list[str], why: str, *, allowed: bool,
+                   overrides: list[dict[str, Any]], notes: list[str]) -> None:
+    """Let a promotion of ``version`` despite failed gates go ahead only with
+    ``--allow-override`` or a yes at the terminal (stops otherwise), and record it."""
+    from mloop.cli._common import confirm_override
+
+    what = f"v{version} failed gate(s) {'; '.join(failed)}"
+    allowed_by = confirm_override(f"bench_swap: {what}. Promote it anyway ({why})?",
+                                  allowed=allowed)
+    if allowed_by is None:
+        raise SystemExit(f"bench_swap: {what}; the benchmark would have to promote it despite "
+                         f"them ({why}). Rerun with --allow-override to do so (recorded in the "
+                         f"results as an override), or on a machine where the gates pass.")
+    reason = f"bench_swap: {why}, despite failed gate(s) ({allowed_by})"
+    overrides.append({"version": version, "failed_gates": failed, "reason": reason,
+                      "allowed_by": allowed_by})
+    notes.append(f"OVERRIDE: {what}; force-promoted ({why}; {allowed_by})")
+    print(f"OVERRIDE: {what}; promoting it anyway ({allowed_by})", flush=True)
+
+
+def prepare(workdir: Path, notes: list[str], *, allowed: bool,
+            overrides: list[dict[str, Any]]) -> tuple[Path, int, int]:
     """The trained example with v1 champion and v2 registered, not promoted."""
     project, out = train_example(workdir)
     yaml = project / "mloop.yaml"
@@ -126,9 +152,9 @@ def prepare(workdir: Path, notes: list[str]) -> tuple[Path, int, int]:
         from mloop.registry.promotion import promote
 
         gates = failed_gates(out) or ["(see `mloop run` output)"]
-        promote(p, latest, reason="bench_swap: gates failed in the benchmark's throwaway "
-                "project: " + "; ".join(gates), force=True)
-        notes.append(f"v{latest} failed gates ({'; '.join(gates)}); force-promoted")
+        allow_override(latest, gates, "v1 must serve before the swap", allowed=allowed,
+                       overrides=overrides, notes=notes)
+        promote(p, latest, reason=overrides[-1]["reason"], force=True)
         v1 = latest
     _edit(yaml, "max_iter: 300", "max_iter: 250")
     _edit(yaml, "auto_promote: true", "auto_promote: false")
@@ -274,7 +300,8 @@ def one(project_dir: Path, project: Any, *, mode: str, load: str, rep: int, v1: 
     try:
         server.start()
         server.wait_ready(180)
-        promote(project, v2, reason="bench_swap: the measured swap", force=True,
+        # force only when v2 failed a gate and the override was allowed (see main)
+        promote(project, v2, reason="bench_swap: the measured swap", force=not report.passed,
                 gate_report=report)
         if load.startswith("busy"):
             burn = Burners(burners)
@@ -421,17 +448,28 @@ def main() -> None:
     ap.add_argument("--base-port", type=int, default=8700)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "swap_results.json")
     ap.add_argument("--keep", action="store_true", help="keep the temp folder (server logs)")
+    ap.add_argument("--allow-override", action="store_true",
+                    help="if v1 or v2 fails a gate, promote it anyway (recorded as an override); "
+                         "without it the benchmark asks at a terminal and stops otherwise")
     args = ap.parse_args()
     t_start = time.perf_counter()
     workdir = Path(tempfile.mkdtemp(prefix="mloop-bench-swap-"))
     notes: list[str] = []
+    overrides: list[dict[str, Any]] = []
     try:
-        project_dir, v1, v2 = prepare(workdir, notes)
+        project_dir, v1, v2 = prepare(workdir, notes, allowed=args.allow_override,
+                                      overrides=overrides)
         from mloop.project import open_project
         from mloop.registry.gates import evaluate_gates
 
         project = open_project(project_dir)
         report = evaluate_gates(project, v2)  # once: every promotion below replaces v1
+        if not report.passed:
+            allow_override(v2, [f"{r.gate} ({r.message})" for r in report.results
+                                if r.status == "fail"],
+                           f"every measured swap promotes it over v1 "
+                           f"({args.repeats * len(MODES) * len(LOADS)} times)",
+                           allowed=args.allow_override, overrides=overrides, notes=notes)
         logs = workdir / "logs"
         logs.mkdir()
         (port,) = _pick_ports(args.base_port, 1)
@@ -472,6 +510,7 @@ def main() -> None:
                         "loadavg": Path("/proc/loadavg").read_text().split()[:3]},
             "versions": {**_versions(), **_more_versions()},
             "runs": runs, "cells": summarize(runs), "phases_s": breakdown, "notes": notes,
+            "overrides": overrides,
             "total_seconds": round(time.perf_counter() - t_start, 1),
         }
         args.out.parent.mkdir(parents=True, exist_ok=True)

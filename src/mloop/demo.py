@@ -7,6 +7,13 @@ delay; run the controller (``mloop loop``'s pass) every few simulated days. It r
 gates, canaries and promotes or rolls back by the policy in ``mloop.yaml``. At the end it
 compares, month by month, the MAE of what the loop served with the MAE the frozen initial
 model would have had on the same hours, and writes ``summary.json`` and ``loop.html``.
+
+The demo needs a champion to serve. If the initial model fails a gate it is promoted only when
+the caller allows it (``DemoOptions.allow_override``, ``mloop demo --allow-override``) or a
+person confirms it (``confirm_override``, asked by the CLI only at a terminal); otherwise the
+demo stops with ``GateFailedError`` before starting anything, so a run in CI never overrides a
+gate silently. An override is recorded in the model's history (action ``override``) and in
+``summary.json`` under ``overrides``.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from mloop.errors import MloopError
+from mloop.errors import GateFailedError, MloopError
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "bike_sharing"
 
@@ -41,6 +48,7 @@ class DemoOptions:
     label_delay_days: float = 2.0
     check_every_days: int = 7
     port: int = 0
+    allow_override: bool = False  # promote the initial model even if it fails a gate
 
 
 def _free_port() -> int:
@@ -85,9 +93,13 @@ def _stop_server(proc: subprocess.Popen) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-def run_demo(opts: DemoOptions, *, progress: Callable[[str, dict[str, Any]], None] | None = None
-             ) -> dict[str, Any]:
-    """Run the demo; returns the summary (also written to ``opts.out/summary.json``)."""
+def run_demo(opts: DemoOptions, *, progress: Callable[[str, dict[str, Any]], None] | None = None,
+             confirm_override: Callable[[str], bool] | None = None) -> dict[str, Any]:
+    """Run the demo; returns the summary (also written to ``opts.out/summary.json``).
+
+    ``confirm_override`` is asked (with the question to show) when the initial model failed a
+    gate and ``opts.allow_override`` is off; without it, or when it answers no, the demo
+    raises ``GateFailedError`` and the champion stays unset."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
     import requests
@@ -110,15 +122,9 @@ def run_demo(opts: DemoOptions, *, progress: Callable[[str, dict[str, Any]], Non
     say("phase", {"text": "training the initial model on Jan-Apr 2011"})
     first = train_candidate(project, gate=False).version
     gating = gate_candidate(project, first)
-    if not gating.promoted:
-        # e.g. the latency gate on a machine busy with something else: the demo needs a
-        # champion to serve, so the override is made, and recorded as one
-        from mloop.registry.promotion import promote
-
-        failed = [r["gate"] for r in gating.gates["results"] if r["status"] == "fail"]
-        say("phase", {"text": f"initial model failed gate(s) {failed}; promoting it with "
-                              f"--force for the demo (recorded as an override)"})
-        promote(project, first, reason=f"demo: initial model despite {failed}", force=True)
+    override = None if gating.promoted else _promote_initial(project, first, gating.gates,
+                                                              opts, say, confirm_override)
+    overrides = [override] if override else []
     project = open_project(project_dir)
 
     # 2. the real server, in its own process
@@ -150,6 +156,7 @@ def run_demo(opts: DemoOptions, *, progress: Callable[[str, dict[str, Any]], Non
 
     # 3. the story in numbers
     summary = _summarise(project, replay, first, tcol, cfg.target)
+    summary["overrides"] = overrides
     summary["loop"] = loop_metrics(project)
     rates = project.config.loop.costs
     summary["serving"] = {
@@ -163,6 +170,43 @@ def run_demo(opts: DemoOptions, *, progress: Callable[[str, dict[str, Any]], Non
 
     (out / "loop.html").write_text(loop_html(project, summary), encoding="utf-8")
     return summary
+
+
+def _promote_initial(project: Any, version: int, gates: dict[str, Any], opts: DemoOptions,
+                     say: Callable[[str, dict[str, Any]], None],
+                     confirm: Callable[[str], bool] | None) -> dict[str, Any] | None:
+    """Make the initial model champion though ``gate_candidate`` did not: its gates failed
+    (an override, only when allowed or confirmed), or they passed with auto-promotion off
+    (a plain promotion). Returns the override record for ``summary.json`` (None: none)."""
+    from mloop.registry.promotion import promote
+
+    failed = [{k: r.get(k) for k in ("gate", "value", "threshold", "message")}
+              for r in gates["results"] if r["status"] == "fail"]
+    if not failed:
+        promote(project, version, reason="demo: the initial model (gates passed)")
+        return None
+    names = ", ".join(f["gate"] for f in failed)
+    why = "; ".join(f"{f['gate']} ({f['message']})" for f in failed)
+    model = project.config.model_name
+    question = (f"The initial model v{version} of '{model}' failed gate(s) {why}. Promote it "
+                f"anyway so the demo has a champion to serve (recorded as an override)?")
+    if opts.allow_override:
+        allowed_by = "--allow-override"
+    elif confirm is not None and confirm(question):
+        allowed_by = "confirmed at the prompt"
+    else:
+        raise GateFailedError(
+            f"The initial model v{version} of '{model}' failed gate(s) {why}; the demo needs a "
+            f"champion to serve and does not override a gate unless told to: rerun with "
+            f"`mloop demo --allow-override` (recorded as an override in the model's history and "
+            f"in summary.json), or change the gates in {project.root / 'mloop.yaml'}. Nothing "
+            f"was started; champion unchanged (none).")
+    reason = f"demo: initial model promoted despite failed gate(s) {names} ({allowed_by})"
+    say("phase", {"text": f"OVERRIDE: initial model v{version} failed gate(s) {names}; "
+                          f"promoting it anyway ({allowed_by}; recorded as an override)"})
+    change = promote(project, version, reason=reason, force=True)
+    return {"version": version, "failed_gates": failed, "reason": reason,
+            "allowed_by": allowed_by, "action": change.action, "at": change.at}
 
 
 def _replay(project_dir: Path, url: str, rows: list[dict[str, Any]], inputs: list[str],

@@ -9,6 +9,7 @@ MLflow, pandas or scikit-learn they do not use.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -33,6 +34,10 @@ ProjectOpt = Annotated[
 ]
 NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="Run every step, ignore the cache.")]
 ReasonOpt = Annotated[str, typer.Option("--reason", help="Why: recorded in the history.")]
+AllowOverrideOpt = Annotated[bool, typer.Option(
+    "--allow-override", help="If a model this command must promote fails a gate, promote it "
+                             "anyway (recorded as an override). Without it the command asks "
+                             "at a terminal and stops otherwise (CI, pipes, cron).")]
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,20 @@ def set_root_options(*, project: Path | None, debug: bool) -> None:
 
 def root_options() -> RootOptions:
     return _root_options.get() or RootOptions()
+
+
+def confirm_override(question: str, *, allowed: bool) -> str | None:
+    """May a promotion go ahead despite failed gates, and on whose word? ``"--allow-override"``
+    when the flag was given; ``"confirmed at the prompt"`` when a person at the terminal said
+    yes to ``question`` (asked on stderr, so ``--json`` output stays one document); ``None``
+    when they said no, or when nobody can be asked because stdin is not a terminal (CI, a pipe,
+    cron): an unattended run never overrides a gate it was not told to."""
+    if allowed:
+        return "--allow-override"
+    if not sys.stdin.isatty():
+        return None
+    return "confirmed at the prompt" if typer.confirm(question, default=False, err=True) \
+        else None
 
 
 def open_project() -> Project:

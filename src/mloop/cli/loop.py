@@ -8,7 +8,14 @@ from typing import Annotated, Any
 
 import typer
 
-from mloop.cli._common import JsonOpt, iso_arg, open_project, report
+from mloop.cli._common import (
+    AllowOverrideOpt,
+    JsonOpt,
+    confirm_override,
+    iso_arg,
+    open_project,
+    report,
+)
 from mloop.cli.render import err, fields, num, out, table
 
 audit_app = typer.Typer(no_args_is_help=True, help="The tamper-evident event chain.")
@@ -70,10 +77,13 @@ def demo(
     "2013-01-01",
     label_delay_days: Annotated[float, typer.Option(help="Labels arrive this long after the "
                                                          "prediction.")] = 2.0,
+    allow_override: AllowOverrideOpt = False,
     json_: JsonOpt = False,
 ) -> None:
     """The whole loop on the bike data: train, serve, replay 2011-2012 over HTTP with late
-    labels, let the controller retrain/canary/promote; compare with the frozen model."""
+    labels, let the controller retrain/canary/promote; compare with the frozen model. If the
+    initial model fails a gate, it is promoted only with --allow-override or a yes at the
+    terminal, and the override is recorded (history, summary.json)."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from mloop.demo import DemoOptions, run_demo
@@ -86,6 +96,8 @@ def demo(
     def on(kind: str, info: dict[str, Any]) -> None:
         if kind == "phase":
             bar.update(task, description=info["text"])
+            if info["text"].startswith("OVERRIDE"):  # kept on screen, --json or not
+                err.print(f"[bold yellow]{info['text']}[/]", highlight=False)
         elif kind == "replay":
             bar.update(task, total=info["total"], completed=0, hours=f"{info['total']:,}",
                        description="replaying 2011-2012 over HTTP")
@@ -97,9 +109,17 @@ def demo(
                           f"{a.get('version', '') and 'v' + str(a.get('version'))} "
                           f"{a.get('reason', a.get('guard', ''))}", highlight=False)
 
+    def ask(question: str) -> bool:
+        bar.stop()  # a prompt under a live progress bar would be redrawn over
+        try:
+            return confirm_override(question, allowed=False) is not None
+        finally:
+            bar.start()
+
     with bar:
-        summary = run_demo(DemoOptions(out=out_dir, end=until,
-                                       label_delay_days=label_delay_days), progress=on)
+        summary = run_demo(DemoOptions(out=out_dir, end=until, label_delay_days=label_delay_days,
+                                       allow_override=allow_override), progress=on,
+                           confirm_override=ask if sys.stdin.isatty() else None)
 
     def render(summary: dict[str, Any]) -> None:
         out.print(table("MAE per month (rentals/hour)", ["month", "hours", "frozen", "loop",
@@ -117,6 +137,10 @@ def demo(
                   f"{loop['rejected']}; time to detect {num(loop['time_to_detect_hours'])} h, "
                   f"to deploy {num(loop['time_to_deploy_hours'])} h (event time); "
                   f"{summary['seconds']} s in all")
+        for o in summary["overrides"]:
+            out.print(f"[bold yellow]override[/]: v{o['version']} promoted despite failed "
+                      f"gate(s) {', '.join(g['gate'] for g in o['failed_gates'])} "
+                      f"({o['allowed_by']})", highlight=False)
         out.print(f"wrote {out_dir / 'summary.json'} and {out_dir / 'loop.html'}")
 
     report(summary, json_, render,
