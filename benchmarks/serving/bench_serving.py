@@ -65,14 +65,14 @@ file(s) the project trains on and the snapshot digests mloop recorded on the ver
 ``mloop.snapshot.source/train/holdout``), library versions of both environments, the exact
 commands and MLServer's settings.
 
-Data and model: the UCI Bike Sharing example (``examples/bike_sharing``). Without
-``--project`` the example is copied to a temp folder and ``mloop run`` trains, registers and
-promotes version 1 of ``bike-sharing`` (~20 s; if a gate fails there, typically the latency
-gate on a busy machine, the benchmark force-promotes v1 in that throwaway copy and prints a
-note); with ``--project DIR`` that trained project is reused (its champion is served by every
-server). The request row is a real row of ``data/bike_hourly.parquet`` (``--row``, default
-5000: 2011-08-01 06:00, outside the training window), typed by the signature mloop's GET /model
-reports (doubles sent as JSON floats).
+Data and model: the UCI Bike Sharing example (``examples/bike_sharing``). Without ``--project``
+the example is copied to a temp folder and ``mloop run`` trains, registers and promotes version
+1 of ``bike-sharing`` (~20 s; if a gate fails there the benchmark stops unless run with
+``--allow-override``, which force-promotes v1 in that throwaway copy, prints an OVERRIDE line
+and records it under ``overrides`` in the results); with ``--project DIR`` that trained project
+is reused (its champion is served by every server). The request row is a real row of
+``data/bike_hourly.parquet`` (``--row``, default 5000: 2011-08-01 06:00, outside the training
+window), typed by the signature mloop's GET /model reports (doubles sent as JSON floats).
 
 Targets (printed as PASS/MISS). Issue 19's, mloop compiled against MLflow: at 8 and 32
 connections req/s >= 20x and p99 <= 1/5; at 1 connection p50 <= 1/2; zero errors on both
@@ -798,6 +798,10 @@ def main() -> None:
                     help="MLServer's own virtualenv, created or checked by setup_mlserver.sh "
                     "(default: .venv-mlserver in the repo root)")
     ap.add_argument("--skip-mlserver", action="store_true", help="leave MLServer out")
+    ap.add_argument("--allow-override", action="store_true", help="if the throwaway "
+                    "project's first model fails a gate, promote it anyway (recorded in the "
+                    "results as an override); without it the benchmark stops, unless a person "
+                    "at the terminal says yes")
     ap.add_argument("--keep", action="store_true", help="keep the temp folder (trained "
                     "project and server logs)")
     ap.add_argument("--out", type=Path, default=HERE / "results.json")
@@ -820,6 +824,7 @@ def main() -> None:
     servers: dict[str, Server] = {}
     notes: list[str] = []
     failures: dict[str, str] = {}
+    overrides: list[dict[str, Any]] = []
 
     def fail(name: str, why: str) -> None:
         """A peer that cannot be measured: said on stderr now, in the report and the JSON."""
@@ -849,6 +854,18 @@ def main() -> None:
                 raise SystemExit(f"`mloop run` registered no version of {model}:\n"
                                  f"{run_stdout[-3000:]}")
             gates = failed_gates(run_stdout) or ["(see `mloop run` output)"]
+            from mloop.cli._common import confirm_override
+
+            allowed_by = confirm_override(
+                f"v{latest} failed gate(s) {'; '.join(gates)}: promote it anyway to benchmark "
+                f"it?", allowed=args.allow_override)
+            if allowed_by is None:
+                raise SystemExit(f"v{latest} of {model} failed gate(s) {'; '.join(gates)}; "
+                                 f"not promoted. Re-run with --allow-override to benchmark it "
+                                 f"anyway (recorded as an override in the results)")
+            overrides.append({"version": latest, "failed_gates": gates,
+                              "reason": "bench_serving: throwaway project",
+                              "allowed_by": allowed_by})
             done = subprocess.run(
                 [_venv_bin("mloop"), "-C", str(project_dir), "models", "promote", str(latest),
                  "--force", "--reason", "bench_serving: gates failed in the benchmark's "
@@ -861,7 +878,8 @@ def main() -> None:
                                  f"{done.stderr}")
             notes.append(f"`mloop run` did not promote v{latest}: gates failed "
                          f"({'; '.join(gates)}); the benchmark force-promoted it to serve it")
-            print(f"  gates failed ({'; '.join(gates)}): force-promoted v{latest}", flush=True)
+            print(f"  OVERRIDE: gates failed ({'; '.join(gates)}): force-promoted v{latest} "
+                  f"({allowed_by})", flush=True)
         elif version is None:
             raise SystemExit(f"{project_dir}: model '{model}' has no champion to serve "
                              f"(`mloop models promote VERSION`)")
@@ -1123,7 +1141,7 @@ def main() -> None:
                                     "server under test, wrk and this script"}},
             "versions": _versions(),
             "runs": runs, "floors": floors, "notes": notes,
-            "failures": failures, "out": str(args.out),
+            "failures": failures, "overrides": overrides, "out": str(args.out),
             "total_seconds": None,
         }
         evaluate(results)
