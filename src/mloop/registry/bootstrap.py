@@ -34,12 +34,56 @@ def _weighted(metric: str, w: np.ndarray, y: np.ndarray, pred: np.ndarray,
         return 1.0 - (w @ (err**2)) / np.where(sst > 0, sst, np.nan)
     if metric == "accuracy":
         return w @ (y == pred).astype(float) / n
+    if metric == "roc_auc" and proba is not None and classes is not None:
+        return _weighted_roc_auc(w, y, proba, classes)
     if metric == "log_loss" and proba is not None and classes is not None:
         index = {c: i for i, c in enumerate(classes)}
         cols = np.array([index[v] for v in y])
         p_true = np.clip(proba[np.arange(n), cols], 1e-15, 1.0)
         return w @ (-np.log(p_true)) / n
     return None
+
+
+def _auc_rows(w: np.ndarray, positive: np.ndarray, score: np.ndarray) -> np.ndarray:
+    """ROC AUC of ``score`` for ``positive`` under each row of weights: the Mann-Whitney
+    statistic with ties counted half, as sklearn's roc_auc_score computes it on the resample
+    the weights stand for; NaN where a resample holds one side only."""
+    order = np.argsort(score, kind="stable")
+    s_sorted = score[order]
+    starts = np.flatnonzero(np.r_[True, s_sorted[1:] != s_sorted[:-1]])  # tie groups
+    ws = w[:, order]
+    pos_mask = positive[order].astype(float)
+    neg = np.add.reduceat(ws * (1.0 - pos_mask), starts, axis=1)
+    pos = np.add.reduceat(ws * pos_mask, starts, axis=1)
+    below = np.cumsum(neg, axis=1) - neg  # negatives scored strictly lower
+    pairs = pos.sum(axis=1) * neg.sum(axis=1)
+    wins = (pos * (below + 0.5 * neg)).sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(pairs > 0, wins / np.where(pairs > 0, pairs, 1.0), np.nan)
+
+
+def _weighted_roc_auc(w: np.ndarray, y: np.ndarray, proba: np.ndarray,
+                      classes: list[Any]) -> np.ndarray:
+    """ROC AUC per resample, defined as :func:`mloop.metrics.compute_metrics` defines it with
+    ``classes``: binary on the second class's column; else one-vs-rest macro-averaged over the
+    classes the resample holds; NaN when it holds one class. Sorting once and summing weights
+    replaces thousands of roc_auc_score calls (a 3-class holdout: 12,000 calls, ~50 s)."""
+    index = {c: i for i, c in enumerate(classes)}
+    codes = np.array([index[v] for v in y])
+    p = np.asarray(proba, dtype=float)
+    sums = p.sum(axis=1, keepdims=True)
+    p = p / np.where(sums > 0, sums, 1.0)
+    k = len(classes)
+    held = np.stack([w[:, codes == c].sum(axis=1) > 0 for c in range(k)], axis=1)
+    two_or_more = held.sum(axis=1) >= 2
+    if k == 2:
+        return np.where(two_or_more, _auc_rows(w, codes == 1, p[:, 1]), np.nan)
+    per_class = np.stack([np.where(held[:, c], _auc_rows(w, codes == c, p[:, c]), np.nan)
+                          for c in range(k)], axis=1)
+    with np.errstate(invalid="ignore"):
+        total = np.nansum(per_class, axis=1)
+        count = np.sum(~np.isnan(per_class), axis=1)
+        return np.where(two_or_more & (count > 0), total / np.maximum(count, 1), np.nan)
 
 
 def paired_bootstrap(metric: str, task: str, y: np.ndarray, candidate: np.ndarray,
