@@ -247,11 +247,14 @@ def _mid(w: dict[str, Any]) -> datetime:
 
 def heatmap_svg(windows: Sequence[dict[str, Any]], features: Sequence[str],
                 scores: dict[tuple[int, str], tuple[float, float, bool]], *,
-                cell_w: float = 9.0, cell_h: float = 16.0) -> Markup:
+                cell_w: float | None = None, cell_h: float = 16.0) -> Markup:
     """Windows (columns, oldest left) x features (rows): each cell's shade is its drift score
-    over its threshold (red when drifted)."""
+    over its threshold (red when drifted). Cells are as wide as ~1000 px allows (6 to 60)."""
     if not windows or not features:
         return Markup("<p class='muted'>No windows evaluated yet.</p>")
+    if cell_w is None:
+        cell_w = max(6.0, min(60.0, 1000.0 / len(windows)))
+    label_every = max(1, round(80 / cell_w))  # a date label every ~80 px
     left, top = 110, 8
     parts = []
     for j, f in enumerate(features):
@@ -273,7 +276,7 @@ def heatmap_svg(windows: Sequence[dict[str, Any]], features: Sequence[str],
                          f"x='{x:.1f}' y='{top + j * cell_h}' width='{cell_w - 0.5:.1f}' "
                          f"height='{cell_h - 1}' fill='{fill}'><title>{_e(title)}</title>"
                          f"</rect>")
-        if i % max(1, len(windows) // 10) == 0:
+        if i % label_every == 0:
             parts.append(f"<text x='{x:.1f}' y='{top + len(features) * cell_h + 12}' "
                          f"class='tick'>{_e(w['start'][:10])}</text>")
     width = left + len(windows) * cell_w + 80
