@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Make this machine ready for mloop's test suite, idempotently (README's test command runs it):
-# - Debian packages the tests drive for real: headless Chromium renders the HTML reports,
+# - Debian packages the tests drive for real: headless Chromium renders the HTML reports (and,
+#   through chromium-driver, the dashboard's pages),
 #   promtool checks the generated alerting rules, Java runs Spark batch scoring;
 # - PostgreSQL on 127.0.0.1:5432 (trust auth, database `test`) for the tests marked `postgres`.
 # It changes nothing when all of that is already in place.
@@ -8,6 +9,7 @@ set -euo pipefail
 
 need=()
 command -v chromium >/dev/null || need+=(chromium)
+command -v chromedriver >/dev/null || need+=(chromium-driver)
 command -v promtool >/dev/null || need+=(prometheus)
 command -v java >/dev/null || need+=(openjdk-17-jre-headless)
 if [ ${#need[@]} -gt 0 ]; then

@@ -42,8 +42,8 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("the loop that retrains and promotes", {"loop"}),
     ("processes and services behind one command each",
      {"server", "status", "doctor", "demo", "scaffold"}),
-    ("the user's surface: the CLI, the package façade, project templates",
-     {"cli", "mloop", "__main__", "templates"}),
+    ("the user's surface: the CLI, the dashboard, the package façade, project templates",
+     {"cli", "ui", "mloop", "__main__", "templates"}),
 ]
 
 

@@ -41,6 +41,20 @@ def auth_enabled(cfg: ServingConfig, host: str, flag: bool | None = None) -> boo
     return not is_loopback(host)
 
 
+def require_token_beyond_loopback(project: Project, host: str, use_auth: bool, *, what: str,
+                                  role: str) -> None:
+    """Refuse to start on a non-loopback ``host`` with auth on and no token to log in with:
+    nobody could use the process, and the fix is one command. (``mloop serve`` and
+    ``mloop ui`` share this rule.)"""
+    if use_auth and not is_loopback(host):
+        from mloop.security.tokens import active_hashes
+
+        if not active_hashes(project.store):
+            raise MloopError(f"{what} on {host} needs a token (auth is on beyond "
+                             f"loopback): `mloop tokens create --role {role}`, or pass "
+                             f"--no-auth to serve without one")
+
+
 def default_collectors(project: Project) -> list[Any]:
     """The gauges /metrics shows beside the server's own: the newest monitor window and the
     loop's state."""
@@ -93,13 +107,8 @@ def serve(project: Project, *, host: str | None = None, port: int | None = None,
                 raise MloopError(f"serving.{label}: {path}: no such file")
             ssl["ssl_certfile" if label == "tls_cert" else "ssl_keyfile"] = str(path)
     use_auth = auth_enabled(cfg, cfg.host, auth)
-    if use_auth and not is_loopback(cfg.host):
-        from mloop.security.tokens import active_hashes
-
-        if not active_hashes(project.store):
-            raise MloopError(f"serving on {cfg.host} needs a token (auth is on beyond "
-                             f"loopback): `mloop tokens create --role predict`, or pass "
-                             f"--no-auth to serve without one")
+    require_token_beyond_loopback(project, cfg.host, use_auth, what="serving",
+                                  role="predict")
     if announce is not None:
         announce(f"{'https' if ssl else 'http'}://{cfg.host}:{cfg.port}")
     common: dict[str, Any] = {"host": cfg.host, "port": cfg.port, "log_level": "warning",

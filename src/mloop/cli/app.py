@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from mloop.cli import admin, data, export, loop, models, monitor, runs, serving, tune
+from mloop.cli import admin, data, export, loop, models, monitor, runs, serving, tune, ui
 from mloop.cli._common import ProjectOpt, root_options, set_root_options
 from mloop.cli.render import err
 from mloop.errors import MloopError, StepFailedError
@@ -38,6 +38,7 @@ app.command("loop")(loop.loop_cmd)
 app.command()(loop.demo)
 app.command()(loop.events)
 app.command()(serving.serve)
+app.command("ui")(ui.ui)
 app.command()(serving.predict)
 app.command()(admin.doctor)
 

@@ -16,8 +16,8 @@ from mloop.errors import MloopError
 deploy_app = typer.Typer(no_args_is_help=True, help="Challengers: canary (a share of traffic) "
                                                     "or shadow (a copy of it).")
 labels_app = typer.Typer(no_args_is_help=True, help="Late ground truth, joined by request id.")
-tokens_app = typer.Typer(no_args_is_help=True, help="API tokens for `mloop serve` (stored as "
-                                                    "hashes).")
+tokens_app = typer.Typer(no_args_is_help=True, help="API tokens for `mloop serve` and `mloop ui` "
+                                                    "(stored as hashes).")
 
 
 def serve(
@@ -171,7 +171,9 @@ def labels_ingest(
 
 @tokens_app.command("create")
 def tokens_create(
-    role: Annotated[str, typer.Option(help="predict or admin.")] = "predict",
+    role: Annotated[str, typer.Option(help="viewer (reads the dashboard), predict (also scores) "
+                                          "or admin (also deploys and acts in the "
+                                          "dashboard).")] = "predict",
     name: Annotated[str, typer.Option(help="A label for the token.")] = "",
     json_: JsonOpt = False,
 ) -> None:

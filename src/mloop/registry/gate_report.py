@@ -81,6 +81,21 @@ def stored_gate_report(project: Project, version: int,
                       reused=True)
 
 
+def latest_gate_report(project: Project, version: int) -> GateReport | None:
+    """The newest stored gate report of ``version``, whatever champion and gate config it
+    ran under (what a page shows as "its gates"; a promotion uses
+    :func:`stored_gate_report`, which also checks both still hold). None: never gated."""
+    run = project.store.latest_gate_runs(project.config.model_name).get(version)
+    if run is None:
+        return None
+    at = run.evaluated_at if run.evaluated_at.tzinfo else run.evaluated_at.replace(tzinfo=UTC)
+    return GateReport(run.model, run.version, run.champion_version, bool(run.passed),
+                      at.isoformat(timespec="seconds"),
+                      [GateResult(r.gate, r.status, r.value, r.threshold, r.message or "",
+                                  dict(r.detail or {}))
+                       for r in project.store.gate_results(run.id)], reused=True)
+
+
 def fmt_value(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.4g}"
 

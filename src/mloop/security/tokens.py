@@ -1,5 +1,7 @@
-"""Bearer tokens for the server: ``predict`` may score, ``admin`` may also deploy, send
-feedback and reload. Only a token's sha256 is stored; the token itself is printed once.
+"""Bearer tokens for the server and the dashboard: ``viewer`` may read the dashboard,
+``predict`` may also score, ``admin`` may also deploy, send feedback and reload (and act in the
+dashboard: promote, roll back, start and stop challengers). Only a token's sha256 is stored;
+the token itself is printed once.
 
 The tokens are 32 random bytes, so a plain sha256 (not a slow password hash) is the right
 tool: there is nothing to brute-force.
@@ -19,7 +21,7 @@ from mloop.security.audit import add_event, current_actor
 from mloop.store.db import Store, utcnow
 from mloop.store.models import TokenRow
 
-ROLES = ("predict", "admin")
+ROLES = ("viewer", "predict", "admin")  # each may do what the ones before it may
 PREFIX = "mlp_"
 
 
@@ -68,6 +70,34 @@ def list_tokens(store: Store) -> list[dict[str, Any]]:
         return [{"id": r.id, "name": r.name, "role": r.role, "created_by": r.created_by,
                  "created_at": r.created_at.isoformat(timespec="seconds"),
                  "revoked": r.revoked_at is not None} for r in rows]
+
+
+@dataclass(frozen=True)
+class TokenIdentity:
+    """Who a presented token belongs to (never the token itself)."""
+
+    id: int
+    name: str
+    role: str
+
+
+def token_identity(store: Store, token: str) -> TokenIdentity | None:
+    """The active (not revoked) token matching ``token``, or None. The dashboard's login
+    calls it once, then keeps only the id in its session (:func:`active_token`)."""
+    with store.session() as s:
+        row = s.scalars(sa.select(TokenRow).where(TokenRow.token_hash == token_hash(token),
+                                                  TokenRow.revoked_at.is_(None))).first()
+        return TokenIdentity(row.id, row.name, row.role) if row is not None else None
+
+
+def active_token(store: Store, token_id: int) -> TokenIdentity | None:
+    """Token ``token_id`` if it is still active: a session outliving its token's revocation
+    loses its rights at the next request that checks."""
+    with store.session() as s:
+        row = s.get(TokenRow, token_id)
+        if row is None or row.revoked_at is not None:
+            return None
+        return TokenIdentity(row.id, row.name, row.role)
 
 
 def active_hashes(store: Store) -> dict[str, str]:

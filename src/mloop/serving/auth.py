@@ -12,7 +12,7 @@ from mloop.security.tokens import active_hashes, token_hash
 from mloop.serving.edge import HTTPError
 from mloop.store.db import Store
 
-_RANK = {"predict": 1, "admin": 2}
+_RANK = {"viewer": 0, "predict": 1, "admin": 2}  # viewer: the dashboard only
 log = logging.getLogger("mloop.serving")
 
 

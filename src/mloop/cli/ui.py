@@ -1,0 +1,37 @@
+"""The dashboard: ``mloop ui``."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from mloop.cli._common import open_project
+from mloop.cli.render import err
+
+
+def ui(
+    host: Annotated[str, typer.Option(help="Bind address.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8050,
+    auth: Annotated[bool | None, typer.Option(
+        "--auth/--no-auth", help="Require a login to read too (default: on unless bound to "
+                                 "loopback, as for `mloop serve`). Acting always needs an "
+                                 "admin token.")] = None,
+) -> None:
+    """Serve the dashboard (overview, timeline, versions, monitoring, loop, audit) until
+    Ctrl-C; it reads the project's stores through the same services as the CLI."""
+    import uvicorn
+
+    from mloop.server import auth_enabled, require_token_beyond_loopback
+    from mloop.ui import create_ui_app
+
+    project = open_project()
+    use_auth = auth_enabled(project.config.serving, host, auth)
+    require_token_beyond_loopback(project, host, use_auth, what="the dashboard",
+                                  role="viewer")
+    app = create_ui_app(project, auth=use_auth)
+    shown = f"[{host}]" if ":" in host else host
+    err.print(f"mloop ui for '{project.config.model_name}' on http://{shown}:{port} "
+              f"({'login required' if use_auth else 'read-only without login'}; actions need "
+              f"an admin token: `mloop tokens create --role admin`)", highlight=False)
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)

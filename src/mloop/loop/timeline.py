@@ -1,0 +1,254 @@
+"""What served when, why it was put there, how it drifted and performed, and what the loop
+did: one record on one clock, read from what the store already holds.
+
+Monitoring windows and the controller's retrains are stamped in *event time* (the inference
+log's clock: a replay of 2011 traffic has 2011 windows). Deployment rows and audit events are
+stamped in *wall time* (when the alias moved). To lay both on one axis, wall time is mapped to
+event time through the windows themselves: each window records when it was evaluated (wall)
+and where it ends (event), so a change made at wall time ``w`` happened just after the newest
+window evaluated before ``w`` (:class:`EventClock`). Live, the two clocks differ by the
+window's lateness; in a replay they differ by years, and the mapping is what keeps the story
+readable. Nothing here rescans the inference log: windows, deployments, events and the loop
+state are precomputed rows.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+
+from mloop.loop.state import Retrain, load_state
+from mloop.monitoring.windows_store import list_windows, window_spec
+from mloop.project import Project
+from mloop.security.audit import list_events
+from mloop.store.db import as_utc
+from mloop.store.models import DeploymentRow, EventRow, MonitorWindowRow
+
+# alias changes (change_alias writes the action as the event kind) and the loop's verdicts
+ALIAS_ACTIONS = ("promote", "rollback", "override", "canary", "shadow", "stop")
+LOOP_VERDICTS = ("loop.candidate_rejected", "loop.probation_rollback", "loop.retrain_failed",
+                 "loop.promotion_refused")
+
+
+# a deployment row and its event are written in one transaction, milliseconds apart; a
+# replay makes decisions a second or less apart, so the nearest anchor within this wins
+ANCHOR_SLACK = timedelta(milliseconds=250)
+
+
+class EventClock:
+    """Wall time -> event time, from (evaluated_at, end) of the stored windows.
+
+    After the newest evaluation at or before ``w`` the clock runs at wall speed, but never
+    past the next evaluation's window end, so order is kept both live (where the two clocks
+    run together) and in a replay (where hours of event time pass in a wall second). Before
+    the first evaluation, the first window's start.
+    """
+
+    def __init__(self, points: list[tuple[datetime, datetime]], origin: datetime | None,
+                 anchors: Sequence[tuple[datetime, datetime]] = ()) -> None:
+        points = sorted(points)
+        # exact event times known for some wall instants (the loop's decisions): a wall
+        # time within ANCHOR_SLACK of one is that event time
+        self._anchors = sorted(anchors)
+        self._walls = [w for w, _ in points]
+        self._ends = [e for _, e in points]
+        # the event clock never runs backwards: a window evaluated later may end earlier
+        for i in range(1, len(self._ends)):
+            self._ends[i] = max(self._ends[i], self._ends[i - 1])
+        self.origin = origin
+
+    def __call__(self, wall: datetime) -> datetime:
+        wall = as_utc(wall)
+        j = bisect.bisect_left(self._anchors, (wall,))
+        near = min(self._anchors[max(j - 1, 0):j + 1], default=None,
+                   key=lambda a: abs(a[0] - wall))
+        if near is not None and abs(near[0] - wall) <= ANCHOR_SLACK:
+            return near[1]
+        i = bisect.bisect_right(self._walls, wall) - 1
+        if i < 0:
+            return self.origin if self.origin is not None else wall
+        at = self._ends[i] + (wall - self._walls[i])
+        if i + 1 < len(self._ends):
+            at = min(at, self._ends[i + 1])
+        return at
+
+
+@dataclass(frozen=True)
+class Stint:
+    """One deployment row on the event clock: ``version`` held ``alias`` with ``traffic``
+    share (a champion's 1.0 is shared with a canary while one runs)."""
+
+    version: int
+    alias: str  # champion | challenger
+    action: str  # promote | rollback | override | canary | shadow
+    traffic: float
+    start: datetime
+    end: datetime | None  # None: still serving
+    started_wall: datetime
+    ended_wall: datetime | None
+    actor: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A change of what serves, or the loop's refusal to make one, with its reason."""
+
+    at: datetime  # event clock
+    wall: datetime
+    kind: str  # an ALIAS_ACTIONS kind, or rejected | rolled_back | retrain_failed | refused
+    version: int | None
+    replaced: int | None
+    alias: str | None
+    actor: str
+    reason: str
+    event_id: int
+
+
+@dataclass
+class Timeline:
+    model: str
+    window: str  # the window spec of ``windows``
+    start: datetime | None
+    end: datetime | None
+    stints: list[Stint] = field(default_factory=list)
+    decisions: list[Decision] = field(default_factory=list)  # oldest first
+    windows: list[dict[str, Any]] = field(default_factory=list)  # window_summary rows
+    retrains: list[dict[str, Any]] = field(default_factory=list)  # Retrain, as JSON
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_VERDICT_KIND = {"loop.candidate_rejected": "rejected", "loop.probation_rollback":
+                 "rolled_back", "loop.retrain_failed": "retrain_failed",
+                 "loop.promotion_refused": "refused"}
+
+
+def _anchors(retrains: list[Retrain], events: list[EventRow]
+             ) -> list[tuple[datetime, datetime]]:
+    """(wall, event time) of the decisions the controller took: it records the event time of
+    each retrain (its canary starts then) and of its verdict (promoted or rolled back)."""
+    exact: dict[tuple[str, int], datetime] = {}
+    for r in retrains:
+        if r.version is None:
+            continue
+        exact[("canary", r.version)] = r.triggered_at
+        exact[("rejected", r.version)] = r.triggered_at
+        if r.decided_at is not None:
+            exact[("promote", r.version)] = exact[("stop", r.version)] = r.decided_at
+            exact[("rolled_back", r.version)] = r.decided_at
+    out = []
+    for e in events:
+        p = e.payload or {}
+        kind = _VERDICT_KIND.get(e.kind, e.kind)
+        version = p.get("version") if kind != "stop" else p.get("replaced")
+        if isinstance(version, int) and (kind, version) in exact:
+            out.append((as_utc(e.at), exact[(kind, version)]))
+    return out
+
+
+def event_clock(project: Project, spec: str,
+                anchors: Sequence[tuple[datetime, datetime]] = ()) -> EventClock:
+    """The wall -> event mapping of the project's model, from its ``spec`` windows (and
+    ``anchors``, instants whose event time is known)."""
+    name = project.config.model_name
+    with project.store.session() as s:
+        rows = s.execute(sa.select(MonitorWindowRow.evaluated_at, MonitorWindowRow.end,
+                                   MonitorWindowRow.start).where(
+            MonitorWindowRow.model == name, MonitorWindowRow.spec == spec)).all()
+    origin = min((as_utc(r.start) for r in rows), default=None)
+    return EventClock([(as_utc(r.evaluated_at), as_utc(r.end)) for r in rows], origin,
+                      list(anchors))
+
+
+def _reason(payload: dict[str, Any]) -> str:
+    if payload.get("reason"):
+        return str(payload["reason"])
+    if payload.get("failed_gates"):
+        return f"failed gates {payload['failed_gates']}"
+    return str(payload.get("error") or "")
+
+
+def timeline(project: Project, *, window: str | None = None, max_windows: int = 20_000,
+             max_events: int = 5_000) -> Timeline:
+    """The model's timeline: deployments, decisions, windows and retrains on the event clock.
+
+    ``window`` picks the window size (default ``monitoring.window``); the newest
+    ``max_windows`` windows and ``max_events`` decision events are read.
+    """
+    name = project.config.model_name
+    spec = window_spec(project, window)
+    history = load_state(project).history
+    events = [e for e in reversed(list_events(project.store, limit=max_events))
+              if (e.kind in ALIAS_ACTIONS or e.kind in LOOP_VERDICTS)
+              and (e.payload or {}).get("model") in (None, name)]
+    clock = event_clock(project, spec, _anchors(history, events))
+    windows = list_windows(project, window=spec, limit=max_windows)
+    with project.store.session() as s:
+        rows = list(s.scalars(sa.select(DeploymentRow).where(DeploymentRow.model == name)
+                              .order_by(DeploymentRow.started_at, DeploymentRow.id)))
+    stints = [Stint(version=r.version, alias=r.alias, action=r.action, traffic=r.traffic,
+                    start=clock(r.started_at),
+                    end=clock(r.ended_at) if r.ended_at is not None else None,
+                    started_wall=as_utc(r.started_at), ended_wall=as_utc(r.ended_at),
+                    actor=r.actor, reason=r.reason) for r in rows]
+    decisions = []
+    for e in events:
+        p = e.payload or {}
+        decisions.append(Decision(
+            at=clock(e.at), wall=as_utc(e.at), kind=_VERDICT_KIND.get(e.kind, e.kind),
+            version=p.get("version"), replaced=p.get("replaced"), alias=p.get("alias"),
+            actor=e.actor, reason=_reason(p), event_id=e.id))
+    retrains = [h.model_dump(mode="json") for h in history]
+    times = [t for t in ([clock.origin] if clock.origin else []) +
+             [as_utc(datetime.fromisoformat(w["end"])) for w in windows[-1:]] +
+             [st.start for st in stints] + [d.at for d in decisions] if t is not None]
+    start = min(times, default=None)
+    end = max(times, default=None)
+    if start is not None and end is not None and end - start < timedelta(hours=1):
+        end = start + timedelta(hours=1)
+    return Timeline(model=name, window=spec, start=start, end=end, stints=stints,
+                    decisions=decisions, windows=windows, retrains=retrains)
+
+
+@dataclass(frozen=True)
+class ServedAt:
+    """What served at one instant, why it was there, and the one it replaced."""
+
+    at: datetime
+    champion: Stint | None
+    challenger: Stint | None
+    previous: Stint | None  # the champion stint before ``champion``
+    previous_end: Decision | None  # the decision that ended ``previous``
+    windows: list[dict[str, Any]]  # the windows that contain ``at``
+
+
+def served_at(tl: Timeline, at: datetime) -> ServedAt:
+    """Read off a timeline what served at ``at`` (event clock)."""
+    at = as_utc(at)
+
+    def holding(alias: str) -> Stint | None:
+        found = [s for s in tl.stints if s.alias == alias and s.start <= at
+                 and (s.end is None or s.end > at)]
+        return found[-1] if found else None
+
+    champion, challenger = holding("champion"), holding("challenger")
+    previous = end_of_previous = None
+    if champion is not None:
+        earlier = [s for s in tl.stints if s.alias == "champion" and s.start < champion.start
+                   and s.version != champion.version]
+        previous = earlier[-1] if earlier else None
+    if previous is not None:
+        # why the previous champion left: the decision that replaced it
+        ends = [d for d in tl.decisions if d.replaced == previous.version
+                and d.alias == "champion" and d.wall >= previous.started_wall]
+        end_of_previous = ends[0] if ends else None
+    inside = [w for w in tl.windows if datetime.fromisoformat(w["start"]) <= at
+              < datetime.fromisoformat(w["end"])]
+    return ServedAt(at, champion, challenger, previous, end_of_previous, inside)

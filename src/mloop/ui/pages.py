@@ -1,0 +1,166 @@
+"""The read pages: each a plain endpoint that calls the services the CLI calls and renders
+one template. Endpoints are sync: Starlette runs them in its thread pool, so a slow store
+read never blocks the event loop."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, Response
+
+from mloop.errors import MloopError
+from mloop.ui.auth import csrf_token, current_user, pop_flash, require_reader
+
+
+def render(request: Request, template: str, status: int = 200, **context: Any) -> Response:
+    """Render ``template`` with what every page needs (user, CSRF token, flash, nav)."""
+    state = request.app.state
+    user = current_user(request)
+    body = state.templates.get_template(template).render(
+        request=request, user=user, csrf=csrf_token(request), flash=pop_flash(request),
+        model=state.project.config.model_name, project=state.project.name,
+        auth=state.auth, nav=NAV, root=request.scope.get("root_path", ""), **context)
+    return HTMLResponse(body, status_code=status)
+
+
+NAV = [("overview", "/", "Overview"), ("timeline", "/timeline", "Timeline"),
+       ("versions", "/versions", "Versions"), ("monitoring", "/monitoring", "Monitoring"),
+       ("loop", "/loop", "Loop"), ("audit", "/audit", "Audit")]
+
+
+def _parse_day(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    try:
+        dt = datetime.fromisoformat(text)
+    except ValueError:
+        raise MloopError(f"'{text}' is not a date or ISO time (e.g. 2012-03-20 or "
+                         f"2012-03-20T12:00)") from None
+    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
+
+
+def overview(request: Request) -> Response:
+    """Who serves (champion, challenger, mode, weight, since), the loop's state, the newest
+    window's signals and the last decisions."""
+    from mloop.loop.state import load_state
+    from mloop.loop.timeline import timeline
+    from mloop.registry.promotion import history
+    from mloop.serving.deploy import desired_state
+
+    require_reader(request)
+    project = request.app.state.project
+    state = desired_state(project)
+    hist = history(project)
+    open_rows = {d["alias"]: d for d in hist["deployments"] if d["ended_at"] is None}
+    tl = timeline(project)
+    since = {s.alias: s for s in tl.stints if s.end is None}
+    loop = load_state(project)
+    cfg = project.config.loop
+    cooldown_until = (loop.last_retrain_at + cfg.guards.cooldown
+                      if loop.last_retrain_at is not None else None)
+    latest = tl.windows[-1] if tl.windows else None
+    return render(request, "overview.html", page="overview", state=state,
+                  open_rows=open_rows, since=since, loop=loop, cooldown_until=cooldown_until,
+                  latest=latest, decisions=list(reversed(tl.decisions))[:8],
+                  alias_drift=hist["drift"], margin=project.config.monitoring.performance_margin)
+
+
+def timeline_page(request: Request) -> Response:
+    """The centrepiece: what served when, why, how it drifted and performed."""
+    from mloop.loop.timeline import served_at, timeline
+    from mloop.ui.charts import DECISION_STYLE, colour, timeline_svg
+
+    require_reader(request)
+    project = request.app.state.project
+    t0 = time.perf_counter()
+    tl = timeline(project)
+    at = _parse_day(request.query_params.get("at"))
+    answer = served_at(tl, at) if at is not None else None
+    recent = []
+    if answer is not None:
+        recent = [d for d in tl.decisions if d.at <= at][-4:] if at else []
+    return render(request, "timeline.html", page="timeline", tl=tl,
+                  chart=timeline_svg(tl), at=at, answer=answer, recent=recent,
+                  styles=DECISION_STYLE, colour=colour,
+                  decisions=list(reversed(tl.decisions)),
+                  seconds=time.perf_counter() - t0)
+
+
+def versions_page(request: Request) -> Response:
+    from mloop.serving.deploy import desired_state
+    from mloop.status import model_versions
+
+    require_reader(request)
+    project = request.app.state.project
+    rows = model_versions(project, limit=500)
+    return render(request, "versions.html", page="versions", versions=rows,
+                  state=desired_state(project))
+
+
+def version_page(request: Request) -> Response:
+    from mloop.registry.gate_report import latest_gate_report
+    from mloop.registry.lineage import lineage
+    from mloop.registry.promotion import history
+    from mloop.serving.deploy import desired_state
+
+    require_reader(request)
+    project = request.app.state.project
+    version = int(request.path_params["version"])
+    lin = lineage(project, version)
+    report = latest_gate_report(project, version)
+    deployments = [d for d in history(project)["deployments"] if d["version"] == version]
+    served_before = any(d["alias"] == "champion" for d in deployments)
+    return render(request, "version.html", page="versions", lin=lin, version=version,
+                  report=report, deployments=deployments, state=desired_state(project),
+                  served_before=served_before)
+
+
+def audit_page(request: Request) -> Response:
+    from mloop.security.audit import list_events, verify_chain
+
+    require_reader(request)
+    project = request.app.state.project
+    kind = request.query_params.get("kind") or None
+    limit = min(int(request.query_params.get("limit") or 200), 5000)
+    events = list_events(project.store, limit=limit, kind=kind)
+    chain = verify_chain(project.store)
+    kinds = sorted({e.kind for e in list_events(project.store, limit=2000)})
+    return render(request, "audit.html", page="audit", events=events, chain=chain,
+                  kind=kind or "", kinds=kinds, limit=limit)
+
+
+def monitoring_page(request: Request) -> Response:
+    from mloop.monitoring.windows_store import count_windows, list_windows, window_spec
+    from mloop.ui.charts import heatmap_svg
+
+    require_reader(request)
+    project = request.app.state.project
+    spec = window_spec(project, request.query_params.get("window"))
+    limit = min(int(request.query_params.get("limit") or 120), 2000)
+    windows = list_windows(project, window=spec, limit=limit, with_reports=True)
+    scores: dict[tuple[int, str], tuple[float, float, bool]] = {}
+    features: list[str] = []
+    for w in windows:
+        for c in ((w.get("report") or {}).get("drift") or {}).get("columns", []):
+            if c["column"] not in features:
+                features.append(c["column"])
+            scores[(w["id"], c["column"])] = (float(c["score"]), float(c["threshold"]),
+                                              bool(c["drifted"]))
+        w.pop("report", None)
+    return render(request, "monitoring.html", page="monitoring", spec=spec,
+                  windows=windows, total=count_windows(project, spec),
+                  heatmap=heatmap_svg(windows, features, scores), features=features)
+
+
+def loop_page(request: Request) -> Response:
+    from mloop.loop.controller import loop_metrics
+    from mloop.loop.state import load_state
+
+    require_reader(request)
+    project = request.app.state.project
+    state = load_state(project)
+    return render(request, "loop.html", page="loop", state=state,
+                  metrics=loop_metrics(project, state), cfg=project.config.loop)
