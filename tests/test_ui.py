@@ -27,6 +27,7 @@ from mloop.security.audit import list_events
 from mloop.security.tokens import create_token
 from mloop.ui import create_ui_app
 from mloop.ui.app import ACTION_PATHS, SESSION_COOKIE
+from mloop.ui.pages import NAV
 
 from .helpers import copy_project
 from .serving_util import ServerThread
@@ -262,3 +263,62 @@ def test_mloop_ui_refuses_a_public_host_without_a_token(tmp_path: Path, capsys: 
     assert main(["-C", str(root), "ui", "--host", "0.0.0.0"]) == 1
     assert ("the dashboard on 0.0.0.0 needs a token (auth is on beyond loopback): "
             "`mloop tokens create --role viewer`") in capsys.readouterr().err
+
+
+def test_serve_ui_mounts_the_dashboard_under_ui_with_the_servers_auth(
+        project_copy: Path, browser: Any) -> None:
+    """`mloop serve --ui` on real HTTP with auth on: /predict answers a predict token, the
+    dashboard under /ui needs a login to read, its links and redirects stay under /ui, and a
+    viewer logged in there cannot act."""
+    import pyarrow.parquet as pq
+
+    from mloop.ui.mount import build_app_with_ui
+
+    from .serving_util import FAST
+
+    project = open_project(project_copy)
+    viewer = create_token(project.store, role="viewer", name="erin").token
+    scorer = create_token(project.store, role="predict", name="svc").token
+    cfg = project.config.serving.model_copy(update=FAST)
+    events_before = list_events(project.store, limit=1)[0].id
+    with ServerThread(build_app_with_ui(project, cfg, auth=True)) as srv:
+        # the server still serves: a row of the project's data through /predict
+        inputs = [c["name"] for c in srv.get("/model", headers={
+            "Authorization": f"Bearer {scorer}"}).json()["champion"]["signature"]]
+        row = pq.read_table(project_copy / project.config.data.path).slice(0, 1).to_pylist()[0]
+        record = {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in row.items()
+                  if k in inputs}
+        body = {"records": [record]}
+        r = srv.post("/predict", body, headers={"Authorization": f"Bearer {scorer}"})
+        assert r.status_code == 200 and r.json()["version"] >= 1, r.text
+        assert srv.post("/predict", body).status_code == 401
+        # the dashboard: auth on, so reading needs a login; its login page is under /ui
+        assert srv.get("/ui/timeline").status_code == 401
+        assert 'action="/ui/login"' in srv.get("/ui/login").text
+        browser.delete_all_cookies()
+        browser.get(f"{srv.url}/ui/versions/2")  # 401: its page links to the login
+        browser.get_log("browser")  # (the 401 itself is logged: expected here)
+        browser.find_element("link text", "Log in with an mloop token").click()
+        assert browser.current_url == f"{srv.url}/ui/login?next=/versions/2"
+        browser.find_element("id", "token").send_keys(viewer)
+        browser.find_element("id", "login").click()
+        assert browser.current_url == f"{srv.url}/ui/versions/2"
+        assert "logged in as 'erin' (viewer)" in browser.find_element(
+            "css selector", ".flash").text
+        assert _severe(browser) == [], _severe(browser)  # the stylesheet came from /ui/static
+        links = {a.get_attribute("href") for a in browser.find_elements(
+            "css selector", "header nav a")}
+        assert links == {f"{srv.url}/ui{href}" for _, href, _ in NAV}
+        for _, href, _ in NAV:
+            browser.get(f"{srv.url}/ui{href}")
+            assert browser.find_element("css selector", "header .who").text.startswith("erin")
+            assert _severe(browser) == [], (href, _severe(browser))
+        # the viewer's session cannot act, through the mounted app either
+        s = _login(f"{srv.url}/ui", viewer)
+        csrf = _csrf(s.get(f"{srv.url}/ui/").text)
+        for path in ACTION_PATHS:
+            r = s.post(f"{srv.url}/ui{path}", data={"csrf": csrf, "version": "1",
+                                                    "reason": "x", "weight": "0.2"},
+                       allow_redirects=False)
+            assert r.status_code == 403, (path, r.status_code)
+    assert list_events(project.store, limit=1)[0].id == events_before

@@ -82,8 +82,14 @@ def app_from_env() -> Any:
 def serve(project: Project, *, host: str | None = None, port: int | None = None,
           workers: int | None = None, auth: bool | None = None,
           tls_cert: str | None = None, tls_key: str | None = None,
-          announce: Callable[[str], None] | None = None) -> None:
+          announce: Callable[[str], None] | None = None,
+          build: Callable[..., Any] = build_app, factory: str = "mloop.server:app_from_env",
+          ) -> None:
     """Serve until SIGINT/SIGTERM; shutdown commits the inference log.
+
+    ``build(project, cfg, auth=...)`` makes the app of one process and ``factory`` names the
+    uvicorn factory each of ``--workers N`` imports; ``mloop serve --ui`` passes ones that
+    mount the dashboard (which lives above this module).
 
     Every check (TLS files, a token when auth is on beyond loopback) runs first; only then is
     ``announce`` called with the base URL (``http(s)://host:port``), so a refused start prints
@@ -125,7 +131,7 @@ def serve(project: Project, *, host: str | None = None, port: int | None = None,
         os.environ[ENV_PROJECT] = str(project.root)
         os.environ["MLOOP_SERVE_CONFIG"] = cfg.model_dump_json()
         os.environ[ENV_AUTH] = "1" if use_auth else "0"
-        uvicorn.run("mloop.server:app_from_env", factory=True, workers=cfg.workers,
+        uvicorn.run(factory, factory=True, workers=cfg.workers,
                     **common)
     else:
-        uvicorn.run(build_app(project, cfg, auth=use_auth), **common)
+        uvicorn.run(build(project, cfg, auth=use_auth), **common)

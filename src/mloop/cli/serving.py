@@ -30,16 +30,29 @@ def serve(
                                  "loopback).")] = None,
     tls_cert: Annotated[str | None, typer.Option(help="TLS certificate (PEM).")] = None,
     tls_key: Annotated[str | None, typer.Option(help="TLS private key (PEM).")] = None,
+    ui: Annotated[bool, typer.Option(
+        "--ui", help="Also serve the dashboard under /ui (the app `mloop ui` serves; same "
+                     "auth rule as the server, acting needs an admin token).")] = False,
 ) -> None:
     """Serve the champion (and challenger) over HTTP until SIGINT/SIGTERM."""
     from mloop.server import serve as run_server
 
     project = open_project()
     name = project.config.model_name
+    extra: dict[str, Any] = {}
+    if ui:
+        from mloop.ui.mount import FACTORY, MOUNT, build_app_with_ui, session_secret
+
+        session_secret()  # chosen once here: every worker signs sessions with it
+        extra = {"build": build_app_with_ui, "factory": FACTORY}
+
+    def announce(url: str) -> None:
+        err.print(f"serving '{name}' on {url} (docs at {url}/docs"
+                  f"{f', dashboard at {url}{MOUNT}/' if ui else ''})")
+
     # announced only once every check passed: a refused start prints its error alone
     run_server(project, host=host, port=port, workers=workers, auth=auth, tls_cert=tls_cert,
-               tls_key=tls_key,
-               announce=lambda url: err.print(f"serving '{name}' on {url} (docs at {url}/docs)"))
+               tls_key=tls_key, announce=announce, **extra)
 
 
 @deploy_app.command("canary")

@@ -79,7 +79,7 @@ def _error_page(request: Request, status: int, message: str) -> Response:
     return HTMLResponse(template.render(
         request=request, user=current_user(request), csrf=csrf_token(request), flash=None,
         status=status, message=message, nav=pages.NAV, page="",
-        root=request.scope.get("root_path", ""),
+        root=request.scope.get("root_path", ""), here=pages.here(request),
         model=request.app.state.project.config.model_name,
         project=request.app.state.project.name, auth=request.app.state.auth),
         status_code=status)
