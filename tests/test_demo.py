@@ -35,6 +35,10 @@ def test_demo_reduced_mode_beats_the_frozen_model(tmp_path: Path, capsys) -> Non
     assert august["mae_loop"] < 0.75 * august["mae_frozen"], summary["months"]
     assert summary["mae_all_loop"] < summary["mae_all_frozen"]
     assert august["versions"] != [1]
+    # it ends with the command that opens its project in the dashboard
+    assert summary["ui_command"] == f"mloop -C {out / 'project'} ui"
+    assert printed.endswith("in the dashboard (then open http://127.0.0.1:8050): "
+                            f"{summary['ui_command']}")
     page = (out / "loop.html").read_text()
     assert page.count("<svg") >= 2 and "Error per month" in page
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -165,6 +166,8 @@ def run_demo(opts: DemoOptions, *, progress: Callable[[str, dict[str, Any]], Non
         round(serving_cpu / 3600 * rates.cpu_hour, 8), "currency": rates.currency}
     summary["history"] = [h.model_dump(mode="json") for h in load_state(project).history]
     summary["seconds"] = round(time.perf_counter() - t_start, 1)
+    # the path as the user gave it (relative to where they ran the demo), quoted for a shell
+    summary["ui_command"] = f"mloop -C {shlex.quote(str(opts.out / 'project'))} ui"
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     from mloop.loop.report import loop_html
 

@@ -142,6 +142,10 @@ def demo(
                       f"gate(s) {', '.join(g['gate'] for g in o['failed_gates'])} "
                       f"({o['allowed_by']})", highlight=False)
         out.print(f"wrote {out_dir / 'summary.json'} and {out_dir / 'loop.html'}")
+        # last, and never wrapped: the line to copy
+        out.print("what served when, and why, in the dashboard (then open "
+                  "http://127.0.0.1:8050):", highlight=False)
+        out.print(f"  {summary['ui_command']}", markup=False, highlight=False, soft_wrap=True)
 
     report(summary, json_, render,
            to_json=lambda s: {k: v for k, v in s.items() if k != "history"})
