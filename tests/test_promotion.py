@@ -310,3 +310,32 @@ def test_promote_reuses_a_gate_report_only_for_the_same_champion_and_gate_config
     run_cli("models", "gate", "2", cwd=proj)
     out = run_cli("models", "promote", "2", "--reason", "gated a moment ago", cwd=proj).stdout
     assert "reused: same champion and gate config" in " ".join(out.split())
+
+
+def test_incremental_chain_check_rehashes_only_new_events_and_catches_their_edits(
+        proj) -> None:
+    from mloop.security.audit import append_event
+
+    project = open_project(proj)
+    for i in range(3):
+        append_event(project.store, "note", {"i": i})
+    first = verify_chain(project.store)
+    assert first.ok and first.last_id is not None
+    for i in range(3, 5):
+        append_event(project.store, "note", {"i": i})
+    later = verify_chain(project.store, since=first)
+    assert later.ok and later.events == first.events + 2 and later.last_id > first.last_id
+    # an appended event edited after it was written: caught by the incremental check
+    with project.store.engine.begin() as conn:
+        conn.execute(sa.text("update events set payload = '{\"i\": 99}' where id = :i"),
+                     {"i": later.last_id})
+    report = verify_chain(project.store, since=first)
+    assert (report.ok, report.first_bad_id) == (False, later.last_id)
+    assert "was modified after it was written" in report.problem
+    # the checkpoint's own row replaced: caught without rehashing the prefix
+    with project.store.engine.begin() as conn:
+        conn.execute(sa.text("update events set hash = :h where id = :i"),
+                     {"h": "f" * 64, "i": first.last_id})
+    report = verify_chain(project.store, since=first)
+    assert (report.ok, report.first_bad_id) == (False, first.last_id)
+    assert "verified before, was modified or deleted since" in report.problem

@@ -322,3 +322,43 @@ def test_serve_ui_mounts_the_dashboard_under_ui_with_the_servers_auth(
                        allow_redirects=False)
             assert r.status_code == 403, (path, r.status_code)
     assert list_events(project.store, limit=1)[0].id == events_before
+
+
+def test_audit_page_checks_new_events_on_each_visit_and_the_whole_chain_on_demand(
+        project_copy: Path, browser: Any) -> None:
+    import sqlalchemy as sa
+
+    from mloop.security.audit import append_event
+
+    project = open_project(project_copy)
+    with ServerThread(create_ui_app(project)) as srv:
+        browser.get(f"{srv.url}/audit")
+        n = len(list_events(project.store, limit=100_000))
+        chain = browser.find_element("id", "chain").text
+        assert chain.startswith(f"Audit chain intact: {n} events"), chain
+        append_event(project.store, "note", {"why": "ui test"})
+        browser.refresh()
+        assert browser.find_element("id", "chain").text.startswith(
+            f"Audit chain intact: {n + 1} events")
+        # an old event edited in place: the visit's incremental check does not rehash it,
+        # the full check the page offers does, and names it
+        first = min(e.id for e in list_events(project.store, limit=100_000))
+        with project.store.engine.begin() as conn:
+            conn.execute(sa.text("update events set actor = 'mallory' where id = :i"),
+                         {"i": first})
+        browser.find_element("id", "verify-all").click()
+        chain = browser.find_element("id", "chain").text
+        assert chain.startswith(f"Audit chain broken: event {first} ("), chain
+        assert "was modified after it was written" in chain
+
+
+def test_timeline_reads_decisions_by_kind_not_the_newest_events_of_all_kinds(
+        project_copy: Path) -> None:
+    from mloop.security.audit import append_event
+
+    project = open_project(project_copy)
+    decisions = timeline(project).decisions
+    for i in range(len(decisions) + 5):  # routine events newer than every decision
+        append_event(project.store, "loop.tick", {"i": i})
+    again = timeline(project, max_events=len(decisions))
+    assert [d.event_id for d in again.decisions] == [d.event_id for d in decisions]

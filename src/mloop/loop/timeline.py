@@ -185,9 +185,9 @@ def timeline(project: Project, *, window: str | None = None, max_windows: int = 
     name = project.config.model_name
     spec = window_spec(project, window)
     history = load_state(project).history
-    events = [e for e in reversed(list_events(project.store, limit=max_events))
-              if (e.kind in ALIAS_ACTIONS or e.kind in LOOP_VERDICTS)
-              and (e.payload or {}).get("model") in (None, name)]
+    events = [e for e in reversed(list_events(project.store, limit=max_events,
+                                              kinds=ALIAS_ACTIONS + LOOP_VERDICTS))
+              if (e.payload or {}).get("model") in (None, name)]
     clock = event_clock(project, spec, _anchors(history, events))
     windows = list_windows(project, window=spec, limit=max_windows)
     with project.store.session() as s:

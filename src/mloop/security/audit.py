@@ -14,6 +14,7 @@ import json
 import os
 import socket
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -91,14 +92,33 @@ class ChainReport:
     events: int
     first_bad_id: int | None = None
     problem: str | None = None
+    # where a verified chain ended: a later check may start there (``verify_chain(since=)``)
+    last_id: int | None = None
+    last_hash: str = GENESIS
 
 
-def verify_chain(store: Store) -> ChainReport:
-    """Recompute every hash in order; report the first row that does not fit."""
-    prev = GENESIS
-    count = 0
+def verify_chain(store: Store, *, since: ChainReport | None = None) -> ChainReport:
+    """Recompute every hash in order; report the first row that does not fit.
+
+    ``since``, an intact report of an earlier check, makes the check incremental: only the
+    events appended after it are rehashed, once its last event is found unchanged (same id,
+    same hash). A dashboard re-checks on every visit this way at the cost of the new events,
+    and runs the full check on demand: an edit to an already-verified row that keeps its
+    stored hash is caught only by the full check."""
+    prev, count, after = GENESIS, 0, None
     with store.session() as s:
-        for row in s.scalars(sa.select(EventRow).order_by(EventRow.id)):
+        if since is not None and since.ok and since.last_id is not None:
+            if s.scalar(sa.select(EventRow.hash).where(EventRow.id == since.last_id)) \
+                    != since.last_hash:
+                return ChainReport(False, since.events, since.last_id,
+                                   f"event {since.last_id}, verified before, was modified or "
+                                   f"deleted since")
+            prev, count, after = since.last_hash, since.events, since.last_id
+        q = sa.select(EventRow).order_by(EventRow.id)
+        if after is not None:
+            q = q.where(EventRow.id > after)
+        last_id = after
+        for row in s.scalars(q):
             count += 1
             if row.prev_hash != prev:
                 return ChainReport(False, count, row.id,
@@ -109,20 +129,30 @@ def verify_chain(store: Store) -> ChainReport:
                 return ChainReport(False, count, row.id,
                                    f"event {row.id} ({row.kind}) was modified after it was "
                                    f"written")
-            prev = row.hash
+            prev, last_id = row.hash, row.id
         head = s.get(AuditHeadRow, 1)
     if head is not None and (head.events != count or head.head_hash != prev):
         missing = head.events - count
         what = (f"{missing} event(s) missing at the end of the chain (the newest were deleted)"
                 if missing > 0 else "the chain does not end where its recorded head says")
         return ChainReport(False, count, None, what)
-    return ChainReport(True, count)
+    return ChainReport(True, count, last_id=last_id, last_hash=prev)
+
+
+def event_kinds(store: Store) -> list[str]:
+    """The kinds of event the chain holds, sorted (the audit page's filter)."""
+    with store.session() as s:
+        return sorted(s.scalars(sa.select(EventRow.kind).distinct()))
 
 
 def list_events(store: Store, *, limit: int = 50, kind: str | None = None,
-                since: datetime | None = None, after_id: int | None = None) -> list[EventRow]:
-    """Newest first. ``kind`` ending in ``.`` or ``*`` matches a prefix (``loop.``)."""
+                since: datetime | None = None, after_id: int | None = None,
+                kinds: Sequence[str] | None = None) -> list[EventRow]:
+    """Newest first. ``kind`` ending in ``.`` or ``*`` matches a prefix (``loop.``);
+    ``kinds``, any of these exact kinds (filtered in SQL, so a limit counts only them)."""
     q = sa.select(EventRow).order_by(EventRow.id.desc()).limit(limit)
+    if kinds is not None:
+        q = q.where(EventRow.kind.in_(list(kinds)))
     if kind is not None:
         if kind.endswith((".", "*")):
             q = q.where(EventRow.kind.startswith(kind.rstrip("*")))

@@ -5,6 +5,7 @@ pages. :func:`create_ui_app` is the composition root; endpoints read ``request.a
 from __future__ import annotations
 
 import secrets
+import threading
 from importlib import resources
 
 import jinja2
@@ -115,4 +116,5 @@ def create_ui_app(project: Project, *, auth: bool = False, secure: bool = False,
     app.state.project = project
     app.state.auth = auth
     app.state.templates = templates()
+    app.state.chain_lock = threading.Lock()  # the audit chain's last check (pages.check_chain)
     return app

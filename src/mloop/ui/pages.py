@@ -131,17 +131,37 @@ def version_page(request: Request) -> Response:
 
 
 def audit_page(request: Request) -> Response:
-    from mloop.security.audit import list_events, verify_chain
+    """Events with a kind filter, and the chain's status: checked incrementally on each visit
+    (only the events appended since the last check are rehashed), fully on first visit and
+    when asked (``?verify=all``, the page's button)."""
+    from mloop.security.audit import event_kinds, list_events
 
     require_reader(request)
     project = request.app.state.project
     kind = request.query_params.get("kind") or None
     limit = min(int(request.query_params.get("limit") or 200), 5000)
     events = list_events(project.store, limit=limit, kind=kind)
-    chain = verify_chain(project.store)
-    kinds = sorted({e.kind for e in list_events(project.store, limit=2000)})
+    chain, full_at = check_chain(request.app.state,
+                                 full=request.query_params.get("verify") == "all")
     return render(request, "audit.html", page="audit", events=events, chain=chain,
-                  kind=kind or "", kinds=kinds, limit=limit)
+                  full_at=full_at, kind=kind or "", kinds=event_kinds(project.store),
+                  limit=limit)
+
+
+def check_chain(state: Any, *, full: bool = False) -> tuple[Any, datetime]:
+    """The audit chain's status for the dashboard, and when the last full check ran. The
+    last intact report is kept on the app (one per process): a visit rehashes only what was
+    appended since, a broken chain or ``full`` rechecks everything."""
+    from mloop.security.audit import verify_chain
+
+    with state.chain_lock:
+        last, full_at = getattr(state, "chain", None), getattr(state, "chain_full_at", None)
+        if full or last is None or not last.ok or full_at is None:
+            last, full_at = verify_chain(state.project.store), datetime.now(UTC)
+        else:
+            last = verify_chain(state.project.store, since=last)
+        state.chain, state.chain_full_at = last, full_at
+    return last, full_at
 
 
 def monitoring_page(request: Request) -> Response:
