@@ -362,3 +362,28 @@ def test_timeline_reads_decisions_by_kind_not_the_newest_events_of_all_kinds(
         append_event(project.store, "loop.tick", {"i": i})
     again = timeline(project, max_events=len(decisions))
     assert [d.event_id for d in again.decisions] == [d.event_id for d in decisions]
+
+
+def test_monitoring_heatmap_shades_a_chi_square_column_without_a_score_threshold(
+        project_copy: Path, browser: Any) -> None:
+    """A categorical column tested by chi-square has a p-value, no score threshold
+    (``threshold: null``, as the full demo's empty-season windows store): the page draws it
+    against its minimum effect instead of failing."""
+    import sqlalchemy as sa
+
+    from mloop.store.models import MonitorWindowRow
+
+    project = open_project(project_copy)
+    with project.store.session() as s:
+        row = s.scalars(sa.select(MonitorWindowRow).order_by(MonitorWindowRow.id.desc())).first()
+        report = dict(row.report)
+        report["drift"] = {**report["drift"], "columns": [
+            {**c, "method": "chisquare", "threshold": None, "min_effect": 0.1}
+            for c in report["drift"]["columns"]]}
+        row.report = report
+        s.commit()
+    cells = sum(len(w["report"]["drift"]["columns"]) for w in _windows_with_reports(project))
+    with ServerThread(create_ui_app(project)) as srv:
+        assert requests.get(f"{srv.url}/monitoring", timeout=30).status_code == 200
+        browser.get(f"{srv.url}/monitoring")
+        assert len(browser.find_elements("css selector", "svg.heatmap .mark.cell")) == cells

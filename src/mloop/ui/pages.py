@@ -179,7 +179,12 @@ def monitoring_page(request: Request) -> Response:
         for c in ((w.get("report") or {}).get("drift") or {}).get("columns", []):
             if c["column"] not in features:
                 features.append(c["column"])
-            scores[(w["id"], c["column"])] = (float(c["score"]), float(c["threshold"]),
+            # a test decided by its p-value (chi-square) has no score threshold: its score is
+            # the effect size, shaded against the smallest effect that counts as drift
+            threshold = c.get("threshold")
+            if threshold is None:
+                threshold = c.get("min_effect") or 0.0
+            scores[(w["id"], c["column"])] = (float(c.get("score") or 0.0), float(threshold),
                                               bool(c["drifted"]))
         w.pop("report", None)
     return render(request, "monitoring.html", page="monitoring", spec=spec,
