@@ -62,15 +62,37 @@ def window_summary(row: MonitorWindowRow) -> dict[str, Any]:
 
 def list_windows(project: Project, *, window: str | None = None, limit: int = 100,
                  with_reports: bool = False) -> list[dict[str, Any]]:
-    """The newest ``limit`` windows, oldest first (with their full reports if asked)."""
+    """The newest ``limit`` windows, oldest first (with their full reports if asked).
+
+    Without reports only the verdict columns and the report's ``versions`` (extracted in SQL)
+    are read: a report holds every feature's histograms, and decoding 10,000 of them costs
+    seconds a listing or the timeline should not pay."""
     spec = window_spec(project, window)
+    where = (MonitorWindowRow.model == project.config.model_name,
+             MonitorWindowRow.spec == spec)
+    order = MonitorWindowRow.start.desc()
     with project.store.session() as s:
-        rows = list(s.scalars(sa.select(MonitorWindowRow).where(
-            MonitorWindowRow.model == project.config.model_name,
-            MonitorWindowRow.spec == spec).order_by(MonitorWindowRow.start.desc())
-            .limit(limit)))
-    return [{**window_summary(r), **({"report": r.report} if with_reports else {})}
-            for r in reversed(rows)]
+        if with_reports:
+            rows = list(s.scalars(sa.select(MonitorWindowRow).where(*where).order_by(order)
+                                  .limit(limit)))
+            return [{**window_summary(r), "report": r.report} for r in reversed(rows)]
+        cols = [getattr(MonitorWindowRow, c) for c in _SUMMARY_COLUMNS]
+        found = s.execute(sa.select(*cols, MonitorWindowRow.report["versions"].label(
+            "versions")).where(*where).order_by(order).limit(limit)).all()
+    return [_summary(r._mapping) for r in reversed(found)]
+
+
+_SUMMARY_COLUMNS = ("id", "start", "end", "rows", "drifted", "drift_share",
+                    "prediction_drifted", "quality_findings", "metric", "metric_value",
+                    "reference_metric", "label_coverage")
+
+
+def _summary(row: Any) -> dict[str, Any]:
+    """window_summary's dict from selected columns (``versions`` already extracted)."""
+    out = {c: row[c] for c in _SUMMARY_COLUMNS}
+    out["start"], out["end"] = as_utc(row["start"]).isoformat(), as_utc(row["end"]).isoformat()
+    return {"id": out.pop("id"), "start": out.pop("start"), "end": out.pop("end"),
+            "rows": out.pop("rows"), "versions": row["versions"], **out}
 
 
 def count_windows(project: Project, spec: str) -> int:

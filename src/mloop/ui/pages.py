@@ -67,7 +67,7 @@ def overview(request: Request) -> Response:
     state = desired_state(project)
     hist = history(project)
     open_rows = {d["alias"]: d for d in hist["deployments"] if d["ended_at"] is None}
-    tl = timeline(project)
+    tl = timeline(project, max_windows=1)  # the newest window's signals; not the chart's
     since = {s.alias: s for s in tl.stints if s.end is None}
     loop = load_state(project)
     cfg = project.config.loop
