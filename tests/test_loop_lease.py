@@ -54,8 +54,9 @@ def test_a_second_controller_is_refused_and_told_who_holds_the_lease_until_when(
     second = LoopLease(stores[1], MODEL, duration=LONG, holder="host-b:202:bb")
     with pytest.raises(LeaseHeldError, match=(
             r"^the loop lease of 'rentals' is held by host-a:101:aa until 20\d\d-\d\d-\d\dT"
-            r"[\d:]+\+00:00 \((4m 5\d|5m 00)s from now; taken .*\): another controller is acting for "
-            r"'rentals', so this one did nothing\. A holder that was killed frees the lease "
+            r"[\d:]+\+00:00 \((4m 5\d|5m 00)s from now; taken .*\): another controller is "
+            r"acting for 'rentals', so this one did nothing\. A holder that was killed frees "
+            r"the lease "
             r"when it expires \(loop.lease: 5m\)$")) as refused:
         second.acquire()
     assert refused.value.holder == "host-a:101:aa"

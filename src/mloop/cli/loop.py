@@ -67,7 +67,7 @@ def _run_once(project: Project, lease: LoopLease | None = None) -> dict[str, Any
 
 
 def _lease_held(exc: LeaseHeldError, json_: bool) -> NoReturn:
-    sys.stderr.write(f"mloop loop: {exc}\n")
+    _say(f"mloop loop: {exc}")
     if json_:
         emit_json({"now": None, "actions": [], "message": str(exc),
                    "lease": {"model": exc.model, "holder": exc.holder,
@@ -85,15 +85,16 @@ def _run_forever(project: Project, every: float, json_: bool) -> None:
     from mloop.loop.lease import LoopLease
 
     while True:
-        lease = _take_when_free(LoopLease.of(project), every)
-        lease.start_renewing()
-        try:
+        lease = LoopLease.of(project)
+        try:  # from before it is taken: a SIGTERM the moment after must still release it
+            _take_when_free(lease, every)
+            lease.start_renewing()
             while True:
                 report(_run_once(project, lease), json_, _print_pass,
                        to_json=lambda r: {k: v for k, v in r.items() if k != "monitor"})
                 time.sleep(every)
         except LeaseLostError as exc:
-            err.print(f"{exc}; standing by", markup=False, highlight=False)
+            _say(f"{exc}; standing by")
         finally:
             lease.release()
 
@@ -108,20 +109,25 @@ def _take_when_free(lease: LoopLease, every: float) -> LoopLease:
             lease.acquire()
         except LeaseHeldError as exc:
             if exc.holder != announced:
-                err.print(f"standing by: the loop lease of '{exc.model}' is held by "
-                          f"{exc.holder} until {exc.expires_at.isoformat(timespec='seconds')}"
-                          f"; retrying at most every {every:g} s", markup=False,
-                          highlight=False)
+                _say(f"standing by: the loop lease of '{exc.model}' is held by {exc.holder} "
+                     f"until {exc.expires_at.isoformat(timespec='seconds')}; retrying at most "
+                     f"every {every:g} s")
                 announced = exc.holder
             left = (exc.expires_at - datetime.now(UTC)).total_seconds()
             time.sleep(min(every, max(0.5, left + 0.2)))
             continue
         took = lease.taken_over
-        err.print(f"took the loop lease of '{lease.model}' as {lease.holder} (loop.lease "
-                  f"{lease.duration})" + (f", after {took.holder} left it unreleased"
-                                         if took is not None else ""),
-                  markup=False, highlight=False)
+        _say(f"took the loop lease of '{lease.model}' as {lease.holder} (loop.lease "
+             f"{lease.duration})" + (f", after {took.holder} left it unreleased"
+                                    if took is not None else ""))
         return lease
+
+
+def _say(line: str) -> None:
+    """One unwrapped line on stderr, at once: operators and scripts grep these (rich would
+    wrap it at the width of a pipe)."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def _print_pass(result: dict[str, Any]) -> None:

@@ -290,7 +290,11 @@ class LoopLease:
 
     def __enter__(self) -> LoopLease:
         self.acquire()
-        self.start_renewing()
+        try:
+            self.start_renewing()
+        except BaseException:  # SIGTERM (SystemExit) or Ctrl-C: __exit__ will not run
+            self.release()
+            raise
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
