@@ -8,8 +8,9 @@ and for a replay. Its progress (last window seen, drift streak, retrain in fligh
 history: :class:`mloop.loop.state.LoopState`) is one row in mloop's store, saved after every
 step with a revision check: a ``kill -9`` followed by a restart resumes from the last saved
 step and never repeats an action that completed; a retrain interrupted mid-way is recorded as
-such and not silently redone. Every decision is an event in the audit chain with what it was
-based on.
+such (its pipeline run marked failed) and not silently redone. A pass acts only while it holds
+the model's lease (:mod:`mloop.loop.lease`), so two controllers never act at once, whatever
+runs them. Every decision is an event in the audit chain with what it was based on.
 """
 
 from __future__ import annotations

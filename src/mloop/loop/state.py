@@ -2,7 +2,10 @@
 
 One :class:`LoopState` per model is kept in mloop's store (table ``loop_state``, one JSON
 column) and saved after every step of a pass with a revision check, so a restart resumes from
-the last saved step and two controllers never both act (:class:`~mloop.errors.StaleStateError`).
+the last saved step and a save based on a stale read fails
+(:class:`~mloop.errors.StaleStateError`). That check only notices a second controller when it
+saves; what keeps two from acting at once is the pass's lease (``mloop.loop.lease``), which
+each save also checks is still this controller's.
 
 The JSON is the one the controller wrote before these models existed: the keys are the field
 names, times are ISO 8601 strings (read back as aware UTC datetimes; a time stored without an
