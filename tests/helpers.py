@@ -218,6 +218,25 @@ def log_traffic(project: Any, frame: pd.DataFrame, day: str, version: int = 1,
     return ids
 
 
+def heat_wave(n: int, seed: int) -> pd.DataFrame:
+    """A heat wave: temperatures up 15 degrees, and rentals with them (the same relation the
+    training data follows: 2.5 rentals per degree)."""
+    frame = rentals_frame(n, seed=seed)
+    frame["temp"] = frame["temp"] + 15
+    frame["cnt"] = frame["cnt"] + 37
+    return frame
+
+
+def label_rows(project: Any, ids: list[str], frame: pd.DataFrame) -> None:
+    """The true ``cnt`` of ``frame`` as the labels of requests ``ids``."""
+    from mloop.storage import ObjectStore
+    from mloop.traffic.labels import store_labels
+
+    store_labels(ObjectStore(project.uris["inference_log_uri"]),
+                 dict(zip(ids, frame["cnt"].astype(float), strict=True)), task="regression",
+                 source="test")
+
+
 # ------------------------------------------------------------------ orchestrator exports
 
 MLOOP_BIN = str(Path(sys.executable).parent / "mloop")

@@ -96,7 +96,7 @@ def test_doctor_fails_naming_an_unreachable_tracking_server_and_an_unwritable_st
 
 
 def test_doctor_warns_about_a_store_behind_and_fails_on_a_busy_port(make_project) -> None:
-    from mloop.store.db import Store
+    from mloop.store.db import HEAD_REVISION, Store
 
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -110,7 +110,7 @@ def test_doctor_warns_about_a_store_behind_and_fails_on_a_busy_port(make_project
         code, checks, _ = _doctor(root)
     assert code == 1, checks
     assert checks["store"]["status"] == "warn"
-    assert checks["store"]["detail"] == ("behind: schema 0008, head 0009: run "
+    assert checks["store"]["detail"] == (f"behind: schema 0008, head {HEAD_REVISION}: run "
                                          "`mloop db upgrade`")
     assert checks["serving"]["status"] == "fail"
     assert "not mloop serve" in checks["serving"]["detail"]

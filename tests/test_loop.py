@@ -8,9 +8,7 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
-import pandas as pd
 import pytest
 
 from mloop.cli.app import main
@@ -18,7 +16,7 @@ from mloop.project import open_project
 from mloop.security.audit import list_events
 from mloop.serving.deploy import deploy_challenger, desired_state
 
-from .helpers import copy_project, log_traffic, rentals_frame
+from .helpers import copy_project, heat_wave, label_rows, log_traffic, rentals_frame
 from .serving_util import metric, project_server, request_rows
 
 pytestmark = pytest.mark.slow
@@ -52,32 +50,14 @@ loop:
 """
 
 
-def _hot(n: int, seed: int) -> pd.DataFrame:
-    """A heat wave: temperatures up 15 degrees, and rentals with them (the same relation the
-    training data follows: 2.5 rentals per degree)."""
-    frame = rentals_frame(n, seed=seed)
-    frame["temp"] = frame["temp"] + 15
-    frame["cnt"] = frame["cnt"] + 37
-    return frame
-
-
-def _label(project: Any, ids: list[str], frame: pd.DataFrame) -> None:
-    from mloop.storage import ObjectStore
-    from mloop.traffic.labels import store_labels
-
-    store_labels(ObjectStore(project.uris["inference_log_uri"]),
-                 dict(zip(ids, frame["cnt"].astype(float), strict=True)), task="regression",
-                 source="test")
-
-
 def test_the_loop_retrains_on_drift_canaries_then_promotes_after_probation(proj: Path) -> None:
     from mloop.loop.controller import load_state, loop_metrics, run_once
 
     (proj / "mloop.yaml").write_text((proj / "mloop.yaml").read_text() + LOOP)
     project = open_project(proj)
-    normal, hot = rentals_frame(600, seed=40), _hot(600, seed=41)
-    _label(project, log_traffic(project, normal, "2024-06-01"), normal)
-    _label(project, log_traffic(project, hot, "2024-06-02"), hot)
+    normal, hot = rentals_frame(600, seed=40), heat_wave(600, seed=41)
+    label_rows(project, log_traffic(project, normal, "2024-06-01"), normal)
+    label_rows(project, log_traffic(project, hot, "2024-06-02"), hot)
     log_traffic(project, rentals_frame(5, seed=42), "2024-06-03")  # watermark
 
     first = run_once(project)
@@ -96,12 +76,12 @@ def test_the_loop_retrains_on_drift_canaries_then_promotes_after_probation(proj:
     assert desired_state(project).challenger == 5
 
     # a day of split traffic, labelled: the retrained canary knows the heat wave
-    hot2 = _hot(400, seed=43)
-    _label(project, log_traffic(project, hot2.iloc[:200], "2024-06-04", version=5,
-                                 role="canary"), hot2.iloc[:200])
-    _label(project, log_traffic(project, hot2.iloc[200:], "2024-06-04", version=1),
-           hot2.iloc[200:])
-    log_traffic(project, _hot(5, seed=44), "2024-06-05")
+    hot2 = heat_wave(400, seed=43)
+    label_rows(project, log_traffic(project, hot2.iloc[:200], "2024-06-04", version=5,
+                                      role="canary"), hot2.iloc[:200])
+    label_rows(project, log_traffic(project, hot2.iloc[200:], "2024-06-04", version=1),
+               hot2.iloc[200:])
+    log_traffic(project, heat_wave(5, seed=44), "2024-06-05")
     verdict = run_once(open_project(proj))
     assert [a["action"] for a in verdict["actions"]][:1] == ["promote"], verdict["actions"]
     assert desired_state(project).champion == 5 and desired_state(project).challenger is None
@@ -134,12 +114,12 @@ def test_the_loop_retrains_on_drift_canaries_then_promotes_after_probation(proj:
                                 started_at=datetime(2024, 6, 5, 12, tzinfo=UTC),
                                 started_wall=datetime.now(UTC) - timedelta(seconds=5))
     save_state(project, state)
-    hot3 = _hot(400, seed=45)
-    _label(project, log_traffic(project, hot3.iloc[:200], "2024-06-06", version=2,
-                                 role="canary"), hot3.iloc[:200])
-    _label(project, log_traffic(project, hot3.iloc[200:], "2024-06-06", version=5),
-           hot3.iloc[200:])
-    log_traffic(project, _hot(5, seed=46), "2024-06-07", version=5)
+    hot3 = heat_wave(400, seed=45)
+    label_rows(project, log_traffic(project, hot3.iloc[:200], "2024-06-06", version=2,
+                                      role="canary"), hot3.iloc[:200])
+    label_rows(project, log_traffic(project, hot3.iloc[200:], "2024-06-06", version=5),
+               hot3.iloc[200:])
+    log_traffic(project, heat_wave(5, seed=46), "2024-06-07", version=5)
     judged = run_once(open_project(proj))
     assert [a["action"] for a in judged["actions"]][:1] == ["rollback"], judged["actions"]
     # v2 is gone (the same pass may start a new retrain: the drift goes on)
@@ -199,9 +179,9 @@ def test_the_loop_guards_failures_and_restarts(proj: Path) -> None:
     (proj / "mloop.yaml").write_text((proj / "mloop.yaml").read_text() + LOOP.replace(
         "min_labelled_rows: 300", "min_labelled_rows: 100000"))
     project = open_project(proj)
-    normal, hot = rentals_frame(600, seed=50), _hot(600, seed=51)
-    _label(project, log_traffic(project, normal, "2024-07-01"), normal)
-    _label(project, log_traffic(project, hot, "2024-07-02"), hot)
+    normal, hot = rentals_frame(600, seed=50), heat_wave(600, seed=51)
+    label_rows(project, log_traffic(project, normal, "2024-07-01"), normal)
+    label_rows(project, log_traffic(project, hot, "2024-07-02"), hot)
     log_traffic(project, rentals_frame(5, seed=52), "2024-07-03")
 
     # too few labelled rows: held before anything starts (no cooldown consumed)
@@ -218,7 +198,8 @@ def test_the_loop_guards_failures_and_restarts(proj: Path) -> None:
     assert "n_estimators" in out["actions"][0]["error"]
     assert desired_state(project).champion == 1
     # more drift the next day: held by the cooldown (event time), not retried at once
-    _label(project, log_traffic(project, _hot(600, seed=53), "2024-07-03"), _hot(600, 53))
+    label_rows(project, log_traffic(project, heat_wave(600, seed=53), "2024-07-03"),
+               heat_wave(600, 53))
     log_traffic(project, rentals_frame(5, seed=54), "2024-07-03T12:00:00")
     held = run_once(open_project(proj))
     assert held["actions"] and held["actions"][0]["action"] == "held"

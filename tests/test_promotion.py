@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
-import textwrap
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -136,52 +136,94 @@ def test_when_mlflow_refuses_the_alias_the_store_is_rolled_back(proj) -> None:
 
 RACER = """\
 import json, sys, time
-from mloop.project import open_project
-from mloop.registry.promotion import promote
+from pathlib import Path
 from mloop.errors import MloopError
+from mloop.project import open_project
+from mloop.registry.aliases import mlflow_alias, stored_alias
+from mloop.registry.candidates import version_record
+from mloop.registry.promotion import promote
 
-project = open_project(sys.argv[1])
-project.store, project.mlflow  # open connections before the start line
-start = float(sys.argv[3])
-while time.time() < start:
-    time.sleep(0.001)
+root, version, expected, gate, racers = sys.argv[1:6]
+version, expected = int(version), None if expected == "none" else int(expected)
+gate = Path(gate)
+project = open_project(root)
+# connect and import everything promote touches before the barrier, so both racers reach
+# the alias row at the same moment rather than after their own start-up costs
+stored_alias(project), mlflow_alias(project, "previous"), version_record(project, version)
+(gate / f"ready-{version}").touch()
+while len(list(gate.glob("ready-*"))) < int(racers):  # the barrier: every racer is ready
+    time.sleep(0.0002)
+enter = time.monotonic_ns()  # CLOCK_MONOTONIC: one clock for every process on this machine
 try:
-    change = promote(project, int(sys.argv[2]), reason="race", expected_champion=1)
-    print(json.dumps({"won": True, "version": change.version}))
+    change = promote(project, version, reason="race", expected_champion=expected)
+    outcome = {"won": True, "version": change.version}
 except MloopError as exc:
-    print(json.dumps({"won": False, "error": str(exc)}))
+    outcome = {"won": False, "version": version, "error": str(exc)}
+leave = time.monotonic_ns()
+record = {**outcome, "enter_ns": enter, "leave_ns": leave}
+(gate / f"racer-{version}.json").write_text(json.dumps(record))
+print(json.dumps(record))
 """
 
 
-def test_two_promotions_racing_exactly_one_wins(proj, tmp_path: Path) -> None:
+@pytest.mark.parametrize("store", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+@pytest.mark.parametrize("champion", [1, None], ids=["replacing_v1", "first_promotion"])
+def test_two_promotions_racing_exactly_one_wins(proj: Path, tmp_path: Path, store: str,
+                                               champion: int | None,
+                                               request: pytest.FixtureRequest,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two processes promote v2 and v3, each naming the same champion (v1, or none yet),
+    released by one barrier. The windows must overlap (each entered promote before the
+    other left it), or the race never happened and one winner would prove nothing. On
+    PostgreSQL the alias row is locked (SELECT ... FOR UPDATE); on SQLite the write
+    transaction begins IMMEDIATE; a first promotion has no row to lock and is decided by
+    the alias row's primary key."""
+    env: dict[str, str] = {}
+    if store == "postgres":
+        env["MLOOP_STORE_URI"] = request.getfixturevalue("pg_url")
+        monkeypatch.setenv("MLOOP_STORE_URI", env["MLOOP_STORE_URI"])
     project = open_project(proj)
-    promote(project, 1, reason="first")
+    if champion is not None:
+        promote(project, champion, reason="first")
     # both candidates pass: only the race decides
     write_forest_config(proj, params=GOOD, gates="")
     for v in (2, 3):
-        assert evaluate_gates(open_project(proj), v).passed
+        report = evaluate_gates(open_project(proj), v)
+        assert report.passed and report.champion == champion
+    events_before = len(list_events(project.store, limit=1000))
     script = tmp_path / "racer.py"
-    script.write_text(textwrap.dedent(RACER))
-    start = time.time() + 12  # both processes are up and waiting before the start line
-    procs = [subprocess.Popen([sys.executable, str(script), str(proj), str(v), str(start)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for v in (2, 3)]
-    results = []
+    script.write_text(RACER)
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    procs = [subprocess.Popen([sys.executable, str(script), str(proj), str(v),
+                               str(champion or "none"), str(gate), "2"],
+                              env={**os.environ, **env}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for v in (2, 3)]
     for p in procs:
-        out, err = p.communicate(timeout=300)
+        _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err
-        results.append(json.loads(out.strip().splitlines()[-1]))
+    # what each racer wrote itself
+    results = [json.loads((gate / f"racer-{v}.json").read_text()) for v in (2, 3)]
+    timeline = [(r["version"], r["won"], r["enter_ns"], r["leave_ns"]) for r in results]
+    assert max(r["enter_ns"] for r in results) < min(r["leave_ns"] for r in results), (
+        f"the promotions did not overlap, so nothing raced: {timeline}")
     winners = [r for r in results if r["won"]]
     losers = [r for r in results if not r["won"]]
     assert len(winners) == 1 and len(losers) == 1, results
-    assert "moved from v1 to v" in losers[0]["error"]
+    won = winners[0]["version"]
+    before = "nothing" if champion is None else f"v{champion}"
+    assert f"'champion' of 'rentals' moved from {before} to v{won}" in losers[0]["error"]
     assert "another change won" in losers[0]["error"]
     project = open_project(proj)
-    assert stored_alias(project) == winners[0]["version"]
-    mlflow_champion = project.mlflow.get_model_version_by_alias("rentals", "champion").version
-    assert int(mlflow_champion) == winners[0]["version"]
+    assert stored_alias(project) == won
+    aliases = project.mlflow.get_registered_model("rentals").aliases
+    assert int(aliases["champion"]) == won
+    assert (int(aliases["previous"]) if "previous" in aliases else None) == champion
     open_rows = [r for r in _champion_rows(proj) if r["ended_at"] is None]
-    assert [r["version"] for r in open_rows] == [winners[0]["version"]]
+    assert [r["version"] for r in open_rows] == [won]
+    events = list_events(project.store, limit=1000)  # newest first
+    new_events = events[:len(events) - events_before]
+    assert [(e.kind, e.payload["version"]) for e in new_events] == [("promote", won)]
     assert verify_chain(project.store).ok
 
 

@@ -504,10 +504,20 @@ class CostRates(_Strict):
     currency: str = "USD"
 
 
+def _lease_length(value: Duration) -> Duration:
+    if value.total_seconds() < 1:
+        raise ValueError(f"{value.text!r} is too short a lease: at least 1s (it is renewed "
+                         f"every third of it; 5m is the default)")
+    return value
+
+
 class LoopConfig(_Strict):
     """The closed loop's policy: when to retrain, how to roll out, when to give up."""
 
     enabled: bool = True
+    # how long a controller that stopped renewing (killed, its node gone) keeps others out;
+    # renewed every third of it while it runs, so a long pass never outlives it (loop/lease.py)
+    lease: Annotated[Duration, AfterValidator(_lease_length)] = Duration.parse("5m")
     action: Literal["retrain", "alert"] = "retrain"  # alert: tell, never act
     triggers: TriggersConfig = Field(default_factory=TriggersConfig)
     retrain: RetrainConfig = Field(default_factory=RetrainConfig)

@@ -22,6 +22,9 @@ Each is also importable from ``mloop`` itself.
     ├── GateFailedError          promotion refused: the candidate failed a gate
     ├── PromotionError           an alias change could not be made (lost a race, MLflow refused)
     ├── StaleStateError          another loop controller saved the state first: stop acting
+    ├── LeaseLostError           (a StaleStateError) this controller's lease ran out or was
+    │                            taken over: stop acting
+    ├── LeaseHeldError           another loop controller holds the lease (carries holder, until)
     └── PurgeNotFoundError       no inference-log purge with that id
 
 ``MloopError`` itself is raised where no caller would handle the case apart from any other
@@ -37,6 +40,7 @@ caller catches it on its own.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 
@@ -143,6 +147,23 @@ class PromotionError(MloopError):
 class StaleStateError(MloopError):
     """The loop controller's saved state changed since this pass read it (another controller
     saved first): the pass stops without acting further."""
+
+
+class LeaseLostError(StaleStateError):
+    """This controller's lease ran out without a renewal (the store was unreachable, the
+    process was paused) or another controller took it: the pass stops without acting
+    further."""
+
+
+class LeaseHeldError(MloopError):
+    """Another controller holds the loop lease of this model: this one must not act.
+    ``mloop loop --once`` exits 3 on it; ``mloop loop`` stands by until the lease is free."""
+
+    def __init__(self, message: str, *, model: str, holder: str, acquired_at: datetime,
+                 expires_at: datetime) -> None:
+        super().__init__(message)
+        self.model, self.holder = model, holder
+        self.acquired_at, self.expires_at = acquired_at, expires_at
 
 
 class PurgeNotFoundError(MloopError):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
@@ -16,9 +16,19 @@ from mloop.cli._common import (
     open_project,
     report,
 )
-from mloop.cli.render import err, fields, num, out, table
+from mloop.cli.render import emit_json, err, fields, num, out, table
+from mloop.errors import LeaseHeldError
+
+if TYPE_CHECKING:
+    from mloop.loop.lease import LoopLease
+    from mloop.project import Project
 
 audit_app = typer.Typer(no_args_is_help=True, help="The tamper-evident event chain.")
+
+
+# `mloop loop --once` when another controller holds the lease: not a failure of this
+# process (1) nor a usage error (2); a scheduler or script can tell "someone else is on it"
+LEASE_HELD_EXIT = 3
 
 
 def loop_cmd(
@@ -27,19 +37,104 @@ def loop_cmd(
     every: Annotated[float, typer.Option(min=1, help="Seconds between passes.")] = 60.0,
     json_: JsonOpt = False,
 ) -> None:
-    """The controller: monitor new windows, judge canaries, retrain and roll out by policy."""
-    import time
+    """The controller: monitor new windows, judge canaries, retrain and roll out by policy.
 
-    from mloop.loop.controller import run_once
+    It acts only while it holds the model's loop lease (loop.lease in mloop.yaml). With
+    --once, a pass that finds another controller holding it does nothing, names the holder
+    and exits 3. Without --once it stands by until the lease is free (its holder stopped, or
+    was killed and the lease expired), then holds it across passes."""
+    import signal
 
     project = open_project()
-    while True:
-        result = run_once(project)
-        report(result, json_, _print_pass,
-               to_json=lambda r: {k: v for k, v in r.items() if k != "monitor"})
+    # SIGTERM (a pod stopped, a CronJob past its deadline) unwinds like Ctrl-C, so the lease
+    # is released for the next controller instead of left to expire
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
         if once:
+            try:
+                result = _run_once(project)
+            except LeaseHeldError as exc:
+                _lease_held(exc, json_)
+            report(result, json_, _print_pass,
+                   to_json=lambda r: {k: v for k, v in r.items() if k != "monitor"})
             return
-        time.sleep(every)
+        _run_forever(project, every, json_)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_sigterm(signum: int, _frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _run_once(project: Project, lease: LoopLease | None = None) -> dict[str, Any]:
+    from mloop.loop.controller import run_once
+
+    return run_once(project, lease=lease)
+
+
+def _lease_held(exc: LeaseHeldError, json_: bool) -> NoReturn:
+    _say(f"mloop loop: {exc}")
+    if json_:
+        emit_json({"now": None, "actions": [], "message": str(exc),
+                   "lease": {"model": exc.model, "holder": exc.holder,
+                             "acquired_at": exc.acquired_at.isoformat(),
+                             "expires_at": exc.expires_at.isoformat()}})
+    raise typer.Exit(LEASE_HELD_EXIT)
+
+
+def _run_forever(project: Project, every: float, json_: bool) -> None:
+    """Stand by until the lease is free, then pass every ``every`` seconds holding it; a
+    lease lost (the store unreachable for a whole lease) sends it back to standing by."""
+    import time
+
+    from mloop.errors import LeaseLostError
+    from mloop.loop.lease import LoopLease
+
+    while True:
+        lease = LoopLease.of(project)
+        try:  # from before it is taken: a SIGTERM the moment after must still release it
+            _take_when_free(lease, every)
+            lease.start_renewing()
+            while True:
+                report(_run_once(project, lease), json_, _print_pass,
+                       to_json=lambda r: {k: v for k, v in r.items() if k != "monitor"})
+                time.sleep(every)
+        except LeaseLostError as exc:
+            _say(f"{exc}; standing by")
+        finally:
+            lease.release()
+
+
+def _take_when_free(lease: LoopLease, every: float) -> LoopLease:
+    import time
+    from datetime import UTC, datetime
+
+    announced = None
+    while True:
+        try:
+            lease.acquire()
+        except LeaseHeldError as exc:
+            if exc.holder != announced:
+                _say(f"standing by: the loop lease of '{exc.model}' is held by {exc.holder} "
+                     f"until {exc.expires_at.isoformat(timespec='seconds')}; retrying at most "
+                     f"every {every:g} s")
+                announced = exc.holder
+            left = (exc.expires_at - datetime.now(UTC)).total_seconds()
+            time.sleep(min(every, max(0.5, left + 0.2)))
+            continue
+        took = lease.taken_over
+        _say(f"took the loop lease of '{lease.model}' as {lease.holder} (loop.lease "
+             f"{lease.duration})" + (f", after {took.holder} left it unreleased"
+                                    if took is not None else ""))
+        return lease
+
+
+def _say(line: str) -> None:
+    """One unwrapped line on stderr, at once: operators and scripts grep these (rich would
+    wrap it at the width of a pipe)."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def _print_pass(result: dict[str, Any]) -> None:

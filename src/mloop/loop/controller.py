@@ -8,8 +8,9 @@ and for a replay. Its progress (last window seen, drift streak, retrain in fligh
 history: :class:`mloop.loop.state.LoopState`) is one row in mloop's store, saved after every
 step with a revision check: a ``kill -9`` followed by a restart resumes from the last saved
 step and never repeats an action that completed; a retrain interrupted mid-way is recorded as
-such and not silently redone. Every decision is an event in the audit chain with what it was
-based on.
+such (its pipeline run marked failed) and not silently redone. A pass acts only while it holds
+the model's lease (:mod:`mloop.loop.lease`), so two controllers never act at once, whatever
+runs them. Every decision is an event in the audit chain with what it was based on.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import sqlalchemy as sa
 
-from mloop.errors import MloopError
+from mloop.errors import MloopError, StaleStateError
+from mloop.loop.lease import LoopLease
 from mloop.loop.retrain import (
     build_training_data,
     count_labelled_since,
@@ -306,8 +308,27 @@ def _stored_gates(project: Project, prob: Probation) -> Any:
 
 # ----------------------------------------------------------------------------- one pass
 
-def run_once(project: Project, *, on_event: Any = None) -> dict[str, Any]:
-    """One controller pass; returns what it saw and did (plain JSON: the CLI prints it)."""
+def run_once(project: Project, *, on_event: Any = None,
+             lease: LoopLease | None = None) -> dict[str, Any]:
+    """One controller pass; returns what it saw and did (plain JSON: the CLI prints it).
+
+    The pass acts under the model's loop lease (``mloop.loop.lease``): taken here and
+    released when the pass ends, LeaseHeldError (naming the holder and its expiry) when
+    another controller holds it; or ``lease``, one the caller holds already (``mloop loop``
+    keeps its lease across passes)."""
+    if lease is None:
+        with LoopLease.of(project) as held:
+            return _with_lease(_run_pass(project, held, on_event), held)
+    lease.ensure()
+    return _with_lease(_run_pass(project, lease, on_event), lease)
+
+
+def _with_lease(result: dict[str, Any], lease: LoopLease) -> dict[str, Any]:
+    """Which controller made the pass (the holder and generation of its lease)."""
+    return {**result, "lease": {"holder": lease.holder, "generation": lease.generation}}
+
+
+def _run_pass(project: Project, lease: LoopLease, on_event: Any) -> dict[str, Any]:
     from mloop.monitoring.service import run_monitor
     from mloop.serving.deploy import desired_state
 
@@ -315,11 +336,7 @@ def run_once(project: Project, *, on_event: Any = None) -> dict[str, Any]:
     state = load_state(project)
     actions: list[dict[str, Any]] = []
     if state.in_flight is not None:
-        flight = state.in_flight.model_dump(mode="json")
-        state.in_flight = None
-        _event(project, "retrain_interrupted", {"in_flight": flight})
-        actions.append({"action": "retrain_interrupted", **flight})
-        save_state(project, state)
+        actions.append(_record_interrupted(project, state, state.in_flight, lease))
     monitor = run_monitor(project)
     now = event_time_now(project)
     if now is None:
@@ -330,6 +347,7 @@ def run_once(project: Project, *, on_event: Any = None) -> dict[str, Any]:
     new = _new_windows(project, state.last_window_id)
     if new:
         state.last_window_id = new[-1].id
+    lease.ensure()  # the verdict may promote or roll back: only while the lease is ours
     verdict = judge_probation(project, state, now)
     if verdict is not None:
         actions.append(verdict)
@@ -337,7 +355,7 @@ def run_once(project: Project, *, on_event: Any = None) -> dict[str, Any]:
             state.last_promotion_at = now
             state.drift_streak, state.drift_onset = 0, None
     fired = check_triggers(project, state, new, now, desired_state(project).champion)
-    save_state(project, state)
+    save_state(project, state, lease=lease)
     seen = _dumped(fired)
     if not fired or not loop_cfg.enabled:
         return {"now": _iso(now), "actions": actions, "triggers": seen, "monitor": monitor}
@@ -359,14 +377,64 @@ def run_once(project: Project, *, on_event: Any = None) -> dict[str, Any]:
         _event(project, "trigger_held", {"triggers": seen, "guard": guard})
         actions.append({"action": "held", "guard": guard, "triggers": seen})
         return {"now": _iso(now), "actions": actions, "triggers": seen, "monitor": monitor}
-    actions.append(_retrain_and_roll_out(project, state, fired, now, champion,
+    actions.append(_retrain_and_roll_out(project, state, fired, now, champion, lease=lease,
                                          on_event=on_event))
     return {"now": _iso(now), "actions": actions, "triggers": seen, "monitor": monitor}
 
 
+def _record_interrupted(project: Project, state: LoopState, flight: InFlight,
+                        lease: LoopLease) -> dict[str, Any]:
+    """A retrain the last controller started and never finished (killed, or it lost its
+    lease): recorded (event, history entry, its pipeline run marked failed), not redone.
+    Its trigger still stands; the cooldown, counted from when it started, decides when the
+    loop may retrain again."""
+    previous = lease.taken_over
+    died = previous is not None and previous.holder == flight.holder
+    who = flight.holder or "the previous controller"
+    reason = (f"interrupted: {who} stopped mid-retrain"
+              + (f" without releasing its lease (last renewed "
+                 f"{previous.renewed_at.isoformat(timespec='seconds')}: killed?)"
+                 if died and previous is not None else ""))
+    payload: dict[str, Any] = {"in_flight": flight.model_dump(mode="json"), "reason": reason,
+                               "holder": lease.holder}
+    if flight.pipeline_run_id is not None:
+        payload["pipeline_run"] = _fail_pipeline_run(project, flight.pipeline_run_id, reason)
+    state.history.append(Retrain(triggered_at=flight.triggered_at, champion=flight.champion,
+                                 started_wall=flight.started_wall,
+                                 pipeline_run_id=flight.pipeline_run_id, outcome="failed",
+                                 reason=reason))
+    state.in_flight = None
+    save_state(project, state, lease=lease)
+    _event(project, "retrain_interrupted", payload)
+    return {"action": "retrain_interrupted", **payload}
+
+
+def _fail_pipeline_run(project: Project, run_id: str, reason: str) -> dict[str, Any]:
+    """Mark an interrupted retrain's pipeline run (and its unfinished steps) failed, unless
+    it got to an end; what was found and done, for the event."""
+    from mloop.pipeline.runner import finish_pipeline_run
+
+    try:
+        run = project.store.get_pipeline_run(run_id)
+    except MloopError as exc:
+        return {"id": run_id, "found": False, "error": str(exc)}
+    if run.status not in ("created", "running"):
+        return {"id": run_id, "status": run.status}
+    for step in project.store.step_runs(run_id):
+        if step.status == "running":
+            project.store.finish_step(step.id, status="failed", error=reason)
+    try:
+        finish_pipeline_run(project, run, status="failed", error=reason)
+    except Exception as exc:  # MLflow unreachable, or its run deleted: the store says it
+        project.store.update_pipeline_run(run_id, status="failed", error=reason)
+        return {"id": run_id, "was": run.status, "status": "failed",
+                "mlflow_error": f"{type(exc).__name__}: {exc}"}
+    return {"id": run_id, "was": run.status, "status": "failed"}
+
+
 def _retrain_and_roll_out(project: Project, state: LoopState, fired: list[Trigger],
-                          now: datetime, champion: int | None, *, on_event: Any = None
-                          ) -> dict[str, Any]:
+                          now: datetime, champion: int | None, *, lease: LoopLease,
+                          on_event: Any = None) -> dict[str, Any]:
     from mloop.registry.gates import evaluate_gates
     from mloop.registry.promotion import promote
     from mloop.serving.deploy import deploy_challenger
@@ -375,18 +443,33 @@ def _retrain_and_roll_out(project: Project, state: LoopState, fired: list[Trigge
     record = Retrain(triggered_at=now, triggers=fired,
                      onset=min((f.onset for f in fired if f.onset is not None), default=None),
                      champion=champion, started_wall=datetime.now(UTC))
-    state.in_flight = InFlight(triggered_at=now, triggers=[f.trigger for f in fired])
+    flight = state.in_flight = InFlight(
+        triggered_at=now, triggers=[f.trigger for f in fired], holder=lease.holder,
+        started_wall=record.started_wall, champion=champion)
     state.last_retrain_at = now
     state.retrain_times = [*state.retrain_times, now][-50:]
-    save_state(project, state)  # from here a crash is "interrupted", never a silent redo
-    _event(project, "retrain_started", {"triggers": _dumped(fired), "champion": champion})
+    # from here a crash is "interrupted", never a silent redo
+    save_state(project, state, lease=lease)
+    _event(project, "retrain_started", {"triggers": _dumped(fired), "champion": champion,
+                                        "holder": lease.holder})
+
+    def heard(kind: str, name: str, info: dict[str, Any]) -> None:
+        if kind == "pipeline":  # the retrain's run: a restart marks it failed if it dies
+            flight.pipeline_run_id = info["run_id"]
+            save_state(project, state, lease=lease)
+        if on_event is not None:
+            on_event(kind, name, info)
+
     try:
         data = build_training_data(project, until=now, champion=champion)
-        result = retrain(project, data, on_event=on_event)
+        result = retrain(project, data, on_event=heard)
+    except StaleStateError:
+        raise  # the lease or the state is another controller's now: stop, record nothing
     except Exception as exc:
         record.outcome, record.reason = "failed", f"{type(exc).__name__}: {exc}"
         return _finish(project, state, record, "retrain_failed",
-                       {"error": record.reason, "triggers": _dumped(fired)})
+                       {"error": record.reason, "triggers": _dumped(fired)}, lease)
+    lease.ensure()  # a long retrain: still ours before gating and rolling out
     version = record.version = int(result["version"])
     record.seconds = result["seconds"]
     record.cpu_seconds = result["cpu_seconds"]
@@ -400,7 +483,7 @@ def _retrain_and_roll_out(project: Project, state: LoopState, fired: list[Trigge
         failed = [r.gate for r in report.results if r.status == "fail"]
         record.outcome, record.reason = "rejected", f"failed gates {failed}"
         return _finish(project, state, record, "candidate_rejected",
-                       {"version": version, "failed_gates": failed})
+                       {"version": version, "failed_gates": failed}, lease)
     if policy.canary is None or champion is None:
         try:
             promote(project, version, reason="loop: retrained, every gate passed",
@@ -408,10 +491,10 @@ def _retrain_and_roll_out(project: Project, state: LoopState, fired: list[Trigge
         except MloopError as exc:
             record.outcome, record.reason = "rejected", str(exc)
             return _finish(project, state, record, "promotion_refused",
-                           {"version": version, "error": str(exc)})
+                           {"version": version, "error": str(exc)}, lease)
         record.outcome, record.decided_at = "promoted", now
         state.last_promotion_at = now
-        return _finish(project, state, record, "promoted", {"version": version})
+        return _finish(project, state, record, "promoted", {"version": version}, lease)
     wall = datetime.now(UTC)  # challenger errors are counted from here
     deploy_challenger(project, version, mode="canary", weight=policy.canary.weight,
                       reason=f"loop: retrained on {data.labelled_rows} labelled rows; "
@@ -421,14 +504,14 @@ def _retrain_and_roll_out(project: Project, state: LoopState, fired: list[Trigge
                                 gates_config=gates_config_hash(project))
     record.outcome = "canary"
     return _finish(project, state, record, "canary_started",
-                   {"version": version, "weight": policy.canary.weight})
+                   {"version": version, "weight": policy.canary.weight}, lease)
 
 
 def _finish(project: Project, state: LoopState, record: Retrain, kind: str,
-            payload: dict[str, Any]) -> dict[str, Any]:
+            payload: dict[str, Any], lease: LoopLease) -> dict[str, Any]:
     state.in_flight = None
     state.history.append(record)
-    save_state(project, state)
+    save_state(project, state, lease=lease)
     _event(project, kind, payload)
     return {"action": kind, **payload}
 

@@ -2,7 +2,10 @@
 
 One :class:`LoopState` per model is kept in mloop's store (table ``loop_state``, one JSON
 column) and saved after every step of a pass with a revision check, so a restart resumes from
-the last saved step and two controllers never both act (:class:`~mloop.errors.StaleStateError`).
+the last saved step and a save based on a stale read fails
+(:class:`~mloop.errors.StaleStateError`). That check only notices a second controller when it
+saves; what keeps two from acting at once is the pass's lease (``mloop.loop.lease``), which
+each save also checks is still this controller's.
 
 The JSON is the one the controller wrote before these models existed: the keys are the field
 names, times are ISO 8601 strings (read back as aware UTC datetimes; a time stored without an
@@ -15,7 +18,7 @@ and save never loses what someone else wrote.
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import sqlalchemy as sa
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainSerializer
@@ -25,6 +28,9 @@ from mloop.errors import MloopError, StaleStateError
 from mloop.project import Project
 from mloop.store.db import json_safe, utcnow
 from mloop.store.models import LoopStateRow
+
+if TYPE_CHECKING:
+    from mloop.loop.lease import LoopLease
 
 __all__ = ["DriftTrigger", "FeatureTrigger", "InFlight", "Instant", "LoopState",
            "NewLabelsTrigger", "Outcome", "PerformanceTrigger", "Probation", "Retrain",
@@ -118,6 +124,13 @@ class InFlight(_Record):
 
     triggered_at: Instant
     triggers: list[str] = Field(default_factory=list)  # the kinds that fired
+    # which controller ran it, since when (wall clock), against which champion, and its
+    # pipeline run once started (marked failed when the retrain is found interrupted);
+    # states saved before these fields existed have none of them
+    holder: str | None = None
+    started_wall: Instant | None = None
+    champion: int | None = None
+    pipeline_run_id: str | None = None
 
 
 class Probation(_Record):
@@ -195,11 +208,15 @@ def load_state(project: Project) -> LoopState:
                          f"of mloop's store) cannot be read: {where}: {first['msg']}") from None
 
 
-def save_state(project: Project, state: LoopState) -> None:
+def save_state(project: Project, state: LoopState, *, lease: LoopLease | None = None) -> None:
     """Write ``state`` if nobody saved since it was read, and bump its revision; else
-    StaleStateError (another controller is running: this pass must stop acting)."""
+    StaleStateError (another controller is running: this pass must stop acting). With the
+    pass's ``lease``, the same transaction checks it is still this controller's
+    (LeaseLostError, a StaleStateError, if not)."""
     body = json_safe(state.model_dump(mode="json"))
     with project.store.session() as s:
+        if lease is not None:
+            lease.verify(s)
         row = s.get(LoopStateRow, state.model)
         current = row.revision if row is not None else 0
         if current != state.revision:

@@ -224,3 +224,19 @@ class LoopStateRow(Base):
     revision: Mapped[int] = mapped_column(Integer)
     state: Mapped[dict[str, Any]] = mapped_column(JSON)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class LoopLeaseRow(Base):
+    """Which controller may act for one model, and until when. Taken by compare-and-swap on
+    ``generation`` (which grows with every new holder, a fencing token), renewed by its holder
+    while it runs, and free once ``expires_at`` has passed or ``released_at`` is set."""
+
+    __tablename__ = "loop_leases"
+
+    model: Mapped[str] = mapped_column(String(200), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(200))
+    generation: Mapped[int] = mapped_column(Integer)
+    acquired_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    renewed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    released_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
