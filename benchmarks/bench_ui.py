@@ -12,6 +12,8 @@ scanned the log would show it.
     python benchmarks/bench_ui.py                      # runs a full `mloop demo` first (~5 min)
     python benchmarks/bench_ui.py --project mloop-demo/project --synthetic
     python benchmarks/bench_ui.py --project DIR --synthetic --out benchmarks/ui_results.json
+    python benchmarks/bench_ui.py --project DIR --synthetic --synthetic-dir /tmp/ui-synth
+        # keeps the large store and reuses it on the next run
 
 Pages are served by uvicorn on 127.0.0.1 in this process and fetched with one keep-alive
 client: each page once to warm up, then ``--repeat`` times. Prints PASS/MISS per store and
@@ -317,6 +319,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--project", type=Path, help="a demo's project (default: run the demo)")
     ap.add_argument("--until", default="2013-01-01", help="demo replay end when it runs here")
     ap.add_argument("--synthetic", action="store_true", help="also the 100-version store")
+    ap.add_argument("--synthetic-dir", type=Path,
+                    help="keep the synthetic store here and reuse it when it is already built "
+                         "(its build takes minutes)")
     ap.add_argument("--repeat", type=int, default=20)
     ap.add_argument("--out", type=Path, help="results JSON")
     args = ap.parse_args(argv)
@@ -336,11 +341,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"demo project {project}", flush=True)
         results["demo"] = verdict("demo", measure(project, args.repeat))
         if args.synthetic:
-            print("building the synthetic store", flush=True)
-            built = build_synthetic(project, work / "synthetic")
+            synthetic = args.synthetic_dir or work / "synthetic"
+            marker = synthetic / "synthetic.json"
+            if marker.exists():
+                print(f"reusing the synthetic store {synthetic}", flush=True)
+                built = json.loads(marker.read_text())
+            else:
+                print(f"building the synthetic store in {synthetic}", flush=True)
+                built = build_synthetic(project, synthetic)
+                # written last: a build that stopped half-way is rebuilt, not reused
+                marker.write_text(json.dumps(built, indent=2) + "\n")
             results["synthetic_store"] = built
-            results["synthetic"] = verdict("synthetic",
-                                           measure(work / "synthetic", args.repeat))
+            results["synthetic"] = verdict("synthetic", measure(synthetic, args.repeat))
         if args.out:
             args.out.write_text(json.dumps(results, indent=2) + "\n")
             print(f"wrote {args.out}")

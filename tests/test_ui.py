@@ -141,6 +141,7 @@ def test_timeline_draws_one_mark_per_stored_record(demo: Path, browser: Any) -> 
 
         assert count("svg.timeline .mark.stint") == len(tl.stints)
         assert count("svg.timeline .mark.decision") == len(tl.decisions)
+        assert not tl.bucketed and tl.window_count == len(tl.windows)  # one mark each
         assert count("svg.timeline .mark.drift") == len(tl.windows)
         assert count("svg.timeline .mark.perf") == sum(
             1 for w in tl.windows if w["metric_value"] is not None)
@@ -387,3 +388,90 @@ def test_monitoring_heatmap_shades_a_chi_square_column_without_a_score_threshold
         assert requests.get(f"{srv.url}/monitoring", timeout=30).status_code == 200
         browser.get(f"{srv.url}/monitoring")
         assert len(browser.find_elements("css selector", "svg.heatmap .mark.cell")) == cells
+
+
+def test_bucket_windows_keeps_the_worst_drift_and_the_metric_range_of_each_bucket() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from mloop.loop.timeline import bucket_windows
+
+    t0 = datetime(2011, 1, 1, tzinfo=UTC)
+    rows = [{"start": t0 + timedelta(hours=i), "end": t0 + timedelta(hours=i + 1), "rows": 10,
+             "drifted": i == 1234, "drift_share": 0.9 if i == 1234 else 0.01 * (i % 7),
+             "prediction_drifted": False, "quality_findings": 0, "metric": "mae",
+             "metric_value": float(i), "reference_metric": 1.0, "label_coverage": 0.5}
+            for i in range(3000)]
+    out = bucket_windows(rows, t0, t0 + timedelta(hours=3000), 1000)
+    assert len(out) == 1000
+    assert sum(b["windows"] for b in out) == 3000 and sum(b["rows"] for b in out) == 30_000
+    worst = next(b for b in out if b["drifted"])
+    assert worst["drift_share"] == 0.9 and worst["drifted_windows"] == 1
+    assert worst["start"] <= rows[1234]["start"].isoformat() < worst["end"]
+    first = out[0]
+    assert (first["metric_min"], first["metric_value"], first["metric_max"]) == (0.0, 1.0, 2.0)
+    assert [b["start"] for b in out] == sorted(b["start"] for b in out)
+
+
+def _add_windows(project: Any, n: int) -> None:
+    """``n`` more windows of the project's spec after its last, copied from a real one and
+    written as the monitor writes them (rows of monitor_windows), evaluated a second apart."""
+    from datetime import UTC, datetime, timedelta
+
+    import sqlalchemy as sa
+
+    from mloop.monitoring.windows_store import window_spec
+    from mloop.store.models import MonitorWindowRow
+
+    spec = window_spec(project)
+    with project.store.session() as s:
+        last = s.scalars(sa.select(MonitorWindowRow).where(MonitorWindowRow.spec == spec)
+                         .order_by(MonitorWindowRow.seq.desc()).limit(1)).one()
+        cols = {c.key: getattr(last, c.key) for c in MonitorWindowRow.__table__.columns
+                if c.key != "id"}
+        end = last.end.replace(tzinfo=UTC)
+        wall = datetime.now(UTC)
+        rows = [{**cols, "seq": last.seq + 1 + i, "start": end + timedelta(hours=i),
+                 "end": end + timedelta(hours=i + 1), "drift_share": (i % 10) / 10,
+                 "evaluated_at": wall + timedelta(seconds=i)} for i in range(n)]
+        s.execute(sa.insert(MonitorWindowRow), rows)
+        s.commit()
+
+
+def test_timeline_buckets_thousands_of_windows_and_keeps_every_decision(
+        project_copy: Path) -> None:
+    from mloop.loop.timeline import timeline_head
+
+    project = open_project(project_copy)
+    before = timeline(project)
+    _add_windows(project, 3000)
+    tl = timeline(project)
+    assert tl.bucketed and tl.window_count == len(before.windows) + 3000
+    assert 100 < len(tl.windows) <= 1000
+    assert sum(w["windows"] for w in tl.windows) == tl.window_count
+    # decisions and deployments are few: never bucketed
+    assert [d.event_id for d in tl.decisions] == [d.event_id for d in before.decisions]
+    with ServerThread(create_ui_app(project)) as srv:
+        r = requests.get(f"{srv.url}/timeline?at=2011-06-10", timeout=60)
+        assert r.status_code == 200, r.text[-2000:]
+        page = r.text
+        assert page.count("class='mark drift") == len(tl.windows)
+        assert page.count("class='mark decision'") == len(tl.decisions)
+        assert len(page) < 1_000_000
+        assert "windows drawn as" in page
+        # the answer still names the window that held the day, not a bucket
+        answer = page[page.index("id=\"answer\""):page.index("chart-card")]
+        assert "How it did that" in answer and "rows served by v" in answer
+        # a span narrows it to single windows again
+        day = tl.windows[len(tl.windows) // 2]["start"][:10]
+        r = requests.get(f"{srv.url}/timeline?from={day}&to={day}", timeout=60)
+        assert r.status_code == 200, r.text[-2000:]
+        assert "windows drawn as" not in r.text
+        assert 20 <= r.text.count("class='mark drift") <= 25  # a day of hourly windows
+    # the Overview's end of the timeline agrees with the whole one on the big store
+    head = timeline_head(project)
+    assert [(s.version, s.alias, s.start) for s in head.stints] == [
+        (s.version, s.alias, s.start) for s in tl.stints if s.end is None]
+    assert [(d.event_id, d.at) for d in head.decisions] == [
+        (d.event_id, d.at) for d in tl.decisions[-8:]]
+    assert head.windows[0]["id"] == tl.window_count and head.windows[0]["end"] == \
+        tl.windows[-1]["end"]

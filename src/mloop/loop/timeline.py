@@ -17,13 +17,18 @@ from __future__ import annotations
 import bisect
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
 
 from mloop.loop.state import Retrain, load_state
-from mloop.monitoring.windows_store import list_windows, window_spec
+from mloop.monitoring.windows_store import (
+    count_windows,
+    list_windows,
+    window_signals,
+    window_spec,
+)
 from mloop.project import Project
 from mloop.security.audit import list_events
 from mloop.store.db import as_utc
@@ -120,6 +125,8 @@ class Timeline:
     decisions: list[Decision] = field(default_factory=list)  # oldest first
     windows: list[dict[str, Any]] = field(default_factory=list)  # window_summary rows
     retrains: list[dict[str, Any]] = field(default_factory=list)  # Retrain, as JSON
+    window_count: int = 0  # stored windows in the span; more than len(windows) when bucketed
+    bucketed: bool = False  # ``windows`` are buckets of windows (see bucket_windows)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -130,10 +137,12 @@ _VERDICT_KIND = {"loop.candidate_rejected": "rejected", "loop.probation_rollback
                  "loop.promotion_refused": "refused"}
 
 
-def _anchors(retrains: list[Retrain], events: list[EventRow]
-             ) -> list[tuple[datetime, datetime]]:
+def _anchors(retrains: list[Retrain], events: list[EventRow],
+             deployments: Sequence[DeploymentRow] = ()) -> list[tuple[datetime, datetime]]:
     """(wall, event time) of the decisions the controller took: it records the event time of
-    each retrain (its canary starts then) and of its verdict (promoted or rolled back)."""
+    each retrain (its canary starts then) and of its verdict (promoted or rolled back). A
+    deployment row is written with its decision's event, so its start is anchored too (the
+    Overview reads open deployments without the events that made them)."""
     exact: dict[tuple[str, int], datetime] = {}
     for r in retrains:
         if r.version is None:
@@ -150,20 +159,45 @@ def _anchors(retrains: list[Retrain], events: list[EventRow]
         version = p.get("version") if kind != "stop" else p.get("replaced")
         if isinstance(version, int) and (kind, version) in exact:
             out.append((as_utc(e.at), exact[(kind, version)]))
+    out += [(as_utc(d.started_at), exact[(d.action, d.version)]) for d in deployments
+            if (d.action, d.version) in exact]
     return out
 
 
 def event_clock(project: Project, spec: str,
-                anchors: Sequence[tuple[datetime, datetime]] = ()) -> EventClock:
+                anchors: Sequence[tuple[datetime, datetime]] = (),
+                walls: Sequence[datetime] | None = None) -> EventClock:
     """The wall -> event mapping of the project's model, from its ``spec`` windows (and
-    ``anchors``, instants whose event time is known)."""
+    ``anchors``, instants whose event time is known).
+
+    With ``walls`` (the only instants the caller will place) the clock holds just the points
+    those need, each read through an index: the newest evaluation at or before the instant
+    with the running maximum of window ends, and the next evaluation after it. It maps those
+    instants exactly as the clock over every window does, at a cost that does not grow with
+    the windows (the Overview places a handful of instants on a store of 10,000 windows)."""
     name = project.config.model_name
+    where = (MonitorWindowRow.model == name, MonitorWindowRow.spec == spec)
+    points: set[tuple[datetime, datetime]] = set()
     with project.store.session() as s:
-        rows = s.execute(sa.select(MonitorWindowRow.evaluated_at, MonitorWindowRow.end,
-                                   MonitorWindowRow.start).where(
-            MonitorWindowRow.model == name, MonitorWindowRow.spec == spec)).all()
-    origin = min((as_utc(r.start) for r in rows), default=None)
-    return EventClock([(as_utc(r.evaluated_at), as_utc(r.end)) for r in rows], origin,
+        origin = s.scalar(sa.select(MonitorWindowRow.start).where(*where)
+                          .order_by(MonitorWindowRow.start).limit(1))
+        if walls is None:
+            rows = s.execute(sa.select(MonitorWindowRow.evaluated_at, MonitorWindowRow.end)
+                             .where(*where)).all()
+            points = {(as_utc(r.evaluated_at), as_utc(r.end)) for r in rows}
+        for wall in sorted({as_utc(w) for w in walls or ()}):
+            last, reach = s.execute(sa.select(
+                sa.func.max(MonitorWindowRow.evaluated_at), sa.func.max(MonitorWindowRow.end))
+                .where(*where, MonitorWindowRow.evaluated_at <= wall)).one()
+            if last is not None:
+                points.add((as_utc(last), as_utc(reach)))
+            after = s.execute(sa.select(MonitorWindowRow.evaluated_at, MonitorWindowRow.end)
+                              .where(*where, MonitorWindowRow.evaluated_at > wall)
+                              .order_by(MonitorWindowRow.evaluated_at, MonitorWindowRow.end)
+                              .limit(1)).first()
+            if after is not None:
+                points.add((as_utc(after.evaluated_at), as_utc(after.end)))
+    return EventClock(sorted(points), as_utc(origin) if origin is not None else None,
                       list(anchors))
 
 
@@ -175,21 +209,70 @@ def _reason(payload: dict[str, Any]) -> str:
     return str(payload.get("error") or "")
 
 
+def bucket_windows(rows: Sequence[dict[str, Any]], start: datetime, end: datetime,
+                   buckets: int) -> list[dict[str, Any]]:
+    """``rows`` (window_signals, oldest first) summarised into at most ``buckets`` equal
+    spans of event time between ``start`` and ``end``, each shaped like a window summary so
+    a chart draws it the same way: the span it covers (first start to last end), the largest
+    drift share (a drifting hour stays visible among calm ones), the mean realized metric with
+    its min and max, the mean holdout reference and label coverage, the rows summed, and
+    ``windows``, how many it holds. A chart has ~1000 pixel columns: 10,000 windows drawn one
+    mark each made the timeline a 4 MB page that took seconds to build."""
+    span = (end - start).total_seconds() or 1.0
+    groups: dict[int, list[dict[str, Any]]] = {}
+    for r in rows:
+        mid = r["start"] + (r["end"] - r["start"]) / 2
+        k = min(max(int((mid - start).total_seconds() / span * buckets), 0), buckets - 1)
+        groups.setdefault(k, []).append(r)
+    out = []
+    for k in sorted(groups):
+        g = groups[k]
+        values = [r["metric_value"] for r in g if r["metric_value"] is not None]
+        refs = [r["reference_metric"] for r in g if r["reference_metric"] is not None]
+        shares = [r["drift_share"] for r in g if r["drift_share"] is not None]
+        out.append({
+            "id": None, "start": g[0]["start"].isoformat(),
+            "end": max(r["end"] for r in g).isoformat(), "windows": len(g),
+            "rows": sum(r["rows"] for r in g), "versions": None,
+            "drifted": any(r["drifted"] for r in g),
+            "drifted_windows": sum(1 for r in g if r["drifted"]),
+            "drift_share": max(shares) if shares else None,
+            "prediction_drifted": any(r["prediction_drifted"] for r in g),
+            "quality_findings": sum(r["quality_findings"] or 0 for r in g),
+            "metric": next((r["metric"] for r in g if r["metric"]), None),
+            "metric_value": sum(values) / len(values) if values else None,
+            "metric_min": min(values, default=None), "metric_max": max(values, default=None),
+            "reference_metric": sum(refs) / len(refs) if refs else None,
+            "label_coverage": sum(r["label_coverage"] or 0.0 for r in g) / len(g)})
+    return out
+
+
 def timeline(project: Project, *, window: str | None = None, max_windows: int = 20_000,
-             max_events: int = 5_000) -> Timeline:
+             max_events: int = 5_000, since: datetime | None = None,
+             until: datetime | None = None, max_marks: int = 1_000) -> Timeline:
     """The model's timeline: deployments, decisions, windows and retrains on the event clock.
 
     ``window`` picks the window size (default ``monitoring.window``); the newest
-    ``max_windows`` windows and ``max_events`` decision events are read.
+    ``max_windows`` windows and ``max_events`` decision events are read. ``since``/``until``
+    (event time) narrow it to a span. When the span holds more than ``max_marks`` windows
+    they are summarised into ``max_marks`` buckets (:func:`bucket_windows`); deployments and
+    decisions are always kept one by one (they are few).
     """
     name = project.config.model_name
     spec = window_spec(project, window)
+    since, until = as_utc(since), as_utc(until)
     history = load_state(project).history
     events = [e for e in reversed(list_events(project.store, limit=max_events,
                                               kinds=ALIAS_ACTIONS + LOOP_VERDICTS))
               if (e.payload or {}).get("model") in (None, name)]
     clock = event_clock(project, spec, _anchors(history, events))
-    windows = list_windows(project, window=spec, limit=max_windows)
+    count = min(count_windows(project, spec, since=since, until=until), max_windows)
+    bucketed = count > max_marks
+    if bucketed:
+        signals = window_signals(project, spec, since=since, until=until)[-max_windows:]
+    else:
+        windows = list_windows(project, window=spec, limit=max_windows, since=since,
+                               until=until)
     with project.store.session() as s:
         rows = list(s.scalars(sa.select(DeploymentRow).where(DeploymentRow.model == name)
                               .order_by(DeploymentRow.started_at, DeploymentRow.id)))
@@ -206,15 +289,60 @@ def timeline(project: Project, *, window: str | None = None, max_windows: int = 
             version=p.get("version"), replaced=p.get("replaced"), alias=p.get("alias"),
             actor=e.actor, reason=_reason(p), event_id=e.id))
     retrains = [h.model_dump(mode="json") for h in history]
-    times = [t for t in ([clock.origin] if clock.origin else []) +
-             [as_utc(datetime.fromisoformat(w["end"])) for w in windows[-1:]] +
+    last_end = (signals[-1]["end"] if signals else None) if bucketed else (
+        as_utc(datetime.fromisoformat(windows[-1]["end"])) if windows else None)
+    times = [t for t in ([clock.origin] if clock.origin else []) + [last_end] +
              [st.start for st in stints] + [d.at for d in decisions] if t is not None]
-    start = min(times, default=None)
-    end = max(times, default=None)
+    start = since or min(times, default=None)
+    end = until or max(times, default=None)
     if start is not None and end is not None and end - start < timedelta(hours=1):
         end = start + timedelta(hours=1)
+    if since is not None or until is not None:
+        # what happened inside the span: stints overlapping it, decisions and retrains in it
+        lo = since or datetime.min.replace(tzinfo=UTC)
+        hi = until or datetime.max.replace(tzinfo=UTC)
+        stints = [st for st in stints if st.start < hi and (st.end is None or st.end > lo)]
+        decisions = [d for d in decisions if lo <= d.at <= hi]
+        retrains = [r for r in retrains
+                    if lo <= as_utc(datetime.fromisoformat(r["triggered_at"])) <= hi]
+    if bucketed:
+        assert start is not None and end is not None  # there are windows
+        windows = bucket_windows(signals, start, end, max_marks)
     return Timeline(model=name, window=spec, start=start, end=end, stints=stints,
-                    decisions=decisions, windows=windows, retrains=retrains)
+                    decisions=decisions, windows=windows, retrains=retrains,
+                    window_count=count, bucketed=bucketed)
+
+
+def timeline_head(project: Project, *, window: str | None = None,
+                  decisions: int = 8) -> Timeline:
+    """The end of the timeline, what the Overview shows: the open deployments (since when, in
+    event time), the last ``decisions`` and the newest window. Only the instants those need
+    are placed on the event clock (:func:`event_clock` with ``walls``), so its cost does not
+    grow with the stored windows, deployments or events."""
+    name = project.config.model_name
+    spec = window_spec(project, window)
+    history = load_state(project).history
+    # other models' events share the chain: read a few more than shown, keep this model's
+    found = list_events(project.store, limit=decisions * 8, kinds=ALIAS_ACTIONS + LOOP_VERDICTS)
+    events = [e for e in reversed(found)
+              if (e.payload or {}).get("model") in (None, name)][-decisions:]
+    with project.store.session() as s:
+        rows = list(s.scalars(sa.select(DeploymentRow).where(
+            DeploymentRow.model == name, DeploymentRow.ended_at.is_(None))
+            .order_by(DeploymentRow.started_at, DeploymentRow.id)))
+    clock = event_clock(project, spec, _anchors(history, events, rows),
+                        walls=[r.started_at for r in rows] + [e.at for e in events])
+    stints = [Stint(version=r.version, alias=r.alias, action=r.action, traffic=r.traffic,
+                    start=clock(r.started_at), end=None, started_wall=as_utc(r.started_at),
+                    ended_wall=None, actor=r.actor, reason=r.reason) for r in rows]
+    out = [Decision(at=clock(e.at), wall=as_utc(e.at), kind=_VERDICT_KIND.get(e.kind, e.kind),
+                    version=(e.payload or {}).get("version"),
+                    replaced=(e.payload or {}).get("replaced"),
+                    alias=(e.payload or {}).get("alias"), actor=e.actor,
+                    reason=_reason(e.payload or {}), event_id=e.id) for e in events]
+    windows = list_windows(project, window=spec, limit=1)
+    return Timeline(model=name, window=spec, start=None, end=None, stints=stints,
+                    decisions=out, windows=windows, window_count=len(windows))
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ a listing costs a process no more than opening the project does.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
@@ -61,15 +61,16 @@ def window_summary(row: MonitorWindowRow) -> dict[str, Any]:
 
 
 def list_windows(project: Project, *, window: str | None = None, limit: int = 100,
-                 with_reports: bool = False) -> list[dict[str, Any]]:
-    """The newest ``limit`` windows, oldest first (with their full reports if asked).
+                 with_reports: bool = False, since: datetime | None = None,
+                 until: datetime | None = None) -> list[dict[str, Any]]:
+    """The newest ``limit`` windows, oldest first (with their full reports if asked); with
+    ``since``/``until``, only windows overlapping that span of event time.
 
     Without reports only the verdict columns and the report's ``versions`` (extracted in SQL)
     are read: a report holds every feature's histograms, and decoding 10,000 of them costs
     seconds a listing or the timeline should not pay."""
     spec = window_spec(project, window)
-    where = (MonitorWindowRow.model == project.config.model_name,
-             MonitorWindowRow.spec == spec)
+    where = _where(project, spec, since, until)
     order = MonitorWindowRow.start.desc()
     with project.store.session() as s:
         if with_reports:
@@ -80,6 +81,34 @@ def list_windows(project: Project, *, window: str | None = None, limit: int = 10
         found = s.execute(sa.select(*cols, MonitorWindowRow.report["versions"].label(
             "versions")).where(*where).order_by(order).limit(limit)).all()
     return [_summary(r._mapping) for r in reversed(found)]
+
+
+def window_signals(project: Project, spec: str, *, since: datetime | None = None,
+                   until: datetime | None = None) -> list[dict[str, Any]]:
+    """Every window's verdict columns, oldest first, as datetimes, without the report's
+    ``versions``: what a chart that summarises thousands of windows per pixel column needs.
+    Extracting ``versions`` from 10,000 reports costs ~0.4 s on SQLite; these columns ~0.1 s."""
+    cols = [getattr(MonitorWindowRow, c) for c in _SUMMARY_COLUMNS]
+    with project.store.session() as s:
+        found = s.execute(sa.select(*cols).where(*_where(project, spec, since, until))
+                          .order_by(MonitorWindowRow.start)).all()
+    out = []
+    for r in found:
+        row = dict(r._mapping)
+        row["start"], row["end"] = as_utc(row["start"]), as_utc(row["end"])
+        out.append(row)
+    return out
+
+
+def _where(project: Project, spec: str, since: datetime | None,
+           until: datetime | None) -> list[Any]:
+    where = [MonitorWindowRow.model == project.config.model_name,
+             MonitorWindowRow.spec == spec]
+    if since is not None:
+        where.append(MonitorWindowRow.end > since)
+    if until is not None:
+        where.append(MonitorWindowRow.start < until)
+    return where
 
 
 _SUMMARY_COLUMNS = ("id", "start", "end", "rows", "drifted", "drift_share",
@@ -95,13 +124,14 @@ def _summary(row: Any) -> dict[str, Any]:
             "rows": out.pop("rows"), "versions": row["versions"], **out}
 
 
-def count_windows(project: Project, spec: str) -> int:
-    """How many windows of ``spec`` are stored for the project's model (a listing shows the
-    newest few and says how many it leaves out)."""
+def count_windows(project: Project, spec: str, *, since: datetime | None = None,
+                  until: datetime | None = None) -> int:
+    """How many windows of ``spec`` are stored for the project's model (overlapping
+    ``since``/``until`` if given): a listing shows the newest few and says how many it
+    leaves out, the timeline summarises them when they outnumber its pixel columns."""
     with project.store.session() as s:
         return int(s.scalar(sa.select(sa.func.count()).select_from(MonitorWindowRow).where(
-            MonitorWindowRow.model == project.config.model_name,
-            MonitorWindowRow.spec == window_spec(project, spec))) or 0)
+            *_where(project, window_spec(project, spec), since, until))) or 0)
 
 
 def get_window(project: Project, window_id: int) -> dict[str, Any]:

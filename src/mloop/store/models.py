@@ -211,7 +211,10 @@ class MonitorWindowRow(Base):
     performance_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     __table_args__ = (UniqueConstraint("model", "spec", "seq", name="uq_monitor_windows_seq"),
-                      Index("ix_monitor_windows_model_end", "model", "spec", "end"))
+                      Index("ix_monitor_windows_model_end", "model", "spec", "end"),
+                      Index("ix_monitor_windows_model_evaluated", "model", "spec",
+                            "evaluated_at", "end"),
+                      Index("ix_monitor_windows_model_start", "model", "spec", "start"))
 
 
 class LoopStateRow(Base):

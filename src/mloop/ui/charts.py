@@ -186,9 +186,14 @@ def _drift_bars(tl: Timeline, ax: Axis, top: float, height: float) -> str:
         share = w["drift_share"] or 0.0
         h = max(share * height, 1.0)
         cls = "drifted" if w["drifted"] else "calm"
-        title = (f"window {_day(t0)} → {_day(t1)}: {share:.0%} of features drifted"
-                 f"{' (dataset drift)' if w['drifted'] else ''}; {w['rows']:,} rows; served "
-                 f"by {', '.join(f'v{v}' for v in w['versions'] or []) or 'n/a'}")
+        if w.get("windows", 1) > 1:  # a bucket of windows (Timeline.bucketed)
+            title = (f"{w['windows']} windows {_day(t0)} → {_day(t1)}: up to {share:.0%} of "
+                     f"features drifted; {w['drifted_windows']} with dataset drift; "
+                     f"{w['rows']:,} rows")
+        else:
+            title = (f"window {_day(t0)} → {_day(t1)}: {share:.0%} of features drifted"
+                     f"{' (dataset drift)' if w['drifted'] else ''}; {w['rows']:,} rows; "
+                     f"served by {', '.join(f'v{v}' for v in w['versions'] or []) or 'n/a'}")
         parts.append(f"<rect class='mark drift {cls}' x='{x0:.1f}' y='{top + height - h:.1f}' "
                      f"width='{max(x1 - x0 - 0.3, 0.6):.1f}' height='{h:.1f}'>"
                      f"<title>{_e(title)}</title></rect>")
@@ -232,9 +237,15 @@ def _performance(tl: Timeline, ax: Axis, top: float, height: float) -> str:
     parts.append(f"<path d='{line}' class='realized'/>")
     for w, v in pts:
         ref = w["reference_metric"]
-        title = (f"window {w['start'][:16]} → {w['end'][:16]}: {w['metric']} {v:.4g} on "
-                 f"{w['label_coverage']:.0%} labelled rows"
-                 + (f" (holdout {ref:.4g})" if ref is not None else ""))
+        if w.get("windows", 1) > 1:  # a bucket: its mean, min and max
+            title = (f"{w['windows']} windows {w['start'][:16]} → {w['end'][:16]}: "
+                     f"{w['metric']} mean {v:.4g} (min {w['metric_min']:.4g}, max "
+                     f"{w['metric_max']:.4g}) on {w['label_coverage']:.0%} labelled rows"
+                     + (f" (holdout {ref:.4g})" if ref is not None else ""))
+        else:
+            title = (f"window {w['start'][:16]} → {w['end'][:16]}: {w['metric']} {v:.4g} on "
+                     f"{w['label_coverage']:.0%} labelled rows"
+                     + (f" (holdout {ref:.4g})" if ref is not None else ""))
         parts.append(f"<circle class='mark perf' cx='{ax.x(_mid(w)):.1f}' cy='{y(v):.1f}' "
                      f"r='2.2'><title>{_e(title)}</title></circle>")
     return "".join(parts)

@@ -5,7 +5,7 @@ read never blocks the event loop."""
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from starlette.requests import Request
@@ -58,7 +58,7 @@ def overview(request: Request) -> Response:
     """Who serves (champion, challenger, mode, weight, since), the loop's state, the newest
     window's signals and the last decisions."""
     from mloop.loop.state import load_state
-    from mloop.loop.timeline import timeline
+    from mloop.loop.timeline import timeline_head
     from mloop.registry.promotion import history
     from mloop.serving.deploy import desired_state
 
@@ -67,7 +67,7 @@ def overview(request: Request) -> Response:
     state = desired_state(project)
     hist = history(project)
     open_rows = {d["alias"]: d for d in hist["deployments"] if d["ended_at"] is None}
-    tl = timeline(project, max_windows=1)  # the newest window's signals; not the chart's
+    tl = timeline_head(project)  # not the whole timeline: its clock spans every window
     since = {s.alias: s for s in tl.stints if s.end is None}
     loop = load_state(project)
     cfg = project.config.loop
@@ -81,22 +81,39 @@ def overview(request: Request) -> Response:
 
 
 def timeline_page(request: Request) -> Response:
-    """The centrepiece: what served when, why, how it drifted and performed."""
+    """The centrepiece: what served when, why, how it drifted and performed. ``from``/``to``
+    narrow it to a span of event time; with more windows than the chart has pixel columns
+    they are drawn in buckets (the answer to "what served on" still reads its own window)."""
+    from dataclasses import replace
+
     from mloop.loop.timeline import served_at, timeline
+    from mloop.monitoring.windows_store import list_windows
     from mloop.ui.charts import DECISION_STYLE, colour, timeline_svg
 
     require_reader(request)
     project = request.app.state.project
     t0 = time.perf_counter()
-    tl = timeline(project)
+    since = _parse_day(request.query_params.get("from"))
+    to = request.query_params.get("to")
+    until = _parse_day(to)
+    if until is not None and to is not None and len(to) == 10:
+        until += timedelta(days=1)  # a day given as "to" is included
+    if since is not None and until is not None and until <= since:
+        raise MloopError(f"from {since:%Y-%m-%d %H:%M} is not before to "
+                         f"{until:%Y-%m-%d %H:%M}")
+    tl = timeline(project, since=since, until=until)
     at = _parse_day(request.query_params.get("at"))
     answer = served_at(tl, at) if at is not None else None
+    if answer is not None and at is not None and tl.bucketed:
+        # the chart's buckets summarise many windows: the answer names the window itself
+        answer = replace(answer, windows=list_windows(
+            project, window=tl.window, limit=10, since=at, until=at + timedelta(microseconds=1)))
     recent = []
     if answer is not None:
         recent = [d for d in tl.decisions if d.at <= at][-4:] if at else []
     return render(request, "timeline.html", page="timeline", tl=tl,
                   chart=timeline_svg(tl), at=at, answer=answer, recent=recent,
-                  styles=DECISION_STYLE, colour=colour,
+                  styles=DECISION_STYLE, colour=colour, since=since, until=until,
                   decisions=list(reversed(tl.decisions)),
                   seconds=time.perf_counter() - t0)
 
