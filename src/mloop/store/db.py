@@ -24,7 +24,7 @@ from mloop.store.models import (
 )
 
 MIGRATIONS = Path(__file__).parent / "migrations"
-HEAD_REVISION = "0010"  # the newest file in migrations/versions (a test keeps them in step)
+HEAD_REVISION = "0011"  # the newest file in migrations/versions (a test keeps them in step)
 
 
 def utcnow() -> datetime:

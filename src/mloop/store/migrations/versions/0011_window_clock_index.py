@@ -3,14 +3,14 @@ dashboard places a wall-clock instant on the event clock with the newest window 
 before it (ORDER BY evaluated_at LIMIT 1, max(end) over an index range) and reads the newest
 window by start, instead of loading every window (10,000 of them took the Overview ~0.8 s)
 
-Revision ID: 0010
-Revises: 0009
+Revision ID: 0011
+Revises: 0010
 """
 
 from alembic import op
 
-revision = "0010"
-down_revision = "0009"
+revision = "0011"
+down_revision = "0010"
 branch_labels = None
 depends_on = None
 
