@@ -389,9 +389,10 @@ def test_kfp_local_runs_the_compiled_pipeline_to_the_same_lineage_as_mloop_run(
     assert mine["pipeline_run"]["run_id"] == run_id
     assert comparable_lineage(mine, code_stable=code_stable) == comparable_lineage(theirs,
                                                                      code_stable=code_stable)
-    assert mine["gates"] in ("passed", "failed") and mine["gates"] == theirs["gates"]
-    if mine["gates"] == "passed":  # auto_promote: the gate task promoted it
-        assert mine["aliases"] == ["champion"]
+    # the bike model passes every gate (latency is CPU time per call, so a busy machine does
+    # not fail it), and auto_promote makes the gate task promote it, as `mloop run` does
+    assert mine["gates"] == theirs["gates"] == "passed"
+    assert mine["aliases"] == theirs["aliases"] == ["champion"]
 
 
 FLAKY = """\

@@ -92,7 +92,8 @@ def test_the_loop_retrains_on_drift_canaries_then_promotes_after_probation(proj:
 
     # nothing new and probation not over: the next pass does nothing (no second retrain)
     again = run_once(open_project(proj))
-    assert [a["action"] for a in again["actions"]] in ([], ["held"])
+    assert [(a["action"], a.get("guard")) for a in again["actions"]] == [
+        ("held", "a challenger is on probation")], again["actions"]
     assert desired_state(project).challenger == 5
 
     # a day of split traffic, labelled: the retrained canary knows the heat wave
