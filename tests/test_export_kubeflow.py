@@ -10,7 +10,6 @@ environment's, whose tasks call this environment's `mloop` (`kubeflow.mloop_bin`
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -38,6 +37,8 @@ from .helpers import (
     comparable_lineage,
     copy_bike,
     lineage_of,
+    missing,
+    require,
     run_cli,
     run_process_group,
 )
@@ -70,11 +71,7 @@ def bike(tmp_path: Path) -> Path:
 def kfp_sdk() -> None:
     """The kfp SDK, which CI has (requirements.lock holds the kubeflow extra): failing there
     when it is missing, skipping elsewhere."""
-    if importlib.util.find_spec("kfp") is None:
-        message = "the kfp SDK is not installed: pip install 'mloop[kubeflow]'"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+    require("kfp", install="pip install 'mloop[kubeflow]'")
 
 
 def _doc(text: str) -> dict[str, Any]:
@@ -432,7 +429,8 @@ def test_kfp_retries_a_failed_step_task(make_project, tmp_path: Path) -> None:
     import kfp
 
     if tuple(int(p) for p in kfp.__version__.split(".")[:2]) < (2, 17):
-        pytest.skip(f"kfp.local {kfp.__version__} ignores retry policies (2.17 honours them)")
+        missing(f"kfp.local {kfp.__version__} ignores retry policies (2.17 honours them): "
+                "pip install -r requirements.lock")
     root = make_project(files={"pipeline.py": FLAKY})
     append_config(root, f"""
     pipeline: {{entry: 'pipeline:flaky_pipeline', retry_backoff_seconds: 0.05}}
