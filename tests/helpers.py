@@ -12,6 +12,7 @@ cleared ``COLUMNS``.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -20,10 +21,12 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import Any, NoReturn
 
 import numpy as np
 import pandas as pd
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 BIKE = REPO / "examples" / "bike_sharing"
@@ -40,6 +43,35 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = No
         raise AssertionError(f"mloop {' '.join(args)} exited {proc.returncode}\n"
                              f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc
+
+
+# ------------------------------------------------------------ optional parts: skip or fail
+
+def in_ci() -> bool:
+    """CI sets ``CI=true`` (.ci/run exports it, as GitHub Actions and GitLab CI do)."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def missing(message: str) -> NoReturn:
+    """An optional part a test needs is absent: skip on a developer's machine, fail under CI,
+    which installs every extra and tool (requirements.lock, scripts/test_setup.sh), so a
+    skipped test there would hide a broken install behind a green run. ``message`` says how to
+    install it. Call it in a test or a fixture (an autouse one for a whole module), not at
+    module level: there a failure is a collection error, which stops the whole run."""
+    if in_ci():
+        pytest.fail(f"{message} (CI=true: a missing optional part fails the run)",
+                    pytrace=False)
+    pytest.skip(message)
+
+
+def require(module: str, *, install: str) -> ModuleType:
+    """``module`` imported, or :func:`missing` with ``install`` (the command that installs
+    it): ``pytest.importorskip`` that fails under CI."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        why = str(exc)
+    missing(f"{module} is not installed ({why}): {install}")  # outside `except`: no chained trace
 
 
 # ------------------------------------------------------------------- a small rentals table

@@ -1,9 +1,13 @@
-"""Helpers for serving tests: a real uvicorn server on 127.0.0.1 in a thread, free ports, a
-project's server with its serving settings changed, request rows, Prometheus samples."""
+"""Helpers for serving tests: a real uvicorn server on 127.0.0.1 in a thread, or `mloop serve`
+in a process of its own; free ports, a project's server with its serving settings changed,
+request rows, Prometheus samples."""
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -12,7 +16,7 @@ from typing import Any
 import requests
 import uvicorn
 
-from .helpers import rentals_frame
+from .helpers import MLOOP_BIN, rentals_frame
 
 # serving.poll_seconds for tests: an alias change reaches a running server in 0.2 s, not 5 s
 FAST = {"poll_seconds": 0.2}
@@ -24,7 +28,26 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class ServerThread:
+class _Client:
+    """Requests to a server at ``self.url``."""
+
+    url: str
+
+    def post(self, path: str, body: Any = None, **kw: Any) -> requests.Response:
+        return requests.post(self.url + path, json=body, timeout=30, **kw)
+
+    def get(self, path: str, **kw: Any) -> requests.Response:
+        return requests.get(self.url + path, timeout=30, **kw)
+
+    def wait_for(self, predicate: Any, timeout: float = 30.0) -> None:
+        deadline = time.time() + timeout
+        while not predicate():
+            if time.time() > deadline:
+                raise AssertionError("condition not reached in time")
+            time.sleep(0.05)
+
+
+class ServerThread(_Client):
     """``create_app(...)`` served by a real uvicorn on a free loopback port."""
 
     def __init__(self, app: Any, **ssl: Any) -> None:
@@ -57,18 +80,50 @@ class ServerThread:
     def state(self) -> Any:
         return self.app.state.mloop
 
-    def post(self, path: str, body: Any = None, **kw: Any) -> requests.Response:
-        return requests.post(self.url + path, json=body, timeout=30, **kw)
 
-    def get(self, path: str, **kw: Any) -> requests.Response:
-        return requests.get(self.url + path, timeout=30, **kw)
+class ServeProcess(_Client):
+    """``mloop -C root serve`` on a free loopback port, in a process group of its own (the
+    project's serving settings, as a deployment runs it), its output in ``log``; ready when
+    /ready answers, stopped by SIGTERM (SIGKILL after 30 s) on exit."""
 
-    def wait_for(self, predicate: Any, timeout: float = 30.0) -> None:
-        deadline = time.time() + timeout
-        while not predicate():
-            if time.time() > deadline:
-                raise AssertionError("condition not reached in time")
-            time.sleep(0.05)
+    def __init__(self, root: Path, log: Path) -> None:
+        self.root, self.log = root, log
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> ServeProcess:
+        with self.log.open("w") as out:
+            self.proc = subprocess.Popen(
+                [MLOOP_BIN, "-C", str(self.root), "serve", "--port", str(self.port)],
+                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                env={k: v for k, v in os.environ.items() if k != "MLOOP_PROJECT"})
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"mloop serve exited {self.proc.returncode} at start:\n"
+                                     f"{self.log.read_text()[-3000:]}")
+            try:
+                if requests.get(self.url + "/ready", timeout=2).ok:
+                    return self
+            except requests.RequestException:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise AssertionError(f"mloop serve not ready in 120 s:\n{self.log.read_text()[-3000:]}")
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
 
 
 def metric(text: str, name: str, **labels: str) -> float:

@@ -7,13 +7,16 @@ dependency too). A cycle hidden inside a function is still a cycle; it only fail
 the first call that closes it. Nothing of mloop is imported here.
 
 The tests have a shape too: names they share live in helper modules (helpers.py,
-serving_util.py, ...), never in conftest.py or a test module for another to import.
+serving_util.py, ...), never in conftest.py or a test module for another to import; and a
+test skips for a missing optional part only through helpers.missing, which fails instead
+under CI.
 """
 
 from __future__ import annotations
 
 import ast
 import functools
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -288,3 +291,86 @@ def test_each_form_of_importing_a_test_module_or_conftest_is_named(tmp_path: Pat
 def test_imports_of_helper_modules_are_allowed(tmp_path: Path, statement: str) -> None:
     (tmp_path / "test_b.py").write_text(statement + "\n")
     assert imports_of_tests_or_conftest(tmp_path) == []
+
+
+# ------------------------------------------------------------- skips: only outside CI
+
+SKIPS = ("skip", "importorskip", "skipif", "xfail")
+
+
+def skips_outside_helpers(folder: Path) -> list[str]:
+    """Every ``pytest.skip``, ``importorskip``, ``mark.skipif`` or ``xfail`` in the folder's
+    ``*.py`` but helpers.py, as ``file:line``: a test that skips by itself would skip under CI
+    too, where every optional part is installed and a skip hides a broken install."""
+    found = []
+    for path in sorted(folder.glob("*.py")):
+        if path.name == "helpers.py":
+            continue
+        nodes = list(ast.walk(ast.parse(path.read_text(), filename=str(path))))
+        called = {id(n.func) for n in nodes if isinstance(n, ast.Call)}
+        for node in nodes:
+            if not (isinstance(node, ast.Attribute) and node.attr in SKIPS):
+                continue
+            # pytest.mark.skipif / xfail, or a call of pytest.skip / importorskip (not a
+            # mention such as pytest.skip.Exception)
+            marked = isinstance(node.value, ast.Attribute) and node.value.attr == "mark"
+            if marked or id(node) in called:
+                found.append(f"{path.name}:{node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+@pytest.mark.parametrize("statement", [
+    "pytest.skip('no GPU')", "pytest.importorskip('optuna')",
+    "@pytest.mark.skipif(True, reason='x')\ndef test_a(): pass",
+    "@pytest.mark.xfail\ndef test_a(): pass", "pytestmark = pytest.mark.skip"])
+def test_each_form_of_skipping_is_named(tmp_path: Path, statement: str) -> None:
+    (tmp_path / "test_b.py").write_text("import pytest\n" + statement + "\n")
+    [found] = skips_outside_helpers(tmp_path)
+    assert found.startswith("test_b.py:")
+
+
+def test_tests_skip_only_through_helpers_missing() -> None:
+    found = skips_outside_helpers(TESTS)
+    assert not found, ("skips outside tests/helpers.py (call helpers.require(module, "
+                       "install=...) or helpers.missing(message): they fail under CI):\n"
+                       + "\n".join(found))
+
+
+def test_an_xdist_group_runs_on_one_worker(tmp_path: Path) -> None:
+    """pyproject's `--dist loadgroup` keeps a module marked xdist_group on one worker (one
+    SparkSession for test_spark_predict). It silently stops doing so with some pytest and
+    pytest-xdist releases (pytest-dev/pytest-xdist#1386: pytest 9.2 with xdist 3.8): here six
+    tests of one group, on two workers, must all report the same one."""
+    import subprocess
+    import sys
+
+    (tmp_path / "test_grouped.py").write_text(
+        "import pytest\n\npytestmark = pytest.mark.xdist_group('one')\n\n"
+        + "".join(f"def test_{i}():\n    pass\n\n" for i in range(6)))
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-v",
+                           "-n", "2", "--dist", "loadgroup", "test_grouped.py"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    workers = re.findall(r"^\[(gw\d+)\] \[\s*\d+%\] PASSED test_grouped\.py::test_\d+@one",
+                         proc.stdout, flags=re.M)
+    assert len(workers) == 6 and len(set(workers)) == 1, proc.stdout
+
+
+def test_a_missing_optional_part_skips_here_and_fails_under_ci(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from .helpers import require
+
+    install = "pip install 'mloop[nothing]'"
+    for value in (None, "", "false", "0"):  # not CI: a developer's machine
+        if value is None:
+            monkeypatch.delenv("CI", raising=False)
+        else:
+            monkeypatch.setenv("CI", value)
+        with pytest.raises(pytest.skip.Exception, match=r"mloop_absent.*mloop\[nothing\]"):
+            require("mloop_absent", install=install)
+    for value in ("true", "1", "True"):
+        monkeypatch.setenv("CI", value)
+        with pytest.raises(pytest.fail.Exception,
+                           match=r"mloop_absent is not installed .*mloop\[nothing\].*CI=true"):
+            require("mloop_absent", install=install)
+    assert require("json", install=install).__name__ == "json"  # present: imported

@@ -165,7 +165,12 @@ def test_monitor_windows_lists_ids_spans_and_verdicts(states: States) -> None:
     first = listed["windows"][0]
     assert first["start"].startswith("2024-03-01") and first["versions"] == [1]
     assert first["rows"] == 200 and first["label_coverage"] == 1.0
-    assert first["metric"] == "mae" and first["metric_value"] > 0
+    # day 1's 200 served rows against their labels. Fixed seeds throughout (the data, the
+    # model's random_state): the value is the same on every run (8.4105 here, with the
+    # holdout's 7.998 as reference); the margin covers float rounding in the compiled model
+    assert first["metric"] == "mae"
+    assert first["metric_value"] == pytest.approx(8.41, abs=0.05)
+    assert first["reference_metric"] == pytest.approx(8.00, abs=0.05)
     assert {"id", "end", "drift_share", "quality_findings", "drifted"} <= set(first)
     human = ok(root, "monitor", "windows").out
     for w in listed["windows"]:

@@ -15,6 +15,8 @@ from mloop.errors import PipelineDefinitionError
 from mloop.pipeline.dsl import OutputRef
 from mloop.tabular.pipeline import tabular
 
+from .helpers import require
+
 
 @step
 def load(path: str) -> list[int]:
@@ -108,7 +110,7 @@ def test_the_init_template_wires_the_same_graph_as_the_built_in_pipeline() -> No
 def test_decorated_steps_pipelines_and_open_project_keep_their_signatures_for_mypy() -> None:
     """mypy checks tests/typed_dsl_usage.py: each `# N:` / `# E:` line must get that note or
     error, and no other line an error (the runner's `ctx` left out of a step's signature)."""
-    api = pytest.importorskip("mypy.api")
+    api = require("mypy.api", install="pip install -r requirements.lock (the dev tools)")
     import mloop
 
     usage = Path(__file__).with_name("typed_dsl_usage.py")

@@ -369,6 +369,7 @@ def test_airflow_runs_the_exported_dag_to_the_same_lineage_as_mloop_run(
     assert comparable_lineage(mine, code_stable=code_stable) == comparable_lineage(theirs,
                                                                      code_stable=code_stable)
     assert [s["step"] for s in mine["pipeline_run"]["steps"]] == STEPS
-    assert mine["gates"] in ("passed", "failed") and theirs["gates"] in ("passed", "failed")
-    if mine["gates"] == "passed":  # auto_promote: the gate task promoted it
-        assert mine["aliases"] == ["champion"]
+    # the bike model passes every gate (latency is CPU time per call, so a busy machine does
+    # not fail it), and auto_promote makes the gate task promote it, as `mloop run` does
+    assert mine["gates"] == theirs["gates"] == "passed"
+    assert mine["aliases"] == theirs["aliases"] == ["champion"]

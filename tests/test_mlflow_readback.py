@@ -90,7 +90,10 @@ def test_registered_version_carries_its_lineage_tags(trained) -> None:
     assert tags["mloop.snapshot.source"] == snap.outputs["output"]["digest"]
     assert tags["mloop.config_hash"] == project.config.config_hash()
     assert tags["mloop.version"] == "0.1.0"
-    assert float(tags["mloop.metric.mae"]) > 0
+    # the evaluate step's holdout metrics (the tags keep six significant digits)
+    holdout = client.get_run(result.mlflow_run_id).data.metrics
+    assert float(tags["mloop.metric.mae"]) == pytest.approx(holdout["holdout_mae"], rel=1e-5)
+    assert float(tags["mloop.metric.rmse"]) == pytest.approx(holdout["holdout_rmse"], rel=1e-5)
     assert "mloop.git_commit" not in tags  # the temp project is not a git work tree
 
 

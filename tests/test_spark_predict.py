@@ -30,18 +30,22 @@ from mloop.registry.promotion import change_alias
 from mloop.serving.batch import predict_file
 from mloop.serving.spark_batch import predict_spark, spark_session
 
-from .helpers import SMALL_CONFIG, rentals_frame
+from .helpers import SMALL_CONFIG, missing, rentals_frame, require
 
-if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
-    pytest.skip("Spark needs a Java runtime (17 or 21) on PATH or in JAVA_HOME",
-                allow_module_level=True)
-if not os.environ.get("CI"):
-    pytest.importorskip("pyspark", reason="needs the spark extra: pip install 'mloop[spark]'")
-# Under CI (CI=true) a missing pyspark is an error, not a skip: CI installs mloop[spark].
-import pyspark  # noqa: F401
-
-# xdist_group: with --dist loadgroup, every test here runs in one worker (one SparkSession)
+# xdist_group: with --dist loadgroup (pyproject's addopts), every test here runs in one
+# worker, so the module's one SparkSession serves them all
 pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.xdist_group("spark")]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _spark_installed() -> None:
+    """Java and pyspark: skipped without them on a developer's machine, failed under CI
+    (helpers.missing)."""
+    if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
+        missing("Spark needs a Java runtime (17 or 21) on PATH or in JAVA_HOME: "
+                "apt-get install openjdk-17-jre-headless (scripts/test_setup.sh does)")
+    require("pyspark", install="pip install 'mloop[spark]'")
+
 
 INPUTS = ["hour", "weather", "temp"]
 

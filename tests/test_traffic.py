@@ -212,6 +212,25 @@ def test_label_ids_are_found_when_a_segment_of_their_day_is_damaged(tmp_path: Pa
     assert result["stored"] == 10 and sorted(result["unknown_ids"]) == sorted(ids[:10])
 
 
+def test_early_feedback_finds_rows_the_writer_commits_while_it_looks(tmp_path: Path) -> None:
+    """/feedback right after /predict: the rows are still in the writer's queue, or on disk,
+    or (the race) committed between the two looks. Here the commit lands at the first look
+    at the queue; every label must still find its row."""
+    uri = str(tmp_path / "log")
+    log = InferenceLog(uri, commit_interval=3600)
+    entry = _entry(T2011, n=5)
+    assert log.append(entry)
+
+    def pending_then_committed(request_id: str) -> bool:
+        log.commit()  # the writer's interval ends now
+        return log.pending(request_id)
+
+    result = store_labels(ObjectStore(uri), dict.fromkeys(entry.ids, 1.0), task="regression",
+                          source="feedback", pending=pending_then_committed)
+    assert (result["stored"], result["unknown"]) == (5, 0)
+    log.close()
+
+
 def test_a_segment_rewritten_by_another_process_is_not_served_from_the_cache(
         tmp_path: Path) -> None:
     uri = str(tmp_path / "log")

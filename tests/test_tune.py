@@ -11,9 +11,14 @@ import sqlalchemy as sa
 from mloop.config import parse_config
 from mloop.errors import ConfigError
 
-from .helpers import SMALL_CONFIG
+from .helpers import SMALL_CONFIG, require
 
-pytest.importorskip("optuna")
+
+@pytest.fixture(autouse=True, scope="module")
+def _optuna() -> None:
+    """Every test here runs Optuna: skipped without it, failed under CI (helpers.require)."""
+    require("optuna", install="pip install 'mloop[tune]'")
+
 
 TUNE = """\
 tune:

@@ -76,9 +76,11 @@ def store_labels(store: ObjectStore, labels: dict[str, Any], *, task: str, sourc
     if not labels:
         return {"stored": 0, "unknown": 0, "unknown_ids": []}
     ids = list(labels)
-    found = known_ids(store, ids)
-    if pending is not None:
-        found.update(i for i in ids if i not in found and pending(i))
+    # The writer's queue first, then the disk: a row the writer commits between the two looks
+    # is on disk by the second. The other order misses it (scanned before its segment
+    # existed, no longer queued after), and early feedback got a 404 for a row just answered.
+    queued = {i for i in ids if pending(i)} if pending is not None else set()
+    found = queued | known_ids(store, [i for i in ids if i not in queued])
     unknown = [i for i in ids if i not in found]
     keep = [i for i in ids if i in found]
     if keep:
