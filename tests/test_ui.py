@@ -29,7 +29,7 @@ from mloop.ui import create_ui_app
 from mloop.ui.app import ACTION_PATHS, SESSION_COOKIE
 from mloop.ui.pages import NAV
 
-from .helpers import copy_project
+from .helpers import copy_project, require
 from .serving_util import ServerThread
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ui")]
@@ -56,7 +56,8 @@ def project_copy(demo: Path, tmp_path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    webdriver = pytest.importorskip("selenium.webdriver")
+    webdriver = require("selenium.webdriver",
+                        install="pip install -r requirements.lock (selenium is in the lock)")
     from selenium.webdriver.chrome.service import Service
 
     driver_path = shutil.which("chromedriver")
