@@ -133,7 +133,7 @@ def set_model_alias(engine: sa.Engine, model: str, alias: str, version: int | No
     was checked). Like MLflow it refuses a version that does not exist or was deleted, and
     removing an alias that is not set is not an error.
     """
-    from mloop.tracking_read import ALIASES, DEFAULT_WORKSPACE, DELETED_STAGE, MODEL_VERSIONS
+    from mloop.tracking_read import ALIASES, DEFAULT_WORKSPACE
 
     if not _ALIAS_NAME.match(alias) or alias.lower() == "latest" or re.match(r"^v\d+$", alias):
         raise MloopError(f"'{alias}' is not an alias MLflow accepts (letters, digits, _ and -; "
@@ -144,13 +144,7 @@ def set_model_alias(engine: sa.Engine, model: str, alias: str, version: int | No
         if version is None:
             conn.execute(ALIASES.delete().where(here))
             return
-        mv = MODEL_VERSIONS
-        found = conn.execute(sa.select(mv.c.version).where(
-            mv.c.workspace == DEFAULT_WORKSPACE, mv.c.name == model,
-            mv.c.version == int(version), mv.c.current_stage != DELETED_STAGE)).first()
-        if found is None:
-            raise ModelNotFoundError(f"model '{model}' has no version {version} in MLflow",
-                                     model=model, version=int(version))
+        _require_version(conn, model, version)
         conn.execute(ALIASES.delete().where(here))
         conn.execute(ALIASES.insert().values(workspace=DEFAULT_WORKSPACE, name=model,
                                              alias=alias, version=int(version)))
@@ -161,19 +155,27 @@ def set_model_version_tags(engine: sa.Engine, model: str, version: int,
     """Set tags on a registered version in one transaction, writing the rows
     ``MlflowClient.set_model_version_tag`` writes (an existing key is replaced). Only for an
     engine a :class:`~mloop.tracking_read.SqlTrackingReader` opened (schema checked)."""
-    from mloop.tracking_read import DEFAULT_WORKSPACE, DELETED_STAGE, MODEL_VERSIONS, VERSION_TAGS
+    from mloop.tracking_read import DEFAULT_WORKSPACE, VERSION_TAGS
 
-    mv, vt = MODEL_VERSIONS, VERSION_TAGS
+    vt = VERSION_TAGS
     with engine.begin() as conn:
-        found = conn.execute(sa.select(mv.c.version).where(
-            mv.c.workspace == DEFAULT_WORKSPACE, mv.c.name == model,
-            mv.c.version == int(version), mv.c.current_stage != DELETED_STAGE)).first()
-        if found is None:
-            raise ModelNotFoundError(f"model '{model}' has no version {version} in MLflow",
-                                     model=model, version=int(version))
+        _require_version(conn, model, version)
         here = sa.and_(vt.c.workspace == DEFAULT_WORKSPACE, vt.c.name == model,
                        vt.c.version == int(version))
         conn.execute(vt.delete().where(here, vt.c.key.in_(list(tags))))
         conn.execute(vt.insert(), [{"workspace": DEFAULT_WORKSPACE, "name": model,
                                     "version": int(version), "key": k, "value": str(v)}
                                    for k, v in tags.items()])
+
+
+def _require_version(conn: sa.Connection, model: str, version: int) -> None:
+    """Refuse, as MLflow does, a version that does not exist or was deleted."""
+    from mloop.tracking_read import DEFAULT_WORKSPACE, DELETED_STAGE, MODEL_VERSIONS
+
+    mv = MODEL_VERSIONS
+    found = conn.execute(sa.select(mv.c.version).where(
+        mv.c.workspace == DEFAULT_WORKSPACE, mv.c.name == model,
+        mv.c.version == int(version), mv.c.current_stage != DELETED_STAGE)).first()
+    if found is None:
+        raise ModelNotFoundError(f"model '{model}' has no version {version} in MLflow",
+                                 model=model, version=int(version))
