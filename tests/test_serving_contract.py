@@ -284,6 +284,24 @@ def test_a_double_field_takes_only_values_a_double_holds_exactly(
         assert str(temp).startswith(shown.removesuffix("..."))
 
 
+@pytest.mark.parametrize(("field", "raw", "shown"), [
+    ("temp", "[18446744073709551617]", "[18446744073709551617]"),
+    ("weather", '{"x": -99999999999999999999}', "{'x': -99999999999999999999}"),
+    ("hour", "[[1, 36893488147419103232]]", "[[1, 36893488147419103232]]"),
+])
+def test_a_refused_value_holding_an_integer_beyond_64_bits_is_a_422_showing_it_as_text(
+        server: ServerThread, field: str, raw: str, shown: str) -> None:
+    """Found by the OpenAPI fuzz: a list or object holding such an integer, sent where a
+    scalar belongs, was refused but its error body could not be written (500)."""
+    row = {"hour": "6", "weather": '"Clear"', "temp": "11.5", field: raw}
+    body = '{"records": [{' + ", ".join(f'"{k}": {v}' for k, v in row.items()) + "}]}"
+    r = _post(server, "/predict", body)
+    assert r.status_code == 422, r.text
+    assert r.json()["fields"] == [{"field": field, "row": 0, "value": shown,
+                                   "problem": r.json()["fields"][0]["problem"]}]
+    assert r.json()["fields"][0]["problem"].startswith("expected ")
+
+
 def test_csv_cells_are_checked_like_json_values(server: ServerThread) -> None:
     r = _post(server, "/invocations", "hour,weather,temp\n6,Clear,9007199254740993\n",
               **{"content-type": "text/csv"})

@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 import numpy as np
+import orjson
 
 from mloop.errors import MloopError
 
@@ -79,6 +80,11 @@ def _short(value: Any) -> Any:
         return text[:77] + "..."
     if type(value) is int and not -2 ** 63 <= value < 2 ** 64:
         return text
+    if type(value) in (list, dict):  # e.g. [2**70] where a double was expected
+        try:
+            orjson.dumps(value)
+        except TypeError:
+            return text
     return value
 
 
