@@ -181,3 +181,34 @@ def test_a_state_save_by_a_controller_whose_lease_was_taken_over_is_refused(
         save_state(project, state, lease=stale)
     stored = load_state(open_project(project_url))
     assert (stored.revision, stored.last_window_id) == (saved, 0)
+
+
+def test_state_saves_and_writes_while_the_lease_renews_never_fail_on_a_locked_database(
+        project_url: Path) -> None:
+    """Found by CI: on SQLite a pass that read and then wrote in one deferred transaction
+    (save_state, a step's finish) while its own renewal thread was committing got "database
+    is locked" at once (SQLite refuses to wait when two connections each hold what the other
+    needs), and the controller died mid-pass. Writers now begin IMMEDIATE and wait instead."""
+    project = open_project(project_url)
+    lease = LoopLease(project.store, MODEL, duration=LONG, holder="busy").acquire()
+    stop = threading.Event()
+
+    def renew_often() -> None:  # the renewal thread, every 5 ms instead of every 100 s
+        while not stop.wait(0.005):
+            lease.renew()
+
+    renewer = threading.Thread(target=renew_often)
+    renewer.start()
+    try:
+        state = load_state(project)
+        run = project.store.create_pipeline_run(project="p", pipeline="train",
+                                                config_hash="h")
+        for i in range(150):
+            state.last_window_id = i
+            save_state(project, state, lease=lease)
+            project.store.update_pipeline_run(run.id, status=f"step {i}")
+    finally:
+        stop.set()
+        renewer.join()
+    assert load_state(project).last_window_id == 149
+    assert project.store.get_pipeline_run(run.id).status == "step 149"

@@ -148,7 +148,9 @@ def test_two_controllers_started_together_exactly_one_acts(
     procs = [_start(started, root, env, "loop", "--once", "--json") for _ in range(2)]
     results = [(p.returncode, out, err) for p in procs
                for out, err in [p.communicate(timeout=600)]]
-    assert sorted(code for code, _, _ in results) == [0, 3], results
+    # as text, so a failure shows each process's whole stderr (a repr is cut at 240 chars)
+    assert sorted(code for code, _, _ in results) == [0, 3], "\n\n".join(
+        f"exit {code}\nstdout:\n{out}\nstderr:\n{err}" for code, out, err in results)
     (_, won_out, _), = [r for r in results if r[0] == 0]
     (_, lost_out, lost_err), = [r for r in results if r[0] == 3]
     won = json.loads(won_out)

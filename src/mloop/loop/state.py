@@ -214,7 +214,7 @@ def save_state(project: Project, state: LoopState, *, lease: LoopLease | None = 
     pass's ``lease``, the same transaction checks it is still this controller's
     (LeaseLostError, a StaleStateError, if not)."""
     body = json_safe(state.model_dump(mode="json"))
-    with project.store.session() as s:
+    with project.store.session(write=True) as s:
         if lease is not None:
             lease.verify(s)
         row = s.get(LoopStateRow, state.model)

@@ -255,7 +255,7 @@ def run_monitor(project: Project, *, window: str | None = None,
             labelled_rows=perf["labelled_rows"], label_coverage=perf["coverage"],
             report=json_safe(report), evaluated_at=utcnow(),
             performance_at=utcnow() if perf["labelled_rows"] else None)
-        with project.store.session() as s:
+        with project.store.session(write=True) as s:
             s.add(row)
             s.commit()
             evaluated.append(window_summary(row))
@@ -336,7 +336,7 @@ def _refresh_performance(project: Project, spec: WindowSpec, labels: dict[str, A
         ref = references.get(version) or references.setdefault(
             version, reference_for(project, version))
         perf = _performance(window, labels, ref)
-        with project.store.session() as s:
+        with project.store.session(write=True) as s:
             fresh = s.get(MonitorWindowRow, row.id)
             assert fresh is not None
             fresh.metric_value, fresh.labelled_rows = perf["value"], perf["labelled_rows"]

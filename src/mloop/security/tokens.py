@@ -42,7 +42,7 @@ def create_token(store: Store, *, role: str, name: str = "") -> NewToken:
         raise MloopError(f"unknown role '{role}' (expected one of {list(ROLES)})")
     token = PREFIX + secrets.token_urlsafe(32)
     actor = current_actor()
-    with store.session() as s:
+    with store.session(write=True) as s:
         row = TokenRow(name=name or role, role=role, token_hash=token_hash(token),
                        created_at=utcnow(), revoked_at=None, created_by=actor)
         s.add(row)
@@ -54,7 +54,7 @@ def create_token(store: Store, *, role: str, name: str = "") -> NewToken:
 
 
 def revoke_token(store: Store, token_id: int) -> None:
-    with store.session() as s:
+    with store.session(write=True) as s:
         row = s.get(TokenRow, token_id)
         if row is None:
             raise MloopError(f"no token with id {token_id} (see `mloop tokens list`)")

@@ -86,6 +86,10 @@ class Store:
         if url.startswith("sqlite"):
             _sqlite_explicit_begin(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        # SQLite: a transaction that reads, then writes, must hold the write lock from its
+        # BEGIN; see session(write=True)
+        self._writes = sessionmaker(self.engine.execution_options(immediate=True),
+                                    expire_on_commit=False)
         if upgrade:
             self.upgrade()
 
@@ -97,7 +101,9 @@ class Store:
 
         cfg = AlembicConfig()
         cfg.set_main_option("script_location", str(MIGRATIONS))
-        with self.engine.begin() as conn:
+        # immediate: two processes opening an old store at once migrate it one after the
+        # other (the second finds it at head), not both at once
+        with self.engine.execution_options(immediate=True).begin() as conn:
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, revision)
 
@@ -107,8 +113,17 @@ class Store:
                 return None
             return conn.execute(sa.text("select version_num from alembic_version")).scalar()
 
-    def session(self) -> Session:
-        return self._sessions()
+    def session(self, *, write: bool = False) -> Session:
+        """A session; ``write=True`` for one that will write what it read.
+
+        On SQLite a deferred transaction holds a read lock until its first write; if another
+        connection (another controller, or this process's lease renewal) is then waiting to
+        commit, SQLite answers "database is locked" at once rather than wait, since each holds
+        what the other needs. A write session begins IMMEDIATE: it waits (up to the 30 s busy
+        timeout) for the other writer, then reads what that one committed. Read-only sessions
+        stay deferred so readers never queue behind each other.
+        """
+        return self._writes() if write else self._sessions()
 
     # ------------------------------------------------------------------ pipeline runs
     def create_pipeline_run(self, *, project: str, pipeline: str, config_hash: str,
@@ -116,12 +131,12 @@ class Store:
         row = PipelineRunRow(id=uuid.uuid4().hex, project=project, pipeline=pipeline,
                              status="created", config_hash=config_hash, params=params or {},
                              started_at=utcnow())
-        with self.session() as s, s.begin():
+        with self.session(write=True) as s, s.begin():
             s.add(row)
         return row
 
     def update_pipeline_run(self, run_id: str, **fields: Any) -> None:
-        with self.session() as s, s.begin():
+        with self.session(write=True) as s, s.begin():
             row = s.get(PipelineRunRow, run_id)
             if row is None:
                 raise RunNotFoundError(f"no pipeline run '{run_id}'")
@@ -161,13 +176,13 @@ class Store:
                          mlflow_run_id=mlflow_run_id,
                          cache_key=cache_key, cache_hit=False, inputs=inputs, outputs={},
                          started_at=utcnow(), attempts=1)
-        with self.session() as s, s.begin():
+        with self.session(write=True) as s, s.begin():
             s.add(row)
             s.flush()
             return row.id
 
     def finish_step(self, step_run_id: int, **fields: Any) -> None:
-        with self.session() as s, s.begin():
+        with self.session(write=True) as s, s.begin():
             row = s.get(StepRunRow, step_run_id)
             if row is None:
                 raise RunNotFoundError(f"no step run {step_run_id}")
@@ -219,7 +234,7 @@ class Store:
     # ------------------------------------------------------------------ gates
     def record_gate_run(self, report: Any, *, gates_hash: str | None = None) -> int:
         """Store a GateReport (mloop.registry.gates) as one run and its results, atomically."""
-        with self.session() as s, s.begin():
+        with self.session(write=True) as s, s.begin():
             run = GateRunRow(model=report.model, version=report.version,
                              champion_version=report.champion, passed=report.passed,
                              evaluated_at=utcnow(), gates_hash=gates_hash)
