@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -229,3 +232,90 @@ def test_sanity_gate_flags_classes_never_seen_in_training() -> None:
     nan = gate_sanity(np.array([1.0, float("nan"), float("inf")]), "regression", None,
                       GatesConfig())
     assert nan.status == "fail" and "2 NaN/inf prediction(s)" in nan.message
+
+
+# ------------------------------------------------- the version's files, read without MLflow
+
+def test_gating_a_local_sklearn_version_does_not_import_mlflow(registry) -> None:
+    """A fresh `mloop models gate` paid ~1 s (2-4 s busy) importing MLflow to open a folder
+    on this disk; the sklearn flavour is read in place, as mlflow.sklearn reads it."""
+    code = ("import sys\nfrom mloop.project import open_project\n"
+            "from mloop.registry.gates import evaluate_gates\n"
+            f"r = evaluate_gates(open_project({str(registry['root'])!r}), 2, record=False)\n"
+            "print(r.passed is not None, sorted(m for m in sys.modules "
+            "if m == 'mlflow' or m.startswith('mlflow.')))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "[]"], out.stdout
+
+
+def test_the_signature_read_in_place_is_the_one_mlflow_reads(registry) -> None:
+    from mlflow.models import Model
+
+    from mloop.registry.candidates import load_scorer
+
+    project = open_project(registry["root"])
+    for version in (1, registry["no_temp"]):
+        files = load_scorer(project, version).files
+        meta = Model.load(str(files.path))
+        theirs = [(c.name, c.type.name, c.required)
+                  for c in meta.get_input_schema().inputs]
+        assert [(c.name, c.type, c.required) for c in files.inputs] == theirs
+        assert [c.type for c in files.outputs] == [
+            c.type.name for c in meta.get_output_schema().inputs]
+    assert "temp" not in [c.name for c in load_scorer(project, registry["no_temp"])
+                          .files.inputs]
+
+
+@pytest.mark.parametrize("fmt", ["pickle", "cloudpickle"])
+def test_a_pickled_sklearn_model_loads_in_place_like_mlflow_loads_it(
+        registry, tmp_path: Path, fmt: str) -> None:
+    import cloudpickle
+    import mlflow.pyfunc
+
+    from mloop.registry.candidates import load_scorer
+    from mloop.registry.model_files import load_sklearn, read_model_files
+
+    source = load_scorer(open_project(registry["root"]), 1)
+    folder = tmp_path / "model"
+    shutil.copytree(source.files.path, folder)
+    mlmodel = (folder / "MLmodel").read_text()
+    (folder / "model.pkl").write_bytes(cloudpickle.dumps(source.model))
+    (folder / "MLmodel").write_text(
+        mlmodel.replace("pickled_model: model.skops", "pickled_model: model.pkl")
+        .replace("model_path: model.skops", "model_path: model.pkl")
+        .replace("serialization_format: skops", f"serialization_format: {fmt}"))
+    ours = load_sklearn(read_model_files(folder))
+    X = rentals_frame(50, seed=5)[[c.name for c in source.files.inputs]]
+    for col in ("temp", "hour"):
+        if col in X:
+            X[col] = X[col].astype("float64")
+    expected = mlflow.pyfunc.load_model(str(folder)).predict(X)
+    assert ours is not None and list(ours.predict(X)) == list(expected)
+
+
+@pytest.mark.parametrize(("content", "problem"), [
+    (None, "cannot read the model's"), ("- a\n- list\n", "is not an MLflow MLmodel file"),
+    ("flavors: {sklearn: [unclosed\n", "cannot read the model's"),
+])
+def test_an_unreadable_mlmodel_is_an_error_naming_the_file(
+        tmp_path: Path, content: str | None, problem: str) -> None:
+    from mloop.errors import MloopError
+    from mloop.registry.model_files import read_model_files
+
+    if content is not None:
+        (tmp_path / "MLmodel").write_text(content)
+    with pytest.raises(MloopError, match=problem) as info:
+        read_model_files(tmp_path)
+    assert str(tmp_path / "MLmodel") in str(info.value)
+
+
+def test_with_pickle_loading_refused_the_model_goes_through_mlflow_and_its_refusal(
+        registry, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mloop.registry.candidates import load_scorer
+    from mloop.registry.model_files import load_sklearn
+
+    files = load_scorer(open_project(registry["root"]), 1).files
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
+    assert load_sklearn(files) is None

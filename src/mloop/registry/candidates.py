@@ -6,12 +6,14 @@ import contextlib
 import importlib.metadata
 import threading
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mloop._version import __version__
 
 if TYPE_CHECKING:
+    from mloop.registry.model_files import ModelFiles
     from mloop.tracking_read import ModelVersionRecord
 
 
@@ -145,6 +147,43 @@ def _local_copy(project: Any, version: int) -> Path:
     path = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
     _keep(_COPIES, key, path)
     return path
+
+
+_SCORERS: OrderedDict[tuple[str, str, int], Scorer] = OrderedDict()
+
+
+@dataclass(frozen=True)
+class Scorer:
+    """A version as gating scores it: its files, the fitted model, and the call the server
+    makes (the estimator's own ``predict`` for the sklearn flavour, as the server calls it;
+    MLflow's pyfunc for any other flavour)."""
+
+    files: ModelFiles
+    model: Any
+    predict: Any
+
+
+def load_scorer(project: Any, version: int) -> Scorer:
+    """``version`` ready to score, from the same small in-process cache as the pyfunc. A
+    sklearn-flavour model on this disk is read in place without importing MLflow
+    (:mod:`mloop.registry.model_files`); anything else loads through MLflow's pyfunc."""
+    from mloop.registry.model_files import in_place_dir, load_sklearn, read_model_files
+
+    name = project.config.model_name
+    key = (project.uris["tracking_uri"], name, int(version))
+    hit = _cached(_SCORERS, key)
+    if hit is not None:
+        return hit  # type: ignore[no-any-return]
+    here = in_place_dir(version_record(project, version).storage_location)
+    files = read_model_files(here) if here is not None else None
+    model = load_sklearn(files) if files is not None else None
+    if files is not None and model is not None:
+        scorer = Scorer(files, model, model.predict)
+    else:
+        path, pyfunc = load_pyfunc(project, version)
+        scorer = Scorer(read_model_files(path), pyfunc.get_raw_model(), pyfunc.predict)
+    _keep(_SCORERS, key, scorer)
+    return scorer
 
 
 def load_metadata(project: Any, version: int) -> tuple[Path, Any]:

@@ -26,6 +26,7 @@ from mloop.registry.bootstrap import paired_bootstrap
 from mloop.registry.candidates import get_version
 from mloop.registry.gate_report import GateReport, GateResult, record_gate_report
 from mloop.registry.gate_report import fmt_value as _fmt
+from mloop.registry.model_files import SignatureColumn
 
 
 @dataclass
@@ -36,18 +37,23 @@ class LoadedVersion:
     tags: dict[str, str]
     path: Path
     sklearn_model: Any
-    pyfunc: Any
-    inputs: list[str]
+    # the call the server makes on a validated frame (timed by the latency gate)
+    serve: Any
+    input_schema: list[SignatureColumn]
+    output_schema: list[SignatureColumn]
+
+    @property
+    def inputs(self) -> list[str]:
+        return [c.name for c in self.input_schema]
 
     def prepare(self, frame: pd.DataFrame) -> pd.DataFrame:
         """The input columns cast to the signature's types, as a server would after
         validating a request (the holdout keeps integers where the model takes doubles)."""
         X = frame[self.inputs].copy()
-        for col in self.pyfunc.metadata.get_input_schema().inputs:
-            kind = getattr(col.type, "name", str(col.type))
-            if kind in ("double", "float"):
+        for col in self.input_schema:
+            if col.type in ("double", "float"):
                 X[col.name] = X[col.name].astype("float64")
-            elif kind == "string":
+            elif col.type == "string":
                 X[col.name] = X[col.name].astype(object).where(X[col.name].notna(), None)
         return X
 
@@ -60,14 +66,17 @@ class LoadedVersion:
 
 
 def load_version(project: Project, version: int) -> LoadedVersion:
-    from mloop.registry.candidates import load_pyfunc
+    from mloop.registry.candidates import load_scorer
 
     mv = get_version(project, version)
-    path, pyfunc = load_pyfunc(project, version)
-    inputs = [c.name for c in pyfunc.metadata.get_input_schema().inputs]
-    # the sklearn flavour's pyfunc wrapper holds the fitted estimator: no second load
-    return LoadedVersion(int(version), dict(mv.tags or {}), path, pyfunc.get_raw_model(),
-                         pyfunc, inputs)
+    scorer = load_scorer(project, version)
+    inputs, outputs = scorer.files.inputs, scorer.files.outputs
+    if inputs is None or outputs is None:
+        raise MloopError(f"version {version} of '{project.config.model_name}' was logged "
+                         f"without a signature ({scorer.files.path / 'MLmodel'}): gating "
+                         f"needs its input columns and types")
+    return LoadedVersion(int(version), dict(mv.tags or {}), scorer.files.path, scorer.model,
+                         scorer.predict, inputs, outputs)
 
 
 def _worse_by(metric: str, value: float, reference: float) -> float:
@@ -141,19 +150,19 @@ def _measure_latency(loaded: LoadedVersion, frame: pd.DataFrame, cfg: Any,
                      clock: Any) -> list[GateResult]:
     X = loaded.prepare(frame).reset_index(drop=True)
     for i in range(min(5, len(X))):  # warm-up: first calls pay lazy imports and caches
-        loaded.pyfunc.predict(X.iloc[[i]])
+        loaded.serve(X.iloc[[i]])
     rows = np.arange(cfg.samples) % len(X)
     times, walls = [], []
     for row in rows.tolist():
         one = X.iloc[[row]]
         c0, t0 = clock(), time.perf_counter()
-        loaded.pyfunc.predict(one)
+        loaded.serve(one)
         times.append((clock() - c0) * 1000)
         walls.append((time.perf_counter() - t0) * 1000)
     p95 = float(np.percentile(times, 95))
     batch = X.iloc[np.arange(cfg.batch_rows) % len(X)]
     c0, t0 = clock(), time.perf_counter()
-    loaded.pyfunc.predict(batch)
+    loaded.serve(batch)
     rows_per_s = cfg.batch_rows / max(clock() - c0, 1e-9)
     wall = {"wall_p95_ms": float(np.percentile(walls, 95)),
             "wall_rows_per_s": cfg.batch_rows / (time.perf_counter() - t0)}
@@ -173,21 +182,20 @@ def _measure_latency(loaded: LoadedVersion, frame: pd.DataFrame, cfg: Any,
     return out
 
 
-def _schema_types(schema: Any) -> dict[str, str]:
-    return {c.name or str(i): getattr(c.type, "name", str(c.type))
-            for i, c in enumerate(schema.inputs)}
+def _schema_types(schema: list[SignatureColumn]) -> dict[str, str]:
+    return {c.name: c.type for c in schema}
 
 
 def gate_signature(candidate: LoadedVersion, champion: LoadedVersion | None) -> GateResult:
     if champion is None:
         return GateResult("signature", "skip", None, None, "no champion to compare with")
-    cand_in = _schema_types(candidate.pyfunc.metadata.get_input_schema())
-    champ_in = _schema_types(champion.pyfunc.metadata.get_input_schema())
+    cand_in = _schema_types(candidate.input_schema)
+    champ_in = _schema_types(champion.input_schema)
     problems = [f"input '{n}' removed" for n in champ_in if n not in cand_in]
     problems += [f"input '{n}' changed type {champ_in[n]} -> {cand_in[n]}"
                  for n in champ_in if n in cand_in and cand_in[n] != champ_in[n]]
-    cand_out = sorted(_schema_types(candidate.pyfunc.metadata.get_output_schema()).values())
-    champ_out = sorted(_schema_types(champion.pyfunc.metadata.get_output_schema()).values())
+    cand_out = sorted(_schema_types(candidate.output_schema).values())
+    champ_out = sorted(_schema_types(champion.output_schema).values())
     if cand_out != champ_out:
         problems.append(f"output kind changed {champ_out} -> {cand_out}")
     return GateResult("signature", "fail" if problems else "pass", float(len(problems)), 0.0,
