@@ -5,9 +5,9 @@ Targets (issue 15): p95 <= 300 ms on the demo's project (28 versions, 87 windows
 requests), <= 1 s with 100 versions, 10,000 monitoring windows and 10 million inference-log
 rows. The large store is the demo's project scaled up where the pages read: MLflow model
 versions (through MlflowClient, tags copied from real ones), deployments and their audit
-events, monitoring windows (rows of mloop's store with the demo's real reports), a long audit
-chain, and 10M log rows as Parquet segments in the inference log's layout, so a page that
-scanned the log would show it.
+events, pipeline runs with their steps, monitoring windows (rows of mloop's store with the
+demo's real reports), a long audit chain, and 10M log rows as Parquet segments in the
+inference log's layout, so a page that scanned the log would show it.
 
     python benchmarks/bench_ui.py                      # runs a full `mloop demo` first (~5 min)
     python benchmarks/bench_ui.py --project mloop-demo/project --synthetic
@@ -43,7 +43,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = {"demo": 0.300, "synthetic": 1.000}
-SYNTH = {"versions": 100, "windows": 10_000, "log_rows": 10_000_000, "events": 20_000}
+SYNTH = {"versions": 100, "windows": 10_000, "log_rows": 10_000_000, "events": 20_000,
+         "pipeline_runs": 2_000}
 
 
 def _git() -> dict[str, Any]:
@@ -89,7 +90,8 @@ class Served:
 
 def pages(project_dir: Path) -> list[str]:
     """Every page, with the parameters a user would give: a date inside the replay, the
-    champion's version page and an older one, the audit filtered by kind."""
+    champion's version page and an older one, their diff, the audit filtered by kind, the
+    newest pipeline run."""
     from mloop.loop.timeline import timeline
     from mloop.project import open_project
 
@@ -99,9 +101,13 @@ def pages(project_dir: Path) -> list[str]:
     champion = next((s.version for s in reversed(tl.stints) if s.alias == "champion"), 1)
     mid = (tl.start + (tl.end - tl.start) / 2).date().isoformat() if tl.start and tl.end \
         else "2012-03-20"
+    from mloop.status import list_runs
+
+    newest_run = [f"/runs/{r['run_id']}" for r in list_runs(project, limit=1)]
     return ["/", "/timeline", f"/timeline?at={mid}", "/versions", f"/versions/{champion}",
-            f"/versions/{versions[0]}", "/monitoring", "/loop", "/audit",
-            "/audit?kind=promote", "/login"]
+            f"/versions/{versions[0]}", f"/versions/diff?a={versions[0]}&b={champion}",
+            "/monitoring", "/loop", "/audit", "/audit?kind=promote", "/runs", *newest_run,
+            "/snapshots", "/login"]
 
 
 def measure(project_dir: Path, repeat: int) -> dict[str, Any]:
@@ -241,6 +247,39 @@ def _scale_events_and_deployments(project: Any, versions: list[int], events: int
         s.commit()
 
 
+def _scale_runs(project: Any, n: int) -> None:
+    """Pipeline runs until the project has ``n``, each a copy of a real one with its steps
+    (rows of mloop's store, started a minute apart): what the Runs page reads."""
+    import uuid
+
+    import sqlalchemy as sa
+
+    from mloop.store.models import PipelineRunRow, StepRunRow
+
+    with project.store.session() as s:
+        real = list(s.scalars(sa.select(PipelineRunRow)).all())
+        if not real:
+            return
+        steps = {r.id: list(s.scalars(sa.select(StepRunRow).where(
+            StepRunRow.pipeline_run_id == r.id)).all()) for r in real}
+        run_cols = [c.key for c in PipelineRunRow.__table__.columns]
+        step_cols = [c.key for c in StepRunRow.__table__.columns if c.key != "id"]
+        t0 = datetime.now(UTC) - timedelta(minutes=n)
+        runs: list[dict[str, Any]] = []
+        rows: list[dict[str, Any]] = []
+        for i in range(len(real), n):
+            src = real[i % len(real)]
+            rid = uuid.uuid4().hex
+            runs.append({**{k: getattr(src, k) for k in run_cols}, "id": rid,
+                         "started_at": t0 + timedelta(minutes=i)})
+            rows.extend({**{k: getattr(st, k) for k in step_cols}, "pipeline_run_id": rid}
+                        for st in steps[src.id])
+        s.execute(sa.insert(PipelineRunRow), runs)
+        for k in range(0, len(rows), 2000):
+            s.execute(sa.insert(StepRunRow), rows[k:k + 2000])
+        s.commit()
+
+
 def _scale_log(project: Any, rows: int) -> int:
     """``rows`` inference-log rows as day/version Parquet segments, tiled from the demo's own
     segments (its schema, its values) over 2011-2012."""
@@ -299,6 +338,8 @@ def build_synthetic(demo_project: Path, out: Path) -> dict[str, Any]:
     print(f"  stored {SYNTH['windows']:,} windows", flush=True)
     _scale_events_and_deployments(project, made, SYNTH["events"])
     print(f"  audit chain at {SYNTH['events']:,} events", flush=True)
+    _scale_runs(project, SYNTH["pipeline_runs"])
+    print(f"  {SYNTH['pipeline_runs']:,} pipeline runs", flush=True)
     logged = _scale_log(project, SYNTH["log_rows"])
     print(f"  wrote {logged:,} inference-log rows", flush=True)
     return {**SYNTH, "build_seconds": round(time.perf_counter() - t0, 1)}

@@ -297,6 +297,7 @@ def test_diff_shows_what_changed_between_two_versions(trained) -> None:
     assert data["train"]["same"] is True  # same data, different model
     metrics = {r["key"]: r for r in out["metrics"]}
     assert metrics["mae"]["b"] > metrics["mae"]["a"]
+    assert metrics["mae"]["delta"] == pytest.approx(metrics["mae"]["b"] - metrics["mae"]["a"])
     human = run_cli("models", "diff", "1", "3", cwd=trained).stdout
     assert "train.model.params.max_depth" in human
 

@@ -37,7 +37,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ui")]
 SHOTS = Path("/tmp/ui-shots")
 PAGES = [("overview", "/"), ("timeline", "/timeline?at=2011-06-10"),
          ("versions", "/versions"), ("version", "/versions/2"), ("monitoring", "/monitoring"),
-         ("loop", "/loop"), ("audit", "/audit"), ("login", "/login")]
+         ("loop", "/loop"), ("audit", "/audit"), ("login", "/login"), ("runs", "/runs"),
+         ("snapshots", "/snapshots"), ("diff", "/versions/diff?a=1&b=2")]
 
 
 @pytest.fixture(scope="module")
@@ -476,3 +477,194 @@ def test_timeline_buckets_thousands_of_windows_and_keeps_every_decision(
         (d.event_id, d.at) for d in tl.decisions[-8:]]
     assert head.windows[0]["id"] == tl.window_count and head.windows[0]["end"] == \
         tl.windows[-1]["end"]
+
+
+# ----------------------------------------------------------------- runs, snapshots, diff
+
+def _run_steps_twice(project: Any) -> list[str]:
+    """Two orchestrator-style runs of the first two steps (`mloop runs create` + `mloop
+    step run`): the second one's validate is a cache hit of the first's (ingest reads the
+    source each time). Newest first."""
+    from mloop.pipeline.runner import create_run, run_single_step
+
+    ids = []
+    for _ in range(2):
+        run = create_run(project)
+        for step in ("ingest", "validate"):
+            run_single_step(project, run.pipeline, step, run.id)
+        ids.append(run.id)
+    return ids[::-1]
+
+
+def test_runs_page_lists_the_projects_runs_with_their_steps_and_cache_hits(
+        project_copy: Path, browser: Any, tmp_path: Path) -> None:
+    from mloop.status import list_runs
+
+    project = open_project(project_copy)
+    newest = _run_steps_twice(project)
+    runs = list_runs(project, limit=50, with_steps=True)
+    assert [r["run_id"] for r in runs[:2]] == newest
+    assert [(s["step"], s["cache_hit"]) for s in runs[0]["steps"]] == [
+        ("ingest", False), ("validate", True)]
+    with ServerThread(create_ui_app(project)) as srv:
+        browser.get(f"{srv.url}/runs")
+        rows = browser.find_elements("css selector", "#runs tr.run")
+        assert [r.get_attribute("data-run") for r in rows] == [r["run_id"] for r in runs]
+        for row, run in zip(rows, runs, strict=True):
+            assert row.find_element("css selector", ".cache-hits").text == \
+                f"{run['cache_hits']}/{run['steps_total']}"
+            steps = row.find_elements("css selector", ".steps .step")
+            assert [s.text.split()[0] for s in steps] == [s["step"] for s in run["steps"]]
+            assert len(row.find_elements("css selector", ".step.cached")) == run["cache_hits"]
+        # SQLite tracking: no MLflow server, so run ids are text and the hint is given once
+        assert browser.find_elements("css selector", "a.mlflow") == []
+        assert browser.page_source.count("mlflow ui --backend-store-uri") == 1
+        assert runs[-1]["mlflow_run_id"] in browser.page_source
+        assert _severe(browser) == [], _severe(browser)
+        _screenshot(browser, "runs", tmp_path)
+        # one run: each step's cache verdict, duration and peak memory
+        rows[0].find_element("css selector", "td a").click()
+        assert browser.current_url == f"{srv.url}/runs/{newest[0]}"
+        assert browser.find_element("id", "cache-hits").text == "1/2 steps cached"
+        cells = [[td.text for td in tr.find_elements("css selector", "td")]
+                 for tr in browser.find_elements("css selector", "#steps tr.step")]
+        assert [(c[0], c[1], c[2]) for c in cells] == [
+            ("ingest", "succeeded", "miss"), ("validate", "succeeded", "hit")]
+        full = next(r for r in runs if r["steps_total"] == 7)
+        browser.get(f"{srv.url}/runs/{full['run_id'][:8]}")  # a unique prefix is enough
+        cells = [[td.text for td in tr.find_elements("css selector", "td")]
+                 for tr in browser.find_elements("css selector", "#steps tr.step")]
+        assert [c[0] for c in cells] == [s["step"] for s in full["steps"]]
+        assert [c[4] for c in cells] == [f"{s['peak_memory_mb']:.4g}" for s in full["steps"]]
+        assert _severe(browser) == [], _severe(browser)
+        _screenshot(browser, "run", tmp_path)
+
+
+def test_snapshots_page_lists_each_snapshot_with_its_profile(demo: Path, browser: Any,
+                                                             tmp_path: Path) -> None:
+    from mloop.status import snapshots
+
+    project = open_project(demo)
+    snaps = snapshots(project, limit=30, with_profiles=True)
+    assert snaps and all(s["profile"] for s in snaps)
+    with ServerThread(create_ui_app(project)) as srv:
+        browser.get(f"{srv.url}/snapshots")
+        rows = browser.find_elements("css selector", "#snapshots tr.snapshot")
+        assert [r.get_attribute("data-digest") for r in rows] == [s["digest"] for s in snaps]
+        first = rows[0]
+        assert first.find_element("css selector", "summary").text.startswith(
+            f"{len(snaps[0]['profile'])} columns")
+        first.find_element("css selector", "summary").click()  # <details> opens, no JS
+        shown = [tr.find_elements("css selector", "td")[0].text for tr in
+                 first.find_elements("css selector", "table.profile tr")[1:]]
+        assert shown == [c["column"] for c in snaps[0]["profile"]]
+        assert _severe(browser) == [], _severe(browser)
+        _screenshot(browser, "snapshots", tmp_path)
+
+
+def test_version_diff_shows_both_versions_metric_values_and_a_delta(
+        demo: Path, browser: Any, tmp_path: Path) -> None:
+    from mloop.registry.lineage import diff
+
+    project = open_project(demo)
+    expected = diff(project, 1, 2)
+    assert expected["metrics"]
+    with ServerThread(create_ui_app(project)) as srv:
+        browser.get(f"{srv.url}/versions")
+        form = browser.find_element("id", "diff-form")
+        for name, value in (("a", "1"), ("b", "2")):
+            field = form.find_element("name", name)
+            field.clear()
+            field.send_keys(value)
+        form.find_element("css selector", "button").click()
+        assert browser.current_url == f"{srv.url}/versions/diff?a=1&b=2"
+        for m in expected["metrics"]:
+            row = browser.find_element("css selector",
+                                       f"#diff-metrics tr[data-metric='{m['key']}']")
+            assert row.find_element("css selector", "td.a").text == f"{m['a']:.4g}"
+            assert row.find_element("css selector", "td.b").text == f"{m['b']:.4g}"
+            assert row.find_element("css selector", "td.delta").text.startswith(
+                f"{m['b'] - m['a']:+.4g}")
+        # lower MAE is better: a drop is marked better, whichever way round
+        mae = next(m for m in expected["metrics"] if m["key"] == "mae")
+        css = browser.find_element("css selector", "#diff-metrics tr[data-metric='mae'] "
+                                                    "td.delta").get_attribute("class")
+        assert ("better" if mae["b"] < mae["a"] else "worse") in css.split()
+        # each version's training snapshot and compile verdict, side by side
+        train = next(r for r in expected["data"] if r["key"] == "train")
+        data = browser.find_element("id", "diff-data").text
+        assert train["a"][:16] in data and train["b"][:16] in data
+        compiled = browser.find_element("id", "diff-compiled").text
+        for side in ("a", "b"):
+            verdict = expected["compiled"][side]
+            assert f"{verdict['max_abs_diff']:.3g}" in compiled
+        assert _severe(browser) == [], _severe(browser)
+        _screenshot(browser, "diff", tmp_path)
+
+
+@pytest.mark.parametrize(("query", "status", "named"), [
+    ("a=one&b=2", 400, "query parameter 'a' must be an integer, got 'one'"),
+    ("a=1&b=2.5", 400, "query parameter 'b' must be an integer, got '2.5'"),
+    ("a=1", 400, "query parameter 'b' is required"),
+    ("a=0&b=1", 400, "query parameter 'a' must be >= 1, got 0"),
+    ("a=1&b=999", 404, "has no version 999"),
+])
+def test_version_diff_refuses_bad_input_with_a_4xx_naming_the_value(
+        demo: Path, query: str, status: int, named: str) -> None:
+    import html
+
+    with ServerThread(create_ui_app(open_project(demo))) as srv:
+        r = requests.get(f"{srv.url}/versions/diff?{query}", timeout=30)
+    assert r.status_code == status, r.text[-500:]
+    assert named in html.unescape(r.text)
+
+
+@pytest.mark.parametrize(("path", "status", "named"), [
+    ("/runs?limit=lots", 400, "query parameter 'limit' must be an integer, got 'lots'"),
+    ("/runs?limit=100000", 400, "query parameter 'limit' must be between 1 and 200, "
+                                "got 100000"),
+    ("/runs/no-such-run", 404, "no pipeline run 'no-such-run'"),
+    ("/snapshots?limit=-3", 400, "query parameter 'limit' must be between 1 and 200, got -3"),
+])
+def test_runs_and_snapshots_pages_refuse_bad_input_naming_it(
+        demo: Path, path: str, status: int, named: str) -> None:
+    import html
+
+    with ServerThread(create_ui_app(open_project(demo))) as srv:
+        r = requests.get(srv.url + path, timeout=30)
+    assert r.status_code == status, r.text[-500:]
+    assert named in html.unescape(r.text)
+
+
+def test_version_page_shows_the_compile_verdict_recorded_on_the_version(
+        demo: Path, browser: Any) -> None:
+    from mloop.serving.compiled import TAG, Verdict
+
+    project = open_project(demo)
+    tags = project.tracking.model_version(project.config.model_name, 2).tags
+    verdict = Verdict.from_tag(tags.get(TAG))
+    assert verdict is not None and verdict.max_abs_diff is not None  # the demo compiles
+    with ServerThread(create_ui_app(project)) as srv:
+        browser.get(f"{srv.url}/versions/2")
+        text = browser.find_element("id", "compiled").text
+    assert text.startswith(f"Compile verdict (ONNX)\n{verdict.status}")
+    assert verdict.detail in text
+    assert browser.find_element("css selector", "#compiled .max-diff").text == \
+        f"{verdict.max_abs_diff:.3g}"
+
+
+def test_mlflow_links_go_to_the_tracking_server_or_say_how_to_start_one() -> None:
+    from mloop.ui.links import mlflow_ui
+
+    server = mlflow_ui("https://bob:s3cret@mlflow.example.com:5000/")
+    assert server.hint is None
+    assert server.run_url("abc", "7") == \
+        "https://mlflow.example.com:5000/#/experiments/7/runs/abc"
+    assert server.run_url("abc") == "https://mlflow.example.com:5000/#/runs/abc"
+    assert server.version_url("bike sharing", 3) == \
+        "https://mlflow.example.com:5000/#/models/bike%20sharing/versions/3"
+    local = mlflow_ui("sqlite:////srv/p/.mloop/mlflow.db")
+    assert local.base is None and local.run_url("abc", "7") is None
+    assert local.hint == "mlflow ui --backend-store-uri sqlite:////srv/p/.mloop/mlflow.db"
+    pg = mlflow_ui("postgresql://mloop:hunter2@db:5432/mlflow", secrets={"hunter2"})
+    assert "hunter2" not in (pg.hint or "") and pg.hint is not None and "db:5432" in pg.hint

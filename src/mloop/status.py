@@ -23,27 +23,45 @@ def _step_dict(s: StepRunRow) -> dict[str, Any]:
             "outputs": s.outputs, "error": s.error}
 
 
-def run_summary(project: Project, row: PipelineRunRow) -> dict[str, Any]:
-    steps = project.store.step_runs(row.id)
+def run_summary(project: Project, row: PipelineRunRow,
+                steps: list[StepRunRow] | None = None) -> dict[str, Any]:
+    """One pipeline run as a dict; ``steps``: its step rows when the caller read them already
+    (else one query here)."""
+    if steps is None:
+        steps = project.store.step_runs(row.id)
     duration = ((row.ended_at - row.started_at).total_seconds()
                 if row.ended_at and row.started_at else None)
     return {"run_id": row.id, "pipeline": row.pipeline, "status": row.status,
             "started_at": _iso(row.started_at), "ended_at": _iso(row.ended_at),
             "duration_s": round(duration, 3) if duration is not None else None,
-            "mlflow_run_id": row.mlflow_run_id, "config_hash": row.config_hash,
+            "mlflow_run_id": row.mlflow_run_id, "experiment_id": row.experiment_id,
+            "config_hash": row.config_hash,
             "steps_total": len(steps), "cache_hits": sum(1 for s in steps if s.cache_hit),
             "error": row.error}
 
 
-def list_runs(project: Project, limit: int = 20) -> list[dict[str, Any]]:
-    return [run_summary(project, r)
-            for r in project.store.list_pipeline_runs(project=project.name, limit=limit)]
+def list_runs(project: Project, limit: int = 20, *,
+              with_steps: bool = False) -> list[dict[str, Any]]:
+    """The project's newest ``limit`` pipeline runs, newest first; two queries whatever the
+    limit (the steps of all of them are read at once). ``with_steps``: each carries its
+    steps as :func:`show_run` gives them."""
+    rows = project.store.list_pipeline_runs(project=project.name, limit=limit)
+    steps = project.store.step_runs_of([r.id for r in rows])
+    out = []
+    for r in rows:
+        summary = run_summary(project, r, steps[r.id])
+        if with_steps:
+            summary["steps"] = [_step_dict(s) for s in steps[r.id]]
+        out.append(summary)
+    return out
 
 
 def show_run(project: Project, run_id: str) -> dict[str, Any]:
+    """One pipeline run (by id or unique prefix) with its steps and the traceback of the
+    last failed one; RunNotFoundError naming it when there is none."""
     row = project.store.get_pipeline_run(run_id)
-    out = run_summary(project, row)
     steps = project.store.step_runs(row.id)
+    out = run_summary(project, row, steps)
     out["steps"] = [_step_dict(s) for s in steps]
     failed = [s for s in steps if s.status == "failed"]
     out["traceback"] = failed[-1].traceback if failed else None
@@ -70,9 +88,33 @@ def model_versions(project: Project, limit: int = 10) -> list[dict[str, Any]]:
     return out
 
 
-def snapshots(project: Project, limit: int = 10) -> list[dict[str, Any]]:
-    return [{"digest": s.digest, "rows": s.rows, "columns": s.columns, "source": s.source,
-             "created_at": _iso(s.created_at)} for s in project.store.list_snapshots(limit)]
+def snapshots(project: Project, limit: int = 10, *,
+              with_profiles: bool = False) -> list[dict[str, Any]]:
+    """The newest ``limit`` snapshots recorded in the store. ``with_profiles``: each carries
+    ``profile``, one row per column (kind, type, missing rate, a one-line summary) read from
+    the profile stored beside it, or None when that file is missing or unreadable."""
+    out = []
+    for s in project.store.list_snapshots(limit):
+        row: dict[str, Any] = {"digest": s.digest, "rows": s.rows, "columns": s.columns,
+                               "source": s.source, "created_at": _iso(s.created_at)}
+        if with_profiles:
+            row["profile"] = profile_summary(project, s.digest)
+        out.append(row)
+    return out
+
+
+def profile_summary(project: Project, digest: str) -> list[dict[str, Any]] | None:
+    """A snapshot's stored profile as one row per column; None when it has none."""
+    from mloop.data.profile import column_summary
+    from mloop.errors import MloopError
+
+    try:
+        prof = project.snapshots.profile(digest)
+    except (MloopError, OSError, ValueError):
+        return None
+    return [{"column": name, "kind": c.get("kind"), "type": c.get("type"),
+             "missing_rate": c.get("missing_rate"), "summary": column_summary(c)}
+            for name, c in prof.get("columns", {}).items()]
 
 
 def project_status(project: Project) -> dict[str, Any]:

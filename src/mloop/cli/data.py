@@ -18,6 +18,7 @@ data_app = typer.Typer(no_args_is_help=True, help="Snapshots (content-addressed 
 def data_snapshot(path: Annotated[Path, typer.Argument(help="CSV/Parquet file or folder.")],
                   json_: JsonOpt = False) -> None:
     """Store a content-addressed snapshot of a file, with its profile."""
+    from mloop.data.profile import column_summary
     from mloop.status import snapshot_file
 
     def render(d: dict[str, Any]) -> None:
@@ -25,21 +26,10 @@ def data_snapshot(path: Annotated[Path, typer.Argument(help="CSV/Parquet file or
         out.print(f"snapshot [bold]{d['digest']}[/] ({verb}): {d['rows']} rows, "
                   f"{len(d['schema'])} columns")
         out.print(table("profile", ["column", "kind", "type", "missing", "summary"], [
-            [name, c["kind"], c["type"], f"{c['missing_rate']:.1%}", _summary(c)]
+            [name, c["kind"], c["type"], f"{c['missing_rate']:.1%}", column_summary(c)]
             for name, c in d["profile"]["columns"].items()]))
 
     report(snapshot_file(open_project(), path), json_, render)
-
-
-def _summary(c: dict[str, Any]) -> str:
-    if c["kind"] == "numeric" and c.get("mean") is not None:
-        return f"mean {c['mean']:.4g} std {c['std']:.4g} [{c['min']:.4g}, {c['max']:.4g}]"
-    if c["kind"] == "categorical":
-        top = ", ".join(f"{k} {v}" for k, v in list(c["top"].items())[:4])
-        return f"{c['n_unique']} values: {top}"
-    if c["kind"] == "datetime":
-        return f"{c['min']} .. {c['max']}"
-    return ""
 
 
 @data_app.command("list")
@@ -59,11 +49,12 @@ def data_list(json_: JsonOpt = False) -> None:
 @data_app.command("profile")
 def data_profile(digest: str, json_: JsonOpt = False) -> None:
     """The stored profile of a snapshot (by digest or unique prefix)."""
+    from mloop.data.profile import column_summary
 
     def render(prof: dict[str, Any]) -> None:
         out.print(table(f"profile of {digest} ({prof['rows']} rows)",
                         ["column", "kind", "type", "missing", "summary"],
-                        [[n, c["kind"], c["type"], f"{c['missing_rate']:.1%}", _summary(c)]
+                        [[n, c["kind"], c["type"], f"{c['missing_rate']:.1%}", column_summary(c)]
                          for n, c in prof["columns"].items()]))
 
     report(open_project().snapshots.profile(digest), json_, render)

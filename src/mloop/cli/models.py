@@ -152,6 +152,11 @@ def models_diff(a: Annotated[int, typer.Argument(min=1)],
             rows = d[section] if all_ else [r for r in d[section] if not r["same"]]
             same = sum(r["same"] for r in d[section])
             title = f"{section} ({same} equal{' not shown' if not all_ and same else ''})"
+            if section == "metrics":  # the change too, b - a
+                out.print(table(title, ["", f"v{a}", f"v{b}", "delta"],
+                                [[r["key"], num(r["a"]), num(r["b"]), num(r["delta"])]
+                                 for r in rows]))
+                continue
             out.print(table(title, ["", f"v{a}", f"v{b}"], [[r["key"], r["a"], r["b"]]
                                                            for r in rows]))
 

@@ -121,3 +121,19 @@ def compute_profile(table: pa.Table, *, bins: int = 20, top_k: int = 50) -> dict
         columns[field.name] = stats
     return {"version": PROFILE_VERSION, "rows": rows, "bins": bins, "top_k": top_k,
             "schema": {f.name: str(f.type) for f in table.schema}, "columns": columns}
+
+
+def column_summary(stats: dict[str, Any]) -> str:
+    """One line a person reads for a profiled column (what ``mloop data profile`` and the
+    dashboard's snapshots page print): range and spread of a number, the most frequent
+    values of a category, the span of a time."""
+    kind = stats.get("kind")
+    if kind == "numeric" and stats.get("mean") is not None:
+        return (f"mean {stats['mean']:.4g} std {stats['std']:.4g} "
+                f"[{stats['min']:.4g}, {stats['max']:.4g}]")
+    if kind == "categorical":
+        top = ", ".join(f"{k} {v}" for k, v in list(stats["top"].items())[:4])
+        return f"{stats['n_unique']} values: {top}"
+    if kind == "datetime":
+        return f"{stats['min']} .. {stats['max']}"
+    return ""

@@ -24,6 +24,22 @@ def _snapshot(project: Project, digest: str | None) -> dict[str, Any] | None:
             "columns": len(snap.schema), "created_at": snap.created_at}
 
 
+def _compiled(tags: dict[str, str]) -> dict[str, Any] | None:
+    """The ONNX compile verdict recorded on the version (``mloop.compiled``, written by the
+    register step and by a server's load): whether the graph was verified on the holdout, its
+    largest difference, or why not. None: never compiled (compile off, or registered before
+    verdicts were recorded). Read from the tag alone: the model is not loaded."""
+    from mloop.serving.compiled import TAG, Verdict
+
+    raw = tags.get(TAG)
+    verdict = Verdict.from_tag(raw)
+    if verdict is None:
+        return None if not raw else {"status": "unreadable", "detail": raw[:200]}
+    out = verdict.to_dict()
+    out.pop("seconds", None)
+    return out
+
+
 def lineage(project: Project, version: int) -> dict[str, Any]:
     """version -> registering run -> pipeline run (steps, config, code) -> snapshots -> source."""
     mv = version_record(project, version)
@@ -38,6 +54,7 @@ def lineage(project: Project, version: int) -> dict[str, Any]:
                  "git_dirty": tags.get("mloop.git_dirty"),
                  "mloop_version": tags.get("mloop.version")},
         "config_hash": tags.get("mloop.config_hash"),
+        "compiled": _compiled(tags),
     }
     data = {role: _snapshot(project, tags.get(f"mloop.snapshot.{role}"))
             for role in ("source", "train", "holdout")}
@@ -86,8 +103,18 @@ def _gate_summary(project: Project, model: str, version: int) -> dict[str, str]:
             for r in project.store.gate_results(run.id)}
 
 
+def _delta(a: Any, b: Any) -> float | None:
+    """b - a of two recorded numbers; None when either is missing or not a number."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return None
+    if isinstance(a, int | float) and isinstance(b, int | float):
+        return float(b) - float(a)
+    return None
+
+
 def diff(project: Project, a: int, b: int) -> dict[str, Any]:
-    """Two versions side by side: params, metrics, data digests, gate results, code."""
+    """Two versions side by side: params, metrics (each with ``delta``, b - a), data
+    digests, gate results, code, and each version's compile verdict (``compiled``)."""
     la, lb = lineage(project, a), lineage(project, b)
     sections: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
         "params": (_flat_params(la), _flat_params(lb)),
@@ -98,11 +125,15 @@ def diff(project: Project, a: int, b: int) -> dict[str, Any]:
         "code": ({**la["code"], "config_hash": la["config_hash"]},
                  {**lb["code"], "config_hash": lb["config_hash"]}),
     }
-    out: dict[str, Any] = {"model": la["model"], "a": a, "b": b}
+    out: dict[str, Any] = {"model": la["model"], "a": a, "b": b,
+                           "compiled": {"a": la["compiled"], "b": lb["compiled"]}}
     for name, (left, right) in sections.items():
         rows = []
         for key in sorted(set(left) | set(right)):
             va, vb = left.get(key), right.get(key)
-            rows.append({"key": key, "a": va, "b": vb, "same": va == vb})
+            row = {"key": key, "a": va, "b": vb, "same": va == vb}
+            if name == "metrics":
+                row["delta"] = _delta(va, vb)
+            rows.append(row)
         out[name] = rows
     return out

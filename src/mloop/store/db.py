@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, overload
 
 import sqlalchemy as sa
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, load_only, sessionmaker
 
 from mloop.errors import RunNotFoundError
 from mloop.store.models import (
@@ -198,6 +198,25 @@ class Store:
              .order_by(StepRunRow.id))
         with self.session() as s:
             return list(s.scalars(q).all())
+
+    def step_runs_of(self, pipeline_run_ids: list[str]) -> dict[str, list[StepRunRow]]:
+        """The steps of several pipeline runs in one query (a list page of runs would
+        otherwise ask once per run), each run's in execution order; a run without steps
+        maps to an empty list. A summary: ``inputs``, ``effects`` and ``traceback`` (the
+        bulk of a row) are not loaded, and reading them raises; :meth:`step_runs` has all."""
+        out: dict[str, list[StepRunRow]] = {rid: [] for rid in pipeline_run_ids}
+        if not pipeline_run_ids:
+            return out
+        s_ = StepRunRow
+        q = (sa.select(s_).where(s_.pipeline_run_id.in_(pipeline_run_ids)).order_by(s_.id)
+             .options(load_only(s_.pipeline_run_id, s_.step, s_.status, s_.cache_key,
+                                s_.cache_hit, s_.outputs, s_.mlflow_run_id, s_.started_at,
+                                s_.ended_at, s_.duration_s, s_.peak_memory_mb, s_.attempts,
+                                s_.error)))
+        with self.session() as s:
+            for row in s.scalars(q).all():
+                out[row.pipeline_run_id].append(row)
+        return out
 
     def latest_step_run(self, pipeline_run_id: str, step: str) -> StepRunRow | None:
         q = (sa.select(StepRunRow)

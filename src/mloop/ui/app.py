@@ -19,7 +19,7 @@ from starlette.staticfiles import StaticFiles
 
 from mloop.errors import MloopError
 from mloop.project import Project
-from mloop.ui import actions, pages
+from mloop.ui import actions, diff, pages, runs
 from mloop.ui.auth import Forbidden
 
 SESSION_COOKIE = "mloop_ui"
@@ -39,10 +39,14 @@ ROUTES = [
     Route("/", pages.overview, methods=["GET"], name="overview"),
     Route("/timeline", pages.timeline_page, methods=["GET"], name="timeline"),
     Route("/versions", pages.versions_page, methods=["GET"], name="versions"),
+    Route("/versions/diff", diff.diff_page, methods=["GET"], name="versions_diff"),
     Route("/versions/{version:int}", pages.version_page, methods=["GET"], name="version"),
     Route("/monitoring", pages.monitoring_page, methods=["GET"], name="monitoring"),
     Route("/loop", pages.loop_page, methods=["GET"], name="loop"),
     Route("/audit", pages.audit_page, methods=["GET"], name="audit"),
+    Route("/runs", runs.runs_page, methods=["GET"], name="runs"),
+    Route("/runs/{run_id}", runs.run_page, methods=["GET"], name="run"),
+    Route("/snapshots", runs.snapshots_page, methods=["GET"], name="snapshots"),
     Route("/login", login_page, methods=["GET"], name="login"),
     Route("/login", actions.login_action, methods=["POST"]),
     Route("/logout", actions.logout_action, methods=["POST"], name="logout"),

@@ -40,7 +40,8 @@ def here(request: Request) -> str:
 
 NAV = [("overview", "/", "Overview"), ("timeline", "/timeline", "Timeline"),
        ("versions", "/versions", "Versions"), ("monitoring", "/monitoring", "Monitoring"),
-       ("loop", "/loop", "Loop"), ("audit", "/audit", "Audit")]
+       ("loop", "/loop", "Loop"), ("audit", "/audit", "Audit"),
+       ("runs", "/runs", "Runs"), ("snapshots", "/snapshots", "Snapshots")]
 
 
 def _parse_day(text: str | None) -> datetime | None:
@@ -125,8 +126,13 @@ def versions_page(request: Request) -> Response:
     require_reader(request)
     project = request.app.state.project
     rows = model_versions(project, limit=500)
-    return render(request, "versions.html", page="versions", versions=rows,
-                  state=desired_state(project))
+    state = desired_state(project)
+    newest = rows[0]["version"] if rows else None
+    # the form's defaults: the newest version against the champion (or the one before it)
+    base = state.champion if state.champion not in (None, newest) else (
+        rows[1]["version"] if len(rows) > 1 else None)
+    return render(request, "versions.html", page="versions", versions=rows, state=state,
+                  a=base, b=newest)
 
 
 def version_page(request: Request) -> Response:
@@ -134,6 +140,7 @@ def version_page(request: Request) -> Response:
     from mloop.registry.lineage import lineage
     from mloop.registry.promotion import history
     from mloop.serving.deploy import desired_state
+    from mloop.ui.runs import project_mlflow_ui
 
     require_reader(request)
     project = request.app.state.project
@@ -144,7 +151,7 @@ def version_page(request: Request) -> Response:
     served_before = any(d["alias"] == "champion" for d in deployments)
     return render(request, "version.html", page="versions", lin=lin, version=version,
                   report=report, deployments=deployments, state=desired_state(project),
-                  served_before=served_before)
+                  served_before=served_before, mlflow=project_mlflow_ui(project))
 
 
 def audit_page(request: Request) -> Response:
