@@ -29,7 +29,7 @@ def _compiled(tags: dict[str, str]) -> dict[str, Any] | None:
     register step and by a server's load): whether the graph was verified on the holdout, its
     largest difference, or why not. None: never compiled (compile off, or registered before
     verdicts were recorded). Read from the tag alone: the model is not loaded."""
-    from mloop.serving.compiled import TAG, Verdict
+    from mloop.registry.verdict import TAG, Verdict
 
     raw = tags.get(TAG)
     verdict = Verdict.from_tag(raw)

@@ -17,7 +17,7 @@ def diff_page(request: Request) -> Response:
     an unknown one a 404 naming it (ModelNotFoundError). ``?all=1`` shows equal rows too."""
     from mloop.metrics import HIGHER_IS_BETTER
     from mloop.registry.lineage import diff
-    from mloop.ui.runs import project_mlflow_ui
+    from mloop.ui.links import project_mlflow_ui
 
     require_reader(request)
     project = request.app.state.project

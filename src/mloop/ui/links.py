@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import shlex
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from urllib.parse import quote, urlsplit, urlunsplit
+
+if TYPE_CHECKING:
+    from mloop.project import Project
 
 
 @dataclass(frozen=True)
@@ -49,3 +53,8 @@ def mlflow_ui(tracking_uri: str, *, secrets: frozenset[str] | set[str] = frozens
                         hint=None)
     store = redact(tracking_uri, secrets)
     return MlflowUi(base=None, hint=f"mlflow ui --backend-store-uri {shlex.quote(store)}")
+
+
+def project_mlflow_ui(project: Project) -> MlflowUi:
+    """MLflow's UI for this project's tracking store (:func:`mlflow_ui`)."""
+    return mlflow_ui(project.uris["tracking_uri"], secrets=project.config.secrets)

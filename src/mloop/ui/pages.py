@@ -140,7 +140,7 @@ def version_page(request: Request) -> Response:
     from mloop.registry.lineage import lineage
     from mloop.registry.promotion import history
     from mloop.serving.deploy import desired_state
-    from mloop.ui.runs import project_mlflow_ui
+    from mloop.ui.links import project_mlflow_ui
 
     require_reader(request)
     project = request.app.state.project

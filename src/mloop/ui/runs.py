@@ -8,19 +8,13 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.responses import Response
 
-from mloop.project import Project
 from mloop.ui.auth import require_reader
-from mloop.ui.links import MlflowUi, mlflow_ui
+from mloop.ui.links import project_mlflow_ui
 from mloop.ui.pages import render
 from mloop.ui.params import int_param
 
 RUNS_LIMIT, RUNS_MAX = 50, 200
 SNAPSHOTS_LIMIT, SNAPSHOTS_MAX = 30, 200
-
-
-def project_mlflow_ui(project: Project) -> MlflowUi:
-    """MLflow's UI for this project's tracking store (:func:`mloop.ui.links.mlflow_ui`)."""
-    return mlflow_ui(project.uris["tracking_uri"], secrets=project.config.secrets)
 
 
 def runs_page(request: Request) -> Response:
