@@ -108,17 +108,17 @@ def report(result: T, json_: bool, render: Callable[[T], None], *,
 
 
 def iso_arg(value: str | None, flag: str) -> datetime | None:
-    """An ISO 8601 option value as an aware datetime (UTC when it names no zone)."""
-    from datetime import UTC
+    """An ISO 8601 option value as an aware datetime (UTC when it names no zone; the
+    dashboard's ``?from=``/``?at=`` read times the same way, :mod:`mloop.timeparse`)."""
+    from mloop.timeparse import parse_iso_time
 
     if value is None:
         return None
     try:
-        dt = datetime.fromisoformat(value)
+        return parse_iso_time(value)
     except ValueError:
         raise MloopError(f"{flag} '{value}': not an ISO 8601 time (e.g. 2012-01-01 or "
                          f"2012-01-01T06:00)") from None
-    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
 
 
 def write_text(path: Path, text: str) -> None:
