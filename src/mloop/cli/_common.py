@@ -39,6 +39,14 @@ AllowOverrideOpt = Annotated[bool, typer.Option(
                              "anyway (recorded as an override). Without it the command asks "
                              "at a terminal and stops otherwise (CI, pipes, cron).")]
 
+# `mloop serve` and `mloop ui` take the same TLS pair, checked by mloop.server.tls_files
+TlsCertOpt = Annotated[str | None, typer.Option(
+    "--tls-cert", help="TLS certificate (PEM): serve HTTPS (default serving.tls_cert; "
+                       "with --tls-key).")]
+TlsKeyOpt = Annotated[str | None, typer.Option(
+    "--tls-key", help="TLS private key (PEM, unencrypted) of --tls-cert (default "
+                      "serving.tls_key).")]
+
 
 @dataclass(frozen=True)
 class RootOptions:
