@@ -325,7 +325,8 @@ def test_mloop_ui_serves_https_and_its_session_cookie_is_secure(tmp_path: Path) 
 
 @pytest.mark.parametrize("command", ["ui", "serve"])
 @pytest.mark.parametrize("case", ["cert alone", "missing cert", "not a certificate",
-                                  "another cert's key", "missing in mloop.yaml"])
+                                  "another cert's key", "a key with a password",
+                                  "missing in mloop.yaml"])
 def test_a_bad_tls_pair_stops_the_start_naming_the_file(tmp_path: Path, capsys: Any,
                                                         command: str, case: str) -> None:
     """`mloop ui` and `mloop serve` check the same TLS options the same way, before binding:
@@ -338,6 +339,12 @@ def test_a_bad_tls_pair_stops_the_start_naming_the_file(tmp_path: Path, capsys: 
     junk = tmp_path / "junk.crt"
     junk.write_text("not a certificate\n")
     gone = tmp_path / "gone.crt"
+    locked = tmp_path / "locked.key"  # the same key, encrypted: uvicorn would prompt for it
+    from cryptography.hazmat.primitives import serialization
+
+    locked.write_bytes(serialization.load_pem_private_key(key.read_bytes(), None).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"secret")))
     args, expected = {
         "cert alone": (["--tls-cert", str(cert)],
                        "--tls-cert and --tls-key go together: pass both or neither"),
@@ -348,6 +355,9 @@ def test_a_bad_tls_pair_stops_the_start_naming_the_file(tmp_path: Path, capsys: 
         "another cert's key": (["--tls-cert", str(cert), "--tls-key", str(other_key)],
                                f"--tls-key {other_key}: not the unencrypted PEM private key "
                                f"of {cert}"),
+        "a key with a password": (["--tls-cert", str(cert), "--tls-key", str(locked)],
+                                  f"--tls-key {locked}: not the unencrypted PEM private key "
+                                  f"of {cert}"),
         "missing in mloop.yaml": ([], f"serving.tls_cert in mloop.yaml {root / 'certs/ui.crt'}:"
                                       f" no such file"),
     }[case]
