@@ -57,6 +57,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from _common import git_state
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 READ_TARGET_S = 1.0
@@ -131,15 +133,6 @@ def _busy_share(seconds: float = 2.0) -> float:
     j0, w0 = jiffies(), time.perf_counter()
     time.sleep(seconds)
     return (jiffies() - j0) / _CLK / (time.perf_counter() - w0)
-
-
-def _git() -> dict[str, Any]:
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True,
-                              check=False).stdout.strip()
-
-    return {"commit": git("rev-parse", "HEAD") or None,
-            "clean": git("status", "--porcelain") == ""}
 
 
 def build_state(folder: Path, mloop: str, env: dict[str, str], *, allow_override: bool
@@ -414,7 +407,7 @@ def main() -> None:
     import mlflow as _mlflow  # only for its version; after the timings
 
     result = {
-        "benchmark": "cli", "git": _git(), "repeats": args.repeats,
+        "benchmark": "cli", "git": git_state(REPO), "repeats": args.repeats,
         "target": {"read_wall_s": READ_TARGET_S, "write_overhead_s": WRITE_OVERHEAD_S},
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                     "loadavg_before": loadavg, "busy_cores_before": round(busy, 2)},

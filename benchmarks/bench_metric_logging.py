@@ -46,13 +46,14 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from _common import git_state
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -72,18 +73,6 @@ WHAT = {
 
 def _value(i: int) -> float:
     return 1.0 / (i + 1)
-
-
-def _git() -> dict[str, Any]:
-    def git(*args: str) -> str | None:
-        done = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True,
-                              check=False)
-        return done.stdout.rstrip() if done.returncode == 0 else None  # keep a leading space
-
-    status = git("status", "--porcelain")
-    return {"commit": git("rev-parse", "HEAD"),
-            "clean": None if status is None else status == "",
-            "changed": None if not status else status.splitlines()[:20]}
 
 
 def make_sides(client: Any, uri: str, points: dict[str, int]
@@ -199,7 +188,7 @@ def main() -> None:
                          f"{args.points}, {args.per_call_points}, {args.repeats})")
     n = args.points
     points = {side: args.per_call_points if side == "mlflow_log_metric" else n for side in SIDES}
-    git = _git()  # before the results file is written: it is in the tree
+    git = git_state(REPO)  # before the results file is written: it is in the tree
     loadavg = Path("/proc/loadavg").read_text().split()[:3]
     t_start = time.perf_counter()
     measured = measure(points, args.repeats,

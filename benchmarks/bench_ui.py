@@ -30,7 +30,6 @@ import random
 import re
 import shutil
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -40,19 +39,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _common import git_state
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = {"demo": 0.300, "synthetic": 1.000}
 SYNTH = {"versions": 100, "windows": 10_000, "log_rows": 10_000_000, "events": 20_000,
          "pipeline_runs": 2_000}
-
-
-def _git() -> dict[str, Any]:
-    def run(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True,
-                              text=True, check=False).stdout.strip()
-
-    return {"commit": run("rev-parse", "HEAD"), "clean": run("status", "--porcelain") == ""}
 
 
 def _free_port() -> int:
@@ -376,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
             if mloop(["demo", "--out", str(work / "demo"), "--until", args.until]) != 0:
                 return 1
             project = work / "demo" / "project"
-        results: dict[str, Any] = {"git": _git(), "machine": {
+        results: dict[str, Any] = {"git": git_state(ROOT), "machine": {
             "cpus": os.cpu_count(), "python": platform.python_version()},
             "repeat": args.repeat, "command": " ".join(sys.argv)}
         print(f"demo project {project}", flush=True)

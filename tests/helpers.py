@@ -338,3 +338,35 @@ def comparable_lineage(lin: dict[str, Any], *, code_stable: bool) -> dict[str, A
             "code": lin["code"], "config_hash": lin["config_hash"], "data": data,
             "pipeline": run["pipeline"], "status": run["status"],
             "run_config_hash": run["config_hash"], "steps": steps}
+
+
+def self_signed_cert(folder: Path, name: str = "tls") -> tuple[Path, Path]:
+    """A fresh self-signed certificate for 127.0.0.1 and its unencrypted key, written as PEM
+    files ``NAME.crt`` and ``NAME.key`` in ``folder``: real HTTPS on loopback, the certificate
+    the client's CA bundle (``requests.get(..., verify=cert)``)."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    folder.mkdir(parents=True, exist_ok=True)
+    cert_path, key_path = folder / f"{name}.crt", folder / f"{name}.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path

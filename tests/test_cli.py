@@ -267,3 +267,29 @@ def test_an_override_needs_the_flag_when_nobody_is_at_a_terminal(monkeypatch) ->
     assert confirm_override("Promote v1 despite failed gates?", allowed=False) is None
     assert confirm_override("Promote v1 despite failed gates?", allowed=True) == \
         "--allow-override"
+
+
+@pytest.mark.parametrize("text", ["2012-03-20", "2012-03-20T12:00", "2012-03-20T12:00+02:00"])
+def test_the_cli_and_the_dashboard_read_a_time_alike(text: str) -> None:
+    """`--since 2012-03-20` and the timeline's `?at=2012-03-20` mean the same instant (UTC
+    when no zone is named): one parser, mloop.timeparse, behind both."""
+    from datetime import UTC, datetime
+
+    from mloop.cli._common import iso_arg
+    from mloop.ui.pages import _parse_day
+
+    expected = datetime.fromisoformat(text)
+    expected = expected if expected.tzinfo else expected.replace(tzinfo=UTC)
+    assert iso_arg(text, "--since") == _parse_day(text) == expected
+
+
+def test_a_bad_time_is_refused_with_the_flag_or_the_value_named() -> None:
+    from mloop.cli._common import iso_arg
+    from mloop.errors import MloopError
+    from mloop.ui.pages import _parse_day
+
+    with pytest.raises(MloopError, match=r"^--since 'noon': not an ISO 8601 time \(e\.g\."):
+        iso_arg("noon", "--since")
+    with pytest.raises(MloopError, match=r"^'noon' is not a date or ISO time \(e\.g\."):
+        _parse_day("noon")
+    assert iso_arg(None, "--since") is None and _parse_day("") is None

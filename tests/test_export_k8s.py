@@ -31,7 +31,8 @@ from .helpers import BIKE, missing, run_cli
 
 K8S_VERSION = "1.33"  # a recent release; the newest schemas shipped are checked as well
 LATEST = kubernetes_validate.utils.latest_version()
-CORE_FILES = ("deployment.yaml", "service.yaml", "hpa.yaml", "cronjob.yaml")
+CORE_FILES = ("deployment.yaml", "service.yaml", "hpa.yaml", "cronjob.yaml",
+              "ui-deployment.yaml", "ui-service.yaml")
 
 CUSTOM = """
 kubernetes:
@@ -48,6 +49,11 @@ kubernetes:
     schedule: "0 * * * *"
     time_zone: Europe/Berlin
     deadline_seconds: 3600
+  ui:
+    port: 9050
+    resources:
+      requests: {cpu: 50m, memory: 256Mi}
+      limits: {cpu: 500m, memory: 512Mi}
   monitor_labels: {release: kube-prometheus-stack}
 """
 
@@ -196,6 +202,94 @@ def test_cronjob_runs_one_loop_pass_and_never_two_at_once(bike: Path) -> None:
     assert c["env"] == serving_env  # the controller and the servers see the same stores
 
 
+def test_the_dashboard_runs_mloop_ui_on_the_same_image_and_stores(bike: Path,
+                                                                   capsys: Any) -> None:
+    """`kubernetes.ui` (on by default): one `mloop ui` pod beside the servers, with their
+    image and store environment (so their token store), probed on the dashboard's /health,
+    behind its own cluster-internal Service that the servers' ServiceMonitor does not
+    select."""
+    from mloop.cli.app import main
+
+    project = open_project(bike)
+    docs = _docs(k8s_manifests(project))
+    dep, svc = docs["ui-deployment.yaml"], docs["ui-service.yaml"]
+    assert dep["metadata"]["name"] == svc["metadata"]["name"] == "bike-sharing-ui"
+    assert dep["spec"]["replicas"] == 1  # sessions are signed with a per-process key
+    pod = dep["spec"]["template"]["spec"]
+    [c] = pod["containers"]
+    assert c["command"] == ["mloop", "ui", "--host", "0.0.0.0", "--port", "8050"]
+    assert c["ports"] == [{"name": "http", "containerPort": 8050, "protocol": "TCP"}]
+    serving = docs["deployment.yaml"]["spec"]["template"]["spec"]["containers"][0]
+    assert c["image"] == serving["image"] and c["env"] == serving["env"]
+    assert c["readinessProbe"]["httpGet"] == {"path": "/health", "port": "http",
+                                              "scheme": "HTTP"}
+    assert c["livenessProbe"]["httpGet"]["path"] == "/health"
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert c["securityContext"]["allowPrivilegeEscalation"] is False
+    # the Service selects the UI's pods and only them
+    selector = svc["spec"]["selector"]
+    assert selector == dep["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= dep["spec"]["template"]["metadata"]["labels"].items()
+    assert not selector.items() <= \
+        docs["deployment.yaml"]["spec"]["template"]["metadata"]["labels"].items()
+    assert svc["spec"]["ports"][0]["targetPort"] == "http"
+    monitored = docs["servicemonitor.yaml"]["spec"]["selector"]["matchLabels"]
+    assert not monitored.items() <= svc["metadata"]["labels"].items()
+    # the command is one `mloop ui` accepts (an unknown option would exit 2 before --help)
+    assert main(["-C", str(bike), *c["command"][1:], "--help"]) == 0
+    assert "--tls-cert" in capsys.readouterr().out
+
+
+def test_the_dashboards_probe_path_answers_without_a_login(bike: Path) -> None:
+    """The readiness probe carries no token: /health must answer 200 on a dashboard that
+    requires a login for everything else (as it does beyond loopback)."""
+    from mloop.ui import create_ui_app
+
+    from .serving_util import ServerThread
+
+    [c] = _docs(k8s_manifests(open_project(bike)))["ui-deployment.yaml"]["spec"]["template"][
+        "spec"]["containers"]
+    path = c["readinessProbe"]["httpGet"]["path"]
+    with ServerThread(create_ui_app(open_project(bike), auth=True)) as srv:
+        assert srv.get(path).status_code == 200
+        assert srv.get("/audit").status_code == 401  # the rest does need a login
+
+
+def test_under_tls_the_dashboard_is_probed_over_https(bike: Path) -> None:
+    cfg = bike / "mloop.yaml"
+    cfg.write_text(cfg.read_text().replace(
+        "serving:\n", "serving:\n  tls_cert: certs/tls.crt\n  tls_key: certs/tls.key\n", 1))
+    docs = _docs(k8s_manifests(open_project(bike)))
+    _validate_core(docs)
+    [c] = docs["ui-deployment.yaml"]["spec"]["template"]["spec"]["containers"]
+    assert c["readinessProbe"]["httpGet"]["scheme"] == "HTTPS"
+    assert c["livenessProbe"]["httpGet"]["scheme"] == "HTTPS"
+
+
+def test_the_notes_say_how_to_log_in_to_and_reach_the_dashboard(bike: Path) -> None:
+    notes = k8s_notes(open_project(bike), Path("deploy"))["notes"]
+    [ui] = [n for n in notes if "dashboard" in n]
+    assert "`mloop tokens create --role viewer`" in ui
+    assert "`kubectl port-forward svc/bike-sharing-ui 8050:80`" in ui
+    cfg = bike / "mloop.yaml"
+    cfg.write_text(cfg.read_text().replace("serving:\n", "serving:\n  auth: false\n", 1))
+    [ui] = [n for n in k8s_notes(open_project(bike), Path("deploy"))["notes"]
+            if "dashboard" in n]
+    assert "tokens create" not in ui  # no login without auth
+
+
+def test_without_the_ui_no_dashboard_is_written_and_a_reexport_drops_it(
+        bike: Path, tmp_path: Path) -> None:
+    out = tmp_path / "deploy"
+    write_k8s(open_project(bike), out)
+    assert (out / "ui-deployment.yaml").is_file() and (out / "ui-service.yaml").is_file()
+    project = open_project(_with(bike, "kubernetes:\n  ui: {enabled: false}\n"))
+    written = {p.name for p in write_k8s(project, out)}
+    assert not {"ui-deployment.yaml", "ui-service.yaml"} & written
+    assert not (out / "ui-deployment.yaml").exists() and not (out / "ui-service.yaml").exists()
+    assert not any("dashboard" in n for n in k8s_notes(project, out)["notes"])
+
+
 def test_prometheus_rule_groups_are_the_alert_rules(bike: Path) -> None:
     project = open_project(bike)
     rule = _docs(k8s_manifests(project))["prometheusrule.yaml"]
@@ -227,6 +321,14 @@ def test_sizes_names_and_schedule_come_from_config(bike: Path, tmp_path: Path) -
     assert c["ports"][0]["containerPort"] == 9000
     assert c["resources"] == {"requests": {"cpu": "250m", "memory": "512Mi"},
                               "limits": {"cpu": "1", "memory": "1Gi"}}  # `cpu: 1` quoted
+
+    [ui] = docs["ui-deployment.yaml"]["spec"]["template"]["spec"]["containers"]
+    assert ui["command"] == ["mloop", "ui", "--host", "0.0.0.0", "--port", "9050"]
+    assert ui["ports"][0]["containerPort"] == 9050
+    assert ui["image"] == "registry.example.com/ml/bikes:1.4.2"
+    assert ui["resources"] == {"requests": {"cpu": "50m", "memory": "256Mi"},
+                               "limits": {"cpu": "500m", "memory": "512Mi"}}
+    assert docs["ui-service.yaml"]["metadata"]["name"] == "bikes-ui"
 
     cron = docs["cronjob.yaml"]["spec"]
     assert (cron["schedule"], cron["timeZone"]) == ("0 * * * *", "Europe/Berlin")
@@ -378,6 +480,8 @@ def test_inside_the_checkout_project_dir_is_the_example_path(tmp_path: Path) -> 
      "not a cron schedule"),
     ("kubernetes: {name: Bikes_Prod}", "kubernetes.name", "not a DNS label"),
     ("kubernetes: {replica: 3}", "kubernetes.replica", "did you mean 'replicas'"),
+    ("kubernetes:\n  ui: {port: 0}", "kubernetes.ui.port", "greater than or equal to 1"),
+    ("kubernetes:\n  ui: {enable: false}", "kubernetes.ui.enable", "did you mean 'enabled'"),
 ])
 def test_bad_kubernetes_values_name_the_key(bike: Path, extra: str, key: str,
                                             why: str) -> None:

@@ -31,7 +31,7 @@ from mloop.serving.model import load_served
 from mloop.traffic.inference_log import read_log
 from mloop.traffic.labels import read_labels
 
-from .helpers import copy_project, rentals_frame
+from .helpers import copy_project, rentals_frame, self_signed_cert
 from .serving_util import FAST, ServerThread, free_port, metric, project_server, request_rows
 
 pytestmark = pytest.mark.slow
@@ -477,10 +477,7 @@ def test_auth_refuses_missing_and_wrong_tokens_and_checks_roles(proj: Path) -> N
 
 
 def test_tls_with_a_cert_and_key(proj: Path, tmp_path: Path) -> None:
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
-                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    cert, key = self_signed_cert(tmp_path)
     project = open_project(proj)
     app = create_app(project, project.config.serving.model_copy(update=FAST))
     with ServerThread(app, ssl_certfile=str(cert), ssl_keyfile=str(key)) as srv:

@@ -10,8 +10,11 @@ Screenshots of each page are kept under the test's tmp dir and copied to /tmp/ui
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -266,6 +269,107 @@ def test_mloop_ui_refuses_a_public_host_without_a_token(tmp_path: Path, capsys: 
     assert main(["-C", str(root), "ui", "--host", "0.0.0.0"]) == 1
     assert ("the dashboard on 0.0.0.0 needs a token (auth is on beyond loopback): "
             "`mloop tokens create --role viewer`") in capsys.readouterr().err
+
+
+def test_mloop_ui_serves_https_and_its_session_cookie_is_secure(tmp_path: Path) -> None:
+    """`mloop ui --tls-cert --tls-key` on real HTTPS (a self-signed certificate made here):
+    a login over TLS works and its cookie is Secure; plain HTTP on that port is refused."""
+    from .helpers import MLOOP_BIN, copy_bike, self_signed_cert
+    from .serving_util import free_port
+
+    root = copy_bike(tmp_path / "bike")
+    cert, key = self_signed_cert(tmp_path / "tls")
+    viewer = create_token(open_project(root).store, role="viewer", name="erin").token
+    port = free_port()
+    url = f"https://127.0.0.1:{port}"
+    log = tmp_path / "ui.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([MLOOP_BIN, "-C", str(root), "ui", "--port", str(port),
+                                 "--auth", "--tls-cert", str(cert), "--tls-key", str(key)],
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={k: v for k, v in os.environ.items()
+                                     if k != "MLOOP_PROJECT"})
+    try:
+        s = requests.Session()  # verify= on each call: REQUESTS_CA_BUNDLE beats s.verify
+        tls = {"verify": str(cert), "timeout": 30}  # the only CA this client trusts
+        deadline = time.time() + 120
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError(f"mloop ui exited {proc.returncode}:\n{log.read_text()}")
+            try:
+                if s.get(f"{url}/health", verify=str(cert), timeout=2).ok:
+                    break
+            except requests.RequestException:
+                if time.time() > deadline:
+                    raise
+            time.sleep(0.2)
+        assert f"on https://127.0.0.1:{port} (login required" in log.read_text()
+        assert s.get(f"{url}/audit", allow_redirects=False, **tls).status_code == 401
+        csrf = _csrf(s.get(f"{url}/login", **tls).text)
+        r = s.post(f"{url}/login", data={"csrf": csrf, "token": viewer, "next": "/audit"},
+                   allow_redirects=False, **tls)
+        assert r.status_code == 303, r.text
+        cookie = r.headers["set-cookie"].lower()
+        assert cookie.startswith(f"{SESSION_COOKIE}=")
+        assert "secure" in cookie.split("; ") and "httponly" in cookie.split("; ")
+        assert s.get(f"{url}/audit", **tls).status_code == 200  # the Secure cookie came back
+        with pytest.raises(requests.exceptions.ConnectionError):
+            requests.get(f"http://127.0.0.1:{port}/health", timeout=5)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.mark.parametrize("command", ["ui", "serve"])
+@pytest.mark.parametrize("case", ["cert alone", "missing cert", "not a certificate",
+                                  "another cert's key", "a key with a password",
+                                  "missing in mloop.yaml"])
+def test_a_bad_tls_pair_stops_the_start_naming_the_file(tmp_path: Path, capsys: Any,
+                                                        command: str, case: str) -> None:
+    """`mloop ui` and `mloop serve` check the same TLS options the same way, before binding:
+    exit 1, one message naming the file and where it was given, nothing announced."""
+    from .helpers import copy_bike, self_signed_cert
+
+    root = copy_bike(tmp_path / "bike")
+    cert, key = self_signed_cert(tmp_path / "tls")
+    _, other_key = self_signed_cert(tmp_path / "tls", name="other")
+    junk = tmp_path / "junk.crt"
+    junk.write_text("not a certificate\n")
+    gone = tmp_path / "gone.crt"
+    locked = tmp_path / "locked.key"  # the same key, encrypted: uvicorn would prompt for it
+    from cryptography.hazmat.primitives import serialization
+
+    locked.write_bytes(serialization.load_pem_private_key(key.read_bytes(), None).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"secret")))
+    args, expected = {
+        "cert alone": (["--tls-cert", str(cert)],
+                       "--tls-cert and --tls-key go together: pass both or neither"),
+        "missing cert": (["--tls-cert", str(gone), "--tls-key", str(key)],
+                         f"--tls-cert {gone}: no such file"),
+        "not a certificate": (["--tls-cert", str(junk), "--tls-key", str(key)],
+                              f"--tls-cert {junk}: not a PEM certificate"),
+        "another cert's key": (["--tls-cert", str(cert), "--tls-key", str(other_key)],
+                               f"--tls-key {other_key}: not the unencrypted PEM private key "
+                               f"of {cert}"),
+        "a key with a password": (["--tls-cert", str(cert), "--tls-key", str(locked)],
+                                  f"--tls-key {locked}: not the unencrypted PEM private key "
+                                  f"of {cert}"),
+        "missing in mloop.yaml": ([], f"serving.tls_cert in mloop.yaml {root / 'certs/ui.crt'}:"
+                                      f" no such file"),
+    }[case]
+    if case == "missing in mloop.yaml":
+        cfg = root / "mloop.yaml"
+        cfg.write_text(cfg.read_text().replace(
+            "serving:\n", "serving:\n  tls_cert: certs/ui.crt\n  tls_key: certs/ui.key\n", 1))
+    assert main(["-C", str(root), command, "--port", "1", *args]) == 1
+    said = capsys.readouterr().err
+    assert expected in " ".join(said.split()), said
+    assert "mloop ui for" not in said and "serving '" not in said
 
 
 def test_serve_ui_mounts_the_dashboard_under_ui_with_the_servers_auth(

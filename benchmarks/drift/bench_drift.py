@@ -101,6 +101,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for _common
+from _common import git_state
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 DEFAULT_EVIDENTLY_PYTHON = REPO / ".venv-evidently" / "bin" / "python"
@@ -486,22 +489,6 @@ def _summarise_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return best
 
 
-def _git() -> dict[str, Any]:
-    """The commit measured and whether the work tree matched it (any change, tracked or not)."""
-    def git(*args: str) -> str | None:
-        try:
-            done = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True,
-                                  text=True, check=False)
-        except OSError:
-            return None
-        return done.stdout.rstrip() if done.returncode == 0 else None  # keep a leading space
-
-    status = git("status", "--porcelain")
-    return {"commit": git("rev-parse", "HEAD"),
-            "clean": None if status is None else status == "",
-            "changed": None if not status else status.splitlines()[:20]}
-
-
 def _versions() -> dict[str, str]:
     import mloop
 
@@ -745,7 +732,7 @@ def main() -> None:
         raise SystemExit(f"run this with mloop's venv (source .venv/bin/activate): {exc}") \
             from exc
 
-    git = _git()  # before anything is written: the results file itself is in the tree
+    git = git_state(REPO)  # before anything is written: the results file itself is in the tree
     folder = args.keep_data or Path(tempfile.mkdtemp(prefix="mloop-drift-bench-"))
     folder.mkdir(parents=True, exist_ok=True)
     try:

@@ -36,6 +36,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for _common
+from _common import git_state
+
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "bike_sharing"
 
@@ -88,17 +91,6 @@ def _run(side: str, project: Path, src: Path, out: Path) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _git() -> dict:
-    def git(*args: str) -> str | None:
-        done = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True,
-                              check=False)
-        return done.stdout.rstrip() if done.returncode == 0 else None  # keep a leading space
-
-    status = git("status", "--porcelain")
-    return {"commit": git("rev-parse", "HEAD"),
-            "clean": None if status is None else status == ""}
-
-
 def train(project: Path, *, allowed: bool) -> list[dict]:
     """``mloop run`` on the copied example; v1 becomes champion by its gates, or despite them
     only when allowed (returns the override records)."""
@@ -148,7 +140,7 @@ def main() -> None:
                          "as an override); without it the benchmark asks at a terminal and "
                          "stops otherwise")
     args = ap.parse_args()
-    git = _git()  # before the results file is written: it is in the tree
+    git = git_state(REPO)  # before the results file is written: it is in the tree
     overrides: list[dict] = []
     sizes = [int(s) for s in args.sizes.split(",")]
     with tempfile.TemporaryDirectory(prefix="mloop-bench-batch-") as tmp:

@@ -118,6 +118,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for _common
+from _common import git_state
 from peers import (
     MLSERVER_MAX_BATCH_SIZE,
     MLSERVER_MAX_BATCH_TIME_S,
@@ -125,7 +127,6 @@ from peers import (
     PeerSetupError,
     ensure_mlserver_venv,
     file_digests,
-    git_state,
     mlflow_model_dir,
     model_version_row,
     nocompile_project,

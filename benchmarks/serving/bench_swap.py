@@ -67,6 +67,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for _common
+from _common import git_state
 from bench_serving import (
     _CLK,
     EXAMPLE,
@@ -381,22 +383,6 @@ def _phases_once(project: Any, version: int) -> dict[str, float]:
 
 # ------------------------------------------------------------------------------- output
 
-def _git(out: Path) -> dict[str, Any]:
-    """The commit measured, and whether the work tree matched it (this run's own results
-    file, about to be overwritten, does not count)."""
-    def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True,
-                              timeout=30).stdout.strip()
-
-    resolved = out.resolve()
-    mine = str(resolved.relative_to(REPO)) if resolved.is_relative_to(REPO) else None
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        dirty = [line for line in git("status", "--porcelain").splitlines()
-                 if line[3:] != mine]
-        return {"commit": git("rev-parse", "HEAD"), "clean": not dirty, "dirty": dirty}
-    return {"commit": None, "clean": None}
-
-
 def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     cells = {}
     for key, reps in runs.items():
@@ -501,7 +487,8 @@ def main() -> None:
         results: dict[str, Any] = {
             "benchmark": "serving/swap",
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
-            "git": _git(args.out), "model": project.config.model_name, "from": v1, "to": v2,
+            "git": git_state(REPO, ignore=args.out), "model": project.config.model_name,
+            "from": v1, "to": v2,
             "config": {"repeats": args.repeats, "burners": args.burners, "row": args.row,
                        "env": SERVER_ENV, "workers": 1, "target_s": TARGET_SECONDS,
                        "example": str(EXAMPLE)},

@@ -260,16 +260,3 @@ def file_digests(path: Path, root: Path) -> dict[str, str]:
                 h.update(chunk)
         out[str(f.relative_to(root)) if f.is_relative_to(root) else str(f)] = h.hexdigest()
     return out
-
-
-def git_state(repo: Path) -> dict[str, Any]:
-    """The commit measured and whether the work tree was clean (``git status --porcelain``)."""
-    def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True,
-                              timeout=30, check=True).stdout
-    try:
-        dirty = git("status", "--porcelain").splitlines()
-        return {"commit": git("rev-parse", "HEAD").strip(), "clean": not dirty,
-                "dirty": dirty[:50], "branch": git("rev-parse", "--abbrev-ref", "HEAD").strip()}
-    except (OSError, subprocess.SubprocessError) as exc:
-        return {"commit": None, "clean": None, "error": str(exc)}

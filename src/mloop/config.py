@@ -694,6 +694,18 @@ class LoopJobConfig(_Strict):
     deadline_seconds: int | None = Field(None, ge=1)  # activeDeadlineSeconds of one pass
 
 
+class UiDeployConfig(_Strict):
+    """The dashboard's Deployment and Service (``mloop ui``; bound beyond loopback, so it
+    needs a login unless serving.auth is false). On by default: it only reads the stores the
+    other pods share, and its Service is cluster-internal (no Ingress is written)."""
+
+    enabled: bool = True
+    port: int = Field(8050, ge=1, le=65535)  # the container's port
+    resources: ResourcesConfig = Field(default_factory=lambda: ResourcesConfig(
+        requests=ResourceAmounts(cpu="100m", memory="512Mi"),
+        limits=ResourceAmounts(cpu="1", memory="1Gi")))
+
+
 class KubernetesConfig(_Strict):
     """What `mloop export k8s` writes: images, sizes and schedules of the cluster objects."""
 
@@ -707,6 +719,7 @@ class KubernetesConfig(_Strict):
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     hpa: HpaConfig = Field(default_factory=HpaConfig)
     loop: LoopJobConfig = Field(default_factory=LoopJobConfig)
+    ui: UiDeployConfig = Field(default_factory=UiDeployConfig)
     secret_name: DnsLabel | None = None  # holds store URIs with credentials; "<name>-stores"
     service_account: DnsLabel | None = None
     monitor_labels: dict[str, str] = Field(default_factory=dict)  # for Prometheus' selectors

@@ -55,6 +55,57 @@ def require_token_beyond_loopback(project: Project, host: str, use_auth: bool, *
                              f"--no-auth to serve without one")
 
 
+def tls_files(project: Project, *, tls_cert: str | None = None,
+              tls_key: str | None = None) -> dict[str, str]:
+    """uvicorn's TLS arguments (``ssl_certfile``, ``ssl_keyfile``) for ``mloop serve`` and
+    ``mloop ui``, or ``{}`` for plain HTTP: the flags (relative paths from the working
+    folder), else ``serving.tls_cert`` and ``serving.tls_key`` of mloop.yaml (relative paths
+    from the project's folder).
+
+    Checked before anything is announced or bound, so a bad file is one clear error naming it
+    and where it came from (not an OpenSSL traceback from inside uvicorn): both or neither,
+    each a readable file, the certificate a PEM certificate and the key its PEM private key.
+    A key that needs a password is refused too (uvicorn would stop to prompt for it).
+    """
+    import ssl
+
+    serving = project.config.serving
+    given = {"tls_cert": tls_cert, "tls_key": tls_key}
+    chosen = {k: v if v is not None else getattr(serving, k) for k, v in given.items()}
+    if (chosen["tls_cert"] is None) != (chosen["tls_key"] is None):
+        raise MloopError("--tls-cert and --tls-key go together: pass both or neither")
+    if chosen["tls_cert"] is None:
+        return {}
+    paths: dict[str, Path] = {}
+    labels: dict[str, str] = {}
+    for key, value in chosen.items():
+        label = (f"--{key.replace('_', '-')}" if given[key] is not None
+                 else f"serving.{key} in mloop.yaml")
+        path = Path(value or "").expanduser()
+        if not path.is_absolute():  # a flag's from here, mloop.yaml's from the project
+            path = path.absolute() if given[key] is not None else project.root / path
+        if not path.is_file():
+            raise MloopError(f"{label} {path}: no such file")
+        try:
+            with path.open("rb") as fh:
+                fh.read(1)
+        except OSError as exc:
+            raise MloopError(f"{label} {path}: cannot be read ({exc.strerror})") from None
+        paths[key], labels[key] = path, label
+    cert, pem_key = paths["tls_cert"], paths["tls_key"]
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_verify_locations(cafile=str(cert))
+    except ssl.SSLError:
+        raise MloopError(f"{labels['tls_cert']} {cert}: not a PEM certificate") from None
+    try:
+        context.load_cert_chain(str(cert), str(pem_key), password=lambda: b"")
+    except ssl.SSLError as exc:
+        raise MloopError(f"{labels['tls_key']} {pem_key}: not the unencrypted PEM private key of "
+                         f"{cert} ({exc.reason or exc})") from None
+    return {"ssl_certfile": str(cert), "ssl_keyfile": str(pem_key)}
+
+
 def default_collectors(project: Project) -> list[Any]:
     """The gauges /metrics shows beside the server's own: the newest monitor window and the
     loop's state."""
@@ -101,17 +152,7 @@ def serve(project: Project, *, host: str | None = None, port: int | None = None,
                                                  ("workers", workers), ("tls_cert", tls_cert),
                                                  ("tls_key", tls_key)) if v is not None}
     cfg = project.config.serving.model_copy(update=updates)
-    if (cfg.tls_cert is None) != (cfg.tls_key is None):
-        raise MloopError("--tls-cert and --tls-key go together: pass both or neither")
-    ssl: dict[str, Any] = {}
-    if cfg.tls_cert:
-        for label, value in (("tls_cert", cfg.tls_cert), ("tls_key", cfg.tls_key)):
-            path = Path(value or "")
-            if not path.is_absolute():
-                path = project.root / path
-            if not path.is_file():
-                raise MloopError(f"serving.{label}: {path}: no such file")
-            ssl["ssl_certfile" if label == "tls_cert" else "ssl_keyfile"] = str(path)
+    ssl = tls_files(project, tls_cert=tls_cert, tls_key=tls_key)
     use_auth = auth_enabled(cfg, cfg.host, auth)
     require_token_beyond_loopback(project, cfg.host, use_auth, what="serving",
                                   role="predict")

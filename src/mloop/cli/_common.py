@@ -39,6 +39,14 @@ AllowOverrideOpt = Annotated[bool, typer.Option(
                              "anyway (recorded as an override). Without it the command asks "
                              "at a terminal and stops otherwise (CI, pipes, cron).")]
 
+# `mloop serve` and `mloop ui` take the same TLS pair, checked by mloop.server.tls_files
+TlsCertOpt = Annotated[str | None, typer.Option(
+    "--tls-cert", help="TLS certificate (PEM): serve HTTPS (default serving.tls_cert; "
+                       "with --tls-key).")]
+TlsKeyOpt = Annotated[str | None, typer.Option(
+    "--tls-key", help="TLS private key (PEM, unencrypted) of --tls-cert (default "
+                      "serving.tls_key).")]
+
 
 @dataclass(frozen=True)
 class RootOptions:
@@ -108,17 +116,17 @@ def report(result: T, json_: bool, render: Callable[[T], None], *,
 
 
 def iso_arg(value: str | None, flag: str) -> datetime | None:
-    """An ISO 8601 option value as an aware datetime (UTC when it names no zone)."""
-    from datetime import UTC
+    """An ISO 8601 option value as an aware datetime (UTC when it names no zone; the
+    dashboard's ``?from=``/``?at=`` read times the same way, :mod:`mloop.timeparse`)."""
+    from mloop.timeparse import parse_iso_time
 
     if value is None:
         return None
     try:
-        dt = datetime.fromisoformat(value)
+        return parse_iso_time(value)
     except ValueError:
         raise MloopError(f"{flag} '{value}': not an ISO 8601 time (e.g. 2012-01-01 or "
                          f"2012-01-01T06:00)") from None
-    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
 
 
 def write_text(path: Path, text: str) -> None:

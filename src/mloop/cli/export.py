@@ -23,8 +23,8 @@ def export_k8s(
     json_: JsonOpt = False,
 ) -> None:
     """Deployment + Service + HPA, a KServe InferenceService, a CronJob for `mloop loop
-    --once`, ServiceMonitor + PrometheusRule and a Dockerfile, from mloop.yaml's
-    `kubernetes:` section."""
+    --once`, the dashboard (`mloop ui`: Deployment + Service), ServiceMonitor +
+    PrometheusRule and a Dockerfile, from mloop.yaml's `kubernetes:` section."""
     from mloop.export.k8s import k8s_notes, write_k8s
 
     project = open_project()

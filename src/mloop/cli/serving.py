@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from mloop.cli._common import JsonOpt, open_project, report
+from mloop.cli._common import JsonOpt, TlsCertOpt, TlsKeyOpt, open_project, report
 from mloop.cli.render import err, out, print_change, table
 from mloop.errors import MloopError
 
@@ -28,8 +28,8 @@ def serve(
     auth: Annotated[bool | None, typer.Option(
         "--auth/--no-auth", help="Require bearer tokens (default: on unless bound to "
                                  "loopback).")] = None,
-    tls_cert: Annotated[str | None, typer.Option(help="TLS certificate (PEM).")] = None,
-    tls_key: Annotated[str | None, typer.Option(help="TLS private key (PEM).")] = None,
+    tls_cert: TlsCertOpt = None,
+    tls_key: TlsKeyOpt = None,
     ui: Annotated[bool, typer.Option(
         "--ui", help="Also serve the dashboard under /ui (the app `mloop ui` serves; same "
                      "auth rule as the server, acting needs an admin token).")] = False,

@@ -7,6 +7,8 @@ Written (one object per file, built as dicts and dumped with PyYAML):
 - ``inferenceservice.yaml``: the same container as a KServe predictor, an *alternative* to the
   three above for clusters that run KServe;
 - ``cronjob.yaml``: ``mloop loop --once`` on a schedule, never two at once (``Forbid``);
+- ``ui-deployment.yaml``, ``ui-service.yaml``: the dashboard (``mloop ui``), one replica on the
+  same image and stores, probed on ``/health``; cluster-internal (``kubernetes.ui.enabled``);
 - ``servicemonitor.yaml`` and ``prometheusrule.yaml``: prometheus-operator objects scraping
   ``/metrics`` and carrying the same alerting rules as ``mloop monitor rules``;
 - ``Dockerfile`` (+ ``Dockerfile.dockerignore``): mloop from its lock file, the project on top.
@@ -64,8 +66,8 @@ def _labels(name: str, component: str) -> dict[str, str]:
             "app.kubernetes.io/part-of": "mloop", "app.kubernetes.io/managed-by": "mloop"}
 
 
-def _selector(name: str) -> dict[str, str]:
-    return {"app.kubernetes.io/name": name, "app.kubernetes.io/component": "serving"}
+def _selector(name: str, component: str = "serving") -> dict[str, str]:
+    return {"app.kubernetes.io/name": name, "app.kubernetes.io/component": component}
 
 
 def _metadata(k8s: KubernetesConfig, name: str, labels: dict[str, str]) -> dict[str, Any]:
@@ -307,6 +309,61 @@ def cronjob(project: Project, env: list[dict[str, Any]]) -> dict[str, Any]:
             "metadata": _metadata(k8s, f"{name}-loop", labels), "spec": spec}
 
 
+def _ui_command(port: int) -> list[str]:
+    return ["mloop", "ui", "--host", "0.0.0.0", "--port", str(port)]
+
+
+def ui_deployment(project: Project, env: list[dict[str, Any]]) -> dict[str, Any]:
+    """The dashboard: ``mloop ui`` on the serving image, reading the same stores (so the same
+    token store: a login needs a token made with ``mloop tokens create``).
+
+    Bound beyond loopback, it requires a login unless ``serving.auth`` is false, exactly as
+    ``mloop ui --host 0.0.0.0`` does, and serves HTTPS when ``serving.tls_cert`` is set. One
+    replica: each process signs sessions with a key it draws at start, so a second replica
+    would not know the first one's logins.
+    """
+    k8s = project.config.kubernetes
+    name = app_name(project)
+    labels = _labels(name, "ui")
+    pod_security, container_security = _security()
+    scheme = "HTTPS" if project.config.serving.tls_cert else "HTTP"
+    container = {
+        "name": "ui",
+        "image": image_name(project),
+        "command": _ui_command(k8s.ui.port),
+        "ports": [{"name": "http", "containerPort": k8s.ui.port, "protocol": "TCP"}],
+        "env": env,
+        # /health answers without a login: the process is up and serving pages
+        "livenessProbe": _probe("/health", "http", scheme, period=10, failures=3, delay=10),
+        "readinessProbe": _probe("/health", "http", scheme, period=5, failures=3),
+        "resources": _resources(k8s.ui.resources),
+        "securityContext": container_security,
+    }
+    spec = {
+        "replicas": 1,
+        "selector": {"matchLabels": _selector(name, "ui")},
+        "strategy": {"type": "RollingUpdate",
+                     "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+        "template": {"metadata": {"labels": labels},
+                     "spec": {**_pod_extras(k8s), "securityContext": pod_security,
+                              "terminationGracePeriodSeconds": 30,
+                              "containers": [container]}},
+    }
+    return {"apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": _metadata(k8s, f"{name}-ui", labels), "spec": spec}
+
+
+def ui_service(project: Project) -> dict[str, Any]:
+    """ClusterIP only: reach it with ``kubectl port-forward`` or put an Ingress in front."""
+    k8s = project.config.kubernetes
+    name = app_name(project)
+    return {"apiVersion": "v1", "kind": "Service",
+            "metadata": _metadata(k8s, f"{name}-ui", _labels(name, "ui")),
+            "spec": {"type": "ClusterIP", "selector": _selector(name, "ui"),
+                     "ports": [{"name": "http", "port": 80, "targetPort": "http",
+                                "protocol": "TCP"}]}}
+
+
 def service_monitor(project: Project) -> dict[str, Any]:
     k8s = project.config.kubernetes
     name = app_name(project)
@@ -445,6 +502,11 @@ def k8s_manifests(project: Project) -> dict[str, str]:
                                        "KServe: apply this OR deployment/service/hpa.yaml, "
                                        "not both."),
         "cronjob.yaml": _yaml(project, cronjob(project, env)),
+    }
+    if project.config.kubernetes.ui.enabled:
+        files |= {"ui-deployment.yaml": _yaml(project, ui_deployment(project, env)),
+                  "ui-service.yaml": _yaml(project, ui_service(project))}
+    files |= {
         "servicemonitor.yaml": _yaml(project, service_monitor(project),
                                      "Needs the prometheus-operator CRDs."),
         "prometheusrule.yaml": _yaml(project, prometheus_rule(project),
@@ -479,6 +541,14 @@ def k8s_notes(project: Project, out: Path) -> dict[str, Any]:
         notes.append("the server requires bearer tokens off loopback: run `mloop tokens create "
                      "--role predict` against the shared store before the pods start "
                      "(or set serving.auth: false)")
+    if project.config.kubernetes.ui.enabled:
+        ui = f"{app_name(project)}-ui"
+        login = ("it needs a login and does not start until a token exists in the shared "
+                 "store: `mloop tokens create --role viewer` (admin to act); "
+                 if project.config.serving.auth is not False else "")
+        notes.append(f"the dashboard ({ui}) is cluster-internal: {login}open it with "
+                     f"`kubectl port-forward svc/{ui} 8050:80`, or set kubernetes.ui.enabled: "
+                     f"false to leave it out")
     return {"warnings": warnings, "notes": notes, "secret": secret_name(project) if keys else None,
             "secret_keys": keys, "image": image_name(project),
             "build": build_command(project, out)}

@@ -92,7 +92,7 @@ class GateRunRow(Base):
     passed: Mapped[bool] = mapped_column(Boolean)
     evaluated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     # the gate config (and mloop release) it ran under: a promotion reuses the run only if
-    # today's is the same (mloop.registry.gates.gates_config_hash); None before 0009
+    # today's is the same (mloop.registry.gate_report.gates_config_hash); None before 0009
     gates_hash: Mapped[str | None] = mapped_column(String(64))
 
     __table_args__ = (Index("ix_gate_runs_version", "model", "version"),)

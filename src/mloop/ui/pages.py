@@ -12,6 +12,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 
 from mloop.errors import MloopError
+from mloop.timeparse import parse_iso_time
 from mloop.ui.auth import csrf_token, current_user, pop_flash, require_reader
 
 
@@ -48,11 +49,10 @@ def _parse_day(text: str | None) -> datetime | None:
     if not text:
         return None
     try:
-        dt = datetime.fromisoformat(text)
+        return parse_iso_time(text)
     except ValueError:
         raise MloopError(f"'{text}' is not a date or ISO time (e.g. 2012-03-20 or "
                          f"2012-03-20T12:00)") from None
-    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
 
 
 def overview(request: Request) -> Response:
