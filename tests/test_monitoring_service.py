@@ -97,6 +97,30 @@ def test_monitor_evaluates_each_new_day_once_and_rescores_late_labels(proj: Path
     assert main(["-C", str(proj), "monitor", "report", "999", "--html", str(page)]) == 1
 
 
+def test_each_stored_window_report_carries_the_iid_and_temporal_thresholds(proj: Path
+                                                                          ) -> None:
+    from mloop.monitoring.service import run_monitor
+    from mloop.monitoring.windows_store import list_windows
+
+    project = open_project(proj)
+    log_traffic(project, rentals_frame(600, seed=41), "2024-04-01")
+    log_traffic(project, rentals_frame(5, seed=42), "2024-04-02")  # moves the watermark
+    assert len(run_monitor(project, window="1d")["evaluated"]) == 1
+    drift = list_windows(project, window="1d", with_reports=True)[-1]["report"]["drift"]
+    # the training snapshot (ts hourly, 600 rows) was chunked by day when it was stored
+    assert drift["temporal"]["applied"] is True
+    assert drift["temporal"]["window"] == "1d" and drift["temporal"]["chunks"] >= 20
+    assert {c["column"] for c in drift["columns"]} == {"hour", "weather", "temp"}
+    for c in drift["columns"]:
+        assert c["threshold"] > 0 and c["temporal_threshold"] > 0, c
+    # windows of another size than the chunks: iid-only, and the report says why
+    run_monitor(project, window="300rows")
+    rows = list_windows(project, window="300rows", with_reports=True)[-1]["report"]["drift"]
+    assert rows["temporal"]["applied"] is False
+    assert "chunked for 1d windows, this window is 300rows" in rows["temporal"]["reason"]
+    assert all(c["temporal_threshold"] is None for c in rows["columns"])
+
+
 def test_monitor_cli_reports_nothing_new_and_bad_window_specs(proj: Path, capsys) -> None:
     assert main(["-C", str(proj), "monitor"]) == 0
     assert "no new complete 1d window" in capsys.readouterr().out
@@ -150,4 +174,7 @@ def test_a_drifting_window_alerts_the_webhook_and_shows_on_the_servers_metrics(
     assert metric(text, "mloop_monitor_drifted", model="rentals", window="1d") == 1
     assert metric(text, "mloop_monitor_feature_drifted", feature="temp") == 1
     assert metric(text, "mloop_monitor_feature_drifted", feature="hour") == 0
+    # both thresholds: the iid one and the training period's own day-to-day variation
+    assert metric(text, "mloop_monitor_feature_drift_threshold", feature="temp") > 0
+    assert metric(text, "mloop_monitor_feature_drift_temporal_threshold", feature="temp") > 0
     assert metric(text, "mloop_monitor_window_rows") == 600

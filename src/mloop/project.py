@@ -83,7 +83,8 @@ class Project:
 
         prof = self.config.profile
         return SnapshotStore(ObjectStore(self.uris["data_uri"]), bins=prof.bins,
-                             top_k=prof.top_k)
+                             top_k=prof.top_k, time_column=self.config.features.time_column,
+                             window=self.config.monitoring.window)
 
     @functools.cached_property
     def outputs(self) -> ObjectStore:

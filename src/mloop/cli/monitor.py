@@ -238,17 +238,23 @@ def monitor_report(
 
 def print_monitor_report(result: dict[str, Any]) -> None:
     """One window's (or one comparison's) drift and quality tables."""
+    from mloop.monitoring.report import temporal_note
+
     if result["empty"]:
         out.print("the window is empty: nothing to compare")
         return
     drift = result["drift"]
     out.print(table(f"drift ({result['rows']:,} rows; false-alarm rate "
                     f"{drift['false_alarm_rate']:.0%})",
-                    ["column", "method", "score", "threshold", "min effect", "p", "drift"],
+                    ["column", "method", "score", "iid thr", "temporal thr", "min effect",
+                     "p", "drift"],
                     [[c["column"], c["method"], f"{c['score']:.4g}", f"{c['threshold']:.4g}",
+                      "n/a" if c.get("temporal_threshold") is None
+                      else f"{c['temporal_threshold']:.4g}",
                       f"{c['min_effect']:.3g}", f"{c['p_value']:.2g}",
                       "[red]yes" if c["drifted"] else "[green]no"]
                      for c in drift["columns"]]))
+    out.print(temporal_note(drift))
     if result["quality"]:
         out.print(table("quality", ["column", "check", "count", "rate", "examples"],
                         [[f["column"], f["check"], f"{f['count']:,}", f"{f['rate']:.2%}",

@@ -38,12 +38,20 @@ class Snapshot:
 
 
 class SnapshotStore:
-    """Put and get snapshots by digest. ``put`` is idempotent."""
+    """Put and get snapshots by digest. ``put`` is idempotent.
 
-    def __init__(self, objects: ObjectStore, *, bins: int = 20, top_k: int = 50) -> None:
+    With ``time_column`` and ``window`` (the project's ``features.time_column`` and
+    ``monitoring.window``), a snapshot holding that column also gets, in its profile, the
+    drift statistics of its contiguous window-sized chunks (temporal calibration, see
+    :mod:`mloop.monitoring.temporal`); computed here, once, never when a window is judged."""
+
+    def __init__(self, objects: ObjectStore, *, bins: int = 20, top_k: int = 50,
+                 time_column: str | None = None, window: str | None = None) -> None:
         self.objects = objects
         self.bins = bins
         self.top_k = top_k
+        self.time_column = time_column
+        self.window = window
 
     def put(self, table: pa.Table, *, source: str) -> tuple[Snapshot, bool]:
         """Store ``table``; return the snapshot and whether it was newly written."""
@@ -56,6 +64,11 @@ class SnapshotStore:
             return self.get(digest), False
         self.objects.write_parquet(f"{digest}/data.parquet", table)
         profile = compute_profile(table, bins=self.bins, top_k=self.top_k)
+        if self.time_column and self.window and self.time_column in table.column_names:
+            from mloop.monitoring.temporal import temporal_profile
+
+            profile["temporal"] = temporal_profile(table, profile, time_column=self.time_column,
+                                                   window=self.window)
         self.objects.write_bytes(f"{digest}/profile.json", json.dumps(profile).encode())
         snap = Snapshot(
             digest=digest,

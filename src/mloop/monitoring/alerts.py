@@ -36,7 +36,9 @@ GAUGES = {
 }
 FEATURE_GAUGES = {
     "mloop_monitor_feature_drift_score": "Drift score of a feature in the newest window",
-    "mloop_monitor_feature_drift_threshold": "Calibrated threshold of that score",
+    "mloop_monitor_feature_drift_threshold": "Calibrated threshold of that score (iid)",
+    "mloop_monitor_feature_drift_temporal_threshold": "The reference period's own "
+    "chunk-to-chunk variation of that score (temporal calibration; absent when iid-only)",
     "mloop_monitor_feature_drifted": "1 if the feature drifted in the newest window",
 }
 
@@ -95,6 +97,9 @@ class MonitorCollector(StoreCollector[tuple[int, MonitorWindowRow | None]]):
             if c.get("threshold") is not None:
                 fams["mloop_monitor_feature_drift_threshold"].add_metric(
                     key, float(c["threshold"]))
+            if c.get("temporal_threshold") is not None:
+                fams["mloop_monitor_feature_drift_temporal_threshold"].add_metric(
+                    key, float(c["temporal_threshold"]))
             fams["mloop_monitor_feature_drifted"].add_metric(key, float(bool(c["drifted"])))
         if columns:
             yield from fams.values()

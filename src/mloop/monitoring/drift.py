@@ -29,15 +29,24 @@ window drawn from the reference flags *any* column (the dataset verdict) by that
 
 **Practical size.** A column drifts only if its statistic is also at least ``min_effect`` (per
 method, defaults below), so a million-row window does not flag a shift too small to matter.
+
+**Temporal calibration.** When the reference profile holds the statistic over contiguous
+chunks of the reference period (:mod:`mloop.monitoring.temporal`), a column drifts only if its
+statistic is also above the reference period's own chunk-to-chunk variation (the ``1 -
+false_alarm_rate`` quantile of the chunk statistics, per column): a window as unusual as an
+ordinary week of the training data is not drift. Without chunk statistics, iid only.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from mloop.monitoring.temporal import TemporalReference
 
 METHODS = ("psi", "ks", "wasserstein", "jensen_shannon", "chisquare")
 NUMERIC_METHODS = METHODS
@@ -247,7 +256,7 @@ class ColumnDrift:
     kind: str
     method: str
     score: float
-    threshold: float  # the statistic's value at the column's Holm level (calibrated)
+    threshold: float  # the statistic's value at the column's Holm level (iid calibration)
     min_effect: float
     p_value: float
     drifted: bool
@@ -256,6 +265,9 @@ class ColumnDrift:
     reference_hist: list[float]
     window_hist: list[float]
     labels: list[str]
+    # the reference period's chunk-to-chunk variation at the false-alarm rate; None when the
+    # window is judged iid-only (see the report's ``temporal``)
+    temporal_threshold: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -269,11 +281,14 @@ class DriftReport:
     drifted: bool
     drift_share: float
     window_rows: int
+    # whether the temporal null was applied, for which chunk size, from how many chunks, or why
+    # not; None when the caller gave no temporal reference
+    temporal: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"drifted": self.drifted, "drift_share": self.drift_share,
                 "false_alarm_rate": self.false_alarm_rate, "simulations": self.simulations,
-                "window_rows": self.window_rows,
+                "window_rows": self.window_rows, "temporal": self.temporal,
                 "columns": [c.to_dict() for c in self.columns]}
 
 
@@ -287,8 +302,11 @@ def _labels(ref: ColumnReference) -> list[str]:
 def detect(references: list[ColumnReference], windows: dict[str, np.ndarray], *,
            false_alarm_rate: float = 0.01, methods: dict[str, str] | None = None,
            min_effect: dict[str, float] | None = None, simulations: int | None = None,
-           seed: int = 0, null_cache: dict[tuple, NullModel] | None = None) -> DriftReport:
-    """Per-column and dataset drift of binned windows (``windows[name]`` = counts)."""
+           seed: int = 0, null_cache: dict[tuple, NullModel] | None = None,
+           temporal: TemporalReference | None = None) -> DriftReport:
+    """Per-column and dataset drift of binned windows (``windows[name]`` = counts). With
+    ``temporal`` (the reference period's chunk statistics for this window size), a column
+    must also exceed its temporal threshold to drift."""
     rng = np.random.default_rng(seed)
     methods = methods or {}
     effects = {**MIN_EFFECT, **(min_effect or {})}
@@ -330,10 +348,14 @@ def detect(references: list[ColumnReference], windows: dict[str, np.ndarray], *,
     for i, (ref, method, score, p, n, null) in enumerate(pending):
         eff = effects.get(method, 0.1)
         thr = float(np.quantile(null.values, 1 - level[i])) if null is not None else math.inf
-        drifted = i in rejected and score >= eff
+        chunks = temporal.null(ref.name, method) if temporal is not None else None
+        t_thr = chunks.threshold(false_alarm_rate) if chunks is not None else None
+        drifted = i in rejected and score >= eff and (t_thr is None or score > t_thr)
         out.append(ColumnDrift(ref.name, ref.kind, method, score, thr, eff, p, drifted,
                                ref.n, n, [float(x) for x in ref.probs],
-                               [float(x) for x in _norm(windows[ref.name])], _labels(ref)))
+                               [float(x) for x in _norm(windows[ref.name])], _labels(ref),
+                               t_thr))
     n_drift = sum(c.drifted for c in out)
     return DriftReport(out, false_alarm_rate, sims, n_drift > 0,
-                       n_drift / m if m else 0.0, rows)
+                       n_drift / m if m else 0.0, rows,
+                       temporal.describe() if temporal is not None else None)

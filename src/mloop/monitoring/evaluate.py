@@ -18,17 +18,21 @@ from mloop.config import MonitoringConfig
 from mloop.errors import DataSourceError, MloopError
 from mloop.monitoring.drift import ColumnReference, NullModel, detect
 from mloop.monitoring.quality import QualityThresholds, check_column
+from mloop.monitoring.temporal import temporal_reference
 
 
 def evaluate_window(profile: dict[str, Any], window: pa.Table, cfg: MonitoringConfig, *,
                     columns: list[str] | None = None,
                     null_cache: dict[tuple, NullModel] | None = None,
-                    seed: int = 0) -> dict[str, Any]:
+                    seed: int = 0, size: str | None = None) -> dict[str, Any]:
     """Quality and drift of ``window`` against ``profile`` for ``columns`` (default: every
-    numeric or categorical column of the profile)."""
+    numeric or categorical column of the profile). ``size``: the monitoring window's spec
+    (``7d``, ``5000rows``), which picks the profile's matching chunk statistics for temporal
+    calibration; None (an ad-hoc table) is judged iid-only."""
     present = set(window.column_names)
     return _evaluate(profile, lambda name: window.column(name) if name in present else None,
-                     window.num_rows, cfg, columns=columns, null_cache=null_cache, seed=seed)
+                     window.num_rows, cfg, columns=columns, null_cache=null_cache, seed=seed,
+                     size=size)
 
 
 def evaluate_file(profile: dict[str, Any], path: Path, cfg: MonitoringConfig, *,
@@ -51,7 +55,7 @@ def evaluate_file(profile: dict[str, Any], path: Path, cfg: MonitoringConfig, *,
 
 def _evaluate(profile: dict[str, Any], get_column: Any, rows: int, cfg: MonitoringConfig, *,
               columns: list[str] | None, null_cache: dict[tuple, NullModel] | None = None,
-              seed: int = 0) -> dict[str, Any]:
+              seed: int = 0, size: str | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     ref_cols = profile["columns"]
     names = columns if columns is not None else [
@@ -79,7 +83,8 @@ def _evaluate(profile: dict[str, Any], get_column: Any, rows: int, cfg: Monitori
         binned[name] = counts
     drift = detect(references, binned, false_alarm_rate=cfg.false_alarm_rate,
                    methods=dict(cfg.methods), min_effect=dict(cfg.min_effect),
-                   simulations=cfg.simulations, seed=seed, null_cache=null_cache)
+                   simulations=cfg.simulations, seed=seed, null_cache=null_cache,
+                   temporal=temporal_reference(profile, size))
     report["drift"] = drift.to_dict()
     report["seconds"] = time.perf_counter() - t0
     return report

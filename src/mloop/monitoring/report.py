@@ -73,6 +73,23 @@ def _table(headers: list[str], rows: list[list[Any]]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4g}"
+
+
+def temporal_note(drift: dict[str, Any]) -> str:
+    """One line on the temporal calibration of a window's drift: applied (from how many
+    chunks of which size) or why not. Reports stored before it existed have none."""
+    temporal = drift.get("temporal")
+    if not temporal:
+        return "iid calibration only (report written before temporal calibration)"
+    if temporal.get("applied"):
+        return (f"temporal calibration: a column drifts only beyond the reference period's "
+                f"own variation over {temporal['chunks']} chunks of {temporal['window']}, the "
+                f"iid threshold and the min effect")
+    return str(temporal.get("reason") or "iid calibration only")
+
+
 def _verdict(flag: bool | None) -> str:
     if flag is None:
         return "<span class='muted'>n/a</span>"
@@ -88,10 +105,13 @@ def window_section(report: dict[str, Any], title: str) -> str:
     parts.append(f"<p>{report['rows']:,} rows · dataset {_verdict(drift['drifted'])} "
                  f"({drift['drift_share']:.0%} of columns) · false-alarm rate "
                  f"{drift['false_alarm_rate']:.0%} · {drift['simulations']:,} null draws</p>")
+    parts.append(f"<p class='muted'>{html.escape(temporal_note(drift))}</p>")
     parts.append(_table(
-        ["column", "method", "score", "threshold", "min effect", "p-value", "verdict"],
+        ["column", "method", "score", "iid threshold", "temporal threshold", "min effect",
+         "p-value", "verdict"],
         [[html.escape(c["column"]), c["method"], f"{c['score']:.4g}", f"{c['threshold']:.4g}",
-          f"{c['min_effect']:.3g}", f"{c['p_value']:.2g}", _verdict(c["drifted"])]
+          _number(c.get("temporal_threshold")), f"{c['min_effect']:.3g}",
+          f"{c['p_value']:.2g}", _verdict(c["drifted"])]
          for c in drift["columns"]]))
     parts.append("<div class='grid'>" + "".join(
         f"<div class='card'>{distribution_plot(c)}</div>" for c in drift["columns"]) + "</div>")

@@ -229,7 +229,7 @@ def run_monitor(project: Project, *, window: str | None = None,
             ref = references.get(champion) or references.setdefault(
                 champion, reference_for(project, champion))
         report = evaluate_window(ref.profile, part, cfg, columns=ref.features,
-                                 null_cache=cache, seed=seed)
+                                 null_cache=cache, seed=seed, size=spec.text)
         report["versions"] = _versions(part)
         report["reference_version"] = ref.version
         last_ts = part.column("_ts")[-1]

@@ -208,6 +208,8 @@ def monitoring_page(request: Request) -> Response:
             threshold = c.get("threshold")
             if threshold is None:
                 threshold = c.get("min_effect") or 0.0
+            # temporally calibrated: the score must clear the larger of the two thresholds
+            threshold = max(threshold, c.get("temporal_threshold") or 0.0)
             scores[(w["id"], c["column"])] = (float(c.get("score") or 0.0), float(threshold),
                                               bool(c["drifted"]))
         w.pop("report", None)
