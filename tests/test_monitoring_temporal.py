@@ -17,9 +17,10 @@ import pytest
 
 from mloop.config import MonitoringConfig
 from mloop.data.snapshot import SnapshotStore
+from mloop.data.temporal_profile import MIN_CHUNKS
 from mloop.monitoring.drift import ColumnReference, detect
 from mloop.monitoring.evaluate import evaluate_window
-from mloop.monitoring.temporal import MIN_CHUNKS, TemporalNull
+from mloop.monitoring.temporal import TemporalNull
 from mloop.storage import ObjectStore
 
 BIKE = Path(__file__).resolve().parents[1] / "examples" / "bike_sharing" / "data" / \

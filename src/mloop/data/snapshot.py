@@ -65,7 +65,7 @@ class SnapshotStore:
         self.objects.write_parquet(f"{digest}/data.parquet", table)
         profile = compute_profile(table, bins=self.bins, top_k=self.top_k)
         if self.time_column and self.window and self.time_column in table.column_names:
-            from mloop.monitoring.temporal import temporal_profile
+            from mloop.data.temporal_profile import temporal_profile
 
             profile["temporal"] = temporal_profile(table, profile, time_column=self.time_column,
                                                    window=self.window)
