@@ -194,7 +194,14 @@ def test_operator_promotion_through_the_page_moves_the_alias_and_is_audited(
         form = browser.find_element("id", "promote-form")
         form.find_element("name", "reason").send_keys("ui test: back to the earlier model")
         form.find_element("name", "force").click()  # its gates vs the better champion may fail
+        logged_in = browser.find_element("css selector", ".flash")
         form.find_element("css selector", "button").click()
+        # the promotion takes seconds (gates, MLflow): wait for the page it redirects to,
+        # not the login's flash still on screen
+        from selenium.webdriver.support.expected_conditions import staleness_of
+        from selenium.webdriver.support.wait import WebDriverWait
+
+        WebDriverWait(browser, 60).until(staleness_of(logged_in))
         flash = browser.find_element("css selector", ".flash").text
         _screenshot(browser, "promoted", tmp_path)
         assert f"v{target} is now champion (was v{champion}" in flash, flash
