@@ -82,13 +82,15 @@ class Served:
 
 def pages(project_dir: Path) -> list[str]:
     """Every page, with the parameters a user would give: a date inside the replay, the
-    champion's version page and an older one, their diff, the audit filtered by kind, the
-    newest pipeline run."""
+    champion's version page and an older one, their diff, the newest window's page, the
+    audit filtered by kind, the newest pipeline run."""
     from mloop.loop.timeline import timeline
+    from mloop.monitoring.windows_store import list_windows
     from mloop.project import open_project
 
     project = open_project(project_dir)
     tl = timeline(project)
+    newest_window = list_windows(project, limit=1)
     versions = sorted({s.version for s in tl.stints}) or [1]
     champion = next((s.version for s in reversed(tl.stints) if s.alias == "champion"), 1)
     mid = (tl.start + (tl.end - tl.start) / 2).date().isoformat() if tl.start and tl.end \
@@ -98,8 +100,8 @@ def pages(project_dir: Path) -> list[str]:
     newest_run = [f"/runs/{r['run_id']}" for r in list_runs(project, limit=1)]
     return ["/", "/timeline", f"/timeline?at={mid}", "/versions", f"/versions/{champion}",
             f"/versions/{versions[0]}", f"/versions/diff?a={versions[0]}&b={champion}",
-            "/monitoring", "/loop", "/audit", "/audit?kind=promote", "/runs", *newest_run,
-            "/snapshots", "/login"]
+            "/monitoring", *[f"/monitoring/windows/{w['id']}" for w in newest_window], "/loop",
+            "/audit", "/audit?kind=promote", "/runs", *newest_run, "/snapshots", "/login"]
 
 
 def measure(project_dir: Path, repeat: int) -> dict[str, Any]:

@@ -309,3 +309,16 @@ def test_a_few_unseen_categories_are_a_quality_finding_not_drift(profile: dict) 
     assert _verdicts(report)["weather"] is False
     assert [f["check"] for f in report["quality"] if f["column"] == "weather"] == [
         "unseen_category"]
+
+
+def test_a_windows_traffic_counts_requests_not_rows_and_their_latency_quantiles() -> None:
+    from mloop.monitoring.service import traffic_summary
+
+    # three requests: one of 3 rows (one log entry: one _ts, one latency), two of one row
+    window = pa.table({"_ts": [1.0, 1.0, 1.0, 2.0, 3.0], "_request_id": list("abcde"),
+                       "_latency_ms": [9.0, 9.0, 9.0, 1.0, 5.0]})
+    out = traffic_summary(window)
+    assert out["requests"] == 3
+    assert out["latency_ms"]["p50"] == 5.0  # per request: 1, 5, 9 (per row it would be 9)
+    assert out["latency_ms"]["p99"] == pytest.approx(float(np.percentile([1, 5, 9], 99)))
+    assert traffic_summary(window.slice(0, 0)) == {"requests": None, "latency_ms": None}

@@ -194,7 +194,14 @@ def test_operator_promotion_through_the_page_moves_the_alias_and_is_audited(
         form = browser.find_element("id", "promote-form")
         form.find_element("name", "reason").send_keys("ui test: back to the earlier model")
         form.find_element("name", "force").click()  # its gates vs the better champion may fail
+        logged_in = browser.find_element("css selector", ".flash")
         form.find_element("css selector", "button").click()
+        # the promotion takes seconds (gates, MLflow): wait for the page it redirects to,
+        # not the login's flash still on screen
+        from selenium.webdriver.support.expected_conditions import staleness_of
+        from selenium.webdriver.support.wait import WebDriverWait
+
+        WebDriverWait(browser, 60).until(staleness_of(logged_in))
         flash = browser.find_element("css selector", ".flash").text
         _screenshot(browser, "promoted", tmp_path)
         assert f"v{target} is now champion (was v{champion}" in flash, flash
@@ -772,3 +779,167 @@ def test_mlflow_links_go_to_the_tracking_server_or_say_how_to_start_one() -> Non
     assert local.hint == "mlflow ui --backend-store-uri sqlite:////srv/p/.mloop/mlflow.db"
     pg = mlflow_ui("postgresql://mloop:hunter2@db:5432/mlflow", secrets={"hunter2"})
     assert "hunter2" not in (pg.hint or "") and pg.hint is not None and "db:5432" in pg.hint
+
+
+# ------------------------------------------------------------ Overview traffic, window page
+
+def _newest_window(project: Any) -> dict[str, Any]:
+    from mloop.monitoring.windows_store import get_window, list_windows
+
+    return get_window(project, list_windows(project, limit=1)[0]["id"])
+
+
+def _text(browser: Any, selector: str) -> str:
+    return str(browser.find_element("css selector", selector).text)
+
+
+def test_overview_shows_the_newest_windows_rate_latency_coverage_and_open_alerts(
+        demo: Path, browser: Any, tmp_path: Path) -> None:
+    from datetime import datetime
+
+    project = open_project(demo)
+    w = _newest_window(project)
+    traffic = w["report"]["traffic"]
+    assert traffic["requests"] and traffic["latency_ms"]  # the monitor recorded them
+    hours = (datetime.fromisoformat(w["end"]) - datetime.fromisoformat(w["start"])
+             ).total_seconds() / 3600
+    with ServerThread(create_ui_app(project)) as srv:
+        browser.get(f"{srv.url}/")
+        assert _severe(browser) == [], _severe(browser)
+        _screenshot(browser, "overview-traffic", tmp_path)
+        assert _text(browser, "#request-rate").startswith(
+            f"request rate: {traffic['requests'] / hours:,.1f} requests/hour "
+            f"({traffic['requests']:,} requests in {hours:.4g} h)")
+        p50, p99 = traffic["latency_ms"]["p50"], traffic["latency_ms"]["p99"]
+        assert _text(browser, "#latency") == f"scoring latency p50 / p99: {p50:.3g} / {p99:.3g} ms"
+        assert _text(browser, "#label-coverage") == f"label coverage: {w['label_coverage']:.0%}"
+        # no server in this process: said, not guessed from the log
+        assert "not served by this process" in _text(browser, "#live")
+        alerts = [e.text for e in browser.find_elements("css selector", "#alerts li.alert")]
+    # the alerts are the monitor's own rules on that window: drift and findings it stored
+    assert w["drifted"] and w["quality_findings"]  # the demo's newest window has both
+    assert f"input drift in {w['drift_share']:.0%} of features" in alerts
+    assert f"{w['quality_findings']} data-quality finding(s)" in alerts
+
+
+def test_live_traffic_sums_the_servers_counters_and_estimates_latency_quantiles() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from mloop.serving.metrics import ServingMetrics
+    from mloop.ui.live import live_traffic
+
+    m = ServingMetrics()
+    for status, n in (("200", 16), ("500", 2), ("422", 2)):
+        m.requests.labels("predict", status, "1").inc(n)
+    for seconds in [0.003] * 10 + [0.015] * 9 + [0.3]:  # buckets (2,5] (10,20] (200,500] ms
+        m.latency.labels("predict").observe(seconds)
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    live = live_traffic([*m.requests.collect(), *m.latency.collect()],
+                        since=now - timedelta(seconds=40), now=now)
+    assert (live.requests, live.server_errors, live.client_errors) == (20, 2, 2)
+    assert live.error_rate == 0.1 and live.per_second == 0.5
+    # Prometheus's histogram_quantile: rank 10 of 20 ends the (2, 5] ms bucket; rank 19.8
+    # falls 0.8 of the way into the (200, 500] ms bucket, which holds one observation
+    assert live.p50_ms == pytest.approx(5.0)
+    assert live.p99_ms == pytest.approx(200 + 300 * 0.8)
+
+
+def test_overview_inside_serve_ui_shows_the_servers_own_request_counters(
+        project_copy: Path, browser: Any) -> None:
+    import pyarrow.parquet as pq
+
+    from mloop.ui.mount import build_app_with_ui
+
+    from .serving_util import FAST
+
+    project = open_project(project_copy)
+    cfg = project.config.serving.model_copy(update=FAST)
+    with ServerThread(build_app_with_ui(project, cfg, auth=False)) as srv:
+        inputs = [c["name"] for c in srv.get("/model").json()["champion"]["signature"]]
+        row = pq.read_table(project_copy / project.config.data.path).slice(0, 1).to_pylist()[0]
+        record = {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in row.items()
+                  if k in inputs}
+        for _ in range(3):
+            assert srv.post("/predict", {"records": [record]}).status_code == 200
+        assert srv.post("/predict", {"records": "not a list"}).status_code in (400, 422)
+        browser.get(f"{srv.url}/ui/")
+        assert _severe(browser) == [], _severe(browser)
+        assert _text(browser, "#live-rate").startswith("requests: 4 (")
+        assert _text(browser, "#live-errors").startswith(
+            "error rate (5xx): 0.00% (0 errors, 1 refused 4xx)")
+        assert re.fullmatch(r"HTTP latency p50 / p99: [\d.e+-]+ / [\d.e+-]+ ms",
+                            _text(browser, "#live-latency"))
+
+
+def test_window_page_draws_reference_and_window_bars_for_every_feature(
+        demo: Path, browser: Any, tmp_path: Path) -> None:
+    project = open_project(demo)
+    w = _newest_window(project)
+    columns = w["report"]["drift"]["columns"]
+    pred = w["report"]["prediction_drift"]["columns"][0]
+    bins = sum(len(c["labels"]) for c in columns) + len(pred["labels"])
+    with ServerThread(create_ui_app(project)) as srv:
+        # the heatmap links each cell to its window's page, at the feature
+        browser.get(f"{srv.url}/monitoring")
+        links = [a.get_dom_attribute("href") for a in browser.find_elements(
+            "css selector", "svg.heatmap a")]
+        link = f"/monitoring/windows/{w['id']}#f-{columns[0]['column']}"
+        assert link in links
+        browser.get(srv.url + link)
+        assert _severe(browser) == [], _severe(browser)
+        _screenshot(browser, "window", tmp_path)
+
+        def count(selector: str) -> int:
+            return len(browser.find_elements("css selector", selector))
+
+        assert count("svg.dist .mark.ref") == bins
+        assert count("svg.dist .mark.cur") == bins
+        assert count("#distributions svg.dist") == len(columns)
+        assert count("#distributions .mark.cur.drifted") == sum(
+            len(c["labels"]) for c in columns if c["drifted"])
+        assert count(f"#f-{columns[0]['column']} svg.dist") == 1
+        assert count("#prediction svg.dist") == 1
+        assert count("#quality tr.finding") == len(w["report"]["quality"])
+        # a bar's title gives its share: the stored one
+        first = browser.find_element("css selector", "#distributions .mark.cur title")
+        assert first.get_attribute("textContent") == (
+            f"{columns[0]['labels'][0]}: {columns[0]['window_hist'][0]:.1%} of this window")
+
+
+def test_window_page_of_a_window_evaluated_before_histograms_says_they_were_not_recorded(
+        project_copy: Path) -> None:
+
+    from mloop.store.models import MonitorWindowRow
+
+    project = open_project(project_copy)
+    w = _newest_window(project)
+    with project.store.session() as s:
+        row = s.get(MonitorWindowRow, w["id"])
+        report = {k: v for k, v in row.report.items() if k != "traffic"}
+        report["drift"] = {**report["drift"], "columns": [
+            {k: v for k, v in c.items() if k != "window_hist"}
+            for c in report["drift"]["columns"]]}
+        row.report = report
+        s.commit()
+    with ServerThread(create_ui_app(project)) as srv:
+        page = requests.get(f"{srv.url}/monitoring/windows/{w['id']}", timeout=30)
+        overview = requests.get(f"{srv.url}/", timeout=30).text
+    assert page.status_code == 200, page.text[-2000:]
+    assert page.text.count("Histograms not recorded for this window.") == len(
+        report["drift"]["columns"])
+    assert "class='mark ref'" not in page.text.split('id="prediction"')[0]
+    assert "scoring latency p50 / p99: <span class=\"muted\">not recorded for this window" \
+        in overview
+    # without the recorded requests, the rate is the window's rows per hour, and says so
+    assert f"rows/hour <span class=\"muted\">({w['rows']:,} rows in " in overview
+
+
+@pytest.mark.parametrize("window_id, message", [
+    ("987654", "no monitored window 987654 for &#39;bike-sharing&#39;"),
+    ("last", "no monitored window &#39;last&#39;: a window id is a whole number"),
+])
+def test_an_unknown_window_is_a_404_naming_it(demo: Path, window_id: str, message: str) -> None:
+    with ServerThread(create_ui_app(open_project(demo))) as srv:
+        r = requests.get(f"{srv.url}/monitoring/windows/{window_id}", timeout=30)
+    assert r.status_code == 404
+    assert message in r.text

@@ -31,6 +31,7 @@ from mloop.errors import (
     StaleStateError,
     StepFailedError,
     ValidationFailedError,
+    WindowNotFoundError,
 )
 from mloop.pipeline.dsl import pipeline, step
 from mloop.tracking import log_metric, log_metrics
@@ -71,6 +72,7 @@ __all__ = [
     "StaleStateError",
     "StepFailedError",
     "ValidationFailedError",
+    "WindowNotFoundError",
     "__version__",
     "log_metric",
     "log_metrics",

@@ -25,16 +25,17 @@ Each is also importable from ``mloop`` itself.
     ├── LeaseLostError           (a StaleStateError) this controller's lease ran out or was
     │                            taken over: stop acting
     ├── LeaseHeldError           another loop controller holds the lease (carries holder, until)
-    └── PurgeNotFoundError       no inference-log purge with that id
+    ├── PurgeNotFoundError       no inference-log purge with that id
+    └── WindowNotFoundError      no monitored window with that id for the project's model
 
 ``MloopError`` itself is raised where no caller would handle the case apart from any other
 user error, the message being all there is to act on: a bad argument or option value
-(``--weight``, ``--out``, a window like ``1x``), an id that names nothing (a monitored window,
-a token, a study), a missing ``--reason``, a precondition not met yet (too few labelled rows to
-retrain), a version mloop did not make (no lineage tags to gate or monitor with), a machine
-that lacks something (Spark without S3A), a process that failed on its way (the demo's server,
-a tune worker), mloop's own records in a shape it cannot read. A subclass is added when some
-caller catches it on its own.
+(``--weight``, ``--out``, a window like ``1x``), an id that names nothing (a token, a study),
+a missing ``--reason``, a precondition not met yet (too few labelled rows to retrain), a
+version mloop did not make (no lineage tags to gate or monitor with), a machine that lacks
+something (Spark without S3A), a process that failed on its way (the demo's server, a tune
+worker), mloop's own records in a shape it cannot read. A subclass is added when some caller
+catches it on its own.
 """
 
 from __future__ import annotations
@@ -168,3 +169,7 @@ class LeaseHeldError(MloopError):
 
 class PurgeNotFoundError(MloopError):
     pass
+
+
+class WindowNotFoundError(MloopError):
+    """No monitored window with that id for the project's model (the dashboard answers 404)."""

@@ -187,6 +187,22 @@ def _versions(window: pa.Table) -> list[int]:
     return sorted(int(v) for v in pc.unique(window.column("_version")).to_pylist())
 
 
+def traffic_summary(window: pa.Table) -> dict[str, Any]:
+    """The window's requests and their scoring latency, kept in its report so the dashboard
+    shows them without rescanning the log. A request's rows share its ``_ts`` and
+    ``_latency_ms`` (one log entry each), so the distinct pairs are its requests; latency is
+    per request, not per row, in milliseconds as the server logged it (time in the model,
+    not HTTP)."""
+    if not window.num_rows or "_latency_ms" not in window.column_names:
+        return {"requests": None, "latency_ms": None}
+    pairs = window.select(["_ts", "_latency_ms"]).group_by(["_ts", "_latency_ms"]).aggregate([])
+    latency = pairs.column("_latency_ms").to_numpy(zero_copy_only=False).astype(np.float64)
+    latency = latency[np.isfinite(latency)]
+    quantiles = ({"p50": float(np.percentile(latency, 50)),
+                  "p99": float(np.percentile(latency, 99))} if latency.size else None)
+    return {"requests": pairs.num_rows, "latency_ms": quantiles}
+
+
 def run_monitor(project: Project, *, window: str | None = None,
                 since: datetime | None = None, until: datetime | None = None,
                 seed: int = 0) -> dict[str, Any]:
@@ -231,6 +247,7 @@ def run_monitor(project: Project, *, window: str | None = None,
         report = evaluate_window(ref.profile, part, cfg, columns=ref.features,
                                  null_cache=cache, seed=seed, size=spec.text)
         report["versions"] = _versions(part)
+        report["traffic"] = traffic_summary(part)
         report["reference_version"] = ref.version
         last_ts = part.column("_ts")[-1]
         report["boundary_ids"] = part.filter(pc.equal(part.column("_ts"), last_ts)).column(

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 
 from mloop.config import parse_window
-from mloop.errors import MloopError
+from mloop.errors import MloopError, WindowNotFoundError
 from mloop.store.db import as_utc
 from mloop.store.models import MonitorWindowRow
 
@@ -139,7 +139,7 @@ def get_window(project: Project, window_id: int) -> dict[str, Any]:
     with project.store.session() as s:
         row = s.get(MonitorWindowRow, window_id)
         if row is None or row.model != project.config.model_name:
-            raise MloopError(f"no monitored window {window_id} for "
+            raise WindowNotFoundError(f"no monitored window {window_id} for "
                              f"'{project.config.model_name}' (`mloop monitor windows` lists "
                              f"the stored windows and their ids)")
         return {**window_summary(row), "spec": row.spec, "report": row.report}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import secrets
 import threading
+from collections.abc import Callable
 from importlib import resources
 
 import jinja2
@@ -19,8 +20,9 @@ from starlette.staticfiles import StaticFiles
 
 from mloop.errors import MloopError
 from mloop.project import Project
-from mloop.ui import actions, diff, pages, runs
+from mloop.ui import actions, diff, monitoring_pages, pages, runs
 from mloop.ui.auth import Forbidden
+from mloop.ui.live import LiveTraffic
 
 SESSION_COOKIE = "mloop_ui"
 SESSION_SECONDS = 12 * 3600
@@ -42,6 +44,8 @@ ROUTES = [
     Route("/versions/diff", diff.diff_page, methods=["GET"], name="versions_diff"),
     Route("/versions/{version:int}", pages.version_page, methods=["GET"], name="version"),
     Route("/monitoring", pages.monitoring_page, methods=["GET"], name="monitoring"),
+    Route("/monitoring/windows/{window_id}", monitoring_pages.window_page, methods=["GET"],
+          name="window"),
     Route("/loop", pages.loop_page, methods=["GET"], name="loop"),
     Route("/audit", pages.audit_page, methods=["GET"], name="audit"),
     Route("/runs", runs.runs_page, methods=["GET"], name="runs"),
@@ -71,9 +75,14 @@ async def forbidden(request: Request, exc: Exception) -> Response:
 
 async def domain_error(request: Request, exc: Exception) -> Response:
     """A domain error on a read page (no such version, a bad ``?at=``): 404 or 400."""
-    from mloop.errors import ModelNotFoundError, RunNotFoundError, SnapshotNotFoundError
+    from mloop.errors import (
+        ModelNotFoundError,
+        RunNotFoundError,
+        SnapshotNotFoundError,
+        WindowNotFoundError,
+    )
 
-    missing = (ModelNotFoundError, RunNotFoundError, SnapshotNotFoundError)
+    missing = (ModelNotFoundError, RunNotFoundError, SnapshotNotFoundError, WindowNotFoundError)
     return _error_page(request, 404 if isinstance(exc, missing) else 400, str(exc))
 
 
@@ -103,12 +112,16 @@ def templates() -> jinja2.Environment:
 
 
 def create_ui_app(project: Project, *, auth: bool = False, secure: bool = False,
-                  secret_key: str | None = None) -> Starlette:
+                  secret_key: str | None = None,
+                  live: Callable[[], LiveTraffic] | None = None) -> Starlette:
     """The dashboard of ``project``.
 
     ``auth``: reading needs a login too (acting always does). ``secure``: the session cookie
     is sent over TLS only (``mloop ui`` sets it when it serves HTTPS). ``secret_key`` signs
     sessions; by default a fresh random key, so sessions end when the process does.
+    ``live`` reads the serving process's request counters (``mloop serve --ui`` passes
+    :func:`mloop.ui.live.server_reader`); without it the Overview says they are not served
+    by this process.
     """
     app = Starlette(
         routes=ROUTES,
@@ -120,5 +133,6 @@ def create_ui_app(project: Project, *, auth: bool = False, secure: bool = False,
     app.state.project = project
     app.state.auth = auth
     app.state.templates = templates()
+    app.state.live = live
     app.state.chain_lock = threading.Lock()  # the audit chain's last check (pages.check_chain)
     return app

@@ -9,7 +9,8 @@ figure; these are string templates, well under a millisecond per mark.
 from __future__ import annotations
 
 import html
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -258,9 +259,13 @@ def _mid(w: dict[str, Any]) -> datetime:
 
 def heatmap_svg(windows: Sequence[dict[str, Any]], features: Sequence[str],
                 scores: dict[tuple[int, str], tuple[float, float, bool]], *,
-                cell_w: float | None = None, cell_h: float = 16.0) -> Markup:
+                cell_w: float | None = None, cell_h: float = 16.0,
+                href: Callable[[int, str | None], str] | None = None) -> Markup:
     """Windows (columns, oldest left) x features (rows): each cell's shade is its drift score
-    over its threshold (red when drifted). Cells are as wide as ~1000 px allows (6 to 60)."""
+    over its threshold (red when drifted). Cells are as wide as ~1000 px allows (6 to 60).
+
+    ``href(window id, feature or None)`` links each cell, each date label (its window) and
+    each feature label (the newest window, at that feature) to the window's page."""
     if not windows or not features:
         return Markup("<p class='muted'>No windows evaluated yet.</p>")
     if cell_w is None:
@@ -268,9 +273,10 @@ def heatmap_svg(windows: Sequence[dict[str, Any]], features: Sequence[str],
     label_every = max(1, round(80 / cell_w))  # a date label every ~80 px
     left, top = 110, 8
     parts = []
+    newest = windows[-1]["id"]
     for j, f in enumerate(features):
-        parts.append(f"<text x='4' y='{top + j * cell_h + cell_h - 4}' class='lane'>"
-                     f"{_e(f)}</text>")
+        parts.append(_link(href, newest, f, f"<text x='4' y='{top + j * cell_h + cell_h - 4}' "
+                                            f"class='lane'>{_e(f)}</text>"))
     for i, w in enumerate(windows):
         x = left + i * cell_w
         for j, f in enumerate(features):
@@ -283,15 +289,72 @@ def heatmap_svg(windows: Sequence[dict[str, Any]], features: Sequence[str],
                     else f"rgba(78,121,167,{0.08 + 0.5 * ratio:.2f})")
             title = (f"{f} in window {w['start'][:16]} → {w['end'][:16]}: score {score:.3g}, "
                      f"threshold {threshold:.3g}, {'drift' if drifted else 'no drift'}")
-            parts.append(f"<rect class='mark cell{' drifted' if drifted else ''}' "
-                         f"x='{x:.1f}' y='{top + j * cell_h}' width='{cell_w - 0.5:.1f}' "
-                         f"height='{cell_h - 1}' fill='{fill}'><title>{_e(title)}</title>"
-                         f"</rect>")
+            parts.append(_link(href, w["id"], f, (
+                f"<rect class='mark cell{' drifted' if drifted else ''}' "
+                f"x='{x:.1f}' y='{top + j * cell_h}' width='{cell_w - 0.5:.1f}' "
+                f"height='{cell_h - 1}' fill='{fill}'><title>{_e(title)}</title></rect>")))
         if i % label_every == 0:
-            parts.append(f"<text x='{x:.1f}' y='{top + len(features) * cell_h + 12}' "
-                         f"class='tick'>{_e(w['start'][:10])}</text>")
+            parts.append(_link(href, w["id"], None, (
+                f"<text x='{x:.1f}' y='{top + len(features) * cell_h + 12}' "
+                f"class='tick'>{_e(w['start'][:10])}</text>")))
     width = left + len(windows) * cell_w + 80
     height = top + len(features) * cell_h + 20
     return Markup(f"<svg class='chart heatmap' viewBox='0 0 {width:.0f} {height}' "
                   f"style='max-width:{width:.0f}px' role='img' aria-label='drift heatmap'>"
                   f"{''.join(parts)}</svg>")
+
+
+def _link(href: Callable[[int, str | None], str] | None, window_id: int, feature: str | None,
+          inner: str) -> str:
+    if href is None:
+        return inner
+    return f"<a href='{_e(href(window_id, feature))}'>{inner}</a>"
+
+
+def feature_anchor(feature: str) -> str:
+    """The id of a feature's section on a window's page (a link's ``#fragment``)."""
+    return "f-" + "".join(c if c.isalnum() or c in "-_" else "-" for c in feature)
+
+
+def distribution_svg(col: dict[str, Any], *, width: int = 600, height: int = 180) -> Markup:
+    """One feature in one window: the reference share per bin (or category) beside the
+    window's, on the reference's bins. ``col`` is a column of a stored drift report
+    (``labels``, ``reference_hist``, ``window_hist``: shares that sum to 1). Each bar is a
+    mark: ``ref`` for the reference, ``cur`` for the window (``drifted`` when it drifted)."""
+    labels, ref, cur = col["labels"], col["reference_hist"], col["window_hist"]
+    n = len(labels)
+    if not n:
+        return Markup("<p class='muted'>No bins recorded.</p>")
+    left, top, bottom = 36, 8, 34
+    plot_h = height - top - bottom
+    slot = (width - left - 4) / n
+    bar = max(slot * 0.4, 0.8)
+    peak = max([*ref, *cur, 1e-9])
+    drifted = " drifted" if col.get("drifted") else ""
+    parts = [f"<line x1='{left}' x2='{width - 4}' y1='{top + plot_h}' y2='{top + plot_h}' "
+             f"class='base'/>",
+             f"<text x='{left - 4}' y='{top + 8}' class='tick end'>{peak:.0%}</text>",
+             f"<text x='{left - 4}' y='{top + plot_h}' class='tick end'>0</text>"]
+    label_every = max(1, math.ceil(n / ((width - left) // 70)))  # a label every ~70 px
+    for i, label in enumerate(labels):
+        x = left + i * slot + slot * 0.1
+        for cls, share, dx, who in (("ref", ref[i], 0.0, "reference"),
+                                    (f"cur{drifted}", cur[i], bar, "this window")):
+            h = max(share / peak * plot_h, 0.5 if share else 0.0)
+            parts.append(f"<rect class='mark {cls}' x='{x + dx:.1f}' "
+                         f"y='{top + plot_h - h:.1f}' width='{bar:.1f}' height='{h:.1f}'>"
+                         f"<title>{_e(label)}: {share:.1%} of {who}</title></rect>")
+        if i % label_every == 0:
+            parts.append(f"<text x='{x:.1f}' y='{top + plot_h + 12}' class='tick'>"
+                         f"{_e(_bin_label(str(label)))}</text>")
+    return Markup(f"<svg class='chart dist' viewBox='0 0 {width} {height}' role='img' "
+                  f"aria-label='{_e(col.get('column', ''))}: reference vs window'>"
+                  f"{''.join(parts)}</svg>")
+
+
+def _bin_label(label: str) -> str:
+    """A numeric bin ``[a, b)`` is labelled by its lower edge under its bar (the bar's title
+    gives both); a category by its name, cut to fit."""
+    if label.startswith("[") and ", " in label:
+        return label[1:label.index(", ")]
+    return label if len(label) <= 10 else label[:9] + "…"

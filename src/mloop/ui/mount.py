@@ -4,7 +4,7 @@ The dashboard is the same app ``mloop ui`` serves; only its mount point differs 
 redirects carry the ``root_path`` Starlette sets under a ``Mount``). It follows the server's
 auth rules: when the server requires bearer tokens, reading the dashboard needs a login too;
 acting always needs an admin token. Its session cookie is ``Secure`` when the server speaks
-TLS.
+TLS. Its Overview reads this server's own request counters (:mod:`mloop.ui.live`).
 
 This module sits above :mod:`mloop.server` (which knows nothing of the dashboard) and hands it
 the builder and, for ``--workers N``, the factory each worker imports. The workers share one
@@ -39,10 +39,12 @@ def build_app_with_ui(project: Project, cfg: ServingConfig, *, auth: bool) -> An
     ``/ui``, reading with the same auth rule as the server."""
     from mloop.server import build_app
     from mloop.ui.app import create_ui_app
+    from mloop.ui.live import server_reader
 
     app = build_app(project, cfg, auth=auth)
     app.mount(MOUNT, create_ui_app(project, auth=auth, secure=cfg.tls_cert is not None,
-                                   secret_key=session_secret()), name="ui")
+                                   secret_key=session_secret(),
+                                   live=server_reader(app.state.mloop.metrics)), name="ui")
     return app
 
 

@@ -62,6 +62,7 @@ def overview(request: Request) -> Response:
     from mloop.loop.timeline import timeline_head
     from mloop.registry.promotion import history
     from mloop.serving.deploy import desired_state
+    from mloop.ui.monitoring_pages import overview_signals
 
     require_reader(request)
     project = request.app.state.project
@@ -78,7 +79,8 @@ def overview(request: Request) -> Response:
     return render(request, "overview.html", page="overview", state=state,
                   open_rows=open_rows, since=since, loop=loop, cooldown_until=cooldown_until,
                   latest=latest, decisions=list(reversed(tl.decisions))[:8],
-                  alias_drift=hist["drift"], margin=project.config.monitoring.performance_margin)
+                  alias_drift=hist["drift"], margin=project.config.monitoring.performance_margin,
+                  **overview_signals(request, latest))
 
 
 def timeline_page(request: Request) -> Response:
@@ -191,6 +193,7 @@ def check_chain(state: Any, *, full: bool = False) -> tuple[Any, datetime]:
 def monitoring_page(request: Request) -> Response:
     from mloop.monitoring.windows_store import count_windows, list_windows, window_spec
     from mloop.ui.charts import heatmap_svg
+    from mloop.ui.monitoring_pages import window_href
 
     require_reader(request)
     project = request.app.state.project
@@ -213,9 +216,10 @@ def monitoring_page(request: Request) -> Response:
             scores[(w["id"], c["column"])] = (float(c.get("score") or 0.0), float(threshold),
                                               bool(c["drifted"]))
         w.pop("report", None)
+    href = window_href(request.scope.get("root_path", ""))
     return render(request, "monitoring.html", page="monitoring", spec=spec,
                   windows=windows, total=count_windows(project, spec),
-                  heatmap=heatmap_svg(windows, features, scores), features=features)
+                  heatmap=heatmap_svg(windows, features, scores, href=href), features=features)
 
 
 def loop_page(request: Request) -> Response:
