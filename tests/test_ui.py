@@ -30,7 +30,7 @@ from mloop.security.audit import list_events
 from mloop.security.tokens import create_token
 from mloop.ui import create_ui_app
 from mloop.ui.app import ACTION_PATHS, SESSION_COOKIE
-from mloop.ui.pages import NAV
+from mloop.ui.render import NAV
 
 from .helpers import copy_project, require
 from .serving_util import ServerThread
@@ -736,6 +736,10 @@ def test_version_diff_refuses_bad_input_with_a_4xx_naming_the_value(
                                 "got 100000"),
     ("/runs/no-such-run", 404, "no pipeline run 'no-such-run'"),
     ("/snapshots?limit=-3", 400, "query parameter 'limit' must be between 1 and 200, got -3"),
+    # these two were a 500 from int() before the pages shared one checker
+    ("/audit?limit=all", 400, "query parameter 'limit' must be an integer, got 'all'"),
+    ("/monitoring?limit=5000", 400, "query parameter 'limit' must be between 1 and 2000, "
+                                    "got 5000"),
 ])
 def test_runs_and_snapshots_pages_refuse_bad_input_naming_it(
         demo: Path, path: str, status: int, named: str) -> None:

@@ -20,7 +20,7 @@ from starlette.staticfiles import StaticFiles
 
 from mloop.errors import MloopError
 from mloop.project import Project
-from mloop.ui import actions, diff, monitoring_pages, pages, runs
+from mloop.ui import actions, diff, monitoring_pages, pages, render, runs
 from mloop.ui.auth import Forbidden
 from mloop.ui.live import LiveTraffic
 
@@ -29,7 +29,7 @@ SESSION_SECONDS = 12 * 3600
 
 
 def login_page(request: Request) -> Response:
-    return pages.render(request, "login.html", page="login",
+    return render.render(request, "login.html", page="login",
                         next=request.query_params.get("next", "/"))
 
 
@@ -92,8 +92,8 @@ def _error_page(request: Request, status: int, message: str) -> Response:
     template = request.app.state.templates.get_template("error.html")
     return HTMLResponse(template.render(
         request=request, user=current_user(request), csrf=csrf_token(request), flash=None,
-        status=status, message=message, nav=pages.NAV, page="",
-        root=request.scope.get("root_path", ""), here=pages.here(request),
+        status=status, message=message, nav=render.NAV, page="",
+        root=request.scope.get("root_path", ""), here=render.here(request),
         model=request.app.state.project.config.model_name,
         project=request.app.state.project.name, auth=request.app.state.auth),
         status_code=status)

@@ -8,8 +8,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from mloop.ui.auth import require_reader
-from mloop.ui.pages import render
 from mloop.ui.params import int_param
+from mloop.ui.render import render
 
 
 def diff_page(request: Request) -> Response:

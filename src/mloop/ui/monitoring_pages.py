@@ -15,7 +15,7 @@ from starlette.responses import Response
 from mloop.errors import WindowNotFoundError
 from mloop.ui.auth import require_reader
 from mloop.ui.live import LiveTraffic
-from mloop.ui.pages import render
+from mloop.ui.render import render
 
 
 def window_href(root: str) -> Any:

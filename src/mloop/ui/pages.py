@@ -9,40 +9,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, Response
+from starlette.responses import Response
 
 from mloop.errors import MloopError
 from mloop.timeparse import parse_iso_time
-from mloop.ui.auth import csrf_token, current_user, pop_flash, require_reader
-
-
-def render(request: Request, template: str, status: int = 200, **context: Any) -> Response:
-    """Render ``template`` with what every page needs (user, CSRF token, flash, nav)."""
-    state = request.app.state
-    user = current_user(request)
-    body = state.templates.get_template(template).render(
-        request=request, user=user, csrf=csrf_token(request), flash=pop_flash(request),
-        model=state.project.config.model_name, project=state.project.name,
-        auth=state.auth, nav=NAV, root=request.scope.get("root_path", ""),
-        here=here(request), **context)
-    return HTMLResponse(body, status_code=status)
-
-
-def here(request: Request) -> str:
-    """This page's path inside the app, without the mount point: what a form's ``next`` and
-    a login link carry (the redirect adds the mount point back). Under ``mloop serve --ui``
-    Starlette keeps the full path (``/ui/versions/3``) and puts ``/ui`` in ``root_path``."""
-    path: str = request.scope["path"]
-    root: str = request.scope.get("root_path", "")
-    if root and path.startswith(root):
-        path = path[len(root):]
-    return path or "/"
-
-
-NAV = [("overview", "/", "Overview"), ("timeline", "/timeline", "Timeline"),
-       ("versions", "/versions", "Versions"), ("monitoring", "/monitoring", "Monitoring"),
-       ("loop", "/loop", "Loop"), ("audit", "/audit", "Audit"),
-       ("runs", "/runs", "Runs"), ("snapshots", "/snapshots", "Snapshots")]
+from mloop.ui.auth import require_reader
+from mloop.ui.params import int_param
+from mloop.ui.render import render
 
 
 def _parse_day(text: str | None) -> datetime | None:
@@ -165,7 +138,7 @@ def audit_page(request: Request) -> Response:
     require_reader(request)
     project = request.app.state.project
     kind = request.query_params.get("kind") or None
-    limit = min(int(request.query_params.get("limit") or 200), 5000)
+    limit = int_param(request, "limit", default=200, high=5000)
     events = list_events(project.store, limit=limit, kind=kind)
     chain, full_at = check_chain(request.app.state,
                                  full=request.query_params.get("verify") == "all")
@@ -198,7 +171,7 @@ def monitoring_page(request: Request) -> Response:
     require_reader(request)
     project = request.app.state.project
     spec = window_spec(project, request.query_params.get("window"))
-    limit = min(int(request.query_params.get("limit") or 120), 2000)
+    limit = int_param(request, "limit", default=120, high=2000)
     windows = list_windows(project, window=spec, limit=limit, with_reports=True)
     scores: dict[tuple[int, str], tuple[float, float, bool]] = {}
     features: list[str] = []

@@ -10,8 +10,8 @@ from starlette.responses import Response
 
 from mloop.ui.auth import require_reader
 from mloop.ui.links import project_mlflow_ui
-from mloop.ui.pages import render
 from mloop.ui.params import int_param
+from mloop.ui.render import render
 
 RUNS_LIMIT, RUNS_MAX = 50, 200
 SNAPSHOTS_LIMIT, SNAPSHOTS_MAX = 30, 200
