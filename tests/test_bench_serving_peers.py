@@ -120,3 +120,35 @@ def test_file_digests_key_the_data_files_by_their_path_in_the_project(tmp_path: 
         "data/a.parquet": "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"}
     assert peers.file_digests(data / "a.parquet", tmp_path / "elsewhere") == {
         str(data / "a.parquet"): digests["data/a.parquet"]}
+
+
+def test_the_lightgbm_option_swaps_only_the_examples_model_and_its_search_space() -> None:
+    """``bench_serving.py --estimator lightgbm``: the same data, features, gates and serving
+    as the bike example, LightGBM as its estimator (its tune space names scikit-learn's)."""
+    import sys
+
+    import yaml
+
+    from mloop.config import ProjectConfig
+
+    sys.path[:0] = [str(REPO / "benchmarks" / "serving"), str(REPO / "benchmarks")]
+    try:
+        spec = importlib.util.spec_from_file_location(
+            "bench_serving_main", REPO / "benchmarks" / "serving" / "bench_serving.py")
+        assert spec is not None and spec.loader is not None
+        bench = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = bench  # its dataclasses look their module up there
+        spec.loader.exec_module(bench)
+    finally:
+        del sys.path[:2]
+        sys.modules.pop("bench_serving_main", None)
+    text = (REPO / "examples" / "bike_sharing" / "mloop.yaml").read_text()
+    assert bench.with_estimator(text, "sklearn") == text
+    original = ProjectConfig(**yaml.safe_load(text))
+    swapped = ProjectConfig(**yaml.safe_load(bench.with_estimator(text, "lightgbm")))
+    assert swapped.model.estimator == "lightgbm.LGBMRegressor"
+    assert swapped.model.params["objective"] == "poisson"
+    assert swapped.model.name == original.model.name and swapped.model.threads == 1
+    assert swapped.tune is None and original.tune is not None
+    for key in ("data", "target", "task", "features", "split", "metrics", "gates", "serving"):
+        assert getattr(swapped, key) == getattr(original, key), key

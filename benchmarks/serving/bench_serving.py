@@ -1,6 +1,7 @@
 """Online serving: the server's effect and the compiler's, separated, against MLServer and MLflow.
 
-    python benchmarks/serving/bench_serving.py [--project DIR] [--duration 20] [--repeats 1]
+    python benchmarks/serving/bench_serving.py [--project DIR | --estimator lightgbm]
+        [--duration 20] [--repeats 1]
         [--mlserver-venv .venv-mlserver] [--skip-mlserver] [--out benchmarks/serving/results.json]
 
 What is measured: HTTP throughput (req/s) and latency (p50, p99) of one-row prediction
@@ -70,9 +71,12 @@ the example is copied to a temp folder and ``mloop run`` trains, registers and p
 1 of ``bike-sharing`` (~20 s; if a gate fails there the benchmark stops unless run with
 ``--allow-override``, which force-promotes v1 in that throwaway copy, prints an OVERRIDE line
 and records it under ``overrides`` in the results); with ``--project DIR`` that trained project
-is reused (its champion is served by every server). The request row is a real row of
-``data/bike_hourly.parquet`` (``--row``, default 5000: 2011-08-01 06:00, outside the training
-window), typed by the signature mloop's GET /model reports (doubles sent as JSON floats).
+is reused (its champion is served by every server). ``--estimator lightgbm`` trains the
+example with ``lightgbm.LGBMRegressor`` (Poisson objective, 300 trees, the same preprocessing)
+instead of scikit-learn's gradient boosting; mloop compiles it through onnxmltools. The
+request row is a real row of ``data/bike_hourly.parquet`` (``--row``, default 5000:
+2011-08-01 06:00, outside the training window), typed by the signature mloop's GET /model
+reports (doubles sent as JSON floats).
 
 Targets (printed as PASS/MISS). Issue 19's, mloop compiled against MLflow: at 8 and 32
 connections req/s >= 20x and p99 <= 1/5; at 1 connection p50 <= 1/2; zero errors on both
@@ -439,9 +443,42 @@ def _diff(after: dict[str, float], before: dict[str, float]) -> dict[str, float]
 
 # --------------------------------------------------------------------------- the model
 
-def train_example(workdir: Path) -> tuple[Path, str]:
+# ``--estimator lightgbm``: the example's model block with LightGBM in the place of
+# scikit-learn's gradient boosting (the same preprocessing, loss and size)
+LIGHTGBM_MODEL = """\
+model:
+  name: bike-sharing
+  estimator: lightgbm.LGBMRegressor
+  params:
+    objective: poisson
+    n_estimators: 300
+    learning_rate: 0.08
+    random_state: 0
+    n_jobs: 1
+    verbose: -1
+  threads: 1
+"""
+ESTIMATORS = ("sklearn", "lightgbm")
+
+
+def with_estimator(config: str, estimator: str) -> str:
+    """The example's mloop.yaml text with ``estimator``'s model block (``sklearn``: as is).
+    Its tune search space names scikit-learn's parameters, so it goes with the swap."""
+    if estimator == "sklearn":
+        return config
+    model = re.search(r"^model:\n(?:[ #].*\n)+", config, flags=re.M)
+    tune = re.search(r"^tune:.*\n(?:[ #].*\n)+\n?", config, flags=re.M)
+    if model is None or tune is None:
+        raise SystemExit("the bike example's mloop.yaml has no model: or tune: block to swap")
+    out = config[:model.start()] + LIGHTGBM_MODEL + config[model.end():]
+    return out.replace(tune.group(0), "")
+
+
+def train_example(workdir: Path, estimator: str = "sklearn") -> tuple[Path, str]:
     project = workdir / "bike_sharing"
     shutil.copytree(EXAMPLE, project, ignore=shutil.ignore_patterns(".mloop"))
+    config = project / "mloop.yaml"
+    config.write_text(with_estimator(config.read_text(), estimator))
     print(f"training the example in {project} (mloop run) ...", flush=True)
     t0 = time.perf_counter()
     env = dict(_ORIGINAL_ENV)
@@ -785,6 +822,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--project", type=Path, help="an already trained mloop project (skips "
                     "training the bike-sharing example)")
+    ap.add_argument("--estimator", choices=ESTIMATORS, default="sklearn",
+                    help="the model the example trains without --project: its scikit-learn "
+                    "gradient boosting (default), or LightGBM's (the lightgbm extra)")
     ap.add_argument("--duration", type=int, default=20, help="seconds per wrk run (default 20)")
     ap.add_argument("--repeats", type=int, default=1, help="runs per cell; medians reported")
     ap.add_argument("--warmup", type=int, default=3, help="warm-up seconds per server")
@@ -807,6 +847,9 @@ def main() -> None:
                     "project and server logs)")
     ap.add_argument("--out", type=Path, default=HERE / "results.json")
     args = ap.parse_args()
+    if args.project and args.estimator != "sklearn":
+        ap.error("--estimator chooses the model of the example the benchmark trains; with "
+                 "--project the project's own champion is served")
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed (apt-get install wrk)")
 
@@ -839,7 +882,7 @@ def main() -> None:
         if args.project:
             project_dir = args.project.resolve()
         else:
-            project_dir, run_stdout = train_example(workdir)
+            project_dir, run_stdout = train_example(workdir, args.estimator)
         from mloop.project import open_project  # light import: no mlflow
 
         project = open_project(project_dir)
@@ -1119,7 +1162,8 @@ def main() -> None:
             "mloop_nocompile_model_info": nocompile_info,
             "row_index": idx[0], "row": row, "data": str(data_path),
             "check_predictions": check,
-            "config": {"duration_s": args.duration, "repeats": args.repeats,
+            "config": {"estimator": None if args.project else args.estimator,
+                       "duration_s": args.duration, "repeats": args.repeats,
                        "warmup_s": args.warmup, "connections": args.connections,
                        "order": "servers interleaved per (repeat, C), rotated one place each",
                        "wrk": "wrk -t1 -cC -dDs --latency -s post.lua", "env": SERVER_ENV,

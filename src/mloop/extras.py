@@ -30,7 +30,8 @@ class Extra:
 
 
 EXTRAS: dict[str, Extra] = {e.name: e for e in (
-    Extra("fast", ("onnxruntime", "skl2onnx", "onnx"), "skl2onnx and onnxruntime",
+    Extra("fast", ("onnxruntime", "skl2onnx", "onnx", "onnxmltools"),
+          "skl2onnx, onnxmltools and onnxruntime",
           "the ONNX fast path (serving.compile)"),
     Extra("tune", ("optuna",), "Optuna", "`mloop tune`"),
     Extra("kubeflow", ("kfp",), "the kfp SDK", "`mloop export kubeflow`"),

@@ -31,6 +31,11 @@ no longer matches is redone at that load and recorded on the tag:
 
 A "mismatch" or "unsupported" verdict that still matches is final too: the original serves
 without a compile at every load.
+
+A pipeline ending in a LightGBM estimator compiles the same way, with onnxmltools' converter
+registered with skl2onnx (:mod:`mloop.serving.engines`); its verdict also records the
+onnxmltools and LightGBM versions, and another onnxmltools makes the graph again like another
+skl2onnx.
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ import numpy as np
 from mloop.errors import MissingExtraError, MloopError
 from mloop.extras import require_extra
 from mloop.registry.verdict import TAG, Verdict
+from mloop.serving import engines
 from mloop.serving.schema import InputSchema
 
 log = logging.getLogger("mloop.serving")
@@ -113,23 +119,27 @@ def _flat(out: Any) -> np.ndarray:
 
 
 @functools.cache
-def library_versions() -> dict[str, str | None]:
-    """Installed versions of the libraries a verdict depends on, read from their metadata
-    (importing skl2onnx or scikit-learn to ask would cost seconds on the load path)."""
-    out: dict[str, str | None] = {}
-    for dist in LIBRARIES:
-        try:
-            out[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            out[dist] = None
-    return out
+def _installed(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
-def verified_against(holdout: str | None, cfg: Any) -> dict[str, Any]:
+def library_versions(extra: tuple[str, ...] = ()) -> dict[str, str | None]:
+    """Installed versions of the libraries a verdict depends on (``LIBRARIES``, then an
+    engine's ``extra`` ones), read from their metadata (importing skl2onnx or scikit-learn
+    to ask would cost seconds on the load path)."""
+    return {dist: _installed(dist) for dist in (*LIBRARIES, *extra)}
+
+
+def verified_against(holdout: str | None, cfg: Any, extra: tuple[str, ...] = ()
+                     ) -> dict[str, Any]:
     """What a verdict made now would be checked with: the holdout snapshot, the tolerances,
-    the library versions."""
+    the library versions (with an engine's ``extra`` libraries,
+    ``mloop.serving.engines.engine_libraries``)."""
     return {"holdout": holdout, "atol": cfg.atol, "rtol": cfg.rtol,
-            "max_label_mismatch": cfg.max_label_mismatch, **library_versions()}
+            "max_label_mismatch": cfg.max_label_mismatch, **library_versions(extra)}
 
 
 def _strip_string_imputers(model: Any) -> tuple[Any, dict[str, str]]:
@@ -197,6 +207,7 @@ def convert_sklearn(model: Any, schema: InputSchema) -> bytes:
     a session needs besides the graph (the string fill values, a classifier's classes), so
     the stored bytes alone serve. CompileUnsupported if it cannot be converted."""
     _require("skl2onnx")
+    engines.prepare(model, _require)
     from skl2onnx import convert_sklearn as skl2onnx_convert
     from skl2onnx.common.data_types import FloatTensorType, StringTensorType
 
@@ -315,7 +326,7 @@ def compile_and_store(project: Any, *, model: Any, schema: InputSchema, task: st
     creates the version with it). Never raises for a model that cannot be compiled or
     checked: the verdict says why."""
     t0 = time.perf_counter()
-    against = verified_against(holdout, cfg)
+    against = verified_against(holdout, cfg, engines.engine_libraries(model))
     try:
         data = convert_sklearn(model, schema)
         compiled = session_from_bytes(data, schema)
@@ -348,8 +359,12 @@ def load_compiled(project: Any, version: int, *, tags: dict[str, str], schema: I
     if not getattr(cfg, "stored", True):
         return compile_and_store(project, model=original(), schema=schema, task=task,
                                  holdout=holdout, cfg=cfg, run_id=None, compiled_at="load")
-    want = verified_against(holdout, cfg)
     stored = Verdict.from_tag(tags.get(TAG))
+    # an engine's libraries (LightGBM's) are known from the stored verdict: the original,
+    # which would say which engine it is, is not loaded unless something must be redone
+    extra = tuple(k for k in engines.ENGINE_LIBRARIES
+                  if stored is not None and k in (stored.against or {}))
+    want = verified_against(holdout, cfg, extra)
     if stored is None:
         note = "no compiled graph stored with the version"
         changed: list[str] = list(want)
@@ -370,7 +385,8 @@ def load_compiled(project: Any, version: int, *, tags: dict[str, str], schema: I
             stored.status in ("mismatch", "unsupported")
             or (stored.status == "unverified" and not holdout)):
         return None, stored  # the original serves, nothing to redo
-    if stored is not None and stored.artifact is not None and "skl2onnx" not in changed:
+    if stored is not None and stored.artifact is not None and not any(
+            k in changed for k in engines.GRAPH_MAKERS):
         try:
             compiled = session_from_bytes(_fetch(project, stored.artifact), schema)
         except (StoredGraphUnusable, CompileUnsupported) as exc:
