@@ -97,3 +97,24 @@ def test_a_classifier_whose_holdout_lacks_a_rare_class_trains_gates_and_promotes
     record = project.tracking.model_version("weather", 1)
     assert record is not None and "champion" in record.aliases
     assert 0.55 <= float(record.tags["mloop.metric.roc_auc"]) <= 1.0
+
+
+@pytest.mark.parametrize(("labels", "positive"), [
+    (["no", "yes"], "yes"), ([0, 1], 1), ([False, True], True), (["churn", "stay"], "stay")])
+def test_binary_f1_scores_the_larger_label_also_for_text_targets(labels: list, positive) -> None:
+    """A binary target with text labels failed the train step: f1 asked for pos_label=1."""
+    rng = np.random.default_rng(3)
+    y = np.array(labels, dtype=object)[rng.integers(0, 2, 300)]
+    p = np.where(rng.random(300) < 0.8, y, np.array(labels, dtype=object)[rng.integers(0, 2, 300)])
+    if not isinstance(labels[0], str):
+        y, p = y.astype(type(labels[0])), p.astype(type(labels[0]))
+    expected = skm.f1_score(y, p, pos_label=positive)
+    assert compute_metrics("classification", ["f1"], y, p) == {"f1": expected}
+    assert compute_metrics("classification", ["f1"], y, p, classes=labels) == {"f1": expected}
+
+
+def test_f1_beyond_two_classes_is_macro() -> None:
+    y, proba = _scores(300)
+    p = np.array(CLASSES)[proba.argmax(axis=1)]
+    assert compute_metrics("classification", ["f1"], y, p)["f1"] == pytest.approx(
+        skm.f1_score(y, p, average="macro"))

@@ -278,6 +278,22 @@ def test_a_text_target_is_inferred_as_classification_with_overridden_feature_kin
     assert mv.tags["mloop.task"] == "classification"
 
 
+def test_a_binary_text_target_trains_and_scores_f1_of_the_larger_label(make_project) -> None:
+    """Found with LightGBM: a two-class target with text labels failed the train step (its
+    f1 asked scikit-learn for pos_label=1, a label the target does not have)."""
+    frame = rentals_frame()
+    frame["weather"] = np.where(frame["weather"] == "Clear", "dry", "wet")
+    root = make_project(CLASSIFY, frame=frame)
+    project = open_project(root)
+    result = run_pipeline(project)
+    (mv,) = _versions(project)
+    train = next(s for s in result.steps if s.step == "train")
+    assert train.mlflow_run_id is not None
+    assert 0.0 <= project.mlflow.get_run(train.mlflow_run_id).data.metrics["train_f1"] <= 1.0
+    holdout = project.snapshots.read_table(mv.tags["mloop.snapshot.holdout"]).to_pandas()
+    assert set(holdout["weather"]) == {"dry", "wet"}
+
+
 @pytest.mark.parametrize(("edit", "message"), [
     ("estimator: sklearn.ensemble.HistGradientBoostingRegresor",
      r"mloop.yaml:10: 'model.estimator': module 'sklearn.ensemble' has no attribute "

@@ -26,6 +26,22 @@ def _roc_auc(y, p, proba):
     return float(skm.roc_auc_score(y, proba, multi_class="ovr"))
 
 
+def _f1(y: Any, p: Any, classes: list[Any] | None) -> float:
+    """F1 of the positive class for two classes, macro F1 beyond. The positive class is the
+    larger label (``1`` of 0/1, ``True``, ``"yes"`` of no/yes): the model's second class,
+    whose probability ROC AUC scores. It was always ``1``, so a binary target with text
+    labels failed the train step."""
+    labels = list(classes) if classes is not None else sorted(
+        set(np.asarray(y).tolist()) | set(np.asarray(p).tolist()))
+    if (len(classes) if classes is not None else len(set(np.asarray(y).tolist()))) > 2:
+        return float(skm.f1_score(y, p, average="macro"))
+    if len(labels) == 2:
+        positive = labels[-1]
+    else:  # one label on these rows: 1 for a numeric target (as before), else that label
+        positive = labels[0] if labels and isinstance(labels[0], str) else 1
+    return float(skm.f1_score(y, p, average="binary", pos_label=positive))
+
+
 def _log_loss(y, p, proba):
     return float("nan") if proba is None else float(skm.log_loss(y, proba))
 
@@ -40,8 +56,7 @@ REGRESSION: dict[str, Metric] = {
 CLASSIFICATION: dict[str, Metric] = {
     "accuracy": lambda y, p, _: float(skm.accuracy_score(y, p)),
     "f1_macro": lambda y, p, _: float(skm.f1_score(y, p, average="macro")),
-    "f1": lambda y, p, _: float(skm.f1_score(y, p, average="binary" if len(set(y)) <= 2
-                                             else "macro")),
+    "f1": lambda y, p, _: _f1(y, p, None),
     "balanced_accuracy": lambda y, p, _: float(skm.balanced_accuracy_score(y, p)),
     "roc_auc": _roc_auc,
     "log_loss": _log_loss,
@@ -87,6 +102,8 @@ def compute_metrics(task: str, names: list[str], y_true: Any, y_pred: Any,
     for name in names:
         if classes is not None and name in PROBA_METRICS and y_proba is not None:
             out[name] = _proba_metric(name, y_true, np.asarray(y_proba, dtype=float), classes)
+        elif name == "f1" and task == "classification":
+            out[name] = _f1(y_true, y_pred, classes)
         else:
             out[name] = table[name](y_true, y_pred, y_proba)
     return out
