@@ -67,12 +67,18 @@ def test_paired_verdict_on_integer_classes_with_binary_f1(make_project) -> None:
     assert labelled.num_rows == 300
 
     paired = paired_scores(project, labelled, [2, 1])
-    assert paired["metric"] == "accuracy" and paired["rows"] == 300
-    # v1 answered these rows live: its re-scored accuracy is the live one
-    live = sum(int(str(p) == str(t)) for p, t in zip(preds, truth, strict=True)) / 300
-    assert paired["values"][1] == pytest.approx(live)
+    # labels come back as text ("0"/"1"); binary f1 scores the larger label, "1", as the
+    # model's own classes 0/1 score 1 (it fell back to accuracy when f1 asked for the int 1)
+    assert paired["metric"] == "f1" and paired["rows"] == 300
+    assert paired.get("fallback") is None, paired
+    from sklearn.metrics import f1_score
+
+    truth_text = [str(t) for t in truth]
+    # v1 answered these rows live: its re-scored f1 is the live one
+    assert paired["values"][1] == pytest.approx(
+        f1_score(truth_text, [str(p) for p in preds], pos_label="1"))
     # and v2, which never answered them, is scored on the same rows
     rescored = load_served(project, 2).predict_columns(cols)
     assert paired["values"][2] == pytest.approx(
-        sum(int(str(p) == str(t)) for p, t in zip(rescored, truth, strict=True)) / 300)
+        f1_score(truth_text, [str(p) for p in rescored], pos_label="1"))
     assert paired["values"][2] != paired["values"][1]  # two models, not one scored twice

@@ -81,13 +81,16 @@ def _bucket_region(bucket: str) -> str:
     return str(pafs.resolve_s3_region(bucket))
 
 
+def _local_base(uri: str) -> str:
+    return os.path.abspath(uri[len("file://"):] if uri.startswith("file://") else uri)
+
+
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     """pyarrow filesystem and base path for a URI or local path."""
     import pyarrow.fs as pafs
 
     if is_local(uri):
-        path = uri[len("file://") :] if uri.startswith("file://") else uri
-        return pafs.LocalFileSystem(), os.path.abspath(path)
+        return pafs.LocalFileSystem(), _local_base(uri)
     parts = urlsplit(uri)
     if parts.scheme == "s3" and not parts.query:
         cfg = s3_settings()
@@ -105,11 +108,23 @@ class ObjectStore:
     def __init__(self, uri: str) -> None:
         self.uri = uri
         self.local = is_local(uri)
-        self.fs, self.base = filesystem(uri)
+        self._fs: pafs.FileSystem | None = None
+        if self.local:  # pyarrow's filesystem only when a local store needs more than bytes
+            self.base = _local_base(uri)
+        else:
+            self._fs, self.base = filesystem(uri)
         self._scheme = "" if self.local else urlsplit(uri).scheme
         # Object stores have no folders: a key is created by its PUT (no marker objects, no
         # existence checks up the prefix). Other filesystems (HDFS...) need their parents.
-        self._folders = self.fs.type_name not in ("s3", "gcs")
+        self._folders = self.local or self.fs.type_name not in ("s3", "gcs")
+
+    @property
+    def fs(self) -> pafs.FileSystem:
+        if self._fs is None:
+            import pyarrow.fs as pafs
+
+            self._fs = pafs.LocalFileSystem()
+        return self._fs
 
     def path(self, rel: str) -> str:
         """The filesystem path of ``rel`` (for ``self.fs``; no scheme on object stores)."""
@@ -124,11 +139,16 @@ class ObjectStore:
         return self.path(rel) if self.local else f"{self._scheme}://{self.path(rel)}"
 
     def exists(self, rel: str) -> bool:
+        # a local read command (``mloop models lineage``) need not import pyarrow (0.3 s)
+        if self.local:
+            return os.path.exists(self.path(rel))
         import pyarrow.fs as pafs
 
         return self.fs.get_file_info(self.path(rel)).type != pafs.FileType.NotFound
 
     def read_bytes(self, rel: str) -> bytes:
+        if self.local:
+            return Path(self.path(rel)).read_bytes()
         with self.fs.open_input_stream(self.path(rel)) as f:
             return f.read()
 

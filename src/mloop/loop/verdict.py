@@ -94,8 +94,8 @@ def score_paired(project: Project, labelled: pa.Table, versions: list[int]) -> P
     except ValueError as exc:
         if task == "regression":
             raise
-        # e.g. binary f1 names its positive class by its own type (1), which labels kept as
-        # text do not hold: judge on accuracy rather than not at all
+        # e.g. a probability metric given a label outside the model's classes: judge on
+        # accuracy rather than not at all
         paired.fallback = f"{paired.metric} cannot be computed on these labels ({exc})"
         paired.metric, paired.probas, paired.classes = "accuracy", {}, None
         paired.values = compute()
