@@ -178,7 +178,10 @@ def test_an_orchestrator_can_run_every_step_in_its_own_process(make_project) -> 
     # the --json shape scripts rely on
     assert set(shown) == {"run_id", "pipeline", "status", "started_at", "ended_at", "duration_s",
                           "mlflow_run_id", "config_hash", "steps_total", "cache_hits", "error",
-                          "steps", "traceback"}
+                          "steps", "traceback", "experiment_id"}
+    # the experiment the run is in, so a link into MLflow's UI can be made from it
+    assert shown["experiment_id"] == open_project(root).mlflow.get_run(
+        shown["mlflow_run_id"]).info.experiment_id
     assert set(shown["steps"][0]) == {"step", "status", "cache_hit", "duration_s",
                                       "peak_memory_mb", "attempts", "mlflow_run_id",
                                       "cache_key", "outputs", "error"}
