@@ -196,7 +196,7 @@ def test_cronjob_runs_one_loop_pass_and_never_two_at_once(bike: Path) -> None:
     assert cron["spec"]["concurrencyPolicy"] == "Forbid"
     pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
     [c] = pod["containers"]
-    assert c["command"] == ["mloop", "loop", "--once"]
+    assert c["command"] == ["mloop", "loop", "--once", "--held-ok"]
     assert pod["restartPolicy"] == "Never"
     serving_env = docs["deployment.yaml"]["spec"]["template"]["spec"]["containers"][0]["env"]
     assert c["env"] == serving_env  # the controller and the servers see the same stores

@@ -282,3 +282,27 @@ def test_a_standing_by_controller_takes_over_from_a_killed_one_and_sigterm_relea
     assert second.wait(timeout=60) == 128 + signal.SIGTERM
     row = read_lease(project.store, MODEL)
     assert row is not None and row.holder == heir.holder and row.released_at is not None
+
+
+def test_held_ok_makes_a_pass_that_finds_the_lease_held_exit_0_and_still_say_so(
+        trained: Path, env: dict[str, str]) -> None:
+    """A Kubernetes CronJob counts exit 3 as a failed Job; its export passes --held-ok."""
+    from datetime import timedelta
+
+    held = LoopLease(open_project(trained).store, MODEL, duration=timedelta(minutes=5),
+                     holder="another-controller").acquire()
+    try:
+        plain = subprocess.run([MLOOP_BIN, "-C", str(trained), "loop", "--once"],
+                               env={**os.environ, **env}, capture_output=True, text=True,
+                               timeout=300)
+        ok = subprocess.run([MLOOP_BIN, "-C", str(trained), "loop", "--once", "--held-ok"],
+                            env={**os.environ, **env}, capture_output=True, text=True,
+                            timeout=300)
+    finally:
+        held.release()
+    assert plain.returncode == 3, plain.stderr
+    assert ok.returncode == 0, ok.stderr
+    for out in (plain, ok):
+        assert "is held by another-controller" in out.stderr
+        assert "so this one did nothing" in out.stderr
+    assert _kinds(open_project(trained)) == []  # neither acted

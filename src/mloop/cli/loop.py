@@ -35,14 +35,18 @@ def loop_cmd(
     once: Annotated[bool, typer.Option("--once", help="One pass, then exit (for cron, "
                                                       "Airflow, a Kubernetes CronJob).")] = False,
     every: Annotated[float, typer.Option(min=1, help="Seconds between passes.")] = 60.0,
+    held_ok: Annotated[bool, typer.Option(
+        "--held-ok", help="With --once: exit 0, not 3, when another controller holds the "
+                          "lease (for schedulers that count any non-zero exit as a failed "
+                          "job, e.g. a Kubernetes CronJob).")] = False,
     json_: JsonOpt = False,
 ) -> None:
     """The controller: monitor new windows, judge canaries, retrain and roll out by policy.
 
     It acts only while it holds the model's loop lease (loop.lease in mloop.yaml). With
     --once, a pass that finds another controller holding it does nothing, names the holder
-    and exits 3. Without --once it stands by until the lease is free (its holder stopped, or
-    was killed and the lease expired), then holds it across passes."""
+    and exits 3 (0 with --held-ok). Without --once it stands by until the lease is free (its
+    holder stopped, or was killed and the lease expired), then holds it across passes."""
     import signal
 
     project = open_project()
@@ -54,7 +58,7 @@ def loop_cmd(
             try:
                 result = _run_once(project)
             except LeaseHeldError as exc:
-                _lease_held(exc, json_)
+                _lease_held(exc, json_, 0 if held_ok else LEASE_HELD_EXIT)
             report(result, json_, _print_pass,
                    to_json=lambda r: {k: v for k, v in r.items() if k != "monitor"})
             return
@@ -73,14 +77,14 @@ def _run_once(project: Project, lease: LoopLease | None = None) -> dict[str, Any
     return run_once(project, lease=lease)
 
 
-def _lease_held(exc: LeaseHeldError, json_: bool) -> NoReturn:
+def _lease_held(exc: LeaseHeldError, json_: bool, code: int) -> NoReturn:
     _say(f"mloop loop: {exc}")
     if json_:
         emit_json({"now": None, "actions": [], "message": str(exc),
                    "lease": {"model": exc.model, "holder": exc.holder,
                              "acquired_at": exc.acquired_at.isoformat(),
                              "expires_at": exc.expires_at.isoformat()}})
-    raise typer.Exit(LEASE_HELD_EXIT)
+    raise typer.Exit(code)
 
 
 def _run_forever(project: Project, every: float, json_: bool) -> None:

@@ -6,7 +6,7 @@ Written (one object per file, built as dicts and dumped with PyYAML):
   ``/health`` (liveness) and ``/ready`` (readiness), scaled on CPU (autoscaling/v2);
 - ``inferenceservice.yaml``: the same container as a KServe predictor, an *alternative* to the
   three above for clusters that run KServe;
-- ``cronjob.yaml``: ``mloop loop --once`` on a schedule, never two at once (``Forbid``);
+- ``cronjob.yaml``: ``mloop loop --once --held-ok`` on a schedule, never two at once (``Forbid``);
 - ``ui-deployment.yaml``, ``ui-service.yaml``: the dashboard (``mloop ui``), one replica on the
   same image and stores, probed on ``/health``; cluster-internal (``kubernetes.ui.enabled``);
 - ``servicemonitor.yaml`` and ``prometheusrule.yaml``: prometheus-operator objects scraping
@@ -294,7 +294,7 @@ def cronjob(project: Project, env: list[dict[str, Any]]) -> dict[str, Any]:
         "metadata": {"labels": labels},
         "spec": {**_pod_extras(k8s), "restartPolicy": "Never", "securityContext": pod_security,
                  "containers": [{"name": "loop", "image": image_name(project),
-                                 "command": ["mloop", "loop", "--once"], "env": env,
+                                 "command": ["mloop", "loop", "--once", "--held-ok"], "env": env,
                                  "resources": _resources(k8s.loop.resources),
                                  "securityContext": container_security}]},
     }
