@@ -9,7 +9,20 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from sklearn import metrics as skm
+
+
+class _SklearnMetrics:
+    """scikit-learn's metrics module, imported on first use: the tables below (names,
+    directions) are read by commands and pages that compute nothing, and the dashboard's
+    first Overview paid ~2 s importing scikit-learn for them."""
+
+    def __getattr__(self, name: str) -> Any:
+        from sklearn import metrics
+
+        return getattr(metrics, name)
+
+
+skm: Any = _SklearnMetrics()
 
 Metric = Callable[[Any, Any, Any], float]  # (y_true, y_pred, y_proba or None) -> value
 
