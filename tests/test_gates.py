@@ -239,6 +239,7 @@ def test_sanity_gate_flags_classes_never_seen_in_training() -> None:
 def test_gating_a_local_sklearn_version_does_not_import_mlflow(registry) -> None:
     """A fresh `mloop models gate` paid ~1 s (2-4 s busy) importing MLflow to open a folder
     on this disk; the sklearn flavour is read in place, as mlflow.sklearn reads it."""
+    write_forest_config(registry["root"], params=GOOD)  # another test may have left its gates
     code = ("import sys\nfrom mloop.project import open_project\n"
             "from mloop.registry.gates import evaluate_gates\n"
             f"r = evaluate_gates(open_project({str(registry['root'])!r}), 2, record=False)\n"
