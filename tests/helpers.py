@@ -228,15 +228,20 @@ def build_serving_registry(root: Path) -> Path:
 # ------------------------------------------------------------------------------- traffic
 
 def log_traffic(project: Any, frame: pd.DataFrame, day: str, version: int = 1,
-                role: str = "champion") -> list[str]:
+                role: str = "champion", *, probabilities: bool = False) -> list[str]:
     """Rows answered by ``version`` on ``day`` (spread over the day), through the same writer
-    the server uses; returns their request ids."""
+    the server uses; returns their request ids. ``probabilities``: a classifier's rows keep
+    the class probabilities its client got, as the server logs them."""
     from mloop.serving.model import load_served
     from mloop.traffic.inference_log import InferenceLog, LogEntry, new_request_id
 
     model = load_served(project, version)
     cols = {c: frame[c].tolist() for c in ("hour", "weather", "temp")}
     preds = model.predict_columns(cols)
+    proba = None
+    if probabilities:
+        labels, scores = model.score_arrays(cols)
+        preds, proba = labels.tolist(), scores
     start = pd.Timestamp(day, tz="UTC").timestamp()
     log = InferenceLog(project.uris["inference_log_uri"], commit_interval=3600)
     ids = []
@@ -245,7 +250,9 @@ def log_traffic(project: Any, frame: pd.DataFrame, day: str, version: int = 1,
         rid = new_request_id(ts)
         ids.append(rid)
         log.append(LogEntry([rid], ts, version, role, 1.0, [preds[i]],
-                            {c: [v[i]] for c, v in cols.items()}))
+                            {c: [v[i]] for c, v in cols.items()}, None,
+                            None if proba is None else [proba[i].tolist()],
+                            None if proba is None else model.classes))
     log.close()
     return ids
 

@@ -83,7 +83,7 @@ def span(start: str, end: str) -> str:
 def window_table(title: str, windows: list[dict[str, Any]]) -> Any:
     """One row per window: its id, span and verdicts (the window column is never cut)."""
     return table(title, ["id", "window", "rows", "versions", "drift", "prediction", "quality",
-                         "metric", "labels"],
+                         "metric", "estimate", "labels"],
                  [[w["id"], span(w["start"], w["end"]), f"{w['rows']:,}",
                    ",".join(f"v{v}" for v in w["versions"] or []),
                    ("[red]drift" if w["drifted"] else "[green]ok") +
@@ -92,8 +92,25 @@ def window_table(title: str, windows: list[dict[str, Any]]) -> Any:
                    str(w["quality_findings"]),
                    "" if w["metric_value"] is None else
                    f"{w['metric']} {w['metric_value']:.4g} (ref {num(w['reference_metric'])})",
-                   f"{w['label_coverage']:.0%}"] for w in windows],
+                   estimate_cell(w), f"{w['label_coverage']:.0%}"] for w in windows],
                  no_wrap=("id", "window"))
+
+
+def estimate_cell(window: dict[str, Any]) -> str:
+    """``accuracy 0.812 (err +0.011)``: the label-free estimate, its error once labels gave
+    the same metric, and ``uncalibrated`` (with the holdout's expected vs realized) when the
+    version's probabilities failed the holdout check."""
+    est = window.get("estimated")
+    if not est or est.get("value") is None:
+        return ""
+    text = f"{est['metric']} {est['value']:.4g}"
+    if window.get("estimate_error") is not None:
+        text += f" (err {window['estimate_error']:+.3f})"
+    if est.get("status") == "uncalibrated":
+        cal = est["calibration"]
+        text += (f" [yellow]uncalibrated[/] (holdout {cal['expected']:.3g} est vs "
+                 f"{cal['realized']:.3g})")
+    return text
 
 
 def _serve_monitor_metrics(project: Project, port: int, every: float,

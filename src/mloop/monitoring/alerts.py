@@ -32,6 +32,10 @@ GAUGES = {
     "mloop_monitor_metric_value": "Task metric on the newest window's labelled rows",
     "mloop_monitor_reference_metric": "The champion's holdout value of the same metric",
     "mloop_monitor_label_coverage": "Share of the newest window's rows with a label",
+    "mloop_monitor_estimated_metric_value": "The newest window's metric estimated without "
+    "labels from its logged probabilities (CBPE-style; classification only)",
+    "mloop_monitor_estimate_calibrated": "1 if the version's probabilities passed the holdout "
+    "calibration check the estimate relies on, 0 if not (absent: not checked)",
     "mloop_monitor_window_end_timestamp_seconds": "End of the newest evaluated window",
 }
 FEATURE_GAUGES = {
@@ -70,7 +74,13 @@ class MonitorCollector(StoreCollector[tuple[int, MonitorWindowRow | None]]):
         yield quarantined
         if row is None:
             return
+        estimated = (row.report or {}).get("estimated") or {}
+        status = estimated.get("status")
         values = {
+            "mloop_monitor_estimated_metric_value": estimated.get("value"),
+            "mloop_monitor_estimate_calibrated": (None if status not in ("calibrated",
+                                                                         "uncalibrated")
+                                                  else float(status == "calibrated")),
             "mloop_monitor_window_rows": row.rows,
             "mloop_monitor_drifted": _flag(row.drifted),
             "mloop_monitor_drift_share": row.drift_share,
@@ -215,7 +225,8 @@ def grafana_dashboard(project: Project) -> dict[str, Any]:
                                           "{{feature}}")]),
         panel(3, "Performance on labelled traffic",
               [(f"mloop_monitor_metric_value{{{sel}}}", "window"),
-               (f"mloop_monitor_reference_metric{{{sel}}}", "holdout")]),
+               (f"mloop_monitor_reference_metric{{{sel}}}", "holdout"),
+               (f"mloop_monitor_estimated_metric_value{{{sel}}}", "estimated (no labels)")]),
         panel(4, "Label coverage", [(f"mloop_monitor_label_coverage{{{sel}}}", "coverage")]),
         panel(5, "Data-quality findings", [(f"mloop_monitor_quality_findings{{{sel}}}",
                                             "findings")]),

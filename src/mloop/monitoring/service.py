@@ -8,7 +8,9 @@ missing labels are re-scored on later runs as labels come in. It is the version'
 metric; ROC AUC and log loss are computed from the probabilities the server logged
 (``_proba_<class>``). Labelled rows logged without probabilities (logs older than those
 columns, a model without ``predict_proba``) are judged on accuracy instead, against the
-holdout's accuracy, and the window's report says why.
+holdout's accuracy, and the window's report says why. A classifier's window also carries
+an estimate of its metric made without labels (``report["estimated"]``,
+:mod:`mloop.monitoring.estimate`).
 """
 
 from __future__ import annotations
@@ -168,6 +170,22 @@ def _performance(window: pa.Table, labels: dict[str, Any], ref: Reference
     return out
 
 
+def _estimate(project: Project, window: pa.Table, ref: Reference,
+              calibrations: dict[int, dict[str, Any] | None]) -> dict[str, Any] | None:
+    """The window's CBPE-style estimate from its logged probabilities (classification only),
+    judged by the reference version's holdout calibration (scored once per version)."""
+    from mloop.monitoring.estimate import estimate_window, holdout_calibration
+
+    if ref.task == "regression":
+        return None
+    _, proba = logged_probabilities(window)
+    if proba is None:
+        return None
+    if ref.version not in calibrations:
+        calibrations[ref.version] = holdout_calibration(project, ref.version)
+    return estimate_window(proba, metric=ref.metric, calibration=calibrations[ref.version])
+
+
 def _labels(project: Project) -> dict[str, Any]:
     from mloop.traffic.labels import read_labels
 
@@ -232,6 +250,7 @@ def run_monitor(project: Project, *, window: str | None = None,
     references: dict[int, Reference] = {}
     labels = _labels(project)
     cache: dict[tuple, NullModel] = {}
+    calibrations: dict[int, dict[str, Any] | None] = {}
     evaluated: list[dict[str, Any]] = []
     alerts: list[dict[str, Any]] = []
     for start, end, part in windows:
@@ -260,6 +279,9 @@ def run_monitor(project: Project, *, window: str | None = None,
             report["prediction_drift"] = pred_report["drift"]
         perf = _performance(part, labels, ref)
         report["performance"] = perf
+        estimated = _estimate(project, part, ref, calibrations)
+        if estimated is not None:
+            report["estimated"] = estimated
         row = MonitorWindowRow(
             model=name, spec=spec.text, seq=seq, start=start, end=end, rows=part.num_rows,
             reference_version=ref.version,

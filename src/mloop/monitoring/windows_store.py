@@ -57,7 +57,19 @@ def window_summary(row: MonitorWindowRow) -> dict[str, Any]:
             "drift_share": row.drift_share, "prediction_drifted": row.prediction_drifted,
             "quality_findings": row.quality_findings, "metric": row.metric,
             "metric_value": row.metric_value, "reference_metric": row.reference_metric,
-            "label_coverage": row.label_coverage}
+            "label_coverage": row.label_coverage,
+            **_estimate_fields(row.metric, row.metric_value, row.report.get("estimated"))}
+
+
+def _estimate_fields(metric: str | None, value: float | None,
+                     estimated: dict[str, Any] | None) -> dict[str, Any]:
+    """The window's label-free estimate (classification; None otherwise) and, once labels
+    gave the same metric, its error (estimate minus realized)."""
+    error = None
+    if estimated and estimated.get("value") is not None and value is not None \
+            and estimated.get("metric") == metric:
+        error = float(estimated["value"]) - float(value)
+    return {"estimated": estimated or None, "estimate_error": error}
 
 
 def list_windows(project: Project, *, window: str | None = None, limit: int = 100,
@@ -79,7 +91,8 @@ def list_windows(project: Project, *, window: str | None = None, limit: int = 10
             return [{**window_summary(r), "report": r.report} for r in reversed(rows)]
         cols = [getattr(MonitorWindowRow, c) for c in _SUMMARY_COLUMNS]
         found = s.execute(sa.select(*cols, MonitorWindowRow.report["versions"].label(
-            "versions")).where(*where).order_by(order).limit(limit)).all()
+            "versions"), MonitorWindowRow.report["estimated"].label("estimated"))
+            .where(*where).order_by(order).limit(limit)).all()
     return [_summary(r._mapping) for r in reversed(found)]
 
 
@@ -121,7 +134,8 @@ def _summary(row: Any) -> dict[str, Any]:
     out = {c: row[c] for c in _SUMMARY_COLUMNS}
     out["start"], out["end"] = as_utc(row["start"]).isoformat(), as_utc(row["end"]).isoformat()
     return {"id": out.pop("id"), "start": out.pop("start"), "end": out.pop("end"),
-            "rows": out.pop("rows"), "versions": row["versions"], **out}
+            "rows": out.pop("rows"), "versions": row["versions"], **out,
+            **_estimate_fields(row["metric"], row["metric_value"], row["estimated"])}
 
 
 def count_windows(project: Project, spec: str, *, since: datetime | None = None,
