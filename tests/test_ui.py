@@ -108,6 +108,16 @@ def _screenshot(driver: Any, name: str, tmp_path: Path) -> Path:
     return shot
 
 
+def _click_to(browser: Any, element: Any, url: str) -> None:
+    """Click ``element`` and wait until the browser is at ``url``: a click returns before the
+    page it leads to has loaded (on a busy machine, seconds later)."""
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.wait import WebDriverWait
+
+    element.click()
+    WebDriverWait(browser, 60).until(ec.url_to_be(url))
+
+
 def _severe(driver: Any) -> list[dict[str, Any]]:
     return [e for e in driver.get_log("browser") if e["level"] in ("SEVERE", "WARNING")]
 
@@ -188,7 +198,8 @@ def test_operator_promotion_through_the_page_moves_the_alias_and_is_audited(
         browser.delete_all_cookies()
         browser.get(f"{srv.url}/login?next=/versions/{target}")
         browser.find_element("id", "token").send_keys(token)
-        browser.find_element("id", "login").click()
+        _click_to(browser, browser.find_element("id", "login"),
+                  f"{srv.url}/versions/{target}")
         assert "logged in as 'alice' (operator)" in browser.find_element(
             "css selector", ".flash").text
         form = browser.find_element("id", "promote-form")
@@ -412,11 +423,10 @@ def test_serve_ui_mounts_the_dashboard_under_ui_with_the_servers_auth(
         browser.delete_all_cookies()
         browser.get(f"{srv.url}/ui/versions/2")  # 401: its page links to the login
         browser.get_log("browser")  # (the 401 itself is logged: expected here)
-        browser.find_element("link text", "Log in with an mloop token").click()
-        assert browser.current_url == f"{srv.url}/ui/login?next=/versions/2"
+        _click_to(browser, browser.find_element("link text", "Log in with an mloop token"),
+                  f"{srv.url}/ui/login?next=/versions/2")
         browser.find_element("id", "token").send_keys(viewer)
-        browser.find_element("id", "login").click()
-        assert browser.current_url == f"{srv.url}/ui/versions/2"
+        _click_to(browser, browser.find_element("id", "login"), f"{srv.url}/ui/versions/2")
         assert "logged in as 'erin' (viewer)" in browser.find_element(
             "css selector", ".flash").text
         assert _severe(browser) == [], _severe(browser)  # the stylesheet came from /ui/static
@@ -460,7 +470,7 @@ def test_audit_page_checks_new_events_on_each_visit_and_the_whole_chain_on_deman
         with project.store.engine.begin() as conn:
             conn.execute(sa.text("update events set actor = 'mallory' where id = :i"),
                          {"i": first})
-        browser.find_element("id", "verify-all").click()
+        _click_to(browser, browser.find_element("id", "verify-all"), f"{srv.url}/audit?verify=all")
         chain = browser.find_element("id", "chain").text
         assert chain.startswith(f"Audit chain broken: event {first} ("), chain
         assert "was modified after it was written" in chain
@@ -634,8 +644,8 @@ def test_runs_page_lists_the_projects_runs_with_their_steps_and_cache_hits(
         assert _severe(browser) == [], _severe(browser)
         _screenshot(browser, "runs", tmp_path)
         # one run: each step's cache verdict, duration and peak memory
-        rows[0].find_element("css selector", "td a").click()
-        assert browser.current_url == f"{srv.url}/runs/{newest[0]}"
+        _click_to(browser, rows[0].find_element("css selector", "td a"),
+                  f"{srv.url}/runs/{newest[0]}")
         assert browser.find_element("id", "cache-hits").text == "1/2 steps cached"
         cells = [[td.text for td in tr.find_elements("css selector", "td")]
                  for tr in browser.find_elements("css selector", "#steps tr.step")]
@@ -687,8 +697,8 @@ def test_version_diff_shows_both_versions_metric_values_and_a_delta(
             field = form.find_element("name", name)
             field.clear()
             field.send_keys(value)
-        form.find_element("css selector", "button").click()
-        assert browser.current_url == f"{srv.url}/versions/diff?a=1&b=2"
+        _click_to(browser, form.find_element("css selector", "button"),
+                  f"{srv.url}/versions/diff?a=1&b=2")
         for m in expected["metrics"]:
             row = browser.find_element("css selector",
                                        f"#diff-metrics tr[data-metric='{m['key']}']")
