@@ -178,3 +178,24 @@ def test_a_drifting_window_alerts_the_webhook_and_shows_on_the_servers_metrics(
     assert metric(text, "mloop_monitor_feature_drift_threshold", feature="temp") > 0
     assert metric(text, "mloop_monitor_feature_drift_temporal_threshold", feature="temp") > 0
     assert metric(text, "mloop_monitor_window_rows") == 600
+
+
+def test_a_fresh_monitor_process_finds_the_models_inputs_in_the_projects_own_registry(
+        proj: Path, tmp_path: Path) -> None:
+    """Found trying mloop as a new user: `mloop monitor` in a fresh process asked MLflow's
+    fluent API for the signature, which followed the default tracking URI (./mlflow.db): it
+    failed with "Registered Model ... not found" and left an empty mlflow.db behind."""
+    import subprocess
+    import sys
+
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    code = ("from mloop.project import open_project\n"
+            "from mloop.monitoring.service import reference_for\n"
+            f"print(reference_for(open_project({str(proj)!r}), 1).features)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=elsewhere, capture_output=True,
+                         text=True, timeout=300, env={k: v for k, v in __import__("os").environ
+                                                      .items() if k != "MLFLOW_TRACKING_URI"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "temp" in out.stdout
+    assert list(elsewhere.iterdir()) == []  # no mlflow.db (nor anything) left behind

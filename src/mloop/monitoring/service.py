@@ -97,13 +97,16 @@ def logged_probabilities(table: pa.Table) -> tuple[list[str], np.ndarray | None]
 
 
 def _signature_inputs(project: Project, version: int) -> list[str]:
-    """The model's inputs (what the server logs), from the version's MLflow signature."""
-    from mlflow.models import get_model_info
+    """The model's inputs (what the server logs), from the version's MLflow signature. Read
+    from its MLmodel file, not MLflow's fluent ``get_model_info``, which follows the
+    process's default tracking URI: a fresh `mloop monitor` looked in ./mlflow.db and failed
+    ("Registered Model ... not found"), leaving that file behind."""
+    from mloop.registry.candidates import version_files
 
-    info = get_model_info(f"models:/{project.config.model_name}/{version}")
-    if info.signature is None or info.signature.inputs is None:
+    inputs = version_files(project, version).inputs
+    if inputs is None:
         raise MloopError(f"v{version} has no input signature; cannot tell its features")
-    return list(info.signature.inputs.input_names())
+    return [c.name for c in inputs]
 
 
 def _prediction_profile(project: Project, version: int, tags: dict[str, str]

@@ -143,10 +143,20 @@ def _local_copy(project: Any, version: int) -> Path:
     # where the files are, when the registry says so and they are on this disk: the same
     # copy without resolving ``models:/`` through MLflow's registry client
     where = version_record(project, version).storage_location or ""
+    project.mlflow  # noqa: B018 - points MLflow's fluent API (used below) at this project
     uri = where if where.startswith("file:") else f"models:/{name}/{version}"
     path = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
     _keep(_COPIES, key, path)
     return path
+
+
+def version_files(project: Any, version: int) -> ModelFiles:
+    """The version's MLmodel (flavours, signature), read in place when the files are on this
+    disk (no MLflow import), else from the downloaded copy."""
+    from mloop.registry.model_files import in_place_dir, read_model_files
+
+    here = in_place_dir(version_record(project, version).storage_location)
+    return read_model_files(here if here is not None else _local_copy(project, version))
 
 
 _SCORERS: OrderedDict[tuple[str, str, int], Scorer] = OrderedDict()

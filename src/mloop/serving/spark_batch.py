@@ -127,6 +127,7 @@ def _signature(project: Project, version: int) -> tuple[InputSchema, str]:
     itself is loaded by the workers)."""
     from mlflow.models import get_model_info
 
+    project.mlflow  # noqa: B018 - get_model_info follows the fluent API's URIs: this project's
     info = get_model_info(f"models:/{project.config.model_name}/{version}")
     sig = info.signature
     if sig is None or sig.inputs is None:
