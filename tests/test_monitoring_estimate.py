@@ -111,6 +111,16 @@ def test_a_window_without_labels_has_its_estimate_in_the_listing_and_the_gauges(
     assert gauges["mloop_monitor_estimated_metric_value"] == pytest.approx(
         window["estimated"]["value"])
     assert gauges["mloop_monitor_estimate_calibrated"] == 1.0
+
+    # the dashboard's timeline draws it in the performance lane, before any label
+    from mloop.loop.timeline import timeline
+    from mloop.ui.charts import timeline_svg
+
+    svg = str(timeline_svg(timeline(project)))
+    assert svg.count("class='mark est'") == 1
+    assert f"estimated accuracy {window['estimated']['value']:.4g} from the served " \
+           f"probabilities" in svg
+    assert "class='mark perf'" not in svg  # no realized point: no labels yet
     assert "mloop_monitor_metric_value" not in gauges
 
 

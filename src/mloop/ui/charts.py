@@ -201,13 +201,26 @@ def _drift_bars(tl: Timeline, ax: Axis, top: float, height: float) -> str:
     return "".join(parts)
 
 
+def _estimated(w: dict[str, Any], metric: str | None) -> float | None:
+    """The window's estimate of ``metric`` before labels (CBPE, classifiers), if it has one
+    (a bucket of many windows carries none)."""
+    est = w.get("estimated") or {}
+    value = est.get("value")
+    return float(value) if value is not None and est.get("metric") == metric else None
+
+
 def _performance(tl: Timeline, ax: Axis, top: float, height: float) -> str:
     pts = [(w, w["metric_value"]) for w in tl.windows if w["metric_value"] is not None]
-    if not pts:
+    metric = next((w["metric"] for w in tl.windows if w.get("metric")), None)
+    if metric is None:
+        metric = next(((w.get("estimated") or {}).get("metric") for w in tl.windows
+                       if (w.get("estimated") or {}).get("metric")), None)
+    est = [(w, v) for w in tl.windows if (v := _estimated(w, metric)) is not None]
+    if not pts and not est:
         return (f"<text x='{ax.left}' y='{top + height / 2}' class='muted'>no labelled "
                 f"windows yet</text>")
     refs = [w["reference_metric"] for w, _ in pts if w["reference_metric"] is not None]
-    values = [v for _, v in pts] + refs
+    values = [v for _, v in pts] + refs + [v for _, v in est]
     lo, hi = min(values), max(values)
     pad = (hi - lo) * 0.1 or abs(hi) * 0.1 or 1.0
     lo, hi = lo - pad, hi + pad
@@ -233,6 +246,21 @@ def _performance(tl: Timeline, ax: Axis, top: float, height: float) -> str:
         parts.append(f"<path d='{' '.join(ref_path)}' class='reference'><title>holdout "
                      f"{_e(pts[0][0]['metric'])} of the serving version (its gate "
                      f"evaluation)</title></path>")
+    # the estimate from the served probabilities: there before any label arrives
+    if est:
+        parts.append("<path d='" + " ".join(
+            f"{'M' if i == 0 else 'L'}{ax.x(_mid(w)):.1f} {y(v):.1f}"
+            for i, (w, v) in enumerate(est)) + "' class='estimated'/>")
+        for w, v in est:
+            calib = (w.get("estimated") or {}).get("calibration") or {}
+            note = " (uncalibrated on the holdout)" if calib.get("status") == "uncalibrated" \
+                else ""
+            parts.append(f"<rect class='mark est' x='{ax.x(_mid(w)) - 2:.1f}' "
+                         f"y='{y(v) - 2:.1f}' width='4' height='4'><title>window "
+                         f"{_e(w['start'][:16])} → {_e(w['end'][:16])}: estimated {_e(metric)} "
+                         f"{v:.4g} from the served probabilities{_e(note)}</title></rect>")
+    if not pts:
+        return "".join(parts)
     line = " ".join(
         f"{'M' if i == 0 else 'L'}{ax.x(_mid(w)):.1f} {y(v):.1f}" for i, (w, v) in enumerate(pts))
     parts.append(f"<path d='{line}' class='realized'/>")
