@@ -298,6 +298,19 @@ def append_config(root: Path, extra: str) -> Path:
     return root
 
 
+def stop_process_group(proc: subprocess.Popen[Any], grace: float = 20) -> None:
+    """SIGTERM the process group ``proc`` leads (started with ``start_new_session``), then
+    SIGKILL it if it has not exited within ``grace`` seconds."""
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def run_process_group(args: list[str], env: dict[str, str], log: Path, timeout: float) -> int:
     """Run a command in its own process group, output to ``log``; stop the group by its PID
     on a timeout (Airflow's task processes included)."""
@@ -307,12 +320,7 @@ def run_process_group(args: list[str], env: dict[str, str], log: Path, timeout: 
         try:
             return proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            stop_process_group(proc)
             raise AssertionError(f"{' '.join(args)}: no result in {timeout} s; "
                                  f"see {log}") from None
         finally:
@@ -377,3 +385,14 @@ def self_signed_cert(folder: Path, name: str = "tls") -> tuple[Path, Path]:
                                            serialization.PrivateFormat.PKCS8,
                                            serialization.NoEncryption()))
     return cert_path, key_path
+
+
+def busy_config(*, params: str, metrics: str, extra: str = "") -> str:
+    """mloop.yaml of a binary classifier of rentals_frame: is an hour "busy" (the frame's
+    ``busy`` column, which the caller derives from ``cnt``, excluded as a feature)."""
+    return ("project: busy\ndata: {path: data/rentals.parquet}\ntarget: busy\n"
+            "task: classification\nfeatures:\n  time_column: ts\n  exclude: [cnt]\n"
+            "split: {method: time, holdout: 0.25}\nmodel:\n"
+            "  estimator: sklearn.linear_model.LogisticRegression\n"
+            f"  params: {params}\nmetrics: {metrics}\n{extra}")
+

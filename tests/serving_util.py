@@ -5,7 +5,6 @@ request rows, Prometheus samples."""
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import threading
@@ -16,7 +15,7 @@ from typing import Any
 import requests
 import uvicorn
 
-from .helpers import MLOOP_BIN, rentals_frame
+from .helpers import MLOOP_BIN, rentals_frame, stop_process_group
 
 # serving.poll_seconds for tests: an alias change reaches a running server in 0.2 s, not 5 s
 FAST = {"poll_seconds": 0.2}
@@ -116,14 +115,8 @@ class ServeProcess(_Client):
         self.stop()
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+        if self.proc is not None:
+            stop_process_group(self.proc, grace=30)
 
 
 def metric(text: str, name: str, **labels: str) -> float:
@@ -169,3 +162,30 @@ def request_rows(n: int, seed: int = 1) -> list[dict[str, Any]]:
     frame = rentals_frame(n, seed=seed)
     return [{"hour": int(h), "weather": w, "temp": float(t)}
             for h, w, t in zip(frame["hour"], frame["weather"], frame["temp"], strict=True)]
+
+
+def check_verdict_redone_at_load(project: Any, library: str, redone: str,
+                                 compiled_at: str) -> None:
+    """Record version 1's compile verdict as made with ``library`` 0.0.1, load the version
+    to serve, and check the verdict was redone (``redone`` starts its note, ``compiled_at``
+    says how) and recorded again with the installed ``library``."""
+    import json
+    from importlib import metadata
+
+    from mloop.serving.compiled import TAG
+    from mloop.serving.model import load_served
+
+    def tag() -> dict[str, Any]:
+        return json.loads(project.mlflow.get_model_version("rentals", "1").tags[TAG])
+
+    stored = tag()
+    stored["against"][library] = "0.0.1"
+    project.mlflow.set_model_version_tag("rentals", "1", TAG, json.dumps(stored))
+    model = load_served(project, 1, compile=project.config.serving.compile)
+    verdict = model.compile_verdict
+    assert verdict is not None and model.compiled is not None
+    assert verdict["status"] == "verified" and verdict["compiled_at"] == compiled_at
+    assert verdict["note"].startswith(redone)
+    assert f"{library} '0.0.1' -> '{metadata.version(library)}'" in verdict["note"]
+    assert tag()["against"][library] == metadata.version(library)
+

@@ -33,7 +33,7 @@ from mloop.serving.compiled import TAG
 from mloop.serving.model import load_served
 
 from .helpers import copy_project
-from .serving_util import ServerThread
+from .serving_util import ServerThread, check_verdict_redone_at_load
 
 pytestmark = pytest.mark.slow
 
@@ -222,17 +222,7 @@ def test_a_verdict_made_with_other_library_versions_is_redone_at_load(
         proj: Path, library: str, redone: str, compiled_at: str) -> None:
     """onnxruntime runs the stored graph and scikit-learn the original it is compared with:
     the graph is checked again. Another skl2onnx would make another graph: compiled again."""
-    project = open_project(proj)
-    stored = _tag(project, 1)
-    stored["against"][library] = "0.0.1"
-    project.mlflow.set_model_version_tag("rentals", "1", TAG, json.dumps(stored))
-    model = load_served(project, 1, compile=project.config.serving.compile)
-    verdict = model.compile_verdict
-    assert verdict is not None and model.compiled is not None
-    assert verdict["status"] == "verified" and verdict["compiled_at"] == compiled_at
-    assert verdict["note"].startswith(redone)
-    assert f"{library} '0.0.1' -> '{metadata.version(library)}'" in verdict["note"]
-    assert _tag(project, 1)["against"][library] == metadata.version(library)
+    check_verdict_redone_at_load(open_project(proj), library, redone, compiled_at)
 
 
 @pytest.mark.parametrize(("how", "why"), [

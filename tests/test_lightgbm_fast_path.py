@@ -27,7 +27,7 @@ from mloop.serving.compiled import TAG
 from mloop.serving.model import load_served
 
 from .helpers import copy_project, rentals_frame, require
-from .serving_util import ServerThread
+from .serving_util import ServerThread, check_verdict_redone_at_load
 
 pytestmark = pytest.mark.slow
 
@@ -189,18 +189,8 @@ def test_a_lightgbm_verdict_made_with_another_lightgbm_or_onnxmltools_is_redone_
         rentals: Path, tmp_path: Path, library: str, redone: str, compiled_at: str) -> None:
     """LightGBM runs the original the graph is compared with: checked again. Another
     onnxmltools would make another graph: compiled again."""
-    project = open_project(copy_project(rentals, tmp_path))
-    stored = json.loads(project.mlflow.get_model_version("rentals", "1").tags[TAG])
-    stored["against"][library] = "0.0.1"
-    project.mlflow.set_model_version_tag("rentals", "1", TAG, json.dumps(stored))
-    model = load_served(project, 1, compile=project.config.serving.compile)
-    verdict = model.compile_verdict
-    assert verdict is not None and model.compiled is not None
-    assert verdict["status"] == "verified" and verdict["compiled_at"] == compiled_at
-    assert verdict["note"].startswith(redone)
-    assert f"{library} '0.0.1' -> '{metadata.version(library)}'" in verdict["note"]
-    recorded = json.loads(project.mlflow.get_model_version("rentals", "1").tags[TAG])
-    assert recorded["against"][library] == metadata.version(library)
+    check_verdict_redone_at_load(open_project(copy_project(rentals, tmp_path)), library,
+                                 redone, compiled_at)
 
 
 # ------------------------------------------------------------------------ classification

@@ -10,24 +10,11 @@ import pytest
 from mloop.pipeline.runner import run_pipeline
 from mloop.project import open_project
 
-from .helpers import rentals_frame
+from .helpers import busy_config, rentals_frame
 
 pytestmark = pytest.mark.slow
 
-BUSY = """\
-project: busy
-data: {path: data/rentals.parquet}
-target: busy
-task: classification
-features:
-  time_column: ts
-  exclude: [cnt]
-split: {method: time, holdout: 0.25}
-model:
-  estimator: sklearn.linear_model.LogisticRegression
-  params: {max_iter: 300, C: 1.0}
-metrics: [f1, accuracy]
-"""
+BUSY = busy_config(params="{max_iter: 300, C: 1.0}", metrics="[f1, accuracy]")
 
 
 def test_paired_verdict_on_integer_classes_with_binary_f1(make_project) -> None:

@@ -15,25 +15,12 @@ from mloop.pipeline.runner import run_pipeline
 from mloop.project import open_project
 from mloop.registry.promotion import change_alias
 
-from .helpers import copy_project, log_traffic, rentals_frame
+from .helpers import busy_config, copy_project, log_traffic, rentals_frame
 
 pytestmark = pytest.mark.slow
 
-BUSY = """\
-project: busy
-data: {path: data/rentals.parquet}
-target: busy
-task: classification
-features:
-  time_column: ts
-  exclude: [cnt]
-split: {method: time, holdout: 0.25}
-model:
-  estimator: sklearn.linear_model.LogisticRegression
-  params: {max_iter: 300}
-metrics: [accuracy]
-monitoring: {window: 1d}
-"""
+BUSY = busy_config(params="{max_iter: 300}", metrics="[accuracy]",
+                   extra="monitoring: {window: 1d}\n")
 THRESHOLD = 74  # rentals above which an hour is "busy"
 
 

@@ -27,7 +27,7 @@ import pytest
 import requests
 import sqlalchemy as sa
 
-from tests.helpers import BIKE, run_cli
+from tests.helpers import BIKE, run_cli, stop_process_group
 from tests.serving_util import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.postgres]
@@ -48,17 +48,6 @@ def _start(args: list[str], log: Path, env: dict[str, str] | None = None,
     with log.open("wb") as f:
         return subprocess.Popen(args, stdout=f, stderr=subprocess.STDOUT, cwd=cwd,
                                 env={**os.environ, **(env or {})}, start_new_session=True)
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)  # the group led by this PID (start_new_session)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
 
 
 def _wait_http(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float) -> None:
@@ -168,7 +157,7 @@ def cluster(tmp_path: Path, databases: _Database) -> Iterator[Cluster]:
         yield Cluster(endpoint, tracking, store, env)
     finally:
         for proc in reversed(procs):
-            _stop(proc)
+            stop_process_group(proc)
 
 
 def _project(tmp_path: Path) -> Path:
@@ -258,7 +247,7 @@ def test_bike_loop_on_mlflow_server_postgres_and_s3(cluster: Cluster, tmp_path: 
         assert r.status_code == 200 and r.json()["stored"] == 24, r.text
         assert requests.post(f"{url}/flush", timeout=30).status_code == 200
     finally:
-        _stop(serve)
+        stop_process_group(serve)
     # uvicorn shuts down gracefully, then re-raises SIGTERM
     assert serve.returncode in (0, -signal.SIGTERM), log.read_text()[-3000:]
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -32,7 +31,7 @@ from mloop.ui import create_ui_app
 from mloop.ui.app import ACTION_PATHS, SESSION_COOKIE
 from mloop.ui.render import NAV
 
-from .helpers import copy_project, require
+from .helpers import copy_project, require, stop_process_group
 from .serving_util import ServerThread
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ui")]
@@ -334,12 +333,7 @@ def test_mloop_ui_serves_https_and_its_session_cookie_is_secure(tmp_path: Path) 
         with pytest.raises(requests.exceptions.ConnectionError):
             requests.get(f"http://127.0.0.1:{port}/health", timeout=5)
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_process_group(proc, grace=30)
 
 
 @pytest.mark.parametrize("command", ["ui", "serve"])

@@ -175,23 +175,22 @@ class Scorer:
 
 def load_scorer(project: Any, version: int) -> Scorer:
     """``version`` ready to score, from the same small in-process cache as the pyfunc. A
-    sklearn-flavour model on this disk is read in place without importing MLflow
-    (:mod:`mloop.registry.model_files`); anything else loads through MLflow's pyfunc."""
-    from mloop.registry.model_files import in_place_dir, load_sklearn, read_model_files
+    sklearn-flavour model is deserialized from its files (:func:`version_files`: in place
+    when on this disk, without importing MLflow); any other flavour loads through MLflow's
+    pyfunc."""
+    from mloop.registry.model_files import load_sklearn
 
-    name = project.config.model_name
-    key = (project.uris["tracking_uri"], name, int(version))
+    key = (project.uris["tracking_uri"], project.config.model_name, int(version))
     hit = _cached(_SCORERS, key)
     if hit is not None:
         return hit  # type: ignore[no-any-return]
-    here = in_place_dir(version_record(project, version).storage_location)
-    files = read_model_files(here) if here is not None else None
-    model = load_sklearn(files) if files is not None else None
-    if files is not None and model is not None:
+    files = version_files(project, version)
+    model = load_sklearn(files)
+    if model is not None:
         scorer = Scorer(files, model, model.predict)
     else:
-        path, pyfunc = load_pyfunc(project, version)
-        scorer = Scorer(read_model_files(path), pyfunc.get_raw_model(), pyfunc.predict)
+        _, pyfunc = load_pyfunc(project, version)
+        scorer = Scorer(files, pyfunc.get_raw_model(), pyfunc.predict)
     _keep(_SCORERS, key, scorer)
     return scorer
 
