@@ -17,6 +17,7 @@ import sqlalchemy as sa
 
 from mloop.collector import StoreCollector, gauge
 from mloop.config import WebhookConfig
+from mloop.metrics import HIGHER_IS_BETTER
 from mloop.project import Project
 from mloop.store.db import as_utc
 from mloop.store.models import EventRow, MonitorWindowRow
@@ -251,9 +252,11 @@ def grafana_dashboard(project: Project) -> dict[str, Any]:
 
 # -------------------------------------------------------------------------- webhook
 
-def breaches(summary: dict[str, Any], margin: float, metric_higher_is_better: bool
-             ) -> list[str]:
-    """Why a window is worth telling someone about (empty: it is not)."""
+def breaches(summary: dict[str, Any], margin: float) -> list[str]:
+    """Why a window is worth telling someone about (empty: it is not): what ``mloop
+    monitor`` records and posts, and what the dashboard lists as open alerts. ``margin``
+    is ``monitoring.performance_margin``, in the direction of the window's metric."""
+    metric_higher_is_better = HIGHER_IS_BETTER.get(summary.get("metric") or "", False)
     out = []
     if summary.get("drifted"):
         out.append(f"input drift in {summary.get('drift_share', 0):.0%} of features")

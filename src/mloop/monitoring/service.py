@@ -324,15 +324,13 @@ def run_monitor(project: Project, *, window: str | None = None,
 def _alert(project: Project, summary: dict[str, Any], *, performance_only: bool = False
            ) -> dict[str, Any] | None:
     """Record a breach in the audit chain and POST it to the webhook, if one is set."""
-    from mloop.metrics import HIGHER_IS_BETTER
     from mloop.monitoring.alerts import breaches, post_webhook
     from mloop.security.audit import append_event
 
     cfg = project.config.monitoring
     probe = summary if not performance_only else {
         k: summary.get(k) for k in ("metric", "metric_value", "reference_metric")}
-    reasons = breaches(probe, cfg.performance_margin,
-                       HIGHER_IS_BETTER.get(summary.get("metric") or "", False))
+    reasons = breaches(probe, cfg.performance_margin)
     if not reasons:
         return None
     payload = {"model": project.config.model_name, "window": summary, "reasons": reasons}

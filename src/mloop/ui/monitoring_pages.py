@@ -104,11 +104,9 @@ def open_alerts(project: Any, window: dict[str, Any] | None) -> list[str]:
     ``monitor.alert`` and posts to the webhook) evaluated on the newest window."""
     if window is None:
         return []
-    from mloop.metrics import HIGHER_IS_BETTER
     from mloop.monitoring.alerts import breaches
 
-    return breaches(window, project.config.monitoring.performance_margin,
-                    HIGHER_IS_BETTER.get(window.get("metric") or "", False))
+    return breaches(window, project.config.monitoring.performance_margin)
 
 
 def overview_signals(request: Request, latest: dict[str, Any] | None) -> dict[str, Any]:
