@@ -49,7 +49,11 @@ def _requirements(model: Any) -> list[str]:
         try:
             out.append(f"{name}=={importlib.metadata.version(name)}")
         except importlib.metadata.PackageNotFoundError:
-            continue
+            # a module installed under another distribution's name (xgboost by xgboost-cpu,
+            # mloop's xgboost extra): pin that one (scanning every distribution costs ~0.3 s,
+            # paid only here)
+            for dist in importlib.metadata.packages_distributions().get(name, [])[:1]:
+                out.append(f"{dist}=={importlib.metadata.version(dist)}")
     return out
 
 

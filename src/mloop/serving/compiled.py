@@ -32,10 +32,10 @@ no longer matches is redone at that load and recorded on the tag:
 A "mismatch" or "unsupported" verdict that still matches is final too: the original serves
 without a compile at every load.
 
-A pipeline ending in a LightGBM estimator compiles the same way, with onnxmltools' converter
-registered with skl2onnx (:mod:`mloop.serving.engines`); its verdict also records the
-onnxmltools and LightGBM versions, and another onnxmltools makes the graph again like another
-skl2onnx.
+A pipeline ending in a LightGBM or XGBoost estimator compiles the same way, with onnxmltools'
+converter registered with skl2onnx (:mod:`mloop.serving.engines`); its verdict also records the
+onnxmltools and LightGBM (or XGBoost) versions, and another onnxmltools makes the graph again
+like another skl2onnx.
 """
 
 from __future__ import annotations
@@ -119,11 +119,15 @@ def _flat(out: Any) -> np.ndarray:
 
 
 @functools.cache
-def _installed(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
+def _installed(library: str) -> str | None:
+    """The installed version of ``library``, from the first of its distributions that is
+    installed (``engines.DISTRIBUTIONS``: xgboost comes as xgboost or xgboost-cpu)."""
+    for dist in engines.DISTRIBUTIONS.get(library, (library,)):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
 
 
 def library_versions(extra: tuple[str, ...] = ()) -> dict[str, str | None]:
@@ -360,7 +364,7 @@ def load_compiled(project: Any, version: int, *, tags: dict[str, str], schema: I
         return compile_and_store(project, model=original(), schema=schema, task=task,
                                  holdout=holdout, cfg=cfg, run_id=None, compiled_at="load")
     stored = Verdict.from_tag(tags.get(TAG))
-    # an engine's libraries (LightGBM's) are known from the stored verdict: the original,
+    # an engine's libraries (LightGBM's, XGBoost's) are known from the stored verdict: the original,
     # which would say which engine it is, is not loaded unless something must be redone
     extra = tuple(k for k in engines.ENGINE_LIBRARIES
                   if stored is not None and k in (stored.against or {}))
