@@ -122,9 +122,15 @@ def test_file_digests_key_the_data_files_by_their_path_in_the_project(tmp_path: 
         str(data / "a.parquet"): digests["data/a.parquet"]}
 
 
-def test_the_lightgbm_option_swaps_only_the_examples_model_and_its_search_space() -> None:
-    """``bench_serving.py --estimator lightgbm``: the same data, features, gates and serving
-    as the bike example, LightGBM as its estimator (its tune space names scikit-learn's)."""
+@pytest.mark.parametrize(("option", "estimator", "objective"), [
+    ("lightgbm", "lightgbm.LGBMRegressor", "poisson"),
+    ("xgboost", "xgboost.XGBRegressor", "count:poisson"),
+])
+def test_the_estimator_option_swaps_only_the_examples_model_and_its_search_space(
+        option: str, estimator: str, objective: str) -> None:
+    """``bench_serving.py --estimator lightgbm`` (or ``xgboost``): the same data, features,
+    gates and serving as the bike example, LightGBM (XGBoost) as its estimator (its tune
+    space names scikit-learn's)."""
     import sys
 
     import yaml
@@ -145,9 +151,9 @@ def test_the_lightgbm_option_swaps_only_the_examples_model_and_its_search_space(
     text = (REPO / "examples" / "bike_sharing" / "mloop.yaml").read_text()
     assert bench.with_estimator(text, "sklearn") == text
     original = ProjectConfig(**yaml.safe_load(text))
-    swapped = ProjectConfig(**yaml.safe_load(bench.with_estimator(text, "lightgbm")))
-    assert swapped.model.estimator == "lightgbm.LGBMRegressor"
-    assert swapped.model.params["objective"] == "poisson"
+    swapped = ProjectConfig(**yaml.safe_load(bench.with_estimator(text, option)))
+    assert swapped.model.estimator == estimator
+    assert swapped.model.params["objective"] == objective
     assert swapped.model.name == original.model.name and swapped.model.threads == 1
     assert swapped.tune is None and original.tune is not None
     for key in ("data", "target", "task", "features", "split", "metrics", "gates", "serving"):

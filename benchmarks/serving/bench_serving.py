@@ -1,6 +1,6 @@
 """Online serving: the server's effect and the compiler's, separated, against MLServer and MLflow.
 
-    python benchmarks/serving/bench_serving.py [--project DIR | --estimator lightgbm]
+    python benchmarks/serving/bench_serving.py [--project DIR | --estimator lightgbm|xgboost]
         [--duration 20] [--repeats 1]
         [--mlserver-venv .venv-mlserver] [--skip-mlserver] [--out benchmarks/serving/results.json]
 
@@ -73,7 +73,9 @@ the example is copied to a temp folder and ``mloop run`` trains, registers and p
 and records it under ``overrides`` in the results); with ``--project DIR`` that trained project
 is reused (its champion is served by every server). ``--estimator lightgbm`` trains the
 example with ``lightgbm.LGBMRegressor`` (Poisson objective, 300 trees, the same preprocessing)
-instead of scikit-learn's gradient boosting; mloop compiles it through onnxmltools. The
+instead of scikit-learn's gradient boosting, ``--estimator xgboost`` with
+``xgboost.XGBRegressor`` (``count:poisson``, 300 trees of depth 6, its default); mloop
+compiles either through onnxmltools. The
 request row is a real row of ``data/bike_hourly.parquet`` (``--row``, default 5000:
 2011-08-01 06:00, outside the training window), typed by the signature mloop's GET /model
 reports (doubles sent as JSON floats).
@@ -458,7 +460,21 @@ model:
     verbose: -1
   threads: 1
 """
-ESTIMATORS = ("sklearn", "lightgbm")
+# ``--estimator xgboost``: the same with XGBoost (its trees grow to its default depth 6)
+XGBOOST_MODEL = """\
+model:
+  name: bike-sharing
+  estimator: xgboost.XGBRegressor
+  params:
+    objective: count:poisson
+    n_estimators: 300
+    learning_rate: 0.08
+    random_state: 0
+    n_jobs: 1
+  threads: 1
+"""
+MODELS = {"lightgbm": LIGHTGBM_MODEL, "xgboost": XGBOOST_MODEL}
+ESTIMATORS = ("sklearn", *MODELS)
 
 
 def with_estimator(config: str, estimator: str) -> str:
@@ -470,7 +486,7 @@ def with_estimator(config: str, estimator: str) -> str:
     tune = re.search(r"^tune:.*\n(?:[ #].*\n)+\n?", config, flags=re.M)
     if model is None or tune is None:
         raise SystemExit("the bike example's mloop.yaml has no model: or tune: block to swap")
-    out = config[:model.start()] + LIGHTGBM_MODEL + config[model.end():]
+    out = config[:model.start()] + MODELS[estimator] + config[model.end():]
     return out.replace(tune.group(0), "")
 
 
@@ -824,7 +840,8 @@ def main() -> None:
                     "training the bike-sharing example)")
     ap.add_argument("--estimator", choices=ESTIMATORS, default="sklearn",
                     help="the model the example trains without --project: its scikit-learn "
-                    "gradient boosting (default), or LightGBM's (the lightgbm extra)")
+                    "gradient boosting (default), LightGBM's or XGBoost's (the lightgbm or xgboost "
+                    "extra)")
     ap.add_argument("--duration", type=int, default=20, help="seconds per wrk run (default 20)")
     ap.add_argument("--repeats", type=int, default=1, help="runs per cell; medians reported")
     ap.add_argument("--warmup", type=int, default=3, help="warm-up seconds per server")
