@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from mloop.errors import MloopError
 from mloop.pipeline.runner import run_pipeline
 from mloop.project import open_project
 from mloop.registry.candidates import version_files
@@ -238,3 +239,23 @@ def test_an_xgboost_classifier_serves_labels_and_probabilities_from_its_verified
     assert proba.shape == (60, 3)
     assert np.all(np.abs(proba - expected) <= 1e-3 + 1e-4 * expected)
     assert set(body["predictions"]) == set(CLASSES)  # every class, not a constant
+
+
+def test_an_xgboost_classifier_refuses_text_classes_before_training_saying_how_to_fix(
+        tmp_path: Path) -> None:
+    """XGBClassifier learns only classes coded 0 to n-1: mloop says so, naming the key and
+    the way out, instead of XGBoost's own error from inside the train step."""
+    root = tmp_path / "busy"
+    (root / "data").mkdir(parents=True)
+    frame = _frame(200, seed=0)
+    frame["busy"] = np.array(["quiet", "busy", "peak"])[frame["busy"]]
+    frame.to_parquet(root / "data" / "rentals.parquet", index=False)
+    (root / "mloop.yaml").write_text(CONFIG.format(
+        name="busy", task="classification", compile=DEFAULT, params=PARAMS.format(n=5),
+        target="busy", exclude="[cnt]", estimator="XGBClassifier", metric="accuracy"))
+    project = open_project(root)
+    with pytest.raises(MloopError, match=(
+            r"'model.estimator': xgboost.XGBClassifier learns only classes coded 0 to 2; "
+            r"target 'busy' has 'busy', 'peak', 'quiet'. Code the classes as integers")):
+        run_pipeline(project)
+    assert project.mlflow.search_model_versions("name='busy'") == []

@@ -102,6 +102,30 @@ def make_estimator(cfg: ModelConfig, task: str | None) -> Any:
     return estimator
 
 
+def check_classes(model: Any, y: np.ndarray, *, target: str) -> None:
+    """Refuse, in mloop's words and before fitting, a target XGBoost's classifiers cannot
+    learn: they take only classes coded 0 to n-1 (XGBoost dropped its label encoder in 2.0),
+    and their own error names neither the config key nor a way out."""
+    final = model.steps[-1][1] if hasattr(model, "steps") else model
+    library = type(final).__module__.split(".")[0]
+    if library != "xgboost" or not hasattr(final, "predict_proba"):
+        return
+    try:
+        classes = np.unique(y)
+    except TypeError:  # labels of mixed types: not codes 0 to n-1 either
+        classes = np.unique(y.astype(str))
+    if np.array_equal(classes, np.arange(len(classes))):
+        return
+    shown = ", ".join(repr(c) for c in classes[:5].tolist()) + (", ..." if len(classes) > 5
+                                                               else "")
+    raise ConfigError(
+        f"'model.estimator': {library}.{type(final).__name__} learns only classes coded 0 to "
+        f"{len(classes) - 1}; target '{target}' has {shown}. Code the classes as integers in "
+        f"the data, or choose an estimator that takes them as they are (lightgbm."
+        f"LGBMClassifier, sklearn.ensemble.HistGradientBoostingClassifier)",
+        key="model.estimator")
+
+
 def build_model(spec: dict[str, Any], cfg: ModelConfig) -> Pipeline:
     estimator = make_estimator(cfg, spec["task"])
     num_steps: list[tuple[str, Any]] = []

@@ -20,7 +20,7 @@ from mloop.errors import ConfigError, ValidationFailedError
 from mloop.metrics import DEFAULTS, compute_metrics, metrics_for
 from mloop.pipeline.context import StepContext
 from mloop.pipeline.dsl import step
-from mloop.tabular.model import build_model, features_frame, resolve_spec
+from mloop.tabular.model import build_model, check_classes, features_frame, resolve_spec
 
 
 @step(cache=False)  # the source may have changed: always read; its digest drives the cache
@@ -114,6 +114,8 @@ def train(ctx: StepContext, data: Snapshot, target: str, task: str | None,
             set(y.tolist()))
     cfg = ModelConfig(**model)
     estimator = build_model(spec, cfg)
+    if spec["task"] == "classification":
+        check_classes(estimator, y, target=target)
     with threadpool_limits(cfg.threads):  # None: no limit
         estimator.fit(X, y)
     _log_snapshot(ctx, data, "training", on_parent=False)  # split put it on the parent
