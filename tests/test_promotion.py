@@ -137,6 +137,7 @@ def test_when_mlflow_refuses_the_alias_the_store_is_rolled_back(proj) -> None:
 RACER = """\
 import json, sys, time
 from pathlib import Path
+import sqlalchemy as sa
 from mloop.errors import MloopError
 from mloop.project import open_project
 from mloop.registry.aliases import mlflow_alias, stored_alias
@@ -147,6 +148,12 @@ root, version, expected, gate, racers = sys.argv[1:6]
 version, expected = int(version), None if expected == "none" else int(expected)
 gate = Path(gate)
 project = open_project(root)
+# every unique-key collision mloop's store reports to this racer (a retry of promote's
+# transaction follows each): how the race was decided, not only who won it
+collisions = []
+sa.event.listen(project.store.engine, "handle_error", lambda ctx: collisions.append(
+    type(ctx.original_exception).__name__) if isinstance(ctx.sqlalchemy_exception,
+                                                         sa.exc.IntegrityError) else None)
 # connect and import everything promote touches before the barrier, so both racers reach
 # the alias row at the same moment rather than after their own start-up costs
 stored_alias(project), mlflow_alias(project, "previous"), version_record(project, version)
@@ -160,7 +167,7 @@ try:
 except MloopError as exc:
     outcome = {"won": False, "version": version, "error": str(exc)}
 leave = time.monotonic_ns()
-record = {**outcome, "enter_ns": enter, "leave_ns": leave}
+record = {**outcome, "enter_ns": enter, "leave_ns": leave, "collisions": collisions}
 (gate / f"racer-{version}.json").write_text(json.dumps(record))
 print(json.dumps(record))
 """
@@ -214,6 +221,15 @@ def test_two_promotions_racing_exactly_one_wins(proj: Path, tmp_path: Path, stor
     before = "nothing" if champion is None else f"v{champion}"
     assert f"'champion' of 'rentals' moved from {before} to v{won}" in losers[0]["error"]
     assert "another change won" in losers[0]["error"]
+    # decided by the alias row's lock (FOR UPDATE on PostgreSQL, BEGIN IMMEDIATE on SQLite):
+    # the loser waited, read the winner's version and refused, with no unique key colliding
+    # (an audit-chain collision would also stop a second winner, and hide a lost lock). Only
+    # a first promotion on PostgreSQL has no row to lock: there the alias row's primary key
+    # may collide once, then the retry reads the winner's row.
+    allowed = 1 if store == "postgres" and champion is None else 0
+    assert winners[0]["collisions"] == [] and len(losers[0]["collisions"]) <= allowed, (
+        f"unique-key collisions: winner {winners[0]['collisions']}, loser "
+        f"{losers[0]['collisions']} (at most {allowed}): the alias row was not locked")
     project = open_project(proj)
     assert stored_alias(project) == won
     aliases = project.mlflow.get_registered_model("rentals").aliases
