@@ -97,6 +97,24 @@ def test_monitor_evaluates_each_new_day_once_and_rescores_late_labels(proj: Path
     assert main(["-C", str(proj), "monitor", "report", "999", "--html", str(page)]) == 1
 
 
+def test_inputs_that_move_without_moving_the_predictions_are_not_prediction_drift(proj: Path
+                                                                                 ) -> None:
+    """Prediction drift is judged on the predictions, not inherited from the inputs: at night
+    (before 6 and after 18) rentals do not depend on the hour, so moving every night row to
+    2 am shifts the hour column hard while the model answers as before."""
+    from mloop.monitoring.service import run_monitor
+
+    project = open_project(proj)
+    night = rentals_frame(600, seed=31)
+    flat = (night["hour"] < 6) | (night["hour"] > 18)
+    night.loc[flat, "hour"] = 2
+    log_traffic(project, night, "2024-05-01")
+    log_traffic(project, rentals_frame(5, seed=32), "2024-05-02")  # moves the watermark
+    [window] = run_monitor(project, window="1d")["evaluated"]
+    assert window["drifted"] and window["drift_share"] > 0  # the hour column moved
+    assert window["prediction_drifted"] is False
+
+
 def test_each_stored_window_report_carries_the_iid_and_temporal_thresholds(proj: Path
                                                                           ) -> None:
     from mloop.monitoring.service import run_monitor
