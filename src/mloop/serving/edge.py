@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -96,14 +96,26 @@ async def read_body(request: Request, limit: int) -> bytes:
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise HTTPError(413, {"error": f"body of {declared} bytes exceeds the limit of "
                                        f"{limit} (serving.max_body_bytes)"})
-    chunks, size = [], 0
-    async for chunk in request.stream():
+    # the ASGI messages themselves (what ``request.stream()`` reads, without its generator):
+    # a one-row body is one message
+    receive = request.receive
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
             raise HTTPError(413, {"error": f"body exceeds the limit of {limit} bytes "
                                            f"(serving.max_body_bytes)"})
+        if not message.get("more_body", False):
+            if not chunks:
+                return chunk
+            chunks.append(chunk)
+            return b"".join(chunks)
         chunks.append(chunk)
-    return b"".join(chunks)
 
 
 VERSION_HEADER = b"x-mloop-version"
