@@ -166,6 +166,16 @@ async def answer(endpoint: Endpoint, label: str, scope: Scope, receive: Receive,
         metrics.answered(label, status, version, time.perf_counter() - t0)
 
 
+def route_path(scope: Scope) -> str:
+    """The path the app's routes see: behind a ``root_path`` (a proxy's prefix) the server's
+    ``path`` starts with it, and the router strips it (as Starlette's own routing does)."""
+    path: str = scope["path"]
+    root = scope.get("root_path", "")
+    if root and path.startswith(root) and path[len(root):len(root) + 1] in ("/", ""):
+        return path[len(root):]
+    return path
+
+
 class RequestMetrics:
     """Count and time the answers of the endpoints in ``endpoints`` (path -> metric label):
     ``mloop_requests_total{endpoint,status,version}`` (version from the response's
@@ -178,7 +188,7 @@ class RequestMetrics:
         self.endpoints = endpoints
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        endpoint = self.endpoints.get(scope["path"]) if scope["type"] == "http" else None
+        endpoint = self.endpoints.get(route_path(scope)) if scope["type"] == "http" else None
         if endpoint is None:
             await self.app(scope, receive, send)
             return
