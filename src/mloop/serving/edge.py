@@ -4,8 +4,9 @@ the request metrics.
 Endpoints raise :class:`HTTPError` (or ``InputError`` for a body that does not match the
 signature); the app's exception handlers turn them into JSON answers. :class:`RequestMetrics`
 is a plain ASGI middleware (no per-request task or copy of the body) that times and counts
-the answers of the endpoints that do work, and is the one place an unexpected exception
-becomes a 500 instead of a dropped connection.
+the answers of the endpoints that do work, and is where an unexpected exception becomes a 500
+instead of a dropped connection. The scoring endpoints skip the app's layers: :func:`answer`
+does all of that for them in one call.
 """
 
 from __future__ import annotations
@@ -137,11 +138,11 @@ async def answer(endpoint: Endpoint, label: str, scope: Scope, receive: Receive,
     handlers and :class:`RequestMetrics` together would: the same answers (``HTTPError``,
     ``InputError`` -> 422, anything else -> a logged 500) and the same request metrics.
 
-    Why not through them: on a one-row request on the compiled model, FastAPI's routing,
-    dependency solving and five middleware layers cost more CPU than parsing, checking,
-    scoring and logging the request together (~35 of ~75 µs of the event loop's time per
-    request, measured in benchmarks/serving/bench_overhead.py). ``scope["app"]`` must
-    already be the app (``request.app`` reads it)."""
+    Why not through them: FastAPI's routing, dependency solving and five middleware layers
+    cost ~45 µs of CPU per request here, more than parsing, checking, scoring and logging a
+    one-row request on the compiled model together (~25 µs); see
+    benchmarks/serving/bench_overhead.py. ``scope["app"]`` must already be the app
+    (``request.app`` reads it)."""
     metrics = scope["app"].state.mloop.metrics
     t0 = time.perf_counter()
     metrics.in_flight.inc()
