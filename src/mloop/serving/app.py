@@ -26,13 +26,16 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import BaseRoute
+from starlette.types import Receive, Scope, Send
 
 from mloop.config import ServingConfig
 from mloop.project import Project
 from mloop.serving import openapi
 from mloop.serving.edge import (
+    Endpoint,
     HTTPError,
     RequestMetrics,
+    answer,
     authorize,
     http_error,
     input_error,
@@ -291,6 +294,28 @@ MIDDLEWARE = [Middleware(RequestMetrics, endpoints=COUNTED)]
 
 EXCEPTION_HANDLERS = {HTTPError: http_error, InputError: input_error}
 
+# the scoring endpoints, answered before the middleware and the router (see ServingApp)
+HOT: dict[str, tuple[Endpoint, str]] = {"/predict": (predict, "predict"),
+                                        "/invocations": (invocations, "invocations")}
+
+
+class ServingApp(FastAPI):
+    """The FastAPI app, except that a POST to a scoring endpoint goes straight to it
+    (:func:`mloop.serving.edge.answer`: the same answers, errors and metrics, without
+    FastAPI's middleware, routing and dependency solving, which cost more than the rest of
+    a one-row request). Everything else, the spec and the docs are FastAPI's. Behind a
+    ``root_path`` the scoring endpoints take the ordinary way (the router strips it)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" \
+                and not scope.get("root_path"):
+            hot = HOT.get(scope["path"])
+            if hot is not None:
+                scope["app"] = self
+                await answer(hot[0], hot[1], scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
+
 
 @contextlib.asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -320,7 +345,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 def create_app(project: Project, config: ServingConfig | None = None, *, auth: Any = None,
-               collectors: Sequence[Collector] = ()) -> FastAPI:
+               collectors: Sequence[Collector] = ()) -> ServingApp:
     """The ASGI app serving ``project``'s champion (and challenger).
 
     ``auth`` is an ``mloop.serving.auth.TokenAuth`` or None (open). ``collectors`` are extra
@@ -340,7 +365,7 @@ def create_app(project: Project, config: ServingConfig | None = None, *, auth: A
             on_queue=m.log_queue.set)
     for collector in collectors:
         state.metrics.registry.register(collector)  # type: ignore[arg-type]
-    app = FastAPI(title=f"mloop · {project.config.model_name}",
+    app = ServingApp(title=f"mloop · {project.config.model_name}",
                   description="Predictions from the champion (and canary) of "
                               f"'{project.config.model_name}', with MLflow's scoring protocol "
                               "on /invocations.",

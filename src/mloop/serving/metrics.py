@@ -101,6 +101,30 @@ class ServingMetrics:
                                        f"{IGNORED_COLUMN_LABELS} names seen, then '{OTHER}')",
                                        ["column"], registry=r)
         self._ignored_labels: set[str] = set()
+        # labelled children, looked up once: ``labels()`` costs more than the update itself
+        # and runs several times per request (the label values are the server's own)
+        self._answers: dict[tuple[str, int, str], Any] = {}
+        self._latencies: dict[str, Any] = {}
+        self._values: dict[int, Any] = {}
+
+    def answered(self, endpoint: str, status: int, version: str, seconds: float) -> None:
+        """Count one answer of ``endpoint`` and time it."""
+        counter = self._answers.get((endpoint, status, version))
+        if counter is None:
+            counter = self._answers[endpoint, status, version] = self.requests.labels(
+                endpoint, str(status), version)
+        counter.inc()
+        latency = self._latencies.get(endpoint)
+        if latency is None:
+            latency = self._latencies[endpoint] = self.latency.labels(endpoint)
+        latency.observe(seconds)
+
+    def prediction_values(self, version: int) -> Any:
+        """The ``mloop_prediction_value`` histogram of ``version``."""
+        h = self._values.get(version)
+        if h is None:
+            h = self._values[version] = self.predictions.labels(str(version))
+        return h
 
     def ignored(self, columns: dict[str, int]) -> None:
         """Count rows whose ``columns`` were left out. Names come from clients, so only the

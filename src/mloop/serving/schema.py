@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from operator import itemgetter
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -95,6 +97,10 @@ class InputSchema:
 
     def __post_init__(self) -> None:
         self.names = [c.name for c in self.columns]
+        # for one_row: every signature value of a record at once, and each column's converter
+        self._values: Callable[[dict[str, Any]], tuple[Any, ...]] = (
+            itemgetter(*self.names) if len(self.names) > 1 else _one_value(self.names))
+        self._converters = [_CONVERTERS.get(c.type, _as_is) for c in self.columns]
 
     @classmethod
     def from_mlflow(cls, schema: Any) -> InputSchema:
@@ -129,6 +135,10 @@ class InputSchema:
         """``[{"temp": 0.3, ...}, ...]`` → columns; a missing key is an error, a key outside
         the signature is ignored (and reported in ``Rows.ignored``), or an error if
         ``strict``."""
+        if type(records) is list and len(records) == 1:
+            quick = self._one_row(records[0])
+            if quick is not None:
+                return quick
         if not isinstance(records, list) or not records:
             raise InputError([FieldError(where, "must be a non-empty list of objects")])
         errors: list[FieldError] = []
@@ -153,6 +163,27 @@ class InputSchema:
             if len(errors) >= MAX_ERRORS:
                 raise InputError(errors)
         return self._check(cols, len(records), errors, ignored)
+
+    def _one_row(self, rec: Any) -> Rows | None:
+        """The common request, one record with exactly the signature's fields and a valid
+        value in each, checked and converted as :meth:`_check` would (the same converters)
+        without building the per-column lists first; None for anything else (a missing,
+        extra, null or refused value), which the general path then answers, errors named."""
+        if type(rec) is not dict or len(rec) != len(self.names):
+            return None
+        try:
+            values = self._values(rec)  # KeyError: a field missing (so another is extra)
+        except KeyError:
+            return None
+        cols: dict[str, list] = {}
+        for name, convert, v in zip(self.names, self._converters, values, strict=True):
+            if v is None or (type(v) is float and v != v):  # null: required or not
+                return None
+            out = convert(v)
+            if out is _BAD:
+                return None
+            cols[name] = [out]
+        return Rows(cols, 1, {})
 
     def from_columns(self, columns: Any, *, where: str = "columns", strict: bool = False
                      ) -> Rows:
@@ -255,6 +286,11 @@ class InputSchema:
             else:
                 data[c.name] = np.array(values, dtype=object)
         return pd.DataFrame(data, copy=False)
+
+
+def _one_value(names: list[str]) -> Callable[[dict[str, Any]], tuple[Any, ...]]:
+    """``itemgetter`` of zero or one name, which answers a tuple like that of several."""
+    return lambda rec: tuple(rec[n] for n in names)
 
 
 class _Missing:

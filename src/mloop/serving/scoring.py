@@ -71,13 +71,13 @@ async def score(state: ServerState, parser: Parser, *, key: str | None, timestam
 
 def observe(m: ServingMetrics, slot: Slot, preds: list[Any]) -> None:
     """The prediction metrics: a histogram of values (regression), counts per class."""
-    v = str(slot.model.version)
     if slot.model.task == "regression":
-        h = m.predictions.labels(v)
+        h = m.prediction_values(slot.model.version)
         for p in preds:
             if isinstance(p, int | float):
                 h.observe(p)
     else:
+        v = str(slot.model.version)
         for p in preds:
             m.classes.labels(v, str(p)).inc()
 
