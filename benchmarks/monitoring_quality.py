@@ -324,6 +324,11 @@ def child_mloop(data_dir: Path) -> dict[str, Any]:
                 entry = {"key": start, "rows": part.num_rows, "drifted": drift["drifted"],
                          "alerted": [c["column"] for c in drift["columns"] if c["drifted"]],
                          "temporal_applied": (drift.get("temporal") or {}).get("applied")}
+                if key == "later":  # what moved, and how far from each bar
+                    entry["scores"] = {c["column"]: [c["score"], c["threshold"],
+                                                     c["temporal_threshold"], c["min_effect"],
+                                                     c["method"]]
+                                       for c in drift["columns"]}
                 col = shifted_column.get(key)
                 if col is not None:  # why the shifted column was (not) flagged
                     c = next(c for c in drift["columns"] if c["column"] == col)
@@ -451,7 +456,34 @@ def aggregate(meta: dict[str, Any], ml: dict[str, Any], nml: dict[str, dict[str,
         for p in pooled.values():
             p["share"] = p["detected"] / p["trials"] if p["trials"] else None
         detection[side] = {"per_column": per_column, "pooled": pooled}
-    return {"periods": periods, "detection": detection}
+    return {"periods": periods, "detection": detection,
+            "later_by_column": _later_by_column(meta, sides)}
+
+
+def _later_by_column(meta: dict[str, Any], sides: dict[str, Any]) -> dict[str, Any]:
+    """Per column, the share of later weeks each side raised it in, and mloop's median
+    statistic there beside its three bars (iid threshold, temporal threshold, min_effect)."""
+    import numpy as np
+
+    out: dict[str, Any] = {}
+    temporal = sides["mloop temporal"]["later"]
+    for column in meta["features"]:
+        row: dict[str, Any] = {}
+        for side, v in sides.items():
+            weeks = v["later"]
+            row[side] = (sum(column in w["alerted"] for w in weeks) / len(weeks)
+                         if weeks else None)
+        scores = [w["scores"][column] for w in temporal if column in w.get("scores", {})]
+        if scores:
+            def median(i: int, scores: list[list[Any]] = scores) -> float | None:
+                values = [x[i] for x in scores if x[i] is not None]
+                return float(np.median(values)) if values else None
+
+            row["mloop"] = {"method": scores[0][4], "score": median(0),
+                            "iid_threshold": median(1), "temporal_threshold": median(2),
+                            "min_effect": median(3)}
+        out[column] = row
+    return out
 
 
 def targets_for(name: str, agg: dict[str, Any]) -> dict[str, bool | None]:
@@ -496,6 +528,20 @@ def show(results: dict[str, Any]) -> None:
         for side, p in agg["periods"].items():
             t.add_row(side, _pct(p["inside"]), _pct(p["later"]))
         con.print(t)
+        lc = Table(title=f"{name} (d) by column: share of later weeks raising it, and mloop's "
+                         f"median statistic there / iid threshold / temporal threshold / "
+                         f"min_effect (a column drifts only above all three)")
+        sides = list(agg["periods"])
+        for col in ("column", *sides, "mloop statistic / iid / temporal / min_effect"):
+            lc.add_column(col, justify="left" if col == "column" else "right")
+        for column, row in agg["later_by_column"].items():
+            m = row.get("mloop") or {}
+            lc.add_row(column, *[("n/a" if row.get(sd) is None else f"{row[sd]:.0%}")
+                                 for sd in sides],
+                       f"{m.get('method')} {_num(m.get('score'))} / "
+                       f"{_num(m.get('iid_threshold'))} / {_num(m.get('temporal_threshold'))} "
+                       f"/ {_num(m.get('min_effect'))}")
+        con.print(lc)
         d = Table(title=f"{name} (b): injected shifts, detected within {DETECT_WITHIN} windows "
                         f"(the shifted column drifts in the onset week or the next); trials = "
                         f"onset weeks x columns")
