@@ -38,6 +38,15 @@ os.environ.setdefault("NML_DISABLE_USAGE_LOGGING", "1")  # no analytics calls, o
 
 
 def _peak_mb() -> float:
+    """This process's peak resident memory in MB: VmHWM, which exec resets (``ru_maxrss``
+    keeps the forking parent's peak across exec, so every child would report the
+    driver's)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
