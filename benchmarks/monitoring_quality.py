@@ -53,7 +53,7 @@ What is measured:
       same calculators' share inside the reference period.
 
 The domain classifier fits 5-fold LightGBM per week on the whole reference: measured here
-~7 CPU s per week on 2,000 bike rows (the --quick run: 15 weeks, 102 CPU s), so the full run
+~7 CPU s per week on 2,000 bike rows (the --quick run: 15 weeks, 104 CPU s), so the full run
 (102 bike weeks, 50 flights weeks on 155k rows) would take hours of this shared machine. It
 runs only with ``--domain-classifier``, beside the other sides rather than after them, and on
 flights on every ``DC_FLIGHTS_STRIDE``-th row in time order (reference and later alike).
