@@ -1,0 +1,100 @@
+"""The detection-quality benchmark (benchmarks/monitoring_quality.py): its windows, injected
+shifts and trial counting, and a ``--quick`` run end to end without NannyML (whose venv the
+full run needs). The published figures come from the full run, not from here."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from datetime import datetime
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "monitoring_quality.py"
+
+
+def _load() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_monitoring_quality", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load()
+
+
+def _bike() -> pa.Table:
+    return pq.read_table(REPO / "examples" / "bike_sharing" / "data" / "bike_hourly.parquet")
+
+
+def test_reference_windows_are_the_whole_epoch_aligned_weeks_inside_the_period() -> None:
+    table = bench._whole_windows(_bike(), "datetime", "2011-01-01", "2012-01-01")
+    weeks = sorted(set(table.column("__window").to_pylist()))
+    # 1970-01-01 was a Thursday: whole weeks of 2011 run from Thu 6 Jan to Wed 28 Dec
+    assert len(weeks) == 51
+    first, last = pc.min_max(table.column("datetime")).values()
+    assert first.as_py().isoformat() == "2011-01-06T00:00:00"
+    assert last.as_py() < datetime(2011, 12, 29)
+
+
+def test_share_shift_moves_twenty_points_of_every_window_to_the_level() -> None:
+    table = bench._whole_windows(_bike(), "datetime", "2011-01-01", "2011-03-01")
+    shifted = bench._shift_share(table, "weathersit", "Mist", seed=1)
+    for w in set(table.column("__window").to_pylist()):
+        rows = pc.equal(table.column("__window"), w)
+        before = table.filter(rows).column("weathersit").to_pylist()
+        after = shifted.filter(rows).column("weathersit").to_pylist()
+        gained = after.count("Mist") - before.count("Mist")
+        assert gained == round(0.2 * len(before))
+        # only rows of other levels were moved, each to the level
+        assert all(a == b or a == "Mist" for a, b in zip(after, before, strict=True))
+
+
+def test_a_trial_is_detected_when_the_column_drifts_in_its_onset_week_or_the_next() -> None:
+    rows = [{"key": f"2011-01-{d:02d}", "alerted": alerted} for d, alerted in
+            [(6, []), (13, ["hum"]), (20, ["temp"]), (27, []), (3, ["hum"])]]
+    rows[-1]["key"] = "2011-02-03"
+    result = bench._detection(rows, "hum")
+    # onsets 6, 13, 20, 27 Jan: weeks (6,13) yes, (13,20) yes, (20,27) no, (27,3 Feb) yes
+    assert (result["detected"], result["trials"]) == (3, 4)
+    assert result["single_window"] == pytest.approx(2 / 5)
+
+
+@pytest.mark.slow
+def test_quick_run_judges_windows_with_temporal_calibration_and_records_them(
+        tmp_path: Path) -> None:
+    out = tmp_path / "quick.json"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--results", str(out)],
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Targets" in proc.stdout and "false alarms inside the reference" in proc.stdout
+    results = json.loads(out.read_text())
+    bike = results["datasets"]["bike"]
+    meta, ml, agg = bike["meta"], bike["mloop"], bike["aggregate"]
+    assert meta["reference_windows"] == 12 and not bike["nannyml"]
+    assert ml["temporal_profile"]["chunks"] == 12 and "reason" not in ml["temporal_profile"]
+    temporal = ml["temporal"]["verdicts"]
+    assert all(r["temporal_applied"] for rows in temporal.values() for r in rows)
+    assert not any(r["temporal_applied"] for rows in ml["iid"]["verdicts"].values()
+                   for r in rows)
+    # the temporal null only ever removes verdicts the iid one gave
+    for key, rows in temporal.items():
+        for t, i in zip(rows, ml["iid"]["verdicts"][key], strict=True):
+            assert set(t["alerted"]) <= set(i["alerted"])
+    inside = agg["periods"]["mloop temporal"]["inside"]
+    assert inside["windows"] == 12
+    assert inside["share"] <= agg["periods"]["mloop iid-only"]["inside"]["share"]
+    pooled = agg["detection"]["mloop temporal"]["pooled"]
+    assert {k: v["trials"] for k, v in pooled.items()} == {"mean +0.5 sd": 11,
+                                                           "share +20 points": 11}
+    assert results["git"]["commit"] and np.isfinite(results["total_s"])
