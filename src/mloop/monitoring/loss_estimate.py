@@ -50,8 +50,10 @@ MIN_ROWS = 60  # a holdout smaller than this gives no loss model (halves of 30 r
 MAX_CATEGORIES = 250  # a text input with more distinct values is left out (an id, not a kind)
 PREDICTION = "_prediction"
 # what a loss model saved by this module may contain: skops is told to trust these and
-# nothing else (anything outside them in a file means someone else wrote it)
+# nothing else (anything outside them in a file means someone else wrote it); the estimator
+# keeps a functools.partial of sklearn's check_array (skops checks the function it wraps)
 _TRUSTED_PREFIXES = ("sklearn.", "numpy.")
+_TRUSTED_TYPES = frozenset({"functools.partial"})
 
 
 def estimated_metric(primary: str | None) -> str:
@@ -162,7 +164,8 @@ def _from_record(project: Project, version: int, record: dict[str, Any],
 
         data = project.outputs.read_bytes(record["model"])
         types = skops.io.get_untrusted_types(data=data)
-        foreign = [t for t in types if not t.startswith(_TRUSTED_PREFIXES)]
+        foreign = [t for t in types
+                   if not t.startswith(_TRUSTED_PREFIXES) and t not in _TRUSTED_TYPES]
         if foreign:
             raise MloopError(f"{record['model']} in the outputs store holds types a loss model "
                              f"never has ({', '.join(foreign)}): not loaded; delete it and "
