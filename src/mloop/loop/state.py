@@ -33,8 +33,8 @@ if TYPE_CHECKING:
     from mloop.loop.lease import LoopLease
 
 __all__ = ["DriftTrigger", "EstimatedPerformanceTrigger", "FeatureTrigger", "InFlight",
-           "Instant", "LoopState", "NewLabelsTrigger", "Outcome", "PerformanceTrigger", "Probation", "Retrain",
-           "ScheduleTrigger", "Trigger", "load_state", "save_state"]
+           "Instant", "LoopState", "NewLabelsTrigger", "Outcome", "PerformanceTrigger",
+           "Probation", "Retrain", "ScheduleTrigger", "Trigger", "load_state", "save_state"]
 
 
 def _utc(value: datetime) -> datetime:

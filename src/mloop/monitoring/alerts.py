@@ -146,12 +146,11 @@ def alert_rules(project: Project) -> dict[str, Any]:
     estimated = _estimated_metric(task, project.config.metrics)
     trigger = project.config.loop.triggers.estimated_performance
     est_margin = trigger.margin if trigger is not None else cfg.performance_margin
-    est_sel = (f"mloop_monitor_estimated_metric_value{{{sel}}} {{op}} "
-               f"mloop_monitor_estimate_reference_metric{{{sel}}} * {{factor:g}} "
-               f"and mloop_monitor_estimate_calibrated{{{sel}}} == 1")
-    est_worse = est_sel.format(op="<", factor=1 - est_margin) \
-        if HIGHER_IS_BETTER.get(estimated, False) else \
-        est_sel.format(op=">", factor=1 + est_margin)
+    op, factor = ("<", 1 - est_margin) if HIGHER_IS_BETTER.get(estimated, False) else \
+        (">", 1 + est_margin)
+    est_worse = (f"mloop_monitor_estimated_metric_value{{{sel}}} {op} "
+                 f"mloop_monitor_estimate_reference_metric{{{sel}}} * {factor:g} "
+                 f"and mloop_monitor_estimate_calibrated{{{sel}}} == 1")
 
     def rule(name: str, expr: str, severity: str, summary: str, for_: str = "0m"
              ) -> dict[str, Any]:

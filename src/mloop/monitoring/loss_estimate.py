@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
     from mloop.project import Project
 
-__all__ = ["ESTIMABLE", "TOLERANCE", "Z", "LossModel", "estimated_metric", "load_loss_model"]
+__all__ = ["ESTIMABLE", "TOLERANCE", "LossModel", "Z", "estimated_metric", "load_loss_model"]
 
 # |estimated - realized| on a held half beyond which the estimate is not trusted: 10% of the
 # realized value, or Z standard errors of that difference when the halves are too small to
@@ -226,7 +226,7 @@ def _train(project: Project, version: int, metric: str) -> tuple[dict[str, Any],
         project.config.split.seed).permutation(n)
     halves = [order[: n // 2], order[n // 2:]]
     names = ["earlier half", "later half"] if by_time else ["half A", "half B"]
-    folds = []
+    folds: list[dict[str, Any]] = []
     for (fit_on, judge), (fit_name, judge_name) in (
             ((halves[0], halves[1]), (names[0], names[1])),
             ((halves[1], halves[0]), (names[1], names[0]))):
