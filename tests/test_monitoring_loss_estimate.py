@@ -199,6 +199,12 @@ def test_a_loss_model_file_with_foreign_types_is_refused_by_name(proj: Path) -> 
     with pytest.raises(MloopError, match=r"monitoring/loss-model-v1.skops in the outputs store "
                                          r"holds types a loss model never has \(pandas"):
         load_loss_model(open_project(proj), 1, "mae")
+    # the monitor goes on without the estimate, and each window's report says why
+    serve(project, unchanged(1), "2024-03-01")
+    [window] = monitor(open_project(proj))
+    assert window["drift_share"] is not None
+    assert window["estimated"]["status"] == "unavailable"
+    assert "holds types a loss model never has" in window["estimated"]["error"]
 
 
 def test_the_windows_listing_and_gauges_carry_the_dle_estimate(

@@ -19,6 +19,7 @@ alert compare it with.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -38,6 +39,7 @@ from mloop.store.db import as_utc, json_safe, utcnow
 from mloop.store.models import MonitorWindowRow
 
 PREDICTION = "_prediction"
+log = logging.getLogger("mloop.monitoring")
 
 
 @dataclass
@@ -187,11 +189,18 @@ def _estimate(project: Project, window: pa.Table, ref: Reference,
     model's DLE one from its logged inputs and predictions, by the version's loss model.
     Either is made once per version (and stored), and kept in ``calibrations`` for the run."""
     if ref.task == "regression":
-        from mloop.monitoring.loss_estimate import load_loss_model
+        from mloop.monitoring.loss_estimate import estimated_metric, load_loss_model
 
         if ref.version not in calibrations:
-            calibrations[ref.version] = load_loss_model(project, ref.version, ref.metric)
+            try:
+                calibrations[ref.version] = load_loss_model(project, ref.version, ref.metric)
+            except Exception as exc:  # an estimate must never stop drift and quality
+                log.warning("v%s: no loss estimate: %s", ref.version, exc)
+                calibrations[ref.version] = f"{type(exc).__name__}: {exc}"
         model = calibrations[ref.version]
+        if isinstance(model, str):  # why there is none, in every window's report
+            return {"metric": estimated_metric(ref.metric), "value": None, "method": "dle",
+                    "status": "unavailable", "error": model}
         return model.estimate(window) if model is not None else None
     from mloop.monitoring.estimate import estimate_window, holdout_calibration
 
