@@ -225,6 +225,24 @@ def test_the_windows_listing_and_gauges_carry_the_dle_estimate(
     assert gauges["mloop_monitor_estimate_calibrated"] == 1.0
 
 
+def test_an_rmse_primary_metric_gets_an_rmse_estimate(tmp_path: Path) -> None:
+    """Squared errors learned, the root of their predicted mean: on fresh rows of the same
+    rentals generator the estimate is within 15% of the realized RMSE."""
+    from .helpers import SMALL_CONFIG, label_rows, log_traffic, rentals_frame
+
+    root = train_champion(tmp_path / "rentals", SMALL_CONFIG.replace(
+        "metrics: [mae, rmse]", "metrics: [rmse, mae]"), rentals_frame(1200, seed=3))
+    project = open_project(root)
+    fresh = rentals_frame(600, seed=71)
+    label_rows(project, log_traffic(project, fresh, "2024-03-01"), fresh)
+    log_traffic(project, rentals_frame(5, seed=72), "2024-03-02")
+    [window] = monitor(project)
+    est = window["estimated"]
+    assert est["metric"] == window["metric"] == "rmse" and est["method"] == "dle"
+    assert est["status"] == "calibrated", est["calibration"]
+    assert abs(est["value"] - window["metric_value"]) <= TOLERANCE * window["metric_value"]
+
+
 # ------------------------------------------------------------------------------ the trigger
 
 TRIGGER = """
