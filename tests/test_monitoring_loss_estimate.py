@@ -22,7 +22,9 @@ from mloop.project import open_project
 
 from .helpers import BIKE, append_config, copy_project, train_champion
 
-pytestmark = pytest.mark.slow
+# xdist_group: with --dist loadgroup (pyproject's addopts) every test here runs on one worker,
+# so each module-scoped bike project is trained once (~45 s each), not once per worker
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("dle")]
 
 ROWS_PER_DAY = 200
 TOLERANCE = 0.15  # |estimated - realized| MAE on a labelled 200-row window, relative
