@@ -194,7 +194,11 @@ def test_compare_html_report_renders_its_plots_in_chromium(profile: dict, tmp_pa
 
 _DESCRIPTION = "Plots and numbers: `mloop monitor report --html monitoring.html`"
 _SERIES = {"mloop_monitor_drifted": "0 0 1 1 1", "mloop_monitor_metric_value": "10 10 10 14 14",
-           "mloop_monitor_reference_metric": "10 10 10 10 10"}
+           "mloop_monitor_reference_metric": "10 10 10 10 10",
+           # the label-free estimate: worse by 20% from 2m, no longer calibrated from 4m
+           "mloop_monitor_estimated_metric_value": "10 10 12 12 12",
+           "mloop_monitor_estimate_reference_metric": "10 10 10 10 10",
+           "mloop_monitor_estimate_calibrated": "1 1 1 1 0"}
 PROMTOOL_TEST = {
     "rule_files": ["alerts.yml"], "evaluation_interval": "1m",
     "tests": [{
@@ -214,6 +218,17 @@ PROMTOOL_TEST = {
                 "exp_annotations": {"summary": "mae of rentals on labelled traffic is more "
                                                "than 10% worse than its holdout value",
                                     "description": _DESCRIPTION}}]},
+            {"eval_time": "1m", "alertname": "MloopEstimatedPerformanceDegraded",
+             "exp_alerts": []},
+            {"eval_time": "3m", "alertname": "MloopEstimatedPerformanceDegraded",
+             "exp_alerts": [{
+                 "exp_labels": {"severity": "warning", "model": "rentals", "window": "1d"},
+                 "exp_annotations": {"summary": "mae of rentals estimated without labels is "
+                                                "more than 10% worse than its holdout value "
+                                                "(a calibrated estimate)",
+                                     "description": _DESCRIPTION}}]},
+            {"eval_time": "4m", "alertname": "MloopEstimatedPerformanceDegraded",
+             "exp_alerts": []},  # an uncalibrated estimate does not alert
             {"eval_time": "2m", "alertname": "MloopInferenceLogQuarantine", "exp_alerts": []},
             {"eval_time": "4m", "alertname": "MloopInferenceLogQuarantine", "exp_alerts": [{
                 "exp_labels": {"severity": "warning", "model": "rentals"},
@@ -239,7 +254,7 @@ def test_promtool_accepts_the_rules_and_they_fire_on_the_metrics(make_project, t
     check = subprocess.run([promtool, "check", "rules", str(tmp_path / "alerts.yml")],
                            capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
-    assert "SUCCESS: 12 rules found" in check.stdout
+    assert "SUCCESS: 13 rules found" in check.stdout
     import yaml
 
     (tmp_path / "test.yml").write_text(yaml.safe_dump(PROMTOOL_TEST))

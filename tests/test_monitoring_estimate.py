@@ -1,6 +1,6 @@
 """Performance before labels: a classifier's accuracy estimated per monitoring window from the
 probabilities the server logged (CBPE-style), checked against its holdout calibration, shown
-beside the realized metric once labels arrive; regression windows carry no estimate."""
+beside the realized metric once labels arrive; regression windows carry DLE's estimate instead."""
 
 from __future__ import annotations
 
@@ -134,8 +134,10 @@ def test_an_overconfident_models_estimate_is_reported_uncalibrated_with_both_num
     assert "uncalibrated" in capsys.readouterr().out
 
 
-def test_regression_windows_carry_no_estimate(serving_registry: Path, tmp_path: Path) -> None:
-    from mloop.monitoring.alerts import MonitorCollector
+def test_regression_windows_carry_a_dle_estimate_not_a_cbpe_one(serving_registry: Path,
+                                                                 tmp_path: Path) -> None:
+    """A regression model logs no probabilities: its windows' estimate is DLE's (from the
+    served inputs and predictions, tests/test_monitoring_loss_estimate.py), never CBPE's."""
     from mloop.monitoring.service import run_monitor
     from mloop.monitoring.windows_store import get_window
 
@@ -144,11 +146,10 @@ def test_regression_windows_carry_no_estimate(serving_registry: Path, tmp_path: 
     log_traffic(project, rentals_frame(200, seed=51), "2024-03-01")
     log_traffic(project, rentals_frame(5, seed=52), "2024-03-02")
     [window] = run_monitor(project, window="1d")["evaluated"]
-    assert window["estimated"] is None and window["estimate_error"] is None
-    assert "estimated" not in get_window(project, window["id"])["report"]
-    names = {f.name for f in MonitorCollector(project).collect()}
-    assert "mloop_monitor_drift_share" in names
-    assert "mloop_monitor_estimated_metric_value" not in names
+    est = get_window(project, window["id"])["report"]["estimated"]
+    assert est["method"] == "dle" and est["metric"] == "mae" and est["rows"] == 200
+    assert window["estimate_error"] is None  # no labels yet
+    assert not project.outputs.exists("monitoring/calibration-v1.json")
 
 
 def test_expected_roc_auc_matches_the_auc_of_labels_drawn_from_the_probabilities() -> None:

@@ -471,12 +471,23 @@ class PerformanceTrigger(_Strict):
     min_labelled: int = Field(100, ge=1)  # labelled rows a window needs to count
 
 
+class EstimatedPerformanceTrigger(_Strict):
+    """The metric estimated without labels (CBPE for a classifier, DLE for regression) worse
+    than the version's holdout value by ``margin`` (relative, in the metric's direction, as
+    ``performance``) in ``consecutive`` windows in a row; only an estimate whose holdout check
+    passed (``calibrated``) counts."""
+
+    margin: float = Field(0.15, ge=0)
+    consecutive: int = Field(2, ge=1)
+
+
 class TriggersConfig(_Strict):
     """Any one of these starts a retrain (subject to the guards)."""
 
     drift: DriftTrigger | None = None
     features: list[str] = Field(default_factory=list)  # drift of a named feature
     performance: PerformanceTrigger | None = None
+    estimated_performance: EstimatedPerformanceTrigger | None = None  # before labels
     schedule: Duration | None = None  # at most this long between retrains
     new_labels: int | None = Field(None, ge=1)  # labelled rows since the last retrain
 

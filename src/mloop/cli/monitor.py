@@ -101,6 +101,8 @@ def estimate_cell(window: dict[str, Any]) -> str:
     the same metric, and ``uncalibrated`` (with the holdout's expected vs realized) when the
     version's probabilities failed the holdout check."""
     est = window.get("estimated")
+    if est and est.get("status") == "unavailable":  # e.g. its loss model could not be read
+        return f"{est.get('metric')} [yellow]unavailable[/] (see the window's report)"
     if not est or est.get("value") is None:
         return ""
     text = f"{est['metric']} {est['value']:.4g}"

@@ -33,6 +33,7 @@ from mloop.loop.retrain import (
 )
 from mloop.loop.state import (
     DriftTrigger,
+    EstimatedPerformanceTrigger,
     FeatureTrigger,
     InFlight,
     LoopState,
@@ -91,7 +92,8 @@ def _recent_windows(project: Project, n: int) -> list[MonitorWindowRow]:
 
 def check_triggers(project: Project, state: LoopState, new: list[MonitorWindowRow],
                    now: datetime, champion: int | None = None) -> list[Trigger]:
-    """Which triggers fire, each with what it saw. Updates the drift streak in ``state``.
+    """Which triggers fire, each with what it saw. Updates the drift and estimate streaks in
+    ``state``.
     Only windows judged against the current champion count: drift from an older model's
     reference says nothing about the model serving now."""
     from mloop.metrics import HIGHER_IS_BETTER
@@ -141,6 +143,9 @@ def check_triggers(project: Project, state: LoopState, new: list[MonitorWindowRo
                     margin=t.performance.margin, label_coverage=w.label_coverage,
                     onset=w.start))
             break  # only the newest window with enough labels counts
+    if t.estimated_performance is not None:
+        fired.extend(_estimated_performance(state, new, t.estimated_performance.margin,
+                                            t.estimated_performance.consecutive))
     last = state.last_retrain_at or state.started_at
     if t.schedule is not None and last is not None and now - last >= t.schedule:
         fired.append(ScheduleTrigger(every=str(t.schedule), since=last))
@@ -149,6 +154,48 @@ def check_triggers(project: Project, state: LoopState, new: list[MonitorWindowRo
         if n >= t.new_labels:
             fired.append(NewLabelsTrigger(labelled_rows=n, threshold=t.new_labels))
     return fired
+
+
+def _estimated_performance(state: LoopState, new: list[MonitorWindowRow], margin: float,
+                           consecutive: int) -> list[Trigger]:
+    """The estimated-performance trigger over the new windows (judged against the champion):
+    extends or breaks the streak of windows whose calibrated label-free estimate is worse than
+    the version's holdout value by ``margin``; fires while the streak is ``consecutive``
+    long, as the drift trigger does. A window without an estimate, or with one its holdout
+    check did not trust, breaks the streak: an uncalibrated estimate never fires it."""
+    streak, onset = state.estimate_streak, state.estimate_onset
+    worse: list[tuple[MonitorWindowRow, dict[str, Any]]] = []
+    for w in new:
+        est = estimate_worse(w.report or {}, margin)
+        if est is not None:
+            streak += 1
+            onset = onset or w.start
+            worse.append((w, est))
+        else:
+            streak, onset, worse = 0, None, []
+    state.estimate_streak, state.estimate_onset = streak, onset
+    if streak < consecutive:
+        return []
+    last = worse[-consecutive:]
+    est = last[-1][1] if last else {}
+    return [EstimatedPerformanceTrigger(
+        streak=streak, windows=[w.id for w, _ in last], metric=est.get("metric"),
+        method=est.get("method"), values=[float(e["value"]) for _, e in last],
+        reference=est.get("reference"), margin=margin, onset=onset)]
+
+
+def estimate_worse(report: dict[str, Any], margin: float) -> dict[str, Any] | None:
+    """The window's label-free estimate if it is calibrated and worse than its version's
+    holdout value by ``margin`` (relative, in the metric's direction); else None."""
+    from mloop.metrics import HIGHER_IS_BETTER
+
+    est = report.get("estimated") or {}
+    value, ref = est.get("value"), est.get("reference")
+    if est.get("status") != "calibrated" or value is None or ref is None:
+        return None
+    higher = HIGHER_IS_BETTER.get(est.get("metric") or "", False)
+    bad = value < ref * (1 - margin) if higher else value > ref * (1 + margin)
+    return est if bad else None
 
 
 def check_guards(project: Project, state: LoopState, now: datetime) -> str | None:
@@ -354,6 +401,7 @@ def _run_pass(project: Project, lease: LoopLease, on_event: Any) -> dict[str, An
         if verdict["action"] == "promote":
             state.last_promotion_at = now
             state.drift_streak, state.drift_onset = 0, None
+            state.estimate_streak, state.estimate_onset = 0, None
     fired = check_triggers(project, state, new, now, desired_state(project).champion)
     save_state(project, state, lease=lease)
     seen = _dumped(fired)

@@ -32,9 +32,9 @@ from mloop.store.models import LoopStateRow
 if TYPE_CHECKING:
     from mloop.loop.lease import LoopLease
 
-__all__ = ["DriftTrigger", "FeatureTrigger", "InFlight", "Instant", "LoopState",
-           "NewLabelsTrigger", "Outcome", "PerformanceTrigger", "Probation", "Retrain",
-           "ScheduleTrigger", "Trigger", "load_state", "save_state"]
+__all__ = ["DriftTrigger", "EstimatedPerformanceTrigger", "FeatureTrigger", "InFlight",
+           "Instant", "LoopState", "NewLabelsTrigger", "Outcome", "PerformanceTrigger",
+           "Probation", "Retrain", "ScheduleTrigger", "Trigger", "load_state", "save_state"]
 
 
 def _utc(value: datetime) -> datetime:
@@ -91,6 +91,21 @@ class PerformanceTrigger(_Record):
     onset: Instant | None = None
 
 
+class EstimatedPerformanceTrigger(_Record):
+    """The label-free estimate (CBPE or DLE) of ``consecutive`` windows in a row is worse than
+    the version's holdout value by the margin, each estimate calibrated on the holdout."""
+
+    trigger: Literal["estimated_performance"] = "estimated_performance"
+    streak: int
+    windows: list[int] = Field(default_factory=list)  # the newest worse windows' ids
+    metric: str | None = None
+    method: str | None = None  # cbpe or dle
+    values: list[float] = Field(default_factory=list)  # their estimates
+    reference: float | None = None
+    margin: float
+    onset: Instant | None = None  # start of the first window of the streak
+
+
 class ScheduleTrigger(_Record):
     """``loop.triggers.schedule`` has passed since the last retrain (or the first pass)."""
 
@@ -109,8 +124,9 @@ class NewLabelsTrigger(_Record):
     onset: Instant | None = None
 
 
-Trigger = Annotated[DriftTrigger | FeatureTrigger | PerformanceTrigger | ScheduleTrigger
-                    | NewLabelsTrigger, Field(discriminator="trigger")]
+Trigger = Annotated[DriftTrigger | FeatureTrigger | PerformanceTrigger
+                    | EstimatedPerformanceTrigger | ScheduleTrigger | NewLabelsTrigger,
+                    Field(discriminator="trigger")]
 
 # what became of a retrain: "canary" while its challenger is on probation
 Outcome = Literal["failed", "rejected", "promoted", "canary", "rolled_back"]
@@ -179,6 +195,9 @@ class LoopState(_Record):
     drift_streak: int = 0
     drift_onset: Instant | None = None
     performance_seen_window: int = 0  # the last window the performance trigger fired on
+    # windows in a row whose calibrated estimate was worse than the holdout by the margin
+    estimate_streak: int = 0
+    estimate_onset: Instant | None = None
     last_retrain_at: Instant | None = None  # event time; the cooldown counts from it
     last_promotion_at: Instant | None = None
     retrain_times: list[Instant] = Field(default_factory=list)  # the last 50, for max_per_day

@@ -34,9 +34,13 @@ GAUGES = {
     "mloop_monitor_reference_metric": "The champion's holdout value of the same metric",
     "mloop_monitor_label_coverage": "Share of the newest window's rows with a label",
     "mloop_monitor_estimated_metric_value": "The newest window's metric estimated without "
-    "labels from its logged probabilities (CBPE-style; classification only)",
-    "mloop_monitor_estimate_calibrated": "1 if the version's probabilities passed the holdout "
-    "calibration check the estimate relies on, 0 if not (absent: not checked)",
+    "labels: from its logged probabilities (CBPE, classification) or its logged inputs and "
+    "predictions (DLE, regression)",
+    "mloop_monitor_estimate_reference_metric": "The version's holdout value of the estimated "
+    "metric (what the estimate is compared with)",
+    "mloop_monitor_estimate_calibrated": "1 if the estimate passed the version's holdout check "
+    "(CBPE: calibrated probabilities; DLE: the cross-fitted loss model), 0 if not (absent: "
+    "not checked)",
     "mloop_monitor_window_end_timestamp_seconds": "End of the newest evaluated window",
 }
 FEATURE_GAUGES = {
@@ -79,6 +83,7 @@ class MonitorCollector(StoreCollector[tuple[int, MonitorWindowRow | None]]):
         status = estimated.get("status")
         values = {
             "mloop_monitor_estimated_metric_value": estimated.get("value"),
+            "mloop_monitor_estimate_reference_metric": estimated.get("reference"),
             "mloop_monitor_estimate_calibrated": (None if status not in ("calibrated",
                                                                          "uncalibrated")
                                                   else float(status == "calibrated")),
@@ -138,6 +143,15 @@ def alert_rules(project: Project) -> dict[str, Any]:
         f"mloop_monitor_metric_value{{{sel}}} > mloop_monitor_reference_metric{{{sel}}} "
         f"* {1 + cfg.performance_margin:g}")
 
+    estimated = _estimated_metric(task, project.config.metrics)
+    trigger = project.config.loop.triggers.estimated_performance
+    est_margin = trigger.margin if trigger is not None else cfg.performance_margin
+    op, factor = ("<", 1 - est_margin) if HIGHER_IS_BETTER.get(estimated, False) else \
+        (">", 1 + est_margin)
+    est_worse = (f"mloop_monitor_estimated_metric_value{{{sel}}} {op} "
+                 f"mloop_monitor_estimate_reference_metric{{{sel}}} * {factor:g} "
+                 f"and mloop_monitor_estimate_calibrated{{{sel}}} == 1")
+
     def rule(name: str, expr: str, severity: str, summary: str, for_: str = "0m"
              ) -> dict[str, Any]:
         return {"alert": name, "expr": expr, "for": for_,
@@ -158,6 +172,9 @@ def alert_rules(project: Project) -> dict[str, Any]:
         rule("MloopPerformanceDegraded", worse, "critical",
              f"{metric} of {model} on labelled traffic is more than "
              f"{cfg.performance_margin:.0%} worse than its holdout value"),
+        rule("MloopEstimatedPerformanceDegraded", est_worse, "warning",
+             f"{estimated} of {model} estimated without labels is more than "
+             f"{est_margin:.0%} worse than its holdout value (a calibrated estimate)"),
         rule("MloopLowLabelCoverage",
              f"mloop_monitor_label_coverage{{{sel}}} < {cfg.min_label_coverage:g}", "info",
              f"Under {cfg.min_label_coverage:.0%} of {model}'s newest window is labelled",
@@ -188,6 +205,19 @@ def alert_rules(project: Project) -> dict[str, Any]:
     ]
     return {"groups": [{"name": f"mloop-monitoring-{model}", "rules": monitoring},
                        {"name": "mloop-serving", "rules": serving}]}
+
+
+def _estimated_metric(task: str, metrics: list[str] | None) -> str:
+    """What a window's label-free estimate is of, for the project's primary metric: CBPE's
+    accuracy or ROC AUC for a classifier, DLE's MAE or RMSE for regression."""
+    from mloop.metrics import DEFAULTS
+    from mloop.monitoring.estimate import ESTIMABLE
+    from mloop.monitoring.loss_estimate import estimated_metric
+
+    primary = (metrics or DEFAULTS[task])[0]
+    if task == "regression":
+        return estimated_metric(primary)
+    return primary if primary in ESTIMABLE else "accuracy"
 
 
 def _window_seconds(spec: str) -> int:

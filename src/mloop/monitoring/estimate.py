@@ -17,7 +17,8 @@ The check is stored in the outputs store (``monitoring/calibration-v<N>.json``) 
 time a window of the version needs it, like the holdout prediction profile, so a version's
 holdout is scored once, not per window nor per run.
 
-Regression has no estimate (direct loss estimation is not implemented).
+Regression windows are estimated by direct loss estimation instead
+(:mod:`mloop.monitoring.loss_estimate`).
 """
 
 from __future__ import annotations
@@ -155,5 +156,5 @@ def estimate_window(proba: np.ndarray | None, *, metric: str | None,
     status = ("unchecked" if check is None else
               "calibrated" if check["calibrated"] else "uncalibrated")
     return {"metric": name, "value": values[name], "values": values, "rows": len(proba),
-            "status": status, "calibration": check}
+            "method": "cbpe", "status": status, "calibration": check}
 

@@ -8,15 +8,19 @@ missing labels are re-scored on later runs as labels come in. It is the version'
 metric; ROC AUC and log loss are computed from the probabilities the server logged
 (``_proba_<class>``). Labelled rows logged without probabilities (logs older than those
 columns, a model without ``predict_proba``) are judged on accuracy instead, against the
-holdout's accuracy, and the window's report says why. A classifier's window also carries
-an estimate of its metric made without labels (``report["estimated"]``,
-:mod:`mloop.monitoring.estimate`).
+holdout's accuracy, and the window's report says why. A window also carries an estimate
+of its metric made without labels (``report["estimated"]``): a classifier's from its logged
+probabilities (CBPE, :mod:`mloop.monitoring.estimate`), a regression model's from its logged
+inputs and predictions (DLE, :mod:`mloop.monitoring.loss_estimate`); each with the version's
+holdout value of that metric (``reference``), which the estimated-performance trigger and
+alert compare it with.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -35,6 +39,7 @@ from mloop.store.db import as_utc, json_safe, utcnow
 from mloop.store.models import MonitorWindowRow
 
 PREDICTION = "_prediction"
+log = logging.getLogger("mloop.monitoring")
 
 
 @dataclass
@@ -49,6 +54,8 @@ class Reference:
     # what a window is judged on when the primary metric needs probabilities it lacks
     fallback_metric: str | None = None
     fallback_value: float | None = None
+    # every metric the version's holdout evaluation recorded (tags mloop.metric.<name>)
+    holdout_metrics: dict[str, float] = field(default_factory=dict)
 
 
 def reference_for(project: Project, version: int) -> Reference:
@@ -76,7 +83,9 @@ def reference_for(project: Project, version: int) -> Reference:
         return float(value) if value is not None else None
 
     return Reference(version, profile, features, _prediction_profile(project, version, tags),
-                     task, metric, holdout(metric), fallback, holdout(fallback))
+                     task, metric, holdout(metric), fallback, holdout(fallback),
+                     {k.removeprefix("mloop.metric."): float(v) for k, v in tags.items()
+                      if k.startswith("mloop.metric.")})
 
 
 def logged_probabilities(table: pa.Table) -> tuple[list[str], np.ndarray | None]:
@@ -174,19 +183,37 @@ def _performance(window: pa.Table, labels: dict[str, Any], ref: Reference
 
 
 def _estimate(project: Project, window: pa.Table, ref: Reference,
-              calibrations: dict[int, dict[str, Any] | None]) -> dict[str, Any] | None:
-    """The window's CBPE-style estimate from its logged probabilities (classification only),
-    judged by the reference version's holdout calibration (scored once per version)."""
+              calibrations: dict[int, Any]) -> dict[str, Any] | None:
+    """The window's estimate before labels: a classifier's CBPE-style one from its logged
+    probabilities, judged by the reference version's holdout calibration; a regression
+    model's DLE one from its logged inputs and predictions, by the version's loss model.
+    Either is made once per version (and stored), and kept in ``calibrations`` for the run."""
+    if ref.task == "regression":
+        from mloop.monitoring.loss_estimate import estimated_metric, load_loss_model
+
+        if ref.version not in calibrations:
+            try:
+                calibrations[ref.version] = load_loss_model(project, ref.version, ref.metric)
+            except Exception as exc:  # an estimate must never stop drift and quality
+                log.warning("v%s: no loss estimate: %s", ref.version, exc)
+                calibrations[ref.version] = f"{type(exc).__name__}: {exc}"
+        model = calibrations[ref.version]
+        if isinstance(model, str):  # why there is none, in every window's report
+            return {"metric": estimated_metric(ref.metric), "value": None, "method": "dle",
+                    "status": "unavailable", "error": model}
+        return model.estimate(window) if model is not None else None
     from mloop.monitoring.estimate import estimate_window, holdout_calibration
 
-    if ref.task == "regression":
-        return None
     _, proba = logged_probabilities(window)
     if proba is None:
         return None
     if ref.version not in calibrations:
         calibrations[ref.version] = holdout_calibration(project, ref.version)
-    return estimate_window(proba, metric=ref.metric, calibration=calibrations[ref.version])
+    out = estimate_window(proba, metric=ref.metric, calibration=calibrations[ref.version])
+    if out is not None:
+        check = out.get("calibration") or {}
+        out["reference"] = ref.holdout_metrics.get(out["metric"], check.get("realized"))
+    return out
 
 
 def _labels(project: Project) -> dict[str, Any]:
@@ -253,7 +280,7 @@ def run_monitor(project: Project, *, window: str | None = None,
     references: dict[int, Reference] = {}
     labels = _labels(project)
     cache: dict[tuple, NullModel] = {}
-    calibrations: dict[int, dict[str, Any] | None] = {}
+    calibrations: dict[int, Any] = {}  # per version: CBPE's check or the DLE loss model
     evaluated: list[dict[str, Any]] = []
     alerts: list[dict[str, Any]] = []
     for start, end, part in windows:

@@ -63,7 +63,7 @@ def window_summary(row: MonitorWindowRow) -> dict[str, Any]:
 
 def _estimate_fields(metric: str | None, value: float | None,
                      estimated: dict[str, Any] | None) -> dict[str, Any]:
-    """The window's label-free estimate (classification; None otherwise) and, once labels
+    """The window's label-free estimate (CBPE or DLE; None without one) and, once labels
     gave the same metric, its error (estimate minus realized)."""
     error = None
     if estimated and estimated.get("value") is not None and value is not None \

@@ -202,7 +202,7 @@ def _drift_bars(tl: Timeline, ax: Axis, top: float, height: float) -> str:
 
 
 def _estimated(w: dict[str, Any], metric: str | None) -> float | None:
-    """The window's estimate of ``metric`` before labels (CBPE, classifiers), if it has one
+    """The window's estimate of ``metric`` before labels (CBPE or DLE), if it has one
     (a bucket of many windows carries none)."""
     est = w.get("estimated") or {}
     value = est.get("value")
@@ -252,13 +252,15 @@ def _performance(tl: Timeline, ax: Axis, top: float, height: float) -> str:
             f"{'M' if i == 0 else 'L'}{ax.x(_mid(w)):.1f} {y(v):.1f}"
             for i, (w, v) in enumerate(est)) + "' class='estimated'/>")
         for w, v in est:
-            calib = (w.get("estimated") or {}).get("calibration") or {}
-            note = " (uncalibrated on the holdout)" if calib.get("status") == "uncalibrated" \
-                else ""
+            window_est = w.get("estimated") or {}
+            note = " (uncalibrated on the holdout)" \
+                if window_est.get("status") == "uncalibrated" else ""
+            source = "the served inputs and predictions (DLE)" \
+                if window_est.get("method") == "dle" else "the served probabilities"
             parts.append(f"<rect class='mark est' x='{ax.x(_mid(w)) - 2:.1f}' "
                          f"y='{y(v) - 2:.1f}' width='4' height='4'><title>window "
                          f"{_e(w['start'][:16])} → {_e(w['end'][:16])}: estimated {_e(metric)} "
-                         f"{v:.4g} from the served probabilities{_e(note)}</title></rect>")
+                         f"{v:.4g} from {source}{_e(note)}</title></rect>")
     if not pts:
         return "".join(parts)
     line = " ".join(
