@@ -1,0 +1,92 @@
+"""When a free model should wait for company before it scores what is queued.
+
+The micro-batcher hands the model whatever is queued the moment the model is free. Under
+steady concurrency that splits the clients into halves that take turns (8 connections, batches
+of 4 and 4): each half pays the model's fixed per-call cost (about 12 ms for a scikit-learn
+pipeline, where 64 rows cost hardly more than one), so throughput stays near half of what one
+batch of everyone would give. Holding the batch open briefly while the answered clients come
+back joins the halves.
+
+Holding pays only under two conditions, both learned while serving rather than configured:
+
+* **Requests are arriving.** ``company`` is the running mean, over recent calls, of the other
+  requests around during a call: those batched with the first one plus those that arrived
+  while the model worked. A lone closed-loop client (c=1) never has company (it sends its
+  next request only after its answer), so it is never held; nor is any request while traffic
+  is that sparse.
+* **The per-call cost dominates.** With ``fixed + per_row x rows`` seconds per call (the
+  batcher's ``CallCost``), one more row saves a whole call's ``fixed`` cost at the price of
+  ``per_row``. A model whose queued rows already cost more than ``fixed`` gains little from
+  more, and a model whose call costs under ``MIN_FIXED_S`` (a compiled graph: tens of µs) gains
+  less than a timer wake-up costs; neither is held.
+
+While holding, each wait for the next request lasts at most ``fixed / rows``: waiting raises
+throughput only while requests come faster than ``rows`` per ``fixed`` seconds (for arrivals
+at rate r, rows per call cycle ``n / (wait + fixed + per_row x n)`` grows with the wait exactly
+when ``r x fixed > n``), and at most four gaps of the kind seen between arrivals while holding
+(a burst of returning clients is over once it pauses that long). The hold ends as soon as as
+many requests wait as a call cycle usually sees (``seen``: the batch plus the arrivals during
+its call, which is the number of clients for closed-loop traffic), and in all lasts at most
+the budget (``serving.max_wait_ms``) and never longer than one ``fixed`` cost: holding longer
+than a separate call would take is never worth it.
+
+Until batches of different sizes have separated the fixed cost from the per-row one, the
+whole call time counts as fixed for this decision: the first hold makes a larger batch, whose
+time settles the question (a hold costs at most the budget if it was the wrong guess).
+"""
+
+from __future__ import annotations
+
+# a timer wake-up on the event loop costs tens of µs: holding for a model whose whole call
+# costs less than this gains nothing
+MIN_FIXED_S = 0.001
+MIN_STEP_S = 0.0002  # the shortest wait for the next request worth a timer
+
+
+class Hold:
+    """The hold decision of one model's batcher: counters fed by the batcher (``arrived``,
+    ``called``, ``gap``) and ``timeout``, asked before each wait. Plain float updates; the
+    batcher's event loop is the only caller, so no locking."""
+
+    def __init__(self, *, budget_s: float, decay: float = 0.2) -> None:
+        self.budget = max(0.0, budget_s)
+        self.decay = decay
+        self.company = 0.0  # mean other requests around during a call
+        self.seen = 0.0  # mean requests per call cycle (the batch + arrivals during its call)
+        self.burst_gap: float | None = None  # mean gap between arrivals while holding
+        self.busy = False  # the model is scoring a batch
+        self._arrivals = 0  # requests that arrived during the current call
+
+    def arrived(self) -> None:
+        """A request was submitted (counted when it arrives during a call)."""
+        if self.busy:
+            self._arrivals += 1
+
+    def called(self, requests: int) -> None:
+        """A call that scored (pieces of) ``requests`` requests has ended."""
+        keep = 1.0 - self.decay
+        self.company = self.company * keep + self.decay * (requests - 1 + self._arrivals)
+        self.seen = self.seen * keep + self.decay * (requests + self._arrivals)
+        self._arrivals = 0
+
+    def gap(self, seconds: float) -> None:
+        """A request arrived ``seconds`` after the previous one (or the hold's start)."""
+        if self.burst_gap is None:
+            self.burst_gap = seconds
+        else:
+            self.burst_gap += self.decay * (seconds - self.burst_gap)
+
+    def timeout(self, *, rows: int, requests: int, held: float, fixed: float, per_row: float
+                ) -> float:
+        """Seconds to wait for the next request with ``rows`` rows of ``requests`` requests
+        queued, ``held`` seconds into the hold; 0: score them now. ``fixed`` and ``per_row``:
+        the model's call cost, in seconds."""
+        if (self.budget <= 0.0 or fixed < MIN_FIXED_S or fixed <= per_row * rows
+                or self.company < 0.5 or requests >= round(self.seen)):
+            return 0.0
+        left = min(self.budget, fixed) - held
+        step = fixed / max(1, rows)
+        if self.burst_gap is not None:
+            step = min(step, max(4.0 * self.burst_gap, MIN_STEP_S))
+        wait = min(step, left)
+        return wait if wait >= MIN_STEP_S else 0.0
