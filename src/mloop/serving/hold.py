@@ -56,6 +56,7 @@ class Hold:
         self.burst_gap: float | None = None  # mean gap between arrivals while holding
         self.busy = False  # the model is scoring a batch
         self._arrivals = 0  # requests that arrived during the current call
+        self._calls = 0
 
     def arrived(self) -> None:
         """A request was submitted (counted when it arrives during a call)."""
@@ -64,10 +65,14 @@ class Hold:
 
     def called(self, requests: int) -> None:
         """A call that scored (pieces of) ``requests`` requests has ended."""
-        keep = 1.0 - self.decay
-        self.company = self.company * keep + self.decay * (requests - 1 + self._arrivals)
-        self.seen = self.seen * keep + self.decay * (requests + self._arrivals)
+        seen = requests + self._arrivals
         self._arrivals = 0
+        if not self._calls:  # the first call is the whole estimate (no drift up from 0)
+            self.company, self.seen = seen - 1.0, float(seen)
+        else:
+            self.company += self.decay * (seen - 1 - self.company)
+            self.seen += self.decay * (seen - self.seen)
+        self._calls += 1
 
     def gap(self, seconds: float) -> None:
         """A request arrived ``seconds`` after the previous one (or the hold's start)."""
