@@ -97,12 +97,13 @@ def main() -> None:
     servers = {}
     for (name, src), port in zip({"before": before_src / "src", "after": REPO / "src"}.items(),
                                  _pick_ports(args.base_port, 2), strict=True):
+        own = work / f"serve-{name}"  # its inference log, outputs and server logs
+        own.mkdir()
         env = {**_server_env(), **nc_env, "PYTHONPATH": str(src),
-               "MLOOP_INFERENCE_LOG_URI": str(work / name / "inference"),
-               "MLOOP_OUTPUTS_URI": str(work / name / "outputs")}
-        (work / name).mkdir()
+               "MLOOP_INFERENCE_LOG_URI": str(own / "inference"),
+               "MLOOP_OUTPUTS_URI": str(own / "outputs")}
         servers[name] = Server(name, [_venv_bin("mloop"), "-C", str(nc_root), "serve", "--port",
-                                      str(port)], port, "/ready", "/predict", env, work / name)
+                                      str(port)], port, "/ready", "/predict", env, own)
     results: dict[str, dict[int, list[dict[str, Any]]]] = {n: {} for n in servers}
     try:
         for s in servers.values():
