@@ -19,7 +19,7 @@ import pytest
 from mloop.config import parse_config
 from mloop.errors import ConfigError
 from mloop.serving.batcher import MicroBatcher
-from mloop.serving.hold import MIN_FIXED_S, Hold
+from mloop.serving.hold import MIN_FIXED_S, PROBE_EVERY, Hold
 
 FIXED, PER_ROW = 0.020, 0.0001  # a scikit-learn pipeline on a busy machine: the call dominates
 
@@ -199,6 +199,22 @@ def test_arrivals_during_a_call_count_as_company() -> None:
         hold.called(1)
     assert hold.company == pytest.approx(1.0, rel=0.01)
     assert hold.timeout(rows=1, requests=1, held=0.0, fixed=FIXED, per_row=PER_ROW) > 0.0
+
+
+def test_a_fit_skewed_by_noise_cannot_lock_holding_out() -> None:
+    """A preempted call made the fit say the per-row work dominates (1 ms fixed, 5 ms a row:
+    no hold for 4 rows). Batches then stay one size and cannot correct it, so every
+    PROBE_EVERY-th refusal under company holds anyway, with the whole predicted call as
+    fixed; without company there is no probe."""
+    hold = _crowded()
+    decided = [hold.assumed(0.001, 0.005, rows=4) for _ in range(PROBE_EVERY)]
+    assert decided[:-1] == [(0.001, 0.005)] * (PROBE_EVERY - 1)
+    fixed, per_row = decided[-1]
+    assert (fixed, per_row) == pytest.approx((0.021, 0.0))
+    assert hold.timeout(rows=4, requests=4, held=0.0, fixed=fixed, per_row=per_row) > 0.0
+    lone = Hold(budget_s=0.010)
+    lone.called(1)
+    assert all(lone.assumed(0.001, 0.005, rows=1) == (0.001, 0.005) for _ in range(50))
 
 
 # ------------------------------------------------------------------------------- the budget

@@ -275,8 +275,8 @@ class MicroBatcher:
         costs = self.cost.call_costs()
         if costs is None:
             return False
-        fixed, per_row = costs
         rows = sum(i.n - i.done for i in waiting)
+        fixed, per_row = self.hold.assumed(*costs, rows=rows)
         start = last = loop.time()
         while rows < self.max_batch:
             wait = self.hold.timeout(rows=rows, requests=len(waiting), held=loop.time() - start,

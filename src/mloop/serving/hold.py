@@ -32,7 +32,11 @@ than a separate call would take is never worth it.
 
 Until batches of different sizes have separated the fixed cost from the per-row one, the
 whole call time counts as fixed for this decision: the first hold makes a larger batch, whose
-time settles the question (a hold costs at most the budget if it was the wrong guess).
+time settles the question (a hold costs at most the budget if it was the wrong guess). The
+same probe runs every ``PROBE_EVERY``-th time the fit refuses to hold while company is
+around: on a busy machine one preempted call can skew the fit towards "per-row dominates",
+and without holds the batches stay one size, which cannot correct it (seen here: 8 clients
+stuck in batches of 4 for a whole run).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from __future__ import annotations
 # costs less than this gains nothing
 MIN_FIXED_S = 0.001
 MIN_STEP_S = 0.0002  # the shortest wait for the next request worth a timer
+PROBE_EVERY = 16  # refusals by the cost fit, under company, before one hold probes it
 
 
 class Hold:
@@ -57,6 +62,7 @@ class Hold:
         self.busy = False  # the model is scoring a batch
         self._arrivals = 0  # requests that arrived during the current call
         self._calls = 0
+        self._refused = 0  # holds the cost fit refused under company since the last probe
 
     def arrived(self) -> None:
         """A request was submitted (counted when it arrives during a call)."""
@@ -80,6 +86,18 @@ class Hold:
             self.burst_gap = seconds
         else:
             self.burst_gap += self.decay * (seconds - self.burst_gap)
+
+    def assumed(self, fixed: float, per_row: float, *, rows: int) -> tuple[float, float]:
+        """The (fixed, per_row) costs a hold starting with ``rows`` rows decides by: the
+        fit's, except that every ``PROBE_EVERY``-th time the fit would refuse while company
+        is around, the whole predicted call counts as fixed (a probe: the larger batch it
+        makes refreshes the fit)."""
+        if self.company >= 0.5 and (fixed < MIN_FIXED_S or fixed <= per_row * rows):
+            self._refused += 1
+            if self._refused >= PROBE_EVERY:
+                self._refused = 0
+                return fixed + per_row * rows, 0.0
+        return fixed, per_row
 
     def timeout(self, *, rows: int, requests: int, held: float, fixed: float, per_row: float
                 ) -> float:
