@@ -178,16 +178,6 @@ def test_hold_never_waits_without_company_or_without_a_budget() -> None:
     assert off.timeout(rows=1, requests=1, held=0.0, fixed=FIXED, per_row=PER_ROW) == 0.0
 
 
-def test_a_pause_in_a_burst_of_arrivals_ends_the_wait_early() -> None:
-    """Returning clients arrive 0.3 ms apart: once none came for four such gaps the burst
-    is over, though fixed / rows would allow waiting longer."""
-    hold = _crowded(budget=0.050)
-    for _ in range(10):
-        hold.gap(0.0003)
-    assert hold.timeout(rows=2, requests=2, held=0.0, fixed=FIXED, per_row=PER_ROW) == \
-        pytest.approx(0.0012)
-
-
 def test_arrivals_during_a_call_count_as_company() -> None:
     """Two clients taking turns (each call scores one, the other arrives meanwhile) are
     company: holding joins them."""

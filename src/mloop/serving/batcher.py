@@ -277,7 +277,7 @@ class MicroBatcher:
             return False
         rows = sum(i.n - i.done for i in waiting)
         fixed, per_row = self.hold.assumed(*costs, rows=rows)
-        start = last = loop.time()
+        start = loop.time()
         while rows < self.max_batch:
             wait = self.hold.timeout(rows=rows, requests=len(waiting), held=loop.time() - start,
                                      fixed=fixed, per_row=per_row)
@@ -292,9 +292,6 @@ class MicroBatcher:
                 self._wake = None
             if self._queue.empty():  # timed out: nobody came
                 break
-            now = loop.time()
-            self.hold.gap(now - last)
-            last = now
             before = len(waiting)
             if self._drain(waiting):
                 return True

@@ -23,9 +23,8 @@ Holding pays only under two conditions, both learned while serving rather than c
 While holding, each wait for the next request lasts at most ``fixed / rows``: waiting raises
 throughput only while requests come faster than ``rows`` per ``fixed`` seconds (for arrivals
 at rate r, rows per call cycle ``n / (wait + fixed + per_row x n)`` grows with the wait exactly
-when ``r x fixed > n``), and at most four gaps of the kind seen between arrivals while holding
-(a burst of returning clients is over once it pauses that long). The hold ends as soon as as
-many requests wait as a call cycle usually sees (``seen``: the batch plus the arrivals during
+when ``r x fixed > n``). The hold ends as soon as as many requests wait as a call cycle
+usually sees (``seen``: the batch plus the arrivals during
 its call, which is the number of clients for closed-loop traffic), and in all lasts at most
 the budget (``serving.max_wait_ms``) and never longer than one ``fixed`` cost: holding longer
 than a separate call would take is never worth it.
@@ -50,7 +49,7 @@ PROBE_EVERY = 16  # refusals by the cost fit, under company, before one hold pro
 
 class Hold:
     """The hold decision of one model's batcher: counters fed by the batcher (``arrived``,
-    ``called``, ``gap``) and ``timeout``, asked before each wait. Plain float updates; the
+    ``called``) and ``timeout``, asked before each wait. Plain float updates; the
     batcher's event loop is the only caller, so no locking."""
 
     def __init__(self, *, budget_s: float, decay: float = 0.2) -> None:
@@ -58,7 +57,6 @@ class Hold:
         self.decay = decay
         self.company = 0.0  # mean other requests around during a call
         self.seen = 0.0  # mean requests per call cycle (the batch + arrivals during its call)
-        self.burst_gap: float | None = None  # mean gap between arrivals while holding
         self.busy = False  # the model is scoring a batch
         self._arrivals = 0  # requests that arrived during the current call
         self._calls = 0
@@ -79,13 +77,6 @@ class Hold:
             self.company += self.decay * (seen - 1 - self.company)
             self.seen += self.decay * (seen - self.seen)
         self._calls += 1
-
-    def gap(self, seconds: float) -> None:
-        """A request arrived ``seconds`` after the previous one (or the hold's start)."""
-        if self.burst_gap is None:
-            self.burst_gap = seconds
-        else:
-            self.burst_gap += self.decay * (seconds - self.burst_gap)
 
     def assumed(self, fixed: float, per_row: float, *, rows: int) -> tuple[float, float]:
         """The (fixed, per_row) costs a hold starting with ``rows`` rows decides by: the
@@ -108,8 +99,5 @@ class Hold:
                 or self.company < 0.5 or requests >= round(self.seen)):
             return 0.0
         left = min(self.budget, fixed) - held
-        step = fixed / max(1, rows)
-        if self.burst_gap is not None:
-            step = min(step, max(4.0 * self.burst_gap, MIN_STEP_S))
-        wait = min(step, left)
+        wait = min(fixed / max(1, rows), left)
         return wait if wait >= MIN_STEP_S else 0.0
