@@ -24,18 +24,19 @@ While holding, each wait for the next request lasts at most ``fixed / rows``: wa
 throughput only while requests come faster than ``rows`` per ``fixed`` seconds (for arrivals
 at rate r, rows per call cycle ``n / (wait + fixed + per_row x n)`` grows with the wait exactly
 when ``r x fixed > n``). The hold ends as soon as as many requests wait as a call cycle
-usually sees (``seen``: the batch plus the arrivals during
-its call, which is the number of clients for closed-loop traffic), and in all lasts at most
-the budget (``serving.max_wait_ms``) and never longer than one ``fixed`` cost: holding longer
-than a separate call would take is never worth it.
+usually sees (``seen``: the batch plus the arrivals during its call, which is the number of
+clients for closed-loop traffic), and in all lasts at most the budget
+(``serving.max_wait_ms``) and never longer than one ``fixed`` cost: holding longer than a
+separate call would take is never worth it.
 
 Until batches of different sizes have separated the fixed cost from the per-row one, the
 whole call time counts as fixed for this decision: the first hold makes a larger batch, whose
 time settles the question (a hold costs at most the budget if it was the wrong guess). The
 same probe runs every ``PROBE_EVERY``-th time the fit refuses to hold while company is
 around: on a busy machine one preempted call can skew the fit towards "per-row dominates",
-and without holds the batches stay one size, which cannot correct it (seen here: 8 clients
-stuck in batches of 4 for a whole run).
+and without holds the batches stay one size, which cannot correct it. (A cut-off learned only
+from the gaps between arrivals that came was dropped for the same reason: a 40 µs first gap
+kept every later wait at 0.2 ms, and 8 clients stayed in batches of 4 for a whole run.)
 """
 
 from __future__ import annotations
