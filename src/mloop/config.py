@@ -404,7 +404,9 @@ class ServingConfig(_Strict):
     max_batch_rows: int = Field(64, ge=1)  # micro-batch size, and the smallest piece
     # a large request is scored in pieces predicted to take this long (0: max_batch_rows)
     max_batch_ms: float = Field(20.0, ge=0, le=10_000)
-    max_wait_ms: float = Field(0.0, ge=0, le=1000)  # extra wait for company under load
+    # the most a free model holds a batch open for company (only while requests arrive and
+    # its per-call cost dominates; 0: never)
+    max_wait_ms: float = Field(10.0, ge=0, le=1000)
     max_body_bytes: int = Field(1_048_576, ge=1024)  # larger bodies get 413
     # request fields outside the signature: left out and counted (false), or 422 (true)
     strict_columns: bool = False

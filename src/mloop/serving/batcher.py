@@ -1,12 +1,13 @@
 """Adaptive micro-batching: concurrent requests share one predict call.
 
 A one-row scikit-learn predict costs milliseconds of per-call overhead while a row inside a
-batch costs tens of microseconds, so throughput comes from batching. The batcher never waits
-for a batch to fill when a request is alone: the model thread takes whatever is queued the
-moment it is free. Requests arriving while it works queue up and become the next batch (up to
-``max_batch`` rows or, when more wait, as many as fit the time budget below). ``max_wait_ms``
-> 0 additionally holds a non-full batch that briefly when the previous batch had company,
-trading a little latency for larger batches under load.
+batch costs tens of microseconds, so throughput comes from batching. The model thread takes
+what is queued when it is free; a lone request is never held. When requests keep arriving and
+the model's per-call cost dominates, a free model holds the batch open briefly for the clients
+it just answered (``mloop.serving.hold``: learned per version, at most ``max_wait_ms``), so
+concurrent clients share one call instead of taking turns in halves. Requests arriving while
+the model works queue up and become the next batch (up to ``max_batch`` rows or, when more
+wait, as many as fit the time budget below).
 
 A request larger than a batch is scored in pieces, and after each piece the requests that
 arrived meanwhile go first: a one-row request waits for at most one piece, not for all of a
@@ -27,7 +28,10 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any
+
+from mloop.serving.hold import Hold
 
 
 def _limit_threads(threads: int | None) -> None:
@@ -101,6 +105,17 @@ class CallCost:
             return self._fit
         return 0.0, my / mx if mx > 0 else 0.0
 
+    def call_costs(self) -> tuple[float, float] | None:
+        """(fixed, per_row) seconds for deciding whether to hold a batch open: the fit once
+        batches of different sizes separated the two, before that the recent mean call time
+        taken as all fixed (a hold then makes a larger batch, whose time separates them).
+        None before any batch."""
+        if self.estimate() is None:
+            return None
+        if self._fit is not None:
+            return self._fit
+        return self._y / self._w, 0.0
+
     def rows_within(self, budget: float, *, least: int) -> int:
         """The most rows one call is predicted to score within ``budget`` seconds: at least
         ``least`` (also the answer before any measurement), at most ``growth`` times the
@@ -128,23 +143,26 @@ def _piece_cols(piece: _Piece) -> dict[str, list]:
 
 class MicroBatcher:
     def __init__(self, predict: Callable[[dict[str, list]], list[Any]], *, max_batch: int = 64,
-                 max_wait_ms: float = 0.0, name: str = "model",
+                 max_wait_ms: float = 10.0, name: str = "model",
                  on_batch: Callable[[int, float], None] | None = None,
                  threads: int | None = 1, max_batch_ms: float = 20.0) -> None:
         """``max_batch``: rows per batch, and the smallest piece of a large request.
         ``max_batch_ms``: the time a piece of a large request (or a batch of many queued
-        requests) may be predicted to take; 0 keeps every batch at ``max_batch`` rows."""
+        requests) may be predicted to take; 0 keeps every batch at ``max_batch`` rows.
+        ``max_wait_ms``: the most a free model holds a batch open for company (only while
+        requests arrive and its per-call cost dominates, see ``mloop.serving.hold``); 0
+        never holds."""
         self._predict = predict
         self.max_batch = max(1, max_batch)
         self.budget = max(0.0, max_batch_ms) / 1000.0
         self.cost = CallCost()
-        self.max_wait = max(0.0, max_wait_ms) / 1000.0
+        self.hold = Hold(budget_s=max(0.0, max_wait_ms) / 1000.0)
         self._queue: asyncio.Queue[_Item | None] = asyncio.Queue()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"mloop-{name}",
                                             initializer=_limit_threads, initargs=(threads,))
         self._task: asyncio.Task | None = None
         self._on_batch = on_batch
-        self._last_size = 1
+        self._wake: asyncio.Future | None = None  # resolved by the next submit while holding
         self._closed = False
         self._waiting: deque[_Item] = deque()  # taken off the queue, not yet fully scored
 
@@ -160,6 +178,10 @@ class MicroBatcher:
             self.start()
         fut: asyncio.Future = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_Item(cols, n, fut))
+        self.hold.arrived()
+        wake = self._wake
+        if wake is not None and not wake.done():
+            wake.set_result(None)
         return await fut
 
     @property
@@ -229,32 +251,52 @@ class MicroBatcher:
                     break
                 waiting.append(first)
                 stopping = self._drain(waiting) or stopping
-            if self.max_wait and not stopping and self._last_size > 1:
-                rows = sum(i.n - i.done for i in waiting)
-                deadline = loop.time() + self.max_wait
-                while rows < self.max_batch:
-                    remaining = deadline - loop.time()
-                    if remaining <= 0:
-                        break
-                    try:
-                        item = await asyncio.wait_for(self._queue.get(), remaining)
-                    except TimeoutError:
-                        break
-                    if item is None:
-                        stopping = True
-                        break
-                    waiting.append(item)
-                    rows += item.n
+            if self.hold.budget and not stopping:
+                stopping = await self._hold(loop, waiting)
             pieces, rows, tail = self._take(waiting)
             if not pieces:
                 continue
-            self._last_size = len(pieces)
-            await self._score(loop, pieces, rows)
+            self.hold.busy = True
+            try:
+                await self._score(loop, pieces, rows)
+            finally:
+                self.hold.busy = False
+                self.hold.called(len(pieces))
             # requests that arrived while this batch was scored go ahead of the rest of a
             # large one: a one-row request waits for at most one batch, not the whole request
             stopping = self._drain(waiting) or stopping
             if tail is not None and not tail.future.done():
                 waiting.append(tail)
+
+    async def _hold(self, loop: asyncio.AbstractEventLoop, waiting: deque[_Item]) -> bool:
+        """Hold the queued batch open while ``Hold`` says company is worth waiting for;
+        True once the stop sentinel is seen. Submits wake it through ``_wake`` (a future:
+        nothing is taken off the queue by a wait that times out, so no request is lost)."""
+        costs = self.cost.call_costs()
+        if costs is None:
+            return False
+        rows = sum(i.n - i.done for i in waiting)
+        fixed, per_row = self.hold.assumed(*costs, rows=rows)
+        start = loop.time()
+        while rows < self.max_batch:
+            wait = self.hold.timeout(rows=rows, requests=len(waiting), held=loop.time() - start,
+                                     fixed=fixed, per_row=per_row)
+            if wait <= 0.0:
+                break
+            wake = self._wake = loop.create_future()
+            timer = loop.call_later(wait, _resolve, wake)
+            try:
+                await wake
+            finally:
+                timer.cancel()
+                self._wake = None
+            if self._queue.empty():  # timed out: nobody came
+                break
+            before = len(waiting)
+            if self._drain(waiting):
+                return True
+            rows += sum(i.n for i in islice(waiting, before, None))
+        return False
 
     async def _score(self, loop: asyncio.AbstractEventLoop, pieces: list[_Piece], rows: int
                      ) -> None:
@@ -290,3 +332,8 @@ class MicroBatcher:
             # a cancelled request (client went away) is skipped
             if item.done == item.n and not item.future.done():
                 item.future.set_result(result)
+
+
+def _resolve(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_result(None)

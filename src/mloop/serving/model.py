@@ -2,7 +2,9 @@
 
 Prediction goes straight to the fitted scikit-learn estimator when the version is mloop's own
 sklearn flavour (MLflow's pyfunc wrapper re-validates and copies the frame on every call, which
-costs more than the model on small batches); any other flavour goes through pyfunc.
+costs more than the model on small batches); any other flavour goes to its pyfunc flavour's
+own predict, past the schema enforcement mloop's validation makes redundant, where that is
+proven to hand the model the same frame (``mloop.serving.pyfunc_direct``).
 
 A classifier reached that way also answers with class probabilities, columns in the order of
 the estimator's ``classes_`` (``ServedModel.classes``). A pipeline's transforms run once for
@@ -27,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from mloop.project import Project
+from mloop.serving.pyfunc_direct import DirectPredict
 from mloop.serving.schema import FieldError, InputError, InputSchema
 
 PREDICT_METHODS = ("predict", "predict_proba")
@@ -164,6 +167,7 @@ class Original:
         self._pyfunc: Any = None
         self._raw: Any = None
         self._both: Any = None
+        self._direct: DirectPredict | None = None
 
     @property
     def loaded(self) -> bool:
@@ -185,9 +189,15 @@ class Original:
         self.pyfunc()
         return self._raw
 
+    def direct(self) -> DirectPredict:
+        """The pyfunc's predict without MLflow's re-check of mloop-validated frames."""
+        if self._direct is None:
+            self._direct = DirectPredict(self.pyfunc())
+        return self._direct
+
     def predict(self, frame: Any) -> Any:
         model = self.raw()
-        return (model if model is not None else self._pyfunc).predict(frame)
+        return model.predict(frame) if model is not None else self.direct()(frame)
 
     def predict_both(self, frame: Any) -> tuple[Any, Any]:
         if self._both is None:
@@ -247,7 +257,7 @@ def _predict(original: Original) -> Callable[[Any], Any]:
     call per batch), a loader that binds on first use otherwise."""
     if original.loaded:
         raw = original.raw()
-        return raw.predict if raw is not None else original.pyfunc().predict
+        return raw.predict if raw is not None else original.direct()
     return original.predict
 
 
