@@ -113,7 +113,11 @@ class ServerState:
             finally:
                 self.generation = generation
                 if self.reloads is not None:
-                    await asyncio.to_thread(self.reloads.ack, generation, self._served())
+                    try:
+                        await asyncio.to_thread(self.reloads.ack, generation, self._served())
+                    except OSError as exc:  # serving goes on; a reload waiting says who is late
+                        log.warning("could not acknowledge reload generation %s in %s: %s",
+                                    generation, self.reloads.folder, exc)
 
     async def _read_and_converge(self) -> None:
         try:
