@@ -60,6 +60,7 @@ def test_v2_first_prediction_reads_the_first_output_tensor() -> None:
 
 def test_separated_ratios_divide_compile_off_by_mlserver_and_compiled_by_compile_off() -> None:
     cell = {"mloop": {"rps": 1200.0, "p50_ms": 4.0, "p99_ms": 20.0},
+            "mloop_w2": {"rps": 2100.0, "p50_ms": 3.0, "p99_ms": 12.0},
             "mloop_nocompile": {"rps": 300.0, "p50_ms": 25.0, "p99_ms": 80.0},
             "mlserver": {"rps": 150.0, "p50_ms": 50.0, "p99_ms": 400.0},
             "mlflow": {"rps": 24.0, "p50_ms": 300.0, "p99_ms": 1600.0},
@@ -76,6 +77,7 @@ def test_separated_ratios_divide_compile_off_by_mlserver_and_compiled_by_compile
     assert r["mloop_vs_bare"] == pytest.approx(0.2)
     assert r["mloop_vs_batched_floor"] == pytest.approx(0.02)
     assert r["nocompile_vs_batched_floor"] == pytest.approx(0.1)
+    assert r["workers_scaling_rps"] == pytest.approx(1.75)  # --workers 2 / one worker
 
 
 def test_separated_ratios_leave_out_a_peer_that_did_not_run() -> None:
@@ -84,6 +86,7 @@ def test_separated_ratios_leave_out_a_peer_that_did_not_run() -> None:
     r = peers.separated_ratios(cell)
     assert r["server_effect_rps"] is None and r["mloop_vs_mlserver_rps"] is None
     assert r["mloop_vs_bare"] is None and r["mloop_vs_batched_floor"] is None
+    assert r["workers_scaling_rps"] is None
     assert r["compile_effect_rps"] == pytest.approx(4.0)
 
 

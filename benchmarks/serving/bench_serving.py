@@ -1,17 +1,22 @@
 """Online serving: the server's effect and the compiler's, separated, against MLServer and MLflow.
 
-    python benchmarks/serving/bench_serving.py [--project DIR | --estimator lightgbm|xgboost]
+    python benchmarks/serving/bench_serving.py [--project DIR | --estimators sklearn lightgbm ...]
         [--duration 20] [--repeats 1]
         [--mlserver-venv .venv-mlserver] [--skip-mlserver] [--out benchmarks/serving/results.json]
 
 What is measured: HTTP throughput (req/s) and latency (p50, p99) of one-row prediction
-requests, plus errors, for five servers run side by side in this one run, each as its own
-process (tree) with ONE worker and the same environment (OMP_NUM_THREADS=1), all serving the
-SAME registered model version:
+requests, plus errors, for six servers run side by side, each as its own process (tree) with
+ONE worker (but ``mloop_w2``) and the same environment (OMP_NUM_THREADS=1), all serving the
+SAME registered model version; one run covers both models of the bike example (below), one
+after the other, each with its own servers:
 
   * mloop          -- ``mloop -C DIR serve`` (the product): POST /predict ``{"records": [row]}``,
                       on the verified ONNX fast path when the version compiled and verified
                       (``serving.compile``, the default)
+  * mloop_w2       -- ``mloop -C DIR serve --workers 2``: the same server, two processes on
+                      one port (a listening socket each), run at 8 and 32 connections only
+                      (one connection keeps at most one worker busy); measured once both
+                      workers answer (``x-mloop-worker``)
   * mloop_nocompile -- the same server and version with ``serving.compile.enabled: false``: the
                       original scikit-learn pipeline, the engine MLServer and MLflow run. A
                       second project folder holding only the changed mloop.yaml reads the
@@ -38,6 +43,7 @@ Ratios printed per concurrency C (req/s unless named p99):
   * server effect  = mloop_nocompile / mlserver -- two servers, one scikit-learn engine
   * compile effect = mloop / mloop_nocompile    -- one server, with and without the fast path
   * mloop / mlflow, mloop / mlserver, and mloop as a share of the bare floor
+  * workers scaling = mloop_w2 / mloop                 -- two workers against one
 
 Load comes from ``wrk -t1 -cC -dDs --latency -s post.lua`` (a separate process) at C = 1, 8
 and 32 connections, after a warm-up per server (``--warmup`` s at c=8); runs are interleaved:
@@ -67,24 +73,26 @@ file(s) the project trains on and the snapshot digests mloop recorded on the ver
 commands and MLServer's settings.
 
 Data and model: the UCI Bike Sharing example (``examples/bike_sharing``). Without ``--project``
-the example is copied to a temp folder and ``mloop run`` trains, registers and promotes version
-1 of ``bike-sharing`` (~20 s; if a gate fails there the benchmark stops unless run with
-``--allow-override``, which force-promotes v1 in that throwaway copy, prints an OVERRIDE line
-and records it under ``overrides`` in the results); with ``--project DIR`` that trained project
-is reused (its champion is served by every server). ``--estimator lightgbm`` trains the
-example with ``lightgbm.LGBMRegressor`` (Poisson objective, 300 trees, the same preprocessing)
-instead of scikit-learn's gradient boosting, ``--estimator xgboost`` with
-``xgboost.XGBRegressor`` (``count:poisson``, 300 trees of depth 6, its default); mloop
-compiles either through onnxmltools. The
-request row is a real row of ``data/bike_hourly.parquet`` (``--row``, default 5000:
-2011-08-01 06:00, outside the training window), typed by the signature mloop's GET /model
-reports (doubles sent as JSON floats).
+the example is copied to a temp folder per model and ``mloop run`` trains, registers and
+promotes version 1 of ``bike-sharing`` (~20 s; if a gate fails there the benchmark stops unless
+run with ``--allow-override``, which force-promotes v1 in that throwaway copy, prints an
+OVERRIDE line and records it under ``overrides`` in the results); with ``--project DIR`` that
+trained project is reused (its champion is served by every server). ``--estimators`` (default
+both): ``sklearn`` is the example as it is (scikit-learn's gradient boosting), ``lightgbm``
+trains it with ``lightgbm.LGBMRegressor`` (Poisson objective, 300 trees, the same
+preprocessing); mloop compiles it through onnxmltools. The results file holds one entry per
+model under ``models`` and every target, labelled by model, under ``targets``. The request row
+is a real row of ``data/bike_hourly.parquet`` (``--row``, default 5000: 2011-08-01 06:00,
+outside the training window), typed by the signature mloop's GET /model reports (doubles sent
+as JSON floats).
 
 Targets (printed as PASS/MISS). Issue 19's, mloop compiled against MLflow: at 8 and 32
 connections req/s >= 20x and p99 <= 1/5; at 1 connection p50 <= 1/2; zero errors on both
 mloop servers. Issue 20's, against MLServer: the same engine (compile off) >= 2x MLServer's
 req/s and <= 1/2 of its p99 at 8 and 32 connections; the fast path >= 10x MLServer's req/s at
-every C; mloop compiled >= 35% of the bare floor at 32 connections.
+every C; mloop compiled >= 35% of the bare floor at 32 connections; mloop compiled with
+``--workers 2`` >= 1.7x one worker's req/s at 32 connections. With both models, --duration 10
+--repeats 2 takes ~15 min on 2 cores.
 
 Caveats: wrk, the server under test and the four idle servers share this machine's cores (the
 idle ones poll or tick: "cpu other"). MLServer is two processes (HTTP + one inference worker)
@@ -158,9 +166,13 @@ TARGET_SERVER_RPS = 2.0   # at 8 and 32: mloop compile off req/s >= 2x MLServer'
 TARGET_SERVER_P99 = 0.5   # at 8 and 32: mloop compile off p99 <= 1/2 of MLServer's
 TARGET_FAST_RPS = 10.0    # at every C: mloop compiled req/s >= 10x MLServer's
 TARGET_BARE_SHARE = 0.35  # at 32: mloop compiled >= 35% of the bare floor's req/s
-SERVERS = ("mloop", "mloop_nocompile", "mlserver", "mlflow", "bare")
-MLOOP_SERVERS = ("mloop", "mloop_nocompile")
-LABELS = {"mloop": "mloop compiled", "mloop_nocompile": "mloop compile off",
+TARGET_WORKERS = 1.7      # at 32: mloop compiled --workers 2 >= 1.7x one worker's req/s
+WORKERS = 2
+WORKERS_MIN_CONNECTIONS = 8  # one connection keeps one worker busy at most: not run at c=1
+SERVERS = ("mloop", "mloop_w2", "mloop_nocompile", "mlserver", "mlflow", "bare")
+MLOOP_SERVERS = ("mloop", "mloop_w2", "mloop_nocompile")
+LABELS = {"mloop": "mloop compiled", "mloop_w2": f"mloop compiled, {WORKERS} workers",
+          "mloop_nocompile": "mloop compile off",
           "mlserver": "MLServer 1.7.1", "mlflow": "mlflow serve", "bare": "bare ASGI"}
 
 _ORIGINAL_ENV = dict(os.environ)
@@ -475,6 +487,7 @@ model:
 """
 MODELS = {"lightgbm": LIGHTGBM_MODEL, "xgboost": XGBOOST_MODEL}
 ESTIMATORS = ("sklearn", *MODELS)
+DEFAULT_ESTIMATORS = ("sklearn", "lightgbm")  # the issue's two models; xgboost on request
 
 
 def with_estimator(config: str, estimator: str) -> str:
@@ -654,6 +667,7 @@ def _aggregate(reps: list[dict[str, Any]]) -> dict[str, Any]:
                                          default=None),
                            "implied_mean_ms": med("implied_mean_ms"),
                            "server_cpu": med("server_cpu"),
+                           "rps_per_server_cpu": med("rps_per_server_cpu"),
                            "wrk_cpu": med("wrk_cpu"), "other_cpu": med("other_cpu"),
                            "requests": sum(r.get("requests") or 0 for r in reps),
                            "errors": sum(r["errors"] for r in reps),
@@ -684,30 +698,34 @@ def report(results: dict[str, Any]) -> None:
               f"cell after a {cfg['warmup_s']} s warm-up; commit {str(git.get('commit'))[:12]}"
               f" ({'clean' if git.get('clean') else 'DIRTY tree' if git else 'unknown'})")
     con.print(f"mloop compiled engine: {results.get('mloop_engine')}; mloop compile off, "
-              f"MLServer and MLflow: the scikit-learn pipeline (pyfunc); row "
+              f"MLServer and MLflow: the original pipeline (pyfunc); row "
               f"{results['row_index']} of {Path(results['data']).name}")
-    con.print(f"each server: 1 worker, env {' '.join(f'{k}={v}' for k, v in SERVER_ENV.items())}"
+    con.print(f"each server: 1 worker (mloop_w2: {WORKERS}, run from c="
+              f"{WORKERS_MIN_CONNECTIONS}), env "
+              f"{' '.join(f'{k}={v}' for k, v in SERVER_ENV.items())}"
               f"; machine: {results['machine']['cpus']} CPUs ({results['machine']['cpu']}), "
               f"{results['machine']['cpu_busy_before']:.0%} of a core busy before start")
     for c in cfg["connections"]:
         cell = results["runs"][str(c)]
         t = Table(title=f"{c} connection{'s' if c > 1 else ''}", title_justify="left")
         for col in ("server", "req/s", "p50 ms", "p90 ms", "p99 ms", "max ms", "errors wrk",
-                    "errors server", "mean batch", "cpu server", "cpu wrk", "cpu other"):
+                    "errors server", "mean batch", "cpu server", "req per\ncpu-s",
+                    "cpu wrk", "cpu other"):
             t.add_column(col, justify="left" if col == "server" else "right",
                          no_wrap=col == "server")
         for name in SERVERS:
             r = cell.get(name)
             if r is None:
                 t.add_row(LABELS[name], "failed" if name in results["failures"] else "not run",
-                          *[""] * 10)
+                          *[""] * 11)
                 continue
             t.add_row(LABELS[name], _f(r["rps"]), _f(r["p50_ms"], "{:.2f}"),
                       _f(r["p90_ms"], "{:.2f}"), _f(r["p99_ms"], "{:.2f}"),
                       _f(r["max_ms"], "{:.1f}"), str(r["errors"]),
                       str(r.get("server_non_2xx", "")),
                       _f(r.get("mean_batch_rows"), "{:.2f}") if name in MLOOP_SERVERS else "",
-                      _f(r["server_cpu"], "{:.0%}"), _f(r["wrk_cpu"], "{:.0%}"),
+                      _f(r["server_cpu"], "{:.0%}"), _f(r.get("rps_per_server_cpu"), "{:,.0f}"),
+                      _f(r["wrk_cpu"], "{:.0%}"),
                       _f(r["other_cpu"], "{:.0%}"))
         con.print(t)
 
@@ -716,7 +734,7 @@ def report(results: dict[str, Any]) -> None:
     for col in ("connections", "server effect\ncompile off / MLServer",
                 "server effect p99", "compile effect\ncompiled / compile off",
                 "compile effect p99", "mloop / MLServer", "mloop / MLflow",
-                "mloop p99 / MLflow", "mloop / bare"):
+                "mloop p99 / MLflow", "mloop / bare", f"{WORKERS} workers / 1"):
         t.add_column(col, justify="right")
     for c in cfg["connections"]:
         r = results["ratios"][str(c)]
@@ -725,7 +743,7 @@ def report(results: dict[str, Any]) -> None:
                   _f(r["compile_effect_p99"], "{:.3f}"), _f(r["mloop_vs_mlserver_rps"],
                                                             "{:.1f}x"),
                   _f(r["mloop_vs_mlflow_rps"], "{:.1f}x"), _f(r["mloop_vs_mlflow_p99"], "{:.3f}"),
-                  _f(r["mloop_vs_bare"], "{:.1%}"))
+                  _f(r["mloop_vs_bare"], "{:.1%}"), _f(r["workers_scaling_rps"], "{:.2f}x"))
     con.print(t)
 
     t = Table(title="targets", title_justify="left")
@@ -801,8 +819,9 @@ def evaluate(results: dict[str, Any]) -> None:
         add(f"c=1: mloop p50 <= 1/{1 / TARGET_P50_RATIO:g} of MLflow's", r50, "{:.3f} of it",
             r50 is not None and r50 <= TARGET_P50_RATIO)
     for name in MLOOP_SERVERS:
-        cells = [runs[str(c)].get(name) for c in conns]
-        if all(cells):
+        cells = [runs[str(c)].get(name) for c in conns
+                 if name != "mloop_w2" or c >= WORKERS_MIN_CONNECTIONS]
+        if cells and all(cells):
             wrk_err = sum(m["errors"] for m in cells)  # type: ignore[index]
             srv_err = sum(m.get("server_non_2xx", 0) for m in cells)  # type: ignore[union-attr]
             targets.append({"target": f"zero {LABELS[name]} errors (wrk non-2xx + socket, "
@@ -826,6 +845,16 @@ def evaluate(results: dict[str, Any]) -> None:
         add(f"c={c}: mloop compiled req/s >= {TARGET_FAST_RPS:g}x MLServer's", fr, "{:.1f}x",
             fr is not None and fr >= TARGET_FAST_RPS)
     if "32" in ratios:
+        w = ratios["32"]["workers_scaling_rps"]
+        add(f"c=32: mloop compiled --workers {WORKERS} req/s >= {TARGET_WORKERS:g}x one "
+            f"worker's", w, "{:.2f}x", w is not None and w >= TARGET_WORKERS)
+        one, two = runs["32"].get("mloop") or {}, runs["32"].get("mloop_w2") or {}
+        if one.get("rps_per_server_cpu") and two.get("rps_per_server_cpu"):
+            # not a target: on a machine other processes keep busy, how much of the scaling
+            # the workers' own cost per request allows (1.0: two workers as lean as one)
+            targets[-1]["measured"] += (
+                f" (server CPU {one['server_cpu']:.0%} -> {two['server_cpu']:.0%} of a core; "
+                f"req per CPU-s {two['rps_per_server_cpu'] / one['rps_per_server_cpu']:.2f}x)")
         b = ratios["32"]["mloop_vs_bare"]
         add(f"c=32: mloop compiled >= {TARGET_BARE_SHARE:.0%} of the bare ASGI floor", b,
             "{:.1%}", b is not None and b >= TARGET_BARE_SHARE)
@@ -834,54 +863,14 @@ def evaluate(results: dict[str, Any]) -> None:
 
 # -------------------------------------------------------------------------------- main
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--project", type=Path, help="an already trained mloop project (skips "
-                    "training the bike-sharing example)")
-    ap.add_argument("--estimator", choices=ESTIMATORS, default="sklearn",
-                    help="the model the example trains without --project: its scikit-learn "
-                    "gradient boosting (default), LightGBM's or XGBoost's (the lightgbm or xgboost "
-                    "extra)")
-    ap.add_argument("--duration", type=int, default=20, help="seconds per wrk run (default 20)")
-    ap.add_argument("--repeats", type=int, default=1, help="runs per cell; medians reported")
-    ap.add_argument("--warmup", type=int, default=3, help="warm-up seconds per server")
-    ap.add_argument("--connections", type=int, nargs="+", default=list(CONNECTIONS))
-    ap.add_argument("--row", type=int, default=5000, help="index of the data row sent "
-                    "(the first complete row from there on)")
-    ap.add_argument("--base-port", type=int, default=18700)
-    ap.add_argument("--floor-seconds", type=float, default=3.0,
-                    help="timing budget per in-process floor measurement")
-    ap.add_argument("--startup-timeout", type=float, default=180.0)
-    ap.add_argument("--mlserver-venv", type=Path, default=REPO / ".venv-mlserver",
-                    help="MLServer's own virtualenv, created or checked by setup_mlserver.sh "
-                    "(default: .venv-mlserver in the repo root)")
-    ap.add_argument("--skip-mlserver", action="store_true", help="leave MLServer out")
-    ap.add_argument("--allow-override", action="store_true", help="if the throwaway "
-                    "project's first model fails a gate, promote it anyway (recorded in the "
-                    "results as an override); without it the benchmark stops, unless a person "
-                    "at the terminal says yes")
-    ap.add_argument("--keep", action="store_true", help="keep the temp folder (trained "
-                    "project and server logs)")
-    ap.add_argument("--out", type=Path, default=HERE / "results.json")
-    args = ap.parse_args()
-    if args.project and args.estimator != "sklearn":
-        ap.error("--estimator chooses the model of the example the benchmark trains; with "
-                 "--project the project's own champion is served")
-    if shutil.which("wrk") is None:
-        raise SystemExit("wrk is not installed (apt-get install wrk)")
-
-    # SIGTERM/SIGHUP -> SystemExit, so the finally below stops the servers
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, lambda s, _f: sys.exit(128 + s))
-
+def measure_model(args: argparse.Namespace, *, estimator: str | None, workdir: Path,
+                  git: dict[str, Any], loadavg: list[str], busy_before: float
+                  ) -> dict[str, Any]:
+    """One model's whole run: train it (``estimator``; None: serve ``--project``), start
+    every server on it, measure them interleaved, stop them, time the in-process floor;
+    the results of that model, evaluated against the targets."""
     t_start = time.perf_counter()
-    git = git_state(REPO)  # before anything is written (the results file is tracked)
-    loadavg = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() \
-        else []
-    b0, w0 = _busy_jiffies(), time.perf_counter()
-    time.sleep(2.0)  # how busy is the machine before we start? (share of one core)
-    busy_before = (_busy_jiffies() - b0) / _CLK / (time.perf_counter() - w0)
-    workdir = Path(tempfile.mkdtemp(prefix="mloop-bench-serving-"))
+    workdir.mkdir(parents=True)
     servers: dict[str, Server] = {}
     notes: list[str] = []
     failures: dict[str, str] = {}
@@ -899,7 +888,7 @@ def main() -> None:
         if args.project:
             project_dir = args.project.resolve()
         else:
-            project_dir, run_stdout = train_example(workdir, args.estimator)
+            project_dir, run_stdout = train_example(workdir, estimator or "sklearn")
         from mloop.project import open_project  # light import: no mlflow
 
         project = open_project(project_dir)
@@ -959,12 +948,17 @@ def main() -> None:
         env = _server_env()
         logs = workdir / "logs"
         logs.mkdir()
-        p_mloop, p_nocomp, p_mls, p_mls_grpc, p_mls_metrics, p_mlflow, p_bare = _pick_ports(
-            args.base_port, 7)
+        p_mloop, p_nocomp, p_mls, p_mls_grpc, p_mls_metrics, p_mlflow, p_bare, p_w2 = \
+            _pick_ports(args.base_port, 8)
         servers["mloop"] = Server(
             "mloop", [_venv_bin("mloop"), "-C", str(project_dir), "serve", "--host",
                       "127.0.0.1", "--port", str(p_mloop), "--workers", "1"],
             p_mloop, "/ready", "/predict", env, logs)
+        # the same project and version from WORKERS processes on one port
+        servers["mloop_w2"] = Server(
+            "mloop_w2", [_venv_bin("mloop"), "-C", str(project_dir), "serve", "--host",
+                         "127.0.0.1", "--port", str(p_w2), "--workers", str(WORKERS)],
+            p_w2, "/ready", "/predict", env, logs)
         try:
             nc_dir, nc_env = nocompile_project(project_dir, project.uris,
                                                workdir / "mloop_nocompile" / project_dir.name)
@@ -1053,7 +1047,8 @@ def main() -> None:
                 print(f"mloop compile off engine: {_engine(nocompile_info)}", flush=True)
         idx, rows = real_rows(data_path, signature, args.row, BATCH_ROWS)
         row = rows[0]
-        bodies = {"mloop": {"records": [row]}, "mloop_nocompile": {"records": [row]},
+        bodies = {"mloop": {"records": [row]}, "mloop_w2": {"records": [row]},
+                  "mloop_nocompile": {"records": [row]},
                   "mlserver": v2_infer_request(row, signature),
                   "mlflow": {"dataframe_records": [row]}, "bare": {"records": [row]}}
         body_files = {}
@@ -1061,6 +1056,14 @@ def main() -> None:
             body_files[name] = workdir / f"body_{name}.json"
             body_files[name].write_text(json.dumps(body, separators=(",", ":")))
         print(f"row {idx[0]} of {data_path.name}: {json.dumps(row)}", flush=True)
+        if "mloop_w2" in servers:
+            try:
+                pids = wait_workers(servers["mloop_w2"], body_files["mloop_w2"], WORKERS,
+                                    args.startup_timeout)
+                print(f"  mloop_w2: {WORKERS} workers answer (pids {', '.join(pids)})",
+                      flush=True)
+            except ServerFailed as exc:
+                fail("mloop_w2", f"{exc}\n--- stderr (tail) ---\n{exc.stderr}")
 
         # ---- one request each: every server must answer 200 (mloop's own, or no run)
         check: dict[str, Any] = {}
@@ -1100,13 +1103,18 @@ def main() -> None:
                 shift = (rep * len(args.connections) + ci) % len(names)
                 order = names[shift:] + names[:shift]
                 for pos, name in enumerate(order):
+                    if name == "mloop_w2" and c < WORKERS_MIN_CONNECTIONS:
+                        continue
                     s = servers[name]
-                    time.sleep(1.0)  # let the previous server's background work settle
+                    time.sleep(0.5)  # let the previous server's background work settle
                     before = mloop_counters(s) if name in MLOOP_SERVERS else {}
                     with CpuProbe(s.proc.pid if s.proc else None) as probe:
                         r = run_wrk(s.url, body_files[name], c, args.duration)
                     r.update({k: round(v, 3) for k, v in probe.result.items()})
                     r["implied_mean_ms"] = c / r["rps"] * 1e3 if r["rps"] else None
+                    # requests per CPU-second of the server: what a busy machine disturbs least
+                    r["rps_per_server_cpu"] = r["rps"] / r["server_cpu"] \
+                        if r.get("server_cpu") else None
                     r["position"] = pos
                     if name in MLOOP_SERVERS:
                         d = _diff(mloop_counters(s), before)
@@ -1179,12 +1187,14 @@ def main() -> None:
             "mloop_nocompile_model_info": nocompile_info,
             "row_index": idx[0], "row": row, "data": str(data_path),
             "check_predictions": check,
-            "config": {"estimator": None if args.project else args.estimator,
+            "config": {"estimator": estimator,
                        "duration_s": args.duration, "repeats": args.repeats,
                        "warmup_s": args.warmup, "connections": args.connections,
                        "order": "servers interleaved per (repeat, C), rotated one place each",
                        "wrk": "wrk -t1 -cC -dDs --latency -s post.lua", "env": SERVER_ENV,
-                       "workers": 1, "batch_rows_floor": BATCH_ROWS,
+                       "workers": {n: WORKERS if n == "mloop_w2" else 1 for n in servers},
+                       "workers_min_connections": WORKERS_MIN_CONNECTIONS,
+                       "batch_rows_floor": BATCH_ROWS,
                        "mlserver": {"max_batch_size": MLSERVER_MAX_BATCH_SIZE,
                                     "max_batch_time_s": MLSERVER_MAX_BATCH_TIME_S,
                                     "parallel_workers": MLSERVER_PARALLEL_WORKERS,
@@ -1208,17 +1218,132 @@ def main() -> None:
         }
         evaluate(results)
         results["total_seconds"] = round(time.perf_counter() - t_start, 1)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2, default=str) + "\n")
-        report(results)
-        print(f"total {results['total_seconds']:.0f} s")
+        return results
     finally:
         for s in servers.values():
             s.stop()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--project", type=Path, help="an already trained mloop project (skips "
+                    "training the bike-sharing example)")
+    ap.add_argument("--estimator", "--estimators", dest="estimators", nargs="+",
+                    choices=ESTIMATORS, default=None,
+                    help="the models the example trains without --project, measured one "
+                    "after the other in this run: its scikit-learn gradient boosting and "
+                    "LightGBM's (the lightgbm extra), or XGBoost's (the xgboost extra); default "
+                    "sklearn and lightgbm")
+    ap.add_argument("--duration", type=int, default=20, help="seconds per wrk run (default 20)")
+    ap.add_argument("--repeats", type=int, default=1, help="runs per cell; medians reported")
+    ap.add_argument("--warmup", type=int, default=3, help="warm-up seconds per server")
+    ap.add_argument("--connections", type=int, nargs="+", default=list(CONNECTIONS))
+    ap.add_argument("--row", type=int, default=5000, help="index of the data row sent "
+                    "(the first complete row from there on)")
+    ap.add_argument("--base-port", type=int, default=18700)
+    ap.add_argument("--floor-seconds", type=float, default=3.0,
+                    help="timing budget per in-process floor measurement")
+    ap.add_argument("--startup-timeout", type=float, default=180.0)
+    ap.add_argument("--mlserver-venv", type=Path, default=REPO / ".venv-mlserver",
+                    help="MLServer's own virtualenv, created or checked by setup_mlserver.sh "
+                    "(default: .venv-mlserver in the repo root)")
+    ap.add_argument("--skip-mlserver", action="store_true", help="leave MLServer out")
+    ap.add_argument("--allow-override", action="store_true", help="if the throwaway "
+                    "project's first model fails a gate, promote it anyway (recorded in the "
+                    "results as an override); without it the benchmark stops, unless a person "
+                    "at the terminal says yes")
+    ap.add_argument("--keep", action="store_true", help="keep the temp folder (trained "
+                    "project and server logs)")
+    ap.add_argument("--out", type=Path, default=HERE / "results.json")
+    args = ap.parse_args()
+    if args.project and args.estimators:
+        ap.error("--estimator chooses the models of the example the benchmark trains; with "
+                 "--project the project's own champion is served")
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is not installed (apt-get install wrk)")
+
+    # SIGTERM/SIGHUP -> SystemExit, so the finally below stops the servers
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda s, _f: sys.exit(128 + s))
+
+    t_start = time.perf_counter()
+    git = git_state(REPO)  # before anything is written (the results file is tracked)
+    loadavg = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() \
+        else []
+    b0, w0 = _busy_jiffies(), time.perf_counter()
+    time.sleep(2.0)  # how busy is the machine before we start? (share of one core)
+    busy_before = (_busy_jiffies() - b0) / _CLK / (time.perf_counter() - w0)
+    workdir = Path(tempfile.mkdtemp(prefix="mloop-bench-serving-"))
+    estimators: list[str | None] = [None] if args.project else \
+        list(dict.fromkeys(args.estimators or DEFAULT_ESTIMATORS))
+    models: dict[str, Any] = {}
+    try:
+        for estimator in estimators:
+            key = estimator or "project"
+            print(f"\n=== model: {key} ===", flush=True)
+            models[key] = measure_model(args, estimator=estimator, workdir=workdir / key,
+                                        git=git, loadavg=loadavg, busy_before=busy_before)
+            report(models[key])
+        combined = {"benchmark": "serving",
+                    "created": datetime.now(UTC).isoformat(timespec="seconds"),
+                    "git": git, "models": models,
+                    "targets": [{**t, "model": k} for k, m in models.items()
+                                for t in m["targets"]],
+                    "total_seconds": round(time.perf_counter() - t_start, 1)}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(combined, indent=2, default=str) + "\n")
+        summary(combined, args.out)
+    finally:
         if args.keep:
             print(f"kept {workdir} (server logs in logs/)", file=sys.stderr)
         else:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def wait_workers(server: Server, body_file: Path, n: int, timeout: float) -> list[str]:
+    """Requests on new connections until ``n`` different workers answered (``x-mloop-worker``):
+    /ready answers as soon as ONE worker listens, and a worker not yet listening gets no
+    connections, so a run started then would measure fewer workers."""
+    pids: set[str] = set()
+    body = body_file.read_bytes()
+    deadline = time.perf_counter() + timeout
+    while len(pids) < n:
+        if server.proc is not None and server.proc.poll() is not None:
+            raise ServerFailed(server.name, f"exited with code {server.proc.returncode}",
+                               server.stderr_tail())
+        if time.perf_counter() > deadline:
+            raise ServerFailed(server.name, f"only {len(pids)} of {n} workers answered in "
+                               f"{timeout:.0f} s", server.stderr_tail())
+        req = urllib.request.Request(server.url, data=body, method="POST", headers={
+            "Content-Type": "application/json", "Connection": "close"})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                pid = r.headers.get("x-mloop-worker")
+        except OSError:
+            pid = None
+        if pid:
+            pids.add(pid)
+        else:
+            time.sleep(0.2)
+    return sorted(pids)
+
+
+def summary(combined: dict[str, Any], out: Path) -> None:
+    """Every model's targets in one table, and where the results are."""
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console(width=140)
+    git = combined.get("git") or {}
+    t = Table(title=f"targets, all models (commit {str(git.get('commit'))[:12]}, "
+                    f"{'clean' if git.get('clean') else 'DIRTY tree'})", title_justify="left")
+    for col in ("model", "target", "measured", "result"):
+        t.add_column(col)
+    for tg in combined["targets"]:
+        mark = {"PASS": "[green]PASS[/]", "MISS": "[red]MISS[/]"}.get(tg["result"], tg["result"])
+        t.add_row(tg["model"], tg["target"], tg["measured"], mark)
+    con.print(t)
+    con.print(f"JSON: {out}; total {combined['total_seconds']:.0f} s")
 
 
 def model_info(server: Server) -> dict[str, Any]:

@@ -10,7 +10,8 @@
 # mloop's lock moves FastAPI/Starlette on. What must match mloop's environment is what loads
 # the model: the registered version is an MLflow scikit-learn model that mloop logged with the
 # versions in requirements.lock (skops serialization), so mlflow, scikit-learn, skops, numpy,
-# pandas, scipy and cloudpickle are pinned here to the lock's versions. uvloop stays below 0.22:
+# pandas, scipy and cloudpickle are pinned here to the lock's versions, and lightgbm (the
+# benchmark's second model is a LightGBM pipeline). uvloop stays below 0.22:
 # from 0.22 on, asyncio.get_event_loop() no longer creates a loop, and MLServer 1.7.1's
 # inference worker calls it at start-up ("There is no current event loop"), so every worker dies
 # and the model never loads. Everything else is what pip resolves for mlserver==1.7.1 and
@@ -43,7 +44,7 @@ fi
 
 # the model-loading libraries at the versions the model was logged with
 pins=()
-for name in mlflow mlflow-skinny scikit-learn skops numpy pandas scipy cloudpickle; do
+for name in mlflow mlflow-skinny scikit-learn skops numpy pandas scipy cloudpickle lightgbm; do
     line="$(grep -iE "^${name}==" "$lock" || true)"
     if [ -z "$line" ]; then
         echo "setup_mlserver.sh: $lock has no pin for '$name'" >&2

@@ -120,7 +120,10 @@ def build_app(project: Project, cfg: ServingConfig, *, auth: bool) -> Any:
         from mloop.serving.auth import TokenAuth
 
         checker = TokenAuth(project.store, refresh_seconds=cfg.poll_seconds)
-    return create_app(project, cfg, auth=checker, collectors=default_collectors(project))
+    from mloop.serving.shared_reload import SharedReload
+
+    return create_app(project, cfg, auth=checker, collectors=default_collectors(project),
+                      reloads=SharedReload.from_env())
 
 
 def app_from_env() -> Any:
@@ -162,17 +165,44 @@ def serve(project: Project, *, host: str | None = None, port: int | None = None,
                               "access_log": False, "loop": "auto", "http": "auto",
                               "timeout_graceful_shutdown": 10, **ssl}
     if cfg.workers > 1:
-        import tempfile
-
-        from mloop.serving.metrics import MULTIPROC_ENV
-
-        # one folder per server run: workers write their metric values there, /metrics sums
-        metrics_dir = tempfile.mkdtemp(prefix="mloop-metrics-")
-        os.environ.setdefault(MULTIPROC_ENV, metrics_dir)
-        os.environ[ENV_PROJECT] = str(project.root)
-        os.environ["MLOOP_SERVE_CONFIG"] = cfg.model_dump_json()
-        os.environ[ENV_AUTH] = "1" if use_auth else "0"
-        uvicorn.run(factory, factory=True, workers=cfg.workers,
-                    **common)
+        _serve_workers(project, cfg, use_auth=use_auth, factory=factory, options=common)
     else:
         uvicorn.run(build(project, cfg, auth=use_auth), **common)
+
+
+def _serve_workers(project: Project, cfg: ServingConfig, *, use_auth: bool, factory: str,
+                   options: dict[str, Any]) -> None:
+    """``cfg.workers`` processes on one port (:mod:`mloop.serving.workers`), sharing a
+    folder for this run: their metric values (/metrics sums them) and the reload generation
+    (POST /reload on one reaches all). The folder goes when the server stops."""
+    import shutil
+    import tempfile
+
+    from mloop.serving import shared_reload
+    from mloop.serving.metrics import MULTIPROC_ENV, mark_dead
+    from mloop.serving.workers import run_workers
+
+    run_dir = Path(tempfile.mkdtemp(prefix="mloop-serve-"))
+    (run_dir / "metrics").mkdir()
+    (run_dir / "reload").mkdir()
+    env = {ENV_PROJECT: str(project.root), "MLOOP_SERVE_CONFIG": cfg.model_dump_json(),
+           ENV_AUTH: "1" if use_auth else "0", shared_reload.ENV: str(run_dir / "reload"),
+           # a folder the user chose for the metric values wins (a scraper may read it)
+           MULTIPROC_ENV: os.environ.get(MULTIPROC_ENV) or str(run_dir / "metrics")}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # the workers inherit it
+    reloads = shared_reload.SharedReload(run_dir / "reload")
+
+    def on_exit(pid: int) -> None:  # a worker ended: drop its live gauges and its reload ack
+        mark_dead(pid)
+        reloads.forget(pid)
+
+    try:
+        run_workers(factory, cfg.workers, on_exit=on_exit, **options)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        shutil.rmtree(run_dir, ignore_errors=True)

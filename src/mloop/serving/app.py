@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import os
 import sys
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -48,6 +49,7 @@ from mloop.serving.metrics import ServingMetrics
 from mloop.serving.model import predict_method
 from mloop.serving.schema import InputError
 from mloop.serving.scoring import Scored, score
+from mloop.serving.shared_reload import SharedReload
 from mloop.serving.state import ServerState
 from mloop.traffic.inference_log import InferenceLog
 
@@ -120,7 +122,8 @@ def _headers(scored: Scored) -> dict[str, str]:
     """The version that answered, and the request's fields that were left out (outside the
     signature): at most 20 names, each percent-encoded (a name is any JSON string; a header
     is ASCII) and cut to 64 characters."""
-    headers = {"x-mloop-version": str(scored.slot.model.version)}
+    headers = {"x-mloop-version": str(scored.slot.model.version),
+               "x-mloop-worker": str(os.getpid())}
     if scored.ignored:
         names = [quote(n[:64], safe="") for n in sorted(scored.ignored)[:20]]
         headers[IGNORED_HEADER] = ",".join(names) + (",..." if len(scored.ignored) > 20 else "")
@@ -159,11 +162,16 @@ async def reload(request: Request) -> Response:
     """Re-read the aliases now (instead of at the next poll) and retry failed loads."""
     state = _state(request)
     authorize(request, "admin")
-    state.failed.clear()
-    state.retry_at.clear()
-    await state.poll()
-    return json_response({"desired": state.desired.to_dict() if state.desired else None,
-                          **state.routing.describe()})
+    workers, behind = await state.reload()
+    body: dict[str, Any] = {"desired": state.desired.to_dict() if state.desired else None,
+                            **state.routing.describe()}
+    if workers:  # --workers N: what each one serves now, by pid
+        body["workers"] = {str(pid): ack for pid, ack in sorted(workers.items())}
+    if behind:
+        body["error"] = (f"worker(s) {', '.join(map(str, behind))} did not confirm the reload "
+                         f"in time; they pick the deployment up at their next poll")
+        return json_response(body, 503)
+    return json_response(body)
 
 
 async def flush(request: Request) -> Response:
@@ -228,6 +236,9 @@ async def metrics(request: Request) -> Response:
 _VERSION_HEADERS = {
     "x-mloop-version": {"description": "The version that answered", "required": True,
                         "schema": {"type": "string"}},
+    "x-mloop-worker": {"description": "The server process that answered (its pid; with "
+                                      "--workers N, one of N)", "required": True,
+                       "schema": {"type": "string"}},
     IGNORED_HEADER: {"description": "Request fields outside the signature, left out "
                                     "(percent-encoded, comma-separated)",
                      "schema": {"type": "string"}},
@@ -259,8 +270,11 @@ ROUTES: list[BaseRoute] = [
     APIRoute("/feedback", feedback, methods=["POST"], tags=["labels"], responses={
         **openapi.ok("Labels stored; unknown request ids listed", _ANY_OBJECT),
         **openapi.errors(400, 404, 409, 413, 422)}),
-    APIRoute("/reload", reload, methods=["POST"], tags=["admin"],
-             responses=openapi.ok("The deployment now served", _ANY_OBJECT)),
+    APIRoute("/reload", reload, methods=["POST"], tags=["admin"], responses={
+        **openapi.ok("The deployment now served (with --workers N, also by each worker)",
+                     _ANY_OBJECT),
+        503: {"description": "With --workers N: a worker did not confirm the reload in time",
+              "content": {openapi.JSON: {"schema": openapi.ERROR}}}}),
     APIRoute("/flush", flush, methods=["POST"], tags=["admin"], responses={
         **openapi.ok("Rows committed, and rows set aside in quarantine (values the log cannot "
                      "store)", {"type": "object",
@@ -345,15 +359,17 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 def create_app(project: Project, config: ServingConfig | None = None, *, auth: Any = None,
-               collectors: Sequence[Collector] = ()) -> ServingApp:
+               collectors: Sequence[Collector] = (),
+               reloads: SharedReload | None = None) -> ServingApp:
     """The ASGI app serving ``project``'s champion (and challenger).
 
     ``auth`` is an ``mloop.serving.auth.TokenAuth`` or None (open). ``collectors`` are extra
     Prometheus collectors /metrics exposes beside the server's own (``mloop serve`` passes the
     monitoring and loop gauges; the server itself knows nothing of those layers).
+    ``reloads`` is the reload generation the workers of ``mloop serve --workers N`` share.
     """
     cfg = config or project.config.serving
-    state = ServerState(project, cfg, ServingMetrics())
+    state = ServerState(project, cfg, ServingMetrics(), reloads=reloads)
     logcfg = cfg.inference_log
     if logcfg.enabled:
         m = state.metrics

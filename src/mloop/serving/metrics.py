@@ -34,10 +34,17 @@ def multiprocess_enabled() -> bool:
 
 def worker_exit() -> None:
     """Drop this worker's live gauges from the aggregate (in-flight, queue)."""
+    mark_dead(os.getpid())
+
+
+def mark_dead(pid: int) -> None:
+    """Drop worker ``pid``'s live gauges from the aggregate: called by the worker as it
+    stops, and by the supervisor for a worker that died without stopping (killed, crashed),
+    whose last in-flight count would otherwise stay in the sum."""
     if multiprocess_enabled():
         from prometheus_client import multiprocess
 
-        multiprocess.mark_process_dead(os.getpid())
+        multiprocess.mark_process_dead(pid)
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384)

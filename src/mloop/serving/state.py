@@ -21,6 +21,7 @@ from mloop.serving.batcher import MicroBatcher
 from mloop.serving.deploy import DesiredState, desired_state
 from mloop.serving.metrics import ServingMetrics
 from mloop.serving.model import ServedModel, load_served
+from mloop.serving.shared_reload import CHECK_SECONDS, SharedReload
 from mloop.traffic.inference_log import InferenceLog
 
 log = logging.getLogger("mloop.serving")
@@ -88,6 +89,8 @@ class ServerState:
     challenger_errors: dict[int, int] = field(default_factory=dict)  # version -> rows failed
     last_poll: float = 0.0
     poll_error: str | None = None
+    reloads: SharedReload | None = None  # --workers N: a reload asked of one reaches all
+    generation: int = 0  # the reload generation this worker last acted on
     _poll_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
@@ -100,15 +103,51 @@ class ServerState:
         """Read the desired deployment; load, warm and swap in whatever changed."""
         async with self._poll_lock:
             self.last_poll = time.time()
+            # read before the deployment: an acknowledgement never claims more than was seen
+            generation = self.reloads.generation() if self.reloads else 0
+            if generation != self.generation:  # another worker was asked to reload
+                self.failed.clear()
+                self.retry_at.clear()
             try:
-                want = await asyncio.to_thread(desired_state, self.project)
-            except Exception as exc:  # the store is unreachable: keep serving what we have
-                self.poll_error = f"{type(exc).__name__}: {exc}"
-                log.warning("could not read the deployment state: %s", self.poll_error)
-                return
-            self.poll_error = None
-            self.desired = want
-            await self._converge(want)
+                await self._read_and_converge()
+            finally:
+                self.generation = generation
+                if self.reloads is not None:
+                    try:
+                        await asyncio.to_thread(self.reloads.ack, generation, self._served())
+                    except OSError as exc:  # serving goes on; a reload waiting says who is late
+                        log.warning("could not acknowledge reload generation %s in %s: %s",
+                                    generation, self.reloads.folder, exc)
+
+    async def _read_and_converge(self) -> None:
+        try:
+            want = await asyncio.to_thread(desired_state, self.project)
+        except Exception as exc:  # the store is unreachable: keep serving what we have
+            self.poll_error = f"{type(exc).__name__}: {exc}"
+            log.warning("could not read the deployment state: %s", self.poll_error)
+            return
+        self.poll_error = None
+        self.desired = want
+        await self._converge(want)
+
+    def _served(self) -> dict[str, Any]:
+        r = self.routing
+        return {"champion": r.champion.model.version if r.champion else None,
+                "challenger": r.challenger.model.version if r.challenger else None,
+                "poll_error": self.poll_error}
+
+    async def reload(self) -> tuple[dict[int, dict[str, Any]], list[int]]:
+        """Re-read the deployment now and retry failed loads, in every worker of this server.
+        Returns what each worker serves (by pid; ``{}`` for a single process) and the pids that
+        did not confirm in time."""
+        self.failed.clear()
+        self.retry_at.clear()
+        if self.reloads is None:
+            await self.poll()
+            return {}, []
+        generation = await asyncio.to_thread(self.reloads.bump)
+        await self.poll()
+        return await self.reloads.wait_for(generation)
 
     async def _converge(self, want: DesiredState) -> None:
         cur = self.routing
@@ -217,13 +256,24 @@ class ServerState:
         m.traffic.labels("challenger").set(share)
 
     async def watch(self) -> None:
-        """Poll forever (cancelled at shutdown)."""
+        """Poll forever (cancelled at shutdown); with workers sharing a reload generation,
+        also as soon as it changes."""
         while True:
-            await asyncio.sleep(self.config.poll_seconds)
+            await self._next_poll()
             try:
                 await self.poll()
             except Exception:
                 log.exception("deployment poll failed")
+
+    async def _next_poll(self) -> None:
+        if self.reloads is None:
+            await asyncio.sleep(self.config.poll_seconds)
+            return
+        due = time.monotonic() + self.config.poll_seconds
+        while time.monotonic() < due:
+            await asyncio.sleep(min(CHECK_SECONDS, max(0.0, due - time.monotonic())))
+            if self.reloads.generation() != self.generation:
+                return
 
     async def close(self) -> None:
         for s in (self.routing.champion, self.routing.challenger):
@@ -231,3 +281,5 @@ class ServerState:
                 await s.batcher.stop()
         if self.inference_log is not None:
             await asyncio.to_thread(self.inference_log.close)
+        if self.reloads is not None:
+            self.reloads.forget()
