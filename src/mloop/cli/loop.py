@@ -201,8 +201,10 @@ def demo(
             bar.update(task, total=info["total"], completed=0, hours=f"{info['total']:,}",
                        description="replaying 2011-2012 over HTTP")
         elif kind == "progress":
+            done, total = info.get("baselines") or (0, 0)
             bar.update(task, completed=info["done"],
-                       description=f"replaying: {info['now'][:10]}")
+                       description=f"replaying: {info['now'][:10]}" + (
+                           f" (schedule baselines: {done}/{total} fits)" if total else ""))
             for a in info["actions"]:
                 err.print(f"  {info['now'][:10]} [bold]{a['action']}[/] "
                           f"{a.get('version', '') and 'v' + str(a.get('version'))} "
@@ -236,6 +238,8 @@ def demo(
                   f"{loop['rejected']}; time to detect {num(loop['time_to_detect_hours'])} h, "
                   f"to deploy {num(loop['time_to_deploy_hours'])} h (event time); "
                   f"{summary['seconds']} s in all")
+        if summary.get("schedules"):
+            out.print(schedules_table(summary))
         for o in summary["overrides"]:
             out.print(f"[bold yellow]override[/]: v{o['version']} promoted despite failed "
                       f"gate(s) {', '.join(g['gate'] for g in o['failed_gates'])} "
@@ -248,6 +252,24 @@ def demo(
 
     report(summary, json_, render,
            to_json=lambda s: {k: v for k, v in s.items() if k != "history"})
+
+
+def schedules_table(summary: dict[str, Any]) -> Any:
+    """The loop beside the fixed-schedule baselines and the frozen model: MAE over the
+    scored period against how many retrains each took."""
+    setup, cmp = summary["schedule_setup"], summary["loop_vs_schedules"]
+    span = "2012" if setup["scored"] == "2012" else "replay"
+    loop = summary["loop"]
+    rows = [["frozen first model", "0", num(summary[f"mae_{setup['scored']}_frozen"]), ""],
+            *([s["name"], str(s["retrains"]), num(s["mae"]), ""]
+              for s in summary["schedules"]),
+            ["[bold]mloop's loop[/]", str(loop["retrains"]), f"[bold]{num(cmp['mae'])}[/]",
+             f"curve at {loop['retrains']}: {num(cmp['curve_mae'])} ("
+             + ("on or below" if cmp["on_or_below_curve"] else "above") + ")"]]
+    return table(f"{span} MAE: the loop vs retraining on a fixed schedule (same model, "
+                 f"{setup['window_days']:g}-day window, {setup['label_delay_days']:g}-day "
+                 f"label delay, holdout {setup['holdout']:g})",
+                 ["retrained", "retrains", "MAE", "vs the schedules' curve"], rows)
 
 
 def events(
