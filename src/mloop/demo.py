@@ -51,6 +51,8 @@ class DemoOptions:
     port: int = 0
     allow_override: bool = False  # promote the initial model even if it fails a gate
     schedules: bool = True  # fixed-schedule baselines beside the loop (loop/schedules.py)
+    inject_shift: str | None = None  # "temp+0.5sd": moved in the served traffic (loop/shift.py)
+    shift_at: str | None = None  # its onset (ISO date); None: halfway through the replay
 
 
 def _free_port() -> int:
@@ -112,6 +114,7 @@ def run_demo(opts: DemoOptions, *, progress: Callable[[str, dict[str, Any]], Non
 
     say = progress or (lambda _kind, _info: None)
     t_start = time.perf_counter()
+    shift = _shift_of(opts)  # a malformed --inject-shift fails here, before anything is made
     out = opts.out.resolve()
     if out.exists():
         shutil.rmtree(out)
@@ -146,6 +149,9 @@ def run_demo(opts: DemoOptions, *, progress: Callable[[str, dict[str, Any]], Non
             pc.less(ts, end.replace(tzinfo=None)))).sort_by([(tcol, "ascending")])
         inputs = [c["name"] for c in requests.get(f"{url}/model", timeout=30).json()
                   ["champion"]["signature"]]
+        if shift is not None:
+            say("phase", {"text": f"injecting {shift.column} {shift.sd:+g} sd "
+                                  f"({shift.delta:+.4g}) from {shift.onset.isoformat()}"})
         rows = table.to_pylist()
         baselines = _start_schedules(project_dir, cfg, start, end, opts) \
             if opts.schedules else None
@@ -158,7 +164,7 @@ def run_demo(opts: DemoOptions, *, progress: Callable[[str, dict[str, Any]], Non
             say(kind, info)
 
         replay = _replay(project_dir, url, rows, inputs, tcol, cfg.target, opts, tell,
-                         run_once)
+                         run_once, shift)
         serving_cpu = _scraped(requests.get(f"{url}/metrics", timeout=30).text,
                                "mloop_serving_cpu_seconds_per_1k_predictions")
     except BaseException:
@@ -180,6 +186,10 @@ def run_demo(opts: DemoOptions, *, progress: Callable[[str, dict[str, Any]], Non
         run = baselines.result(lambda d, n: say("phase", {
             "text": f"fixed-schedule baselines: {d}/{n} fits"}))
         summary.update(_compare_schedules(summary, run, answered, frozen_pred, end))
+    if shift is not None:
+        from mloop.loop.shift import measure_detection
+
+        summary["injected_shift"] = measure_detection(project, shift).to_dict()
     rates = project.config.loop.costs
     summary["serving"] = {
         "cpu_seconds_per_1k_predictions": serving_cpu,
@@ -194,6 +204,45 @@ def run_demo(opts: DemoOptions, *, progress: Callable[[str, dict[str, Any]], Non
 
     (out / "loop.html").write_text(loop_html(project, summary), encoding="utf-8")
     return summary
+
+
+def _shift_of(opts: DemoOptions) -> Any:
+    """The requested shift (unscaled), its onset defaulting to halfway through the replay
+    (midnight UTC); None when none is asked for."""
+    if opts.inject_shift is None:
+        return None
+    from mloop.loop.shift import InjectedShift
+
+    start = datetime.fromisoformat(opts.start).replace(tzinfo=UTC)
+    end = datetime.fromisoformat(opts.end).replace(tzinfo=UTC)
+    if opts.shift_at is not None:
+        try:
+            onset = datetime.fromisoformat(opts.shift_at)
+        except ValueError:
+            raise MloopError(f"--shift-at: '{opts.shift_at}' is not an ISO date or time "
+                             f"(e.g. 2012-06-01)") from None
+        onset = onset.replace(tzinfo=UTC) if onset.tzinfo is None else onset
+        if not start < onset < end:
+            raise MloopError(f"--shift-at: {opts.shift_at} is outside the replay "
+                             f"({opts.start} to {opts.end})")
+    else:
+        onset = (start + (end - start) / 2).replace(hour=0, minute=0, second=0,
+                                                    microsecond=0)
+    shift = InjectedShift.parse(opts.inject_shift, onset)
+    # in the column's units, from the rows before the replay (the initial model's training
+    # period); checked against the example's inputs before anything is made
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from mloop.config import load_config
+
+    cfg = load_config(opts.example / "mloop.yaml")
+    data = pq.read_table(opts.example / cfg.data.path)  # type: ignore[operator]
+    tcol = cfg.features.time_column or "datetime"
+    inputs = [c for c in data.column_names
+              if c not in (cfg.target, tcol, *cfg.features.exclude)]
+    before = data.filter(pc.less(data.column(tcol), start.replace(tzinfo=None)))
+    return shift.with_scale(before.to_pandas(), inputs)
 
 
 def _start_schedules(project_dir: Path, cfg: Any, start: datetime, end: datetime,
@@ -282,8 +331,8 @@ def _promote_initial(project: Any, version: int, gates: dict[str, Any], opts: De
 
 
 def _replay(project_dir: Path, url: str, rows: list[dict[str, Any]], inputs: list[str],
-            tcol: str, target: str, opts: DemoOptions, say: Callable, run_once: Callable
-            ) -> dict[str, Any]:
+            tcol: str, target: str, opts: DemoOptions, say: Callable, run_once: Callable,
+            shift: Any = None) -> dict[str, Any]:
     """Send every hour in time order; labels follow after the delay; the controller runs
     every ``check_every_days`` of event time."""
     import orjson
@@ -314,6 +363,8 @@ def _replay(project_dir: Path, url: str, rows: list[dict[str, Any]], inputs: lis
         when = row[tcol].replace(tzinfo=UTC)
         record = {k: (float(row[k]) if isinstance(row[k], int) and not isinstance(row[k], bool)
                       else row[k]) for k in inputs}
+        if shift is not None:
+            shift.apply(record, when)
         # the hour is the routing key: the canary split is the same on every run
         status, body = post("/predict", {"records": [record], "key": when.isoformat(),
                                          "timestamp": when.isoformat()})
@@ -337,6 +388,10 @@ def _replay(project_dir: Path, url: str, rows: list[dict[str, Any]], inputs: lis
             post("/flush", {})  # the log on disk holds every hour sent so far
             result = run_once(open_project(project_dir))
             passes += 1
+            if result.get("next_due"):  # a verdict or a held retrain waits on the clock:
+                wake = datetime.fromisoformat(result["next_due"])  # pass then, not a week on
+                if when < wake < next_check:
+                    next_check = wake
             for a in result["actions"]:
                 actions.append({"at": result["now"], **{k: v for k, v in a.items()
                                                          if k != "triggers"}})

@@ -177,6 +177,16 @@ def demo(
     label_delay_days: Annotated[float, typer.Option(help="Labels arrive this long after the "
                                                          "prediction.")] = 2.0,
     allow_override: AllowOverrideOpt = False,
+    inject_shift: Annotated[str | None, typer.Option(
+        help="Move a numeric input in the replayed requests by N training standard "
+             "deviations from --shift-at on (e.g. temp+0.5sd); the summary measures how long "
+             "monitoring took to flag it.")] = None,
+    shift_at: Annotated[str | None, typer.Option(
+        help="The injected shift's onset (ISO date; default: halfway through the "
+             "replay).")] = None,
+    schedules: Annotated[bool, typer.Option(
+        help="Fixed-schedule baselines beside the loop (fitted while the replay runs).")] =
+    True,
     json_: JsonOpt = False,
 ) -> None:
     """The whole loop on the bike data: train, serve, replay 2011-2012 over HTTP with late
@@ -219,7 +229,9 @@ def demo(
 
     with bar:
         summary = run_demo(DemoOptions(out=out_dir, end=until, label_delay_days=label_delay_days,
-                                       allow_override=allow_override), progress=on,
+                                       allow_override=allow_override, schedules=schedules,
+                                       inject_shift=inject_shift, shift_at=shift_at),
+                           progress=on,
                            confirm_override=ask if sys.stdin.isatty() else None)
 
     def render(summary: dict[str, Any]) -> None:
@@ -240,6 +252,15 @@ def demo(
                   f"{summary['seconds']} s in all")
         if summary.get("schedules"):
             out.print(schedules_table(summary))
+        if summary.get("injected_shift"):
+            d = summary["injected_shift"]
+            seen = (f"detected at {d['detected_at']} ({d['time_to_detect_hours']} h after the "
+                    f"onset, window {d['windows_after_onset_to_detect']} after it)"
+                    if d["detected_at"] else "never detected")
+            out.print(f"injected shift: {d['column']} {d['sd']:+g} sd ({d['delta']:+.4g}) from "
+                      f"{d['onset']}: {seen}; the same column was flagged in "
+                      f"{d['flagged_before_onset']} of {d['windows_before_onset']} windows "
+                      f"before the onset", highlight=False)
         for o in summary["overrides"]:
             out.print(f"[bold yellow]override[/]: v{o['version']} promoted despite failed "
                       f"gate(s) {', '.join(g['gate'] for g in o['failed_gates'])} "
