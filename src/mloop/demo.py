@@ -253,7 +253,8 @@ def _start_schedules(project_dir: Path, cfg: Any, start: datetime, end: datetime
     from mloop.loop.schedules import BackgroundSchedules
 
     return BackgroundSchedules(
-        project_dir / cfg.data.path, cfg, start=start, end=end,
+        project_dir / cfg.data.path, cfg, workdir=project_dir.parent / "schedules",
+        start=start, end=end,
         window=cfg.loop.retrain.window, label_delay=timedelta(days=opts.label_delay_days),
         holdout=cfg.split.holdout, score_from=_scored_from(end))
 

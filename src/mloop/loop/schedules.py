@@ -22,7 +22,6 @@ What keeps it cheap (a fit is ~1 s on an idle core, several on a busy one):
 
 from __future__ import annotations
 
-import multiprocessing
 import queue
 import time
 from collections.abc import Callable, Sequence
@@ -177,57 +176,96 @@ def score_schedules(run: ScheduleRun, *, when: Sequence[datetime], truth: np.nda
     return out
 
 
-def _child(out: Any, data: str, cfg: ProjectConfig, kwargs: dict[str, Any]) -> None:
+def _child(job: Path) -> None:
+    """``python -m mloop.loop.schedules JOB``: read the pickled job, write progress lines
+    (``fit DONE TOTAL``) on stdout and the pickled result (or the error) next to the job."""
+    import pickle
+
+    data, cfg, kwargs = pickle.loads(job.read_bytes())
     try:
-        frame = pd.read_parquet(data)
-        run = predict_schedules(frame, cfg, progress=lambda d, n: out.put(("fit", d, n)),
-                                **kwargs)
-        out.put(("done", run))
+        run: ScheduleRun | str = predict_schedules(
+            pd.read_parquet(data), cfg, **kwargs,
+            progress=lambda d, n: print(f"fit {d} {n}", flush=True))
     except Exception as exc:  # reported to the parent, which raises it with context
-        out.put(("error", f"{type(exc).__name__}: {exc}"))
+        run = f"{type(exc).__name__}: {exc}"
+    job.with_suffix(".out").write_bytes(pickle.dumps(run))
 
 
 class BackgroundSchedules:
-    """:func:`predict_schedules` in a process of its own (spawned: the parent may hold
-    threads and open MLflow clients a fork would copy). ``poll()`` reports progress without
-    waiting; ``result()`` waits for it."""
+    """:func:`predict_schedules` in a process of its own, a plain ``python -m`` child (not
+    multiprocessing: its spawn re-runs the caller's main script when that lacks a
+    ``__main__`` guard, and a fork would copy the parent's threads and MLflow clients).
+    ``poll()`` reads its progress without waiting; ``result()`` waits for it."""
 
-    def __init__(self, data: Path, cfg: ProjectConfig, **kwargs: Any) -> None:
-        ctx = multiprocessing.get_context("spawn")
-        self._queue = ctx.Queue()
-        self._proc = ctx.Process(target=_child, args=(self._queue, str(data), cfg, kwargs),
-                                 daemon=True, name="mloop-schedules")
-        self._proc.start()
+    def __init__(self, data: Path, cfg: ProjectConfig, *, workdir: Path, **kwargs: Any
+                 ) -> None:
+        import os
+        import pickle
+        import subprocess
+        import sys
+        import threading
+
+        workdir.mkdir(parents=True, exist_ok=True)
+        self._job = workdir / "schedules.job"
+        self._job.write_bytes(pickle.dumps((str(data), cfg, kwargs)))
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "mloop.loop.schedules", str(self._job)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, "OMP_NUM_THREADS": str(cfg.model.threads or 1)})
         self.done, self.total = 0, 0
-        self._run: ScheduleRun | None = None
+        self._lines: queue.Queue[str] = queue.Queue()
+        self._tail: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
 
-    def poll(self, *, wait: float | None = None) -> ScheduleRun | None:
-        while self._run is None:
+    def _read(self) -> None:
+        if self._proc.stdout is None:
+            return
+        for line in self._proc.stdout:
+            self._lines.put(line)
+
+    def poll(self) -> None:
+        """Take in the progress reported so far."""
+        while True:
             try:
-                msg = self._queue.get(timeout=wait) if wait else self._queue.get_nowait()
+                line = self._lines.get_nowait()
             except queue.Empty:
-                if not self._proc.is_alive() and self._queue.empty():
-                    raise MloopError(f"the fixed-schedule baselines' process died (exit "
-                                     f"code {self._proc.exitcode})") from None
-                return None
-            if msg[0] == "fit":
-                self.done, self.total = msg[1], msg[2]
-            elif msg[0] == "error":
-                raise MloopError(f"fixed-schedule baselines failed: {msg[1]}")
+                return
+            parts = line.split()
+            if len(parts) == 3 and parts[0] == "fit":
+                self.done, self.total = int(parts[1]), int(parts[2])
             else:
-                self._run = msg[1]
-        return self._run
+                self._tail = [*self._tail, line.rstrip()][-20:]
 
     def result(self, progress: Callable[[int, int], None] | None = None) -> ScheduleRun:
+        import pickle
+        import subprocess
+
         while True:
-            run = self.poll(wait=0.5)
-            if progress is not None and self.total:
-                progress(self.done, self.total)
-            if run is not None:
-                self._proc.join(timeout=30)
-                return run
+            try:
+                self._proc.wait(timeout=0.5)
+                break
+            except subprocess.TimeoutExpired:
+                self.poll()
+                if progress is not None and self.total:
+                    progress(self.done, self.total)
+        self.poll()
+        out = self._job.with_suffix(".out")
+        if not out.exists():
+            tail = "\n".join(self._tail)
+            raise MloopError(f"the fixed-schedule baselines' process exited with code "
+                             f"{self._proc.returncode} and no result: {tail}")
+        run = pickle.loads(out.read_bytes())
+        if isinstance(run, str):
+            raise MloopError(f"fixed-schedule baselines failed: {run}")
+        return run
 
     def stop(self) -> None:
-        if self._proc.is_alive():
+        if self._proc.poll() is None:
             self._proc.terminate()
-            self._proc.join(timeout=10)
+            self._proc.wait(timeout=10)
+
+
+if __name__ == "__main__":
+    import sys
+
+    _child(Path(sys.argv[1]))
