@@ -268,4 +268,8 @@ class BackgroundSchedules:
 if __name__ == "__main__":
     import sys
 
-    _child(Path(sys.argv[1]))
+    # through the module's own name: run as __main__, its classes would pickle as
+    # __main__.ScheduleRun, which the parent cannot load
+    from mloop.loop.schedules import _child as child
+
+    child(Path(sys.argv[1]))
