@@ -108,3 +108,85 @@ def test_demo_with_allow_override_promotes_the_failed_model_and_records_the_over
     first = history(open_project(out / "project"))["deployments"][-1]  # newest first
     assert (first["version"], first["action"]) == (1, "override")
     assert summary["requests"] == 48  # two days replayed, served by the overridden v1
+
+
+@pytest.fixture(scope="module")
+def shifted_demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, str]:
+    """One short replay (May-June 2011) with the schedule baselines and temp moved +0.5 sd
+    from June 1st: the tests below read what it wrote and printed."""
+    import contextlib
+    import io
+
+    out = tmp_path_factory.mktemp("shifted") / "demo"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = main(["demo", "--out", str(out), "--until", "2011-07-01",
+                     "--inject-shift", "temp+0.5sd", "--shift-at", "2011-06-01"])
+    assert code == 0
+    return out, json.loads((out / "summary.json").read_text()), printed.getvalue()
+
+
+def test_demo_scores_fixed_schedule_baselines_beside_the_loop(shifted_demo) -> None:
+    _out, summary, printed = shifted_demo
+    schedules = {s["name"]: s for s in summary["schedules"]}
+    # 61 days replayed from May 1st: retrains on days 28, 56 / every 14 / every 7
+    assert {k: s["retrains"] for k, s in schedules.items()} == {
+        "every 4 weeks": 2, "every 2 weeks": 4, "weekly": 8}
+    setup = summary["schedule_setup"]
+    assert (setup["scored"], setup["window_days"], setup["label_delay_days"]) == ("all", 60, 2)
+    assert setup["distinct_fits"] == 8  # the cadences nest: every fit is a weekly one
+    for s in schedules.values():
+        assert sorted(s["months"]) == ["2011-05", "2011-06"]
+        # fresher models beat the frozen first model on the same (unshifted) hours
+        assert s["mae"] < summary["mae_all_frozen"], s
+    cmp = summary["loop_vs_schedules"]
+    assert cmp["retrains"] == summary["loop"]["retrains"] and cmp["mae"] == \
+        summary["mae_all_loop"]
+    assert isinstance(cmp["on_or_below_curve"], bool) and cmp["curve_mae"] > 0
+    flat = " ".join(printed.split())
+    assert "the loop vs retraining on a fixed schedule" in flat and "every 2 weeks" in flat
+
+
+def test_demo_injected_shift_is_served_and_detected_no_earlier_than_its_onset(
+        shifted_demo) -> None:
+    import pandas as pd
+
+    from mloop.demo import EXAMPLE
+    from mloop.monitoring.windows import read_rows
+
+    out, summary, printed = shifted_demo
+    shift = summary["injected_shift"]
+    assert (shift["column"], shift["sd"], shift["onset"]) == ("temp", 0.5,
+                                                              "2011-06-01T00:00:00+00:00")
+    data = pd.read_parquet(EXAMPLE / "data" / "bike_hourly.parquet")
+    assert shift["delta"] == pytest.approx(0.5 * data[data.datetime < "2011-05-01"].temp.std())
+    # what the server logged: temp moved from the onset on, unchanged before it
+    from mloop.project import open_project
+
+    logged = read_rows(open_project(out / "project").uris["inference_log_uri"]).to_pandas()
+    logged["datetime"] = pd.to_datetime(logged["_ts"]).dt.tz_convert(None)
+    both = logged.merge(data[["datetime", "temp"]], on="datetime", suffixes=("", "_data"))
+    moved = both.temp - both.temp_data
+    after = both.datetime >= "2011-06-01"
+    assert after.sum() > 600 and (~after).sum() > 600
+    assert moved[after].to_numpy() == pytest.approx(shift["delta"])
+    assert (moved[~after] == 0).all()
+    if shift["detected_at"] is not None:
+        assert shift["detected_at"] >= shift["onset"] and shift["time_to_detect_hours"] > 0
+    assert shift["windows_before_onset"] >= 3
+    assert "injected shift: temp +0.5 sd" in " ".join(printed.split())
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ("temp+half", r"'temp\+half' is not COLUMN\+Nsd"),
+    ("season+1sd", r"column 'season' is not numeric"),
+    ("tmep+1sd", r"column 'tmep' is not one of the model's inputs \(season, hr"),
+])
+def test_demo_refuses_a_malformed_shift_before_starting_anything(
+        tmp_path: Path, capsys, spec: str, message: str) -> None:
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--inject-shift", spec]) == 1
+    import re
+
+    assert re.search(message, " ".join(capsys.readouterr().err.split()))
+    assert not out.exists()

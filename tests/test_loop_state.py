@@ -184,3 +184,24 @@ def test_loop_metrics_read_a_stored_history(project: Project) -> None:
     assert metrics["time_to_detect_hours"] == round(
         sum(d.total_seconds() for d in detect) / 2 / 3600, 3)
     assert metrics["retrain_cpu_seconds_total"] == 2.06
+
+
+@pytest.mark.parametrize(("change", "actions", "due"), [
+    ({}, [], None),  # nothing waits on the clock
+    # a canary's verdict is due when its probation (the default 3d) ends
+    ({"probation": Probation(version=2, champion=1, started_at=_utc(2024, 6, 1))}, [],
+     _utc(2024, 6, 4)),
+    # a trigger the cooldown (1d) held: the retrain is due when the cooldown ends
+    ({"last_retrain_at": _utc(2024, 6, 1, 12)},
+     [{"action": "held", "guard": "cooldown: last retrain at ... (cooldown 1d)"}],
+     _utc(2024, 6, 2, 12)),
+    # held for another reason (too few labels): nothing the clock alone will change
+    ({"last_retrain_at": _utc(2024, 6, 1, 12)},
+     [{"action": "held", "guard": "12 labelled rows in the last 60d"}], None),
+])
+def test_next_due_is_when_a_pass_has_something_to_do(project: Project, change: dict[str, Any],
+                                                     actions: list[dict[str, Any]],
+                                                     due: datetime | None) -> None:
+    from mloop.loop.controller import next_due
+
+    assert next_due(project, LoopState(model="rentals", **change), actions) == due

@@ -50,6 +50,9 @@ class DemoOptions:
     check_every_days: int = 7
     port: int = 0
     allow_override: bool = False  # promote the initial model even if it fails a gate
+    schedules: bool = True  # fixed-schedule baselines beside the loop (loop/schedules.py)
+    inject_shift: str | None = None  # "temp+0.5sd": moved in the served traffic (loop/shift.py)
+    shift_at: str | None = None  # its onset (ISO date); None: halfway through the replay
 
 
 def _free_port() -> int:
@@ -111,6 +114,7 @@ def run_demo(opts: DemoOptions, *, progress: Callable[[str, dict[str, Any]], Non
 
     say = progress or (lambda _kind, _info: None)
     t_start = time.perf_counter()
+    shift = _shift_of(opts)  # a malformed --inject-shift fails here, before anything is made
     out = opts.out.resolve()
     if out.exists():
         shutil.rmtree(out)
@@ -133,6 +137,7 @@ def run_demo(opts: DemoOptions, *, progress: Callable[[str, dict[str, Any]], Non
     say("phase", {"text": f"starting mloop serve on 127.0.0.1:{port}"})
     server = _start_server(project_dir, port)
     url = f"http://127.0.0.1:{port}"
+    baselines = None
     try:
         table = pq.read_table(project_dir / cfg.data.path)  # type: ignore[operator]
         tcol = cfg.features.time_column or "datetime"
@@ -144,12 +149,28 @@ def run_demo(opts: DemoOptions, *, progress: Callable[[str, dict[str, Any]], Non
             pc.less(ts, end.replace(tzinfo=None)))).sort_by([(tcol, "ascending")])
         inputs = [c["name"] for c in requests.get(f"{url}/model", timeout=30).json()
                   ["champion"]["signature"]]
+        if shift is not None:
+            say("phase", {"text": f"injecting {shift.column} {shift.sd:+g} sd "
+                                  f"({shift.delta:+.4g}) from {shift.onset.isoformat()}"})
         rows = table.to_pylist()
+        baselines = _start_schedules(project_dir, cfg, start, end, opts) \
+            if opts.schedules else None
         say("replay", {"total": len(rows)})
-        replay = _replay(project_dir, url, rows, inputs, tcol, cfg.target, opts, say,
-                         run_once)
+
+        def tell(kind: str, info: dict[str, Any]) -> None:
+            if kind == "progress" and baselines is not None:
+                baselines.poll()
+                info = {**info, "baselines": (baselines.done, baselines.total)}
+            say(kind, info)
+
+        replay = _replay(project_dir, url, rows, inputs, tcol, cfg.target, opts, tell,
+                         run_once, shift)
         serving_cpu = _scraped(requests.get(f"{url}/metrics", timeout=30).text,
                                "mloop_serving_cpu_seconds_per_1k_predictions")
+    except BaseException:
+        if baselines is not None:
+            baselines.stop()
+        raise
     finally:
         _stop_server(server)
     project = open_project(project_dir)
@@ -157,8 +178,18 @@ def run_demo(opts: DemoOptions, *, progress: Callable[[str, dict[str, Any]], Non
 
     # 3. the story in numbers
     summary = _summarise(project, replay, first, tcol, cfg.target)
+    answered, frozen_pred = summary.pop("_answered"), summary.pop("_frozen_pred")
     summary["overrides"] = overrides
     summary["loop"] = loop_metrics(project)
+    if baselines is not None:
+        say("phase", {"text": "fixed-schedule baselines: waiting for the last fits"})
+        run = baselines.result(lambda d, n: say("phase", {
+            "text": f"fixed-schedule baselines: {d}/{n} fits"}))
+        summary.update(_compare_schedules(summary, run, answered, frozen_pred, end))
+    if shift is not None:
+        from mloop.loop.shift import measure_detection
+
+        summary["injected_shift"] = measure_detection(project, shift).to_dict()
     rates = project.config.loop.costs
     summary["serving"] = {
         "cpu_seconds_per_1k_predictions": serving_cpu,
@@ -173,6 +204,94 @@ def run_demo(opts: DemoOptions, *, progress: Callable[[str, dict[str, Any]], Non
 
     (out / "loop.html").write_text(loop_html(project, summary), encoding="utf-8")
     return summary
+
+
+def _shift_of(opts: DemoOptions) -> Any:
+    """The requested shift (unscaled), its onset defaulting to halfway through the replay
+    (midnight UTC); None when none is asked for."""
+    if opts.inject_shift is None:
+        return None
+    from mloop.loop.shift import InjectedShift
+
+    start = datetime.fromisoformat(opts.start).replace(tzinfo=UTC)
+    end = datetime.fromisoformat(opts.end).replace(tzinfo=UTC)
+    if opts.shift_at is not None:
+        try:
+            onset = datetime.fromisoformat(opts.shift_at)
+        except ValueError:
+            raise MloopError(f"--shift-at: '{opts.shift_at}' is not an ISO date or time "
+                             f"(e.g. 2012-06-01)") from None
+        onset = onset.replace(tzinfo=UTC) if onset.tzinfo is None else onset
+        if not start < onset < end:
+            raise MloopError(f"--shift-at: {opts.shift_at} is outside the replay "
+                             f"({opts.start} to {opts.end})")
+    else:
+        onset = (start + (end - start) / 2).replace(hour=0, minute=0, second=0,
+                                                    microsecond=0)
+    shift = InjectedShift.parse(opts.inject_shift, onset)
+    # in the column's units, from the rows before the replay (the initial model's training
+    # period); checked against the example's inputs before anything is made
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from mloop.config import load_config
+
+    cfg = load_config(opts.example / "mloop.yaml")
+    data = pq.read_table(opts.example / cfg.data.path)  # type: ignore[operator]
+    tcol = cfg.features.time_column or "datetime"
+    inputs = [c for c in data.column_names
+              if c not in (cfg.target, tcol, *cfg.features.exclude)]
+    before = data.filter(pc.less(data.column(tcol), start.replace(tzinfo=None)))
+    return shift.with_scale(before.to_pandas(), inputs)
+
+
+def _start_schedules(project_dir: Path, cfg: Any, start: datetime, end: datetime,
+                     opts: DemoOptions) -> Any:
+    """The fixed-schedule baselines, fitting in their own process while the replay runs:
+    the loop's retrain window, the demo's label delay, the project's time split; scored on
+    2012 when the replay reaches it (else on the whole replay)."""
+    from mloop.loop.schedules import BackgroundSchedules
+
+    return BackgroundSchedules(
+        project_dir / cfg.data.path, cfg, workdir=project_dir.parent / "schedules",
+        start=start, end=end,
+        window=cfg.loop.retrain.window, label_delay=timedelta(days=opts.label_delay_days),
+        holdout=cfg.split.holdout, score_from=_scored_from(end))
+
+
+def _scored_from(end: datetime) -> datetime | None:
+    """2012 is the year the summary scores; a replay that stops before it: the whole."""
+    year = datetime(2012, 1, 1, tzinfo=UTC)
+    return year if end > year else None
+
+
+def _compare_schedules(summary: dict[str, Any], run: Any, answered: list[Any],
+                       frozen_pred: np.ndarray, end: datetime) -> dict[str, Any]:
+    """The schedules' MAE over the scored period beside the loop's, and where the loop
+    sits against the schedules' MAE-vs-retrains curve (the frozen model is its 0-retrain
+    point; between points, linear; past the weekly point, flat)."""
+    from mloop.loop.schedules import score_schedules
+
+    score_from = _scored_from(end)
+    results = score_schedules(run, when=[a[1] for a in answered],
+                              truth=np.array([a[2] for a in answered]),
+                              initial=frozen_pred, score_from=score_from)
+    key = "2012" if score_from is not None else "all"
+    loop_mae, frozen_mae = summary[f"mae_{key}_loop"], summary[f"mae_{key}_frozen"]
+    retrains = summary["loop"]["retrains"]
+    points = sorted([(0, frozen_mae), *((r.retrains, r.mae) for r in results)])
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    curve = float(np.interp(retrains, xs, ys)) if loop_mae is not None else None
+    return {"schedules": [r.to_dict() for r in results],
+            "schedule_setup": {
+                "scored": key, "window_days": run.window.total_seconds() / 86400,
+                "label_delay_days": run.label_delay.total_seconds() / 86400,
+                "holdout": run.holdout,
+                "distinct_fits": run.fitted, "seconds": run.seconds,
+                "cpu_seconds": run.cpu_seconds},
+            "loop_vs_schedules": {
+                "retrains": retrains, "mae": loop_mae, "curve_mae": curve,
+                "on_or_below_curve": None if curve is None else loop_mae <= curve + 1e-9}}
 
 
 def _promote_initial(project: Any, version: int, gates: dict[str, Any], opts: DemoOptions,
@@ -213,8 +332,8 @@ def _promote_initial(project: Any, version: int, gates: dict[str, Any], opts: De
 
 
 def _replay(project_dir: Path, url: str, rows: list[dict[str, Any]], inputs: list[str],
-            tcol: str, target: str, opts: DemoOptions, say: Callable, run_once: Callable
-            ) -> dict[str, Any]:
+            tcol: str, target: str, opts: DemoOptions, say: Callable, run_once: Callable,
+            shift: Any = None) -> dict[str, Any]:
     """Send every hour in time order; labels follow after the delay; the controller runs
     every ``check_every_days`` of event time."""
     import orjson
@@ -245,6 +364,8 @@ def _replay(project_dir: Path, url: str, rows: list[dict[str, Any]], inputs: lis
         when = row[tcol].replace(tzinfo=UTC)
         record = {k: (float(row[k]) if isinstance(row[k], int) and not isinstance(row[k], bool)
                       else row[k]) for k in inputs}
+        if shift is not None:
+            shift.apply(record, when)
         # the hour is the routing key: the canary split is the same on every run
         status, body = post("/predict", {"records": [record], "key": when.isoformat(),
                                          "timestamp": when.isoformat()})
@@ -268,6 +389,10 @@ def _replay(project_dir: Path, url: str, rows: list[dict[str, Any]], inputs: lis
             post("/flush", {})  # the log on disk holds every hour sent so far
             result = run_once(open_project(project_dir))
             passes += 1
+            if result.get("next_due"):  # a verdict or a held retrain waits on the clock:
+                wake = datetime.fromisoformat(result["next_due"])  # pass then, not a week on
+                if when < wake < next_check:
+                    next_check = wake
             for a in result["actions"]:
                 actions.append({"at": result["now"], **{k: v for k, v in a.items()
                                                          if k != "triggers"}})
@@ -323,7 +448,8 @@ def _summarise(project: Any, replay: dict[str, Any], frozen_version: int, tcol: 
                                                                                  "frozen"),
             "mae_all_loop": overall("20", "loop"), "mae_all_frozen": overall("20", "frozen"),
             "requests": len(answered), "controller_passes": replay["passes"],
-            "actions": replay["actions"], "frozen_version": frozen_version}
+            "actions": replay["actions"], "frozen_version": frozen_version,
+            "_answered": answered, "_frozen_pred": frozen_pred}
 
 
 def _served_predictions(project: Any) -> dict[str, float]:

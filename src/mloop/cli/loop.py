@@ -177,6 +177,16 @@ def demo(
     label_delay_days: Annotated[float, typer.Option(help="Labels arrive this long after the "
                                                          "prediction.")] = 2.0,
     allow_override: AllowOverrideOpt = False,
+    inject_shift: Annotated[str | None, typer.Option(
+        help="Move a numeric input in the replayed requests by N training standard "
+             "deviations from --shift-at on (e.g. temp+0.5sd); the summary measures how long "
+             "monitoring took to flag it.")] = None,
+    shift_at: Annotated[str | None, typer.Option(
+        help="The injected shift's onset (ISO date; default: halfway through the "
+             "replay).")] = None,
+    schedules: Annotated[bool, typer.Option(
+        help="Fixed-schedule baselines beside the loop (fitted while the replay runs).")] =
+    True,
     json_: JsonOpt = False,
 ) -> None:
     """The whole loop on the bike data: train, serve, replay 2011-2012 over HTTP with late
@@ -201,8 +211,10 @@ def demo(
             bar.update(task, total=info["total"], completed=0, hours=f"{info['total']:,}",
                        description="replaying 2011-2012 over HTTP")
         elif kind == "progress":
+            done, total = info.get("baselines") or (0, 0)
             bar.update(task, completed=info["done"],
-                       description=f"replaying: {info['now'][:10]}")
+                       description=f"replaying: {info['now'][:10]}" + (
+                           f" (schedule baselines: {done}/{total} fits)" if total else ""))
             for a in info["actions"]:
                 err.print(f"  {info['now'][:10]} [bold]{a['action']}[/] "
                           f"{a.get('version', '') and 'v' + str(a.get('version'))} "
@@ -217,7 +229,9 @@ def demo(
 
     with bar:
         summary = run_demo(DemoOptions(out=out_dir, end=until, label_delay_days=label_delay_days,
-                                       allow_override=allow_override), progress=on,
+                                       allow_override=allow_override, schedules=schedules,
+                                       inject_shift=inject_shift, shift_at=shift_at),
+                           progress=on,
                            confirm_override=ask if sys.stdin.isatty() else None)
 
     def render(summary: dict[str, Any]) -> None:
@@ -236,6 +250,17 @@ def demo(
                   f"{loop['rejected']}; time to detect {num(loop['time_to_detect_hours'])} h, "
                   f"to deploy {num(loop['time_to_deploy_hours'])} h (event time); "
                   f"{summary['seconds']} s in all")
+        if summary.get("schedules"):
+            out.print(schedules_table(summary))
+        if summary.get("injected_shift"):
+            d = summary["injected_shift"]
+            seen = (f"detected at {d['detected_at']} ({d['time_to_detect_hours']} h after the "
+                    f"onset, window {d['windows_after_onset_to_detect']} after it)"
+                    if d["detected_at"] else "never detected")
+            out.print(f"injected shift: {d['column']} {d['sd']:+g} sd ({d['delta']:+.4g}) from "
+                      f"{d['onset']}: {seen}; the same column was flagged in "
+                      f"{d['flagged_before_onset']} of {d['windows_before_onset']} windows "
+                      f"before the onset", highlight=False)
         for o in summary["overrides"]:
             out.print(f"[bold yellow]override[/]: v{o['version']} promoted despite failed "
                       f"gate(s) {', '.join(g['gate'] for g in o['failed_gates'])} "
@@ -248,6 +273,24 @@ def demo(
 
     report(summary, json_, render,
            to_json=lambda s: {k: v for k, v in s.items() if k != "history"})
+
+
+def schedules_table(summary: dict[str, Any]) -> Any:
+    """The loop beside the fixed-schedule baselines and the frozen model: MAE over the
+    scored period against how many retrains each took."""
+    setup, cmp = summary["schedule_setup"], summary["loop_vs_schedules"]
+    span = "2012" if setup["scored"] == "2012" else "replay"
+    loop = summary["loop"]
+    rows = [["frozen first model", "0", num(summary[f"mae_{setup['scored']}_frozen"]), ""],
+            *([s["name"], str(s["retrains"]), num(s["mae"]), ""]
+              for s in summary["schedules"]),
+            ["[bold]mloop's loop[/]", str(loop["retrains"]), f"[bold]{num(cmp['mae'])}[/]",
+             f"curve at {loop['retrains']}: {num(cmp['curve_mae'])} ("
+             + ("on or below" if cmp["on_or_below_curve"] else "above") + ")"]]
+    return table(f"{span} MAE: the loop vs retraining on a fixed schedule (same model, "
+                 f"{setup['window_days']:g}-day window, {setup['label_delay_days']:g}-day "
+                 f"label delay, holdout {setup['holdout']:g})",
+                 ["retrained", "retrains", "MAE", "vs the schedules' curve"], rows)
 
 
 def events(

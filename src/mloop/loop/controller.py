@@ -53,7 +53,7 @@ from mloop.store.models import MonitorWindowRow
 
 # the state is read and written through these; importable from here as before
 __all__ = ["LoopState", "check_guards", "check_triggers", "judge_probation", "load_state",
-           "loop_metrics", "run_once", "save_state"]
+           "loop_metrics", "next_due", "run_once", "save_state"]
 
 
 def _iso(dt: datetime | None) -> str | None:
@@ -365,9 +365,35 @@ def run_once(project: Project, *, on_event: Any = None,
     keeps its lease across passes)."""
     if lease is None:
         with LoopLease.of(project) as held:
-            return _with_lease(_run_pass(project, held, on_event), held)
+            return _with_next_due(project, _with_lease(_run_pass(project, held, on_event),
+                                                       held))
     lease.ensure()
-    return _with_lease(_run_pass(project, lease, on_event), lease)
+    return _with_next_due(project, _with_lease(_run_pass(project, lease, on_event), lease))
+
+
+def next_due(project: Project, state: LoopState, actions: list[dict[str, Any]]
+             ) -> datetime | None:
+    """The earliest event time at which a pass has something to do that it could not do
+    now: a probation's end (its verdict), or the end of the cooldown that held a trigger
+    (the retrain it held). None: nothing is waiting on the clock.
+
+    A scheduler that passes only every N days adds up to N days to each of these (a 5-day
+    probation judged by a weekly pass lasts 7), and that delay is time a better model
+    waits to serve all traffic; passing again at ``next_due`` removes it."""
+    due: list[datetime] = []
+    canary = project.config.loop.canary
+    if state.probation is not None and canary is not None:
+        due.append(state.probation.started_at + canary.probation)
+    if state.last_retrain_at is not None and any(
+            a.get("action") == "held" and str(a.get("guard", "")).startswith("cooldown")
+            for a in actions):
+        due.append(state.last_retrain_at + project.config.loop.guards.cooldown)
+    return min(due, default=None)
+
+
+def _with_next_due(project: Project, result: dict[str, Any]) -> dict[str, Any]:
+    when = next_due(project, load_state(project), result.get("actions", []))
+    return {**result, "next_due": _iso(when)}
 
 
 def _with_lease(result: dict[str, Any], lease: LoopLease) -> dict[str, Any]:

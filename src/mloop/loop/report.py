@@ -64,6 +64,29 @@ def loop_html(project: Any, summary: dict[str, Any]) -> str:
             _table(["month", "hours", "MAE loop", "MAE frozen", "versions"],
                    [[m["month"], m["hours"], f"{m['mae_loop']:.1f}", f"{m['mae_frozen']:.1f}",
                      ", ".join(f"v{v}" for v in m["versions"])] for m in summary["months"]])]
+    if summary.get("schedules"):
+        setup, cmp = summary["schedule_setup"], summary["loop_vs_schedules"]
+        span = "2012" if setup["scored"] == "2012" else "whole replay"
+        body += [f"<h2>The loop vs retraining on a fixed schedule ({span} MAE)</h2>",
+                 _table(["retrained", "retrains", "MAE"],
+                        [["frozen first model", 0,
+                          num(summary.get(f"mae_{setup['scored']}_frozen"), ".2f")],
+                         *([s["name"], s["retrains"], num(s["mae"], ".2f")]
+                           for s in summary["schedules"]),
+                         ["mloop's loop", cmp["retrains"], num(cmp["mae"], ".2f")]]),
+                 f"<p>The schedules' curve at {cmp['retrains']} retrains: "
+                 f"{num(cmp['curve_mae'], '.2f')} (the loop is "
+                 f"{'on or below' if cmp['on_or_below_curve'] else 'above'} it).</p>"]
+    if summary.get("injected_shift"):
+        d = summary["injected_shift"]
+        seen = (f"first flagged in the window ending {html.escape(d['detected_at'])}, "
+                f"{num(d['time_to_detect_hours'])} h after the onset"
+                if d["detected_at"] else "never flagged")
+        body += ["<h2>Injected shift</h2>",
+                 f"<p>{html.escape(d['column'])} moved {d['sd']:+g} sd ({d['delta']:+.4g}) "
+                 f"from {html.escape(d['onset'])}: {seen}; flagged in "
+                 f"{d['flagged_before_onset']} of {d['windows_before_onset']} windows before "
+                 f"the onset.</p>"]
     windows = list_windows(project, limit=500, with_reports=True)
     reports = [w.pop("report") for w in windows]
     body += ["<h2>Drift and performance over time</h2>", history_plots(windows, reports)]
