@@ -1,0 +1,116 @@
+"""What the tree-engine fast-path tests share (LightGBM's and XGBoost's): a small rentals
+table with a three-class target, projects trained with a real engine, and the ways a test
+reads a version's verdict, its original pipeline and its server."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from mloop.pipeline.runner import run_pipeline
+from mloop.project import open_project
+from mloop.registry.gates import load_version
+from mloop.registry.promotion import change_alias
+from mloop.serving.app import create_app
+from mloop.serving.compiled import TAG
+
+from .helpers import rentals_frame
+from .serving_util import ServerThread
+
+CONFIG = """\
+project: {name}
+data: {{path: data/rentals.parquet}}
+target: {target}
+task: {task}
+features:
+  time_column: ts
+  exclude: {exclude}
+split: {{method: time, holdout: 0.25}}
+model:
+  estimator: {library}.{estimator}
+  params: {params}
+  threads: 1
+metrics: [{metric}]
+serving:
+  poll_seconds: 3600
+  compile: {compile}
+"""
+DEFAULT = "{}"
+STRICT = "{atol: 0.0, rtol: 0.0}"
+
+
+@dataclass(frozen=True)
+class Engine:
+    """One tree library as the tests train it: its module, estimator classes, parameters
+    (``{n}``: the number of trees) and how the three busy-hour classes are named."""
+
+    library: str
+    regressor: str
+    classifier: str
+    params: str
+    classes: tuple[Any, Any, Any]  # quiet, busy, peak
+
+    def config(self, *, name: str, task: str, trees: int, compile_: str) -> str:
+        regression = task == "regression"
+        return CONFIG.format(
+            name=name, task=task, compile=compile_, library=self.library,
+            params=self.params.format(n=trees),
+            target="cnt" if regression else "busy", exclude="[busy]" if regression else "[cnt]",
+            estimator=self.regressor if regression else self.classifier,
+            metric="mae" if regression else "accuracy")
+
+    def frame(self, n: int, seed: int) -> pd.DataFrame:
+        """Rentals with 5% of the weather missing (imputed in the graph) and a busy class."""
+        frame = rentals_frame(n, seed=seed)
+        weather = frame["weather"].astype(object)
+        weather[np.random.default_rng(seed + 1).random(n) < 0.05] = None
+        frame["weather"] = weather
+        quiet, busy, peak = self.classes
+        frame["busy"] = np.select([frame["cnt"] <= 40, frame["cnt"] <= 110], [quiet, busy],
+                                  peak)
+        return frame
+
+    def project(self, root: Path, name: str, task: str, runs: list[tuple[int, str]]) -> Path:
+        """A project trained once per (trees, compile setting) in ``runs`` (another model
+        each: the same one would be the cached version), v1 champion, configured with the
+        default tolerances."""
+        (root / "data").mkdir(parents=True)
+        self.frame(600, seed=0).to_parquet(root / "data" / "rentals.parquet", index=False)
+        for trees, compile_ in runs:
+            (root / "mloop.yaml").write_text(
+                self.config(name=name, task=task, trees=trees, compile_=compile_))
+            assert run_pipeline(open_project(root)).status == "succeeded"
+        # what the servers and loads of the tests are configured with
+        (root / "mloop.yaml").write_text(
+            self.config(name=name, task=task, trees=runs[0][0], compile_=DEFAULT))
+        change_alias(open_project(root), "champion", 1, expected=None, action="promote",
+                     reason="test setup")
+        return root
+
+
+def verdict_tag(root: Path, name: str, version: int) -> dict[str, Any]:
+    mv = open_project(root).mlflow.get_model_version(name, str(version))
+    return json.loads(mv.tags[TAG])  # type: ignore[no-any-return]
+
+
+def records(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    return [{"hour": int(h), "weather": None if w is None else str(w), "temp": float(t)}
+            for h, w, t in zip(frame["hour"], frame["weather"], frame["temp"], strict=True)]
+
+
+def original(root: Path, version: int) -> tuple[Any, Any]:
+    """The registered pipeline itself (not mloop's serving path) and its input."""
+    loaded = load_version(open_project(root), version)
+    return loaded.sklearn_model, loaded.prepare
+
+
+def server(root: Path, **compile_: Any) -> ServerThread:
+    project = open_project(root)
+    cfg = project.config.serving.model_copy(deep=True)
+    cfg.compile = cfg.compile.model_copy(update=compile_)
+    return ServerThread(create_app(project, cfg))
