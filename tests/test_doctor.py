@@ -146,3 +146,20 @@ def test_data_path_takes_a_file_uri(make_project) -> None:
     uri = (root / "data" / "rentals.parquet").as_uri()
     assert read_file_table(uri).num_rows == 600
     assert read_file_table(str(root / "data")).num_rows == 600
+
+
+def test_doctor_reports_the_extra_a_lightgbm_model_needs(make_project) -> None:
+    """A model named ``lightgbm.LGBMRegressor`` needs the lightgbm extra: the doctor checks
+    it, says what in the config wants it, and finds it installed here."""
+    import lightgbm
+
+    config = _config().replace("sklearn.ensemble.HistGradientBoostingRegressor",
+                               "lightgbm.LGBMRegressor", 1)
+    root = make_project(config)
+    proc = run_cli("-C", str(root), "doctor", "--json", check=False)
+    extras = {c["target"]: c for c in json.loads(proc.stdout)["checks"] if c["check"] == "extra"}
+    assert extras["lightgbm"]["status"] == "ok", extras
+    assert f"lightgbm {lightgbm.__version__}" in extras["lightgbm"]["detail"]
+    assert extras["xgboost"]["status"] != "fail"  # installed or not, nothing here wants it
+    assert "?" not in extras["xgboost"]["detail"]  # its version, from the distribution
+    # that installed it (the extra's xgboost-cpu), when it is installed

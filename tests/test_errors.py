@@ -77,6 +77,31 @@ def test_every_extra_in_the_table_is_one_pyproject_declares() -> None:
     assert set(EXTRAS) <= set(declared), set(EXTRAS) - set(declared)
 
 
+@pytest.mark.parametrize(("estimator", "extra"), [
+    ("lightgbm.LGBMRegressor", "lightgbm"), ("xgboost.sklearn.XGBClassifier", "xgboost")])
+def test_a_model_whose_library_is_missing_names_the_key_and_the_extra_that_installs_it(
+        monkeypatch: pytest.MonkeyPatch, estimator: str, extra: str) -> None:
+    from mloop.errors import ConfigError
+    from mloop.pipeline.loader import import_object
+
+    monkeypatch.setitem(sys.modules, extra, None)  # the library is not installed
+    module = re.escape(estimator.rpartition(".")[0])
+    with pytest.raises(ConfigError, match=(
+            rf"^mloop.yaml: 'model.estimator': cannot import module '{module}' .*; "
+            rf"pip install 'mloop\[{extra}\]'$")):
+        import_object(estimator, key="model.estimator")
+
+
+def test_a_model_of_a_library_no_extra_installs_gets_no_install_hint(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from mloop.errors import ConfigError
+    from mloop.pipeline.loader import import_object
+
+    with pytest.raises(ConfigError) as exc:
+        import_object("mloop_no_such_library.Model", key="model.estimator")
+    assert "pip install" not in str(exc.value)
+
+
 # --------------------------------------------------------------------------- no champion
 
 def test_monitoring_without_a_champion_says_how_to_make_one(make_project) -> None:

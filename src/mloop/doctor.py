@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from mloop.extras import EXTRAS, install_hint, missing_extra_message
+from mloop.extras import EXTRAS, extra_for_module, install_hint, missing_extra_message
 from mloop.tracking import redact
 
 if TYPE_CHECKING:
@@ -80,6 +80,16 @@ def _client_version(dist: str) -> str | None:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
         return None
+
+
+def _module_version(module: str) -> str | None:
+    """The version of the distribution that installed ``module``: its own name, or another
+    (the xgboost extra installs the module ``xgboost`` from the distribution xgboost-cpu)."""
+    version = _client_version(module)
+    if version is None:
+        dists = importlib.metadata.packages_distributions().get(module, [])
+        version = next((v for v in map(_client_version, dists) if v), None)
+    return version
 
 
 def _mlflow_version() -> str:
@@ -470,6 +480,11 @@ def _check_extras(project: Project) -> list[Check]:
         "spark": ("the spark: section (`mloop predict --engine spark`)"
                   if "spark" in cfg.model_fields_set else None),
     }
+    # a model named by an import path whose package an extra installs (lightgbm., xgboost.)
+    estimator = cfg.model.estimator or ""
+    for name in ("lightgbm", "xgboost"):
+        wanted[name] = (f"model.estimator ({estimator})"
+                        if extra_for_module(estimator) == name else None)
     out = []
     for extra in wanted:
         modules = EXTRAS[extra].modules
@@ -480,7 +495,7 @@ def _check_extras(project: Project) -> list[Check]:
                     importlib.import_module(module)
                 elif importlib.util.find_spec(module) is None:
                     raise ModuleNotFoundError(f"No module named '{module}'")
-                versions.append(f"{module} {_client_version(module) or '?'}")
+                versions.append(f"{module} {_module_version(module) or '?'}")
             except Exception as exc:  # ImportError, or a broken install raising anything
                 missing.append(f"{module} ({type(exc).__name__}: {str(exc)[:80]})")
         why = wanted.get(extra)

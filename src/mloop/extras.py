@@ -37,7 +37,16 @@ EXTRAS: dict[str, Extra] = {e.name: e for e in (
     Extra("kubeflow", ("kfp",), "the kfp SDK", "`mloop export kubeflow`"),
     Extra("spark", ("pyspark",), "PySpark", "`mloop predict --engine spark`"),
     Extra("postgres", ("psycopg",), "psycopg", "a postgresql+psycopg:// store"),
+    Extra("lightgbm", ("lightgbm",), "LightGBM", "a lightgbm model.estimator"),
+    Extra("xgboost", ("xgboost",), "XGBoost", "an xgboost model.estimator"),
 )}
+
+
+def extra_for_module(module: str) -> str | None:
+    """The extra that installs ``module`` (or its top-level package), if one does: a model
+    named by an import path (``lightgbm.LGBMRegressor``) is told which extra to install."""
+    top = module.split(".")[0]
+    return next((e.name for e in EXTRAS.values() if top in e.modules), None)
 
 
 def install_hint(extra: str) -> str:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from mloop.errors import ConfigError, PipelineDefinitionError
+from mloop.extras import extra_for_module, install_hint
 from mloop.pipeline.dsl import Pipeline
 
 BUILTIN_PIPELINE = "mloop.tabular.pipeline:tabular"
@@ -43,7 +44,9 @@ def import_object(path: str, *, root: Path | None = None, key: str = "") -> Any:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ConfigError(f"'{key}': cannot import module '{module_name}' ({exc})",
+        extra = extra_for_module(module_name)
+        hint = f"; {install_hint(extra)}" if extra else ""
+        raise ConfigError(f"'{key}': cannot import module '{module_name}' ({exc}){hint}",
                           key=key) from None
     obj: Any = module
     for part in attr.split("."):
