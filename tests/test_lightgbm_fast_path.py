@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 
 from mloop.project import open_project
-from mloop.serving.model import load_served
 
 from . import tree_engines as te
 from .helpers import copy_project, require
@@ -65,37 +64,12 @@ def test_a_lightgbm_regressor_registers_verified_with_the_libraries_it_depends_o
 
 def test_the_server_answers_a_lightgbm_regressor_from_its_graph_as_the_original_does(
         rentals: Path) -> None:
-    frame = ENGINE.frame(60, seed=7)
-    with te.server(rentals) as srv:
-        champion = srv.get("/model").json()["champion"]
-        r = srv.post("/predict", {"records": te.records(frame)})
-    assert champion["engine"] == "onnx" and champion["compiled"]["status"] == "verified"
-    assert champion["original_loaded"] is False  # the stored graph alone serves
-    assert r.status_code == 200, r.text
-    got = np.asarray(r.json()["predictions"], dtype=np.float64)
-    model, prepare = te.original(rentals, 1)
-    expected = np.asarray(model.predict(prepare(frame)), dtype=np.float64)
-    assert np.all(np.abs(got - expected) <= 1e-3 + 1e-4 * np.abs(expected)), \
-        np.abs(got - expected).max()
-    assert np.ptp(expected) > 50  # a model that learned the hours, not a constant
+    te.check_served_from_its_graph(ENGINE, rentals)
 
 
 def test_a_lightgbm_model_that_does_not_verify_is_served_by_the_original_saying_why(
         rentals: Path) -> None:
-    verdict = te.verdict_tag(rentals, "rentals", 2)
-    assert verdict["status"] == "mismatch" and verdict["mismatches"] > 0
-    assert "outside" in verdict["detail"] and "allowed 0 + 0·|prediction|" in verdict["detail"]
-    frame = ENGINE.frame(30, seed=9)
-    project = open_project(rentals)
-    served = load_served(project, 2, compile=project.config.serving.compile.model_copy(
-        update={"atol": 0.0, "rtol": 0.0}))
-    assert served.compiled is None and served.describe()["engine"] == "original"
-    assert served.compile_verdict is not None
-    assert served.compile_verdict["status"] == "mismatch"
-    model, prepare = te.original(rentals, 2)
-    records = te.records(frame)
-    cols = {c: [r[c] for r in records] for c in ("hour", "weather", "temp")}
-    assert served.predict_columns(cols) == model.predict(prepare(frame)).tolist()  # exact
+    te.check_a_mismatch_served_by_the_original(ENGINE, rentals)
 
 
 @pytest.mark.parametrize(("library", "redone", "compiled_at"), [

@@ -18,6 +18,7 @@ from mloop.registry.gates import load_version
 from mloop.registry.promotion import change_alias
 from mloop.serving.app import create_app
 from mloop.serving.compiled import TAG
+from mloop.serving.model import load_served
 
 from .helpers import rentals_frame
 from .serving_util import ServerThread
@@ -114,3 +115,40 @@ def server(root: Path, **compile_: Any) -> ServerThread:
     cfg = project.config.serving.model_copy(deep=True)
     cfg.compile = cfg.compile.model_copy(update=compile_)
     return ServerThread(create_app(project, cfg))
+
+
+def check_served_from_its_graph(engine: Engine, rentals: Path) -> None:
+    """v1 of the rentals project (default tolerances) is served from its stored, verified
+    graph alone, answering as the original pipeline does within the tolerances."""
+    frame = engine.frame(60, seed=7)
+    with server(rentals) as srv:
+        champion = srv.get("/model").json()["champion"]
+        r = srv.post("/predict", {"records": records(frame)})
+    assert champion["engine"] == "onnx" and champion["compiled"]["status"] == "verified"
+    assert champion["original_loaded"] is False  # the stored graph alone serves
+    assert r.status_code == 200, r.text
+    got = np.asarray(r.json()["predictions"], dtype=np.float64)
+    model, prepare = original(rentals, 1)
+    expected = np.asarray(model.predict(prepare(frame)), dtype=np.float64)
+    assert np.all(np.abs(got - expected) <= 1e-3 + 1e-4 * np.abs(expected)), \
+        np.abs(got - expected).max()
+    assert np.ptp(expected) > 50  # a model that learned the hours, not a constant
+
+
+def check_a_mismatch_served_by_the_original(engine: Engine, rentals: Path) -> None:
+    """v2 (a zero tolerance float32 trees cannot meet) is a mismatch, says why, and is
+    served exactly by the original."""
+    verdict = verdict_tag(rentals, "rentals", 2)
+    assert verdict["status"] == "mismatch" and verdict["mismatches"] > 0
+    assert "outside" in verdict["detail"] and "allowed 0 + 0·|prediction|" in verdict["detail"]
+    frame = engine.frame(30, seed=9)
+    project = open_project(rentals)
+    served = load_served(project, 2, compile=project.config.serving.compile.model_copy(
+        update={"atol": 0.0, "rtol": 0.0}))
+    assert served.compiled is None and served.describe()["engine"] == "original"
+    assert served.compile_verdict is not None
+    assert served.compile_verdict["status"] == "mismatch"
+    model, prepare = original(rentals, 2)
+    rows = records(frame)
+    cols = {c: [r[c] for r in rows] for c in ("hour", "weather", "temp")}
+    assert served.predict_columns(cols) == model.predict(prepare(frame)).tolist()  # exact
