@@ -436,7 +436,9 @@ def test_a_one_row_request_waits_at_most_one_batch_behind_a_large_one() -> None:
         return small, big_first, one, preds
 
     small, big_first, one, preds = asyncio.run(run())
-    assert small < 0.1, f"the one-row request waited {small:.3f} s"
+    # one 20 ms piece, plus the scheduling of a busy 2-core CI machine (0.104 s seen once
+    # with both xdist workers loaded); the whole large request takes over 0.32 s
+    assert small < 0.2, f"the one-row request waited {small:.3f} s"
     assert not big_first
     assert one == [-2]
     assert preds == [v * 2 for v in range(3200)]  # every piece back, in order
