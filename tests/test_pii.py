@@ -362,3 +362,17 @@ def test_cli_retention_without_a_retention_set_names_the_key(make_project: Any) 
     bad = run_cli("-C", str(root), "data", "retention", check=False)
     assert bad.returncode == 1 and "security.retention" in bad.stderr
     assert textwrap.dedent(SMALL_CONFIG) == (root / "mloop.yaml").read_text()
+
+
+def test_retraining_on_traffic_sees_personal_inputs_as_missing_never_their_digests(
+        project_copy: Any, served: dict[str, Any]) -> None:
+    from mloop.loop.retrain import labelled_traffic
+
+    ids = served["ids"]
+    _label(project_copy, ids[ZED] + ids[TRAIN_EMAILS[0]])
+    table = labelled_traffic(project_copy, until=datetime.now(UTC) + timedelta(minutes=1),
+                             window=timedelta(days=1))
+    assert table.num_rows == 5
+    for column in ("email", "name", "phone"):
+        assert table.column(column).null_count == 5, column
+    assert table.column("weather").null_count == 0
