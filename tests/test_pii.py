@@ -376,3 +376,21 @@ def test_retraining_on_traffic_sees_personal_inputs_as_missing_never_their_diges
     for column in ("email", "name", "phone"):
         assert table.column(column).null_count == 5, column
     assert table.column("weather").null_count == 0
+
+
+def test_without_the_servers_key_erasure_by_a_hashed_value_refuses_and_monitoring_says_why(
+        project_copy: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mloop.errors import MloopError
+    from mloop.monitoring.service import reference_for
+    from mloop.security.pii import KEY_FILE
+    from mloop.traffic.erase import erase_rows
+
+    monkeypatch.delenv("MLOOP_PII_KEY", raising=False)
+    (project_copy.root / KEY_FILE).unlink()
+    with pytest.raises(MloopError, match=r"no PII key here: MLOOP_PII_KEY is not set and "
+                                         r".*pii.key does not exist"):
+        erase_rows(project_copy, keys=[f"email={ZED}"])
+    assert not (project_copy.root / KEY_FILE).exists()  # never a new key that matches nothing
+    ref = reference_for(project_copy, 1)
+    assert "email" not in ref.features
+    assert "no PII key in this process" in ref.skipped["email"]

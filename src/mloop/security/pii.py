@@ -44,10 +44,11 @@ MIN_ENV_KEY = 16
 RECENT_DIGESTS = 4096  # per column, kept in memory only
 
 
-def load_pii_key(root: Path) -> bytes:
+def load_pii_key(root: Path, *, create: bool = True) -> bytes:
     """The HMAC key: ``MLOOP_PII_KEY`` if set, else the project's key file (created 0600 on
-    first use, by exactly one of the processes racing to create it). MloopError names the
-    variable or the file when neither can give a key."""
+    first use, by exactly one of the processes racing to create it; only by the server, the
+    first to need it: ``create`` False elsewhere, since a new key finds no digest already
+    logged). MloopError names the variable or the file when neither can give a key."""
     env = os.environ.get(PII_KEY_ENV)
     if env is not None:
         if len(env) < MIN_ENV_KEY:
@@ -57,6 +58,10 @@ def load_pii_key(root: Path) -> bytes:
         return env.encode()
     path = root / KEY_FILE
     if not path.exists():
+        if not create:
+            raise MloopError(f"no PII key here: {PII_KEY_ENV} is not set and {path} does not "
+                             f"exist; use the key the servers use (set {PII_KEY_ENV}, or "
+                             f"copy their key file)")
         _create_key_file(path)
     try:
         text = path.read_text().strip()
@@ -100,8 +105,6 @@ class PiiPolicy:
     """``security.pii`` of one project, with its key (None when no column is hashed)."""
 
     def __init__(self, actions: Mapping[str, str], key: bytes | None) -> None:
-        if any(a == "hash" for a in actions.values()) and key is None:
-            raise MloopError("a PII policy that hashes needs a key")
         self.actions = dict(actions)
         self.key = key
         # recent digests per column: a categorical input repeats its few values, and one
@@ -109,13 +112,23 @@ class PiiPolicy:
         self._recent: dict[str, dict[str, str]] = {}
 
     @classmethod
-    def of(cls, config: ProjectConfig, root: Path) -> PiiPolicy | None:
-        """The project's policy; None when ``security.pii`` is empty (nothing to do)."""
+    def of(cls, config: ProjectConfig, root: Path, *, create_key: bool = True,
+           key_required: bool = True) -> PiiPolicy | None:
+        """The project's policy; None when ``security.pii`` is empty (nothing to do).
+        ``create_key``: see :func:`load_pii_key`. Without ``key_required``, a missing key
+        gives a policy without one (its hashed columns cannot be digested: monitoring then
+        leaves them out, saying why)."""
         actions = config.security.pii
         if not actions:
             return None
-        needs_key = any(a == "hash" for a in actions.values())
-        return cls(actions, load_pii_key(root) if needs_key else None)
+        if not any(a == "hash" for a in actions.values()):
+            return cls(actions, None)
+        try:
+            return cls(actions, load_pii_key(root, create=create_key))
+        except MloopError:
+            if key_required:
+                raise
+            return cls(actions, None)
 
     def digest(self, column: str, value: Any) -> str:
         """What a ``hash`` column logs for ``value`` (also how an erasure finds it)."""
@@ -172,6 +185,10 @@ class PiiPolicy:
             stats = columns.get(name, {})
             if action is None:
                 kept.append(name)
+            elif action == "hash" and self.key is None:
+                skipped[name] = (f"security.pii: hash, and no PII key in this process "
+                                 f"({PII_KEY_ENV} or {KEY_FILE}): its digests cannot be "
+                                 f"compared")
             elif action == "hash" and stats.get("kind") == "categorical":
                 top = stats.get("top") or {}
                 columns[name] = {**stats, "top": {self.digest(name, v): n

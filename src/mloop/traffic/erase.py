@@ -85,7 +85,6 @@ def erase_rows(project: Project, *, keys: Sequence[str] = (),
         raise MloopError("erase: give --key COLUMN=VALUE or --request-id ID (either may "
                          "repeat), not both and not neither")
     log = ObjectStore(project.uris["inference_log_uri"])
-    secret = load_pii_key(project.root)
     if keys:
         pairs = [parse_key(k) for k in keys]
         columns = sorted({c for c, _ in pairs})
@@ -95,6 +94,7 @@ def erase_rows(project: Project, *, keys: Sequence[str] = (),
         values = [v for _, v in pairs]
         files = segment_files(log)
         match = _by_value(project, column, values)
+        secret = load_pii_key(project.root)
         digests = [keyed_digest(secret, f"erase:{column}", v) for v in values]
     else:
         column = None
@@ -106,6 +106,7 @@ def erase_rows(project: Project, *, keys: Sequence[str] = (),
         files = [f for d in days for f in segment_files(log, first_day=d, last_day=d)]
         wanted = pa.array(sorted(set(request_ids)), pa.string())
         values = list(request_ids)
+        secret = load_pii_key(project.root)
         digests = [keyed_digest(secret, "erase:_request_id", i) for i in request_ids]
 
         def match(t: pa.Table) -> Any:
@@ -144,13 +145,16 @@ def erase_rows(project: Project, *, keys: Sequence[str] = (),
 
 def _by_value(project: Project, column: str, values: list[str]) -> Matcher:
     """The rows whose ``column`` holds one of ``values`` as the log stores it."""
-    policy = PiiPolicy.of(project.config, project.root)
+    # the servers' key, never a new one: a new key would silently match nothing
+    policy = PiiPolicy.of(project.config, project.root, create_key=False, key_required=False)
     action = policy.actions.get(column) if policy is not None else None
     if action in ("drop", "mask"):
         raise MloopError(f"erase: security.pii.{column} is '{action}': the log never held "
                          f"its values, so no row can be found by them (erase by "
                          f"--request-id, or by another column)")
     if action == "hash" and policy is not None:
+        if policy.key is None:
+            load_pii_key(project.root, create=False)  # raises, naming where the key belongs
         values = [policy.digest(column, v) for v in values]
 
     def match(t: pa.Table) -> Any:
