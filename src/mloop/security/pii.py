@@ -102,13 +102,14 @@ def _text(value: Any) -> str:
 
 
 class PiiPolicy:
-    """``security.pii`` of one project, with its key (None when no column is hashed)."""
+    """``security.pii`` of one project, with its key (None when no column is hashed, or
+    when a reader that may do without it found none: see :meth:`of`)."""
 
     def __init__(self, actions: Mapping[str, str], key: bytes | None) -> None:
         self.actions = dict(actions)
         self.key = key
         # recent digests per column: a categorical input repeats its few values, and one
-        # HMAC (~2 µs) per logged row would be the largest cost the policy adds to a request
+        # HMAC (a few µs) per logged row would be the largest cost the policy adds to a request
         self._recent: dict[str, dict[str, str]] = {}
 
     @classmethod
