@@ -541,6 +541,28 @@ class LoopConfig(_Strict):
     costs: CostRates = Field(default_factory=CostRates)
 
 
+PiiAction = Literal["drop", "hash", "mask"]
+
+
+def _positive_retention(value: Duration | None) -> Duration | None:
+    if value is not None and value.total_seconds() <= 0:
+        raise ValueError(f"{value.text!r}: a retention must be longer than zero (e.g. 180d)")
+    return value
+
+
+class SecurityConfig(_Strict):
+    """What mloop keeps of its users' data (mloop.security.pii, mloop.traffic.retention).
+
+    ``pii`` maps a model input to what the inference log stores of it: ``drop`` (nothing),
+    ``hash`` (a keyed HMAC-SHA256: equal values stay equal, so monitoring still counts
+    categories) or ``mask`` (a fixed ``***``). The model always scores the raw value.
+    ``retention``: answered rows and their labels older than this (by event time) are
+    deleted on each loop pass."""
+
+    pii: dict[str, PiiAction] = Field(default_factory=dict)
+    retention: Annotated[Duration | None, AfterValidator(_positive_retention)] = None
+
+
 class SearchParam(_Strict):
     """One estimator parameter of a tuning search space: a float or int between ``low`` and
     ``high`` (optionally on a log scale or in steps), or one of ``choices``."""
@@ -806,6 +828,9 @@ class ProjectConfig(_Strict):
         default_factory=KubeflowConfig)
     spark: Annotated[SparkConfig, NotHashed("where batch scoring runs")] = Field(
         default_factory=SparkConfig)
+    security: Annotated[SecurityConfig, NotHashed("what is kept of served data, not what is "
+                                                  "learned")] = Field(
+        default_factory=SecurityConfig)
     # a search space changes what `mloop tune` tries, not what one run trains: a tuned run
     # carries its parameters in model.params
     tune: Annotated[TuneConfig | None, NotHashed("what `mloop tune` tries")] = None
@@ -1010,7 +1035,6 @@ def parse_config(text: str, *, file: str = CONFIG_FILE) -> ProjectConfig:
     try:
         config = ProjectConfig.model_validate(raw)
         config._file, config._lines, config._secrets = file, lines, frozenset(secrets)
-        return config
     except ValidationError as exc:
         errors = [_describe(e, lines, file) for e in exc.errors()]
         first = errors[0]
@@ -1019,6 +1043,30 @@ def parse_config(text: str, *, file: str = CONFIG_FILE) -> ProjectConfig:
             first = ConfigError(f"{first.message} (and {len(errors) - 1} more: {more})",
                                 file=first.file, line=first.line, key=first.key)
         raise first from None
+    _check_pii_columns(config)
+    return config
+
+
+def _check_pii_columns(config: ProjectConfig) -> None:
+    """``security.pii`` names model inputs: a key that cannot be one is a mistake to report
+    now (the model's own signature is checked again when the server loads a version)."""
+    feats = config.features
+    listed = None if feats.numeric is None and feats.categorical is None else {
+        *(feats.numeric or []), *(feats.categorical or [])}
+    for column in config.security.pii:
+        why = None
+        if column == config.target:
+            why = "is the target, not a model input (the inference log never holds it)"
+        elif column.startswith("_"):
+            why = "starts with '_', which marks mloop's own log columns, not model inputs"
+        elif column in feats.exclude:
+            why = "is in features.exclude, so the model never receives it"
+        elif listed is not None and column not in listed:
+            why = (f"is not among features.numeric/features.categorical "
+                   f"({', '.join(sorted(listed))})")
+        if why is not None:
+            raise config.locate(ConfigError(f"'security.pii.{column}': column '{column}' "
+                                            f"{why}", key=f"security.pii.{column}"))
 
 
 def load_config(path: str | Path) -> ProjectConfig:
