@@ -27,10 +27,10 @@ def check_report_path(path: Path) -> Path:
     """Refuse a report path before anything is trained: it must name a ``.md`` file in a
     folder that exists or can be made."""
     path = Path(path)
-    if path.suffix.lower() != ".md":
-        raise MloopError(f"--report {path}: the report is Markdown; name a file ending in .md")
     if path.is_dir():
         raise MloopError(f"--report {path}: is a folder; name the file, e.g. {path / 'report.md'}")
+    if path.suffix.lower() != ".md":
+        raise MloopError(f"--report {path}: the report is Markdown; name a file ending in .md")
     for parent in path.parents:
         if parent.exists():
             if not parent.is_dir():
@@ -144,8 +144,10 @@ def render_markdown(check: CiCheck, plots: dict[str, str] | None = None) -> str:
     lines += ["", "### Plots", ""]
     if plots:
         lines += [f"![{title}]({name})" for title, name in plots.items()]
+    elif plots is None:
+        lines.append("_Plots are written with `--report`, as PNG files next to it._")
     else:
-        lines.append("_No plots: nothing to plot (no champion metrics or slices)._")
+        lines.append("_No plots: no metrics were recorded and no slice gate ran._")
     return "\n".join(lines) + "\n"
 
 
