@@ -20,7 +20,8 @@ from mloop.registry.ci_report import render_markdown, write_report
 
 from .helpers import copy_project, rentals_frame, run_cli, train_champion
 
-pytestmark = pytest.mark.slow
+# one worker trains the module's project once (with --dist loadgroup, pyproject's addopts)
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ci_check")]
 
 CONFIG = """\
 project: rentals

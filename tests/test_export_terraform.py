@@ -25,6 +25,9 @@ from mloop.project import open_project
 
 from .helpers import BIKE, REPO, missing, run_cli
 
+# one worker runs checkov once for the module (with --dist loadgroup, pyproject's addopts)
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("checkov")]
+
 SKIP = re.compile(r"#checkov:skip=(CKV2?_[A-Z0-9]+_\d+):(.*)")
 
 
