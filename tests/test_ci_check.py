@@ -70,7 +70,7 @@ def _tighten(root: Path, mae_max: float) -> None:
 
 def test_a_run_is_gated_against_the_champion_and_nothing_is_promoted(
         trained: tuple[Path, str], project_root: Path) -> None:
-    check = run_ci_check(open_project(project_root), run_id=trained[1])
+    check = run_ci_check(open_project(project_root), run_id=trained[1], base_env="default")
     assert (check.version, check.base.version, check.base.env) == (2, 1, "default")
     assert check.passed and not check.trained
     assert champion_version(open_project(project_root)) == 1  # auto_promote is on: still no
@@ -167,6 +167,13 @@ def test_an_unknown_run_or_environment_is_named_by_the_service(project_root: Pat
         run_ci_check(project, run_id="nope-not-a-run")
     with pytest.raises(MloopError, match="this project has no environment"):
         run_ci_check(project, base_env="prod")
+
+
+def test_a_run_that_registered_no_version_is_named(project_root: Path) -> None:
+    empty = json.loads(run_cli("runs", "create", "--json", cwd=project_root).stdout)["run_id"]
+    proc = run_cli("ci", "check", "--run-id", empty, cwd=project_root, check=False)
+    assert proc.returncode == 1
+    assert f"pipeline run {empty} has registered no model version" in proc.stderr
 
 
 def test_a_champion_without_a_recorded_config_says_not_recorded() -> None:
