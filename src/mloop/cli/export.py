@@ -1,4 +1,5 @@
-"""Hand the project to other systems: ``mloop export k8s|airflow|kubeflow``."""
+"""Hand the project to other systems: ``mloop export k8s|airflow|kubeflow|github-actions|
+gitlab-ci|terraform``."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from mloop.cli.render import err, out
 
 export_app = typer.Typer(no_args_is_help=True, help="Hand the project to other systems: "
                                                     "Kubernetes manifests and a Dockerfile, "
-                                                    "an Airflow DAG, a Kubeflow pipeline.")
+                                                    "an Airflow DAG, a Kubeflow pipeline, "
+                                                    "CI workflows, a Terraform module.")
 
 
 @export_app.command("k8s")
