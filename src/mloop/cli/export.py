@@ -1,4 +1,5 @@
-"""Hand the project to other systems: ``mloop export k8s|airflow|kubeflow``."""
+"""Hand the project to other systems: ``mloop export k8s|airflow|kubeflow|github-actions|
+gitlab-ci|terraform``."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from mloop.cli.render import err, out
 
 export_app = typer.Typer(no_args_is_help=True, help="Hand the project to other systems: "
                                                     "Kubernetes manifests and a Dockerfile, "
-                                                    "an Airflow DAG, a Kubeflow pipeline.")
+                                                    "an Airflow DAG, a Kubeflow pipeline, "
+                                                    "CI workflows, a Terraform module.")
 
 
 @export_app.command("k8s")
@@ -95,3 +97,94 @@ def export_kubeflow(
             err.print(f"[yellow]warning:[/] {w}")
 
     report({"file": str(path), **info, "warnings": warnings}, json_, render)
+
+
+BaseEnvOpt = Annotated[str, typer.Option(
+    "--base-env", help="Environment whose champion pull requests are gated against and "
+                       "merges promote to.")]
+InstallOpt = Annotated[str | None, typer.Option(
+    "--install", help="The shell command that installs mloop in CI (default: pip install "
+                      "'mloop==<this version>').")]
+BranchOpt = Annotated[str, typer.Option("--branch", help="The main branch.")]
+
+
+@export_app.command("github-actions")
+def export_github_actions(
+    out_dir: Annotated[Path, typer.Option("--out", help="The workflows folder, e.g. "
+                                                        ".github/workflows/ (other workflows "
+                                                        "there are left alone).")],
+    base_env: BaseEnvOpt = "staging",
+    install: InstallOpt = None,
+    branch: BranchOpt = "main",
+    json_: JsonOpt = False,
+) -> None:
+    """Two GitHub Actions workflows: mloop-ci.yml (on a pull request: `mloop ci check`, the
+    report posted as a comment) and mloop-promote.yml (on a push to main: promote to staging;
+    then production behind the `production` environment's required reviewers)."""
+    from mloop.export.ci_workflows import workflow_options, write_github_actions
+
+    project = open_project()
+    opts = workflow_options(project, install=install, branch=branch, base_env=base_env)
+    written = write_github_actions(project, out_dir, opts)
+
+    def render(_: dict[str, Any]) -> None:
+        for p in written:
+            out.print(f"wrote {p}")
+        err.print("note: add required reviewers to the `production` environment (Settings > "
+                  "Environments), or production is promoted without approval")
+        if opts.secrets:
+            err.print(f"note: add repository secrets {', '.join(opts.secrets)}")
+
+    report({"out": str(out_dir), "files": [str(p) for p in written],
+            "project_dir": opts.project_dir, "base_env": opts.base_env,
+            "secrets": list(opts.secrets)}, json_, render)
+
+
+@export_app.command("gitlab-ci")
+def export_gitlab_ci(
+    out_file: Annotated[Path, typer.Option("--out", help="The pipeline file to write, e.g. "
+                                                         ".gitlab-ci.yml: new, or a previous "
+                                                         "export.")],
+    base_env: BaseEnvOpt = "staging",
+    install: InstallOpt = None,
+    branch: BranchOpt = "main",
+    json_: JsonOpt = False,
+) -> None:
+    """A GitLab CI pipeline: on a merge request `mloop ci check` (the report posted as a
+    note); on the main branch promote to staging, then production as a manual job."""
+    from mloop.export.ci_workflows import workflow_options, write_gitlab_ci
+
+    project = open_project()
+    opts = workflow_options(project, install=install, branch=branch, base_env=base_env)
+    path = write_gitlab_ci(project, out_file, opts)
+
+    def render(_: dict[str, Any]) -> None:
+        out.print(f"wrote {path}")
+        err.print("note: set the CI/CD variable MLOOP_GITLAB_TOKEN (project access token, api "
+                  "scope) so the report can be posted on the merge request")
+
+    report({"file": str(path), "project_dir": opts.project_dir, "base_env": opts.base_env,
+            "secrets": list(opts.secrets)}, json_, render)
+
+
+@export_app.command("terraform")
+def export_terraform(
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder to write (e.g. infra/): new, "
+                                                        "empty, or a previous export.")],
+    json_: JsonOpt = False,
+) -> None:
+    """A Terraform module for the scale-out topology on AWS: S3 bucket (versioned, SSE-KMS,
+    private), RDS PostgreSQL (encrypted, private), least-privilege IAM roles for the server,
+    the controller and CI, and the objects of `mloop export k8s` (kubernetes provider)."""
+    from mloop.export.terraform import write_terraform
+
+    project = open_project()
+    written = write_terraform(project, out_dir)
+
+    def render(_: dict[str, Any]) -> None:
+        for p in written:
+            out.print(f"wrote {p}")
+        err.print(f"next: cd {out_dir} && terraform init && terraform validate && "
+                  f"terraform plan -var-file=prod.tfvars (see variables.tf)")
+
+    report({"out": str(out_dir), "files": [str(p) for p in written]}, json_, render)

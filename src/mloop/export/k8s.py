@@ -94,6 +94,12 @@ def _referenced_vars(text: str) -> list[str]:
     return list(dict.fromkeys(_ENV_REF.findall("\n".join(lines))))
 
 
+def config_vars(project: Project) -> list[str]:
+    """The ``${VAR}`` names mloop.yaml refers to: whatever runs mloop away from this machine
+    (a pod, a CI job) must be given them, or it cannot load the config at all."""
+    return _referenced_vars(_config_text(project))
+
+
 def _raw_stores(text: str) -> dict[str, Any]:
     """The ``stores:`` mapping as written (before ``${VAR}`` substitution)."""
     try:
