@@ -318,3 +318,35 @@ def test_card_text_is_not_part_of_training(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"mloop\.yaml:\d+: 'model\.description': Input "
                                           r"should be a valid string"):
         load_config(root / "mloop.yaml")
+
+
+@pytest.mark.postgres
+def test_card_reads_gates_deployments_and_windows_from_a_postgres_store(
+        make_project: Any, pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same card with mloop's store on PostgreSQL (where a window's ``versions`` is read
+    out of its JSON report by the database): each number is the stored row's."""
+    from mloop.monitoring.service import run_monitor
+    from mloop.registry.training import train_candidate
+    from mloop.store.models import GateResultRow, MonitorWindowRow
+
+    from .helpers import SMALL_CONFIG, log_traffic, rentals_frame
+
+    monkeypatch.setenv("MLOOP_STORE_URI", pg_url)
+    root = make_project(SMALL_CONFIG + "gates: {auto_promote: true}\n")
+    project = open_project(root)
+    assert project.store.url == pg_url
+    assert train_candidate(project).gating.promotion is not None
+    for day, seed in (("2024-03-01", 1), ("2024-03-02", 2), ("2024-03-03", 3)):
+        log_traffic(project, rentals_frame(200, seed=seed), day)
+    assert run_monitor(project, window="1d")["evaluated"]
+
+    card = _card(root, 1)
+    with project.store.session() as s:
+        windows = list(s.scalars(sa.select(MonitorWindowRow).order_by(MonitorWindowRow.start)))
+        results = list(s.scalars(sa.select(GateResultRow).order_by(GateResultRow.id)))
+    assert [(w["id"], w["rows"], w["drift_share"]) for w in card["serving"]["windows"]] == [
+        (w.id, w.rows, w.drift_share) for w in windows if 1 in w.report["versions"]]
+    assert len(card["serving"]["windows"]) >= 2
+    assert [(r["gate"], r["value"]) for r in card["gates"]["results"]] == [
+        (r.gate, r.value) for r in results]
+    assert [d["action"] for d in card["serving"]["deployments"]] == ["promote"]

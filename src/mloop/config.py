@@ -983,7 +983,9 @@ _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 def _parse_yaml(text: str) -> tuple[Any, Any]:
     try:
-        return yaml.compose(text, Loader=_YAML_LOADER), yaml.load(text, Loader=_YAML_LOADER)
+        # _YAML_LOADER is libyaml's or Python's SafeLoader: plain data, never objects
+        return (yaml.compose(text, Loader=_YAML_LOADER),
+                yaml.load(text, Loader=_YAML_LOADER))  # nosec B506
     except yaml.YAMLError:
         return yaml.compose(text), yaml.safe_load(text)
 
