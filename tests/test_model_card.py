@@ -223,6 +223,29 @@ def test_a_fresh_version_card_says_not_recorded_for_what_never_happened(bike: Pa
     assert "| gate |" not in md and "| window |" not in md
 
 
+def test_a_version_registered_outside_mloop_has_a_card_that_invents_nothing(
+        bike: Path, tmp_path: Path) -> None:
+    """A version made with MlflowClient alone (v1's files, no mloop tags): no training data,
+    metrics, gates, serving or pipeline run was recorded for it, and the card says so."""
+    from mloop.cards.render import render_html, render_markdown
+
+    from .helpers import copy_project
+
+    root = copy_project(bike, tmp_path)
+    client = open_project(root).mlflow
+    source = client.get_model_version("bike-sharing", "1").source
+    assert int(client.create_model_version("bike-sharing", source=source).version) == 3
+    card = _card(root, 3)
+    assert {"task", "estimator", "training_data.train", "training_data.holdout", "metrics",
+            "gates", "serving.deployments", "serving.windows",
+            "lineage.pipeline_run"} <= set(card["not_recorded"])
+    assert card["metrics"]["values"] is None and card["training_data"]["train"] is None
+    md = render_markdown(card)
+    assert "## Metrics (holdout)\n\nnot recorded." in md
+    assert "- training snapshot: not recorded" in md and "| metric |" not in md
+    assert "not recorded" in render_html(card)
+
+
 class _Cells(HTMLParser):
     """The text of each ``<td>`` of the table with a given id."""
 

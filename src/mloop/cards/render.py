@@ -32,6 +32,11 @@ def text(x: Any) -> str:
     return NOT_RECORDED if x is None or x == "" else str(x)
 
 
+def _code(x: Any) -> str:
+    """An identifier as a Markdown code span, or "not recorded" as plain text."""
+    return NOT_RECORDED if x is None or x == "" else f"`{x}`"
+
+
 def _cell(x: Any) -> str:
     """A Markdown table cell: pipes escaped, one line."""
     return text(x).replace("|", "\\|").replace("\r", " ").replace("\n", " ")
@@ -192,13 +197,13 @@ def _md_lineage(c: dict[str, Any]) -> list[str]:
     lin = c["lineage"]
     pr, code = lin["pipeline_run"], lin["code"]
     lines = ["## Lineage", "",
-             f"- MLflow run: `{text(lin['run']['mlflow_run_id'])}`",
-             f"- pipeline run: `{text(pr.get('run_id'))}` ({text(pr.get('pipeline'))}, "
+             f"- MLflow run: {_code(lin['run']['mlflow_run_id'])}",
+             f"- pipeline run: {_code(pr.get('run_id'))} ({text(pr.get('pipeline'))}, "
              f"{text(pr.get('status'))}, started {text(pr.get('started_at'))})",
              f"- code: git {text(code['git_commit'])}"
              f"{' (dirty)' if code['git_dirty'] == 'true' else ''}, mloop "
              f"{text(code['mloop_version'])}",
-             f"- config hash: `{text(lin['config_hash'])}`"]
+             f"- config hash: {_code(lin['config_hash'])}"]
     lines += [f"- {role} snapshot: `{snap['digest']}`" if snap
               else f"- {role} snapshot: {NOT_RECORDED}" for role, snap in lin["data"].items()]
     return [*lines, ""]
