@@ -41,8 +41,8 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("model versions: candidates, gates, aliases, promotion", {"registry"}),
     ("the built-in tabular models; the server's app, models and deployments",
      {"tabular", "serving"}),
-    ("watching what serves, tuning, exporting to other systems",
-     {"monitoring", "tuning", "export"}),
+    ("watching what serves, tuning, exporting to other systems, model cards (they read "
+     "monitored windows)", {"monitoring", "tuning", "export", "cards"}),
     ("the loop that retrains and promotes", {"loop"}),
     ("processes and services behind one command each",
      {"server", "status", "doctor", "demo", "scaffold"}),

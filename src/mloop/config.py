@@ -273,6 +273,12 @@ class ModelConfig(_Strict):
     # machine that also serves, a tree ensemble's thread team waits for busy cores: a fit of
     # a few thousand rows took 20 s with two threads and 1 s with one.
     threads: int | None = Field(None, ge=1)
+    # What the model is for and where it must not be trusted, in the team's words: the model
+    # card (`mloop models card`) quotes them as written. Not part of training: excluded from
+    # every dump, so the train step's parameters (its cache key), a tuning study's setup and
+    # the config hash stay as they were; editing them retrains nothing.
+    description: str | None = Field(None, exclude=True)
+    limitations: str | None = Field(None, exclude=True)
 
 
 class ColumnExpectation(_Strict):
@@ -1002,7 +1008,9 @@ _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 def _parse_yaml(text: str) -> tuple[Any, Any]:
     try:
-        return yaml.compose(text, Loader=_YAML_LOADER), yaml.load(text, Loader=_YAML_LOADER)
+        # _YAML_LOADER is libyaml's or Python's SafeLoader: plain data, never objects
+        return (yaml.compose(text, Loader=_YAML_LOADER),
+                yaml.load(text, Loader=_YAML_LOADER))  # nosec B506
     except yaml.YAMLError:
         return yaml.compose(text), yaml.safe_load(text)
 

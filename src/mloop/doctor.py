@@ -42,6 +42,10 @@ if TYPE_CHECKING:
 Status = Literal["ok", "warn", "fail"]
 PROBE_PREFIX = ".mloop-doctor"
 TIMEOUT = 5.0
+# the addresses a server listens on every interface with: probed on loopback (a comparison,
+# never a bind)
+_ALL_IPV4 = "0.0.0.0"  # nosec B104
+_ANY_HOST = (_ALL_IPV4, "", "::")
 
 # SQLAlchemy's PostgreSQL drivers: URL driver name -> importable module, distribution
 _PG_DRIVERS = {"psycopg": ("psycopg", "psycopg"), "psycopg2": ("psycopg2", "psycopg2-binary"),
@@ -103,20 +107,25 @@ def _mm(version: str) -> tuple[int, ...]:
 # ------------------------------------------------------------------------------ HTTP
 
 def _http(method: str, url: str, data: bytes | None = None, timeout: float = TIMEOUT,
-          context: ssl.SSLContext | None = None) -> tuple[int, bytes]:
-    """One request with MLflow's client credentials (if set); (status, body). Network
-    errors raise _Fail with a short reason."""
+          context: ssl.SSLContext | None = None, *, credentials: bool = True
+          ) -> tuple[int, bytes]:
+    """One request, with MLflow's client credentials (if set) unless ``credentials`` is
+    False; (status, body). Only http(s) URLs are opened (urllib would also read ``file:``).
+    Network errors raise _Fail with a short reason."""
+    if not url.startswith(("http://", "https://")):
+        raise _Fail(f"not an http(s) URL: {url}")
     headers = {}
     token = os.environ.get("MLFLOW_TRACKING_TOKEN")
     user, pw = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get(
         "MLFLOW_TRACKING_PASSWORD")
-    if token:
+    if credentials and token:
         headers["Authorization"] = f"Bearer {token}"
-    elif user and pw:
+    elif credentials and user and pw:
         headers["Authorization"] = "Basic " + base64.b64encode(f"{user}:{pw}".encode()).decode()
     req = urllib.request.Request(url, data=data, method=method, headers=headers)
     try:
-        with urllib.request.urlopen(req, timeout=timeout, context=context) as resp:
+        # the scheme is checked above (bandit cannot see it)
+        with urllib.request.urlopen(req, timeout=timeout, context=context) as resp:  # nosec B310
             return int(resp.status), resp.read()
     except urllib.error.HTTPError as exc:
         return int(exc.code), exc.read()
@@ -437,7 +446,7 @@ def _check_serving(project: Project) -> Check:
     target = f"{host}:{port}"
     if port == 0:
         return Check("serving", target, "ok", "port 0: any free port")
-    probe_host = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+    probe_host = "127.0.0.1" if host in _ANY_HOST else host
     try:
         with socket.create_connection((probe_host, port), timeout=1.0):
             listening = True
@@ -446,10 +455,13 @@ def _check_serving(project: Project) -> Check:
     if listening:
         scheme = "https" if cfg.tls_cert else "http"
         try:
-            # our own server, maybe with a self-signed certificate: only /health is read
+            # our own server, maybe with a self-signed certificate: a liveness probe that
+            # reads only /health and sends no credentials, so an unverified TLS peer learns
+            # nothing and can only make the check say "not mloop serve"
+            unverified = ssl._create_unverified_context()  # nosec B323
             code, body = _http("GET", f"{scheme}://{probe_host}:{port}/health", timeout=2.0,
-                               context=ssl._create_unverified_context() if cfg.tls_cert
-                               else None)
+                               context=unverified if cfg.tls_cert else None,
+                               credentials=False)
             alive = code == 200 and json.loads(body).get("status") == "alive"
         except (_Fail, ValueError, AttributeError):
             alive = False

@@ -1,13 +1,14 @@
 """Registered versions: ``mloop models list|gate|promote|rollback|history|lineage|diff|
-reproduce``."""
+reproduce|card``."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from mloop.cli._common import JsonOpt, ReasonOpt, open_project, report
+from mloop.cli._common import JsonOpt, ReasonOpt, open_project, report, write_text
 from mloop.cli.render import err, fmt_metrics, num, out, print_change, print_gates, short, table
 from mloop.errors import MloopError
 
@@ -189,3 +190,38 @@ def models_reproduce(version: Annotated[int, typer.Argument(min=1)],
     report(r, json_, render)
     if not r["reproduced"]:
         raise typer.Exit(1)
+
+
+@models_app.command("card")
+def models_card(
+    version: Annotated[int, typer.Argument(min=1)],
+    html_out: Annotated[Path | None, typer.Option("--html", help="Write the card as "
+                                                  "self-contained HTML to this file.")] = None,
+    md_out: Annotated[Path | None, typer.Option("--md", help="Write the card as Markdown to "
+                                                "this file.")] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """VERSION's model card from recorded facts only: intended use, training data, metrics
+    and slices, gates, serving history with drift and performance, lineage. Without --html
+    or --md it prints the Markdown."""
+    from mloop.cards import build_card
+    from mloop.cards.render import render_html, render_markdown
+
+    files = {"--html": html_out, "--md": md_out}
+    for flag, path in files.items():
+        if path is not None and path.is_dir():
+            raise MloopError(f"{flag} {path}: is a folder; name the file to write")
+    if html_out is not None and md_out is not None and html_out.resolve() == md_out.resolve():
+        raise MloopError(f"--html and --md both name {html_out}: give each its own file")
+    card = build_card(open_project(), version)
+    # both texts first, then the files: a failure leaves neither half-written
+    texts = {path: (render_html if flag == "--html" else render_markdown)(card)
+             for flag, path in files.items() if path is not None}
+    for path, body in texts.items():
+        write_text(path, body)
+
+    def render(c: dict[str, Any]) -> None:
+        if not texts:  # a file written is announced on stderr by write_text
+            out.print(render_markdown(c), markup=False, highlight=False, soft_wrap=True)
+
+    report(card, json_, render)

@@ -38,6 +38,9 @@ from mloop.project import Project
 CRD_FILES = ("inferenceservice.yaml", "servicemonitor.yaml", "prometheusrule.yaml")
 PROJECT_IN_IMAGE = "/app/project"
 UID = 10001
+# What mloop serve and mloop ui bind to inside a pod: its Service reaches the container on the
+# pod's address, not on loopback (and `mloop ui` then requires a token: auth beyond loopback)
+POD_HOST = "0.0.0.0"  # nosec B104
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _SECRET_QUERY_KEYS = ("password", "passwd", "secret", "token", "sig", "key")
 
@@ -177,7 +180,7 @@ def _security() -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def _serve_command(port: int) -> list[str]:
-    return ["mloop", "serve", "--host", "0.0.0.0", "--port", str(port)]
+    return ["mloop", "serve", "--host", POD_HOST, "--port", str(port)]
 
 
 def _probe(path: str, port: int | str, scheme: str, *, period: int, failures: int,
@@ -316,7 +319,7 @@ def cronjob(project: Project, env: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _ui_command(port: int) -> list[str]:
-    return ["mloop", "ui", "--host", "0.0.0.0", "--port", str(port)]
+    return ["mloop", "ui", "--host", POD_HOST, "--port", str(port)]
 
 
 def ui_deployment(project: Project, env: list[dict[str, Any]]) -> dict[str, Any]:

@@ -181,7 +181,8 @@ def _child(job: Path) -> None:
     (``fit DONE TOTAL``) on stdout and the pickled result (or the error) next to the job."""
     import pickle
 
-    data, cfg, kwargs = pickle.loads(job.read_bytes())
+    # written a moment ago by the parent into its own work folder: not a trust boundary
+    data, cfg, kwargs = pickle.loads(job.read_bytes())  # nosec B301
     try:
         run: ScheduleRun | str = predict_schedules(
             pd.read_parquet(data), cfg, **kwargs,
@@ -254,7 +255,7 @@ class BackgroundSchedules:
             tail = "\n".join(self._tail)
             raise MloopError(f"the fixed-schedule baselines' process exited with code "
                              f"{self._proc.returncode} and no result: {tail}")
-        run = pickle.loads(out.read_bytes())
+        run = pickle.loads(out.read_bytes())  # nosec B301 # our child's answer, our folder
         if isinstance(run, str):
             raise MloopError(f"fixed-schedule baselines failed: {run}")
         return run
