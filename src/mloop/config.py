@@ -775,6 +775,38 @@ class SparkConfig(_Strict):
     conf: dict[str, str | int | float | bool] = Field(default_factory=dict)
 
 
+class KeySourceConfig(_Strict):
+    """Where a master key lives: exactly one of a local key file (32 random bytes, made 0600
+    by ``mloop keys init``; relative paths resolve against the project folder), an
+    environment variable holding the key in base64, or an AWS KMS key (id, ARN or alias)."""
+
+    key_file: str | None = None
+    env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    aws_kms: str | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> KeySourceConfig:
+        given = [k for k in ("key_file", "env", "aws_kms") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("needs exactly one key source: 'key_file' (a path), 'env' (an "
+                             "environment variable) or 'aws_kms' (a KMS key id or ARN); got "
+                             f"{', '.join(given) or 'none'}")
+        return self
+
+
+class EncryptionConfig(KeySourceConfig):
+    """``security.encryption``: the inference log, labels, snapshots and step outputs are
+    sealed at rest under the master key named here (see mloop.security.encryption).
+    ``previous``: keys files may still be sealed under during a rotation; readers accept
+    them, and ``mloop keys rotate`` re-wraps every such file under the current key."""
+
+    previous: list[KeySourceConfig] = Field(default_factory=list)
+
+
+class SecurityConfig(_Strict):
+    encryption: EncryptionConfig | None = None
+
+
 class ProjectConfig(_Strict):
     project: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     stores: Annotated[StoresConfig, NotHashed(
@@ -809,6 +841,8 @@ class ProjectConfig(_Strict):
     # a search space changes what `mloop tune` tries, not what one run trains: a tuned run
     # carries its parameters in model.params
     tune: Annotated[TuneConfig | None, NotHashed("what `mloop tune` tries")] = None
+    security: Annotated[SecurityConfig, NotHashed("how data is kept, not what a model is")] = (
+        Field(default_factory=SecurityConfig))
     _file: str = PrivateAttr(default=CONFIG_FILE)
     _lines: dict[tuple[Any, ...], int] = PrivateAttr(default_factory=dict)
     _secrets: frozenset[str] = PrivateAttr(default=frozenset())

@@ -374,7 +374,7 @@ def create_app(project: Project, config: ServingConfig | None = None, *, auth: A
     if logcfg.enabled:
         m = state.metrics
         state.inference_log = InferenceLog(
-            project.uris["inference_log_uri"], commit_interval=logcfg.commit_interval_seconds,
+            project.log_store, commit_interval=logcfg.commit_interval_seconds,
             max_queue=logcfg.max_queue_rows,
             on_write=lambda n: m.log_rows.labels("written").inc(n),
             on_quarantine=lambda n: m.log_rows.labels("quarantined").inc(n),
