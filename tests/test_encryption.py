@@ -201,6 +201,15 @@ def test_a_missing_key_file_is_an_error_naming_the_file(proj: Path) -> None:
     assert not (proj / ".mloop/inference/quarantine").exists()  # the files are fine
 
 
+def test_the_server_does_not_start_without_its_key(proj: Path) -> None:
+    from mloop.serving.app import create_app
+
+    (proj / "keys" / "master.key").unlink()
+    project = open_project(proj)
+    with pytest.raises(EncryptionKeyError, match=r"keys/master.key does not exist"):
+        create_app(project, project.config.serving)
+
+
 def test_cli_exits_1_naming_the_missing_variable(proj: Path, capsys: pytest.CaptureFixture[str],
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MLOOP_TEST_KEY", raising=False)

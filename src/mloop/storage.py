@@ -51,6 +51,10 @@ class Codec(Protocol):
 
     def open(self, data: bytes, *, where: str) -> bytes: ...
 
+    def check(self) -> None:
+        """Raise now (EncryptionKeyError naming the key source) if sealing would fail: a
+        server checks at start-up instead of failing at its first commit."""
+
 
 def is_sealed(data: bytes) -> bool:
     return data[:len(SEALED_MAGIC)] == SEALED_MAGIC
@@ -199,9 +203,6 @@ class ObjectStore:
 
     def read_bytes(self, rel: str) -> bytes:
         return self.decode(self.read_raw_at(self.path(rel)), self.uri_for(rel))
-
-    def read_raw(self, rel: str) -> bytes:
-        return self.read_raw_at(self.path(rel))
 
     def _tmp(self, rel: str) -> str:
         head, _, tail = self.path(rel).rpartition("/")

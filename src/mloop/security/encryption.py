@@ -150,6 +150,15 @@ class EnvelopeCodec:
     def from_config(cls, config: EncryptionConfig, root: Path) -> EnvelopeCodec:
         return cls(Keyring(config, root))
 
+    def check(self) -> None:
+        """Load the current key and round-trip a data key through it (for KMS: one
+        GenerateDataKey and one Decrypt, so missing permissions show at start-up)."""
+        master = self.keyring.current
+        key, wrapped = master.new_data_key()
+        if master.unwrap(wrapped, where="checking the key at start-up") != key:
+            raise EncryptionKeyError(f"{master.source}: a data key did not round-trip",
+                                     source=master.source)
+
     def seal(self, data: bytes, *, where: str) -> bytes:
         master = self.keyring.current
         key, wrapped = master.new_data_key()

@@ -372,6 +372,8 @@ def create_app(project: Project, config: ServingConfig | None = None, *, auth: A
     state = ServerState(project, cfg, ServingMetrics(), reloads=reloads)
     logcfg = cfg.inference_log
     if logcfg.enabled:
+        if project.codec is not None:  # a missing key stops the start, not every commit
+            project.codec.check()
         m = state.metrics
         state.inference_log = InferenceLog(
             project.log_store, commit_interval=logcfg.commit_interval_seconds,

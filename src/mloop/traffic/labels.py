@@ -54,15 +54,14 @@ def known_ids(store: ObjectStore, ids: Iterable[str]) -> set[str]:
 def _ids_in(store: ObjectStore, files: list[str], wanted: set[str]) -> list[str]:
     import pyarrow.dataset as ds
 
-    try:  # one scan of the id column, the filter pushed down (plain files only)
-        if store.codec is not None:
-            raise OSError("sealed segments are read whole")
-        dataset = ds.dataset(files, filesystem=store.fs, format="parquet")
-        return dataset.to_table(columns=["_request_id"],
-                                filter=pc.field("_request_id").isin(list(wanted))
-                                ).column(0).to_pylist()
-    except (pa.ArrowException, OSError):
-        pass  # a file is damaged or gone: read them one by one (quarantining the bad one)
+    if store.codec is None:  # sealed segments are read whole, through the segment cache
+        try:  # one scan of the id column, the filter pushed down
+            dataset = ds.dataset(files, filesystem=store.fs, format="parquet")
+            return dataset.to_table(columns=["_request_id"],
+                                    filter=pc.field("_request_id").isin(list(wanted))
+                                    ).column(0).to_pylist()
+        except (pa.ArrowException, OSError):
+            pass  # a file is damaged or gone: read them one by one (quarantining the bad one)
     value_set = pa.array(sorted(wanted), pa.string())
     out: list[str] = []
     for t in read_segments(store, files):
