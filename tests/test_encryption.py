@@ -154,15 +154,16 @@ def test_monitoring_a_window_works_on_sealed_segments_and_labels(proj: Path) -> 
     assert result["evaluated"][0]["metric_value"] > 0
 
 
-def test_the_retraining_table_is_sealed_and_read_back_by_the_pipeline(proj: Path) -> None:
+def test_the_retraining_table_is_sealed_and_the_loops_retrain_trains_on_it(proj: Path) -> None:
     from datetime import UTC, timedelta
 
     from mloop.data.source import read_file_table
-    from mloop.loop.retrain import build_training_data
+    from mloop.loop.retrain import build_training_data, retrain
 
     project = open_project(proj)
     project.config.loop.retrain.min_labelled_rows = 10
     project.config.loop.retrain.window = timedelta(days=30)
+    project.config.loop.retrain.include_original = True  # enough rows for validation
     data = build_training_data(project, until=datetime(2011, 8, 4, tzinfo=UTC), champion=1)
     assert Path(data.path).read_bytes().startswith(SEALED)
     table = read_file_table(data.path, codec=project.codec)
@@ -172,6 +173,8 @@ def test_the_retraining_table_is_sealed_and_read_back_by_the_pipeline(proj: Path
     with pytest.raises(EncryptionKeyError, match=r"no security\.encryption"):
         ObjectStore(project.uris["outputs_uri"]).read_parquet(
             Path(data.path).relative_to(project.uris["outputs_uri"]).as_posix())
+    # the loop's retrain: its pipeline's ingest step opens the sealed table
+    assert retrain(project, data)["version"] == 2
 
 
 def test_a_damaged_sealed_segment_is_quarantined_and_the_rest_still_read(proj: Path) -> None:
