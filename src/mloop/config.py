@@ -556,19 +556,6 @@ def _positive_retention(value: Duration | None) -> Duration | None:
     return value
 
 
-class SecurityConfig(_Strict):
-    """What mloop keeps of its users' data (mloop.security.pii, mloop.traffic.retention).
-
-    ``pii`` maps a model input to what the inference log stores of it: ``drop`` (nothing),
-    ``hash`` (a keyed HMAC-SHA256: equal values stay equal, so monitoring still counts
-    categories) or ``mask`` (a fixed ``***``). The model always scores the raw value.
-    ``retention``: answered rows and their labels older than this (by event time) are
-    deleted on each loop pass."""
-
-    pii: dict[str, PiiAction] = Field(default_factory=dict)
-    retention: Annotated[Duration | None, AfterValidator(_positive_retention)] = None
-
-
 class SearchParam(_Strict):
     """One estimator parameter of a tuning search space: a float or int between ``low`` and
     ``high`` (optionally on a log scale or in steps), or one of ``choices``."""
@@ -801,6 +788,49 @@ class SparkConfig(_Strict):
     master: str = Field("local[2]", min_length=1)  # --master overrides; e.g. spark://host:7077
     # any Spark setting, e.g. spark.jars.packages (hadoop-aws for s3://), spark.executor.memory
     conf: dict[str, str | int | float | bool] = Field(default_factory=dict)
+
+
+class KeySourceConfig(_Strict):
+    """Where a master key lives: exactly one of a local key file (32 random bytes, made 0600
+    by ``mloop keys init``; relative paths resolve against the project folder), an
+    environment variable holding the key in base64, or an AWS KMS key (id, ARN or alias)."""
+
+    key_file: str | None = None
+    env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    aws_kms: str | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> KeySourceConfig:
+        given = [k for k in ("key_file", "env", "aws_kms") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("needs exactly one key source: 'key_file' (a path), 'env' (an "
+                             "environment variable) or 'aws_kms' (a KMS key id or ARN); got "
+                             f"{', '.join(given) or 'none'}")
+        return self
+
+
+class EncryptionConfig(KeySourceConfig):
+    """``security.encryption``: the inference log, labels, snapshots and step outputs are
+    sealed at rest under the master key named here (see mloop.security.encryption).
+    ``previous``: keys files may still be sealed under during a rotation; readers accept
+    them, and ``mloop keys rotate`` re-wraps every such file under the current key."""
+
+    previous: list[KeySourceConfig] = Field(default_factory=list)
+
+
+class SecurityConfig(_Strict):
+    """What mloop keeps of its users' data (mloop.security.pii, mloop.traffic.retention).
+
+    ``pii`` maps a model input to what the inference log stores of it: ``drop`` (nothing),
+    ``hash`` (a keyed HMAC-SHA256: equal values stay equal, so monitoring still counts
+    categories) or ``mask`` (a fixed ``***``). The model always scores the raw value.
+    ``retention``: answered rows and their labels older than this (by event time) are
+    deleted on each loop pass. ``encryption``: files at rest sealed under a master key
+    (mloop.security.encryption)."""
+
+    pii: dict[str, PiiAction] = Field(default_factory=dict)
+    retention: Annotated[Duration | None, AfterValidator(_positive_retention)] = None
+    encryption: EncryptionConfig | None = None
 
 
 class ProjectConfig(_Strict):

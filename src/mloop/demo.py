@@ -455,7 +455,7 @@ def _summarise(project: Any, replay: dict[str, Any], frozen_version: int, tcol: 
 def _served_predictions(project: Any) -> dict[str, float]:
     from mloop.monitoring.windows import read_rows
 
-    table = read_rows(project.uris["inference_log_uri"])
+    table = read_rows(project.log_store)
     return dict(zip(table.column("_request_id").to_pylist(),
                     table.column("_prediction").to_pylist(), strict=True))
 

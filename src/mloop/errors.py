@@ -26,7 +26,10 @@ Each is also importable from ``mloop`` itself.
     │                            taken over: stop acting
     ├── LeaseHeldError           another loop controller holds the lease (carries holder, until)
     ├── PurgeNotFoundError       no inference-log purge with that id
-    └── WindowNotFoundError      no monitored window with that id for the project's model
+    ├── WindowNotFoundError      no monitored window with that id for the project's model
+    ├── EncryptionKeyError       a file encrypted at rest cannot be opened: its master key is
+    │                            missing or not the configured one (carries the key source)
+    └── SealedDataError          a file encrypted at rest is damaged (its tag does not verify)
 
 ``MloopError`` itself is raised where no caller would handle the case apart from any other
 user error, the message being all there is to act on: a bad argument or option value
@@ -173,3 +176,20 @@ class PurgeNotFoundError(MloopError):
 
 class WindowNotFoundError(MloopError):
     """No monitored window with that id for the project's model (the dashboard answers 404)."""
+
+
+class EncryptionKeyError(MloopError):
+    """A file encrypted at rest (``security.encryption``) cannot be opened or sealed: the
+    master key is missing (no key file, unset variable, KMS refusing) or is not the key the
+    file was sealed under. ``source`` names where the key was looked for (a file path, an
+    environment variable, a KMS key id), so the message says what to fix."""
+
+    def __init__(self, message: str, *, source: str | None = None) -> None:
+        super().__init__(message)
+        self.source = source
+
+
+class SealedDataError(MloopError):
+    """A sealed file's key unwrapped but its contents do not verify: the bytes were damaged
+    or altered after sealing. Readers of the inference log quarantine such a segment; a key
+    error never is (the file is fine, the key is wrong)."""

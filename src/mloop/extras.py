@@ -39,6 +39,8 @@ EXTRAS: dict[str, Extra] = {e.name: e for e in (
     Extra("postgres", ("psycopg",), "psycopg", "a postgresql+psycopg:// store"),
     Extra("lightgbm", ("lightgbm",), "LightGBM", "a lightgbm model.estimator"),
     Extra("xgboost", ("xgboost",), "XGBoost", "an xgboost model.estimator"),
+    Extra("encryption", ("cryptography",), "cryptography", "security.encryption"),
+    Extra("aws-kms", ("boto3",), "boto3", "security.encryption.aws_kms"),
 )}
 
 

@@ -17,7 +17,7 @@ from mloop.errors import ProjectNotFoundError
 
 if TYPE_CHECKING:  # imported where used: a read command needs few of them (pyarrow, ORM)
     from mloop.data.snapshot import SnapshotStore
-    from mloop.storage import ObjectStore
+    from mloop.storage import Codec, ObjectStore
     from mloop.store.db import Store
     from mloop.tracking_read import TrackingReader
 
@@ -82,7 +82,7 @@ class Project:
         from mloop.storage import ObjectStore
 
         prof = self.config.profile
-        return SnapshotStore(ObjectStore(self.uris["data_uri"]), bins=prof.bins,
+        return SnapshotStore(ObjectStore(self.uris["data_uri"], codec=self.codec), bins=prof.bins,
                              top_k=prof.top_k, time_column=self.config.features.time_column,
                              window=self.config.monitoring.window)
 
@@ -90,7 +90,30 @@ class Project:
     def outputs(self) -> ObjectStore:
         from mloop.storage import ObjectStore
 
-        return ObjectStore(self.uris["outputs_uri"])
+        return ObjectStore(self.uris["outputs_uri"], codec=self.codec)
+
+    @functools.cached_property
+    def log_store(self) -> ObjectStore:
+        """The inference log's store (answer segments, labels, quarantine)."""
+        from mloop.storage import ObjectStore
+
+        return ObjectStore(self.uris["inference_log_uri"], codec=self.codec)
+
+    @functools.cached_property
+    def codec(self) -> Codec | None:
+        """What seals files at rest (``security.encryption``), or None: every store of the
+        project is given the same one. Its keys load on first use, not here."""
+        enc = self.config.security.encryption
+        if enc is None:
+            return None
+        from mloop.security.encryption import EnvelopeCodec
+
+        return EnvelopeCodec.from_config(enc, self.root)
+
+    def sealed_stores(self) -> dict[str, ObjectStore]:
+        """The stores encryption at rest covers, by their mloop.yaml key."""
+        return {"data_uri": self.snapshots.objects, "outputs_uri": self.outputs,
+                "inference_log_uri": self.log_store}
 
     @functools.cached_property
     def mlflow(self):  # -> MlflowClient (imported lazily: mlflow import costs ~1 s)

@@ -10,6 +10,12 @@ setting serves both: ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` (or MLflow'
 (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, ``~/.aws``, instance roles), which the AWS
 SDK inside pyarrow finds by itself. Options in the URI's query string
 (``s3://bucket/prefix?endpoint_override=host:9000&scheme=http``) win over the environment.
+
+Encryption at rest is one seam here: an ObjectStore given a :class:`Codec` (the project builds
+one from ``security.encryption``; this module does not know how it works) seals every file it
+writes and opens every file it reads, Parquet and bytes alike, so each reader of the inference
+log, labels, snapshots and step outputs decrypts without knowing it. A store without a codec
+that meets a sealed file says so instead of calling it damaged.
 """
 
 from __future__ import annotations
@@ -19,8 +25,10 @@ import functools
 import os
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
+
+from mloop.errors import EncryptionKeyError
 
 if TYPE_CHECKING:  # imported where used: resolving a URI must not cost pyarrow's import
     import pyarrow as pa
@@ -28,6 +36,28 @@ if TYPE_CHECKING:  # imported where used: resolving a URI must not cost pyarrow'
 
 # Most specific first, as boto3 does (a service-specific endpoint beats the global one).
 S3_ENDPOINT_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL")
+
+# The first bytes of every file sealed at rest (mloop.security.encryption writes them): a
+# store tells a sealed file from a plain one (Parquet starts with b"PAR1", JSON with "{")
+SEALED_MAGIC = b"MLOOPENC"
+
+
+class Codec(Protocol):
+    """Seals bytes for storage and opens them again (encryption at rest). ``where`` names the
+    file in error messages. ``open`` returns plain bytes (not sealed) unchanged, so data
+    written before encryption was turned on stays readable."""
+
+    def seal(self, data: bytes, *, where: str) -> bytes: ...
+
+    def open(self, data: bytes, *, where: str) -> bytes: ...
+
+    def check(self) -> None:
+        """Raise now (EncryptionKeyError naming the key source) if sealing would fail: a
+        server checks at start-up instead of failing at its first commit."""
+
+
+def is_sealed(data: bytes) -> bool:
+    return data[:len(SEALED_MAGIC)] == SEALED_MAGIC
 
 
 def resolve_uri(uri: str, root: Path) -> str:
@@ -102,11 +132,18 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     return fs, base.rstrip("/") or base
 
 
-class ObjectStore:
-    """Bytes and Parquet files under one base URI."""
+def as_store(where: str | ObjectStore) -> ObjectStore:
+    """``where`` itself if it is a store (the project's, with its codec), else a plain store
+    over the URI."""
+    return where if isinstance(where, ObjectStore) else ObjectStore(where)
 
-    def __init__(self, uri: str) -> None:
+
+class ObjectStore:
+    """Bytes and Parquet files under one base URI, sealed at rest when given a ``codec``."""
+
+    def __init__(self, uri: str, *, codec: Codec | None = None) -> None:
         self.uri = uri
+        self.codec = codec
         self.local = is_local(uri)
         self._fs: pafs.FileSystem | None = None
         if self.local:  # pyarrow's filesystem only when a local store needs more than bytes
@@ -146,17 +183,39 @@ class ObjectStore:
 
         return self.fs.get_file_info(self.path(rel)).type != pafs.FileType.NotFound
 
-    def read_bytes(self, rel: str) -> bytes:
+    def read_raw_at(self, path: str) -> bytes:
+        """The bytes stored at the full path ``path``, as stored (sealed or not)."""
         if self.local:
-            return Path(self.path(rel)).read_bytes()
-        with self.fs.open_input_stream(self.path(rel)) as f:
-            return f.read()
+            return Path(path).read_bytes()
+        with self.fs.open_input_stream(path) as f:
+            return bytes(f.read())
+
+    def decode(self, raw: bytes, where: str) -> bytes:
+        """Stored bytes -> plain bytes: opened by the codec; without one, a sealed file is an
+        EncryptionKeyError (not a damaged file: the key is what is missing)."""
+        if self.codec is not None:
+            return self.codec.open(raw, where=where)
+        if is_sealed(raw):
+            raise EncryptionKeyError(
+                f"{where} is encrypted at rest, but this project has no security.encryption "
+                f"key configured: add the key source it was sealed under to mloop.yaml")
+        return raw
+
+    def read_bytes(self, rel: str) -> bytes:
+        return self.decode(self.read_raw_at(self.path(rel)), self.uri_for(rel))
 
     def _tmp(self, rel: str) -> str:
         head, _, tail = self.path(rel).rpartition("/")
         return f"{head}/.tmp-{uuid.uuid4().hex}-{tail}"
 
     def write_bytes(self, rel: str, data: bytes) -> None:
+        """Write ``data`` atomically (sealed if the store has a codec)."""
+        if self.codec is not None:
+            data = self.codec.seal(data, where=self.uri_for(rel))
+        self.write_raw(rel, data)
+
+    def write_raw(self, rel: str, data: bytes) -> None:
+        """Write ``data`` atomically as it is (key rotation rewrites a sealed file's header)."""
         target = self.path(rel)
         if self._folders:
             self.fs.create_dir(target.rpartition("/")[0], recursive=True)
@@ -172,8 +231,14 @@ class ObjectStore:
         os.replace(tmp, target)
 
     def write_parquet(self, rel: str, table: pa.Table) -> None:
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
+        if self.codec is not None:  # the whole file in memory, sealed as one piece
+            sink = pa.BufferOutputStream()
+            pq.write_table(table, sink, compression="zstd")
+            self.write_bytes(rel, sink.getvalue().to_pybytes())
+            return
         target = self.path(rel)
         if self._folders:
             self.fs.create_dir(target.rpartition("/")[0], recursive=True)
@@ -184,10 +249,50 @@ class ObjectStore:
         pq.write_table(table, tmp, compression="zstd")
         os.replace(tmp, target)
 
-    def read_parquet(self, rel: str) -> pa.Table:
+    def read_parquet(self, rel: str, columns: list[str] | None = None) -> pa.Table:
+        return self.read_parquet_at(self.path(rel), columns=columns)
+
+    def read_parquet_at(self, path: str, columns: list[str] | None = None) -> pa.Table:
+        """The Parquet file at the full path ``path`` (from a listing), opened if sealed.
+        Without a codec pyarrow reads the file itself (only the columns asked for)."""
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        return pq.read_table(self.path(rel), filesystem=self.fs)
+        if self.codec is None:
+            try:
+                return pq.read_table(path, filesystem=self.fs, columns=columns)
+            except (pa.ArrowInvalid, OSError):
+                self._refuse_sealed(path)
+                raise
+        raw = self.decode(self.read_raw_at(path), self._shown(path))
+        return pq.read_table(pa.BufferReader(raw), columns=columns)
+
+    def read_parquet_schema(self, rel: str) -> pa.Schema:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        path = self.path(rel)
+        if self.codec is None:
+            try:
+                return pq.read_schema(path, filesystem=self.fs)
+            except (pa.ArrowInvalid, OSError):
+                self._refuse_sealed(path)
+                raise
+        raw = self.decode(self.read_raw_at(path), self._shown(path))
+        return pq.read_schema(pa.BufferReader(raw))
+
+    def _shown(self, path: str) -> str:
+        return path if self.local else f"{self._scheme}://{path}"
+
+    def _refuse_sealed(self, path: str) -> None:
+        """After a failed plain read: an EncryptionKeyError if the file is sealed (the first
+        bytes only), so a reader never takes a sealed file for a damaged one."""
+        try:
+            with self.fs.open_input_file(path) as f:
+                head = f.read(len(SEALED_MAGIC))
+        except OSError:
+            return
+        self.decode(bytes(head), self._shown(path))
 
     def move(self, src: str, dst: str) -> None:
         """Move one file within the store (FileNotFoundError if ``src`` is gone, e.g. another

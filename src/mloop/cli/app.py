@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from mloop.cli import admin, ci, data, export, loop, models, monitor, runs, serving, tune, ui
+from mloop.cli import admin, ci, data, export, keys, loop, models, monitor, runs, serving, tune, ui
 from mloop.cli._common import ProjectOpt, root_options, set_root_options
 from mloop.cli.render import err
 from mloop.errors import MloopError, StepFailedError
@@ -52,6 +52,7 @@ app.add_typer(loop.audit_app, name="audit")
 app.add_typer(serving.deploy_app, name="deploy")
 app.add_typer(serving.labels_app, name="labels")
 app.add_typer(serving.tokens_app, name="tokens")
+app.add_typer(keys.keys_app, name="keys")
 app.add_typer(monitor.monitor_app, name="monitor")
 app.add_typer(export.export_app, name="export")
 app.add_typer(ci.ci_app, name="ci")

@@ -15,7 +15,7 @@ import pyarrow.dataset as ds
 
 from mloop.config import DataConfig
 from mloop.errors import DataSourceError
-from mloop.storage import filesystem, is_local
+from mloop.storage import Codec, filesystem, is_local, is_sealed
 
 _FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".gz": "csv"}
 
@@ -84,9 +84,38 @@ def _read_uri_table(uri: str, fmt: str | None) -> pa.Table:
         raise DataSourceError(f"data.path '{uri}' could not be read as {fmt}: {exc}") from None
 
 
-def read_file_table(path: Path | str, fmt: str | None = None) -> pa.Table:
+def _read_sealed(path: Path | str, codec: Codec) -> pa.Table | None:
+    """The Parquet file at ``path`` if it is sealed at rest (a retraining table mloop wrote
+    to its outputs store), opened by ``codec``; None if it is a plain file or a folder."""
+    import pyarrow.parquet as pq
+
+    if isinstance(path, str) and not is_local(path):
+        import pyarrow.fs as pafs
+
+        fs, base = filesystem(path)
+        if fs.get_file_info(base).type != pafs.FileType.File:
+            return None
+        with fs.open_input_stream(base) as f:
+            raw = bytes(f.read())
+    else:
+        local = Path(str(path).removeprefix("file://"))
+        if not local.is_file():
+            return None
+        raw = local.read_bytes()
+    if not is_sealed(raw):
+        return None
+    return pq.read_table(pa.BufferReader(codec.open(raw, where=str(path))))
+
+
+def read_file_table(path: Path | str, fmt: str | None = None, *,
+                    codec: Codec | None = None) -> pa.Table:
     """Read a CSV/Parquet file or a folder of them (a local path, or a URI such as
-    ``s3://bucket/prefix``)."""
+    ``s3://bucket/prefix``). With ``codec`` (the project's, under ``security.encryption``)
+    a sealed Parquet file is opened too."""
+    if codec is not None:
+        sealed = _read_sealed(path, codec)
+        if sealed is not None:
+            return sealed
     if isinstance(path, str):
         if not is_local(path):
             return _read_uri_table(path, fmt)
@@ -154,15 +183,17 @@ def filter_time(table: pa.Table, column: str | None, since: str | None,
     return table.filter(mask)
 
 
-def read_source(data: DataConfig, root: Path, time_column: str | None) -> tuple[pa.Table, str]:
-    """Read the configured source; return the table and a human-readable source string."""
+def read_source(data: DataConfig, root: Path, time_column: str | None, *,
+                codec: Codec | None = None) -> tuple[pa.Table, str]:
+    """Read the configured source; return the table and a human-readable source string.
+    ``codec``: opens a sealed file (a retraining table in the encrypted outputs store)."""
     if data.path is not None and not is_local(data.path):
-        table = read_file_table(data.path, data.format)
+        table = read_file_table(data.path, data.format, codec=codec)
         source = data.path
     elif data.path is not None:
         path = Path(data.path.removeprefix("file://"))
         path = path if path.is_absolute() else (root / path)
-        table = read_file_table(path, data.format)
+        table = read_file_table(path, data.format, codec=codec)
         source = str(path)
     else:
         table = read_sql_table(data.sql or "", data.url or "")

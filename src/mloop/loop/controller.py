@@ -277,7 +277,7 @@ def judge_probation(project: Project, state: LoopState, now: datetime) -> dict[s
         return _end_probation(project, state, prob, "rollback",
                               f"the canary failed to predict {errors['failed_rows']} row(s): "
                               f"{errors['error']}", {"errors": errors}, now)
-    uri = project.uris["inference_log_uri"]
+    uri = project.log_store
     rows = read_rows(uri, since=prob.started_at)
     labels = read_labels(uri)
     labelled = rows.join(labels, keys="_request_id", join_type="inner") \

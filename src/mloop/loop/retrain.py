@@ -42,8 +42,8 @@ def labelled_traffic(project: Project, *, until: datetime, window: timedelta) ->
 
     cfg = project.config
     since = until - window
-    rows = read_rows(project.uris["inference_log_uri"], since=since, until=until)
-    labels = read_labels(project.uris["inference_log_uri"])
+    rows = read_rows(project.log_store, since=since, until=until)
+    labels = read_labels(project.log_store)
     if rows.num_rows == 0 or labels.num_rows == 0:
         return pa.table({})
     joined = rows.join(labels, keys="_request_id", join_type="inner")
@@ -122,18 +122,29 @@ def _with_original(project: Project, champion: int, traffic: pa.Table) -> tuple[
     return table, original.num_rows
 
 
-def retrain(project: Project, data: TrainingData, *, on_event: Any = None) -> dict[str, Any]:
-    """Run the project's pipeline on ``data``; returns the new version and what it cost."""
+def _schema_of(project: Project, path: str) -> pa.Schema:
+    """The retraining table's columns: read through the outputs store that wrote it (which
+    opens it when sealed at rest), or from ``path`` itself if it lies elsewhere."""
     import pyarrow.parquet as pq
 
+    from mloop.storage import filesystem
+
+    outputs = project.outputs
+    base = outputs.uri_for("").rstrip("/") + "/"
+    if path.startswith(base):
+        return outputs.read_parquet_schema(path.removeprefix(base))
+    fs, where = filesystem(path)
+    return pq.read_schema(where, filesystem=fs)
+
+
+def retrain(project: Project, data: TrainingData, *, on_event: Any = None) -> dict[str, Any]:
+    """Run the project's pipeline on ``data``; returns the new version and what it cost."""
     from mloop.config import DataConfig
     from mloop.memory import PeakMemory
     from mloop.project import Project as _Project
     from mloop.registry.training import train_candidate
-    from mloop.storage import filesystem
 
-    fs, where = filesystem(data.path)
-    present = set(pq.read_schema(where, filesystem=fs).names)
+    present = set(_schema_of(project, data.path).names)
     features = project.config.features.model_copy(update={
         "exclude": [c for c in project.config.features.exclude if c in present]})
     config = project.config.model_copy(update={"data": DataConfig(path=str(data.path)),
@@ -159,11 +170,10 @@ def event_time_now(project: Project) -> datetime | None:
     usually only the newest day is read. Segments found unreadable are quarantined and
     recorded in the audit chain."""
     from mloop.monitoring.windows import CLOCK_CONFIRMATIONS, event_clock
-    from mloop.storage import ObjectStore
     from mloop.traffic.inference_log import log_days, read_segments, segment_files
     from mloop.traffic.quarantine import record_quarantine_events
 
-    store = ObjectStore(project.uris["inference_log_uri"])
+    store = project.log_store
     chunks: list[pa.Array] = []
     for day in reversed(log_days(store)):
         for t in read_segments(store, segment_files(store, first_day=day, last_day=day)):
@@ -182,8 +192,8 @@ def count_labelled_since(project: Project, since: datetime | None) -> int:
     from mloop.monitoring.windows import read_rows
     from mloop.traffic.labels import read_labels
 
-    rows = read_rows(project.uris["inference_log_uri"], since=since)
-    labels = read_labels(project.uris["inference_log_uri"])
+    rows = read_rows(project.log_store, since=since)
+    labels = read_labels(project.log_store)
     if rows.num_rows == 0 or labels.num_rows == 0:
         return 0
     return int(pc.sum(pc.is_in(rows.column("_request_id"),

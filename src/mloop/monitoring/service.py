@@ -226,7 +226,7 @@ def _estimate(project: Project, window: pa.Table, ref: Reference,
 def _labels(project: Project) -> dict[str, Any]:
     from mloop.traffic.labels import read_labels
 
-    table = read_labels(project.uris["inference_log_uri"])
+    table = read_labels(project.log_store)
     return dict(zip(table.column("_request_id").to_pylist(), table.column("label").to_pylist(),
                     strict=True))
 
@@ -278,7 +278,7 @@ def run_monitor(project: Project, *, window: str | None = None,
         boundary = set((last.report or {}).get("boundary_ids") or []) if last else set()
     start_after = max(filter(None, [last_end, as_utc(since)]), default=None)
     read_since = start_after - timedelta(microseconds=1) if start_after else None
-    rows = read_rows(project.uris["inference_log_uri"], since=read_since, until=until)
+    rows = read_rows(project.log_store, since=read_since, until=until)
     if spec.length:
         windows = time_windows(rows, spec.length, start_after, cfg.lateness_seconds)
     else:
@@ -347,10 +347,9 @@ def run_monitor(project: Project, *, window: str | None = None,
         if alert is not None:
             alerts.append(alert)
     # segments found unreadable on the way were quarantined and skipped: into the audit chain
-    from mloop.storage import ObjectStore
     from mloop.traffic.quarantine import record_quarantine_events
 
-    quarantined = record_quarantine_events(ObjectStore(project.uris["inference_log_uri"]),
+    quarantined = record_quarantine_events(project.log_store,
                                            project.store)
     return {"model": name, "window": spec.text, "champion": champion,
             "evaluated": evaluated, "refreshed": refreshed, "alerts": alerts,
@@ -397,7 +396,7 @@ def _refresh_performance(project: Project, spec: WindowSpec, labels: dict[str, A
             .order_by(MonitorWindowRow.seq.desc()).limit(horizon)))
     rows = [r for r in recent if r.label_coverage < 1.0]
     for row in rows:
-        window = read_rows(project.uris["inference_log_uri"],
+        window = read_rows(project.log_store,
                            since=as_utc(row.start) - timedelta(microseconds=1),
                            until=as_utc(row.end))
         if spec.length:

@@ -19,17 +19,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mloop.monitoring.windows_store import WindowSpec as WindowSpec  # re-exported: its old home
-from mloop.storage import ObjectStore
+from mloop.storage import ObjectStore, as_store
 from mloop.traffic.inference_log import read_segments, segment_files
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
-def read_rows(uri: str, *, since: datetime | None = None, until: datetime | None = None
-              ) -> pa.Table:
+def read_rows(uri: str | ObjectStore, *, since: datetime | None = None,
+              until: datetime | None = None) -> pa.Table:
     """Answered rows (champion and canary) with ``since < _ts <= until``, ordered by time."""
 
-    store = ObjectStore(uri)
+    store = as_store(uri)
     files = segment_files(
         store, first_day=(since - timedelta(days=1)).strftime("%Y-%m-%d") if since else None,
         last_day=until.strftime("%Y-%m-%d") if until else None)

@@ -53,7 +53,8 @@ def reproduce(project: Project, version: int) -> dict[str, Any]:
                         f"not recorded")
 
     recorded_source = (lin["data"].get("source") or {}).get("digest")
-    table, _ = read_source(config.data, project.root, config.features.time_column)
+    table, _ = read_source(config.data, project.root, config.features.time_column,
+                           codec=project.codec)
     current_source = table_digest(table)
     data_same = current_source == recorded_source
 

@@ -373,9 +373,11 @@ def create_app(project: Project, config: ServingConfig | None = None, *, auth: A
     state = ServerState(project, cfg, ServingMetrics(), reloads=reloads)
     logcfg = cfg.inference_log
     if logcfg.enabled:
+        if project.codec is not None:  # a missing key stops the start, not every commit
+            project.codec.check()
         m = state.metrics
         state.inference_log = InferenceLog(
-            project.uris["inference_log_uri"], commit_interval=logcfg.commit_interval_seconds,
+            project.log_store, commit_interval=logcfg.commit_interval_seconds,
             max_queue=logcfg.max_queue_rows,
             on_write=lambda n: m.log_rows.labels("written").inc(n),
             on_quarantine=lambda n: m.log_rows.labels("quarantined").inc(n),

@@ -25,7 +25,8 @@ from mloop.tabular.model import build_model, check_classes, features_frame, reso
 
 @step(cache=False)  # the source may have changed: always read; its digest drives the cache
 def ingest(ctx: StepContext, data: dict[str, Any], time_column: str | None) -> pa.Table:
-    table, _source = read_source(DataConfig(**data), Path(ctx.project.root), time_column)
+    table, _source = read_source(DataConfig(**data), Path(ctx.project.root), time_column,
+                                 codec=ctx.project.codec)
     ctx.log_metric("rows", table.num_rows)
     ctx.log_metric("columns", table.num_columns)
     return table

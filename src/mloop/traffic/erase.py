@@ -84,7 +84,7 @@ def erase_rows(project: Project, *, keys: Sequence[str] = (),
     if bool(keys) == bool(request_ids):
         raise MloopError("erase: give --key COLUMN=VALUE or --request-id ID (either may "
                          "repeat), not both and not neither")
-    log = ObjectStore(project.uris["inference_log_uri"])
+    log = project.log_store
     if keys:
         pairs = [parse_key(k) for k in keys]
         columns = sorted({c for c, _ in pairs})

@@ -44,7 +44,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from mloop.storage import ObjectStore
+from mloop.storage import ObjectStore, as_store
 from mloop.traffic.quarantine import ROWS_DIR, read_or_quarantine, write_note
 
 log = logging.getLogger("mloop.serving")
@@ -158,11 +158,12 @@ class InferenceLog:
     ``mloop_inference_log_rows_total{outcome=...}``); ``on_queue(n)`` with the rows still
     buffered."""
 
-    def __init__(self, uri: str, *, commit_interval: float = 1.0, max_queue: int = 100_000,
+    def __init__(self, uri: str | ObjectStore, *, commit_interval: float = 1.0,
+                 max_queue: int = 100_000,
                  on_write: Callable[[int], None] | None = None,
                  on_queue: Callable[[int], None] | None = None,
                  on_quarantine: Callable[[int], None] | None = None) -> None:
-        self.store = ObjectStore(uri)
+        self.store = as_store(uri)  # the project's log_store seals segments at rest
         self.commit_interval = commit_interval
         self.max_queue = max_queue
         self._entries: list[LogEntry] = []
@@ -600,7 +601,6 @@ class _SegmentCache:
 
     def read(self, store: ObjectStore, path: str) -> pa.Table | None:
         """The segment's table; None if it is gone or was quarantined as unreadable."""
-        import pyarrow.dataset as ds
         import pyarrow.fs as pafs
 
         key = (store.uri, path)
@@ -615,8 +615,7 @@ class _SegmentCache:
             if info.type == pafs.FileType.NotFound:
                 return None
             stamp = _stamp(info)
-        table = read_or_quarantine(store, path, lambda: ds.dataset(
-            path, filesystem=store.fs, format="parquet").to_table())
+        table = read_or_quarantine(store, path, lambda: store.read_parquet_at(path))
         if table is None:
             return None
         budget = float(os.environ.get("MLOOP_SEGMENT_CACHE_MB", "256")) * 2**20
@@ -658,12 +657,12 @@ def log_days(store: ObjectStore) -> list[str]:
                   if name.startswith("day="))
 
 
-def read_log(uri: str, columns: list[str] | None = None) -> pa.Table:
+def read_log(uri: str | ObjectStore, columns: list[str] | None = None) -> pa.Table:
     """Every committed row (all days, all versions) as one table; columns missing from some
     segments are null there. Partition folders are not added as columns (``_version`` and
     ``_ts`` already carry them)."""
 
-    store = ObjectStore(uri)
+    store = as_store(uri)
     tables = read_segments(store, segment_files(store))
     if not tables:
         return pa.table({c: pa.array([], pa.null()) for c in (columns or META_COLUMNS)})

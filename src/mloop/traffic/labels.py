@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mloop.errors import DataSourceError
-from mloop.storage import ObjectStore
+from mloop.storage import ObjectStore, as_store
 from mloop.traffic.inference_log import (
     LABELS_DIR,
     id_day,
@@ -54,13 +54,14 @@ def known_ids(store: ObjectStore, ids: Iterable[str]) -> set[str]:
 def _ids_in(store: ObjectStore, files: list[str], wanted: set[str]) -> list[str]:
     import pyarrow.dataset as ds
 
-    try:  # one scan of the id column, the filter pushed down
-        dataset = ds.dataset(files, filesystem=store.fs, format="parquet")
-        return dataset.to_table(columns=["_request_id"],
-                                filter=pc.field("_request_id").isin(list(wanted))
-                                ).column(0).to_pylist()
-    except (pa.ArrowException, OSError):
-        pass  # a file is damaged or gone: read them one by one (quarantining the bad one)
+    if store.codec is None:  # sealed segments are read whole, through the segment cache
+        try:  # one scan of the id column, the filter pushed down
+            dataset = ds.dataset(files, filesystem=store.fs, format="parquet")
+            return dataset.to_table(columns=["_request_id"],
+                                    filter=pc.field("_request_id").isin(list(wanted))
+                                    ).column(0).to_pylist()
+        except (pa.ArrowException, OSError):
+            pass  # a file is damaged or gone: read them one by one (quarantining the bad one)
     value_set = pa.array(sorted(wanted), pa.string())
     out: list[str] = []
     for t in read_segments(store, files):
@@ -181,7 +182,7 @@ def ingest_label_file(project: Project, path: Path, *, source: str | None = None
 
     task = project.config.task or "regression"
     labels = read_label_file(path, task)
-    store = ObjectStore(project.uris["inference_log_uri"])
+    store = project.log_store
     result = store_labels(store, labels, task=task, source=source or f"file:{path.name}")
     result["quarantined"] = record_quarantine_events(store, project.store)
     return result
@@ -195,11 +196,12 @@ def label_files(store: ObjectStore) -> list[str]:
 _LATEST: dict[str, tuple[tuple[str, ...], pa.Table]] = {}  # uri -> (files, labels)
 
 
-def read_labels(uri: str) -> pa.Table:
+def read_labels(uri: str | ObjectStore) -> pa.Table:
     """All stored labels, the latest per request id. One controller pass asks three times
     (monitor, trigger counts, probation): while no label segment has been added, the last
     answer is returned as it is (segments are immutable)."""
-    store = ObjectStore(uri)
+    store = as_store(uri)
+    uri = store.uri
     files = label_files(store)
     if not files:
         return pa.table({"_request_id": pa.array([], pa.string()),

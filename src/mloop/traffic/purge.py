@@ -75,7 +75,7 @@ def purge_rows(project: Project, *, start: datetime, end: datetime, version: int
     if start >= end:
         raise MloopError(f"purge: --from {start.isoformat()} must be before --to "
                          f"{end.isoformat()} (the range is from <= event time < to)")
-    log = ObjectStore(project.uris["inference_log_uri"])
+    log = project.log_store
     purge_id = f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
     base = f"{PURGES_DIR}/{purge_id}"
     files = segment_files(log, first_day=f"{start:%Y-%m-%d}",
@@ -134,7 +134,7 @@ def restore_purge(project: Project, purge_id: str, *, actor: str | None = None
     """Put a purge's rows back into the segments they came from (rows the log still holds
     are not added twice); record a ``log.purge_restored`` event. PurgeNotFoundError names
     the known purges; restoring twice is an error."""
-    log = ObjectStore(project.uris["inference_log_uri"])
+    log = project.log_store
     base = f"{PURGES_DIR}/{purge_id}"
     manifest = _read_manifest(log, purge_id)
     if manifest.get("status") == "restored":
@@ -156,7 +156,7 @@ def restore_purge(project: Project, purge_id: str, *, actor: str | None = None
 
 def list_purges(project: Project) -> list[dict[str, Any]]:
     """Every purge's manifest (id, range, version, reason, status, rows), oldest first."""
-    log = ObjectStore(project.uris["inference_log_uri"])
+    log = project.log_store
     out = []
     for path in files_under(log, PURGES_DIR, MANIFEST):
         out.append(json.loads(log.read_bytes(log.relative(path))))

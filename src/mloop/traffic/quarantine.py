@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from mloop.errors import SealedDataError
 from mloop.storage import ObjectStore
 
 if TYPE_CHECKING:
@@ -67,12 +68,14 @@ def damage(store: ObjectStore, path: str) -> str | None:
     """Why the Parquet file at ``path`` cannot be read, or None if it can (the earlier
     failure was the store's, not the file's). The bytes are fetched once and parsed in
     memory, so a failing network or disk (OSError while fetching, raised to the caller) is
-    never mistaken for a damaged file."""
+    never mistaken for a damaged file. A sealed file (encryption at rest) is opened first: a
+    missing or wrong key is raised (EncryptionKeyError: the file is fine), a sealed file
+    whose contents do not verify is damaged."""
     with store.fs.open_input_file(path) as f:
         raw = f.read()
     try:
-        pq.read_table(pa.BufferReader(raw))
-    except (pa.ArrowException, OSError) as exc:
+        pq.read_table(pa.BufferReader(store.decode(bytes(raw), path)))
+    except (pa.ArrowException, OSError, SealedDataError) as exc:
         return f"{type(exc).__name__}: {exc}".strip()
     return None
 
@@ -104,7 +107,7 @@ def read_or_quarantine(store: ObjectStore, path: str, read: Callable[[], pa.Tabl
         return read()
     except FileNotFoundError:
         return None
-    except (pa.ArrowException, OSError):
+    except (pa.ArrowException, OSError, SealedDataError):
         try:
             why = damage(store, path)
         except FileNotFoundError:

@@ -66,7 +66,7 @@ def apply_retention(project: Project, *, now: datetime | None = None, apply: boo
     if retention is None:
         return None
     cutoff = (now or datetime.now(UTC)).astimezone(UTC) - retention
-    log = ObjectStore(project.uris["inference_log_uri"])
+    log = project.log_store
     result = RetentionResult(str(retention), cutoff, apply)
     files = segment_files(log, last_day=f"{cutoff:%Y-%m-%d}") + parquet_files(log, PURGES_DIR)
     for path in files:
