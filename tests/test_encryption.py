@@ -456,3 +456,39 @@ def test_postgres_and_s3_stores_keep_the_log_sealed_under_kms(
     assert read_labels(fresh.log_store).column("label").to_pylist() == [11.0]
     assert fresh.snapshots.read_table(snap.digest).num_rows == 3
     assert os.environ["AWS_ENDPOINT_URL"] == moto_aws
+
+
+# ------------------------------------------------------- erasure and retention, sealed
+
+def test_erasure_and_retention_rewrite_sealed_segments_and_keep_them_sealed(proj: Path) -> None:
+    """``mloop data erase`` and ``security.retention`` read the sealed log through the key
+    and write what they keep sealed again (never a plain segment beside sealed ones)."""
+    from datetime import UTC
+
+    from mloop.traffic.erase import erase_rows
+    from mloop.traffic.inference_log import read_log
+    from mloop.traffic.labels import read_labels
+    from mloop.traffic.retention import apply_retention
+
+    project = open_project(proj)
+    log = read_log(project.log_store)
+    labelled = set(read_labels(project.log_store).column("_request_id").to_pylist())
+    gone = sorted(labelled)[:3]
+    result = erase_rows(project, request_ids=gone, reason="subject access request")
+    assert (result.rows, result.label_rows) == (3, 3)
+    left = read_log(project.log_store)
+    assert left.num_rows == log.num_rows - 3
+    assert not set(gone) & set(left.column("_request_id").to_pylist())
+    assert not set(gone) & set(read_labels(project.log_store).column("_request_id").to_pylist())
+    for path in _files(proj):
+        assert path.read_bytes().startswith(SEALED), path
+
+    # every served row is from 2011-08-01..03: a retention reaching 2011-08-02 drops the first day
+    (proj / "mloop.yaml").write_text((proj / "mloop.yaml").read_text().replace(
+        "security:\n", "security:\n  retention: 1d\n", 1))
+    project = open_project(proj)
+    apply_retention(project, now=datetime(2011, 8, 3, tzinfo=UTC))
+    days = {t.date().isoformat() for t in read_log(project.log_store).column("_ts").to_pylist()}
+    assert days == {"2011-08-02", "2011-08-03"}
+    for path in _files(proj):
+        assert path.read_bytes().startswith(SEALED), path
