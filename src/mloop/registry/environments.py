@@ -174,9 +174,9 @@ def approve(source: Project, target: Project, version: int, *, by: str, reason: 
     payload = {"model": target.config.model_name, "env": target.env,
                "source_env": source.env, "source_version": version,
                "source_run_id": rec.run_id, "by": by.strip(), "reason": reason}
-    row = append_event(target.store, APPROVAL_EVENT, payload, actor=actor or current_actor())
-    return {**payload, "event_id": row.id, "actor": row.actor,
-            "at": as_utc(row.at).isoformat(timespec="seconds")}
+    append_event(target.store, APPROVAL_EVENT, payload, actor=actor or current_actor())
+    recorded = find_approval(source, target, version, rec.run_id)
+    return {**payload, **(recorded or {})}
 
 
 def find_approval(source: Project, target: Project, version: int, run_id: str | None
