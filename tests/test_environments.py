@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from .cluster import BUCKET, Cluster
 from .helpers import SMALL_CONFIG, rentals_frame, run_cli
 
 ENVIRONMENTS = """\
@@ -355,3 +356,62 @@ def test_cli_promotes_approves_and_rolls_back_per_environment(root: Path) -> Non
                                                              "promote"]
     dev = json.loads(cli("models", "history", "--json").stdout)
     assert dev["deployments"] == []  # dev's own history is its own
+
+
+# ------------------------------------------------------------------ prod at scale
+
+@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.postgres
+def test_prod_on_postgres_mlflow_server_and_s3_takes_a_version_from_staging(
+        cluster: Cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """dev and staging on SQLite; prod is the scale-out topology: an MLflow tracking server
+    (PostgreSQL backend, artifacts proxied to S3 on moto), mloop's store on PostgreSQL,
+    snapshots on S3. The version crosses from staging's SQLite registry to the server's."""
+    from mlflow.tracking import MlflowClient
+
+    from mloop.registry.environments import approve
+    from mloop.security.audit import verify_chain
+    from mloop.store.db import utcnow
+
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
+                "AWS_ENDPOINT_URL"):
+        monkeypatch.setenv(key, cluster.env[key])
+    prod_stores = (f"      tracking_uri: {cluster.tracking_uri}\n"
+                   f"      store_uri: {cluster.mloop_store_uri}\n"
+                   f"      data_uri: s3://{BUCKET}/prod/data\n"
+                   f"      outputs_uri: s3://{BUCKET}/prod/outputs\n"
+                   f"      inference_log_uri: s3://{BUCKET}/prod/inference\n")
+    local_prod = ("      tracking_uri: sqlite:///.mloop/prod/mlflow.db\n"
+                  "      store_uri: sqlite:///.mloop/prod/mloop.db\n"
+                  "      artifact_root: .mloop/prod/artifacts\n"
+                  "      data_uri: .mloop/prod/data\n")
+    assert local_prod in ENVIRONMENTS
+    root = tmp_path / "proj"
+    (root / "data").mkdir(parents=True)
+    rentals_frame().to_parquet(root / "data" / "rentals.parquet", index=False)
+    (root / "mloop.yaml").write_text(_config(GOOD).replace(local_prod, prod_stores))
+    from mloop.pipeline.runner import run_pipeline
+
+    assert run_pipeline(_env(root, "dev")).status == "succeeded"
+    _to(root, "staging", 1)
+    staging, prod = _env(root, "staging"), _env(root, "prod")
+    assert prod.uris["store_uri"] == cluster.mloop_store_uri
+    approve(staging, prod, 1, by="alice")
+    done = _to(root, "prod", 1, now=utcnow() + timedelta(hours=25))
+    assert (done.version, done.target_env, done.approval["by"]) == (1, "prod", "alice")
+
+    client = MlflowClient(tracking_uri=cluster.tracking_uri)
+    mv = client.get_model_version_by_alias("rentals", "champion")
+    assert mv.version == "1" and mv.tags["mloop.source.env"] == "staging"
+    assert mv.tags["mloop.source.run_id"] == staging.tracking.model_version("rentals",
+                                                                             1).run_id
+    assert any(k.endswith(f"{mv.run_id}/artifacts/model/MLmodel")
+               for k in cluster.s3_keys("mlflow/"))
+    holdout = mv.tags["mloop.snapshot.holdout"]
+    assert f"prod/data/{holdout}/snapshot.json" in cluster.s3_keys("prod/data/")
+    prod = _env(root, "prod")
+    assert [e.kind for e in sorted(_events(prod, "approval") + _events(prod, "promote"),
+                                   key=lambda e: e.id)] == ["approval", "promote"]
+    assert verify_chain(prod.store).ok
+    assert _events(prod, "gate")[0].payload["passed"] is True  # gated on the server's copy
