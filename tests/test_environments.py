@@ -10,6 +10,7 @@ promotion wrote.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from datetime import timedelta
@@ -195,6 +196,12 @@ def test_promote_to_staging_registers_a_new_version_that_points_back(root: Path)
     assert holdout == src.tags["mloop.snapshot.holdout"]
     assert staging.snapshots.get(holdout).rows == dev.snapshots.get(holdout).rows
     assert mv.run_id != src.run_id  # a run of staging's tracking store
+    # the stored compiled graph travels too, into the new run, its sha256 intact
+    graph = json.loads(mv.tags["mloop.compiled"])["artifact"]
+    assert graph["run_id"] == mv.run_id
+    assert graph["sha256"] == json.loads(src.tags["mloop.compiled"])["artifact"]["sha256"]
+    local = staging.mlflow.download_artifacts(mv.run_id, graph["path"], str(root / "g"))
+    assert hashlib.sha256(Path(local).read_bytes()).hexdigest() == graph["sha256"]
     promote_event = _events(staging, "promote")[0].payload
     assert promote_event["source_env"] == "dev" and promote_event["source_version"] == 2
     assert promote_event["source_run_id"] == src.run_id and promote_event["gates_passed"]

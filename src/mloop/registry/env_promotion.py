@@ -34,9 +34,12 @@ from mloop.registry.environments import (
     require_distinct,
     soak_status,
 )
+from mloop.registry.verdict import TAG as VERDICT_TAG
+from mloop.registry.verdict import Verdict
 from mloop.security.audit import append_event, current_actor
 
-_NOT_CARRIED = ("mloop.gates", "mloop.gate.", "mloop.source.", "mloop.role")
+# judged again in the target (gates), or rewritten for it (source ties, role, compiled graph)
+_NOT_CARRIED = ("mloop.gates", "mloop.gate.", "mloop.source.", "mloop.role", VERDICT_TAG)
 
 
 @dataclass
@@ -83,6 +86,26 @@ def _carried_tags(source: Project, version: int, rec: Any) -> dict[str, str]:
     return tags
 
 
+def _carry_compiled_graph(source: Project, client: Any, run_id: str, tag: str | None
+                          ) -> str | None:
+    """The version's stored compiled graph (``mloop.compiled``), logged into the new run too,
+    and the tag pointing at that copy; None when there is none to carry (the server then
+    compiles at load, as for any version without one)."""
+    import tempfile
+    from pathlib import PurePosixPath
+
+    verdict = Verdict.from_tag(tag)
+    artifact = verdict.artifact if verdict is not None else None
+    if verdict is None or not artifact or not artifact.get("run_id") or not artifact.get("path"):
+        return None
+    path = PurePosixPath(str(artifact["path"]))
+    with tempfile.TemporaryDirectory(prefix="mloop-promote-") as tmp:
+        local = source.mlflow.download_artifacts(str(artifact["run_id"]), str(path), tmp)
+        client.log_artifact(run_id, local, str(path.parent))
+    verdict.artifact = {**artifact, "run_id": run_id}
+    return verdict.to_tag()
+
+
 def _register_copy(source: Project, target: Project, version: int, rec: Any
                    ) -> tuple[int, str, bool]:
     """The version's files as a new version of ``target``'s model; returns (version, run id,
@@ -101,6 +124,10 @@ def _register_copy(source: Project, target: Project, version: int, rec: Any
         client.log_artifacts(run_id, str(files.path), artifact_path="model")
         for key, value in rec.metrics.items():
             client.log_metric(run_id, key, value)
+        tags = _carried_tags(source, version, rec)
+        compiled = _carry_compiled_graph(source, client, run_id, rec.tags.get(VERDICT_TAG))
+        if compiled is not None:
+            tags[VERDICT_TAG] = compiled
         client.set_terminated(run_id)
         created = False
         try:
@@ -111,7 +138,7 @@ def _register_copy(source: Project, target: Project, version: int, rec: Any
                 created = True
         mv = client.create_model_version(name, source=f"{run.info.artifact_uri}/model",
                                          run_id=run_id,
-                                         tags=_carried_tags(source, version, rec),
+                                         tags=tags,
                                          description=rec.description)
     except Exception:
         with contextlib.suppress(Exception):
