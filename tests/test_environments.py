@@ -127,6 +127,31 @@ def test_env_option_opens_that_environments_stores(trained: Path) -> None:
     assert _versions(dev) == [1, 2] and _versions(staging) == []
 
 
+def test_a_store_an_environment_names_wins_over_mloop_store_variables(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mloop.project import open_project
+
+    (tmp_path / "mloop.yaml").write_text(SMALL_CONFIG + ENVIRONMENTS)
+    monkeypatch.setenv("MLOOP_STORE_URI", "sqlite:////srv/shared/mloop.db")
+    monkeypatch.setenv("MLOOP_OUTPUTS_URI", "/srv/shared/outputs")
+    staging = open_project(tmp_path, env="staging")
+    assert staging.uris["store_uri"] == f"sqlite:///{tmp_path}/.mloop/staging/mloop.db"
+    assert staging.uris["outputs_uri"] == "/srv/shared/outputs"  # a key staging leaves unset
+    assert open_project(tmp_path).uris["store_uri"] == "sqlite:////srv/shared/mloop.db"
+
+
+def test_mloop_env_picks_the_environment_a_process_opens(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What `mloop --env staging serve` hands its worker processes."""
+    from mloop.project import open_project
+
+    (tmp_path / "mloop.yaml").write_text(SMALL_CONFIG + ENVIRONMENTS)
+    monkeypatch.setenv("MLOOP_ENV", "prod")
+    assert open_project(tmp_path).env == "prod"
+    assert open_project(tmp_path).config.serving.port == 8102
+    assert open_project(tmp_path, env="staging").env == "staging"  # --env wins
+
+
 def test_env_option_rejects_an_unknown_environment_listing_the_defined_ones(
         trained: Path) -> None:
     proc = run_cli("-C", str(trained), "--env", "qa", "models", "list", check=False)
