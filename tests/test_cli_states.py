@@ -310,6 +310,8 @@ COMMANDS: dict[tuple[str, ...], tuple[Callable[[Ctx], list[str]], bool, bool]] =
     ("data", "restore"): (lambda c: ["data", "restore", "20000101T000000Z-000000"], True,
                           True),
     ("data", "purges"): (lambda c: ["data", "purges"], True, False),
+    ("data", "erase"): (lambda c: ["data", "erase", "--key", "weather=Clear"], True, True),
+    ("data", "retention"): (lambda c: ["data", "retention"], True, False),
     ("models", "list"): (lambda c: ["models", "list"], True, False),
     ("models", "gate"): (lambda c: ["models", "gate", str(c.version)], True, True),
     ("models", "promote"): (lambda c: ["models", "promote", str(c.version), "--reason",

@@ -583,6 +583,28 @@ class PromotionConfig(_Strict):
     approval: dict[str, bool] = Field(default_factory=dict)
 
 
+PiiAction = Literal["drop", "hash", "mask"]
+
+
+def _positive_retention(value: Duration | None) -> Duration | None:
+    if value is not None and value.total_seconds() <= 0:
+        raise ValueError(f"{value.text!r}: a retention must be longer than zero (e.g. 180d)")
+    return value
+
+
+class SecurityConfig(_Strict):
+    """What mloop keeps of its users' data (mloop.security.pii, mloop.traffic.retention).
+
+    ``pii`` maps a model input to what the inference log stores of it: ``drop`` (nothing),
+    ``hash`` (a keyed HMAC-SHA256: equal values stay equal, so monitoring still counts
+    categories) or ``mask`` (a fixed ``***``). The model always scores the raw value.
+    ``retention``: answered rows and their labels older than this (by event time) are
+    deleted on each loop pass."""
+
+    pii: dict[str, PiiAction] = Field(default_factory=dict)
+    retention: Annotated[Duration | None, AfterValidator(_positive_retention)] = None
+
+
 class SearchParam(_Strict):
     """One estimator parameter of a tuning search space: a float or int between ``low`` and
     ``high`` (optionally on a log scale or in steps), or one of ``choices``."""
@@ -848,6 +870,9 @@ class ProjectConfig(_Strict):
         default_factory=KubeflowConfig)
     spark: Annotated[SparkConfig, NotHashed("where batch scoring runs")] = Field(
         default_factory=SparkConfig)
+    security: Annotated[SecurityConfig, NotHashed("what is kept of served data, not what is "
+                                                  "learned")] = Field(
+        default_factory=SecurityConfig)
     # a search space changes what `mloop tune` tries, not what one run trains: a tuned run
     # carries its parameters in model.params
     tune: Annotated[TuneConfig | None, NotHashed("what `mloop tune` tries")] = None
@@ -1099,6 +1124,7 @@ def parse_config(text: str, *, file: str = CONFIG_FILE) -> ProjectConfig:
                                 file=first.file, line=first.line, key=first.key)
         raise first from None
     _check_environments(config, lines, file)
+    _check_pii_columns(config)
     return config
 
 
@@ -1131,6 +1157,28 @@ def _check_environments(config: ProjectConfig, lines: dict, file: str) -> None:
         except ValidationError as exc:
             msg = exc.errors()[0]["msg"].removeprefix("Value error, ")
             fail(f"'environments.{name}': {msg}", "environments", name)
+
+
+def _check_pii_columns(config: ProjectConfig) -> None:
+    """``security.pii`` names model inputs: a key that cannot be one is a mistake to report
+    now (the model's own signature is checked again when the server loads a version)."""
+    feats = config.features
+    listed = None if feats.numeric is None and feats.categorical is None else {
+        *(feats.numeric or []), *(feats.categorical or [])}
+    for column in config.security.pii:
+        why = None
+        if column == config.target:
+            why = "is the target, not a model input (the inference log never holds it)"
+        elif column.startswith("_"):
+            why = "starts with '_', which marks mloop's own log columns, not model inputs"
+        elif column in feats.exclude:
+            why = "is in features.exclude, so the model never receives it"
+        elif listed is not None and column not in listed:
+            why = (f"is not among features.numeric/features.categorical "
+                   f"({', '.join(sorted(listed))})")
+        if why is not None:
+            raise config.locate(ConfigError(f"'security.pii.{column}': column '{column}' "
+                                            f"{why}", key=f"security.pii.{column}"))
 
 
 def load_config(path: str | Path) -> ProjectConfig:

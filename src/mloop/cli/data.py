@@ -1,4 +1,4 @@
-"""Snapshots: ``mloop data snapshot|list|profile``."""
+"""Snapshots, purges, erasure and retention: ``mloop data ...``."""
 
 from __future__ import annotations
 
@@ -117,3 +117,60 @@ def data_purges(json_: JsonOpt = False) -> None:
                           m.get("rows"), m.get("status"), m.get("reason")] for m in rows]))
 
     report(list_purges(open_project()), json_, render, to_json=lambda rows: {"purges": rows})
+
+
+def _print_erase(d: dict[str, Any]) -> None:
+    what = f"column '{d['column']}'" if d["column"] else "request id"
+    out.print(f"erased {d['rows']} row(s) from {len(d['segments'])} segment(s) and "
+              f"{d['label_rows']} label(s) from {len(d['label_segments'])} label segment(s) "
+              f"matching {d['values']} value(s) of {what}; recorded as data.erased "
+              f"(without the values)")
+
+
+@data_app.command("erase")
+def data_erase(
+    key: Annotated[list[str] | None, typer.Option(
+        "--key", help="COLUMN=VALUE: erase the rows whose input COLUMN holds VALUE (the raw "
+                      "value, also for a column security.pii hashes). Repeatable, one "
+                      "column.")] = None,
+    request_id: Annotated[list[str] | None, typer.Option(
+        "--request-id", help="Erase this request's row and labels. Repeatable.")] = None,
+    reason: ReasonOpt = "",
+    json_: JsonOpt = False,
+) -> None:
+    """Erase rows of the inference log (and their labels) for good, segment by segment
+    atomically; recorded as an event that names the column, never the value. Nothing
+    matching is not an error (0 rows, still recorded). Flush a running server first
+    (POST /flush): rows still in its buffer are not erased."""
+    from mloop.traffic.erase import erase_rows
+
+    result = erase_rows(open_project(), keys=key or [], request_ids=request_id or [],
+                        reason=reason)
+    report(result.to_dict(), json_, _print_erase)
+
+
+@data_app.command("retention")
+def data_retention(
+    apply: Annotated[bool, typer.Option("--apply", help="Delete now (default: only count "
+                                                        "what would be deleted).")] = False,
+    json_: JsonOpt = False,
+) -> None:
+    """What security.retention deletes (every loop pass applies it): log rows and labels
+    whose event time is older than the retention."""
+    from mloop.errors import ConfigError
+    from mloop.traffic.retention import apply_retention
+
+    project = open_project()
+    result = apply_retention(project, apply=apply)
+    if result is None:
+        raise ConfigError("no security.retention is set (e.g. security: {retention: 180d})",
+                          file=str(project.root / "mloop.yaml"), key="security.retention")
+
+    def render(d: dict[str, Any]) -> None:
+        verb = "deleted" if d["applied"] else "would delete"
+        out.print(f"retention {d['retention']} (cutoff {d['cutoff']}): {verb} {d['log_rows']} "
+                  f"row(s) in {d['log_segments']} segment(s) and {d['label_rows']} label(s) in "
+                  f"{d['label_segments']} label segment(s)"
+                  + ("" if d["applied"] else "; --apply to delete"))
+
+    report(result.to_dict(), json_, render)

@@ -365,10 +365,19 @@ def run_once(project: Project, *, on_event: Any = None,
     keeps its lease across passes)."""
     if lease is None:
         with LoopLease.of(project) as held:
-            return _with_next_due(project, _with_lease(_run_pass(project, held, on_event),
-                                                       held))
+            return _with_next_due(project, _with_lease(_pass(project, held, on_event), held))
     lease.ensure()
-    return _with_next_due(project, _with_lease(_run_pass(project, lease, on_event), lease))
+    return _with_next_due(project, _with_lease(_pass(project, lease, on_event), lease))
+
+
+def _pass(project: Project, lease: LoopLease, on_event: Any) -> dict[str, Any]:
+    """The pass, after ``security.retention`` has deleted what aged out: first, so that
+    monitoring, triggers and retraining never see rows the project promised not to keep."""
+    from mloop.traffic.retention import apply_retention
+
+    kept = apply_retention(project)
+    result = _run_pass(project, lease, on_event)
+    return result if kept is None else {**result, "retention": kept.to_dict()}
 
 
 def next_due(project: Project, state: LoopState, actions: list[dict[str, Any]]

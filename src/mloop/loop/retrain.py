@@ -35,7 +35,8 @@ class TrainingData:
 
 def labelled_traffic(project: Project, *, until: datetime, window: timedelta) -> pa.Table:
     """Answered rows with ``until - window < _ts <= until`` that have a label, with the label
-    as a ``target`` column and the event time as the time column."""
+    as a ``target`` column and the event time as the time column. Inputs ``security.pii``
+    names are missing (null) in every row: the log never kept their raw values."""
     from mloop.monitoring.windows import read_rows
     from mloop.traffic.labels import read_labels
 
@@ -50,6 +51,11 @@ def labelled_traffic(project: Project, *, until: datetime, window: timedelta) ->
     time_col = cfg.features.time_column or "_ts"
     target = joined.column("label")
     out = {c: joined.column(c) for c in features if c not in (cfg.target, time_col)}
+    # security.pii: the log holds digests, masks or nothing for these inputs, while the
+    # served model receives raw values. A model retrained on those would learn from
+    # stand-ins it never sees again: the traffic rows give it missing values instead.
+    for c in cfg.security.pii:
+        out[c] = pa.nulls(joined.num_rows)
     out[cfg.target] = target
     out[time_col] = joined.column("_ts")
     return pa.table(out).sort_by([(time_col, "ascending")])

@@ -236,7 +236,10 @@ def _train(project: Project, version: int, metric: str) -> tuple[dict[str, Any],
                                    dtype=np.float64)
     error = np.asarray(frame[target], dtype=np.float64) - frame[PREDICTION].to_numpy()
     loss = np.abs(error) if metric == "mae" else error ** 2
-    features = _features(frame, model.schema.columns)
+    # security.pii inputs: the log holds digests, masks or nothing where the holdout has raw
+    # values, so a loss model must not lean on them
+    pii = project.config.security.pii
+    features = _features(frame, [c for c in model.schema.columns if c.name not in pii])
     x, mask = features.matrix(frame), features.categorical_mask
     n = len(frame)
     order = np.arange(n) if by_time else np.random.default_rng(

@@ -35,6 +35,7 @@ from mloop.monitoring.evaluate import evaluate_window
 from mloop.monitoring.windows import read_rows, row_windows, time_windows
 from mloop.monitoring.windows_store import WindowSpec, window_summary
 from mloop.project import Project
+from mloop.security.pii import PiiPolicy
 from mloop.store.db import as_utc, json_safe, utcnow
 from mloop.store.models import MonitorWindowRow
 
@@ -56,6 +57,8 @@ class Reference:
     fallback_value: float | None = None
     # every metric the version's holdout evaluation recorded (tags mloop.metric.<name>)
     holdout_metrics: dict[str, float] = field(default_factory=dict)
+    # inputs security.pii keeps out of comparison (dropped, masked, hashed numbers): why
+    skipped: dict[str, str] = field(default_factory=dict)
 
 
 def reference_for(project: Project, version: int) -> Reference:
@@ -75,6 +78,10 @@ def reference_for(project: Project, version: int) -> Reference:
     inputs = _signature_inputs(project, version)
     features = [c for c in inputs if profile["columns"].get(c, {}).get("kind")
                 in ("numeric", "categorical")]
+    skipped: dict[str, str] = {}
+    pii = PiiPolicy.of(project.config, project.root, create_key=False, key_required=False)
+    if pii is not None:  # compare like with like: the log holds what the policy kept
+        profile, features, skipped = pii.reference(profile, features)
     metric = monitored_metric(task, tags.get("mloop.primary_metric"))
     fallback = label_metric(task, metric)
 
@@ -85,7 +92,7 @@ def reference_for(project: Project, version: int) -> Reference:
     return Reference(version, profile, features, _prediction_profile(project, version, tags),
                      task, metric, holdout(metric), fallback, holdout(fallback),
                      {k.removeprefix("mloop.metric."): float(v) for k, v in tags.items()
-                      if k.startswith("mloop.metric.")})
+                      if k.startswith("mloop.metric.")}, skipped)
 
 
 def logged_probabilities(table: pa.Table) -> tuple[list[str], np.ndarray | None]:
@@ -298,6 +305,8 @@ def run_monitor(project: Project, *, window: str | None = None,
         report["versions"] = _versions(part)
         report["traffic"] = traffic_summary(part)
         report["reference_version"] = ref.version
+        if ref.skipped:
+            report["skipped_columns"] = ref.skipped
         last_ts = part.column("_ts")[-1]
         report["boundary_ids"] = part.filter(pc.equal(part.column("_ts"), last_ts)).column(
             "_request_id").to_pylist()

@@ -31,6 +31,7 @@ from starlette.types import Receive, Scope, Send
 
 from mloop.config import ServingConfig
 from mloop.project import Project
+from mloop.security.pii import PiiPolicy
 from mloop.serving import openapi
 from mloop.serving.edge import (
     Endpoint,
@@ -379,6 +380,7 @@ def create_app(project: Project, config: ServingConfig | None = None, *, auth: A
             on_write=lambda n: m.log_rows.labels("written").inc(n),
             on_quarantine=lambda n: m.log_rows.labels("quarantined").inc(n),
             on_queue=m.log_queue.set)
+    state.pii = PiiPolicy.of(project.config, project.root)  # the key is read once, here
     for collector in collectors:
         state.metrics.registry.register(collector)  # type: ignore[arg-type]
     app = ServingApp(title=f"mloop · {project.config.model_name}",

@@ -83,9 +83,13 @@ def observe(m: ServingMetrics, slot: Slot, preds: list[Any]) -> None:
 
 
 async def log_rows(state: ServerState, entry: LogEntry) -> None:
-    """Hand a request's rows to the inference log. Full buffer: drop and count, or
-    (``on_full: block``) hold this response until the writer catches up, up to 5 s, then 503."""
+    """Hand a request's rows to the inference log, as ``security.pii`` lets it keep them
+    (the columns are replaced, never changed in place: the caller still answers with them).
+    Full buffer: drop and count, or (``on_full: block``) hold this response until the writer
+    catches up, up to 5 s, then 503."""
     ilog = state.inference_log
+    if ilog is not None and state.pii is not None:  # before anything stores a value
+        entry.cols = state.pii.apply(entry.cols)
     if ilog is None or ilog.append(entry):
         return
     if state.config.inference_log.on_full != "block":

@@ -17,6 +17,7 @@ from typing import Any
 
 from mloop.config import ServingConfig
 from mloop.project import Project
+from mloop.security.pii import PiiPolicy
 from mloop.serving.batcher import MicroBatcher
 from mloop.serving.deploy import DesiredState, desired_state
 from mloop.serving.metrics import ServingMetrics
@@ -81,6 +82,7 @@ class ServerState:
     config: ServingConfig
     metrics: ServingMetrics = field(default_factory=ServingMetrics)
     inference_log: InferenceLog | None = None
+    pii: PiiPolicy | None = None  # security.pii, applied to what the log keeps
     routing: Routing = field(default_factory=Routing)
     desired: DesiredState | None = None
     failed: dict[int, str] = field(default_factory=dict)  # version -> why it would not load
@@ -182,6 +184,9 @@ class ServerState:
         try:
             model = await asyncio.to_thread(load_served, self.project, version,
                                             compile=self.config.compile)
+            if self.pii is not None:  # a policy naming no input would protect nothing
+                self.pii.check_inputs(model.schema.names, version=version,
+                                      config=self.project.config)
         except Exception as exc:
             why = f"{type(exc).__name__}: {exc}"
             first = version not in self.failed

@@ -212,6 +212,12 @@ def read_labels(uri: str) -> pa.Table:
     return latest
 
 
+def forget_latest_labels(uri: str) -> None:
+    """Drop the cached latest labels of ``uri``: a retention or an erasure rewrote label
+    segments under their own names, which the file list alone does not show."""
+    _LATEST.pop(uri, None)
+
+
 def _latest_labels(store: ObjectStore, files: list[str]) -> pa.Table:
     cols = ["_request_id", "label", "received_at"]
     tables = [t.select(cols) for t in read_segments(store, files)]
