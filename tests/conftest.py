@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 import sqlalchemy as sa
 
+from .cluster import Cluster, Databases, running_cluster
 from .helpers import SMALL_CONFIG, build_serving_registry, copy_bike, rentals_frame
 
 # pytest-xdist hands its workers the launching terminal's width as COLUMNS, and rich would then
@@ -72,3 +73,21 @@ def pg_url() -> Iterator[str]:
         with admin.connect() as conn:
             conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+@pytest.fixture
+def databases() -> Iterator[Databases]:
+    """Fresh PostgreSQL databases on demand, dropped at the end (even when connected)."""
+    dbs = Databases()
+    try:
+        yield dbs
+    finally:
+        dbs.close()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, databases: Databases) -> Iterator[Cluster]:
+    """moto's S3 server and an MLflow server (PostgreSQL backend, artifacts proxied to S3),
+    started on free loopback ports and stopped by their process groups (tests/cluster.py)."""
+    with running_cluster(tmp_path, databases) as running:
+        yield running

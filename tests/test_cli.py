@@ -76,7 +76,9 @@ def test_template_project_runs_end_to_end_with_its_own_pipeline_file(tmp_path: P
     assert out["registered"]["version"] == 1
     assert set(out["evaluation"]["metrics"]) == {"rmse", "mae", "r2"}
     status = json.loads(run_cli("status", "--json", cwd=root).stdout)
-    assert set(status) == {"project", "root", "stores", "drift", "runs", "models", "snapshots"}
+    assert set(status) == {"project", "root", "env", "stores", "drift", "runs", "models",
+                           "snapshots"}
+    assert status["env"] is None  # no environments: the one implicit environment
     assert status["models"][0]["version"] == 1
     assert status["runs"][0]["run_id"] == out["run_id"]
     assert len(status["snapshots"]) == 3  # source, train, holdout

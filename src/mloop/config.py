@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, NoReturn
 
 import yaml
 from pydantic import (
@@ -547,6 +547,48 @@ class LoopConfig(_Strict):
     costs: CostRates = Field(default_factory=CostRates)
 
 
+def _partial(model: type[BaseModel], name: str) -> Any:
+    """``model`` with every field optional and unset by default: an environment's override
+    of a section, validated field by field with the section's own types and bounds, and
+    merged onto the project's section (:meth:`ProjectConfig.in_environment`)."""
+    from pydantic import create_model
+
+    fields: dict[str, Any] = {}
+    for key, f in model.model_fields.items():
+        kind: Any = Annotated[(f.annotation, *f.metadata)] if f.metadata else f.annotation
+        fields[key] = (kind | None, None)
+    return create_model(name, __base__=_Strict, __doc__=model.__doc__, **fields)
+
+
+if TYPE_CHECKING:  # to mypy, a section model; to pydantic, its all-optional twin
+    StoresOverride = _Strict
+    ServingOverride = _Strict
+else:
+    StoresOverride = _partial(StoresConfig, "StoresOverride")
+    ServingOverride = _partial(ServingConfig, "ServingOverride")
+_ENV_NAME = r"^[a-z][a-z0-9_-]*$"
+
+
+class EnvironmentConfig(_Strict):
+    """One environment (dev, staging, prod): the stores and serving settings that differ
+    from the project's own; anything unset is the project's."""
+
+    stores: StoresOverride = Field(default_factory=StoresOverride)
+    serving: ServingOverride = Field(default_factory=ServingOverride)
+
+
+class PromotionConfig(_Strict):
+    """How a version moves between environments (``mloop models promote V --to ENV``)."""
+
+    # environments in the order a version travels; empty: the order of ``environments``
+    order: list[str] = Field(default_factory=list)
+    # how long a version must have served as champion, without a breach, in an environment
+    # it was promoted into before it may leave it (staging -> prod); None: no soak
+    soak: Duration | None = None
+    # environments whose promotions need `mloop models approve ... --by NAME` first
+    approval: dict[str, bool] = Field(default_factory=dict)
+
+
 PiiAction = Literal["drop", "hash", "mask"]
 
 
@@ -870,9 +912,47 @@ class ProjectConfig(_Strict):
     # a search space changes what `mloop tune` tries, not what one run trains: a tuned run
     # carries its parameters in model.params
     tune: Annotated[TuneConfig | None, NotHashed("what `mloop tune` tries")] = None
+    environments: Annotated[dict[str, EnvironmentConfig], NotHashed(
+        "where a model is promoted to, not what it is")] = Field(default_factory=dict)
+    promotion: Annotated[PromotionConfig, NotHashed("how a model moves between environments")
+                         ] = Field(default_factory=PromotionConfig)
     _file: str = PrivateAttr(default=CONFIG_FILE)
     _lines: dict[tuple[Any, ...], int] = PrivateAttr(default_factory=dict)
     _secrets: frozenset[str] = PrivateAttr(default=frozenset())
+
+    @property
+    def environment_order(self) -> list[str]:
+        """The environments in the order a version travels them (``promotion.order``, else
+        as ``environments`` lists them); empty without environments."""
+        return list(self.promotion.order or self.environments)
+
+    @property
+    def default_environment(self) -> str | None:
+        """The environment a command uses without ``--env``: the first of the order (a
+        laptop's dev); None when the project defines none."""
+        order = self.environment_order
+        return order[0] if order else None
+
+    def in_environment(self, name: str) -> ProjectConfig:
+        """This config as environment ``name`` sees it: its stores and serving overrides laid
+        over the project's (keys it leaves unset keep the project's value). ConfigError
+        listing the defined environments when there is no such one."""
+        env = self.environments.get(name)
+        if env is None:
+            known = ", ".join(self.environments)
+            raise ConfigError(
+                f"unknown environment '{name}'; "
+                + (f"defined: {known}" if known else "this project defines none (add an "
+                   "'environments:' section to use --env)"),
+                file=self._file, line=self._lines.get(("environments",)), key="environments")
+        stores = StoresConfig.model_validate({**self.stores.model_dump(exclude_unset=True),
+                                              **env.stores.model_dump(exclude_unset=True)})
+        serving = ServingConfig.model_validate({
+            **self.serving.model_dump(exclude_unset=True),
+            **env.serving.model_dump(exclude_unset=True)})
+        out = self.model_copy(update={"stores": stores, "serving": serving})
+        out._file, out._lines, out._secrets = self._file, self._lines, self._secrets
+        return out
 
     @property
     def secrets(self) -> frozenset[str]:
@@ -1081,8 +1161,40 @@ def parse_config(text: str, *, file: str = CONFIG_FILE) -> ProjectConfig:
             first = ConfigError(f"{first.message} (and {len(errors) - 1} more: {more})",
                                 file=first.file, line=first.line, key=first.key)
         raise first from None
+    _check_environments(config, lines, file)
     _check_pii_columns(config)
     return config
+
+
+def _check_environments(config: ProjectConfig, lines: dict, file: str) -> None:
+    """What the models alone cannot check: names the promotion section uses are defined
+    environments, and each environment's merged stores and serving are valid."""
+
+    def fail(message: str, *path: Any) -> NoReturn:
+        raise ConfigError(message, file=file, line=_nearest_line(path, lines),
+                          key=_dotted(path))
+
+    for name in config.environments:
+        if not re.match(_ENV_NAME, name):
+            fail(f"environment name {name!r} must be lower-case letters, digits, '-' or '_', "
+                 f"starting with a letter (e.g. dev, staging, prod)", "environments", name)
+    known = ", ".join(config.environments) or "none: add an 'environments:' section"
+    for key, names in (("order", config.promotion.order),
+                       ("approval", list(config.promotion.approval))):
+        for i, n in enumerate(names):
+            if n not in config.environments:
+                fail(f"'promotion.{key}' names environment {n!r}, which 'environments' does "
+                     f"not define (defined: {known})", "promotion", key,
+                     *((i,) if key == "order" else (n,)))
+    if len(set(config.promotion.order)) != len(config.promotion.order):
+        fail(f"'promotion.order' lists an environment twice: {config.promotion.order}",
+             "promotion", "order")
+    for name in config.environments:
+        try:
+            config.in_environment(name)
+        except ValidationError as exc:
+            msg = exc.errors()[0]["msg"].removeprefix("Value error, ")
+            fail(f"'environments.{name}': {msg}", "environments", name)
 
 
 def _check_pii_columns(config: ProjectConfig) -> None:

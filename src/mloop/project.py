@@ -32,10 +32,16 @@ def find_project_root(start: Path | None = None) -> Path:
         f"project, or pass --project PATH")
 
 
+ENV_VAR = "MLOOP_ENV"
+"""Names the environment when no ``--env`` is given: set by ``mloop --env NAME serve`` for its
+worker processes, and by a deployment (a pod, a CI job) that runs in one environment."""
+
+
 @dataclass
 class Project:
     root: Path
-    config: ProjectConfig
+    config: ProjectConfig  # with the environment's overrides laid over (in_environment)
+    env: str | None = None  # None: the project defines no environments
 
     @property
     def name(self) -> str:
@@ -47,9 +53,13 @@ class Project:
         from mloop.storage import resolve_uri
 
         stores = self.config.stores.model_dump()
+        # a store an environment names is that environment's: an MLOOP_*_URI meant for the
+        # process's default stores must not turn staging's registry into dev's
+        pinned = self._pinned_stores
         out: dict[str, str] = {}
         for key, env in STORE_ENV_VARS.items():
-            value = os.environ.get(env) or stores.get(key)
+            value = stores.get(key) if key in pinned else (os.environ.get(env)
+                                                           or stores.get(key))
             if value is None:
                 continue
             out[key] = resolve_uri(value, self.root)
@@ -59,13 +69,20 @@ class Project:
         return out
 
     @property
+    def _pinned_stores(self) -> set[str]:
+        if self.env is None:
+            return set()
+        return set(self.config.environments[self.env].stores.model_fields_set)
+
+    @property
     def artifact_location(self) -> str | None:
         """Where a new MLflow experiment keeps its artifacts. With a tracking server (http)
         and no ``artifact_root`` set in mloop.yaml or ``MLOOP_ARTIFACT_ROOT``, the server
         decides (its ``--artifacts-destination``, proxied: clients need no object-store
         credentials); the local default folder would be a path on this machine only."""
         explicit = ("artifact_root" in self.config.stores.model_fields_set
-                    or os.environ.get(STORE_ENV_VARS["artifact_root"]))
+                    or (os.environ.get(STORE_ENV_VARS["artifact_root"])
+                        and "artifact_root" not in self._pinned_stores))
         if self.uris["tracking_uri"].startswith(("http://", "https://")) and not explicit:
             return None
         return self.uris["artifact_root"]
@@ -129,6 +146,17 @@ class Project:
         return MlflowClient(tracking_uri=self.uris["tracking_uri"],
                             registry_uri=self.uris["registry_uri"])
 
+    def aim_mlflow(self):  # -> MlflowClient
+        """``self.mlflow``, with MLflow's module-global URIs (its fluent API: downloads,
+        ``log_model``) aimed at this project's stores again: a process holding two
+        environments (a promotion) aims before each fluent call, not once per project."""
+        import mlflow
+
+        client = self.mlflow
+        mlflow.set_tracking_uri(self.uris["tracking_uri"])
+        mlflow.set_registry_uri(self.uris["registry_uri"])
+        return client
+
     @functools.cached_property
     def tracking(self) -> TrackingReader:
         """Reads of MLflow's registry and runs: straight from its SQL schema when it is one
@@ -145,9 +173,19 @@ class Project:
         return get_or_create_experiment(self.mlflow, self.name, self.artifact_location)
 
 
-def open_project(path: str | Path | None = None) -> Project:
+def open_project(path: str | Path | None = None, *, env: str | None = None) -> Project:
     """The project whose mloop.yaml is in ``path`` or the nearest folder above it (default:
     the current folder), its config validated. Stores and clients are built on first use, so
-    opening a project costs only reading its config."""
+    opening a project costs only reading its config.
+
+    ``env`` (else ``MLOOP_ENV``, else the first environment of the promotion order) picks one
+    of the project's ``environments``: its stores and serving settings replace the project's.
+    A project without environments ignores ``MLOOP_ENV`` and refuses an explicit ``env``."""
     root = find_project_root(Path(path) if path else None)
-    return Project(root=root, config=load_config(root / CONFIG_FILE))
+    config = load_config(root / CONFIG_FILE)
+    if env is None:
+        env = (os.environ.get(ENV_VAR) or None) if config.environments else None
+        env = env or config.default_environment
+    if env is None:
+        return Project(root=root, config=config)
+    return Project(root=root, config=config.in_environment(env), env=env)

@@ -189,6 +189,10 @@ def _serve_workers(project: Project, cfg: ServingConfig, *, use_auth: bool, fact
            ENV_AUTH: "1" if use_auth else "0", shared_reload.ENV: str(run_dir / "reload"),
            # a folder the user chose for the metric values wins (a scraper may read it)
            MULTIPROC_ENV: os.environ.get(MULTIPROC_ENV) or str(run_dir / "metrics")}
+    if project.env is not None:  # each worker opens the same environment's stores
+        from mloop.project import ENV_VAR
+
+        env[ENV_VAR] = project.env
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # the workers inherit it
     reloads = shared_reload.SharedReload(run_dir / "reload")

@@ -123,7 +123,8 @@ def project_status(project: Project) -> dict[str, Any]:
     stores = {k: redact(v, project.config.secrets) for k, v in project.uris.items()}
     from mloop.registry.promotion import alias_drift
 
-    return {"project": project.name, "root": str(project.root), "stores": stores,
+    return {"project": project.name, "root": str(project.root), "env": project.env,
+            "stores": stores,
             "drift": alias_drift(project),
             "runs": list_runs(project, limit=5), "models": model_versions(project, limit=5),
             "snapshots": snapshots(project, limit=5)}

@@ -27,6 +27,12 @@ if TYPE_CHECKING:
     from mloop.project import Project
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+EnvOpt = Annotated[
+    str | None,
+    typer.Option("--env", "-E", help="Environment of mloop.yaml's 'environments' to act in "
+                                     "(default: MLOOP_ENV, else the first of "
+                                     "promotion.order).", show_default=False),
+]
 ProjectOpt = Annotated[
     Path | None,
     typer.Option("--project", "-C", help="Project folder (default: search upward from here).",
@@ -54,6 +60,7 @@ class RootOptions:
 
     project: Path | None = None
     debug: bool = False
+    env: str | None = None
 
 
 # A context variable, not a module global: two invocations in one process (tests call
@@ -61,9 +68,9 @@ class RootOptions:
 _root_options: ContextVar[RootOptions | None] = ContextVar("mloop_cli_root", default=None)
 
 
-def set_root_options(*, project: Path | None, debug: bool) -> None:
+def set_root_options(*, project: Path | None, debug: bool, env: str | None = None) -> None:
     _root_options.set(RootOptions(project=project,
-                                  debug=debug or bool(os.environ.get("MLOOP_DEBUG"))))
+                                  debug=debug or bool(os.environ.get("MLOOP_DEBUG")), env=env))
 
 
 def root_options() -> RootOptions:
@@ -85,10 +92,19 @@ def confirm_override(question: str, *, allowed: bool) -> str | None:
 
 
 def open_project() -> Project:
-    """The project named by ``-C``/``MLOOP_PROJECT``, else the one found upward from here."""
+    """The project named by ``-C``/``MLOOP_PROJECT``, else the one found upward from here,
+    in the environment named by ``--env`` (else ``MLOOP_ENV``, else the default one)."""
     from mloop.project import open_project as _open_project
 
-    return _open_project(root_options().project)
+    opts = root_options()
+    return _open_project(opts.project, env=opts.env)
+
+
+def open_environment(env: str) -> Project:
+    """The same project in environment ``env`` (a promotion's other side)."""
+    from mloop.project import open_project as _open_project
+
+    return _open_project(root_options().project, env=env)
 
 
 def monitoring_config() -> MonitoringConfig:

@@ -47,7 +47,8 @@ def status(json_: JsonOpt = False) -> None:
 
 
 def _print_status(s: dict[str, Any]) -> None:
-    out.print(f"project [bold]{s['project']}[/] at {s['root']}")
+    env = f" (environment [bold]{s['env']}[/])" if s["env"] else ""
+    out.print(f"project [bold]{s['project']}[/] at {s['root']}{env}")
     for d in s["drift"]:
         err.print(f"[red]warning:[/] {d['message']}")
     out.print(table("recent pipeline runs", ["run", "status", "started", "s", "cached"],

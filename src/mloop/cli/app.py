@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from mloop.cli import admin, ci, data, export, keys, loop, models, monitor, runs, serving, tune, ui
-from mloop.cli._common import ProjectOpt, root_options, set_root_options
+from mloop.cli._common import EnvOpt, ProjectOpt, root_options, set_root_options
 from mloop.cli.render import err
 from mloop.errors import MloopError, StepFailedError
 
@@ -24,9 +24,10 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
 @app.callback()
 def _root(
     project: ProjectOpt = None,
+    env: EnvOpt = None,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
 ) -> None:
-    set_root_options(project=project, debug=debug)
+    set_root_options(project=project, debug=debug, env=env)
 
 
 # Top-level commands, in the order `mloop --help` lists them.

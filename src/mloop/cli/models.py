@@ -1,5 +1,5 @@
-"""Registered versions: ``mloop models list|gate|promote|rollback|history|lineage|diff|
-reproduce|card``."""
+"""Registered versions: ``mloop models list|gate|promote|approve|soak|rollback|history|
+lineage|diff|reproduce|card``."""
 
 from __future__ import annotations
 
@@ -42,19 +42,97 @@ def models_gate(version: Annotated[int, typer.Argument(min=1)], json_: JsonOpt =
         raise typer.Exit(1)
 
 
+ToEnvOpt = Annotated[str | None, typer.Option(
+    "--to", help="Environment to carry VERSION into (the next one of promotion.order); "
+                 "VERSION is numbered as in the one before it.", show_default=False)]
+
+
 @models_app.command("promote")
 def models_promote(
     version: Annotated[int, typer.Argument(min=1)],
     reason: ReasonOpt,
+    to: ToEnvOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Promote despite failed gates "
                                                         "(recorded as an override).")] = False,
     json_: JsonOpt = False,
 ) -> None:
-    """Make VERSION the champion, if its gates passed against the current champion."""
-    from mloop.registry.promotion import promote
+    """Make VERSION the champion, if its gates passed against the current champion; with
+    --to ENV, carry it from the environment before ENV into ENV's registry and make it the
+    champion there (gated against ENV's champion, after its soak and approval)."""
+    if to is None:
+        from mloop.registry.promotion import promote
 
-    report(promote(open_project(), version, reason=reason, force=force).to_dict(), json_,
-           print_change)
+        report(promote(open_project(), version, reason=reason, force=force).to_dict(), json_,
+               print_change)
+        return
+    from mloop.registry.env_promotion import promote_to_environment
+
+    source, target = _promotion_sides(to)
+    with err.status(f"promoting v{version} from {source.env} to {target.env}"):
+        done = promote_to_environment(source, target, version, reason=reason, force=force)
+    report(done.to_dict(), json_, _print_env_promotion)
+
+
+def _promotion_sides(to: str) -> tuple[Any, Any]:
+    """The (source, target) projects of a promotion ``--to``: the source is the environment
+    before it in the order, which an explicit --env must name."""
+    import os
+
+    from mloop.cli._common import open_environment, root_options
+    from mloop.project import ENV_VAR
+    from mloop.registry.environments import source_environment
+
+    target = open_environment(to)
+    given = root_options().env or os.environ.get(ENV_VAR) or None
+    return open_environment(source_environment(target, to, given)), target
+
+
+def _print_env_promotion(p: dict[str, Any]) -> None:
+    out.print(f"{p['model']}: v{p['source_version']} of {p['source_env']} is now "
+              f"v{p['version']}, champion of {p['target_env']} (was "
+              f"{'v' + str(p['replaced']) if p['replaced'] else 'nothing'}); gates "
+              f"{'passed' if p['gates'].get('passed') else 'overridden'}")
+    if p["soak"]:
+        out.print(f"soaked in {p['soak']['env']} since {p['soak']['since']} "
+                  f"({p['soak']['required']} required)")
+    if p["approval"]:
+        out.print(f"approved by {p['approval']['by']} at {p['approval']['at']}")
+
+
+@models_app.command("approve")
+def models_approve(
+    version: Annotated[int, typer.Argument(min=1)],
+    to: Annotated[str, typer.Option("--to", help="The environment the approval is for.")],
+    by: Annotated[str, typer.Option("--by", help="The approving operator's name.")],
+    reason: Annotated[str, typer.Option("--reason", help="Why: recorded with it.")] = "",
+    json_: JsonOpt = False,
+) -> None:
+    """Approve VERSION (numbered as in the environment before --to) for promotion into --to;
+    recorded in that environment's audit chain."""
+    from mloop.registry.environments import approve
+
+    source, target = _promotion_sides(to)
+    report(approve(source, target, version, by=by, reason=reason), json_,
+           lambda a: out.print(f"v{a['source_version']} of {a['source_env']} approved for "
+                               f"{a['env']} by {a['by']} (event {a['event_id']})"))
+
+
+@models_app.command("soak")
+def models_soak(
+    version: Annotated[int, typer.Argument(min=1)],
+    json_: JsonOpt = False,
+) -> None:
+    """How long VERSION has served as champion in this environment (--env) without a breach,
+    against promotion.soak; exit 1 while it may not leave yet."""
+    from mloop.registry.environments import soak_status
+
+    status = soak_status(open_project(), version)
+    report(status, json_, lambda s: out.print(
+        f"v{s.version} in {s.env}: " + ("soak met" if s.met else s.refusal("the next "
+                                                                          "environment"))),
+        to_json=lambda s: s.to_dict())
+    if not status.met:
+        raise typer.Exit(1)
 
 
 @models_app.command("rollback")

@@ -107,6 +107,21 @@ class SnapshotStore:
     def profile(self, digest: str) -> dict[str, Any]:
         return json.loads(self.objects.read_bytes(f"{self.resolve(digest)}/profile.json"))
 
+    def copy_to(self, other: SnapshotStore, digest: str) -> bool:
+        """Copy snapshot ``digest`` into ``other`` (another environment's data store) byte for
+        byte: data, profile, then the record that makes it visible, so an interrupted copy
+        is no snapshot there. False when ``other`` holds it already (a digest is content)."""
+        digest = self.resolve(digest)
+        if other.objects.exists(f"{digest}/snapshot.json"):
+            return False
+        for name in ("data.parquet", "profile.json"):
+            other.objects.write_bytes(f"{digest}/{name}",
+                                      self.objects.read_bytes(f"{digest}/{name}"))
+        meta = json.loads(self.objects.read_bytes(f"{digest}/snapshot.json"))
+        meta["uri"] = other.objects.uri_for(f"{digest}/data.parquet")
+        other.objects.write_bytes(f"{digest}/snapshot.json", json.dumps(meta).encode())
+        return True
+
     def list(self) -> list[Snapshot]:
         out = []
         for d in self.objects.listdir():

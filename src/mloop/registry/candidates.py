@@ -147,7 +147,7 @@ def _local_copy(project: Any, version: int) -> Path:
     # where the files are, when the registry says so and they are on this disk: the same
     # copy without resolving ``models:/`` through MLflow's registry client
     where = version_record(project, version).storage_location or ""
-    project.mlflow  # noqa: B018 - points MLflow's fluent API (used below) at this project
+    project.aim_mlflow()  # MLflow's fluent API (used below) at this project's stores
     uri = where if where.startswith("file:") else f"models:/{name}/{version}"
     path = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
     _keep(_COPIES, key, path)

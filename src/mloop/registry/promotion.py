@@ -187,12 +187,13 @@ def _v(version: int | None) -> str:
 
 def promote(project: Project, version: int, *, reason: str, force: bool = False,
             actor: str | None = None, expected_champion: Any = _UNSET,
-            gate_report: Any = None) -> AliasChange:
+            gate_report: Any = None, details: dict[str, Any] | None = None) -> AliasChange:
     """Make ``version`` the champion if its gates passed against the current champion.
 
     Gates run now unless a report computed against the same champion under the same gate
     config is at hand (``gate_report``, or the newest stored one). ``force`` promotes despite
-    failed gates and records the override.
+    failed gates and records the override. ``details`` go into the promotion's audit event
+    (a promotion from another environment names its source there).
     """
     if not reason.strip():
         raise MloopError("a promotion needs a reason (--reason \"...\"): it goes in the history")
@@ -221,7 +222,7 @@ def promote(project: Project, version: int, *, reason: str, force: bool = False,
                           reason=reason, actor=actor,
                           details={"gates_passed": passed, "forced": force and not passed,
                                    "gates_evaluated_at": report.evaluated_at,
-                                   "gates_reused": report.reused})
+                                   "gates_reused": report.reused, **(details or {})})
     change.gates = {"passed": passed, "evaluated_at": report.evaluated_at,
                     "against": report.champion, "reused": report.reused,
                     "failed": [r.gate for r in report.results if r.status == "fail"]}
