@@ -447,3 +447,39 @@ def test_prod_on_postgres_mlflow_server_and_s3_takes_a_version_from_staging(
                                    key=lambda e: e.id)] == ["approval", "promote"]
     assert verify_chain(prod.store).ok
     assert _events(prod, "gate")[0].payload["passed"] is True  # gated on the server's copy
+
+
+# ------------------------------------------------------------- ci check against an env
+
+def test_ci_check_gates_a_dev_candidate_against_stagings_champion(root: Path) -> None:
+    """`mloop ci check --base-env staging` judges dev's candidate against the champion of
+    staging's registry (not dev's, which has none), reads that champion's metrics and data
+    from staging, and stores no gate report in dev (one judged against another registry's
+    champion must not be reused by a promotion in dev)."""
+    import sqlalchemy as sa
+
+    from mloop.errors import MloopError
+    from mloop.registry.ci_check import run_ci_check
+    from mloop.store.models import GateRunRow
+
+    _to(root, "staging", 2)  # staging's champion: dev's good v2, as staging's v1
+    staging = _env(root, "staging")
+    (root / "mloop.yaml").write_text(_config(WORSE))  # the PR: the much worse recipe (dev v1)
+    dev = _env(root, "dev")
+    with dev.store.session() as s:
+        before = len(s.scalars(sa.select(GateRunRow)).all())
+    check = run_ci_check(dev, base_env="staging")
+    assert (check.version, check.base.env, check.base.version) == (1, "staging", 1)
+    assert not check.passed
+    failed = [r["gate"] for r in check.gates["results"] if r["status"] == "fail"]
+    assert failed == ["non_inferiority.mae"]
+    champion_mae = staging.tracking.model_version("rentals", 1).metrics
+    assert {m["metric"]: m["champion"] for m in check.metrics} == champion_mae
+    train = next(s for s in check.data["snapshots"] if s["role"] == "train")
+    assert train["champion"] == staging.tracking.model_version(
+        "rentals", 1).tags["mloop.snapshot.train"]
+    with dev.store.session() as s:
+        assert len(s.scalars(sa.select(GateRunRow)).all()) == before
+    with pytest.raises(MloopError, match="--base-env 'qa': no such environment; mloop.yaml "
+                                         "defines dev, staging, prod"):
+        run_ci_check(dev, base_env="qa")

@@ -113,7 +113,12 @@ def test_merge_promotes_to_staging_and_production_waits_for_the_environment(
     assert "--to staging" in staging["steps"][-1]["run"]
     assert prod["needs"] == "staging"
     assert prod["environment"] == "production"  # required reviewers hold this job
-    assert "--to prod" in prod["steps"][-1]["run"]
+    run = prod["steps"][-1]["run"]
+    # the reviewers who approved the deployment are recorded as the approval, before the
+    # promotion that requires it (promotion.approval)
+    approve, promote = run.index("models approve"), run.index("--to prod --reason")
+    assert run.index("/approvals") < approve < promote and '--by "$APPROVER"' in run
+    assert doc["permissions"]["actions"] == "read"
 
 
 def test_secrets_the_config_refers_to_come_from_the_platform(
@@ -160,6 +165,8 @@ def test_gitlab_production_is_a_manual_job_after_staging(repo: Path) -> None:
     assert prod["rules"] == [{"if": '$CI_COMMIT_BRANCH == "main"', "when": "manual"}]
     assert prod["needs"] == ["promote-staging"] and prod["allow_failure"] is False
     assert prod["environment"] == {"name": "production"}
+    assert prod["variables"]["APPROVER"] == "$GITLAB_USER_LOGIN"  # who pressed play
+    assert [c.split()[4] for c in prod["script"]] == ["approve", "promote"]
     assert doc["default"]["before_script"][0] == 'cd "bike"'
 
 

@@ -47,9 +47,16 @@ COMMANDS = {
                    + "/report.md --json > ci-check.json"),
     "promote_staging": ('mloop models promote "$VERSION" --to staging --reason '
                         '"merged as commit $COMMIT" --json > promote.json'),
+    # the person who let the production job run is recorded as the approval
+    # (promotion.approval), then the promotion cites it
+    "approve_prod": ('mloop --env staging models approve "$VERSION" --to prod --by "$APPROVER" '
+                     '--reason "$APPROVAL" --json'),
     "promote_prod": ('mloop --env staging models promote "$VERSION" --to prod --reason '
                      '"approved for production in CI ($APPROVAL)" --json'),
 }
+# GitHub: the required reviewers who approved this run's deployment to the environment
+_GH_APPROVERS = ('APPROVER=$(gh api "repos/$GITHUB_REPOSITORY/actions/runs/$GITHUB_RUN_ID/'
+                 'approvals" --jq \'[.[].user.login] | join(",")\')')
 # reads a key of a JSON file mloop wrote (no jq on GitLab's python image)
 _READ = "python -c 'import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])'"
 
@@ -180,12 +187,15 @@ def github_promote_workflow(opts: WorkflowOptions) -> dict[str, Any]:
     prod = [
         {"name": "Promote the staging version to production",
          "env": {"VERSION": "${{ needs.staging.outputs.version }}",
+                 "GH_TOKEN": "${{ github.token }}",
                  "APPROVAL": "GitHub environment production, run ${{ github.run_id }}"},
-         "run": COMMANDS["promote_prod"]},
+         "run": (f"{_GH_APPROVERS}\n{COMMANDS['approve_prod']}\n"
+                 f"{COMMANDS['promote_prod']}\n")},
     ]
     return {"name": "mloop promote",
             "on": {"push": {"branches": [opts.branch]}},
-            "permissions": {"contents": "read"},
+            # actions: read lets the production job read who approved its deployment
+            "permissions": {"contents": "read", "actions": "read"},
             "concurrency": {"group": "mloop-promote", "cancel-in-progress": False},
             "jobs": {
                 "staging": _gh_job(opts, staging, environment="staging",
@@ -267,8 +277,9 @@ def gitlab_pipeline(opts: WorkflowOptions) -> dict[str, Any]:
         "rules": [{**on_main, "when": "manual"}],  # a person presses play; nothing else does
         "allow_failure": False,
         "environment": {"name": "production"},
-        "variables": {"APPROVAL": "GitLab manual job $CI_JOB_ID by $GITLAB_USER_LOGIN"},
-        "script": [COMMANDS["promote_prod"]],
+        "variables": {"APPROVAL": "GitLab manual job $CI_JOB_ID by $GITLAB_USER_LOGIN",
+                      "APPROVER": "$GITLAB_USER_LOGIN"},  # who pressed play
+        "script": [COMMANDS["approve_prod"], COMMANDS["promote_prod"]],
     }
     return doc
 

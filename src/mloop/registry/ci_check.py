@@ -40,18 +40,32 @@ class BaseChampion:
     version: int | None
 
 
+def base_project(project: Project, base_env: str | None) -> Project:
+    """The project whose champion a pull request is judged against: ``base_env`` of
+    mloop.yaml's ``environments`` (None: the project as opened). Without environments only
+    the project's own registry exists ("default"); any other name is refused, naming those
+    that exist."""
+    from mloop.project import open_project
+
+    names = project.config.environment_order
+    if base_env is None or (not names and base_env == DEFAULT_ENV) or base_env == project.env:
+        return project
+    if not names:
+        raise MloopError(f"--base-env '{base_env}': this project has no environment of that "
+                         f"name; mloop.yaml defines no environments, so the only base is "
+                         f"'{DEFAULT_ENV}' (the project's own registry): omit --base-env")
+    if base_env not in names:
+        raise MloopError(f"--base-env '{base_env}': no such environment; mloop.yaml defines "
+                         f"{', '.join(names)}")
+    return open_project(project.root, env=base_env)
+
+
 def base_champion(project: Project, base_env: str | None) -> BaseChampion:
-    """The champion of ``base_env`` (None: the default). The one place the base is looked up:
-    until mloop.yaml has environments, only the project's own registry exists, and any other
-    name is refused with the names that exist."""
+    """The champion of ``base_env`` (see :func:`base_project`)."""
     from mloop.registry.aliases import champion_version
 
-    env = base_env or DEFAULT_ENV
-    if env != DEFAULT_ENV:
-        raise MloopError(f"--base-env '{env}': this project has no environment of that name; "
-                         f"mloop.yaml defines no environments, so the only base is "
-                         f"'{DEFAULT_ENV}' (the project's own registry): omit --base-env")
-    return BaseChampion(env, champion_version(project))
+    base = base_project(project, base_env)
+    return BaseChampion(base_env or project.env or DEFAULT_ENV, champion_version(base))
 
 
 @dataclass
@@ -110,12 +124,13 @@ def _candidate(project: Project, run_id: str | None, use_cache: bool) -> tuple[s
 # ------------------------------------------------------------------ what changed
 
 
-def _metrics(project: Project, version: int, champion: int | None) -> list[dict[str, Any]]:
+def _metrics(project: Project, version: int, champion: int | None, base: Project
+             ) -> list[dict[str, Any]]:
     from mloop.metrics import HIGHER_IS_BETTER
     from mloop.registry.candidates import version_record
 
     cand = version_record(project, version).metrics
-    champ = version_record(project, champion).metrics if champion is not None else {}
+    champ = version_record(base, champion).metrics if champion is not None else {}
     rows = []
     for key in sorted(set(cand) | set(champ)):
         a, b = champ.get(key), cand.get(key)
@@ -138,10 +153,10 @@ def _slices(gates: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def _profile_delta(project: Project, a: str, b: str) -> list[dict[str, Any]]:
-    """Per column of two snapshots' profiles: the statistics that moved (b vs a), columns
-    added or removed."""
-    pa_, pb = project.snapshots.profile(a)["columns"], project.snapshots.profile(b)["columns"]
+def _profile_delta(project: Project, a: str, b: str, base: Project) -> list[dict[str, Any]]:
+    """Per column of two snapshots' profiles: the statistics that moved (b, the project's, vs
+    a, the base's), columns added or removed."""
+    pa_, pb = base.snapshots.profile(a)["columns"], project.snapshots.profile(b)["columns"]
     rows = []
     for col in sorted(set(pa_) | set(pb)):
         if col not in pa_ or col not in pb:
@@ -158,11 +173,12 @@ def _profile_delta(project: Project, a: str, b: str) -> list[dict[str, Any]]:
     return rows
 
 
-def _data(project: Project, version: int, champion: int | None) -> dict[str, Any]:
+def _data(project: Project, version: int, champion: int | None, base: Project
+          ) -> dict[str, Any]:
     from mloop.registry.lineage import lineage
 
     cand = lineage(project, version)["data"]
-    champ = lineage(project, champion)["data"] if champion is not None else {}
+    champ = lineage(base, champion)["data"] if champion is not None else {}
     snapshots: list[dict[str, Any]] = []
     for role in ("source", "train", "holdout"):
         c, h = cand.get(role) or {}, champ.get(role) or {}
@@ -174,7 +190,7 @@ def _data(project: Project, version: int, champion: int | None) -> dict[str, Any
     if champion is not None and train["candidate"] and train["champion"] and not train["same"]:
         try:
             profile = _profile_delta(project, str(train["champion"]),
-                                     str(train["candidate"]))
+                                     str(train["candidate"]), base)
         except MloopError:
             profile = None  # a snapshot or profile no longer there: the digests still say it
     return {"snapshots": snapshots, "train_profile": profile}
@@ -201,14 +217,15 @@ def recorded_config(project: Project, pipeline_run_id: str | None) -> str | None
             return None
 
 
-def _config(project: Project, run_id: str, champion: int | None) -> dict[str, Any]:
+def _config(project: Project, run_id: str, champion: int | None, base: Project
+            ) -> dict[str, Any]:
     from mloop.registry.candidates import version_record
 
     cand = recorded_config(project, run_id)
     if champion is None:
         return {"status": "no champion", "diff": None}
-    champ_run = version_record(project, champion).tags.get("mloop.pipeline_run_id")
-    champ = recorded_config(project, champ_run)
+    champ_run = version_record(base, champion).tags.get("mloop.pipeline_run_id")
+    champ = recorded_config(base, champ_run)
     if champ is None or cand is None:
         return {"status": "not recorded", "diff": None,
                 "missing": "champion" if champ is None else "candidate"}
@@ -227,14 +244,18 @@ def run_ci_check(project: Project, *, base_env: str | None = None, run_id: str |
     the changes. Bad options fail before anything is trained."""
     from mloop.registry.gates import evaluate_gates
 
-    base = base_champion(project, base_env)
+    base_proj = base_project(project, base_env)
+    env = base_env or project.env or DEFAULT_ENV
     rid, version, trained = _candidate(project, run_id, use_cache)
-    report = evaluate_gates(project, version, record=True)
-    champion = report.champion if report.champion != version else None
-    base = BaseChampion(base.env, champion)
+    own = base_proj is project
+    # against another environment's champion the report is not stored: a stored report is
+    # one a promotion in this registry may reuse, judged against this registry's champion
+    report = evaluate_gates(project, version, record=own, base=None if own else base_proj)
+    champion = report.champion if (report.champion != version or not own) else None
+    base = BaseChampion(env, champion)
     gates = report.to_dict()
     return CiCheck(model=project.config.model_name, version=version, pipeline_run_id=rid,
                    base=base, passed=report.passed, gates=gates,
-                   metrics=_metrics(project, version, champion), slices=_slices(gates),
-                   data=_data(project, version, champion),
-                   config=_config(project, rid, champion), trained=trained)
+                   metrics=_metrics(project, version, champion, base_proj),
+                   slices=_slices(gates), data=_data(project, version, champion, base_proj),
+                   config=_config(project, rid, champion, base_proj), trained=trained)

@@ -262,8 +262,11 @@ def gate_slice(task: str, spec: SliceGate, metric: str, frame: pd.DataFrame, y: 
 
 # ------------------------------------------------------------------------ orchestration
 
-def evaluate_gates(project: Project, version: int, *, record: bool = True) -> GateReport:
-    """Run every configured gate on ``version``; store and tag the results when ``record``."""
+def evaluate_gates(project: Project, version: int, *, record: bool = True,
+                   base: Project | None = None) -> GateReport:
+    """Run every configured gate on ``version``; store and tag the results when ``record``.
+    ``base``: judge against that project's champion (another environment's registry, as
+    ``mloop ci check --base-env`` does) instead of this one's."""
     gates = project.config.gates
     cand = load_version(project, version)
     tags = cand.tags
@@ -295,8 +298,12 @@ def evaluate_gates(project: Project, version: int, *, record: bool = True) -> Ga
         train_y = project.snapshots.read_table(tags["mloop.snapshot.train"])[target]
         train_labels = set(train_y.drop_null().unique().to_pylist())
 
-    champ_v = champion_version(project)
-    champion = load_version(project, champ_v) if champ_v not in (None, version) else None
+    if base is None:
+        champ_v = champion_version(project)
+        champion = load_version(project, champ_v) if champ_v not in (None, version) else None
+    else:
+        champ_v = champion_version(base)
+        champion = load_version(base, champ_v) if champ_v is not None else None
 
     results = gate_absolute(metrics, gates)
     if gates.non_inferiority is not None:
