@@ -480,6 +480,6 @@ def test_ci_check_gates_a_dev_candidate_against_stagings_champion(root: Path) ->
         "rentals", 1).tags["mloop.snapshot.train"]
     with dev.store.session() as s:
         assert len(s.scalars(sa.select(GateRunRow)).all()) == before
-    with pytest.raises(MloopError, match="--base-env 'qa': no such environment; mloop.yaml "
-                                         "defines dev, staging, prod"):
+    with pytest.raises(MloopError, match=r"--base-env 'qa': no such environment; mloop\.yaml "
+                                         r"defines dev, staging, prod"):
         run_ci_check(dev, base_env="qa")
