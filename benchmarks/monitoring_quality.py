@@ -310,7 +310,9 @@ def child_mloop(data_dir: Path) -> dict[str, Any]:
     reference = pq.read_table(data_dir / meta["reference"])
     # what the training snapshot gets: its profile and the temporal chunk statistics
     store = SnapshotStore(ObjectStore(str(data_dir / "snapshots")), bins=cfg.profile.bins,
-                          top_k=cfg.profile.top_k, time_column=tcol, window=meta["window"])
+                          top_k=cfg.profile.top_k, time_column=tcol, window=meta["window"],
+                          exclude=tuple(c for c in reference.column_names
+                                        if c not in features and c != tcol))
     snap, _ = store.put(reference, source=f"benchmark reference ({meta['dataset']})")
     profile = store.profile(snap.digest)
     profile_s = time.perf_counter() - t0
@@ -349,9 +351,39 @@ def child_mloop(data_dir: Path) -> dict[str, Any]:
         n = sum(len(w) for w in tables.values())
         out[mode] = {"verdicts": verdicts, "seconds": time.perf_counter() - t1,
                      "cpu_s": _cpu_s() - cpu1, "windows": n}
+    out["multivariate"] = _joint_side(store, snap.digest, profile, tables, cfg, meta)
     out.update(wall_s=time.perf_counter() - t0, profile_s=profile_s, cpu_s=_cpu_s() - c0,
                import_s=imports, peak_rss_mb=_peak_mb())
     return out
+
+
+def _joint_side(store: Any, digest: str, profile: dict[str, Any], tables: dict[str, Any],
+                cfg: Any, meta: dict[str, Any]) -> dict[str, Any]:
+    """The multivariate check (out-of-support share, ``mloop.monitoring.joint``) on the
+    reference and later weeks, as ``mloop monitor`` runs it beside the per-column verdicts.
+    Its reference weeks are in-sample (their rows may be in the stored sample, where a row is
+    its own nearest neighbour): their share is a floor, not a false-alarm rate; the tests
+    measure that on weeks left out of the reference."""
+    from mloop.monitoring.joint import check_joint, joint_reference
+
+    t0, cpu0 = time.perf_counter(), _cpu_s()
+    reference = joint_reference(profile, store.joint_sample(digest))
+    verdicts: dict[str, list[dict[str, Any]]] = {}
+    for key in ("reference", "later"):
+        rows = []
+        for start, part in tables[key]:
+            v = check_joint(reference, part, false_alarm_rate=cfg.monitoring.false_alarm_rate,
+                            size=meta["window"], features=meta["features"])
+            rows.append({"key": start, "rows": part.num_rows, "drifted": v["drifted"],
+                         "alerted": ["(joint)"] if v["drifted"] else [], "value": v["value"],
+                         "threshold_iid": v["threshold_iid"],
+                         "threshold_temporal": v["threshold_temporal"],
+                         "skipped": v.get("skipped")})
+        verdicts[key] = rows
+    joint = {k: v for k, v in (profile.get("joint") or {}).items() if k != "encoding"}
+    return {"verdicts": verdicts, "seconds": time.perf_counter() - t0,
+            "cpu_s": _cpu_s() - cpu0, "windows": sum(len(v) for v in verdicts.values()),
+            "profile": joint}
 
 
 # ------------------------------------------------------------------------------- children
@@ -444,6 +476,8 @@ def aggregate(meta: dict[str, Any], ml: dict[str, Any], nml: dict[str, dict[str,
 
     sides: dict[str, dict[str, list[dict[str, Any]]]] = {
         "mloop temporal": ml["temporal"]["verdicts"], "mloop iid-only": ml["iid"]["verdicts"]}
+    if "multivariate" in ml:  # one verdict per window, not per column: no (b), no by-column
+        sides["mloop multivariate"] = ml["multivariate"]["verdicts"]
     for calc, res in nml.items():
         sides[f"NannyML {calc}"] = {"reference": res["reference"], "later": res["later"],
                                     **res["shifts"]}
@@ -451,7 +485,8 @@ def aggregate(meta: dict[str, Any], ml: dict[str, Any], nml: dict[str, dict[str,
                       "later": _share(v["later"], any_alert)} for side, v in sides.items()}
     detection: dict[str, Any] = {}
     for side, v in sides.items():
-        if side.startswith("NannyML") and side != "NannyML univariate":
+        if (side.startswith("NannyML") and side != "NannyML univariate") \
+                or side == "mloop multivariate":
             continue
         per_column, pooled = {}, {}
         for s in meta["shifts"]:
@@ -479,6 +514,8 @@ def _later_by_column(meta: dict[str, Any], sides: dict[str, Any]) -> dict[str, A
     for column in meta["features"]:
         row: dict[str, Any] = {}
         for side, v in sides.items():
+            if side == "mloop multivariate":
+                continue
             weeks = v["later"]
             row[side] = (sum(column in w["alerted"] for w in weeks) / len(weeks)
                          if weeks else None)
@@ -535,7 +572,8 @@ def show(results: dict[str, Any]) -> None:
         for col in ("side", "(a) inside the reference", "(d) later period"):
             t.add_column(col, justify="left" if col == "side" else "right")
         for side, p in agg["periods"].items():
-            t.add_row(side, _pct(p["inside"]), _pct(p["later"]))
+            t.add_row(side + (" (in-sample: a floor)" if side == "mloop multivariate" else ""),
+                      _pct(p["inside"]), _pct(p["later"]))
         con.print(t)
         lc = Table(title=f"{name} (d) by column: share of later weeks raising it, and mloop's "
                          f"median statistic there / iid threshold / temporal threshold / "
@@ -589,6 +627,12 @@ def show(results: dict[str, Any]) -> None:
                   f"(cpu {ml['temporal']['cpu_s']:.2f}), iid-only {ml['iid']['seconds']:.2f} "
                   f"(cpu {ml['iid']['cpu_s']:.2f})", f"{ml['cpu_s']:.1f}",
                   f"{ml['peak_rss_mb']:.0f}", f"{ml['loadavg_1m_before']:.1f}")
+        if "multivariate" in ml:
+            mv = ml["multivariate"]
+            r.add_row("mloop multivariate", f"{mv['seconds']:.2f}",
+                      f"{mv['windows']} windows, out-of-support share (its sample and chunk "
+                      f"shares are stored in the snapshot profile above)", f"{mv['cpu_s']:.2f}",
+                      "", "")
         for calc, res in ds.get("nannyml", {}).items():
             note = (f" (every {meta['dc_stride']}th row)" if calc == "domain_classifier"
                     and meta["dc_stride"] > 1 else "")

@@ -36,8 +36,9 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("records kept elsewhere: MLflow's tracking store, snapshots, the audit chain and tokens",
      {"tracking_read", "tracking_sql", "tracking", "data", "security"}),
     ("the composition root every service receives", {"project"}),
-    ("what the services build on: pipelines, the inference log and labels, the gauges' base",
-     {"pipeline", "traffic", "collector"}),
+    ("what the services build on: pipelines, the feature store, the inference log and labels, "
+     "the gauges' base",
+     {"pipeline", "traffic", "collector", "features"}),
     ("model versions: candidates, gates, aliases, promotion", {"registry"}),
     ("the built-in tabular models; the server's app, models and deployments",
      {"tabular", "serving"}),

@@ -97,4 +97,12 @@ def test_quick_run_judges_windows_with_temporal_calibration_and_records_them(
     pooled = agg["detection"]["mloop temporal"]["pooled"]
     assert {k: v["trials"] for k, v in pooled.items()} == {"mean +0.5 sd": 11,
                                                            "share +20 points": 11}
+    # the multivariate check: one verdict per week, both thresholds, beside the per-column ones
+    joint = ml["multivariate"]
+    assert joint["profile"]["temporal"]["chunks"] == 12
+    weeks = [r for rows in joint["verdicts"].values() for r in rows]
+    assert len(weeks) == 15 and all(r["skipped"] is None for r in weeks)
+    assert all(r["threshold_iid"] > 0 and r["threshold_temporal"] is not None for r in weeks)
+    assert agg["periods"]["mloop multivariate"]["later"]["windows"] == 3
+    assert "mloop multivariate" in proc.stdout
     assert results["git"]["commit"] and np.isfinite(results["total_s"])

@@ -268,7 +268,8 @@ def test_the_sections_left_out_of_config_hash_are_the_ones_that_do_not_shape_the
         ) -> None:
     assert unhashed_fields(ProjectConfig) == dict.fromkeys(
         ["stores", "gates", "serving", "monitoring", "loop", "kubernetes", "airflow",
-         "kubeflow", "spark", "security", "tune", "environments", "promotion"], True)
+         "kubeflow", "spark", "security", "tune", "environments", "promotion", "costs"],
+        True)
 
 
 def test_a_marker_on_a_nested_field_leaves_out_only_that_field() -> None:

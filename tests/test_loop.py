@@ -181,6 +181,30 @@ def _loop_pass(root: Path, srv: ServeProcess, capsys: pytest.CaptureFixture[str]
     return json.loads(capsys.readouterr().out)
 
 
+def _check_refit(project: Any, version: int) -> None:
+    """``version`` is the refit of the held-out fit before it: trained on that fit's training
+    rows plus its holdout, carrying its holdout metrics and gate results, named as such."""
+    from mloop.registry.candidates import get_version
+    from mloop.registry.gate_report import latest_gate_report
+
+    tags = dict(get_version(project, version).tags or {})
+    held = dict(get_version(project, version - 1).tags or {})
+    assert tags["mloop.refit_of"] == str(version - 1) and tags["mloop.refit"] == "true"
+    assert "mloop.refit" not in held
+    train_rows = project.snapshots.read_table(tags["mloop.snapshot.train"]).num_rows
+    assert train_rows == (project.snapshots.read_table(held["mloop.snapshot.train"]).num_rows
+                          + project.snapshots.read_table(held["mloop.snapshot.holdout"]).num_rows)
+    assert tags["mloop.snapshot.holdout"] == held["mloop.snapshot.holdout"]
+    metrics = {k: v for k, v in tags.items() if k.startswith("mloop.metric.")}
+    assert metrics and metrics == {k: v for k, v in held.items() if k.startswith("mloop.metric.")}
+    assert float(tags["mloop.in_sample.mae"]) < float(tags["mloop.metric.mae"])
+    carried, gated = latest_gate_report(project, version), latest_gate_report(project, version - 1)
+    assert carried is not None and gated is not None and carried.passed
+    assert carried.results[0].gate == "refit" and f"v{version - 1}" in carried.results[0].message
+    assert [(r.gate, r.value) for r in carried.results[1:]] == [
+        (r.gate, r.value) for r in gated.results]
+
+
 def _serving(srv: ServeProcess) -> tuple[int | None, int | None]:
     model = srv.get("/model").json()
     return tuple((model[role] or {}).get("version") for role in ("champion", "challenger"))
@@ -204,7 +228,9 @@ def test_served_traffic_drives_the_loop_through_every_canary_outcome(
         assert [a["action"] for a in first["actions"]] == ["canary_started"], first
         assert first["triggers"][0]["trigger"] == "drift"
         strict = first["actions"][0]["version"]
-        assert strict == 5  # v1-v4 are the fixture's
+        # v1-v4 are the fixture's; v5 is the held-out fit that passed the gates, v6 its refit
+        # on the whole window (loop.retrain.refit), the version the canary serves
+        assert strict == 6
         srv.wait_for(lambda: _serving(srv) == (1, strict))
         kinds = [e.kind for e in list_events(project.store, limit=20)]
         assert "loop.retrain_started" in kinds and "loop.canary_started" in kinds
@@ -240,7 +266,7 @@ def test_served_traffic_drives_the_loop_through_every_canary_outcome(
         third = _loop_pass(proj, srv, capsys)
         assert [a["action"] for a in third["actions"]] == ["canary_started"], third
         good = third["actions"][0]["version"]
-        assert good == strict + 1
+        assert good == strict + 2
         srv.wait_for(lambda: _serving(srv) == (1, good))
         # a day of split traffic, labelled as it comes; then the probation (1d) is over
         day = _send(srv, heat_wave(400, seed=46), "2024-06-06")
@@ -260,7 +286,7 @@ def test_served_traffic_drives_the_loop_through_every_canary_outcome(
         assert [a["action"] for a in fifth["actions"]] == ["canary_started"], fifth
         assert "schedule" in [t["trigger"] for t in fifth["triggers"]]
         worse = fifth["actions"][0]["version"]
-        assert worse == good + 1
+        assert worse == good + 2
         srv.wait_for(lambda: _serving(srv) == (good, worse))
         day = _send(srv, heat_wave(400, seed=50), "2024-06-10")
         assert 0 < sum(len(a["request_ids"]) for a in day if a["version"] == worse) < 400
@@ -273,6 +299,7 @@ def test_served_traffic_drives_the_loop_through_every_canary_outcome(
         text = srv.get("/metrics").text
 
     assert desired_state(project).champion == good
+    _check_refit(project, good)
     promoted = list_events(project.store, kind="loop.probation_promote")[0].payload
     assert promoted["version"] == good
     assert promoted["challenger"]["labelled"] == by_good  # what the canary answered live

@@ -131,12 +131,22 @@ def test_each_stored_window_report_carries_the_iid_and_temporal_thresholds(proj:
     assert {c["column"] for c in drift["columns"]} == {"hour", "weather", "temp"}
     for c in drift["columns"]:
         assert c["threshold"] > 0 and c["temporal_threshold"] > 0, c
+    # the multivariate check beside them, on the same two nulls
+    joint = list_windows(project, window="1d", with_reports=True)[-1]["report"]["multivariate"]
+    assert joint["method"] == "out_of_support_share" and "skipped" not in joint, joint
+    assert joint["drifted"] is not None and 0 <= joint["value"] <= 1
+    assert joint["threshold_iid"] > 0 and joint["threshold_temporal"] is not None
+    assert joint["temporal"]["applied"] is True
     # windows of another size than the chunks: iid-only, and the report says why
     run_monitor(project, window="300rows")
     rows = list_windows(project, window="300rows", with_reports=True)[-1]["report"]["drift"]
     assert rows["temporal"]["applied"] is False
     assert "chunked for 1d windows, this window is 300rows" in rows["temporal"]["reason"]
     assert all(c["temporal_threshold"] is None for c in rows["columns"])
+    joint = list_windows(project, window="300rows", with_reports=True)[-1]["report"][
+        "multivariate"]
+    assert joint["threshold_temporal"] is None and joint["drifted"] is not None
+    assert "chunked for 1d windows, this window is 300rows" in joint["temporal"]["reason"]
 
 
 def test_monitor_cli_reports_nothing_new_and_bad_window_specs(proj: Path, capsys) -> None:

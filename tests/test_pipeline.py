@@ -38,9 +38,15 @@ def test_second_run_hits_the_cache_for_every_step_but_ingest(make_project) -> No
     assert [s.outputs for s in first.steps] == [s.outputs for s in second.steps]
     project = open_project(root)
     assert len(_versions(project)) == 1  # identical model: no duplicate version
-    # the cached run's MLflow parent still shows its holdout metrics and its data
+    # the cached run's MLflow parent still shows its holdout metrics and its data, and what
+    # it used (only ingest ran: mloop cost prices that)
     parent = project.mlflow.get_run(second.mlflow_run_id)
-    assert set(parent.data.metrics) == {"holdout_mae", "holdout_rmse"}
+    assert set(parent.data.metrics) == {"holdout_mae", "holdout_rmse", "mloop.cpu_seconds",
+                                        "mloop.peak_memory_mb", "mloop.memory_gb_hours",
+                                        "mloop.seconds"}
+    ingest = project.mlflow.get_run(second.steps[0].mlflow_run_id).data.metrics
+    assert parent.data.metrics["mloop.cpu_seconds"] == pytest.approx(
+        ingest["cpu_seconds"], abs=1e-4)
     contexts = sorted({t.value for d in parent.inputs.dataset_inputs for t in d.tags})
     assert contexts == ["holdout", "source", "training"]
 

@@ -19,7 +19,7 @@ import json
 import os
 import re
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, NoReturn
 
@@ -249,18 +249,56 @@ class DataConfig(_Strict):
 
 
 class FeaturesConfig(_Strict):
-    """Which columns feed the model. Unlisted columns are typed from their dtype."""
+    """Which columns feed the model. Unlisted columns are typed from their dtype.
+
+    ``store: feast`` adds columns from a Feast feature repo: ``data`` is then the entity table
+    (join keys, event timestamps in ``time_column``, request-time features, the target) and
+    the ingest step joins the ``feature_refs`` (or the ``feature_service``) onto it point in
+    time.
+    """
 
     numeric: list[str] | None = None
     categorical: list[str] | None = None
     exclude: list[str] = Field(default_factory=list)
     time_column: str | None = None
+    store: Literal["feast"] | None = None
+    repo: str = "feature_repo"  # the Feast repo folder (feature_store.yaml + definitions)
+    feature_refs: list[str] | None = None  # "view:feature"
+    feature_service: str | None = None
+
+    @field_validator("feature_refs")
+    @classmethod
+    def _refs(cls, refs: list[str] | None) -> list[str] | None:
+        for ref in refs or []:
+            view, _, name = ref.partition(":")
+            if not view or not name or ":" in name:
+                raise ValueError(f"feature reference '{ref}' must be 'view:feature'")
+        return refs
+
+    @model_validator(mode="after")
+    def _feast(self) -> FeaturesConfig:
+        chosen = [k for k in ("feature_refs", "feature_service") if getattr(self, k)]
+        if self.store is None:
+            if chosen:
+                raise ValueError(f"'{chosen[0]}' needs 'store: feast'")
+            return self
+        if len(chosen) != 1:
+            raise ValueError("'store: feast' needs exactly one of 'feature_refs' (a list of "
+                             "'view:feature') or 'feature_service'")
+        if not self.time_column:
+            raise ValueError("'store: feast' needs 'time_column': the entity table's event "
+                             "timestamps, the instant each row's features are looked up at")
+        return self
 
 
 class SplitConfig(_Strict):
     method: Literal["time", "random"] | None = None  # time when a time column is set
     holdout: float = Field(0.2, gt=0.0, lt=1.0)
     seed: int = 42
+    # Fit the registered model on every row (train + holdout). The holdout is still cut and
+    # its metrics are in-sample, so such a version is tagged ``mloop.refit``; the loop sets it
+    # only after the held-out fit passed its gates (``loop.retrain.refit``).
+    refit: bool = False
 
 
 class ModelConfig(_Strict):
@@ -451,6 +489,91 @@ class WebhookConfig(_Strict):
 DriftMethod = Literal["auto", "psi", "ks", "wasserstein", "jensen_shannon", "chisquare"]
 
 
+class RollingReference(_Strict):
+    """``reference: {rolling: 28d}``: each window is compared with the traffic (labelled or
+    not) logged in this much event time just before it."""
+
+    rolling: Duration
+
+    @field_validator("rolling")
+    @classmethod
+    def _positive(cls, value: Duration) -> Duration:
+        if value <= timedelta(0):
+            raise ValueError(f"{value.text!r} must be longer than zero, e.g. 28d")
+        return value
+
+    @property
+    def text(self) -> str:
+        return f"rolling {self.rolling.text}"
+
+
+_CYCLE_RE = re.compile(r"([1-9]\d*)y")
+
+
+class SeasonalReference(_Strict):
+    """``reference: {seasonal: 1y}``: each window is compared with the same period one cycle
+    earlier. ``Ny`` is N calendar years (the same date and hour; 29 February maps to the 28th),
+    any other duration a fixed length (``364d`` keeps weekdays aligned)."""
+
+    seasonal: str
+
+    @field_validator("seasonal", mode="before")
+    @classmethod
+    def _cycle(cls, value: object) -> str:
+        if isinstance(value, str) and _CYCLE_RE.fullmatch(value):
+            return value
+        try:
+            length = Duration.parse(value)
+        except ValueError:
+            raise ValueError(f"{value!r} is not a cycle: write a number of years (1y) or "
+                             f"{_DURATION_HELP}") from None
+        if length <= timedelta(0):
+            raise ValueError(f"{value!r} must be longer than zero, e.g. 1y or 364d")
+        return length.text
+
+    @property
+    def text(self) -> str:
+        return f"seasonal {self.seasonal}"
+
+    def earlier(self, when: datetime) -> datetime:
+        """``when`` one cycle ago."""
+        years = _CYCLE_RE.fullmatch(self.seasonal)
+        if years is None:
+            return when - Duration.parse(self.seasonal)
+        year = when.year - int(years.group(1))
+        try:
+            return when.replace(year=year)
+        except ValueError:  # 29 February in a year without one
+            return when.replace(year=year, day=28)
+
+
+_REFERENCE_HELP = "training, {rolling: 28d} or {seasonal: 1y}"
+
+
+def _reference(value: object) -> object:
+    """The one shape check of ``monitoring.reference``, so a bad value gets one message
+    naming what it takes rather than one per member of the union."""
+    if isinstance(value, RollingReference | SeasonalReference) or value == "training":
+        return value
+    if isinstance(value, dict) and len(value) == 1:
+        kind = str(next(iter(value)))
+        kinds: dict[str, type[_Strict]] = {"rolling": RollingReference,
+                                           "seasonal": SeasonalReference}
+        model = kinds.get(kind)
+        if model is not None:
+            try:
+                return model.model_validate(value)
+            except ValidationError as exc:
+                msg = exc.errors()[0]["msg"].removeprefix("Value error, ")
+                raise ValueError(f"{kind}: {msg}") from None
+    got = json.dumps(value, default=str)
+    raise ValueError(f"expected {_REFERENCE_HELP}, got {got}")
+
+
+ReferenceChoice = Annotated[Literal["training"] | RollingReference | SeasonalReference,
+                            BeforeValidator(_reference)]
+
+
 class MonitoringConfig(_Strict):
     """Drift and quality of live windows against the champion's training profile."""
 
@@ -468,6 +591,9 @@ class MonitoringConfig(_Strict):
     performance_margin: float = Field(0.1, ge=0)
     min_label_coverage: float = Field(0.5, ge=0, le=1)  # alert rule: coverage below this
     webhook: WebhookConfig | None = None
+    # what a window is compared with: the training profile, the traffic just before it, or
+    # the same period a cycle ago (mloop.monitoring.reference)
+    reference: ReferenceChoice = "training"
 
 
 class DriftTrigger(_Strict):
@@ -504,6 +630,9 @@ class RetrainConfig(_Strict):
     window: Duration = Duration.parse("60d")  # most recent labelled traffic
     include_original: bool = False  # plus the champion's original training snapshot
     min_labelled_rows: int = Field(500, ge=1)
+    # once the held-out fit passed its gates, fit again on the whole window (its holdout too)
+    # and roll that out: the most recent days are the ones a retrain most needs
+    refit: bool = True
 
 
 class GuardsConfig(_Strict):
@@ -520,9 +649,17 @@ class CanaryPolicy(_Strict):
 
 
 class CostRates(_Strict):
+    """Prices of compute (``mloop cost``, the loop's retrain cost) and the daily budget.
+
+    Written as the top-level ``costs:`` section; ``loop.costs`` (where the prices lived
+    first) is still read, and the two are one object after loading."""
+
     cpu_hour: float = Field(0.05, ge=0)  # money per CPU-hour
     gb_hour: float = Field(0.005, ge=0)  # money per GB-hour of peak memory
     currency: str = "USD"
+    # money per day (last 24 hours, wall clock) for training, tuning, retraining and serving
+    # together: an alert rule above it, and the loop holds a retrain that would exceed it
+    budget_per_day: float | None = Field(None, gt=0)
 
 
 def _lease_length(value: Duration) -> Duration:
@@ -916,9 +1053,30 @@ class ProjectConfig(_Strict):
         "where a model is promoted to, not what it is")] = Field(default_factory=dict)
     promotion: Annotated[PromotionConfig, NotHashed("how a model moves between environments")
                          ] = Field(default_factory=PromotionConfig)
+    # prices and budget; None: ``loop.costs`` (the older place), which is then the same object
+    costs: Annotated[CostRates | None, NotHashed("what compute costs")] = None
     _file: str = PrivateAttr(default=CONFIG_FILE)
     _lines: dict[tuple[Any, ...], int] = PrivateAttr(default_factory=dict)
     _secrets: frozenset[str] = PrivateAttr(default=frozenset())
+
+    @model_validator(mode="after")
+    def _one_price_list(self) -> ProjectConfig:
+        """``costs`` and ``loop.costs`` name one price list: set either (not both), read
+        either."""
+        if self.costs is not None and "costs" in self.loop.model_fields_set \
+                and self.costs != self.loop.costs:
+            raise ValueError("'costs' and 'loop.costs' both set prices: keep one ('costs'; "
+                             "'loop.costs' is the older place)")
+        if self.costs is None:
+            self.costs = self.loop.costs
+        else:
+            self.loop.costs = self.costs
+        return self
+
+    @property
+    def cost_rates(self) -> CostRates:
+        """The prices and budget, wherever mloop.yaml set them."""
+        return self.costs or self.loop.costs
 
     @property
     def environment_order(self) -> list[str]:
@@ -980,6 +1138,9 @@ class ProjectConfig(_Strict):
         :class:`NotHashed` (stores, gates, serving, ...). Registered versions carry it, so a
         project whose model-shaping settings are unchanged keeps its hash."""
         body = self.model_dump(mode="json", exclude=unhashed_fields(type(self)))
+        if body["features"]["store"] is None:  # a project without a feature store keeps the
+            for key in ("store", "repo", "feature_refs", "feature_service"):  # hash it had
+                body["features"].pop(key)
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 

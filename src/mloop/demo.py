@@ -190,7 +190,7 @@ def run_demo(opts: DemoOptions, *, progress: Callable[[str, dict[str, Any]], Non
         from mloop.loop.shift import measure_detection
 
         summary["injected_shift"] = measure_detection(project, shift).to_dict()
-    rates = project.config.loop.costs
+    rates = project.config.cost_rates
     summary["serving"] = {
         "cpu_seconds_per_1k_predictions": serving_cpu,
         "cost_per_1k_predictions": None if serving_cpu is None else
@@ -248,15 +248,17 @@ def _shift_of(opts: DemoOptions) -> Any:
 def _start_schedules(project_dir: Path, cfg: Any, start: datetime, end: datetime,
                      opts: DemoOptions) -> Any:
     """The fixed-schedule baselines, fitting in their own process while the replay runs:
-    the loop's retrain window, the demo's label delay, the project's time split; scored on
-    2012 when the replay reaches it (else on the whole replay)."""
+    the loop's retrain window, the demo's label delay and the loop's recipe: the whole window
+    when it refits once the gates pass (``loop.retrain.refit``), else the project's time
+    split; scored on 2012 when the replay reaches it (else on the whole replay)."""
     from mloop.loop.schedules import BackgroundSchedules
 
     return BackgroundSchedules(
         project_dir / cfg.data.path, cfg, workdir=project_dir.parent / "schedules",
         start=start, end=end,
         window=cfg.loop.retrain.window, label_delay=timedelta(days=opts.label_delay_days),
-        holdout=cfg.split.holdout, score_from=_scored_from(end))
+        holdout=0.0 if cfg.loop.retrain.refit else cfg.split.holdout,
+        score_from=_scored_from(end))
 
 
 def _scored_from(end: datetime) -> datetime | None:

@@ -26,6 +26,8 @@ Each is also importable from ``mloop`` itself.
     │                            taken over: stop acting
     ├── LeaseHeldError           another loop controller holds the lease (carries holder, until)
     ├── PurgeNotFoundError       no inference-log purge with that id
+    ├── PermissionDeniedError    the acting person's role may not do this (carries person,
+    │                            role, action, needed)
     ├── WindowNotFoundError      no monitored window with that id for the project's model
     ├── EncryptionKeyError       a file encrypted at rest cannot be opened: its master key is
     │                            missing or not the configured one (carries the key source)
@@ -176,6 +178,16 @@ class PurgeNotFoundError(MloopError):
 
 class WindowNotFoundError(MloopError):
     """No monitored window with that id for the project's model (the dashboard answers 404)."""
+
+
+class PermissionDeniedError(MloopError):
+    """The person acting (their token's role) may not do this: the CLI exits 1, the server and
+    dashboard answer 403. Nothing was changed."""
+
+    def __init__(self, message: str, *, person: str, role: str | None, action: str,
+                 needed: str) -> None:
+        super().__init__(message)
+        self.person, self.role, self.action, self.needed = person, role, action, needed
 
 
 class EncryptionKeyError(MloopError):

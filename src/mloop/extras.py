@@ -41,6 +41,7 @@ EXTRAS: dict[str, Extra] = {e.name: e for e in (
     Extra("xgboost", ("xgboost",), "XGBoost", "an xgboost model.estimator"),
     Extra("encryption", ("cryptography",), "cryptography", "security.encryption"),
     Extra("aws-kms", ("boto3",), "boto3", "security.encryption.aws_kms"),
+    Extra("feast", ("feast",), "Feast", "'features.store: feast'"),
 )}
 
 

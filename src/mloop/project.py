@@ -91,7 +91,8 @@ class Project:
     def store(self) -> Store:
         from mloop.store.db import Store
 
-        return Store(self.uris["store_uri"])
+        # the audit key and checkpoint stay beside the project, whichever store it uses
+        return Store(self.uris["store_uri"], keys_dir=self.root / ".mloop" / "keys")
 
     @functools.cached_property
     def snapshots(self) -> SnapshotStore:
@@ -101,7 +102,8 @@ class Project:
         prof = self.config.profile
         return SnapshotStore(ObjectStore(self.uris["data_uri"], codec=self.codec), bins=prof.bins,
                              top_k=prof.top_k, time_column=self.config.features.time_column,
-                             window=self.config.monitoring.window)
+                             window=self.config.monitoring.window,
+                             exclude=(self.config.target, *self.config.features.exclude))
 
     @functools.cached_property
     def outputs(self) -> ObjectStore:

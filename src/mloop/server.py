@@ -15,6 +15,7 @@ from typing import Any
 
 from mloop.config import ServingConfig
 from mloop.errors import MloopError
+from mloop.loop.cost import CostCollector
 from mloop.loop.gauges import LoopCollector
 from mloop.monitoring.alerts import MonitorCollector
 from mloop.project import Project, open_project
@@ -107,9 +108,9 @@ def tls_files(project: Project, *, tls_cert: str | None = None,
 
 
 def default_collectors(project: Project) -> list[Any]:
-    """The gauges /metrics shows beside the server's own: the newest monitor window and the
-    loop's state."""
-    return [MonitorCollector(project), LoopCollector(project)]
+    """The gauges /metrics shows beside the server's own: the newest monitor window, the
+    loop's state and, with ``costs.budget_per_day``, the last day's spend."""
+    return [MonitorCollector(project), LoopCollector(project), CostCollector(project)]
 
 
 def build_app(project: Project, cfg: ServingConfig, *, auth: bool) -> Any:

@@ -43,7 +43,7 @@ def build_card(project: Project, version: int) -> dict[str, Any]:
         "registered_at": _ms_iso(lin["created_at"]),
         "aliases": lin["aliases"],
         "task": tags.get("mloop.task"), "target": tags.get("mloop.target"),
-        "estimator": _estimator(lin),
+        "estimator": _estimator(project, lin),
         "intended_use": {
             "description": project.config.model.description,
             "limitations": project.config.model.limitations,
@@ -67,12 +67,17 @@ def _ms_iso(ms: int | None) -> str | None:
     return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="seconds")
 
 
-def _estimator(lin: dict[str, Any]) -> str | None:
-    """The estimator the train step was given (its ``model.estimator`` parameter as MLflow
-    recorded it); None when the pipeline logged no such parameter."""
+def _estimator(project: Project, lin: dict[str, Any]) -> str | None:
+    """The estimator the train step fitted: the class it recorded (tag ``mloop.estimator`` of
+    its MLflow run), else its ``model.estimator`` parameter; None when neither was recorded
+    (a parameter left unset is logged as null: the default by task, named by the tag)."""
     for step in lin["pipeline_run"].get("steps", []):
+        run = project.tracking.run(step["mlflow_run_id"]) if step.get("mlflow_run_id") else None
+        fitted = dict(run.tags).get("mloop.estimator") if run is not None else None
+        if fitted:
+            return str(fitted)
         value = step["params"].get("model.estimator")
-        if value:
+        if value and value not in ("null", "None"):
             return str(value)
     return None
 
@@ -148,9 +153,12 @@ def _metrics(project: Project, tags: dict[str, str]) -> dict[str, Any]:
     the version was tagged with at registration (``mloop.metric.*``, 6 significant
     digits); ``values`` None when neither was recorded."""
     parent = tags.get("mloop.mlflow_parent_run_id")
-    run = project.tracking.run(parent) if parent else None
-    if run is not None and run.metrics:
-        return {"source": "mlflow_run", "run_id": parent, "values": dict(run.metrics)}
+    # a refit's own run measured its holdout in-sample: its tags carry the held-out fit's
+    run = project.tracking.run(parent) if parent and "mloop.refit_of" not in tags else None
+    holdout = {k: v for k, v in (run.metrics if run is not None else {}).items()
+               if k.startswith("holdout_")}  # not the run's cost metrics (mloop.*)
+    if holdout:
+        return {"source": "mlflow_run", "run_id": parent, "values": holdout}
     tagged = {k[len("mloop.metric."):]: float(v) for k, v in tags.items()
               if k.startswith("mloop.metric.")}
     if tagged:

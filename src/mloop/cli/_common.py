@@ -107,6 +107,17 @@ def open_environment(env: str) -> Project:
     return _open_project(root_options().project, env=env)
 
 
+def open_project_as(action: str) -> Project:
+    """The project, once whoever runs this command may take ``action`` in it (a role from
+    ``$MLOOP_TOKEN`` against a central store; the OS user on the embedded one): refused with
+    exit 1 before anything changes, and every event it records names them."""
+    from mloop.security.people import authorize
+
+    project = open_project()
+    authorize(project.store, action)
+    return project
+
+
 def monitoring_config() -> MonitoringConfig:
     """The project's monitoring section if there is a project here, else the defaults."""
     from mloop.config import MonitoringConfig

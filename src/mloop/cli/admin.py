@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from mloop.cli._common import JsonOpt, open_project, report
+from mloop.cli._common import JsonOpt, open_project, open_project_as, report
 from mloop.cli.render import err, fmt_metrics, out, short, table
 
 db_app = typer.Typer(no_args_is_help=True, help="mloop's own metadata store.")
@@ -91,7 +91,7 @@ def db_upgrade(json_: JsonOpt = False) -> None:
     from mloop.store.db import Store
     from mloop.tracking import redact
 
-    project = open_project()
+    project = open_project_as("store")
     store = Store(project.uris["store_uri"], upgrade=False)
     before = store.current_revision()
     store.upgrade()

@@ -11,10 +11,26 @@ from typing import Annotated
 
 import typer
 
-from mloop.cli import admin, ci, data, export, keys, loop, models, monitor, runs, serving, tune, ui
+from mloop.cli import (
+    admin,
+    ci,
+    cost,
+    data,
+    export,
+    features,
+    keys,
+    loop,
+    models,
+    monitor,
+    runs,
+    serving,
+    tune,
+    ui,
+)
 from mloop.cli._common import EnvOpt, ProjectOpt, root_options, set_root_options
 from mloop.cli.render import err
 from mloop.errors import MloopError, StepFailedError
+from mloop.security.actor import set_current_actor
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="mloop: pipelines, tracked runs, gated models, serving, monitoring, "
@@ -38,6 +54,7 @@ app.command()(admin.status)
 app.command("loop")(loop.loop_cmd)
 app.command()(loop.demo)
 app.command()(loop.events)
+app.command()(cost.cost)
 app.command()(serving.serve)
 app.command("ui")(ui.ui)
 app.command()(serving.predict)
@@ -57,6 +74,7 @@ app.add_typer(keys.keys_app, name="keys")
 app.add_typer(monitor.monitor_app, name="monitor")
 app.add_typer(export.export_app, name="export")
 app.add_typer(ci.ci_app, name="ci")
+app.add_typer(features.features_app, name="features")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     # MLflow's INFO chatter (table creation, ...) would bury mloop's own output.
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     set_root_options(project=None, debug=False)  # a usage error never sees the last call's
+    set_current_actor(None)  # nor does a command see the person the last call acted for
     try:
         app(args=argv)  # standalone: usage errors print themselves and exit 2
         return 0

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from mloop.cli._common import JsonOpt, NoCacheOpt, open_project
+from mloop.cli._common import JsonOpt, NoCacheOpt, open_project_as
 from mloop.cli.render import emit_json, err
 
 ci_app = typer.Typer(no_args_is_help=True, help="Continuous integration for models: check a "
@@ -37,7 +37,7 @@ def ci_check(
 
     if report_path is not None:
         check_report_path(report_path)  # before minutes of training
-    project = open_project()
+    project = open_project_as("train")
     check = run_ci_check(project, base_env=base_env, run_id=run_id, use_cache=not no_cache)
     if report_path is not None:
         for kind, path in write_report(check, report_path).items():

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from mloop.cli._common import JsonOpt, ReasonOpt, iso_arg, open_project, report
+from mloop.cli._common import JsonOpt, ReasonOpt, iso_arg, open_project, open_project_as, report
 from mloop.cli.render import out, table
 
 data_app = typer.Typer(no_args_is_help=True, help="Snapshots (content-addressed data + profile) "
@@ -29,7 +29,7 @@ def data_snapshot(path: Annotated[Path, typer.Argument(help="CSV/Parquet file or
             [name, c["kind"], c["type"], f"{c['missing_rate']:.1%}", column_summary(c)]
             for name, c in d["profile"]["columns"].items()]))
 
-    report(snapshot_file(open_project(), path), json_, render)
+    report(snapshot_file(open_project_as("data"), path), json_, render)
 
 
 @data_app.command("list")
@@ -91,7 +91,7 @@ def data_purge(
     t0, t1 = iso_arg(start, "--from"), iso_arg(end, "--to")
     if t0 is None or t1 is None:  # typer requires both; this only narrows the types
         raise typer.BadParameter("--from and --to are required")
-    result = purge_rows(open_project(), start=t0, end=t1, version=version, reason=reason)
+    result = purge_rows(open_project_as("data"), start=t0, end=t1, version=version, reason=reason)
     report(result.to_dict(), json_, _print_purge)
 
 
@@ -102,7 +102,7 @@ def data_restore(purge_id: Annotated[str, typer.Argument(help="The id `mloop dat
     """Put a purge's rows back into the inference log (rows it still holds are not doubled)."""
     from mloop.traffic.purge import restore_purge
 
-    report(restore_purge(open_project(), purge_id).to_dict(), json_, _print_purge)
+    report(restore_purge(open_project_as("data"), purge_id).to_dict(), json_, _print_purge)
 
 
 @data_app.command("purges")
@@ -144,7 +144,7 @@ def data_erase(
     (POST /flush): rows still in its buffer are not erased."""
     from mloop.traffic.erase import erase_rows
 
-    result = erase_rows(open_project(), keys=key or [], request_ids=request_id or [],
+    result = erase_rows(open_project_as("data"), keys=key or [], request_ids=request_id or [],
                         reason=reason)
     report(result.to_dict(), json_, _print_erase)
 
@@ -160,7 +160,7 @@ def data_retention(
     from mloop.errors import ConfigError
     from mloop.traffic.retention import apply_retention
 
-    project = open_project()
+    project = open_project_as("data") if apply else open_project()
     result = apply_retention(project, apply=apply)
     if result is None:
         raise ConfigError("no security.retention is set (e.g. security: {retention: 180d})",

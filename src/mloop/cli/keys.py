@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 import yaml
 
-from mloop.cli._common import JsonOpt, open_project, report
+from mloop.cli._common import JsonOpt, open_project, open_project_as, report
 from mloop.cli.render import err, out, table
 
 keys_app = typer.Typer(no_args_is_help=True, help="Master keys of encryption at rest "
@@ -26,7 +26,7 @@ def keys_init(
         "--key-file", help="--source file: the path (default ~/.mloop/keys/PROJECT.key, "
                            "outside the project and its stores).")] = None,
     env: Annotated[str | None, typer.Option(
-        "--env", help="--source env: the variable's name (default MLOOP_MASTER_KEY).")] = None,
+        "--env-var", help="--source env: the variable's name (default MLOOP_MASTER_KEY).")] = None,
     kms_key_id: Annotated[str | None, typer.Option(
         "--kms-key-id", help="--source aws-kms: the KMS key id, ARN or alias.")] = None,
     json_: JsonOpt = False,
@@ -34,7 +34,7 @@ def keys_init(
     """Create a master key and print the mloop.yaml lines that use it (recorded as an event)."""
     from mloop.security.key_admin import init_key
 
-    project = open_project()
+    project = open_project_as("keys")
     result = init_key(source, root=project.root, audit=project.store,
                       key_file=key_file or f"~/.mloop/keys/{project.name}.key", env=env,
                       kms_key_id=kms_key_id)
@@ -83,7 +83,7 @@ def keys_rotate(json_: JsonOpt = False) -> None:
     re-encrypted); recorded as an event."""
     from mloop.security.key_admin import rotate_keys
 
-    project = open_project()
+    project = open_project_as("keys")
     result = rotate_keys(project.sealed_stores(), project.codec,
                          audit=project.store)
 

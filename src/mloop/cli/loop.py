@@ -1,4 +1,5 @@
-"""The closed loop: ``mloop loop``, ``mloop events``, ``mloop audit verify`` and ``mloop demo``."""
+"""The closed loop: ``mloop loop``, ``mloop events``, ``mloop audit verify|report`` and
+``mloop demo``."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from mloop.cli._common import (
     confirm_override,
     iso_arg,
     open_project,
+    open_project_as,
     report,
 )
 from mloop.cli.render import emit_json, err, fields, num, out, table
@@ -49,7 +51,7 @@ def loop_cmd(
     holder stopped, or was killed and the lease expired), then holds it across passes."""
     import signal
 
-    project = open_project()
+    project = open_project_as("loop")
     # SIGTERM (a pod stopped, a CronJob past its deadline) unwinds like Ctrl-C, so the lease
     # is released for the next controller instead of left to expire
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
@@ -351,11 +353,60 @@ def audit_verify(json_: JsonOpt = False) -> None:
 
     def render(c: dict[str, Any]) -> None:
         if c["ok"]:
-            out.print(f"audit chain intact: {c['events']} events")
+            notes = [f"checkpoint outside the store at {c['checkpoint']}"
+                     if c["checkpoint"] else "no checkpoint outside the store yet"]
+            if c["unkeyed"]:
+                notes.append(f"{c['unkeyed']} from before keying")
+            out.print(f"audit chain intact: {c['events']} events ({'; '.join(notes)})",
+                      highlight=False)
         else:
             sys.stderr.write(f"audit chain broken: {c['problem']}\n")
 
-    report({"ok": chain.ok, "events": chain.events, "first_bad_id": chain.first_bad_id,
-            "problem": chain.problem}, json_, render)
+    report(chain.to_dict(), json_, render)
     if not chain.ok:
         raise typer.Exit(1)
+
+
+@audit_app.command("report")
+def audit_report_cmd(
+    since: Annotated[str | None, typer.Option(help="ISO time: the period's start (default: "
+                                                   "the first event).")] = None,
+    until: Annotated[str | None, typer.Option(help="ISO time: the period's end (default: "
+                                                   "now).")] = None,
+    html: Annotated[Path | None, typer.Option("--html", help="Also write the report as one "
+                                                             "HTML page.")] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Every promotion, forced override, rollback, gate failure, alert, retrain and loop
+    decision in the period, who acted and why; each version that served with the data
+    snapshots behind it; and the chain's verification. Exit 1 if the chain is broken (the
+    report is still written, saying so)."""
+    from mloop.cli._common import write_text
+    from mloop.loop.audit_report import audit_report, audit_report_html
+
+    doc = audit_report(open_project(), since=iso_arg(since, "--since"),
+                       until=iso_arg(until, "--until"))
+    if html is not None:
+        write_text(html, audit_report_html(doc))
+    report(doc, json_, _print_audit_report)
+    if not doc["chain"]["ok"]:
+        raise typer.Exit(1)
+
+
+def _print_audit_report(doc: dict[str, Any]) -> None:
+    chain = doc["chain"]
+    if chain["ok"]:
+        out.print(f"audit chain intact: {chain['events']} events", highlight=False)
+    else:
+        sys.stderr.write(f"audit chain broken: {chain['problem']}\n")
+    out.print(f"{doc['model']}: {doc['since'] or 'the first event'} to {doc['until']}; "
+              + ", ".join(f"{n} {c}" for c, n in doc["counts"].items() if n), highlight=False)
+    out.print(table("decisions", ["#", "when", "decision", "version", "who", "why"],
+                    [[d["id"], d["at"][:19], d["category"],
+                      "" if d["version"] is None else f"v{d['version']}", d["who"], d["why"]]
+                     for d in doc["decisions"]]))
+    out.print(table("served", ["version", "alias", "from", "to", "train snapshot"],
+                    [[f"v{s['version']}", s["alias"], s["from"], s["to"] or "now",
+                      (s["data"].get("train") or {}).get("digest", "not recorded")[:12]
+                      if "error" not in s["data"] else s["data"]["error"]]
+                     for s in doc["served"]]))

@@ -8,7 +8,14 @@ from typing import Annotated, Any
 
 import typer
 
-from mloop.cli._common import JsonOpt, ReasonOpt, open_project, report, write_text
+from mloop.cli._common import (
+    JsonOpt,
+    ReasonOpt,
+    open_project,
+    open_project_as,
+    report,
+    write_text,
+)
 from mloop.cli.render import err, fmt_metrics, num, out, print_change, print_gates, short, table
 from mloop.errors import MloopError
 
@@ -36,7 +43,7 @@ def models_gate(version: Annotated[int, typer.Argument(min=1)], json_: JsonOpt =
     """Run the gates from mloop.yaml on VERSION; exit 1 if any gate fails."""
     from mloop.registry.gates import evaluate_gates
 
-    gates = evaluate_gates(open_project(), version)
+    gates = evaluate_gates(open_project_as("train"), version)
     report(gates.to_dict(), json_, print_gates)
     if not gates.passed:
         raise typer.Exit(1)
@@ -62,12 +69,16 @@ def models_promote(
     if to is None:
         from mloop.registry.promotion import promote
 
-        report(promote(open_project(), version, reason=reason, force=force).to_dict(), json_,
+        project = open_project_as("promote")
+        report(promote(project, version, reason=reason, force=force).to_dict(), json_,
                print_change)
         return
     from mloop.registry.env_promotion import promote_to_environment
 
     source, target = _promotion_sides(to)
+    from mloop.security.people import authorize
+
+    authorize(target.store, "promote")  # the person acts in the environment it changes
     with err.status(f"promoting v{version} from {source.env} to {target.env}"):
         done = promote_to_environment(source, target, version, reason=reason, force=force)
     report(done.to_dict(), json_, _print_env_promotion)
@@ -112,6 +123,9 @@ def models_approve(
     from mloop.registry.environments import approve
 
     source, target = _promotion_sides(to)
+    from mloop.security.people import authorize
+
+    authorize(target.store, "promote")  # an approval is an operator's, recorded there
     report(approve(source, target, version, by=by, reason=reason), json_,
            lambda a: out.print(f"v{a['source_version']} of {a['source_env']} approved for "
                                f"{a['env']} by {a['by']} (event {a['event_id']})"))
@@ -145,7 +159,8 @@ def models_rollback(
     """Move the champion back to the previous champion (or --to an earlier one)."""
     from mloop.registry.promotion import rollback
 
-    report(rollback(open_project(), reason=reason, to=to).to_dict(), json_, print_change)
+    project = open_project_as("rollback")
+    report(rollback(project, reason=reason, to=to).to_dict(), json_, print_change)
 
 
 @models_app.command("history")
@@ -250,7 +265,7 @@ def models_reproduce(version: Annotated[int, typer.Argument(min=1)],
     from mloop.registry.reproduce import reproduce
 
     with err.status(f"reproducing v{version}"):
-        r = reproduce(open_project(), version)
+        r = reproduce(open_project_as("train"), version)
 
     def render(r: dict[str, Any]) -> None:
         for w in r["warnings"]:

@@ -12,6 +12,7 @@ from mloop.cli._common import (
     iso_arg,
     monitoring_config,
     open_project,
+    open_project_as,
     report,
     write_text,
 )
@@ -44,7 +45,7 @@ def monitor(
         return
     from mloop.monitoring.service import run_monitor
 
-    project = open_project()
+    project = open_project_as("loop")
     if serve_metrics is not None:
         _serve_monitor_metrics(project, serve_metrics, every, window)
         return
@@ -62,8 +63,14 @@ def _print_monitor_run(result: dict[str, Any]) -> None:
         out.print(f"no new complete {result['window']} window since the last run")
         return
     shown = rows[-SHOWN:]
+    choice = result.get("reference", "training")
+    against = "" if choice == "training" else f", {choice} traffic"
     out.print(window_table(f"{result['model']}: windows of {result['window']} (reference: "
-                           f"champion v{result['champion']})", shown))
+                           f"champion v{result['champion']}{against})", shown))
+    fell_back = [w for w in result["evaluated"] if (w.get("reference") or {}).get("fallback")]
+    if fell_back:
+        out.print(f"{len(fell_back)} window(s) judged against training instead of {choice}: "
+                  f"{fell_back[-1]['reference']['fallback']}")
     if len(rows) > len(shown):
         out.print(f"{len(rows) - len(shown):,} more window(s) evaluated in this run, not "
                   f"shown: `mloop monitor windows --window {result['window']} --limit "
@@ -257,7 +264,7 @@ def monitor_report(
 
 def print_monitor_report(result: dict[str, Any]) -> None:
     """One window's (or one comparison's) drift and quality tables."""
-    from mloop.monitoring.report import temporal_note
+    from mloop.monitoring.report import joint_note, temporal_note
 
     if result["empty"]:
         out.print("the window is empty: nothing to compare")
@@ -274,6 +281,8 @@ def print_monitor_report(result: dict[str, Any]) -> None:
                       "[red]yes" if c["drifted"] else "[green]no"]
                      for c in drift["columns"]]))
     out.print(temporal_note(drift))
+    if "multivariate" in result:  # windows of the inference log; not ad-hoc comparisons
+        out.print(joint_note(result))
     if result["quality"]:
         out.print(table("quality", ["column", "check", "count", "rate", "examples"],
                         [[f["column"], f["check"], f"{f['count']:,}", f"{f['rate']:.2%}",

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from mloop.cli._common import JsonOpt, NoCacheOpt, open_project, report
+from mloop.cli._common import JsonOpt, NoCacheOpt, open_project, open_project_as, report
 from mloop.cli.render import (
     emit_json,
     err,
@@ -32,7 +32,7 @@ def run(no_cache: NoCacheOpt = False, json_: JsonOpt = False) -> None:
     from mloop.registry.training import train_candidate
     from mloop.status import show_run
 
-    project = open_project()
+    project = open_project_as("train")
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                   console=err, transient=False) as progress:
         tasks: dict[str, Any] = {}
@@ -135,7 +135,7 @@ def runs_create(pipeline: Annotated[str | None, typer.Argument()] = None,
     """Start an empty pipeline run for an orchestrator to fill with `mloop step run`."""
     from mloop.pipeline.runner import create_run
 
-    row = create_run(open_project(), pipeline)
+    row = create_run(open_project_as("train"), pipeline)
 
     def render(_: dict[str, Any]) -> None:
         sys.stdout.write(row.id + "\n")  # the id alone, plain: scripts and XCom read this line
@@ -151,7 +151,7 @@ def runs_gate(run_id: str, json_: JsonOpt = False) -> None:
     from mloop.pipeline.runner import registered_version
     from mloop.registry.training import gate_candidate
 
-    project = open_project()
+    project = open_project_as("train")
     result = gate_candidate(project, registered_version(project, run_id)).to_dict()
 
     def render(r: dict[str, Any]) -> None:
@@ -176,8 +176,8 @@ def step_run(
     """Execute one step of an existing pipeline run in this process."""
     from mloop.pipeline.runner import run_single_step
 
-    o = run_single_step(open_project(), pipeline, step_name, run_id, use_cache=not no_cache,
-                        retries=retries)
+    o = run_single_step(open_project_as("train"), pipeline, step_name, run_id,
+                        use_cache=not no_cache, retries=retries)
     d = {"step": o.step, "status": o.status, "cache_hit": o.cache_hit,
          "duration_s": round(o.duration_s, 3), "peak_memory_mb": o.peak_memory_mb,
          "outputs": o.outputs, "mlflow_run_id": o.mlflow_run_id, "attempts": o.attempts}

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from mloop.cli._common import JsonOpt, TlsCertOpt, TlsKeyOpt, open_project, report
+from mloop.cli._common import JsonOpt, TlsCertOpt, TlsKeyOpt, open_project, open_project_as, report
 from mloop.cli.render import err, out, print_change, table
 from mloop.errors import MloopError
 
@@ -32,7 +32,7 @@ def serve(
     tls_key: TlsKeyOpt = None,
     ui: Annotated[bool, typer.Option(
         "--ui", help="Also serve the dashboard under /ui (the app `mloop ui` serves; same "
-                     "auth rule as the server, acting needs an admin token).")] = False,
+                     "auth rule as the server, acting needs an operator token).")] = False,
 ) -> None:
     """Serve the champion (and challenger) over HTTP until SIGINT/SIGTERM."""
     from mloop.server import serve as run_server
@@ -65,7 +65,7 @@ def deploy_canary(
     """VERSION becomes the challenger and answers WEIGHT of the traffic."""
     from mloop.serving.deploy import deploy_challenger
 
-    report(deploy_challenger(open_project(), version, mode="canary", weight=weight,
+    report(deploy_challenger(open_project_as("deploy"), version, mode="canary", weight=weight,
                              reason=reason).to_dict(), json_, print_change)
 
 
@@ -78,7 +78,8 @@ def deploy_shadow(
     """VERSION is scored on a copy of every request; its answers are logged, never returned."""
     from mloop.serving.deploy import deploy_challenger
 
-    report(deploy_challenger(open_project(), version, mode="shadow", reason=reason).to_dict(),
+    project = open_project_as("deploy")
+    report(deploy_challenger(project, version, mode="shadow", reason=reason).to_dict(),
            json_, print_change)
 
 
@@ -91,7 +92,7 @@ def deploy_stop(
     """Remove the challenger: the champion answers everything again."""
     from mloop.serving.deploy import stop_challenger
 
-    report(stop_challenger(open_project(), reason=reason).to_dict(), json_, print_change)
+    report(stop_challenger(open_project_as("deploy"), reason=reason).to_dict(), json_, print_change)
 
 
 @deploy_app.command("status")
@@ -140,8 +141,8 @@ def predict(
                       f"{result['spark_version']} ({result['master']}) in "
                       f"{result['seconds']} s -> {result['output']}")
 
-        report(predict_spark(open_project(), input, output, version=version, master=master,
-                             progress=not json_), json_, render_spark)
+        report(predict_spark(open_project_as("predict"), input, output, version=version,
+                             master=master, progress=not json_), json_, render_spark)
         return
     if master is not None:
         raise MloopError("--master is for --engine spark")
@@ -152,7 +153,7 @@ def predict(
                   f"{result['seconds']} s ({result['rows_per_s']:,} rows/s, peak RSS "
                   f"{result['peak_rss_mb']} MB) -> {result['output']}")
 
-    report(predict_file(open_project(), Path(input), Path(output), version=version,
+    report(predict_file(open_project_as("predict"), Path(input), Path(output), version=version,
                         chunk_rows=chunk_rows, progress=not json_), json_, render)
 
 
@@ -165,7 +166,7 @@ def labels_ingest(
     (and make the exit code 1), never stored."""
     from mloop.traffic.labels import ingest_label_file
 
-    result = ingest_label_file(open_project(), file)
+    result = ingest_label_file(open_project_as("feedback"), file)
 
     def render(result: dict[str, Any]) -> None:
         out.print(f"stored {result['stored']} label(s) from {file}")
@@ -184,19 +185,25 @@ def labels_ingest(
 
 @tokens_app.command("create")
 def tokens_create(
-    role: Annotated[str, typer.Option(help="viewer (reads the dashboard), predict (also scores) "
-                                          "or admin (also deploys and acts in the "
-                                          "dashboard).")] = "predict",
+    role: Annotated[str, typer.Option(help="viewer (reads the dashboard), predict (also "
+                                          "scores), operator (also trains, promotes, rolls "
+                                          "back, deploys) or admin (also manages tokens and "
+                                          "keys).")] = "predict",
+    person: Annotated[str, typer.Option(help="Who the token belongs to: recorded as the actor "
+                                            "of everything done with it (default: --name).")]
+    = "",
     name: Annotated[str, typer.Option(help="A label for the token.")] = "",
     json_: JsonOpt = False,
 ) -> None:
-    """Create a token; it is printed once and stored only as a hash."""
+    """Create a token; it is printed once and stored only as a hash. Needs the admin role
+    (against a central store with no token yet, whoever reaches the store makes the first)."""
     from mloop.security.tokens import create_token
 
-    tok = create_token(open_project().store, role=role, name=name)
+    tok = create_token(open_project_as("tokens").store, role=role, name=name, person=person)
 
     def render(_: dict[str, Any]) -> None:
-        err.print(f"token {tok.id} ({tok.role}, '{tok.name}'); shown once, keep it secret:")
+        err.print(f"token {tok.id} for {tok.person} ({tok.role}, '{tok.name}'); shown once, "
+                  f"keep it secret:")
         sys.stdout.write(tok.token + "\n")  # plain: the value alone on stdout
 
     report(tok.__dict__, json_, render)
@@ -208,11 +215,13 @@ def tokens_list(json_: JsonOpt = False) -> None:
     from mloop.security.tokens import list_tokens
 
     def render(rows: list[dict[str, Any]]) -> None:
-        out.print(table("tokens", ["id", "name", "role", "created", "by", "revoked"],
-                        [[r["id"], r["name"], r["role"], r["created_at"], r["created_by"],
+        out.print(table("tokens", ["id", "person", "name", "role", "created", "by",
+                                   "revoked"],
+                        [[r["id"], r["person"], r["name"], r["role"], r["created_at"],
+                          r["created_by"],
                           "yes" if r["revoked"] else ""] for r in rows]))
 
-    report(list_tokens(open_project().store), json_, render)
+    report(list_tokens(open_project_as("tokens").store), json_, render)
 
 
 @tokens_app.command("revoke")
@@ -220,5 +229,5 @@ def tokens_revoke(token_id: Annotated[int, typer.Argument(min=1)]) -> None:
     """Revoke a token (servers notice within serving.poll_seconds)."""
     from mloop.security.tokens import revoke_token
 
-    revoke_token(open_project().store, token_id)
+    revoke_token(open_project_as("tokens").store, token_id)
     out.print(f"token {token_id} revoked")

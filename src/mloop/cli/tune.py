@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 import typer
 
-from mloop.cli._common import JsonOpt, open_project, report
+from mloop.cli._common import JsonOpt, open_project_as, report
 from mloop.cli.render import (
     err,
     fmt_metrics,
@@ -39,7 +39,7 @@ def tune(
     require_optuna()
     from mloop.tuning.study import join_study, run_study
 
-    project = open_project()
+    project = open_project_as("train")
     if join is not None:
         def tell(kind: str, info: dict[str, Any]) -> None:
             if kind == "trial" and not json_:

@@ -16,7 +16,7 @@ def ui(
     auth: Annotated[bool | None, typer.Option(
         "--auth/--no-auth", help="Require a login to read too (default: on unless bound to "
                                  "loopback, as for `mloop serve`). Acting always needs an "
-                                 "admin token.")] = None,
+                                 "operator or admin token.")] = None,
     tls_cert: TlsCertOpt = None,
     tls_key: TlsKeyOpt = None,
 ) -> None:
@@ -39,6 +39,7 @@ def ui(
     err.print(f"mloop ui for '{project.config.model_name}' on "
               f"{'https' if ssl else 'http'}://{shown}:{port} "
               f"({'login required' if use_auth else 'read-only without login'}; actions need "
-              f"an admin token: `mloop tokens create --role admin`)", highlight=False)
+              f"an operator token: `mloop tokens create --person YOU --role operator`)",
+              highlight=False)
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False,
                 ssl_certfile=ssl.get("ssl_certfile"), ssl_keyfile=ssl.get("ssl_keyfile"))

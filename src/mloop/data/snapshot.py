@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from mloop.errors import SnapshotNotFoundError
 
 if TYPE_CHECKING:  # reading a snapshot's record needs neither pyarrow.compute nor numpy
+    import numpy as np
     import pyarrow as pa
 
     from mloop.storage import ObjectStore
@@ -43,15 +44,20 @@ class SnapshotStore:
     With ``time_column`` and ``window`` (the project's ``features.time_column`` and
     ``monitoring.window``), a snapshot holding that column also gets, in its profile, the
     drift statistics of its contiguous window-sized chunks (temporal calibration, see
-    :mod:`mloop.monitoring.temporal`); computed here, once, never when a window is judged."""
+    :mod:`mloop.monitoring.temporal`); computed here, once, never when a window is judged.
+    Every snapshot also gets what the multivariate check needs (a ``joint`` profile section
+    and an encoded reference sample, :mod:`mloop.data.joint_profile`) over its columns but
+    ``exclude`` (the target and excluded columns, which live windows never hold)."""
 
     def __init__(self, objects: ObjectStore, *, bins: int = 20, top_k: int = 50,
-                 time_column: str | None = None, window: str | None = None) -> None:
+                 time_column: str | None = None, window: str | None = None,
+                 exclude: tuple[str, ...] = ()) -> None:
         self.objects = objects
         self.bins = bins
         self.top_k = top_k
         self.time_column = time_column
         self.window = window
+        self.exclude = exclude
 
     def put(self, table: pa.Table, *, source: str) -> tuple[Snapshot, bool]:
         """Store ``table``; return the snapshot and whether it was newly written."""
@@ -69,6 +75,13 @@ class SnapshotStore:
 
             profile["temporal"] = temporal_profile(table, profile, time_column=self.time_column,
                                                    window=self.window)
+        from mloop.data.joint_profile import SAMPLE_KEY, joint_profile, sample_bytes
+
+        profile["joint"], sample = joint_profile(table, profile, exclude=set(self.exclude),
+                                                 time_column=self.time_column,
+                                                 window=self.window)
+        if sample is not None:
+            self.objects.write_bytes(f"{digest}/{SAMPLE_KEY}", sample_bytes(sample))
         self.objects.write_bytes(f"{digest}/profile.json", json.dumps(profile).encode())
         snap = Snapshot(
             digest=digest,
@@ -107,6 +120,14 @@ class SnapshotStore:
     def profile(self, digest: str) -> dict[str, Any]:
         return json.loads(self.objects.read_bytes(f"{self.resolve(digest)}/profile.json"))
 
+    def joint_sample(self, digest: str) -> np.ndarray | None:
+        """The encoded reference sample of the multivariate check; None for a snapshot stored
+        before it existed (or with too little to sample)."""
+        from mloop.data.joint_profile import SAMPLE_KEY, read_sample
+
+        key = f"{self.resolve(digest)}/{SAMPLE_KEY}"
+        return read_sample(self.objects.read_bytes(key)) if self.objects.exists(key) else None
+
     def copy_to(self, other: SnapshotStore, digest: str) -> bool:
         """Copy snapshot ``digest`` into ``other`` (another environment's data store) byte for
         byte: data, profile, then the record that makes it visible, so an interrupted copy
@@ -114,7 +135,11 @@ class SnapshotStore:
         digest = self.resolve(digest)
         if other.objects.exists(f"{digest}/snapshot.json"):
             return False
-        for name in ("data.parquet", "profile.json"):
+        from mloop.data.joint_profile import SAMPLE_KEY
+
+        for name in ("data.parquet", SAMPLE_KEY, "profile.json"):
+            if name == SAMPLE_KEY and not self.objects.exists(f"{digest}/{name}"):
+                continue  # stored before the multivariate check
             other.objects.write_bytes(f"{digest}/{name}",
                                       self.objects.read_bytes(f"{digest}/{name}"))
         meta = json.loads(self.objects.read_bytes(f"{digest}/snapshot.json"))

@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 import sqlalchemy as sa
 
 from mloop.errors import MloopError, StaleStateError
+from mloop.loop.cost import budget_guard
 from mloop.loop.lease import LoopLease
 from mloop.loop.retrain import (
     build_training_data,
@@ -212,7 +213,7 @@ def check_guards(project: Project, state: LoopState, now: datetime) -> str | Non
     recent = [t for t in state.retrain_times if t > day_ago]
     if len(recent) >= g.max_per_day:
         return f"{len(recent)} retrains in the last day (max_per_day {g.max_per_day})"
-    return None
+    return budget_guard(project)  # wall clock: money is spent in real time
 
 
 # ----------------------------------------------------------------------------- probation
@@ -567,6 +568,15 @@ def _retrain_and_roll_out(project: Project, state: LoopState, fired: list[Trigge
         record.outcome, record.reason = "rejected", f"failed gates {failed}"
         return _finish(project, state, record, "candidate_rejected",
                        {"version": version, "failed_gates": failed}, lease)
+    if policy.retrain.refit:
+        try:
+            version, report = _refit(project, record, data, report, on_event=heard)
+        except StaleStateError:
+            raise
+        except Exception as exc:  # the held-out fit passed: roll it out, say why not the refit
+            _event(project, "refit_failed", {"version": version,
+                                             "error": f"{type(exc).__name__}: {exc}"})
+        lease.ensure()
     if policy.canary is None or champion is None:
         try:
             promote(project, version, reason="loop: retrained, every gate passed",
@@ -590,6 +600,31 @@ def _retrain_and_roll_out(project: Project, state: LoopState, fired: list[Trigge
                    {"version": version, "weight": policy.canary.weight}, lease)
 
 
+def _refit(project: Project, record: Retrain, data: Any, report: Any, *, on_event: Any
+           ) -> tuple[int, Any]:
+    """Fit the gated recipe again on the whole window (``loop.retrain.refit``); the refit
+    carries the held-out fit's gates and metrics (``mloop.registry.refit``)."""
+    from mloop.registry.refit import adopt_held_out_evidence
+
+    held_out = int(record.version or 0)
+    result = retrain(project, data, on_event=on_event, refit=True)
+    refit = int(result["version"])
+    if refit == held_out:  # every step cached: the project's pipeline ignores split.refit
+        _event(project, "refit_skipped", {
+            "version": held_out, "reason": "the project's pipeline does not pass "
+            "split.refit to its split step (mloop.tabular.pipeline.split_options)"})
+        return held_out, report
+    carried = adopt_held_out_evidence(project, refit, held_out, report)
+    record.held_out_version, record.version = held_out, refit
+    record.seconds = round((record.seconds or 0.0) + result["seconds"], 2)
+    record.cpu_seconds = round((record.cpu_seconds or 0.0) + result["cpu_seconds"], 2)
+    record.peak_memory_mb = max(record.peak_memory_mb or 0.0, result["peak_memory_mb"])
+    _event(project, "refit", {"version": refit, "held_out_version": held_out,
+                              "training_rows": result["training_rows"],
+                              "pipeline_run_id": result["pipeline_run_id"]})
+    return refit, carried
+
+
 def _finish(project: Project, state: LoopState, record: Retrain, kind: str,
             payload: dict[str, Any], lease: LoopLease) -> dict[str, Any]:
     state.in_flight = None
@@ -602,7 +637,7 @@ def _finish(project: Project, state: LoopState, record: Retrain, kind: str,
 def loop_metrics(project: Project, state: LoopState | None = None) -> dict[str, Any]:
     """Time to detect, time to deploy, retrain cost and outcomes, from the saved history."""
     state = state or load_state(project)
-    rates = project.config.loop.costs
+    rates = project.config.cost_rates
     retrains = [h for h in state.history if h.version is not None or h.outcome]
     done = [h for h in retrains if h.outcome in ("promoted", "rolled_back", "canary",
                                                  "rejected", "failed")]

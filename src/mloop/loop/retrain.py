@@ -137,8 +137,11 @@ def _schema_of(project: Project, path: str) -> pa.Schema:
     return pq.read_schema(where, filesystem=fs)
 
 
-def retrain(project: Project, data: TrainingData, *, on_event: Any = None) -> dict[str, Any]:
-    """Run the project's pipeline on ``data``; returns the new version and what it cost."""
+def retrain(project: Project, data: TrainingData, *, on_event: Any = None,
+            refit: bool = False) -> dict[str, Any]:
+    """Run the project's pipeline on ``data``; returns the new version and what it cost.
+    ``refit`` fits on every row, the holdout too (``split.refit``): the held-out fit on the
+    same data must have passed its gates first (``mloop.registry.refit``)."""
     from mloop.config import DataConfig
     from mloop.memory import PeakMemory
     from mloop.project import Project as _Project
@@ -147,8 +150,9 @@ def retrain(project: Project, data: TrainingData, *, on_event: Any = None) -> di
     present = set(_schema_of(project, data.path).names)
     features = project.config.features.model_copy(update={
         "exclude": [c for c in project.config.features.exclude if c in present]})
+    split = project.config.split.model_copy(update={"refit": refit})
     config = project.config.model_copy(update={"data": DataConfig(path=str(data.path)),
-                                               "features": features})
+                                               "features": features, "split": split})
     retrain_project = _Project(project.root, config)
     cpu0 = time.process_time()
     t0 = time.perf_counter()

@@ -171,7 +171,8 @@ class Retrain(_Record):
     onset: Instant | None = None  # the earliest onset among the triggers (time to detect)
     champion: int | None = None  # the champion when it started
     started_wall: Instant | None = None
-    version: int | None = None  # the candidate it registered
+    version: int | None = None  # the candidate it registered (the refit, when there is one)
+    held_out_version: int | None = None  # the held-out fit that passed the gates, if refit
     seconds: float | None = None
     cpu_seconds: float | None = None
     peak_memory_mb: float | None = None

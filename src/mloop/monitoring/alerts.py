@@ -203,8 +203,19 @@ def alert_rules(project: Project) -> dict[str, Any]:
              "(rate(mloop_request_latency_seconds_bucket[5m]))) > 0.5", "warning",
              "p99 latency of the mloop server is above 500 ms", for_="10m"),
     ]
-    return {"groups": [{"name": f"mloop-monitoring-{model}", "rules": monitoring},
-                       {"name": "mloop-serving", "rules": serving}]}
+    groups = [{"name": f"mloop-monitoring-{model}", "rules": monitoring},
+              {"name": "mloop-serving", "rules": serving}]
+    rates = project.config.cost_rates
+    if rates.budget_per_day is not None:  # mloop_cost_last_day: mloop.loop.cost.CostCollector
+        budget = f"{rates.budget_per_day:g} {rates.currency}"
+        cost = rule("MloopCostOverBudget",
+                    f"mloop_cost_last_day{{{sel}}} > {rates.budget_per_day:g}", "warning",
+                    f"{{{{ $value }}}} {rates.currency} spent on {model} in the last 24 h, "
+                    f"over costs.budget_per_day ({budget}); the loop holds retrains")
+        cost["annotations"]["description"] = "Runs, trials, retrains and serving: `mloop cost " \
+                                             "--by day`"
+        groups.append({"name": f"mloop-cost-{model}", "rules": [cost]})
+    return {"groups": groups}
 
 
 def _estimated_metric(task: str, metrics: list[str] | None) -> str:

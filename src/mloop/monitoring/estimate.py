@@ -89,13 +89,18 @@ def holdout_calibration(project: Project, version: int) -> dict[str, Any] | None
 def _score_holdout(project: Project, version: int) -> dict[str, Any] | None:
     from mloop.metrics import compute_metrics
     from mloop.registry.candidates import get_version
+    from mloop.registry.refit import held_out_version
     from mloop.serving.model import load_served
 
     tags = dict(get_version(project, version).tags or {})
+    # a refit has seen its holdout: learn from the held-out fit's rows and model instead
+    scored = held_out_version(project, version, tags)
+    if scored != version:
+        tags = dict(get_version(project, scored).tags or {})
     holdout = tags.get("mloop.snapshot.holdout")
     if not holdout or tags.get("mloop.task", project.config.task) == "regression":
         return None
-    model = load_served(project, version, warm=False)
+    model = load_served(project, scored, warm=False)
     if model.classes is None:
         return None
     frame = project.snapshots.read_table(holdout).to_pandas()

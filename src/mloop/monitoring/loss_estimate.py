@@ -212,9 +212,14 @@ def _train(project: Project, version: int, metric: str) -> tuple[dict[str, Any],
     """The record (holdout check, features, holdout value) and the loss model fitted on the
     whole holdout; the record alone, with why, when there is no loss model to make."""
     from mloop.registry.candidates import get_version
+    from mloop.registry.refit import held_out_version
     from mloop.serving.model import load_served
 
     tags = dict(get_version(project, version).tags or {})
+    # a refit has seen its holdout: learn from the held-out fit's rows and model instead
+    scored = held_out_version(project, version, tags)
+    if scored != version:
+        tags = dict(get_version(project, scored).tags or {})
     holdout = tags.get("mloop.snapshot.holdout")
     base: dict[str, Any] = {"version": version, "metric": metric}
     if not holdout or tags.get("mloop.task", project.config.task) != "regression":
@@ -229,7 +234,7 @@ def _train(project: Project, version: int, metric: str) -> tuple[dict[str, Any],
         project.config.split.method in (None, "time")
     if by_time:
         frame = frame.sort_values(time_column, kind="stable").reset_index(drop=True)
-    model = load_served(project, version, warm=False)
+    model = load_served(project, scored, warm=False)
     cols = {c: [None if (v is None or (isinstance(v, float) and v != v)) else v
                 for v in frame[c].tolist()] for c in model.schema.names}
     frame[PREDICTION] = np.asarray(model.predict_frame(model.schema.frame(cols)),

@@ -90,6 +90,40 @@ def temporal_note(drift: dict[str, Any]) -> str:
     return str(temporal.get("reason") or "iid calibration only")
 
 
+def reference_note(report: dict[str, Any]) -> str:
+    """One line on what the window was compared with (``monitoring.reference``): the training
+    profile, the log's traffic over a span, or training in place of the one asked for, and
+    why. Reports stored before the choice existed were all against training; an ad-hoc
+    comparison (``monitor compare``, whose ``reference`` is a file) has no line."""
+    ref = report.get("reference")
+    if not ref:
+        return "reference: the training profile"
+    if "kind" not in ref:
+        return ""
+    if ref.get("fallback"):
+        return f"reference: the training profile of v{ref['version']} instead of " \
+               f"{ref['requested']}: {ref['fallback']}"
+    if ref["kind"] == "training":
+        return f"reference: the training profile of v{ref['version']} ({ref['rows']:,} rows)"
+    return (f"reference: {ref['kind']} traffic, {ref['rows']:,} rows logged from "
+            f"{ref['since']} to {ref['until']}")
+def joint_note(report: dict[str, Any]) -> str:
+    """One line on the window's multivariate check (:mod:`mloop.monitoring.joint`): its
+    share of rows outside the reference's joint support against both thresholds, or why it
+    did not run. Reports stored before it existed have none."""
+    joint = report.get("multivariate")
+    if not joint:
+        return "multivariate check: not run (report written before it existed)"
+    if joint.get("skipped"):
+        return f"multivariate check skipped: {joint['skipped']}"
+    verdict = "joint shift" if joint["drifted"] else "no joint shift"
+    temporal = joint.get("threshold_temporal")
+    bar = (f"temporal threshold {temporal:.1%}" if temporal is not None
+           else str((joint.get("temporal") or {}).get("reason") or "iid bound only"))
+    return (f"multivariate check: {verdict}: {joint['value']:.1%} of rows outside the "
+            f"reference's joint support (iid threshold {joint['threshold_iid']:.1%}; {bar})")
+
+
 def _verdict(flag: bool | None) -> str:
     if flag is None:
         return "<span class='muted'>n/a</span>"
@@ -105,7 +139,10 @@ def window_section(report: dict[str, Any], title: str) -> str:
     parts.append(f"<p>{report['rows']:,} rows · dataset {_verdict(drift['drifted'])} "
                  f"({drift['drift_share']:.0%} of columns) · false-alarm rate "
                  f"{drift['false_alarm_rate']:.0%} · {drift['simulations']:,} null draws</p>")
+    if note := reference_note(report):
+        parts.append(f"<p class='muted'>{html.escape(note)}</p>")
     parts.append(f"<p class='muted'>{html.escape(temporal_note(drift))}</p>")
+    parts.append(f"<p>{html.escape(joint_note(report))}</p>")
     parts.append(_table(
         ["column", "method", "score", "iid threshold", "temporal threshold", "min effect",
          "p-value", "verdict"],

@@ -14,6 +14,14 @@ probabilities (CBPE, :mod:`mloop.monitoring.estimate`), a regression model's fro
 inputs and predictions (DLE, :mod:`mloop.monitoring.loss_estimate`); each with the version's
 holdout value of that metric (``reference``), which the estimated-performance trigger and
 alert compare it with.
+
+``monitoring.reference`` may replace the training profile by a profile of the log's own
+recent traffic or of the same period a cycle ago (:mod:`mloop.monitoring.reference`); each
+window's report records which reference it used (``report["reference"]``).
+
+It also carries a multivariate check beside the per-column verdicts
+(``report["multivariate"]``: the share of rows outside the reference's joint support,
+:mod:`mloop.monitoring.joint`); it is reported, not yet a trigger.
 """
 
 from __future__ import annotations
@@ -32,6 +40,8 @@ import sqlalchemy as sa
 from mloop.errors import MloopError
 from mloop.monitoring.drift import NullModel
 from mloop.monitoring.evaluate import evaluate_window
+from mloop.monitoring.joint import JointReference, check_joint, joint_reference
+from mloop.monitoring.reference import choose_reference
 from mloop.monitoring.windows import read_rows, row_windows, time_windows
 from mloop.monitoring.windows_store import WindowSpec, window_summary
 from mloop.project import Project
@@ -59,6 +69,8 @@ class Reference:
     holdout_metrics: dict[str, float] = field(default_factory=dict)
     # inputs security.pii keeps out of comparison (dropped, masked, hashed numbers): why
     skipped: dict[str, str] = field(default_factory=dict)
+    # the multivariate check's reference (stored sample, index), or why there is none
+    joint: JointReference | str = "not loaded"
 
 
 def reference_for(project: Project, version: int) -> Reference:
@@ -92,7 +104,8 @@ def reference_for(project: Project, version: int) -> Reference:
     return Reference(version, profile, features, _prediction_profile(project, version, tags),
                      task, metric, holdout(metric), fallback, holdout(fallback),
                      {k.removeprefix("mloop.metric."): float(v) for k, v in tags.items()
-                      if k.startswith("mloop.metric.")}, skipped)
+                      if k.startswith("mloop.metric.")}, skipped,
+                     joint_reference(profile, project.snapshots.joint_sample(train)))
 
 
 def logged_probabilities(table: pa.Table) -> tuple[list[str], np.ndarray | None]:
@@ -286,7 +299,7 @@ def run_monitor(project: Project, *, window: str | None = None,
         windows = row_windows(rows, spec.rows, skip_ids=boundary)
     references: dict[int, Reference] = {}
     labels = _labels(project)
-    cache: dict[tuple, NullModel] = {}
+    caches: dict[str, dict[tuple, NullModel]] = {}
     calibrations: dict[int, Any] = {}  # per version: CBPE's check or the DLE loss model
     evaluated: list[dict[str, Any]] = []
     alerts: list[dict[str, Any]] = []
@@ -300,8 +313,16 @@ def run_monitor(project: Project, *, window: str | None = None,
         except MloopError:
             ref = references.get(champion) or references.setdefault(
                 champion, reference_for(project, champion))
+        chosen = choose_reference(project, ref, start, end)
+        ref = chosen.reference
+        # null models depend on the reference's histogram and size: one cache per reference
+        cache = caches.setdefault(chosen.key, {})
         report = evaluate_window(ref.profile, part, cfg, columns=ref.features,
                                  null_cache=cache, seed=seed, size=spec.text)
+        report["reference"] = chosen.record
+        report["multivariate"] = check_joint(ref.joint, part,
+                                             false_alarm_rate=cfg.false_alarm_rate,
+                                             size=spec.text, features=ref.features)
         report["versions"] = _versions(part)
         report["traffic"] = traffic_summary(part)
         report["reference_version"] = ref.version
@@ -351,7 +372,9 @@ def run_monitor(project: Project, *, window: str | None = None,
 
     quarantined = record_quarantine_events(project.log_store,
                                            project.store)
+    choice = cfg.reference
     return {"model": name, "window": spec.text, "champion": champion,
+            "reference": choice if isinstance(choice, str) else choice.text,
             "evaluated": evaluated, "refreshed": refreshed, "alerts": alerts,
             "quarantined": quarantined}
 

@@ -57,7 +57,7 @@ def window_summary(row: MonitorWindowRow) -> dict[str, Any]:
             "drift_share": row.drift_share, "prediction_drifted": row.prediction_drifted,
             "quality_findings": row.quality_findings, "metric": row.metric,
             "metric_value": row.metric_value, "reference_metric": row.reference_metric,
-            "label_coverage": row.label_coverage,
+            "label_coverage": row.label_coverage, "reference": row.report.get("reference"),
             **_estimate_fields(row.metric, row.metric_value, row.report.get("estimated"))}
 
 

@@ -30,6 +30,7 @@ from mloop.pipeline.artifacts import load_output, output_exists, save_output
 from mloop.pipeline.context import StepContext, apply_parent_effect
 from mloop.pipeline.dsl import Graph, Node
 from mloop.pipeline.loader import load_overrides, load_pipeline
+from mloop.pipeline.usage import STEP_CPU, log_usage, run_usage
 from mloop.project import Project
 from mloop.store.db import utcnow
 from mloop.store.models import PipelineRunRow
@@ -114,8 +115,11 @@ def start_pipeline_run(project: Project, graph: Graph, *,
 
 def finish_pipeline_run(project: Project, run: PipelineRunRow, *, status: str,
                         error: str | None = None) -> None:
+    """End the run in mloop's store and MLflow, with what its steps used logged on the
+    parent run (``mloop.cpu_seconds`` ...: see :mod:`mloop.pipeline.usage`)."""
     project.store.update_pipeline_run(run.id, status=status, ended_at=utcnow(), error=error)
     if run.mlflow_run_id:
+        log_usage(project, run.mlflow_run_id, run_usage(project, run.id))
         project.mlflow.set_terminated(run.mlflow_run_id,
                                       "FINISHED" if status == "succeeded" else "FAILED")
 
@@ -227,7 +231,7 @@ def _execute(project: Project, run: PipelineRunRow, node: Node, key: str,
     ctx = StepContext(project=project, pipeline_run_id=run.id, step=name,
                       mlflow_run_id=mlrun_id, parent_mlflow_run_id=run.mlflow_run_id or "",
                       logger=logger)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     attempt, error, tb, outputs = 0, None, None, {}
     token = bind_logger(logger)
     mem = PeakMemory()
@@ -266,6 +270,7 @@ def _execute(project: Project, run: PipelineRunRow, node: Node, key: str,
         unbind_logger(token)
         duration = time.perf_counter() - started
         logger.log_metrics({"duration_s": duration, "peak_memory_mb": mem.peak_mb,
+                            STEP_CPU: time.process_time() - cpu_started,
                             "cache_hit": 0.0, "attempts": float(attempt)})
         logger.close()
 

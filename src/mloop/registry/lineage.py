@@ -24,6 +24,21 @@ def _snapshot(project: Project, digest: str | None) -> dict[str, Any] | None:
             "columns": len(snap.schema), "created_at": snap.created_at}
 
 
+def _data(project: Project, tags: dict[str, str]) -> dict[str, dict[str, Any] | None]:
+    data = {role: _snapshot(project, tags.get(f"mloop.snapshot.{role}"))
+            for role in ("source", "train", "holdout")}
+    if data["source"] is not None:
+        data["source"]["origin"] = data["source"].get("source")
+    return data
+
+
+def version_snapshots(project: Project, version: int) -> dict[str, dict[str, Any] | None]:
+    """The snapshots behind ``version`` (source, train, holdout), as its tags record them,
+    without the pipeline run and its steps :func:`lineage` also reads (an audit report asks
+    this for every version that served in a period)."""
+    return _data(project, version_record(project, version).tags)
+
+
 def _compiled(tags: dict[str, str]) -> dict[str, Any] | None:
     """The ONNX compile verdict recorded on the version (``mloop.compiled``, written by the
     register step and by a server's load): whether the graph was verified on the holdout, its
@@ -56,11 +71,7 @@ def lineage(project: Project, version: int) -> dict[str, Any]:
         "config_hash": tags.get("mloop.config_hash"),
         "compiled": _compiled(tags),
     }
-    data = {role: _snapshot(project, tags.get(f"mloop.snapshot.{role}"))
-            for role in ("source", "train", "holdout")}
-    if data["source"] is not None:
-        data["source"]["origin"] = data["source"].get("source")
-    out["data"] = data
+    out["data"] = _data(project, tags)
     run_id = tags.get("mloop.pipeline_run_id")
     pipeline: dict[str, Any] = {"run_id": run_id}
     if run_id:

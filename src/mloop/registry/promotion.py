@@ -149,7 +149,7 @@ def _change_alias_once(project: Project, alias: str, version: int | None, *,
             add_event(s, action, {"model": name, "alias": alias, "version": version,
                                   "replaced": actual, "reason": reason, "traffic": traffic
                                   if version is not None else 0.0, **(details or {})},
-                      actor=actor)
+                      store=project.store, actor=actor)
         try:
             s.flush()
         except sa.exc.IntegrityError:

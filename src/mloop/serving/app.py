@@ -138,7 +138,7 @@ async def feedback(request: Request) -> Response:
     from mloop.traffic.labels import parse_feedback, store_labels
 
     state = _state(request)
-    authorize(request, "admin")
+    authorize(request, "feedback")
     body = parse_json(await read_body(request, state.config.max_body_bytes))
     champion = state.routing.champion
     task = champion.model.task if champion else state.project.config.task or "regression"
@@ -162,7 +162,7 @@ async def feedback(request: Request) -> Response:
 async def reload(request: Request) -> Response:
     """Re-read the aliases now (instead of at the next poll) and retry failed loads."""
     state = _state(request)
-    authorize(request, "admin")
+    authorize(request, "deploy")
     workers, behind = await state.reload()
     body: dict[str, Any] = {"desired": state.desired.to_dict() if state.desired else None,
                             **state.routing.describe()}
@@ -179,7 +179,7 @@ async def flush(request: Request) -> Response:
     """Commit the inference log's buffer now instead of at the next interval (before a
     backup, or for a replay that reads back what it just sent)."""
     state = _state(request)
-    authorize(request, "admin")
+    authorize(request, "deploy")
     if state.inference_log is None:
         raise HTTPError(409, {"error": "the inference log is disabled "
                                        "(serving.inference_log.enabled: false)"})

@@ -8,11 +8,11 @@ import logging
 import threading
 import time
 
+from mloop.security.roles import required_role, role_allows
 from mloop.security.tokens import active_hashes, token_hash
 from mloop.serving.edge import HTTPError
 from mloop.store.db import Store
 
-_RANK = {"viewer": 0, "predict": 1, "admin": 2}  # viewer: the dashboard only
 log = logging.getLogger("mloop.serving")
 
 
@@ -50,8 +50,9 @@ class TokenAuth:
                     return role
         return None
 
-    def check(self, header: str | None, role: str) -> None:
-        """Raise 401 (no or unknown token) or 403 (token's role too low)."""
+    def check(self, header: str | None, action: str) -> None:
+        """Raise 401 (no or unknown token) or 403 (the token's role may not take ``action``:
+        the roles table of :mod:`mloop.security.roles`, the one the dashboard and CLI use)."""
         challenge = {"WWW-Authenticate": 'Bearer realm="mloop"'}
         if not header or not header.lower().startswith("bearer "):
             raise HTTPError(401, {"error": "missing bearer token (Authorization: Bearer ...)"},
@@ -59,6 +60,6 @@ class TokenAuth:
         have = self.role_of(header[7:].strip())
         if have is None:
             raise HTTPError(401, {"error": "unknown or revoked token"}, challenge)
-        if _RANK[have] < _RANK[role]:
-            raise HTTPError(403, {"error": f"this token's role '{have}' may not do this "
-                                           f"(needs '{role}')"})
+        if not role_allows(have, action):
+            raise HTTPError(403, {"error": f"this token's role '{have}' may not {action} "
+                                           f"(needs '{required_role(action)}')"})

@@ -57,11 +57,12 @@ async def input_error(request: Request, exc: Exception) -> Response:
     return json_response(exc.to_dict(), 422)
 
 
-def authorize(request: Request, role: str) -> None:
-    """Raise 401/403 unless the bearer token has ``role`` (no-op when the app has no auth)."""
+def authorize(request: Request, action: str) -> None:
+    """Raise 401/403 unless the bearer token's role may take ``action`` (an action of
+    :mod:`mloop.security.roles`; no-op when the app has no auth)."""
     auth = request.app.state.auth
     if auth is not None:
-        auth.check(request.headers.get("authorization"), role)
+        auth.check(request.headers.get("authorization"), action)
 
 
 _JSON_TYPES = frozenset({"application/json", "application/json; charset=utf-8",

@@ -24,7 +24,7 @@ from mloop.store.models import (
 )
 
 MIGRATIONS = Path(__file__).parent / "migrations"
-HEAD_REVISION = "0011"  # the newest file in migrations/versions (a test keeps them in step)
+HEAD_REVISION = "0012"  # the newest file in migrations/versions (a test keeps them in step)
 
 
 def utcnow() -> datetime:
@@ -77,8 +77,15 @@ def _sqlite_explicit_begin(engine: sa.Engine) -> None:
 
 
 class Store:
-    def __init__(self, url: str, *, upgrade: bool = True) -> None:
+    def __init__(self, url: str, *, upgrade: bool = True, keys_dir: Path | None = None) -> None:
+        """``keys_dir``: where the audit chain's key and checkpoint live, outside the store
+        (:mod:`mloop.security.audit_key`). The project passes ``.mloop/keys``; a bare SQLite
+        store defaults to ``keys/`` beside its file; another store without one takes its
+        key from ``MLOOP_AUDIT_KEY`` and keeps no checkpoint."""
         self.url = url
+        if keys_dir is None and url.startswith("sqlite:///") and not url.endswith(":memory:"):
+            keys_dir = Path(url[len("sqlite:///") :]).parent / "keys"
+        self.keys_dir = keys_dir
         if url.startswith("sqlite:///") and not url.endswith(":memory:"):
             Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
         connect_args = {"timeout": 30} if url.startswith("sqlite") else {}

@@ -123,6 +123,9 @@ class EventRow(Base):
     payload: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     prev_hash: Mapped[str] = mapped_column(String(64), unique=True)
     hash: Mapped[str] = mapped_column(String(64))
+    # HMAC-SHA256 of ``hash`` under the audit key (kept outside the store); None only for
+    # events written before the chain was keyed (migration 0012)
+    mac: Mapped[str | None] = mapped_column(String(64), default=None)
 
 
 class AliasRow(Base):
@@ -176,7 +179,9 @@ class TokenRow(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     name: Mapped[str] = mapped_column(String(200))
-    role: Mapped[str] = mapped_column(String(20))  # viewer | predict | admin
+    role: Mapped[str] = mapped_column(String(20))  # viewer | predict | operator | admin
+    # who the token belongs to: the actor of everything done with it (None: not recorded)
+    person: Mapped[str | None] = mapped_column(String(200), default=None)
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -34,6 +34,11 @@ def source_name(cfg: ProjectConfig) -> str:
     return cfg.data.path if cfg.data.path is not None else f"sql:{cfg.data.sql}"
 
 
+def split_options(cfg: ProjectConfig) -> dict[str, bool]:
+    """``refit`` only when set, so a pipeline's cache keys stay what they were without it."""
+    return {"refit": True} if cfg.split.refit else {}
+
+
 def check_model(cfg: ProjectConfig) -> None:
     """Fail at graph-build time, naming the key, if the estimator cannot be made."""
     if cfg.model.estimator is not None or cfg.model.params:
@@ -44,13 +49,15 @@ def check_model(cfg: ProjectConfig) -> None:
 def tabular(cfg: ProjectConfig) -> None:
     check_model(cfg)
     features = cfg.features.model_dump(mode="json")
-    raw = s.ingest(data=cfg.data.model_dump(mode="json"), time_column=cfg.features.time_column)
+    raw = s.ingest(data=cfg.data.model_dump(mode="json"), time_column=cfg.features.time_column,
+                   features=features if cfg.features.store else None)
     report = s.validate(raw, rules=cfg.validation.model_dump(mode="json"), target=cfg.target,
                         features=features)
     snap = s.snapshot(raw, report=report, source=source_name(cfg))
     train_snap, holdout_snap = s.split(snap, method=cfg.split.method, holdout=cfg.split.holdout,
                                        seed=cfg.split.seed,
-                                       time_column=cfg.features.time_column)
+                                       time_column=cfg.features.time_column,
+                                       **split_options(cfg))
     model, spec = s.train(train_snap, target=cfg.target, task=cfg.task, features=features,
                           model=cfg.model.model_dump(mode="json"))
     evaluation = s.evaluate(model, spec, holdout_snap, metrics=metric_names(cfg))

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from threadpoolctl import threadpool_limits
 
-from mloop.config import DataConfig, ModelConfig, ValidationConfig
+from mloop.config import DataConfig, FeaturesConfig, ModelConfig, ValidationConfig
 from mloop.data.snapshot import Snapshot
 from mloop.data.source import read_source
 from mloop.data.validation import format_report, validate_table
@@ -24,11 +24,37 @@ from mloop.tabular.model import build_model, check_classes, features_frame, reso
 
 
 @step(cache=False)  # the source may have changed: always read; its digest drives the cache
-def ingest(ctx: StepContext, data: dict[str, Any], time_column: str | None) -> pa.Table:
-    table, _source = read_source(DataConfig(**data), Path(ctx.project.root), time_column,
+def ingest(ctx: StepContext, data: dict[str, Any], time_column: str | None,
+           features: dict[str, Any] | None = None) -> pa.Table:
+    """The configured data; with ``features.store: feast`` it is the entity table, and the
+    feature views' values as of each row's time are joined onto it (point in time)."""
+    table, source = read_source(DataConfig(**data), Path(ctx.project.root), time_column,
                                  codec=ctx.project.codec)
+    if features and features.get("store") == "feast":
+        table = _join_features(ctx, table, source, FeaturesConfig(**features))
     ctx.log_metric("rows", table.num_rows)
     ctx.log_metric("columns", table.num_columns)
+    return table
+
+
+def _join_features(ctx: StepContext, entities: pa.Table, source: str,
+                   cfg: FeaturesConfig) -> pa.Table:
+    """The point-in-time join; the entity table is kept as a snapshot of its own and the
+    feature views, their definitions' hash and that snapshot's digest are the step's params
+    (``mloop models lineage`` shows them)."""
+    from mloop.features import open_repo, training_table
+
+    repo = open_repo(Path(ctx.project.root), cfg)
+    try:
+        refs = repo.resolve_refs(cfg)
+    except ConfigError as exc:
+        raise ctx.project.config.locate(exc) from None
+    snap = store_snapshot(ctx, entities, source)
+    _log_snapshot(ctx, snap, "entities")
+    table, lineage = training_table(repo, entities, time_column=cfg.time_column or "",
+                                    refs=refs)
+    for key, value in {**lineage.as_params(), "feast.entities_digest": snap.digest}.items():
+        ctx.project.mlflow.log_param(ctx.mlflow_run_id, key, value[:6000])
     return table
 
 
@@ -74,8 +100,10 @@ def snapshot(ctx: StepContext, table: pa.Table, report: dict[str, Any], source: 
 
 @step(outputs=("train", "holdout"))
 def split(ctx: StepContext, data: Snapshot, method: str | None, holdout: float, seed: int,
-          time_column: str | None) -> tuple[Snapshot, Snapshot]:
-    """Time-ordered (the last fraction is the holdout) or seeded random."""
+          time_column: str | None, refit: bool = False) -> tuple[Snapshot, Snapshot]:
+    """Time-ordered (the last fraction is the holdout) or seeded random. With ``refit`` the
+    training set is every row (``data`` itself) and the holdout is cut as usual: the fit
+    that follows has seen its holdout, which ``register`` tags (``mloop.refit``)."""
     table = ctx.project.snapshots.read_table(data.digest)
     n = table.num_rows
     n_holdout = round(n * holdout)
@@ -93,7 +121,8 @@ def split(ctx: StepContext, data: Snapshot, method: str | None, holdout: float, 
     train_idx, hold_idx = np.sort(order[: n - n_holdout]), np.sort(order[n - n_holdout :])
     if method == "time":
         train_idx, hold_idx = order[: n - n_holdout], order[n - n_holdout :]
-    train_snap = store_snapshot(ctx, table.take(train_idx), f"split:{data.digest}:train")
+    train_snap = data if refit else store_snapshot(ctx, table.take(train_idx),
+                                                   f"split:{data.digest}:train")
     hold_snap = store_snapshot(ctx, table.take(hold_idx), f"split:{data.digest}:holdout")
     _log_snapshot(ctx, train_snap, "training")
     _log_snapshot(ctx, hold_snap, "holdout")
@@ -205,6 +234,10 @@ def register(ctx: StepContext, model: Any, spec: dict[str, Any], evaluation: dic
         **{f"mloop.metric.{k}": f"{v:.6g}" for k, v in evaluation["metrics"].items()},
         **{f"mloop.{k}": v for k, v in git_info(ctx.project.root).items()},
     }
+    if train_data.digest == source.digest:  # split(refit=True): the holdout was trained on
+        tags["mloop.refit"] = "true"
+        tags = {(f"mloop.in_sample.{k.removeprefix('mloop.metric.')}"
+                 if k.startswith("mloop.metric.") else k): v for k, v in tags.items()}
     for snap, role in ((source, "source"), (train_data, "training"), (holdout, "holdout")):
         _log_snapshot(ctx, snap, role, on_parent=False)  # on the run that holds the model
     predictions = model.predict(example)

@@ -25,6 +25,13 @@ with different classes concatenate by name, and DuckDB or pandas read them with 
 logs written before these columns, or by a model without probabilities, simply lack them),
 then one column per model input under its own name. The leading underscore keeps mloop's
 columns out of the features' namespace.
+
+What serving cost is kept with the rows: each segment's Parquet metadata holds
+``mloop.cpu_seconds`` (the writing process's CPU time since its previous commit, from its
+first logged row on, shared among the commit's segments by their rows: model, HTTP and
+logging included) and ``mloop.rows`` (its rows when written; a purge may later remove some),
+so ``mloop cost`` prices each version's predictions after the server has stopped
+(:func:`segment_usage`).
 """
 
 from __future__ import annotations
@@ -52,6 +59,8 @@ log = logging.getLogger("mloop.serving")
 META_COLUMNS = ("_request_id", "_ts", "_version", "_role", "_latency_ms", "_prediction", "_key")
 PROBA_PREFIX = "_proba_"
 LABELS_DIR = "labels"
+CPU_KEY = b"mloop.cpu_seconds"  # segment metadata: the CPU-seconds its rows are charged
+ROWS_KEY = b"mloop.rows"  # segment metadata: its rows when committed
 
 
 class _RandomHex:
@@ -183,6 +192,7 @@ class InferenceLog:
         self.written = 0
         self.segments = 0
         self.failures = 0
+        self._cpu_mark: float | None = None  # process CPU time at the last commit's start
 
     # ------------------------------------------------------------------------- producer side
 
@@ -196,6 +206,8 @@ class InferenceLog:
             self._entries.append(entry)
             self._rows += n
             self._recent_ids.update(entry.ids)
+            if self._cpu_mark is None:  # serving cost counts from the first logged row
+                self._cpu_mark = time.process_time()
         return True
 
     def pending(self, request_id: str) -> bool:
@@ -245,10 +257,11 @@ class InferenceLog:
         with self._commit_lock:
             return self._commit()
 
-    def _plan(self, entries: list[LogEntry]
+    def _plan(self, entries: list[LogEntry], cpu_seconds: float = 0.0
               ) -> list[tuple[str, pa.Table | None, list[LogEntry], list[str]]]:
         """What to write, in order: (name, table, its entries, []) per (day, version), then
-        (name, None, entries, reasons) for the entries no segment can hold."""
+        (name, None, entries, reasons) for the entries no segment can hold. ``cpu_seconds``
+        is shared among the segments by their rows (in their metadata)."""
         groups: dict[tuple[str, int], list[LogEntry]] = defaultdict(list)
         bad: list[tuple[LogEntry, str]] = []
         days: dict[int, str] = {}  # UTC day number -> its name: one strftime per day
@@ -262,10 +275,14 @@ class InferenceLog:
             except (ValueError, OverflowError, OSError, TypeError) as exc:
                 bad.append((e, f"event time {e.ts!r} has no day partition ({exc})"))
         todo: list[tuple[str, pa.Table | None, list[LogEntry], list[str]]] = []
+        total = sum(len(e.ids) for e in entries) or 1
         for (day, version), part in sorted(groups.items(), key=lambda kv: str(kv[0])):
             table, kept, rejected = _convert(part)
             bad += rejected
             if table is not None:
+                table = table.replace_schema_metadata({
+                    **(table.schema.metadata or {}), ROWS_KEY: str(table.num_rows).encode(),
+                    CPU_KEY: repr(cpu_seconds * table.num_rows / total).encode()})
                 self._seq += 1
                 todo.append((f"day={day}/version={version}/part-{int(time.time() * 1000):013d}"
                              f"-{os.getpid()}-{self._seq:06d}.parquet", table, kept, []))
@@ -283,8 +300,10 @@ class InferenceLog:
         report = CommitReport()
         if not entries:
             return report
+        cpu_now = time.process_time()
+        cpu = cpu_now - self._cpu_mark if self._cpu_mark is not None else 0.0
         try:
-            todo = self._plan(entries)
+            todo = self._plan(entries, cpu)
         except Exception:  # a bug, not a bad value: keep every row for the next try
             with self._lock:
                 self._entries[:0] = entries
@@ -316,6 +335,7 @@ class InferenceLog:
         with self._lock:
             self._recent_ids.difference_update(chain.from_iterable(e.ids for e in entries))
             size = self._rows
+            self._cpu_mark = cpu_now  # charged to these segments (a failed commit is not)
         if self._on_write is not None:
             self._on_write(report.written)
         if self._on_quarantine is not None and report.quarantined:
@@ -668,3 +688,42 @@ def read_log(uri: str | ObjectStore, columns: list[str] | None = None) -> pa.Tab
         return pa.table({c: pa.array([], pa.null()) for c in (columns or META_COLUMNS)})
     table = pa.concat_tables(tables, promote_options="permissive")
     return table.select(columns) if columns else table
+
+
+@dataclass(frozen=True)
+class SegmentUsage:
+    """What one committed segment says it cost: its version, rows when written, the
+    CPU-seconds charged to them and when it was committed (wall clock, from its name)."""
+
+    version: int
+    rows: int
+    cpu_seconds: float
+    committed_at: datetime
+
+
+
+def segment_usage(store: ObjectStore) -> list[SegmentUsage]:
+    """The recorded serving usage of every answer segment, oldest commit first; segments
+    written before mloop recorded it (no ``mloop.cpu_seconds`` in their metadata) are left
+    out. Reads only the files' footers."""
+    import re
+
+    import pyarrow.parquet as pq
+
+    part = re.compile(r"/version=(-?\d+)/part-(\d{13})-")
+    out: list[SegmentUsage] = []
+    for path in segment_files(store):
+        found = part.search(path)
+        if found is None:
+            continue
+        try:
+            meta = pq.read_metadata(path, filesystem=store.fs).metadata or {}
+        except (OSError, pa.ArrowException):
+            continue  # gone (purged) or unreadable: the readers quarantine it
+        if CPU_KEY not in meta or ROWS_KEY not in meta:
+            continue
+        out.append(SegmentUsage(
+            version=int(found.group(1)), rows=int(meta[ROWS_KEY]),
+            cpu_seconds=float(meta[CPU_KEY]),
+            committed_at=datetime.fromtimestamp(int(found.group(2)) / 1000, UTC)))
+    return sorted(out, key=attrgetter("committed_at"))

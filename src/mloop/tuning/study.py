@@ -69,6 +69,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from mloop.config import CONFIG_FILE, ModelConfig, SearchParam
 from mloop.errors import ConfigError, MloopError, PipelineDefinitionError
+from mloop.memory import PeakMemory
 from mloop.metrics import DEFAULTS, HIGHER_IS_BETTER, compute_metrics, metrics_for
 from mloop.pipeline.artifacts import load_output
 from mloop.pipeline.dsl import Graph
@@ -79,6 +80,7 @@ from mloop.pipeline.runner import (
     finish_pipeline_run,
     start_pipeline_run,
 )
+from mloop.pipeline.usage import Usage, gb_hours
 from mloop.project import Project
 from mloop.registry.training import train_candidate
 from mloop.tabular import steps as builtin_steps
@@ -432,9 +434,11 @@ class Objective:
         trial.set_user_attr("mloop.mlflow_run_id", run_id)
         log_params(client, run_id, params, secrets=self.project.config.secrets)
         history: list[tuple[int, float]] = []
-        state, started = "failed", time.perf_counter()
+        state, started, cpu_started = "failed", time.perf_counter(), time.process_time()
+        peak = PeakMemory()
         try:
-            value = self._fit(trial, params, history)
+            with peak:
+                value = self._fit(trial, params, history)
             state = "complete"
             self.worker.failures_in_a_row = 0
             return value
@@ -448,10 +452,13 @@ class Objective:
             raise
         finally:
             duration = time.perf_counter() - started
+            usage = Usage(time.process_time() - cpu_started, peak.peak_mb,
+                          gb_hours(peak.peak_mb, duration), duration)
             now = int(time.time() * 1000)
             name = f"val_{self.setup.metric}"
             metrics = [Metric(name, v, now, step) for step, v in history]
             metrics.append(Metric("duration_s", duration, now, 0))
+            metrics += [Metric(k, v, now, 0) for k, v in usage.metrics().items()]
             with contextlib.suppress(Exception):  # the trial's result matters more
                 client.log_batch(run_id, metrics=metrics,
                                  tags=[RunTag("mloop.tune.state", state)])

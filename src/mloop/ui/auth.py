@@ -5,9 +5,10 @@ when the UI is served over TLS). It holds the token's id, name and role, never t
 Every POST carries the session's CSRF token in a form field; a POST without it, or with
 another, is refused before anything else happens.
 
-Roles: ``viewer`` and ``predict`` tokens read; ``admin`` tokens (operators) also act. Reading
-needs no login when the UI runs without auth (loopback, by default); acting always needs an
-operator's login, so the audit chain names a person, not "whoever had the page open".
+Roles (the one table of :mod:`mloop.security.roles`, as the server and CLI): ``viewer`` and
+``predict`` tokens read; ``operator`` and ``admin`` tokens also act. Reading needs no login
+when the UI runs without auth (loopback, by default); acting always needs an operator's
+login, so the audit chain names a person, not "whoever had the page open".
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from typing import Any
 from starlette.requests import Request
 
 from mloop.errors import MloopError
+from mloop.security.roles import required_role, role_allows
 
-OPERATOR = "admin"  # the token role that may act
+ACT = "promote"  # what every dashboard action needs (promote, roll back, deploy: one role)
 
 
 class Forbidden(MloopError):
@@ -37,15 +39,16 @@ class User:
     token_id: int | None
     name: str | None
     role: str | None  # None: not logged in
+    person: str | None = None
 
     @property
     def can_act(self) -> bool:
-        return self.role == OPERATOR
+        return role_allows(self.role, ACT)
 
     @property
     def actor(self) -> str:
         """The actor recorded in the audit chain for an action taken through the UI."""
-        return f"{self.name} (token #{self.token_id}, ui)"
+        return f"{self.person or self.name} (token #{self.token_id}, ui)"
 
 
 def csrf_token(request: Request) -> str:
@@ -76,7 +79,7 @@ def current_user(request: Request) -> User:
         for key in ("token_id", "name", "role"):
             request.session.pop(key, None)
         return User(None, None, None)
-    return User(ident.id, ident.name, ident.role)
+    return User(ident.id, ident.name, ident.role, ident.person)
 
 
 def require_reader(request: Request) -> User:
@@ -89,11 +92,12 @@ def require_reader(request: Request) -> User:
 def require_operator(request: Request) -> User:
     user = current_user(request)
     if user.role is None:
-        raise Forbidden("log in with an operator (admin) token to act: `mloop tokens create "
-                        "--role admin`", status=401)
+        raise Forbidden(f"log in with an {required_role(ACT)} (or admin) token to act: "
+                        f"`mloop tokens create --person YOU --role {required_role(ACT)}`",
+                        status=401)
     if not user.can_act:
         raise Forbidden(f"token '{user.name}' has role '{user.role}': it may read, not act "
-                        f"(acting needs an admin token)")
+                        f"(acting needs role '{required_role(ACT)}' or admin)")
     return user
 
 
@@ -105,7 +109,7 @@ def log_in(request: Request, token: str) -> User:
         raise Forbidden("unknown or revoked token", status=401)
     request.session.update(token_id=ident.id, name=ident.name, role=ident.role,
                            csrf=secrets.token_urlsafe(24))  # a new session, a new token
-    return User(ident.id, ident.name, ident.role)
+    return User(ident.id, ident.name, ident.role, ident.person)
 
 
 def log_out(request: Request) -> None:

@@ -3,8 +3,8 @@
 The dashboard is the same app ``mloop ui`` serves; only its mount point differs (its links and
 redirects carry the ``root_path`` Starlette sets under a ``Mount``). It follows the server's
 auth rules: when the server requires bearer tokens, reading the dashboard needs a login too;
-acting always needs an admin token. Its session cookie is ``Secure`` when the server speaks
-TLS. Its Overview reads this server's own request counters (:mod:`mloop.ui.live`).
+acting always needs an operator or admin token. Its session cookie is ``Secure`` when the
+server speaks TLS. Its Overview reads this server's own request counters (:mod:`mloop.ui.live`).
 
 This module sits above :mod:`mloop.server` (which knows nothing of the dashboard) and hands it
 the builder and, for ``--workers N``, the factory each worker imports. The workers share one
