@@ -20,8 +20,21 @@ def chain(request: pytest.FixtureRequest, make_project,
     """A project whose store holds five events, on the embedded SQLite store or on a fresh
     PostgreSQL database."""
     monkeypatch.delenv("MLOOP_AUDIT_KEY", raising=False)
-    if request.param == "postgres":
+    if request.param == "postgres":  # a central store's writers share the key
         monkeypatch.setenv("MLOOP_STORE_URI", request.getfixturevalue("pg_url"))
+        monkeypatch.setenv("MLOOP_AUDIT_KEY", "c" * 64)
+    project = open_project(make_project())
+    for i in range(5):
+        append_event(project.store, "promote", {"version": i + 1, "reason": f"step {i}"})
+    yield project
+    project.store.engine.dispose()
+
+
+@pytest.fixture
+def local_chain(make_project, monkeypatch: pytest.MonkeyPatch) -> Iterator[Project]:
+    """Five events on the embedded store, whose key is a file beside the project (a central
+    store's comes from MLOOP_AUDIT_KEY only)."""
+    monkeypatch.delenv("MLOOP_AUDIT_KEY", raising=False)
     project = open_project(make_project())
     for i in range(5):
         append_event(project.store, "promote", {"version": i + 1, "reason": f"step {i}"})
@@ -146,7 +159,8 @@ def test_an_altered_checkpoint_file_is_detected(chain: Project) -> None:
         report.problem
 
 
-def test_verify_without_the_key_names_where_it_looked(chain: Project) -> None:
+def test_verify_without_the_key_names_where_it_looked(local_chain: Project) -> None:
+    chain = local_chain
     from mloop.security.audit_key import key_path
 
     path = key_path(chain.store)
@@ -156,7 +170,8 @@ def test_verify_without_the_key_names_where_it_looked(chain: Project) -> None:
     assert str(path) in report.problem and "MLOOP_AUDIT_KEY" in report.problem
 
 
-def test_the_key_file_is_created_readable_by_its_owner_only(chain: Project) -> None:
+def test_the_key_file_is_created_readable_by_its_owner_only(local_chain: Project) -> None:
+    chain = local_chain
     from mloop.security.audit_key import key_path
 
     path = key_path(chain.store)
@@ -242,7 +257,8 @@ def test_writers_in_several_processes_share_one_key_and_the_chain_verifies(
     assert (report.ok, report.events, report.checkpoint) == (True, 20, 20)
 
 
-def test_a_truncated_key_file_is_an_error_naming_it(chain: Project) -> None:
+def test_a_truncated_key_file_is_an_error_naming_it(local_chain: Project) -> None:
+    chain = local_chain
     from mloop.errors import MloopError
     from mloop.security.audit_key import key_path
 
@@ -251,3 +267,34 @@ def test_a_truncated_key_file_is_an_error_naming_it(chain: Project) -> None:
     with pytest.raises(MloopError, match=f"the audit key {path} holds 3 characters"):
         append_event(chain.store, "note", {})
     assert "holds 3 characters" in verify_chain(chain.store).problem
+
+
+@pytest.mark.postgres
+def test_a_central_store_without_the_key_chains_unkeyed_and_a_keyless_writer_is_caught(
+        make_project, monkeypatch: pytest.MonkeyPatch, pg_url: str) -> None:
+    """A PostgreSQL store written from several machines has no key file (each machine would
+    make its own): without MLOOP_AUDIT_KEY its events are hash-chained, counted as unkeyed,
+    and nothing is written beside the project. Once keyed events exist, one written by a
+    process without the key is named."""
+    monkeypatch.delenv("MLOOP_AUDIT_KEY", raising=False)
+    monkeypatch.setenv("MLOOP_STORE_URI", pg_url)
+    project = open_project(make_project())
+    for i in range(2):
+        append_event(project.store, "note", {"i": i})
+    report = verify_chain(project.store)
+    assert (report.ok, report.events, report.unkeyed) == (True, 2, 2)
+    assert not (project.root / ".mloop" / "keys").exists()
+
+    monkeypatch.setenv("MLOOP_AUDIT_KEY", "k" * 64)
+    append_event(project.store, "note", {"i": 2})
+    report = verify_chain(project.store)
+    assert (report.ok, report.events, report.unkeyed) == (True, 3, 2)
+
+    monkeypatch.delenv("MLOOP_AUDIT_KEY")
+    append_event(project.store, "note", {"i": 3})
+    monkeypatch.setenv("MLOOP_AUDIT_KEY", "k" * 64)
+    report = verify_chain(project.store)
+    assert report.ok is False
+    assert "has no MAC but events before it have one" in report.problem
+    assert "without MLOOP_AUDIT_KEY" in report.problem
+    project.store.engine.dispose()

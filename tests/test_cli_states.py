@@ -234,14 +234,15 @@ def test_deploy_status_shows_the_champion_and_the_canary(states: States) -> None
     champion = ok(states.roots["champion"], "deploy", "status").out
     assert "champion" in champion and "v1" in champion and "100%" in champion
     canary = ok(states.roots["canary"], "deploy", "status").out
-    assert "v2" in canary and "canary" in canary and "50%" in canary
+    # v3: the loop's refit of v2 (the held-out fit that passed the gates)
+    assert "v3" in canary and "canary" in canary and "50%" in canary
 
 
 # ------------------------------------------------------------------------------ the loop
 
 def test_loop_prints_readable_lines_not_python_dicts(states: States) -> None:
     text = states.loop_output
-    assert "canary_started v2" in text
+    assert "canary_started v3" in text
     assert "weight: 0.5" in text
     assert "trigger new_labels" in text and "labelled_rows: 800" in text
     assert "{'" not in text and "'}" not in text

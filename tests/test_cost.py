@@ -126,9 +126,9 @@ def test_cost_sums_the_cpu_seconds_each_run_and_trial_recorded(
     rows = {r["key"]: r for r in doc["rows"]}
     recorded = _recorded(retrained)
     # every pipeline run is there once: the first run, the study's data steps, the best
-    # trial's training run and the retrain
+    # trial's training run and the retrain's two (its held-out fit, then the refit)
     kinds = sorted(rows[k]["kind"] for k in recorded)
-    assert kinds == ["pipeline", "pipeline", "retrain", "tune"]
+    assert kinds == ["pipeline", "pipeline", "retrain", "retrain", "tune"]
     for run_id, metrics in recorded.items():
         row = rows[run_id]
         assert metrics["mloop.cpu_seconds"] > 0

@@ -14,7 +14,7 @@ import pytest
 
 from mloop.config import FeaturesConfig, parse_config
 from mloop.errors import ConfigError, DataSourceError
-from tests.helpers import require
+from tests.helpers import missing
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "flights_feast"
 REFS = ["carrier_daily:carrier_delay_rate_1d", "origin_daily:origin_flights_1d"]
@@ -36,9 +36,21 @@ def test_a_malformed_features_section_is_refused_naming_the_key(features: str,
         parse_config(text)
 
 
+def _require_feast() -> None:
+    """Feast, imported the way mloop imports it (``import feast`` alone would point this test
+    process's PROMETHEUS_MULTIPROC_DIR at Feast's temp folder, for every test after it)."""
+    from mloop.errors import MissingExtraError
+    from mloop.features.repo import import_feast
+
+    try:
+        import_feast()
+    except MissingExtraError as exc:
+        missing(f"{exc}: pip install 'mloop[feast]'")
+
+
 @pytest.fixture
 def repo_dir(tmp_path: Path) -> Path:
-    require("feast", install="pip install 'mloop[feast]'")
+    _require_feast()
     shutil.copytree(EXAMPLE / "feature_repo", tmp_path / "feature_repo")
     return tmp_path
 
@@ -63,7 +75,7 @@ def test_an_unknown_feature_view_or_feature_is_named_with_what_exists(repo_dir: 
 
 
 def test_a_repo_without_feature_store_yaml_is_refused(tmp_path: Path) -> None:
-    require("feast", install="pip install 'mloop[feast]'")
+    _require_feast()
     from mloop.features import open_repo
 
     (tmp_path / "feature_repo").mkdir()

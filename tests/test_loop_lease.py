@@ -35,10 +35,11 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 @pytest.fixture
-def stores(store_url: str) -> Iterator[list[Store]]:
+def stores(store_url: str, tmp_path: Path) -> Iterator[list[Store]]:
     """Eight stores on one database, one per controller: separate engines, separate
-    connections, as separate processes would have."""
-    opened = [Store(store_url) for _ in range(8)]
+    connections, as separate processes would have. They share one keys folder (the audit
+    chain's key), as the controllers of one project do."""
+    opened = [Store(store_url, keys_dir=tmp_path / "keys") for _ in range(8)]
     yield opened
     for s in opened:
         s.engine.dispose()

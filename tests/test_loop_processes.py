@@ -161,10 +161,10 @@ def test_two_controllers_started_together_exactly_one_acts(
                      rf"20\d\d-[\d-]+T[\d:]+\+00:00 .*so this one did nothing", lost_err), lost_err
     lost = json.loads(lost_out)
     assert (lost["actions"], lost["lease"]["holder"]) == ([], holder)
-    # one retrain, one candidate, one canary: nothing done twice
+    # one retrain (its held-out fit, then the refit on canary), one canary: nothing done twice
     project = open_project(root)
-    assert _kinds(project) == ["loop.retrain_started", "loop.canary_started"]
-    assert _versions(project) == [1, version]
+    assert _kinds(project) == ["loop.retrain_started", "loop.refit", "loop.canary_started"]
+    assert _versions(project) == [1, version - 1, version]
     state = desired_state(project)
     assert (state.champion, state.challenger) == (1, version)
     saved = load_state(project)
@@ -235,7 +235,7 @@ def test_a_controller_killed_mid_retrain_is_found_interrupted_and_the_loop_carri
     again = json.loads(run_cli("-C", str(root), "loop", "--once", "--json", env=env).stdout)
     assert [a["action"] for a in again["actions"]] == ["canary_started"], again["actions"]
     version = again["actions"][0]["version"]
-    assert version == max(versions_left) + 1
+    assert version == max(versions_left) + 2  # the held-out fit, then its refit on canary
     state = desired_state(project)
     assert (state.champion, state.challenger) == (1, version)
     assert [h.outcome for h in load_state(project).history] == ["failed", "canary"]

@@ -40,7 +40,12 @@ def test_pipeline_run_is_a_parent_run_with_one_nested_run_per_step(trained) -> N
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["mloop.pipeline_run_id"] == result.run_id
     assert parent.data.tags["mloop.config_hash"] == project.config.config_hash()
-    assert set(parent.data.metrics) == {"holdout_mae", "holdout_rmse"}
+    # the model's holdout metrics, and what the run used (summed over its steps: `mloop cost`)
+    assert set(parent.data.metrics) == {"holdout_mae", "holdout_rmse", "mloop.cpu_seconds",
+                                        "mloop.peak_memory_mb", "mloop.memory_gb_hours",
+                                        "mloop.seconds"}
+    assert parent.data.metrics["mloop.cpu_seconds"] > 0
+    assert parent.data.metrics["mloop.peak_memory_mb"] > 10
     children = client.search_runs([exp.experiment_id],
                                   f"tags.mlflow.parentRunId = '{result.mlflow_run_id}'")
     assert sorted(r.info.run_name for r in children) == sorted(STEPS)

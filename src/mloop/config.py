@@ -1141,6 +1141,8 @@ class ProjectConfig(_Strict):
         if body["features"]["store"] is None:  # a project without a feature store keeps the
             for key in ("store", "repo", "feature_refs", "feature_service"):  # hash it had
                 body["features"].pop(key)
+        if not body["split"]["refit"]:  # nor does one that fits on the training rows only
+            body["split"].pop("refit")
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 

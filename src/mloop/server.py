@@ -180,7 +180,7 @@ def _serve_workers(project: Project, cfg: ServingConfig, *, use_auth: bool, fact
     import tempfile
 
     from mloop.serving import shared_reload
-    from mloop.serving.metrics import MULTIPROC_ENV, mark_dead
+    from mloop.serving.metrics import MULTIPROC_ENV, WORKERS_ENV, mark_dead
     from mloop.serving.workers import run_workers
 
     run_dir = Path(tempfile.mkdtemp(prefix="mloop-serve-"))
@@ -189,7 +189,8 @@ def _serve_workers(project: Project, cfg: ServingConfig, *, use_auth: bool, fact
     env = {ENV_PROJECT: str(project.root), "MLOOP_SERVE_CONFIG": cfg.model_dump_json(),
            ENV_AUTH: "1" if use_auth else "0", shared_reload.ENV: str(run_dir / "reload"),
            # a folder the user chose for the metric values wins (a scraper may read it)
-           MULTIPROC_ENV: os.environ.get(MULTIPROC_ENV) or str(run_dir / "metrics")}
+           MULTIPROC_ENV: os.environ.get(MULTIPROC_ENV) or str(run_dir / "metrics"),
+           WORKERS_ENV: "1"}
     if project.env is not None:  # each worker opens the same environment's stores
         from mloop.project import ENV_VAR
 

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from mloop.cli._common import JsonOpt, open_project, open_project_as, report
+from mloop.cli._common import JsonOpt, open_project, report
 from mloop.cli.render import err, fmt_metrics, out, short, table
 
 db_app = typer.Typer(no_args_is_help=True, help="mloop's own metadata store.")
@@ -88,12 +88,14 @@ def doctor(json_: JsonOpt = False) -> None:
 @db_app.command("upgrade")
 def db_upgrade(json_: JsonOpt = False) -> None:
     """Bring mloop's store to the latest schema (Alembic)."""
+    from mloop.security.people import authorize
     from mloop.store.db import Store
     from mloop.tracking import redact
 
-    project = open_project_as("store")
+    project = open_project()
     store = Store(project.uris["store_uri"], upgrade=False)
-    before = store.current_revision()
+    before = store.current_revision()  # before the check of who may run this migrates it
+    authorize(project.store, "store")
     store.upgrade()
     after = store.current_revision()
     shown = redact(project.uris["store_uri"], project.config.secrets)

@@ -10,6 +10,7 @@ definition files goes into the lineage so a changed feature view shows up as a c
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 import threading
 from dataclasses import dataclass
@@ -82,12 +83,39 @@ def definitions_hash(path: Path) -> str:
     return h.hexdigest()
 
 
+_PROMETHEUS_DIRS = ("PROMETHEUS_MULTIPROC_DIR", "PROMETHEUS_MULTIPROCESS_DIR")
+
+
+def import_feast() -> None:
+    """Import Feast without letting it switch this process's Prometheus metrics.
+
+    Importing ``feast.metrics`` (``import feast`` does) points ``PROMETHEUS_MULTIPROC_DIR`` at
+    a temp folder of its own when the variable is unset. prometheus-client reads it once, at its own
+    import, to pick shared-file metric values, and mloop's /metrics reads it to decide whether
+    to sum the workers of ``--workers N``. So: import prometheus-client first (its choice is
+    made under this process's own environment), then Feast, then put the variables back."""
+    if "feast.metrics" in sys.modules:
+        return
+    import prometheus_client.values  # noqa: F401
+
+    saved = {k: os.environ.get(k) for k in _PROMETHEUS_DIRS}
+    try:
+        require_extra("feast", "feast.metrics", feature="'features.store: feast'")
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def _definitions(path: Path) -> list[Any]:
     """Every Feast object the repo's files define at module level (as ``feast apply`` collects
     them; an object imported into two files counts once). Each file is imported under a private
     module name, with the repo first on sys.path so the files can import each other."""
     import importlib.util
 
+    import_feast()
     from feast import Entity, FeatureService, FeatureView, OnDemandFeatureView
     from feast.data_source import DataSource
 
@@ -136,7 +164,7 @@ def open_repo(root: Path, cfg: FeaturesConfig) -> FeatureRepo:
     Raises ConfigError naming the key when the folder or its feature_store.yaml is missing, and
     MloopError with the file's error when a definition file fails to import.
     """
-    require_extra("feast", feature="'features.store: feast'")
+    import_feast()
     from feast import FeatureStore
 
     path = (root / cfg.repo).resolve()

@@ -616,6 +616,7 @@ def _refit(project: Project, record: Retrain, data: Any, report: Any, *, on_even
         return held_out, report
     carried = adopt_held_out_evidence(project, refit, held_out, report)
     record.held_out_version, record.version = held_out, refit
+    record.refit_run_id = result["pipeline_run_id"]
     record.seconds = round((record.seconds or 0.0) + result["seconds"], 2)
     record.cpu_seconds = round((record.cpu_seconds or 0.0) + result["cpu_seconds"], 2)
     record.peak_memory_mb = max(record.peak_memory_mb or 0.0, result["peak_memory_mb"])

@@ -202,7 +202,8 @@ def run_costs(project: Project, *, since: datetime | None = None,
         token = page.token
         if not token:
             break
-    retrains = {h.pipeline_run_id for h in load_state(project).history if h.pipeline_run_id}
+    retrains = {run for h in load_state(project).history
+                for run in (h.pipeline_run_id, h.refit_run_id) if run}
     by_run, by_study = _versions(project)
     out = []
     for run in found:

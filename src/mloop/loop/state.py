@@ -178,7 +178,8 @@ class Retrain(_Record):
     peak_memory_mb: float | None = None
     training_rows: int | None = None
     labelled_rows: int | None = None
-    pipeline_run_id: str | None = None
+    pipeline_run_id: str | None = None  # the held-out fit's run
+    refit_run_id: str | None = None  # the refit's run, if there was one
     gates_passed: bool | None = None
     outcome: Outcome | None = None
     reason: str | None = None

@@ -72,9 +72,9 @@ def add_event(session: Session, kind: str, payload: dict[str, Any], *, store: St
     beside the key advances once the caller's transaction commits (never before: a rolled
     back event must not be expected by the verifier)."""
     actor = actor or current_actor()
+    # None only for a store without a keys folder and no MLOOP_AUDIT_KEY: the event is then
+    # hash-chained but unkeyed, and the verifier reports a keyed chain it follows as broken
     key = audit_key(store, create=True)
-    if key is None:  # create=True either returns a key or raises
-        raise AuditKeyError(f"no audit key ({key_source(store)})")
     payload = json_safe(payload)
     last = session.scalars(sa.select(EventRow).order_by(EventRow.id.desc()).limit(1)).first()
     prev = last.hash if last is not None else GENESIS
@@ -84,13 +84,14 @@ def add_event(session: Session, kind: str, payload: dict[str, Any], *, store: St
              session.scalar(sa.select(sa.func.count()).select_from(EventRow)) or 0)
     digest = event_hash(prev, at, kind, actor, payload)
     row = EventRow(at=at, kind=kind, actor=actor, payload=payload, prev_hash=prev,
-                   hash=digest, mac=event_mac(key, digest))
+                   hash=digest, mac=event_mac(key, digest) if key is not None else None)
     session.add(row)
     if head is None:
         session.add(AuditHeadRow(id=1, events=count + 1, head_hash=row.hash))
     else:
         head.events, head.head_hash = count + 1, row.hash
-    session.info[_PENDING] = (store, key, count + 1, digest)  # the newest of the transaction
+    if key is not None:  # the newest of the transaction
+        session.info[_PENDING] = (store, key, count + 1, digest)
     if not sa.event.contains(session, "after_commit", _write_checkpoint):
         sa.event.listen(session, "after_commit", _write_checkpoint)
         sa.event.listen(session, "after_rollback", _drop_checkpoint)
@@ -201,7 +202,8 @@ def verify_chain(store: Store, *, since: ChainReport | None = None) -> ChainRepo
                 if keyed:
                     return _broken(count, row_id, f"event {row_id} ({kind}) has no MAC but "
                                                   f"events before it have one (it was "
-                                                  f"inserted or its MAC stripped)")
+                                                  f"inserted, its MAC stripped, or written "
+                                                  f"by a process without {KEY_ENV})")
                 unkeyed += 1
             elif key is None:
                 return _broken(count, row_id, f"the events are keyed but no audit key was "

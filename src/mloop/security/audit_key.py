@@ -7,7 +7,9 @@ things stop that, both out of the store's reach:
 - the **key** (32 random bytes): each event carries an HMAC-SHA256 of its hash under it, so an
   edited or inserted event cannot be given a valid MAC without the key. It comes from
   ``MLOOP_AUDIT_KEY`` (at least 32 characters: CI, a shared central store) or else from
-  ``.mloop/keys/audit.key``, created 0600 on the first event. :func:`audit_key` is the one
+  ``.mloop/keys/audit.key``, created 0600 on the first event, for a store on this machine
+  (SQLite). A central store (PostgreSQL) takes its key from the variable only: without it its
+  events are hash-chained but not keyed, and the verifier counts them. :func:`audit_key` is the one
   place a key is loaded, so another key source (a KMS) plugs in there.
 - the **checkpoint** (a file beside the key, one per store): the newest event's position and
   hash with an HMAC over both, advanced after every commit that appends an event. Deleting
@@ -53,17 +55,26 @@ def key_path(store: KeyedStore) -> Path | None:
     return store.keys_dir / KEY_FILE if store.keys_dir is not None else None
 
 
+def is_local(store: KeyedStore) -> bool:
+    """A store on this machine's disk (SQLite), whose key may live in a file beside the
+    project. A central one is written from several machines, which could not share a file."""
+    return store.url.startswith("sqlite:///") and not store.url.endswith(":memory:")
+
+
 def key_source(store: KeyedStore) -> str:
     """Where the key is looked for, for messages: the variable, then the file."""
     path = key_path(store)
-    return f"${KEY_ENV}" + (f" or {path}" if path is not None else " (this store has no "
-                                                                     "keys folder)")
+    if path is None or not is_local(store):
+        return f"${KEY_ENV} (a central store's writers share it; there is no key file)"
+    return f"${KEY_ENV} or {path}"
 
 
 def audit_key(store: KeyedStore, *, create: bool) -> bytes | None:
     """The key that authenticates the chain of ``store``: ``MLOOP_AUDIT_KEY`` if set, else the
     key file. ``create`` (when writing an event): make the file, 0600, if it does not exist.
-    Without ``create`` a missing key is None (the verifier then says what it needs)."""
+    None: no key (without ``create``, or for a central store without the variable: its
+    writers on several machines could not share a file; the verifier then says what it
+    needs)."""
     env = os.environ.get(KEY_ENV)
     if env is not None:
         if len(env) < MIN_KEY_CHARS:
@@ -72,11 +83,8 @@ def audit_key(store: KeyedStore, *, create: bool) -> bytes | None:
                                 f"print(secrets.token_hex(32))'`")
         return env.encode()
     path = key_path(store)
-    if path is None:
-        if create:
-            raise AuditKeyError(f"no audit key for the store {_redact(store.url)}: set "
-                                f"{KEY_ENV} (this store has no keys folder)")
-        return None
+    if path is None or not is_local(store):
+        return None  # a central store: its events are hash-chained, not keyed (see add_event)
     if not path.exists():
         if not create:
             return None
@@ -181,11 +189,3 @@ def _locked(lock: Path) -> Iterator[None]:
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
 
-
-def _redact(url: str) -> str:
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return "(unparsable URL)"

@@ -14,6 +14,9 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# set by `mloop serve --workers N` for its workers: PROMETHEUS_MULTIPROC_DIR alone may be a
+# library's (Feast sets it on import), and a single server must not read a folder it never wrote
+WORKERS_ENV = "MLOOP_SERVING_MULTIPROC"
 
 
 def exposition(*extra: Any) -> bytes:
@@ -29,7 +32,7 @@ def exposition(*extra: Any) -> bytes:
 
 
 def multiprocess_enabled() -> bool:
-    return bool(os.environ.get(MULTIPROC_ENV))
+    return os.environ.get(WORKERS_ENV) == "1" and bool(os.environ.get(MULTIPROC_ENV))
 
 
 def worker_exit() -> None:
