@@ -163,3 +163,25 @@ def test_the_skew_check_reports_a_value_the_online_store_does_not_serve(
                                   "feature": "carrier_delay_rate_1d", "offline": 0.999,
                                   "online": report.mismatches[0]["online"]}]
     assert report.mismatches[0]["online"] != 0.999
+
+
+def test_feast_does_not_switch_this_process_metrics_to_a_folder_of_its_own() -> None:
+    """``import feast`` points PROMETHEUS_MULTIPROC_DIR at a temp folder of Feast's; mloop
+    imports it without that, and a server whose environment holds the variable without
+    ``mloop serve --workers`` having set it does not read that folder for /metrics (it
+    reported other servers' requests as its own)."""
+    import subprocess
+    import sys
+
+    _require_feast()
+    probe = ("import os\n{imp}\nfrom mloop.serving.metrics import multiprocess_enabled\n"
+             "print(os.environ.get('PROMETHEUS_MULTIPROC_DIR'), multiprocess_enabled())")
+    raw = subprocess.run([sys.executable, "-c", probe.format(imp="import feast")],
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert raw[0].startswith("/") and "feast" in raw[0]  # what Feast does on its own
+    assert raw[1] == "False"  # not mloop's workers: /metrics reads this server's registry
+    guarded = subprocess.run(
+        [sys.executable, "-c", probe.format(
+            imp="from mloop.features.repo import import_feast\nimport_feast()")],
+        capture_output=True, text=True, check=True).stdout.split()
+    assert guarded == ["None", "False"]
