@@ -326,3 +326,31 @@ def test_prices_may_sit_under_costs_or_loop_costs_but_not_both() -> None:
 def test_a_bad_cost_setting_names_the_key(extra: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         parse_config(SMALL_CONFIG + extra + "\n")
+
+
+def test_the_dashboard_cost_page_shows_the_report_mloop_cost_prints(
+        retrained: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """/cost on real HTTP: the totals `mloop cost` prints, one pair of bars (training,
+    serving) per day it lists, a row per version; a bad range is a 4xx naming the value."""
+    import re
+
+    import requests
+
+    from mloop.ui import create_ui_app
+
+    from .serving_util import ServerThread
+
+    doc = cost_json(retrained, capsys, "--by", "day")
+    versions = cost_json(retrained, capsys, "--by", "version")
+    with ServerThread(create_ui_app(open_project(retrained))) as srv:
+        page = requests.get(srv.url + "/cost?days=0", timeout=60)
+        bad = requests.get(srv.url + "/cost?days=-3", timeout=60)
+    assert page.status_code == 200, page.text[-2000:]
+    html = page.text
+    totals = re.search(r"<p id=\"totals\">([^ ]+) EUR in all", html)
+    assert totals and float(totals.group(1)) == pytest.approx(doc["totals"]["cost"], rel=1e-3)
+    assert html.count("class='mark train") == len(doc["rows"]) == 1
+    assert html.count("class='mark serve") == len(doc["rows"])
+    table = html[html.index('id="per-version"'):html.index('id="per-run"')]
+    assert table.count("<tr><td>") == len(versions["rows"])
+    assert bad.status_code == 400 and "days &#39;-3&#39;: a whole number" in bad.text

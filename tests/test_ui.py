@@ -40,7 +40,7 @@ SHOTS = Path("/tmp/ui-shots")
 PAGES = [("overview", "/"), ("timeline", "/timeline?at=2011-06-10"),
          ("versions", "/versions"), ("version", "/versions/2"), ("monitoring", "/monitoring"),
          ("loop", "/loop"), ("audit", "/audit"), ("login", "/login"), ("runs", "/runs"),
-         ("snapshots", "/snapshots"), ("diff", "/versions/diff?a=1&b=2")]
+         ("snapshots", "/snapshots"), ("diff", "/versions/diff?a=1&b=2"), ("cost", "/cost")]
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from starlette.staticfiles import StaticFiles
 
 from mloop.errors import MloopError
 from mloop.project import Project
-from mloop.ui import actions, diff, monitoring_pages, pages, render, runs
+from mloop.ui import actions, cost_page, diff, monitoring_pages, pages, render, runs
 from mloop.ui.auth import Forbidden
 from mloop.ui.live import LiveTraffic
 
@@ -47,6 +47,7 @@ ROUTES = [
     Route("/monitoring/windows/{window_id}", monitoring_pages.window_page, methods=["GET"],
           name="window"),
     Route("/loop", pages.loop_page, methods=["GET"], name="loop"),
+    Route("/cost", cost_page.cost_page, methods=["GET"], name="cost"),
     Route("/audit", pages.audit_page, methods=["GET"], name="audit"),
     Route("/runs", runs.runs_page, methods=["GET"], name="runs"),
     Route("/runs/{run_id}", runs.run_page, methods=["GET"], name="run"),

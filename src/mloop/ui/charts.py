@@ -391,3 +391,50 @@ def _bin_label(label: str) -> str:
     if label.startswith("[") and ", " in label:
         return label[1:label.index(", ")]
     return label if len(label) <= 10 else label[:9] + "…"
+
+
+def cost_by_day_svg(days: Sequence[dict[str, Any]], currency: str, *,
+                    budget: float | None = None, width: int = 1100,
+                    height: int = 220) -> Markup:
+    """What each UTC day cost: training (runs, trials, retrains) and serving stacked, the
+    budget per day as a line when one is set. ``days`` are ``mloop cost --by day`` rows
+    (``key`` the day, ``training_cost``, ``serving_cost``). Each bar is a mark (``train`` or
+    ``serve``, ``over`` on a day above the budget) whose title gives the figures."""
+    if not days:
+        return Markup("<p class='muted'>Nothing recorded yet: no run, trial or served "
+                      "prediction in this range.</p>")
+    left, top, bottom = 56, 10, 30
+    plot_h = height - top - bottom
+    slot = (width - left - 4) / len(days)
+    bar = max(min(slot * 0.7, 40.0), 1.0)
+    totals = [float(d["training_cost"] or 0.0) + float(d["serving_cost"] or 0.0) for d in days]
+    peak = max([*totals, budget or 0.0, 1e-12])
+    parts = [f"<line x1='{left}' x2='{width - 4}' y1='{top + plot_h}' y2='{top + plot_h}' "
+             f"class='base'/>",
+             f"<text x='{left - 4}' y='{top + 8}' class='tick end'>{peak:.3g}</text>",
+             f"<text x='{left - 4}' y='{top + plot_h}' class='tick end'>0</text>"]
+    label_every = max(1, math.ceil(len(days) / ((width - left) // 70)))
+    for i, (d, total) in enumerate(zip(days, totals, strict=True)):
+        x = left + i * slot + (slot - bar) / 2
+        over = " over" if budget is not None and total > budget else ""
+        y = float(top + plot_h)
+        for cls, value, what in (("train", d["training_cost"], "training"),
+                                 ("serve", d["serving_cost"], "serving")):
+            value = float(value or 0.0)
+            h = value / peak * plot_h
+            y -= h
+            parts.append(f"<rect class='mark {cls}{over}' x='{x:.1f}' y='{y:.1f}' "
+                         f"width='{bar:.1f}' height='{h:.1f}'><title>{_e(d['key'])}: "
+                         f"{what} {value:.4g} {_e(currency)} (day total {total:.4g}"
+                         f"{', over the budget' if over else ''})</title></rect>")
+        if i % label_every == 0:
+            parts.append(f"<text x='{x:.1f}' y='{top + plot_h + 14}' class='tick'>"
+                         f"{_e(str(d['key'])[5:])}</text>")
+    if budget is not None:
+        yb = top + plot_h - budget / peak * plot_h
+        parts.append(f"<line class='budget' x1='{left}' x2='{width - 4}' y1='{yb:.1f}' "
+                     f"y2='{yb:.1f}'><title>budget {budget:.4g} {_e(currency)} per day"
+                     f"</title></line>")
+    # every text in parts went through _e (html.escape); the rest are numbers and fixed names
+    return Markup(f"<svg class='chart cost' viewBox='0 0 {width} {height}' role='img' "  # nosec B704
+                  f"aria-label='cost per day, {_e(currency)}'>{''.join(parts)}</svg>")

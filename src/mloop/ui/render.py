@@ -37,5 +37,5 @@ def here(request: Request) -> str:
 
 NAV = [("overview", "/", "Overview"), ("timeline", "/timeline", "Timeline"),
        ("versions", "/versions", "Versions"), ("monitoring", "/monitoring", "Monitoring"),
-       ("loop", "/loop", "Loop"), ("audit", "/audit", "Audit"),
+       ("loop", "/loop", "Loop"), ("cost", "/cost", "Cost"), ("audit", "/audit", "Audit"),
        ("runs", "/runs", "Runs"), ("snapshots", "/snapshots", "Snapshots")]
