@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import textwrap
 from collections.abc import Iterator
@@ -93,6 +94,22 @@ def test_raw_personal_values_never_reach_any_file_under_dot_mloop(served: dict[s
     assert table.num_rows == 7  # the rows were logged: the grep below looks at real data
     for raw in (ZED, ANN, NAME, PHONE, "zed.secret", "Quartermaine", "0199-8823"):
         assert _files_holding(root / ".mloop", raw) == [], raw
+
+
+def test_the_models_logged_input_example_holds_no_raw_personal_value(
+        served: dict[str, Any]) -> None:
+    """MLflow keeps five training rows as the model's input example, in the clear; the
+    policy columns in it are digests and masks, and the server warmed up on it (it served)."""
+    (path,) = [p for p in served["root"].rglob("input_example.json")]
+    text = path.read_text()
+    for raw in (*TRAIN_EMAILS, "train.example"):
+        assert raw not in text, raw
+    example = json.loads(text)
+    rows = [dict(zip(example["columns"], row, strict=True)) for row in example["data"]]
+    assert len(rows) == 5
+    assert all(re.fullmatch(r"[0-9a-f]{32}", r["email"]) for r in rows), rows
+    assert {r["name"] for r in rows} == {r["phone"] for r in rows} == {"***"}
+    assert {r["weather"] for r in rows} <= {"Clear", "Mist", "Rain", "Snow", "Cloudy"}
 
 
 def test_hashed_column_keeps_equal_values_equal_and_drop_and_mask_keep_nothing(

@@ -96,6 +96,10 @@ def keyed_digest(key: bytes, column: str, value: str) -> str:
     return hmac.digest(key, column.encode() + b"\0" + value.encode(), "sha256")[:16].hex()
 
 
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and value != value)  # None or NaN
+
+
 def _text(value: Any) -> str:
     """The text a value is hashed as: the profile's category keys are ``str(value)`` too."""
     return value if isinstance(value, str) else str(value)
@@ -157,6 +161,26 @@ class PiiPolicy:
             elif action == "mask":
                 out[name] = [None if v is None else MASK for v in values]
             # drop: left out
+        return out
+
+    def scrub_example(self, example: Any, seen: Any) -> Any:
+        """The model's logged input example (a pandas frame of training rows) with each
+        policy column replaced: a ``hash`` column by its digests, a ``mask`` or ``drop`` text
+        column by ``***``, a numeric one by the training median (``seen``: every training
+        row), so MLflow's ``input_example.json`` holds no raw value of a personal column. The
+        model keeps every column (it needs them); nulls stay null."""
+        out = example.copy()
+        for column, action in self.actions.items():
+            if column not in out.columns:
+                continue
+            values = out[column]
+            if values.dtype.kind in "biuf":
+                out[column] = values.where(values.isna(), float(seen[column].median()))
+            elif action == "hash" and self.key is not None:
+                out[column] = values.map(lambda v, c=column: v if _missing(v)
+                                         else self.digest(c, v))
+            else:
+                out[column] = values.map(lambda v: v if _missing(v) else MASK)
         return out
 
     def check_inputs(self, inputs: Iterable[str], *, version: int, config: ProjectConfig

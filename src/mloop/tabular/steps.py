@@ -213,6 +213,7 @@ def register(ctx: StepContext, model: Any, spec: dict[str, Any], evaluation: dic
     """Log the model with signature and example; create a version tagged with its lineage
     and, with the compiled fast path on, its verified ONNX graph (``_compile``)."""
     from mloop.registry.candidates import candidate_signature, register_candidate
+    from mloop.security.pii import PiiPolicy
     from mloop.tracking import git_info
 
     frame = ctx.project.snapshots.read_table(holdout.digest).slice(0, 5).to_pandas()
@@ -240,6 +241,10 @@ def register(ctx: StepContext, model: Any, spec: dict[str, Any], evaluation: dic
                  if k.startswith("mloop.metric.") else k): v for k, v in tags.items()}
     for snap, role in ((source, "source"), (train_data, "training"), (holdout, "holdout")):
         _log_snapshot(ctx, snap, role, on_parent=False)  # on the run that holds the model
+    pii = PiiPolicy.of(ctx.project.config, ctx.project.root)
+    if pii is not None:  # MLflow stores the example in the clear: no raw personal value in it
+        example = pii.scrub_example(example, seen)
+    # on the example as logged: servers warm every version up with it
     predictions = model.predict(example)
     signature = candidate_signature(example, predictions, seen)
     tags.update(_compile(ctx, model, signature, spec["task"], holdout.digest))
