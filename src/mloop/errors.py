@@ -31,7 +31,10 @@ Each is also importable from ``mloop`` itself.
     ├── WindowNotFoundError      no monitored window with that id for the project's model
     ├── EncryptionKeyError       a file encrypted at rest cannot be opened: its master key is
     │                            missing or not the configured one (carries the key source)
-    └── SealedDataError          a file encrypted at rest is damaged (its tag does not verify)
+    ├── SealedDataError          a file encrypted at rest is damaged (its tag does not verify)
+    └── OnlineStoreError         the feature store's online store could not be read (Redis down,
+                                 SQLite file gone): the server answers 503, never a prediction
+                                 on missing features (carries the store type)
 
 ``MloopError`` itself is raised where no caller would handle the case apart from any other
 user error, the message being all there is to act on: a bad argument or option value
@@ -205,3 +208,12 @@ class SealedDataError(MloopError):
     """A sealed file's key unwrapped but its contents do not verify: the bytes were damaged
     or altered after sealing. Readers of the inference log quarantine such a segment; a key
     error never is (the file is fine, the key is wrong)."""
+
+
+class OnlineStoreError(MloopError):
+    """The online store of the Feast repo could not be read. A server answers 503 with this
+    message instead of predicting on features it did not get."""
+
+    def __init__(self, message: str, *, store: str) -> None:
+        super().__init__(message)
+        self.store = store

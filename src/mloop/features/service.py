@@ -8,6 +8,7 @@ from datetime import datetime
 from typing import Any
 
 from mloop.errors import ConfigError
+from mloop.features.lookup import OnlineFeatures
 from mloop.features.online import check_skew, materialize
 from mloop.features.repo import FeatureRepo, open_repo
 from mloop.project import Project
@@ -27,6 +28,13 @@ def project_repo(project: Project) -> tuple[FeatureRepo, list[str]]:
     except ConfigError as exc:
         raise project.config.locate(exc) from None
     return repo, refs
+
+
+def online_features(project: Project) -> OnlineFeatures:
+    """The project's online store, for a server to read once per micro-batch (opened here,
+    once: applying the definitions and connecting cost seconds, never paid per request)."""
+    repo, refs = project_repo(project)
+    return OnlineFeatures(repo, refs)
 
 
 def materialize_features(project: Project, *, until: datetime,

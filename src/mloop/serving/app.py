@@ -346,6 +346,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     sys.setswitchinterval(0.0005)
     if state.inference_log is not None:
         state.inference_log.start()
+    if state.project.config.features.store is not None and state.features is None:
+        from mloop.features.service import online_features
+
+        # once per server: Feast's store and its connection serve every request
+        state.features = await asyncio.to_thread(online_features, state.project)
     await state.poll()
     watcher = asyncio.create_task(state.watch())
     try:

@@ -210,7 +210,8 @@ def bodies(app: FastAPI, spec: dict[str, Any]) -> None:
     """Fill the request bodies of the scoring routes from the champion's signature."""
     state = app.state.mloop
     champion = state.routing.champion
-    schema = champion.model.schema if champion is not None else None
+    # what a client sends: with a feature store, the looked-up columns are not in it
+    schema = champion.schema if champion is not None else None
     strict = state.config.strict_columns
     paths = spec["paths"]
     paths["/predict"]["post"]["requestBody"] = {"required": True, "content": {

@@ -94,6 +94,8 @@ def _short(value: Any) -> Any:
 class InputSchema:
     columns: list[Column]
     names: list[str] = field(init=False)
+    # fields a request must not carry, with why (a served feature store looks them up)
+    refused: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.names = [c.name for c in self.columns]
@@ -144,6 +146,7 @@ class InputSchema:
         errors: list[FieldError] = []
         known = set(self.names)
         width = len(known)
+        refused = self.refused
         ignored: dict[str, int] = {}
         cols: dict[str, list] = {n: [] for n in self.names}
         for i, rec in enumerate(records):
@@ -151,10 +154,13 @@ class InputSchema:
                 errors.append(FieldError(where, "each row must be an object", row=i))
                 continue
             # a row with more keys than the signature has names has extra ones (with as many
-            # or fewer, any unknown key comes with a missing one, which is an error anyway)
-            if len(rec) > width:
+            # or fewer, any unknown key comes with a missing one, which is an error anyway,
+            # but a refused one is named too)
+            if len(rec) > width or (refused and not refused.keys().isdisjoint(rec)):
                 for key in rec.keys() - known:
-                    if strict:
+                    if key in refused:
+                        errors.append(FieldError(key, refused[key], row=i))
+                    elif strict:
                         errors.append(FieldError(key, _STRICT, row=i))
                     else:
                         ignored[key] = ignored.get(key, 0) + 1
@@ -192,7 +198,9 @@ class InputSchema:
         if not isinstance(columns, dict) or not columns:
             raise InputError([FieldError(where, "must be an object of equal-length lists")])
         extra = sorted(columns.keys() - set(self.names))
-        errors = [FieldError(k, _STRICT) for k in extra] if strict else []
+        errors = [FieldError(k, self.refused[k]) for k in extra if k in self.refused]
+        if strict:
+            errors += [FieldError(k, _STRICT) for k in extra if k not in self.refused]
         lengths = {len(v) for v in columns.values() if isinstance(v, list)}
         for k, v in columns.items():
             if not isinstance(v, list):
@@ -286,6 +294,18 @@ class InputSchema:
             else:
                 data[c.name] = np.array(values, dtype=object)
         return pd.DataFrame(data, copy=False)
+
+
+def check_value(column: Column, value: Any) -> tuple[Any, str | None]:
+    """``value`` converted for ``column`` as a request's would be, or the problem with it
+    (for values the server adds itself, e.g. features looked up from a feature store)."""
+    if value is None or (type(value) is float and value != value):
+        return None, ("null where the signature requires a value" if column.required
+                      else None)
+    out = _CONVERTERS.get(column.type, _as_is)(value)
+    if out is _BAD:
+        return None, _problem(column.type, value)
+    return out, None
 
 
 def _one_value(names: list[str]) -> Callable[[dict[str, Any]], tuple[Any, ...]]:

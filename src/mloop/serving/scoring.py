@@ -41,20 +41,22 @@ async def score(state: ServerState, parser: Parser, *, key: str | None, timestam
                                        "to load: see /ready)"}, {"Retry-After": "5"})
     champion = routing.champion
     slot, role = routing.pick(key)
-    cols, n, ignored = parser(slot.model.schema)
+    cols, n, ignored = parser(slot.schema)
     t0 = time.perf_counter()
     try:
         preds = await slot.batcher.submit(cols, n)
     except Exception as exc:
-        if role != "canary":
+        if role != "canary" or isinstance(exc, HTTPError):  # 503 store down: not the canary's
             raise
         # a failing canary never fails the client: the champion answers, the failure is
         # counted and recorded, and the controller rolls the canary back
         state.challenger_failed(slot.model.version, n, exc)
         slot, role = champion, "champion"
-        cols, n, ignored = parser(slot.model.schema)
+        cols, n, ignored = parser(slot.schema)
         t0 = time.perf_counter()
         preds = await slot.batcher.submit(cols, n)
+    if slot.lookup is not None:  # the looked-up columns join the request's, for the log
+        preds, cols = slot.lookup.merge(preds, cols)
     if ignored:
         state.metrics.ignored(ignored)
     latency_ms = (time.perf_counter() - t0) * 1000
@@ -119,9 +121,12 @@ def shadow(state: ServerState, slot: Slot, parser: Parser, ids: list[str], ts: f
 
     async def run() -> None:
         try:
-            cols, _, _ = parser(slot.model.schema)
+            cols, _, _ = parser(slot.schema)
             t0 = time.perf_counter()
-            preds, proba = slot.model.unpack(await slot.batcher.submit(cols, n))
+            out = await slot.batcher.submit(cols, n)
+            if slot.lookup is not None:
+                out, cols = slot.lookup.merge(out, cols)
+            preds, proba = slot.model.unpack(out)
             await log_rows(state, LogEntry(ids, ts, slot.model.version, "shadow",
                                            (time.perf_counter() - t0) * 1000, preds, cols, key,
                                            proba, slot.model.classes))

@@ -16,12 +16,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mloop.config import ServingConfig
+from mloop.features.lookup import OnlineFeatures
 from mloop.project import Project
 from mloop.security.pii import PiiPolicy
 from mloop.serving.batcher import MicroBatcher
 from mloop.serving.deploy import DesiredState, desired_state
+from mloop.serving.lookup import ModelLookup
 from mloop.serving.metrics import ServingMetrics
 from mloop.serving.model import ServedModel, load_served
+from mloop.serving.schema import InputSchema
 from mloop.serving.shared_reload import CHECK_SECONDS, SharedReload
 from mloop.traffic.inference_log import InferenceLog
 
@@ -32,6 +35,11 @@ log = logging.getLogger("mloop.serving")
 class Slot:
     model: ServedModel
     batcher: MicroBatcher
+    lookup: ModelLookup | None = None  # features.store: the columns the server looks up
+    schema: InputSchema = field(init=False)  # what a request to this version must carry
+
+    def __post_init__(self) -> None:
+        self.schema = self.lookup.request if self.lookup is not None else self.model.schema
 
 
 @dataclass(frozen=True)
@@ -83,6 +91,7 @@ class ServerState:
     metrics: ServingMetrics = field(default_factory=ServingMetrics)
     inference_log: InferenceLog | None = None
     pii: PiiPolicy | None = None  # security.pii, applied to what the log keeps
+    features: OnlineFeatures | None = None  # features.store: the online store, opened once
     routing: Routing = field(default_factory=Routing)
     desired: DesiredState | None = None
     failed: dict[int, str] = field(default_factory=dict)  # version -> why it would not load
@@ -182,8 +191,7 @@ class ServerState:
         if version in self.failed and time.time() < self.retry_at[version][0]:
             return None  # failed recently: retried with backoff (1 min, doubling to 15 min)
         try:
-            model = await asyncio.to_thread(load_served, self.project, version,
-                                            compile=self.config.compile)
+            model, lookup = await asyncio.to_thread(self._load, version)
             if self.pii is not None:  # a policy naming no input would protect nothing
                 self.pii.check_inputs(model.schema.names, version=version,
                                       config=self.project.config)
@@ -202,9 +210,18 @@ class ServerState:
         self.failed.pop(version, None)
         self.retry_at.pop(version, None)
         self.metrics.model_loads.labels(str(version)).inc()
-        return Slot(model, self._batcher(model))
+        return Slot(model, self._batcher(model, lookup), lookup)
 
-    def _batcher(self, model: ServedModel) -> MicroBatcher:
+    def _load(self, version: int) -> tuple[ServedModel, ModelLookup | None]:
+        """A version loaded and warmed, and with a feature store its lookups (None when the
+        store is unset, or the version's signature holds none of the looked-up columns)."""
+        model = load_served(self.project, version, compile=self.config.compile)
+        if self.features is None:
+            return model, None
+        lookup = ModelLookup(self.features, model.schema)
+        return model, (lookup if lookup.names else None)
+
+    def _batcher(self, model: ServedModel, lookup: ModelLookup | None = None) -> MicroBatcher:
         v = str(model.version)
         rows, secs = self.metrics.batch_rows.labels(v), self.metrics.batch_seconds.labels(v)
 
@@ -212,7 +229,8 @@ class ServerState:
             rows.observe(n)
             secs.observe(seconds)
 
-        b = MicroBatcher(model.score_columns, max_batch=self.config.max_batch_rows,
+        predict = model.score_columns if lookup is None else lookup.scorer(model.score_columns)
+        b = MicroBatcher(predict, max_batch=self.config.max_batch_rows,
                          max_wait_ms=self.config.max_wait_ms, name=f"v{v}", on_batch=on_batch,
                          threads=self.config.model_threads,
                          max_batch_ms=self.config.max_batch_ms)
