@@ -104,18 +104,31 @@ def _materialize(root: Path) -> None:
     materialize_features(open_project(root), until=UNTIL)
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+def _with_sql_registry(root: Path, url: str) -> None:
+    """Move the copy's Feast registry into PostgreSQL (Feast's SQL registry)."""
+    path = root / "feature_repo" / "feature_store.yaml"
+    lines = [line if not line.startswith("registry:") else
+             f"registry: {{registry_type: sql, path: \"{url}\", cache_ttl_seconds: 60}}"
+             for line in path.read_text().splitlines()]
+    path.write_text("\n".join(lines) + "\n")
+
+
+@pytest.fixture(params=["sqlite", "redis",
+                        pytest.param("redis+postgres", marks=pytest.mark.postgres)])
 def served(request: pytest.FixtureRequest, trained: Path, tmp_path: Path) -> Iterator[Path]:
     """A copy of the trained project, its online store (the embedded SQLite file, or Redis
-    under a Feast project of its own, so no two tests share keys) materialized to UNTIL."""
+    under a Feast project of its own, so no two tests share keys; with the registry in a
+    throwaway PostgreSQL database too: the whole scale-out) materialized to UNTIL."""
     root = copy_project(trained, tmp_path)
-    if request.param == "redis":
+    if request.param.startswith("redis"):
         _require_redis()
         _with_online_store(root, f'{{type: redis, connection_string: "{REDIS}"}}',
                            project=f"mloop_test_{uuid.uuid4().hex[:12]}")
+    if request.param.endswith("postgres"):
+        _with_sql_registry(root, request.getfixturevalue("pg_url"))
     _materialize(root)
     yield root
-    if request.param == "redis":  # drop this test's keys from the shared Redis
+    if request.param.startswith("redis"):  # drop this test's keys from the shared Redis
         from mloop.features.service import project_repo
         from mloop.project import open_project
 
@@ -154,9 +167,12 @@ def test_a_prediction_from_entity_keys_is_the_models_on_the_row_the_store_comple
     label, proba, online = _expected(served, record)
     assert all(online[n] is not None for n in LOOKED_UP)
     with project_server(served) as srv:
-        kind = "redis" if "type: redis" in (served / "feature_repo" /
-                                            "feature_store.yaml").read_text() else "sqlite"
-        assert srv.state.features.store_type == kind  # the store this test is about
+        conf = (served / "feature_repo" / "feature_store.yaml").read_text()
+        kind = "redis" if "type: redis" in conf else "sqlite"
+        store = srv.state.features.repo.store
+        assert srv.state.features.store_type == kind  # the stores this test is about
+        assert type(store.registry).__name__ == ("SqlRegistry" if "registry_type: sql" in conf
+                                                 else "Registry")
         r = srv.post("/predict", {"records": [record]})
         assert r.status_code == 200, r.text
         body = r.json()
