@@ -56,26 +56,30 @@ def _require_redis() -> None:
                     f"`redis-server --daemonize yes`", pytrace=False)
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The flights example trained once on Jan 2-4 (Feast's file offline store is slow on
-    more), its version 1 made champion."""
+def _train(root: Path, *, exclude: str = "[flight, tailnum, month, day]") -> Path:
+    """The flights example at ``root`` trained on Jan 2-4 (Feast's file offline store is slow
+    on more), its version 1 made champion."""
     from mloop.pipeline.runner import run_pipeline
     from mloop.project import open_project
     from mloop.registry.promotion import change_alias
 
     _require_feast()
-    root = tmp_path_factory.mktemp("feast") / "flights_feast"
     shutil.copytree(EXAMPLE, root, ignore=shutil.ignore_patterns(".mloop", "__pycache__"))
     config = (root / "mloop.yaml").read_text()
     config = config.replace("../flights/data/flights.parquet", str(FLIGHTS)) \
-        .replace('until: "2013-01-16"', 'until: "2013-01-05"')
+        .replace('until: "2013-01-16"', 'until: "2013-01-05"') \
+        .replace("exclude: [flight, tailnum, month, day]", f"exclude: {exclude}")
     (root / "mloop.yaml").write_text(config)
     project = open_project(root)
     assert run_pipeline(project).status == "succeeded"
     change_alias(open_project(root), "champion", 1, expected=None, action="promote",
                  reason="test setup")
     return root
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _train(tmp_path_factory.mktemp("feast") / "flights_feast")
 
 
 def _with_online_store(root: Path, online_store: str, project: str | None = None) -> None:
@@ -222,6 +226,8 @@ def test_an_unknown_entity_fails_only_its_own_request_in_a_shared_batch(served: 
         assert [a.status_code for a in answers] == [200] * 8 + [422] + [200] * 8
         slot = srv.state.routing.champion
         assert slot.lookup is not None
+        # one Feast store for the server's life: the version's lookups read through it
+        assert slot.lookup.online.repo is srv.state.features.repo
         cols = {k: [_flight()[k], _flight(carrier="ZZ")[k]] for k in _flight()}
         rows, _, _ = slot.schema.from_columns(cols)
         out = slot.lookup.score(slot.model.score_columns, rows)
@@ -229,6 +235,29 @@ def test_an_unknown_entity_fails_only_its_own_request_in_a_shared_batch(served: 
     assert len(preds) == 1 and set(LOOKED_UP) <= set(full)
     with pytest.raises(InputError, match="carrier='ZZ'"):
         slot.lookup.merge(out[1:], {k: v[1:] for k, v in rows.items()})
+
+
+def test_a_looked_up_null_the_signature_refuses_is_a_422_naming_the_column(
+        trained: Path, tmp_path: Path) -> None:
+    """LGA's departures of Jan 4 are unknown (null) while its delay rate is known: the origin
+    is no unknown entity, but the signature requires origin_flights_1d."""
+    root = copy_project(trained, tmp_path)
+    path = root / "feature_repo" / "data" / "origin_daily.parquet"
+    frame = pd.read_parquet(path)
+    frame["origin_flights_1d"] = frame["origin_flights_1d"].astype("Int64")
+    frame.loc[(frame["origin"] == "LGA") & (frame["event_timestamp"] == pd.Timestamp(
+        UNTIL)), "origin_flights_1d"] = pd.NA
+    frame.to_parquet(path, index=False)
+    _materialize(root)
+    with project_server(root) as srv:
+        assert srv.post("/predict", {"records": [_flight(origin="JFK")]}).status_code == 200
+        r = srv.post("/predict", {"records": [_flight(origin="LGA")]})
+    assert r.status_code == 422
+    assert r.json() == {
+        "error": "a looked-up feature does not match the model signature",
+        "fields": [{"field": "origin_flights_1d", "row": 0,
+                    "problem": "looked up from the feature store: null where the signature "
+                               "requires a value"}]}
 
 
 @pytest.mark.parametrize("served", ["sqlite"], indirect=True)
@@ -288,3 +317,25 @@ def test_an_unreadable_online_store_is_a_503_with_the_reason_never_a_prediction(
         assert srv.post("/flush").json()["committed_rows"] == 0
     logged = 1 if store == "sqlite" else 0  # the answered request before the tables went
     assert read_log(open_project(root).uris["inference_log_uri"]).num_rows == logged
+
+
+def test_a_join_key_outside_the_signature_is_still_sent_and_logged(tmp_path: Path) -> None:
+    """A model that does not take the carrier as an input still needs it to look up the
+    carrier's features: the request carries it, the model never sees it, the log keeps it."""
+    from mloop.project import open_project
+    from mloop.traffic.inference_log import read_log
+
+    root = _train(tmp_path / "flights_feast",
+                  exclude="[flight, tailnum, month, day, carrier]")
+    _materialize(root)
+    with project_server(root) as srv:
+        assert "carrier" not in srv.state.routing.champion.model.schema.names
+        r = srv.post("/predict", {"records": [_flight()]})
+        assert r.status_code == 200, r.text
+        missing_key = {k: v for k, v in _flight().items() if k != "carrier"}
+        bad = srv.post("/predict", {"records": [missing_key]})
+        assert srv.post("/flush").json()["committed_rows"] == 1
+    assert bad.status_code == 422
+    assert bad.json()["fields"] == [{"field": "carrier", "problem": "missing", "row": 0}]
+    row = read_log(open_project(root).uris["inference_log_uri"]).to_pylist()[0]
+    assert row["carrier"] == "UA" and row["carrier_delay_rate_1d"] is not None

@@ -74,15 +74,8 @@ class OnlineFeatures:
         """The same store, looking up only the refs whose feature is in ``names`` (a model
         version's signature: one trained on fewer features needs fewer)."""
         wanted = set(names)
-        out = object.__new__(OnlineFeatures)
-        out.repo, out.store_type = self.repo, self.store_type
-        out.refs = [r for r in self.refs if r.partition(":")[2] in wanted]
-        out.views = {}
-        for ref in out.refs:
-            view, _, feature = ref.partition(":")
-            out.views.setdefault(view, []).append(feature)
-        out.join_keys = {view: self.join_keys[view] for view in out.views}
-        return out
+        return OnlineFeatures(self.repo, [r for r in self.refs
+                                          if r.partition(":")[2] in wanted])
 
     def lookup(self, entity_rows: list[dict[str, Any]]) -> Batch:
         """The refs' current values for each row (a dict holding at least every view's join
