@@ -1,6 +1,6 @@
-"""What the CLI (and later the loop and the exports) call: the project's feature repo opened
-from mloop.yaml, materialization recorded as an event, and the skew check on the project's own
-entities."""
+"""What the CLI, the server (and later the loop and the exports) call: the project's feature
+repo opened from mloop.yaml, its online store for serving lookups, materialization recorded as
+an event, and the skew check on the project's own entities."""
 
 from __future__ import annotations
 

@@ -6,7 +6,8 @@ Handlers take the ``Request`` and parse bytes themselves (orjson on the raw body
 model per row would cost more than the model on a one-row call. Every client error is answered
 before the model is touched: 400 malformed JSON or CSV, 413 oversized body, 415 unknown content
 type, 422 a body that does not match the signature (each bad field named), 401/403 auth,
-503 no model loaded.
+503 no model loaded (or, with ``features.store``, an online store that cannot be read:
+``mloop.serving.lookup``).
 """
 
 from __future__ import annotations
