@@ -185,3 +185,29 @@ def test_feast_does_not_switch_this_process_metrics_to_a_folder_of_its_own() -> 
             imp="from mloop.features.repo import import_feast\nimport_feast()")],
         capture_output=True, text=True, check=True).stdout.split()
     assert guarded == ["None", "False"]
+
+
+def test_mloop_forgets_an_inherited_metrics_folder_unless_it_is_its_own_worker(
+        tmp_path: Path) -> None:
+    """A shell where PROMETHEUS_MULTIPROC_DIR was set (by Feast, say) must not make `mloop`
+    keep its metric values in that folder, where a dead process with the same pid left its
+    own: the CLI drops it before prometheus-client reads it; a worker of `serve --workers`
+    keeps the one its supervisor set."""
+    import os
+    import subprocess
+    import sys
+
+    from mloop.serving.metrics import MULTIPROC_ENV, WORKERS_ENV
+
+    probe = ("import os, sys\nfrom mloop.cli.app import forget_inherited_metrics_folder\n"
+             "forget_inherited_metrics_folder()\nimport prometheus_client.values as v\n"
+             "print(os.environ.get('PROMETHEUS_MULTIPROC_DIR'), v.ValueClass.__name__)")
+    folder = str(tmp_path)
+    env = {**os.environ, MULTIPROC_ENV: folder}
+    env.pop(WORKERS_ENV, None)
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True,
+                         text=True, check=True).stdout.split()
+    assert out == ["None", "MutexValue"]  # values kept in this process
+    own = subprocess.run([sys.executable, "-c", probe], env={**env, WORKERS_ENV: "1"},
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert own == [folder, "MmapedValue"]  # values in the supervisor's folder

@@ -188,9 +188,9 @@ def _serve_workers(project: Project, cfg: ServingConfig, *, use_auth: bool, fact
     (run_dir / "reload").mkdir()
     env = {ENV_PROJECT: str(project.root), "MLOOP_SERVE_CONFIG": cfg.model_dump_json(),
            ENV_AUTH: "1" if use_auth else "0", shared_reload.ENV: str(run_dir / "reload"),
-           # a folder the user chose for the metric values wins (a scraper may read it)
-           MULTIPROC_ENV: os.environ.get(MULTIPROC_ENV) or str(run_dir / "metrics"),
-           WORKERS_ENV: "1"}
+           # this run's own folder, whatever the environment holds: an inherited one (Feast
+           # sets one on import) would sum other servers' values into this one's /metrics
+           MULTIPROC_ENV: str(run_dir / "metrics"), WORKERS_ENV: "1"}
     if project.env is not None:  # each worker opens the same environment's stores
         from mloop.project import ENV_VAR
 

@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     set_root_options(project=None, debug=False)  # a usage error never sees the last call's
     set_current_actor(None)  # nor does a command see the person the last call acted for
+    forget_inherited_metrics_folder()
     try:
         app(args=argv)  # standalone: usage errors print themselves and exit 2
         return 0
@@ -96,6 +97,19 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, StepFailedError):
             sys.stderr.write(f"see `mloop runs show {exc.run_id}` for the traceback\n")
         return 1
+
+
+def forget_inherited_metrics_folder() -> None:
+    """Drop a ``PROMETHEUS_MULTIPROC_DIR`` this process inherited, unless it is a worker of
+    ``mloop serve --workers N`` (which sets it with its own flag). prometheus-client reads the
+    variable once, at import, and then keeps every metric value in files named by process
+    id in that folder: a server started from a shell where a library (Feast, on import) had
+    set it would count on from the values a dead process with the same pid left there."""
+    # the names of mloop.serving.metrics (MULTIPROC_ENV, WORKERS_ENV), not imported: that
+    # module imports prometheus-client, which must not read the variable before it goes
+    if os.environ.get("MLOOP_SERVING_MULTIPROC") != "1":
+        os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        os.environ.pop("PROMETHEUS_MULTIPROCESS_DIR", None)
 
 
 def entry() -> None:
