@@ -32,7 +32,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 LAYERS: list[tuple[str, set[str]]] = [
     ("foundation: imports nothing of mloop above it",
      {"errors", "_version", "extras", "config", "storage", "store", "memory", "metrics",
-      "timeparse"}),
+      "timeparse", "prometheus_env"}),
     ("records kept elsewhere: MLflow's tracking store, snapshots, the audit chain and tokens",
      {"tracking_read", "tracking_sql", "tracking", "data", "security"}),
     ("the composition root every service receives", {"project"}),

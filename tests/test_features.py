@@ -211,3 +211,24 @@ def test_mloop_forgets_an_inherited_metrics_folder_unless_it_is_its_own_worker(
     own = subprocess.run([sys.executable, "-c", probe], env={**env, WORKERS_ENV: "1"},
                          capture_output=True, text=True, check=True).stdout.split()
     assert own == [folder, "MmapedValue"]  # values in the supervisor's folder
+
+
+def test_mlflows_rest_plugins_import_feast_without_switching_the_metrics_folder() -> None:
+    """MLflow's REST client loads every `mlflow.request_header_provider` entry point on its
+    first call to a tracking server, and Feast registers one: that imports Feast, which sets
+    PROMETHEUS_MULTIPROC_DIR. A project on a tracking server loads them through mloop's guard
+    (it leaked from a test of prod on an MLflow server into every server started after it)."""
+    import subprocess
+    import sys
+
+    _require_feast()
+    probe = ("import os, sys\n{imp}\n"
+             "print(os.environ.get('PROMETHEUS_MULTIPROC_DIR'), 'feast' in sys.modules)")
+    raw = subprocess.run([sys.executable, "-c", probe.format(
+        imp="import mlflow.tracking.request_header.registry")], capture_output=True, text=True,
+        check=True).stdout.split()
+    assert "feast" in raw[0] and raw[1] == "True"  # MLflow's plugin loading, on its own
+    guarded = subprocess.run([sys.executable, "-c", probe.format(
+        imp="from mloop.prometheus_env import load_mlflow_plugins\nload_mlflow_plugins()")],
+        capture_output=True, text=True, check=True).stdout.split()
+    assert guarded == ["None", "True"]

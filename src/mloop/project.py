@@ -145,6 +145,11 @@ class Project:
         # The sklearn flavour's log_model only speaks the fluent API; point it at our stores.
         mlflow.set_tracking_uri(self.uris["tracking_uri"])
         mlflow.set_registry_uri(self.uris["registry_uri"])
+        if any(self.uris[k].startswith(("http://", "https://"))
+               for k in ("tracking_uri", "registry_uri")):
+            from mloop.prometheus_env import load_mlflow_plugins
+
+            load_mlflow_plugins()  # its REST client's plugins import Feast when installed
         return MlflowClient(tracking_uri=self.uris["tracking_uri"],
                             registry_uri=self.uris["registry_uri"])
 

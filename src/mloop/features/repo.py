@@ -10,7 +10,6 @@ definition files goes into the lineage so a changed feature view shows up as a c
 from __future__ import annotations
 
 import hashlib
-import os
 import sys
 import threading
 from dataclasses import dataclass
@@ -83,30 +82,15 @@ def definitions_hash(path: Path) -> str:
     return h.hexdigest()
 
 
-_PROMETHEUS_DIRS = ("PROMETHEUS_MULTIPROC_DIR", "PROMETHEUS_MULTIPROCESS_DIR")
-
-
 def import_feast() -> None:
-    """Import Feast without letting it switch this process's Prometheus metrics.
+    """Import Feast without letting it switch this process's Prometheus metrics to a folder
+    of its own (:mod:`mloop.prometheus_env`). MissingExtraError when it is not installed."""
+    from mloop.prometheus_env import keep_prometheus_env
 
-    Importing ``feast.metrics`` (``import feast`` does) points ``PROMETHEUS_MULTIPROC_DIR`` at
-    a temp folder of its own when the variable is unset. prometheus-client reads it once, at its own
-    import, to pick shared-file metric values, and mloop's /metrics reads it to decide whether
-    to sum the workers of ``--workers N``. So: import prometheus-client first (its choice is
-    made under this process's own environment), then Feast, then put the variables back."""
     if "feast.metrics" in sys.modules:
         return
-    import prometheus_client.values  # noqa: F401
-
-    saved = {k: os.environ.get(k) for k in _PROMETHEUS_DIRS}
-    try:
+    with keep_prometheus_env():  # feast.metrics: what sets the variable (import feast does)
         require_extra("feast", "feast.metrics", feature="'features.store: feast'")
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def _definitions(path: Path) -> list[Any]:
