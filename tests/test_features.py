@@ -36,6 +36,15 @@ def test_a_malformed_features_section_is_refused_naming_the_key(features: str,
         parse_config(text)
 
 
+def _clean_env() -> dict[str, str]:
+    """This environment without the variables under test (a test before may have left one)."""
+    import os
+
+    return {k: v for k, v in os.environ.items()
+            if k not in ("PROMETHEUS_MULTIPROC_DIR", "PROMETHEUS_MULTIPROCESS_DIR",
+                         "MLOOP_SERVING_MULTIPROC")}
+
+
 def _require_feast() -> None:
     """Feast, imported the way mloop imports it (``import feast`` alone would point this test
     process's PROMETHEUS_MULTIPROC_DIR at Feast's temp folder, for every test after it)."""
@@ -177,13 +186,14 @@ def test_feast_does_not_switch_this_process_metrics_to_a_folder_of_its_own() -> 
     probe = ("import os\n{imp}\nfrom mloop.serving.metrics import multiprocess_enabled\n"
              "print(os.environ.get('PROMETHEUS_MULTIPROC_DIR'), multiprocess_enabled())")
     raw = subprocess.run([sys.executable, "-c", probe.format(imp="import feast")],
-                         capture_output=True, text=True, check=True).stdout.split()
+                         capture_output=True, text=True, check=True,
+                         env=_clean_env()).stdout.split()
     assert raw[0].startswith("/") and "feast" in raw[0]  # what Feast does on its own
     assert raw[1] == "False"  # not mloop's workers: /metrics reads this server's registry
     guarded = subprocess.run(
         [sys.executable, "-c", probe.format(
             imp="from mloop.features.repo import import_feast\nimport_feast()")],
-        capture_output=True, text=True, check=True).stdout.split()
+        capture_output=True, text=True, check=True, env=_clean_env()).stdout.split()
     assert guarded == ["None", "False"]
 
 
@@ -226,9 +236,9 @@ def test_mlflows_rest_plugins_import_feast_without_switching_the_metrics_folder(
              "print(os.environ.get('PROMETHEUS_MULTIPROC_DIR'), 'feast' in sys.modules)")
     raw = subprocess.run([sys.executable, "-c", probe.format(
         imp="import mlflow.tracking.request_header.registry")], capture_output=True, text=True,
-        check=True).stdout.split()
+        check=True, env=_clean_env()).stdout.split()
     assert "feast" in raw[0] and raw[1] == "True"  # MLflow's plugin loading, on its own
     guarded = subprocess.run([sys.executable, "-c", probe.format(
         imp="from mloop.prometheus_env import load_mlflow_plugins\nload_mlflow_plugins()")],
-        capture_output=True, text=True, check=True).stdout.split()
+        capture_output=True, text=True, check=True, env=_clean_env()).stdout.split()
     assert guarded == ["None", "True"]
