@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from datetime import timedelta
 from pathlib import Path
@@ -281,8 +282,8 @@ def test_prod_refuses_before_the_soak_naming_it_and_what_remains(root: Path) -> 
     _to(root, "staging", 2)
     with pytest.raises(PromotionError, match=r"v1 may not go to 'prod' yet: promotion.soak "
                                              r"is 24h as champion in 'staging' without a "
-                                             r"breach; it has served 0h00m since .*, "
-                                             r"23h5\dm remain"):
+                                             r"breach; it has served \dm\d\ds since .*, "
+                                             r"(23h5\dm|24h00m) remain"):
         _to(root, "prod", 1)
     assert _versions(_env(root, "prod")) == []
 
@@ -375,6 +376,12 @@ def test_cli_promotes_approves_and_rolls_back_per_environment(root: Path) -> Non
     assert (forced["version"], forced["replaced"]) == (2, 1)
     soak = cli("--env", "staging", "models", "soak", "2", "--json", check=False)
     assert soak.returncode == 1 and json.loads(soak.stdout)["met"] is False
+    # in words: the environment it may not go on to yet, by name (a new user read "the next
+    # environment" and "0h00m remain" while a 30 s soak still had seconds to go)
+    said = cli("--env", "staging", "models", "soak", "2", check=False)
+    assert said.returncode == 1
+    assert re.search(r"v2 may not go to 'prod' yet: .* it has served \dm\d\ds since .*, "
+                     r"2[34]h\d\dm remain", " ".join(said.stdout.split())), said.stdout
     refused = cli("models", "promote", "2", "--to", "prod", "--reason", "ship", check=False)
     assert refused.returncode == 1 and "promotion.soak is 24h" in refused.stderr
     approved = json.loads(cli("models", "approve", "2", "--to", "prod", "--by", "bob",

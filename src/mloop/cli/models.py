@@ -140,10 +140,13 @@ def models_soak(
     against promotion.soak; exit 1 while it may not leave yet."""
     from mloop.registry.environments import soak_status
 
-    status = soak_status(open_project(), version)
+    project = open_project()
+    status = soak_status(project, version)
+    order = project.config.environment_order
+    after = order[order.index(status.env) + 1] if status.env in order[:-1] else \
+        "the next environment"
     report(status, json_, lambda s: out.print(
-        f"v{s.version} in {s.env}: " + ("soak met" if s.met else s.refusal("the next "
-                                                                          "environment"))),
+        f"v{s.version} in {s.env}: " + ("soak met" if s.met else s.refusal(after))),
         to_json=lambda s: s.to_dict())
     if not status.met:
         raise typer.Exit(1)

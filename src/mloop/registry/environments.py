@@ -20,6 +20,7 @@ A breach does not expire: the version must be promoted again (a fresh ``t0``) to
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -105,9 +106,11 @@ class SoakStatus:
 
 
 def _span(length: timedelta) -> str:
-    seconds = int(length.total_seconds())
+    """``25h05m``; under an hour with its seconds (``4m30s``): a short soak, as in a trial
+    or a test, would otherwise read ``0h00m remain`` while seconds still remain."""
+    seconds = math.ceil(length.total_seconds())
     hours, rest = divmod(seconds, 3600)
-    return f"{hours}h{rest // 60:02d}m"
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
 
 
 def _is_breach(kind: str, payload: dict[str, Any], model: str, version: int) -> bool:
