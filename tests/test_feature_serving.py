@@ -339,3 +339,42 @@ def test_a_join_key_outside_the_signature_is_still_sent_and_logged(tmp_path: Pat
     assert bad.json()["fields"] == [{"field": "carrier", "problem": "missing", "row": 0}]
     row = read_log(open_project(root).uris["inference_log_uri"]).to_pylist()[0]
     assert row["carrier"] == "UA" and row["carrier_delay_rate_1d"] is not None
+
+
+def test_monitoring_judges_looked_up_features_like_any_input(trained: Path,
+                                                             tmp_path: Path) -> None:
+    """The issue's "monitoring treats looked-up features like any other input": flights of
+    Jan 4 served from their keys (the embedded SQLite online store), then `mloop monitor` on a
+    window of those rows judges drift on the four looked-up columns against the training
+    profile, from the values the store supplied, with no missing values."""
+    from mloop.monitoring.service import run_monitor
+    from mloop.monitoring.windows_store import get_window
+    from mloop.project import open_project
+
+    root = copy_project(trained, tmp_path)
+    _materialize(root)
+    flights = pd.read_parquet(FLIGHTS)
+    day = flights[(flights["datetime"] >= "2013-01-04") & (flights["datetime"] < "2013-01-05")]
+    fields = ["weekday", "hour", "sched_dep_time", "sched_arr_time", "distance", "carrier",
+              "origin", "dest"]
+    records = [{k: (v.item() if hasattr(v, "item") else v) for k, v in r.items()}
+               for r in day[fields].head(300).to_dict("records")]
+    with project_server(root) as srv:
+        for start in range(0, len(records), 50):
+            r = srv.post("/predict", {"records": records[start:start + 50]})
+            assert r.status_code == 200, r.text
+        assert srv.post("/flush").json()["committed_rows"] == len(records)
+    project = open_project(root)
+    [window] = run_monitor(project, window=f"{len(records)}rows")["evaluated"]
+    report = get_window(project, window["id"])["report"]
+    judged = {c["column"]: c for c in report["drift"]["columns"]}
+    for name in LOOKED_UP:
+        assert name in judged, (name, sorted(judged))
+        # judged on all 300 served rows (the store supplied every value), against training's
+        assert (judged[name]["kind"], judged[name]["window_rows"]) == ("numeric", 300)
+        assert judged[name]["reference_rows"] > 2000 and judged[name]["score"] is not None
+    # quality checks them too: no value missing; Jan 4's origin delay rates fall outside
+    # the range the training days (Jan 2-3) had, and the report says so
+    issues = [(q["column"], q["check"]) for q in report["quality"]]
+    assert not [i for i in issues if i[0] in LOOKED_UP and "missing" in i[1]], issues
+    assert ("origin_delay_rate_1d", "out_of_range") in issues
