@@ -677,6 +677,8 @@ class LoopConfig(_Strict):
     # renewed every third of it while it runs, so a long pass never outlives it (loop/lease.py)
     lease: Annotated[Duration, AfterValidator(_lease_length)] = Duration.parse("5m")
     action: Literal["retrain", "alert"] = "retrain"  # alert: tell, never act
+    # with features.store set: each pass first brings the online store up to its clock
+    materialize: bool = True
     triggers: TriggersConfig = Field(default_factory=TriggersConfig)
     retrain: RetrainConfig = Field(default_factory=RetrainConfig)
     guards: GuardsConfig = Field(default_factory=GuardsConfig)

@@ -144,6 +144,10 @@ def _say(line: str) -> None:
 
 
 def _print_pass(result: dict[str, Any]) -> None:
+    done = result.get("materialized")
+    if done:
+        out.print(f"materialized {', '.join(done['materialized'])} up to {done['until']}",
+                  highlight=False)
     if result.get("now") is None:
         out.print(result.get("message") or "no traffic in the inference log yet")
     else:

@@ -26,12 +26,14 @@ from mloop.features.training import online_values, training_table
 def materialize(repo: FeatureRepo, *, until: datetime) -> dict[str, Any]:
     """Bring the online store up to ``until`` (a timezone-aware instant; naive is UTC) for
     every feature view, from where the last materialization ended (or the view's TTL before
-    ``until``). Returns what was done, for the event and ``--json``."""
+    ``until``). Returns what was done, for the event and ``--json``: ``materialized`` lists
+    the views that had anything to copy (empty when every view already reached ``until``)."""
     if until.tzinfo is None:
         until = until.replace(tzinfo=UTC)
     # per view, like Feast's materialize_incremental, except that a view never materialized
     # starts at ``until`` minus its TTL, not at now minus its TTL: ``until`` may be in the past
     # (a backfill, a replay of historical data) and then Feast's default copies nothing
+    copied: list[str] = []
     for fv in repo.store.list_feature_views():
         ends = [end for _start, end in fv.materialization_intervals]
         start = max(ends) if ends else (until - fv.ttl if fv.ttl else datetime(1970, 1, 1,
@@ -43,8 +45,9 @@ def materialize(repo: FeatureRepo, *, until: datetime) -> dict[str, Any]:
             with contextlib.redirect_stdout(sys.stderr):
                 repo.store.materialize(start_date=start, end_date=until,
                                        feature_views=[fv.name])
+            copied.append(fv.name)
     return {"until": until.isoformat(), "feature_views": repo.feature_views,
-            "definitions_hash": repo.definitions_hash}
+            "materialized": sorted(copied), "definitions_hash": repo.definitions_hash}
 
 
 def materialized_until(repo: FeatureRepo, views: list[str]) -> datetime:

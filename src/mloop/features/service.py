@@ -1,4 +1,4 @@
-"""What the CLI, the server (and later the loop and the exports) call: the project's feature
+"""What the CLI, the server, the loop and the exports call: the project's feature
 repo opened from mloop.yaml, its online store for serving lookups, materialization recorded as
 an event, and the skew check on the project's own entities."""
 
@@ -44,6 +44,22 @@ def materialize_features(project: Project, *, until: datetime,
 
     repo, _refs = project_repo(project)
     done = materialize(repo, until=until)
+    append_event(project.store, "features.materialize", done, actor=actor)
+    return done
+
+
+def materialize_due(project: Project, *, until: datetime,
+                    actor: str | None = None) -> dict[str, Any] | None:
+    """What the loop runs each pass: :func:`materialize_features` when some feature view has
+    not reached ``until`` yet; None (nothing copied, no event) when every one has, so a loop
+    passing every few minutes over a quiet log does not fill the audit chain with no-ops
+    (``materialize`` decides per view, from where its last materialization ended)."""
+    from mloop.security.audit import append_event
+
+    repo, _refs = project_repo(project)
+    done = materialize(repo, until=until)
+    if not done["materialized"]:
+        return None
     append_event(project.store, "features.materialize", done, actor=actor)
     return done
 

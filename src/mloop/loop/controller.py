@@ -373,11 +373,15 @@ def run_once(project: Project, *, on_event: Any = None,
 
 def _pass(project: Project, lease: LoopLease, on_event: Any) -> dict[str, Any]:
     """The pass, after ``security.retention`` has deleted what aged out: first, so that
-    monitoring, triggers and retraining never see rows the project promised not to keep."""
+    monitoring, triggers and retraining never see rows the project promised not to keep;
+    then, with a feature store, its online store brought up to the pass's clock."""
     from mloop.traffic.retention import apply_retention
 
     kept = apply_retention(project)
+    materialized = _materialize(project)
     result = _run_pass(project, lease, on_event)
+    if materialized is not None:
+        result = {**result, "materialized": materialized}
     return result if kept is None else {**result, "retention": kept.to_dict()}
 
 
@@ -409,6 +413,21 @@ def _with_next_due(project: Project, result: dict[str, Any]) -> dict[str, Any]:
 def _with_lease(result: dict[str, Any], lease: LoopLease) -> dict[str, Any]:
     """Which controller made the pass (the holder and generation of its lease)."""
     return {**result, "lease": {"holder": lease.holder, "generation": lease.generation}}
+
+
+def _materialize(project: Project) -> dict[str, Any] | None:
+    """With a feature store (and ``loop.materialize``), bring its online store up to the
+    pass's clock (the inference log's event time) before monitoring and retraining, so the
+    server looks up features as fresh as the traffic the pass judges: a
+    ``features.materialize`` event. None when nothing was new, or there is no traffic yet."""
+    if project.config.features.store != "feast" or not project.config.loop.materialize:
+        return None
+    now = event_time_now(project)
+    if now is None:
+        return None
+    from mloop.features.service import materialize_due
+
+    return materialize_due(project, until=now, actor="mloop-loop")
 
 
 def _run_pass(project: Project, lease: LoopLease, on_event: Any) -> dict[str, Any]:
