@@ -292,6 +292,17 @@ def copy_bike(root: Path, extra: str = "") -> Path:
     return root
 
 
+def copy_flights_feast(root: Path) -> Path:
+    """examples/flights_feast copied to ``root`` (without its stores), its entity table read
+    from the flights example where it lies: a project with ``features.store: feast``."""
+    shutil.copytree(REPO / "examples" / "flights_feast", root,
+                    ignore=shutil.ignore_patterns(".mloop", "__pycache__"))
+    cfg = root / "mloop.yaml"
+    flights = REPO / "examples" / "flights" / "data" / "flights.parquet"
+    cfg.write_text(cfg.read_text().replace("../flights/data/flights.parquet", str(flights)))
+    return root
+
+
 def append_config(root: Path, extra: str) -> Path:
     cfg = root / "mloop.yaml"
     cfg.write_text(cfg.read_text() + textwrap.dedent(extra))

@@ -36,6 +36,7 @@ from .helpers import (
     append_config,
     comparable_lineage,
     copy_bike,
+    copy_flights_feast,
     lineage_of,
     run_cli,
     run_process_group,
@@ -95,6 +96,33 @@ def test_names_schedule_executable_and_retries_come_from_config(bike: Path) -> N
     assert "timedelta(seconds=5.0)" in text and '"retry_exponential_backoff": 2.0' in text
     assert '"validate": (["ingest"], 0),' in text and '"train": (["split"], 2),' in text
     assert "--retries 0" in text  # one attempt per Airflow try: Airflow alone retries
+
+
+def test_a_feast_project_materializes_its_online_store_before_the_run(
+        bike: Path, tmp_path: Path) -> None:
+    """With `features.store: feast` the first task is `mloop features materialize` (the
+    loop's materialization, an event), upstream of create_run; without one, no such task."""
+    root = copy_flights_feast(tmp_path / "flights_feast")
+    append_config(root, "\npipeline: {retries: 2}\n")
+    spec = dag_spec(open_project(root))
+    assert spec.tasks == ["materialize_features", "create_run", *STEPS, "gate"]
+    text = airflow_dag(open_project(root))
+    assert 'bash_command=f"{MLOOP} features materialize",' in text
+    assert "retries=2, do_xcom_push=False)" in text  # it resumes where the last one ended
+    tree = ast.parse(text)
+    wired = [ast.unparse(n.value) for n in ast.walk(tree)
+             if isinstance(n, ast.Expr) and isinstance(n.value, ast.BinOp)]
+    assert "materialize >> create_run" in wired
+    path = write_airflow(open_project(root), tmp_path / "dags")
+    ruff = Path(sys.executable).parent / "ruff"
+    proc = subprocess.run([str(ruff), "check", "--isolated", "--line-length", "100",
+                           "--target-version", "py311", "--select",
+                           "E,F,W,I,B,UP,SIM,RUF", str(path)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    assert dag_spec(open_project(bike)).materialize_task is None
+    assert "materialize" not in airflow_dag(open_project(bike))
 
 
 def test_airflow_settings_do_not_change_the_config_hash(bike: Path) -> None:

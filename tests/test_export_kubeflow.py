@@ -41,6 +41,7 @@ from .helpers import (
     append_config,
     comparable_lineage,
     copy_bike,
+    copy_flights_feast,
     lineage_of,
     missing,
     require,
@@ -157,6 +158,32 @@ def test_the_compiled_pipeline_follows_the_config(bike: Path) -> None:
 
     from kfp import components  # KFP reads it back
     assert components.load_component_from_text(text).name == "bikes-nightly"
+
+
+@pytest.mark.usefixtures("kfp_sdk")
+def test_a_feast_project_materializes_its_online_store_before_the_run(
+        bike: Path, tmp_path: Path) -> None:
+    """With `features.store: feast` the first task runs `mloop features materialize` (the
+    loop's materialization, an event); create-run waits for it. Without one, no such task."""
+    root = copy_flights_feast(tmp_path / "flights_feast")
+    append_config(root, "\npipeline: {retries: 2, retry_backoff_seconds: 5}\n")
+    spec = pipeline_spec(open_project(root))
+    assert spec.tasks == ["materialize-features", *TASKS]
+    doc = _doc(kubeflow_pipeline(open_project(root)))
+    tasks = doc["root"]["dag"]["tasks"]
+    assert sorted(tasks) == sorted(["materialize-features", *TASKS])
+    assert tasks["create-run"]["dependentTasks"] == ["materialize-features"]
+    first = tasks["materialize-features"]
+    assert "dependentTasks" not in first and not first.get("cachingOptions", {}).get(
+        "enableCache")
+    assert first["retryPolicy"]["maxRetryCount"] == 2
+    assert set(first["inputs"]["parameters"]) == {"mloop_bin", "project_dir"}
+    executor = doc["deploymentSpec"]["executors"]["exec-materialize-features"]["container"]
+    assert executor["image"] == "flights-feast:latest"
+    assert '"-C", project_dir, "features", "materialize"]' in executor["command"][-1]
+
+    assert pipeline_spec(open_project(bike)).materialize_task is None
+    assert "materialize" not in kubeflow_pipeline(open_project(bike))
 
 
 def test_kubeflow_settings_do_not_change_the_config_hash(bike: Path) -> None:

@@ -5,6 +5,9 @@ The DAG file imports nothing from mloop: every task is a ``BashOperator`` runnin
 in separate environments or images (Airflow 3.3 pins fastapi below the version mloop's lock
 holds; see ``scripts/airflow_env.sh``). Tasks:
 
+- ``materialize_features`` (only with ``features.store: feast``), first: ``mloop features
+  materialize`` brings the online store up to now (an event), so the model this run may
+  promote is served features as fresh as its training data;
 - ``create_run``: ``mloop runs create PIPELINE`` prints the new pipeline run's id alone on its
   last line, which BashOperator pushes to XCom;
 - one task per step: ``mloop step run PIPELINE STEP --run-id ... --retries 0``, wired like the
@@ -54,11 +57,13 @@ class DagSpec:
     gate_task: str | None = "gate"
     gate_upstream: list[str] = field(default_factory=list)
     gate_retries: int = 0
+    materialize_task: str | None = None  # with a feature store: before create_run
 
     @property
     def tasks(self) -> list[str]:
         """Task ids in dependency order."""
-        return [self.create_task, *self.steps, *([self.gate_task] if self.gate_task else [])]
+        return [*([self.materialize_task] if self.materialize_task else []),
+                self.create_task, *self.steps, *([self.gate_task] if self.gate_task else [])]
 
 
 def _free_id(wanted: str, taken: set[str]) -> str:
@@ -92,11 +97,14 @@ def dag_spec(project: Project, pipeline: str | None = None) -> DagSpec:
     taken = set(graph.nodes)
     create_task = _free_id("create_run", taken)
     gate_task = _free_id("gate", taken | {create_task}) if "register" in graph.nodes else None
+    used = taken | {create_task} | ({gate_task} if gate_task else set())
+    materialize_task = _free_id("materialize_features", used) \
+        if cfg.features.store == "feast" else None
     return DagSpec(dag_id=af.dag_id or cfg.project, project=cfg.project,
                    pipeline=graph.pipeline, schedule=af.schedule, cli=cli,
                    retry_delay_s=cfg.pipeline.retry_backoff_seconds, steps=steps,
                    create_task=create_task, gate_task=gate_task, gate_upstream=sinks,
-                   gate_retries=cfg.pipeline.retries)
+                   gate_retries=cfg.pipeline.retries, materialize_task=materialize_task)
 
 
 def _py(value: object) -> str:
@@ -165,6 +173,7 @@ def render_dag(spec: DagSpec) -> str:
         ") as dag:",
         f"    create_run = BashOperator(task_id={_py(spec.create_task)},",
         '                              bash_command=f"{MLOOP} runs create {PIPELINE}")',
+        *_materialize_lines(spec),
         "    tasks: dict[str, BashOperator] = {}",
         "    for name, (upstream, retries) in STEPS.items():",
         "        tasks[name] = BashOperator(",
@@ -188,6 +197,20 @@ def render_dag(spec: DagSpec) -> str:
              else _long(f"    [tasks[name] for name in {_py(spec.gate_upstream)}] >> gate")),
         ]
     return "\n".join(lines) + "\n"
+
+
+def _materialize_lines(spec: DagSpec) -> list[str]:
+    """The feature store's materialization, before the run starts (none without a store).
+    Its retries are ``pipeline.retries``: it resumes from where the last one ended."""
+    if spec.materialize_task is None:
+        return []
+    return [
+        "    # the online store up to now (`mloop features materialize`, an event), first",
+        f"    materialize = BashOperator(task_id={_py(spec.materialize_task)},",
+        '                               bash_command=f"{MLOOP} features materialize",',
+        f"                               retries={spec.gate_retries}, do_xcom_push=False)",
+        "    materialize >> create_run",
+    ]
 
 
 def airflow_dag(project: Project, pipeline: str | None = None) -> str:

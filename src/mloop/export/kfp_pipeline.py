@@ -2,7 +2,7 @@
 SDK (``mloop[kubeflow]``) and compiled to KFP's v2 YAML. Imported only when exporting, by
 :mod:`mloop.export.kubeflow`, which checks that kfp is there first.
 
-The three component functions below are copied into the YAML as source (that is how KFP runs a
+The component functions below are copied into the YAML as source (that is how KFP runs a
 Python component: its executor imports the function from the text), so each imports what it
 uses and nothing of mloop: it runs the mloop CLI. No ``from __future__ import annotations`` in
 this module: KFP reads the functions' annotations as types, not strings.
@@ -45,6 +45,15 @@ def run_step(mloop_bin: str, project_dir: str, pipeline: str, step: str, mloop_r
         raise SystemExit(f"mloop step run {pipeline} {step}: exit code {code}")
 
 
+def materialize_features(mloop_bin: str, project_dir: str):
+    """`mloop features materialize`: the online store up to now (an event)."""
+    import subprocess
+
+    code = subprocess.run([mloop_bin, "-C", project_dir, "features", "materialize"]).returncode
+    if code:
+        raise SystemExit(f"mloop features materialize: exit code {code}")
+
+
 def gate(mloop_bin: str, project_dir: str, mloop_run: str):
     """`mloop runs gate R`: gate (and, with gates.auto_promote, promote) what R registered."""
     import subprocess
@@ -84,6 +93,11 @@ def build_pipeline(spec: "PipelineSpec") -> Any:
         created = no_cache(_component(create_run, spec.create_task, spec.image)(
             mloop_bin=mloop_bin, project_dir=project_dir, pipeline=spec.pipeline), 0,
             "create run")
+        if spec.materialize_task:  # the feature store's online store first (resumable)
+            created.after(no_cache(_component(materialize_features, spec.materialize_task,
+                                              spec.image)(
+                mloop_bin=mloop_bin, project_dir=project_dir), spec.gate_retries,
+                "materialize features"))
         tasks: dict[str, Any] = {}
         for step, (upstream, retries) in spec.steps.items():
             tasks[step] = no_cache(_component(run_step, spec.task_names[step], spec.image)(

@@ -25,9 +25,11 @@ class PipelineSpec:
     gate_task: str | None = "gate"
     gate_upstream: list[str] = field(default_factory=list)
     gate_retries: int = 0
+    materialize_task: str | None = None  # with a feature store: before create_task
 
     @property
     def tasks(self) -> list[str]:
         """KFP task names in dependency order."""
-        return [self.create_task, *(self.task_names[s] for s in self.steps),
+        return [*([self.materialize_task] if self.materialize_task else []),
+                self.create_task, *(self.task_names[s] for s in self.steps),
                 *([self.gate_task] if self.gate_task else [])]

@@ -7,6 +7,8 @@ install when the task starts (``install_kfp_package=False``, no ``packages_to_in
 image must hold mloop and kfp, as the image of ``mloop export k8s`` does (its lock file has the
 ``kubeflow`` extra). Tasks, like ``mloop export airflow``'s:
 
+- ``materialize-features`` (only with ``features.store: feast``), first: ``mloop features
+  materialize`` brings the online store up to now (an event);
 - ``create-run``: ``mloop runs create PIPELINE``; its output (a string, ``mloop_run``) is the
   new pipeline run's id, an input of every other task;
 - one task per step: ``mloop step run PIPELINE STEP --run-id ... --retries 0``, after the
@@ -66,6 +68,8 @@ def pipeline_spec(project: Project, pipeline: str | None = None) -> PipelineSpec
     steps, sinks = step_tasks(project, graph)
     create_task = _free("create-run", taken)
     gate_task = _free("gate", taken) if "register" in graph.nodes else None
+    materialize_task = _free("materialize-features", taken) \
+        if cfg.features.store == "feast" else None
     return PipelineSpec(
         name=kf.pipeline_name or kfp_name(cfg.project),
         description=f"mloop pipeline {graph.pipeline} of {cfg.project}",
@@ -74,7 +78,7 @@ def pipeline_spec(project: Project, pipeline: str | None = None) -> PipelineSpec
         project_dir=kf.project_dir or PROJECT_IN_IMAGE,
         retry_backoff_s=cfg.pipeline.retry_backoff_seconds, steps=steps, task_names=task_names,
         create_task=create_task, gate_task=gate_task, gate_upstream=sinks,
-        gate_retries=cfg.pipeline.retries)
+        gate_retries=cfg.pipeline.retries, materialize_task=materialize_task)
 
 
 def _header(spec: PipelineSpec) -> str:
