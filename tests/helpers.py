@@ -292,14 +292,47 @@ def copy_bike(root: Path, extra: str = "") -> Path:
     return root
 
 
+FLIGHTS = REPO / "examples" / "flights" / "data" / "flights.parquet"
+
+
 def copy_flights_feast(root: Path) -> Path:
     """examples/flights_feast copied to ``root`` (without its stores), its entity table read
     from the flights example where it lies: a project with ``features.store: feast``."""
     shutil.copytree(REPO / "examples" / "flights_feast", root,
                     ignore=shutil.ignore_patterns(".mloop", "__pycache__"))
     cfg = root / "mloop.yaml"
-    flights = REPO / "examples" / "flights" / "data" / "flights.parquet"
-    cfg.write_text(cfg.read_text().replace("../flights/data/flights.parquet", str(flights)))
+    cfg.write_text(cfg.read_text().replace("../flights/data/flights.parquet", str(FLIGHTS)))
+    return root
+
+
+def require_feast() -> None:
+    """Feast (the ``feast`` extra): failing in CI when it is missing, skipping elsewhere."""
+    from mloop.errors import MissingExtraError
+    from mloop.features.repo import import_feast
+
+    try:
+        import_feast()
+    except MissingExtraError as exc:
+        missing(f"{exc}: pip install 'mloop[feast]'")
+
+
+def train_flights_feast(root: Path, *, exclude: str = "[flight, tailnum, month, day]") -> Path:
+    """The flights_feast example at ``root`` trained on Jan 2-4 (Feast's file offline store is
+    slow on more), its version 1 made champion."""
+    from mloop.pipeline.runner import run_pipeline
+    from mloop.project import open_project
+    from mloop.registry.promotion import change_alias
+
+    require_feast()
+    copy_flights_feast(root)
+    config = (root / "mloop.yaml").read_text()
+    config = config.replace('until: "2013-01-16"', 'until: "2013-01-05"') \
+        .replace("exclude: [flight, tailnum, month, day]", f"exclude: {exclude}")
+    (root / "mloop.yaml").write_text(config)
+    project = open_project(root)
+    assert run_pipeline(project).status == "succeeded"
+    change_alias(open_project(root), "champion", 1, expected=None, action="promote",
+                 reason="test setup")
     return root
 
 

