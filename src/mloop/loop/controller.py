@@ -579,6 +579,7 @@ def _retrain_and_roll_out(project: Project, state: LoopState, fired: list[Trigge
     record.peak_memory_mb = result["peak_memory_mb"]
     record.training_rows = result["training_rows"]
     record.labelled_rows = result["labelled_rows"]
+    record.features = result.get("features")
     record.pipeline_run_id = result["pipeline_run_id"]
     report = evaluate_gates(project, version)
     record.gates_passed = report.passed

@@ -7,6 +7,12 @@ under their own names, the label as the target column, the event time as the tim
 is written as a Parquet file under ``<outputs>/retrain/`` and the unchanged pipeline runs on
 it (ingest → validate → snapshot → split → train → evaluate → register), so a retrained
 version has the same lineage, gates and reproducibility as any other.
+
+With ``features.store: feast`` the table is an entity table, as ``data`` is: the looked-up
+columns the log holds (what the online store answered, as fresh as its last materialization)
+are dropped, and the pipeline's ingest step joins them again as of each row's event time
+(Feast's point-in-time join, ``mloop.features.training``), so a retrained model learns from
+the same join as the first one and the ingest step records the same ``feast.*`` lineage.
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ class TrainingData:
     original_rows: int
     since: datetime
     until: datetime
+    # with a feature store: the point-in-time join the pipeline does on the table
+    features: dict[str, Any] | None = None
 
 
 def labelled_traffic(project: Project, *, until: datetime, window: timedelta) -> pa.Table:
@@ -71,6 +79,7 @@ def build_training_data(project: Project, *, until: datetime, champion: int | No
         raise MloopError(f"only {labelled} labelled row(s) in the last {cfg.window} of "
                          f"traffic; a retrain needs loop.retrain.min_labelled_rows = "
                          f"{cfg.min_labelled_rows}")
+    traffic, joined = _as_entity_table(project, traffic)
     table = _original_types(project, champion, traffic) if champion is not None else traffic
     original = 0
     if cfg.include_original and champion is not None:
@@ -79,7 +88,32 @@ def build_training_data(project: Project, *, until: datetime, champion: int | No
     rel = f"retrain/traffic-{until:%Y%m%dT%H%M%S}-{int(time.time())}.parquet"
     project.outputs.write_parquet(rel, table)
     return TrainingData(project.outputs.uri_for(rel), table.num_rows, labelled, original,
-                        until - cfg.window, until)
+                        until - cfg.window, until, joined)
+
+
+def _as_entity_table(project: Project, traffic: pa.Table
+                     ) -> tuple[pa.Table, dict[str, Any] | None]:
+    """With a feature store: ``traffic`` without the looked-up columns (join keys,
+    request-time columns, event time and label stay), which the pipeline's ingest step joins
+    again as of each row's time; and what that join will be, for the retrain's record.
+    Unchanged (and None) without one."""
+    if project.config.features.store != "feast":
+        return traffic, None
+    from mloop.features.service import project_repo
+
+    repo, refs = project_repo(project)
+    looked_up = [r.partition(":")[2] for r in refs]
+    logged = [c for c in looked_up if c in traffic.column_names]
+    keys = sorted({k for view in {r.partition(":")[0] for r in refs}
+                   for k in repo.join_keys(view)})
+    missing = [k for k in keys if k not in traffic.column_names]
+    if missing:
+        raise MloopError(f"the labelled traffic has no join key {', '.join(missing)}: the "
+                         f"feature store's values cannot be joined onto it for a retrain")
+    return traffic.drop_columns(logged), {
+        "store": "feast", "feature_refs": refs, "join_keys": keys,
+        "time_column": project.config.features.time_column,
+        "definitions_hash": repo.definitions_hash, "logged_values_dropped": logged}
 
 
 def _original_types(project: Project, champion: int, table: pa.Table) -> pa.Table:
@@ -163,7 +197,7 @@ def retrain(project: Project, data: TrainingData, *, on_event: Any = None,
             "cpu_seconds": round(time.process_time() - cpu0, 2),
             "peak_memory_mb": round(peak.peak_mb, 1),
             "training_rows": data.rows, "labelled_rows": data.labelled_rows,
-            "original_rows": data.original_rows}
+            "original_rows": data.original_rows, "features": data.features}
 
 
 def event_time_now(project: Project) -> datetime | None:

@@ -178,6 +178,8 @@ class Retrain(_Record):
     peak_memory_mb: float | None = None
     training_rows: int | None = None
     labelled_rows: int | None = None
+    # with a feature store: the point-in-time join its training table went through
+    features: dict[str, Any] | None = None
     pipeline_run_id: str | None = None  # the held-out fit's run
     refit_run_id: str | None = None  # the refit's run, if there was one
     gates_passed: bool | None = None
