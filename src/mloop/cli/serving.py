@@ -152,6 +152,11 @@ def predict(
         out.print(f"scored {result['rows']:,} rows with v{result['version']} in "
                   f"{result['seconds']} s ({result['rows_per_s']:,} rows/s, peak RSS "
                   f"{result['peak_rss_mb']} MB) -> {result['output']}")
+        if result.get("features"):
+            f = result["features"]
+            out.print(f"features looked up {f['mode']} from the feature store: "
+                      f"{', '.join(f['looked_up'])} (by {', '.join(f['join_keys'])}"
+                      + (f" as of '{f['time_column']}')" if f["time_column"] else ")"))
 
     report(predict_file(open_project_as("predict"), Path(input), Path(output), version=version,
                         chunk_rows=chunk_rows, progress=not json_), json_, render)

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Protocol
 
 from mloop.errors import MloopError
+from mloop.security.keys import env_key, read_key_file, write_key_file
 
 KEY_ENV = "MLOOP_AUDIT_KEY"
 KEY_FILE = "audit.key"
@@ -75,45 +76,24 @@ def audit_key(store: KeyedStore, *, create: bool) -> bytes | None:
     None: no key (without ``create``, or for a central store without the variable: its
     writers on several machines could not share a file; the verifier then says what it
     needs)."""
-    env = os.environ.get(KEY_ENV)
+    env = env_key(KEY_ENV, MIN_KEY_CHARS, lambda n: AuditKeyError(
+        f"{KEY_ENV} must hold at least {MIN_KEY_CHARS} characters (got {n}); e.g. "
+        f"`python -c 'import secrets; print(secrets.token_hex(32))'`"))
     if env is not None:
-        if len(env) < MIN_KEY_CHARS:
-            raise AuditKeyError(f"{KEY_ENV} must hold at least {MIN_KEY_CHARS} characters "
-                                f"(got {len(env)}); e.g. `python -c 'import secrets; "
-                                f"print(secrets.token_hex(32))'`")
-        return env.encode()
+        return env
     path = key_path(store)
     if path is None or not is_local(store):
         return None  # a central store: its events are hash-chained, not keyed (see add_event)
     if not path.exists():
         if not create:
             return None
-        _create_key_file(path)
-    try:
-        key = path.read_bytes().strip()
-    except OSError as exc:
-        raise AuditKeyError(f"cannot read the audit key {path}: {exc.strerror}") from None
-    if len(key) < MIN_KEY_CHARS:
-        raise AuditKeyError(f"the audit key {path} holds {len(key)} characters, fewer than "
-                            f"{MIN_KEY_CHARS}: it was truncated or replaced")
-    return key
-
-
-def _create_key_file(path: Path) -> None:
-    """Write the key to a private temp file, then link it into place: a process racing
-    this one either finds no file or the whole key, never an empty one; the first link
-    wins and every process uses that key."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    os.chmod(path.parent, 0o700)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{secrets.token_hex(4)}-{path.name}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_hex(32) + "\n")
-        with contextlib.suppress(FileExistsError):
-            os.link(tmp, path)
-    finally:
-        tmp.unlink()
+        write_key_file(path, secrets.token_hex(32), exist_ok=True, private_dir=True)
+    return read_key_file(
+        path, MIN_KEY_CHARS,
+        unreadable=lambda exc: AuditKeyError(f"cannot read the audit key {path}: "
+                                             f"{getattr(exc, 'strerror', exc)}"),
+        too_short=lambda n: AuditKeyError(f"the audit key {path} holds {n} characters, fewer "
+                                          f"than {MIN_KEY_CHARS}: it was truncated or replaced"))
 
 
 def event_mac(key: bytes, event_hash: str) -> str:

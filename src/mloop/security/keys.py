@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import os
+import secrets
 import stat
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -197,14 +200,72 @@ def new_secret() -> str:
 def create_key_file(path: Path) -> str:
     """Write a fresh master key to ``path``, created 0600 and never overwritten (an existing
     key may be the only way to read sealed data); returns the key's kid."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     secret = new_secret()
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        write_key_file(path, secret, exist_ok=False)
     except FileExistsError:
         raise EncryptionKeyError(f"{path} already exists: a master key is never overwritten "
                                  f"(data sealed under it would be lost); choose another "
                                  f"--key-file", source=f"key file {path}") from None
-    with os.fdopen(fd, "w") as f:
-        f.write(secret + "\n")
     return local_kid(base64.b64decode(secret))
+
+
+# The mechanics shared by every key mloop keeps (this master key, the PII key, the audit key):
+# an environment variable, else a private file, created on first use. What each key accepts,
+# and what its messages say, stays with its module; these functions only take the callers'
+# errors, so one fix to the mechanics (a permission, a race) reaches every key.
+
+
+def env_key(var: str, min_chars: int, too_short: Callable[[int], Exception]) -> bytes | None:
+    """The key ``var`` holds, or None when it is unset. Set but shorter than ``min_chars``
+    raises ``too_short(length)``: a short secret is a mistake, never a fallback to the file."""
+    value = os.environ.get(var)
+    if value is None:
+        return None
+    if len(value) < min_chars:
+        raise too_short(len(value))
+    return value.encode()
+
+
+def read_key_file(path: Path, min_len: int, *,
+                  unreadable: Callable[[OSError | ValueError], Exception],
+                  too_short: Callable[[int], Exception],
+                  decode: Callable[[bytes], bytes] = bytes) -> bytes:
+    """The key in ``path`` (surrounding whitespace stripped, then ``decode``d). A file that
+    cannot be read or decoded raises ``unreadable(exc)``; a key shorter than ``min_len``
+    (after decoding) raises ``too_short(length)``, since a truncated key file would
+    otherwise be a weak key."""
+    try:
+        key = decode(path.read_bytes().strip())
+    except (OSError, ValueError) as exc:
+        raise unreadable(exc) from exc
+    if len(key) < min_len:
+        raise too_short(len(key))
+    return key
+
+
+def write_key_file(path: Path, content: str, *, exist_ok: bool,
+                   private_dir: bool = False) -> None:
+    """Create ``path`` holding ``content``, mode 0600 from the start, so no other user ever
+    reads it. ``exist_ok``: processes may race to create the same key; each writes a private
+    temp file and links it into place, so a reader finds no file or a whole key, and the
+    first link wins (the others keep the winner's). Otherwise an exclusive create: an
+    existing file raises FileExistsError (a key is never replaced). ``private_dir``: the
+    folder is the keys' own, made 0700 (not for a folder the user chose)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if private_dir:
+        os.chmod(path.parent, 0o700)
+    if not exist_ok:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(content + "\n")
+        return
+    tmp = path.with_name(f".tmp-{os.getpid()}-{secrets.token_hex(4)}-{path.name}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(content + "\n")
+        with contextlib.suppress(FileExistsError):  # another process was first: use its key
+            os.link(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -26,9 +26,7 @@ restart, erasure by value no longer finds old rows); it never exposes a value.
 
 from __future__ import annotations
 
-import contextlib
 import hmac
-import os
 import secrets
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -36,6 +34,7 @@ from typing import Any
 
 from mloop.config import ProjectConfig
 from mloop.errors import ConfigError, MloopError
+from mloop.security.keys import env_key, read_key_file, write_key_file
 
 PII_KEY_ENV = "MLOOP_PII_KEY"
 KEY_FILE = Path(".mloop") / "keys" / "pii.key"
@@ -49,45 +48,23 @@ def load_pii_key(root: Path, *, create: bool = True) -> bytes:
     first use, by exactly one of the processes racing to create it; only by the server, the
     first to need it: ``create`` False elsewhere, since a new key finds no digest already
     logged). MloopError names the variable or the file when neither can give a key."""
-    env = os.environ.get(PII_KEY_ENV)
+    env = env_key(PII_KEY_ENV, MIN_ENV_KEY, lambda n: MloopError(
+        f"{PII_KEY_ENV} is set but holds {n} characters; a key needs at least {MIN_ENV_KEY} "
+        f"(e.g. `python -c \"import secrets; print(secrets.token_hex(32))\"`)"))
     if env is not None:
-        if len(env) < MIN_ENV_KEY:
-            raise MloopError(f"{PII_KEY_ENV} is set but holds {len(env)} characters; a key "
-                             f"needs at least {MIN_ENV_KEY} (e.g. `python -c \"import "
-                             f"secrets; print(secrets.token_hex(32))\"`)")
-        return env.encode()
+        return env
     path = root / KEY_FILE
     if not path.exists():
         if not create:
             raise MloopError(f"no PII key here: {PII_KEY_ENV} is not set and {path} does not "
                              f"exist; use the key the servers use (set {PII_KEY_ENV}, or "
                              f"copy their key file)")
-        _create_key_file(path)
-    try:
-        text = path.read_text().strip()
-        key = bytes.fromhex(text)
-    except (OSError, ValueError) as exc:
-        raise MloopError(f"{path}: not a readable PII key ({exc}); restore it, or set "
-                         f"{PII_KEY_ENV}") from exc
-    if len(key) < MIN_ENV_KEY:
-        raise MloopError(f"{path}: the PII key is {len(key)} bytes; expected 32")
-    return key
-
-
-def _create_key_file(path: Path) -> None:
-    """Write a new key under a temporary name (0600 from the start), then link it into place:
-    a concurrent creator either wins the link or reads the winner's complete file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    os.chmod(path.parent, 0o700)
-    tmp = path.with_name(f".tmp-{secrets.token_hex(6)}-{path.name}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_hex(32) + "\n")
-        with contextlib.suppress(FileExistsError):  # another process was first: use theirs
-            os.link(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+        write_key_file(path, secrets.token_hex(32), exist_ok=True, private_dir=True)
+    return read_key_file(
+        path, MIN_ENV_KEY, decode=lambda raw: bytes.fromhex(raw.decode()),
+        unreadable=lambda exc: MloopError(f"{path}: not a readable PII key ({exc}); restore "
+                                          f"it, or set {PII_KEY_ENV}"),
+        too_short=lambda n: MloopError(f"{path}: the PII key is {n} bytes; expected 32"))
 
 
 def keyed_digest(key: bytes, column: str, value: str) -> str:

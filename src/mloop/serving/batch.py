@@ -9,6 +9,11 @@ bounded by the chunk size, not the file size.
 The model gets only the signature's columns. Other columns (an id to join on, say) are not
 scored and kept in the output as read, and listed as ``ignored_columns`` in the result; with
 ``serving.strict_columns: true`` they are an error, as they are on the server.
+
+With ``features.store: feast`` the file carries entity keys, not the looked-up columns: each
+chunk is completed from the feature store first (point in time with ``features.time_column``,
+else online; see :mod:`mloop.serving.batch_lookup`), the looked-up columns are kept in the
+output, and the result names the mode under ``features``.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import pyarrow as pa
 
 from mloop.errors import DataSourceError
 from mloop.project import Project
+from mloop.serving.batch_lookup import BatchLookup
 from mloop.serving.model import ServedModel, load_served
 
 _ARROW = {"double": pa.float64(), "float": pa.float32(), "long": pa.int64(),
@@ -108,6 +114,7 @@ def predict_file(project: Project, input_path: Path, output_path: Path, *,
     rows = 0
     writer: pq.ParquetWriter | None = None
     ignored: list[str] | None = None
+    lookup: BatchLookup | None = None
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -124,11 +131,17 @@ def predict_file(project: Project, input_path: Path, output_path: Path, *,
             task = bar.add_task("score", total=total)
             for batch in batches:
                 if ignored is None:
+                    names = batch.schema.names
+                    if project.config.features.store == "feast":
+                        lookup = BatchLookup(project, model.schema, names, str(input_path))
+                        names = [n for n in names if n not in lookup.passed_through]
                     ignored = model.schema.extra_columns(
-                        batch.schema.names, source=str(input_path),
+                        names, source=str(input_path),
                         strict=project.config.serving.strict_columns)
                 if batch.num_rows == 0:
                     continue
+                if lookup is not None:
+                    batch = lookup.complete(batch, rows)
                 frame = _frame(model, batch, input_path, rows)
                 pred, proba = model.score_frame(frame)
                 out = pa.Table.from_batches([batch]).append_column("prediction", pa.array(pred))
@@ -155,4 +168,7 @@ def predict_file(project: Project, input_path: Path, output_path: Path, *,
     return {"input": str(input_path), "output": str(output_path), "version": version,
             "rows": rows, "seconds": round(seconds, 3),
             "rows_per_s": round(rows / seconds, 1) if seconds else None,
-            "peak_rss_mb": round(peak / 2**20, 1), "ignored_columns": ignored or []}
+            "peak_rss_mb": round(peak / 2**20, 1), "ignored_columns": ignored or [],
+            "features": None if lookup is None else
+            {"store": "feast", "mode": lookup.mode, "looked_up": lookup.names,
+             "join_keys": lookup.keys, "time_column": lookup.time_column}}
