@@ -310,18 +310,17 @@ def test_a_join_key_outside_the_signature_is_still_sent_and_logged(tmp_path: Pat
     assert row["carrier"] == "UA" and row["carrier_delay_rate_1d"] is not None
 
 
-def test_monitoring_judges_looked_up_features_like_any_input(trained: Path,
-                                                             tmp_path: Path) -> None:
+def test_monitoring_judges_looked_up_features_like_any_input(served: Path) -> None:
     """The issue's "monitoring treats looked-up features like any other input": flights of
-    Jan 4 served from their keys (the embedded SQLite online store), then `mloop monitor` on a
-    window of those rows judges drift on the four looked-up columns against the training
-    profile, from the values the store supplied, with no missing values."""
+    Jan 4 served from their keys (on each online store: SQLite, Redis, Redis with the
+    registry in PostgreSQL), then `mloop monitor` on a window of those rows judges drift on
+    the four looked-up columns against the training profile, from the values the store
+    supplied, with no missing values."""
     from mloop.monitoring.service import run_monitor
     from mloop.monitoring.windows_store import get_window
     from mloop.project import open_project
 
-    root = copy_project(trained, tmp_path)
-    _materialize(root)
+    root = served
     flights = pd.read_parquet(FLIGHTS)
     day = flights[(flights["datetime"] >= "2013-01-04") & (flights["datetime"] < "2013-01-05")]
     fields = ["weekday", "hour", "sched_dep_time", "sched_arr_time", "distance", "carrier",
