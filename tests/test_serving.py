@@ -530,6 +530,14 @@ def test_batch_scoring_streams_chunks_and_matches_the_model(proj: Path, tmp_path
     v2 = load_served(open_project(proj), 2).predict_columns(
         {c: frame[c].tolist() for c in ("hour", "weather", "temp")})
     np.testing.assert_allclose(pd.read_parquet(out2)["prediction"].to_numpy(), v2, rtol=1e-9)
+    # the output's format follows its name: a .csv is CSV (a new user's `-o preds.csv` got
+    # Parquet bytes under a .csv name)
+    out3 = tmp_path / "scored3.csv"
+    assert main(["-C", str(proj), "predict", "-i", str(csv), "-o", str(out3), "--version", "2",
+                 "--chunk-rows", "1500", "--json"]) == 0
+    as_csv = pd.read_csv(out3)
+    assert len(as_csv) == len(frame) and list(as_csv.columns[-1:]) == ["prediction"]
+    np.testing.assert_allclose(as_csv["prediction"].to_numpy(), v2, rtol=1e-6)
 
 
 def test_batch_scoring_bad_input_names_the_problem_and_writes_nothing(
@@ -557,6 +565,10 @@ def test_batch_scoring_bad_input_names_the_problem_and_writes_nothing(
     (tmp_path / "x.json").write_text("{}")
     with pytest.raises(MloopError, match=r"unsupported input type '\.json'"):
         predict_file(project, tmp_path / "x.json", out, progress=False)
+    with pytest.raises(MloopError, match=r"--output .*scored\.txt: name a \.parquet or \.csv "
+                                         r"file \(the format follows the extension\)"):
+        predict_file(project, src2, tmp_path / "scored.txt", progress=False)
+    assert not (tmp_path / "scored.txt").exists()
     assert not out.exists()
     assert not list(tmp_path.glob(".tmp-*"))
 

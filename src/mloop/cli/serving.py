@@ -116,8 +116,8 @@ def deploy_status(json_: JsonOpt = False) -> None:
 def predict(
     # str, not Path: Path("s3://b/k") would lose a slash (--engine spark reads URIs)
     input: Annotated[str, typer.Option("--input", "-i", help="Parquet or CSV file.")],
-    output: Annotated[str, typer.Option("--output", "-o", help="Parquet file to write (a "
-                                        "folder with --engine spark).")],
+    output: Annotated[str, typer.Option("--output", "-o", help="Parquet or CSV file to write, "
+                                        "by its extension (a folder with --engine spark).")],
     version: Annotated[int | None, typer.Option(min=1, help="Default: the champion.")] = None,
     chunk_rows: Annotated[int, typer.Option(min=1, help="Rows per chunk (bounds memory).")] =
     50_000,

@@ -90,17 +90,32 @@ def _frame(model: ServedModel, batch: pa.RecordBatch, path: Path, offset: int) -
     return frame
 
 
+OUTPUT_FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv"}
+
+
+def _output_format(path: Path) -> str:
+    """The output's format, from its extension: a scored file named ``.csv`` that held
+    Parquet bytes would be unreadable to whoever opens it as CSV."""
+    found = OUTPUT_FORMATS.get(path.suffix.lower())
+    if found is None:
+        raise DataSourceError(f"--output {path}: name a .parquet or .csv file (the format "
+                              f"follows the extension)")
+    return found
+
+
 def predict_file(project: Project, input_path: Path, output_path: Path, *,
                  version: int | None = None, chunk_rows: int = 50_000,
                  progress: bool = True) -> dict[str, Any]:
     """Score ``input_path`` into ``output_path``; returns rows, version, seconds, peak RSS."""
     import psutil
+    import pyarrow.csv as pa_csv
     import pyarrow.parquet as pq
 
     from mloop.registry.aliases import require_champion
 
     if not input_path.exists():
         raise DataSourceError(f"{input_path}: no such file")
+    as_csv = _output_format(output_path) == "csv"
     if version is None:
         version = require_champion(project, needed_for="`mloop predict` scores with it "
                                                        "unless --version names a version")
@@ -112,7 +127,8 @@ def predict_file(project: Project, input_path: Path, output_path: Path, *,
     peak = proc.memory_info().rss
     t0 = time.perf_counter()
     rows = 0
-    writer: pq.ParquetWriter | None = None
+    writer: pq.ParquetWriter | pa_csv.CSVWriter | None = None
+    schema: pa.Schema | None = None
     ignored: list[str] | None = None
     lookup: BatchLookup | None = None
     from rich.progress import (
@@ -149,8 +165,10 @@ def predict_file(project: Project, input_path: Path, output_path: Path, *,
                     for j, c in enumerate(model.classes):
                         out = out.append_column(f"proba_{c}", pa.array(proba[:, j]))
                 if writer is None:
-                    writer = pq.ParquetWriter(tmp, out.schema, compression="zstd")
-                writer.write_table(out.cast(writer.schema))
+                    schema = out.schema
+                    writer = (pa_csv.CSVWriter(tmp, schema) if as_csv else
+                              pq.ParquetWriter(tmp, schema, compression="zstd"))
+                writer.write_table(out.cast(schema))
                 rows += batch.num_rows
                 bar.advance(task, batch.num_rows)
                 peak = max(peak, proc.memory_info().rss)
