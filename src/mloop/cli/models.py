@@ -226,7 +226,9 @@ def _print_lineage(lin: dict[str, Any]) -> None:
         snode = pnode.add(f"{st['step']} {'(cache hit)' if st['cache_hit'] else ''} -> "
                           + ", ".join(f"{k}={short(v)}" for k, v in st["outputs"].items()))
         for k, v in st["params"].items():
-            if k.startswith("model."):  # the rest is in --json and `mloop models diff`
+            # what shaped the model and where its features came from; the rest is in --json
+            # and `mloop models diff`
+            if k.startswith(("model.", "feast.")):
                 snode.add(f"[dim]{k} = {v}")
     dnode = root.add("data")
     for role, snap in lin["data"].items():
