@@ -23,11 +23,7 @@ def chain(request: pytest.FixtureRequest, make_project,
     if request.param == "postgres":  # a central store's writers share the key
         monkeypatch.setenv("MLOOP_STORE_URI", request.getfixturevalue("pg_url"))
         monkeypatch.setenv("MLOOP_AUDIT_KEY", "c" * 64)
-    project = open_project(make_project())
-    for i in range(5):
-        append_event(project.store, "promote", {"version": i + 1, "reason": f"step {i}"})
-    yield project
-    project.store.engine.dispose()
+    yield from _five_events(open_project(make_project()))
 
 
 @pytest.fixture
@@ -35,7 +31,10 @@ def local_chain(make_project, monkeypatch: pytest.MonkeyPatch) -> Iterator[Proje
     """Five events on the embedded store, whose key is a file beside the project (a central
     store's comes from MLOOP_AUDIT_KEY only)."""
     monkeypatch.delenv("MLOOP_AUDIT_KEY", raising=False)
-    project = open_project(make_project())
+    yield from _five_events(open_project(make_project()))
+
+
+def _five_events(project: Project) -> Iterator[Project]:
     for i in range(5):
         append_event(project.store, "promote", {"version": i + 1, "reason": f"step {i}"})
     yield project

@@ -14,7 +14,7 @@ import pytest
 
 from mloop.config import FeaturesConfig, parse_config
 from mloop.errors import ConfigError, DataSourceError
-from tests.helpers import missing
+from tests.helpers import require_feast
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "flights_feast"
 REFS = ["carrier_daily:carrier_delay_rate_1d", "origin_daily:origin_flights_1d"]
@@ -45,21 +45,9 @@ def _clean_env() -> dict[str, str]:
                          "MLOOP_SERVING_MULTIPROC")}
 
 
-def _require_feast() -> None:
-    """Feast, imported the way mloop imports it (``import feast`` alone would point this test
-    process's PROMETHEUS_MULTIPROC_DIR at Feast's temp folder, for every test after it)."""
-    from mloop.errors import MissingExtraError
-    from mloop.features.repo import import_feast
-
-    try:
-        import_feast()
-    except MissingExtraError as exc:
-        missing(f"{exc}: pip install 'mloop[feast]'")
-
-
 @pytest.fixture
 def repo_dir(tmp_path: Path) -> Path:
-    _require_feast()
+    require_feast()
     shutil.copytree(EXAMPLE / "feature_repo", tmp_path / "feature_repo")
     return tmp_path
 
@@ -84,7 +72,7 @@ def test_an_unknown_feature_view_or_feature_is_named_with_what_exists(repo_dir: 
 
 
 def test_a_repo_without_feature_store_yaml_is_refused(tmp_path: Path) -> None:
-    _require_feast()
+    require_feast()
     from mloop.features import open_repo
 
     (tmp_path / "feature_repo").mkdir()
@@ -182,7 +170,7 @@ def test_feast_does_not_switch_this_process_metrics_to_a_folder_of_its_own() -> 
     import subprocess
     import sys
 
-    _require_feast()
+    require_feast()
     probe = ("import os\n{imp}\nfrom mloop.serving.metrics import multiprocess_enabled\n"
              "print(os.environ.get('PROMETHEUS_MULTIPROC_DIR'), multiprocess_enabled())")
     raw = subprocess.run([sys.executable, "-c", probe.format(imp="import feast")],
@@ -231,7 +219,7 @@ def test_mlflows_rest_plugins_import_feast_without_switching_the_metrics_folder(
     import subprocess
     import sys
 
-    _require_feast()
+    require_feast()
     probe = ("import os, sys\n{imp}\n"
              "print(os.environ.get('PROMETHEUS_MULTIPROC_DIR'), 'feast' in sys.modules)")
     raw = subprocess.run([sys.executable, "-c", probe.format(

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 PROMETHEUS_DIRS = ("PROMETHEUS_MULTIPROC_DIR", "PROMETHEUS_MULTIPROCESS_DIR")
 
@@ -25,7 +25,15 @@ def keep_prometheus_env() -> Iterator[None]:
     own environment, and put the two variables back as they were afterwards."""
     import prometheus_client.values  # noqa: F401  (its choice is made now, before the body)
 
-    saved = {k: os.environ.get(k) for k in PROMETHEUS_DIRS}
+    with restored_environ(PROMETHEUS_DIRS):
+        yield
+
+
+@contextlib.contextmanager
+def restored_environ(keys: Iterable[str]) -> Iterator[None]:
+    """Put ``keys`` of the environment back as they were (set, or unset) when the body ends,
+    whatever it set or removed in between."""
+    saved = {k: os.environ.get(k) for k in keys}
     try:
         yield
     finally:

@@ -179,6 +179,7 @@ def _serve_workers(project: Project, cfg: ServingConfig, *, use_auth: bool, fact
     import shutil
     import tempfile
 
+    from mloop.prometheus_env import restored_environ
     from mloop.serving import shared_reload
     from mloop.serving.metrics import MULTIPROC_ENV, WORKERS_ENV, mark_dead
     from mloop.serving.workers import run_workers
@@ -195,8 +196,6 @@ def _serve_workers(project: Project, cfg: ServingConfig, *, use_auth: bool, fact
         from mloop.project import ENV_VAR
 
         env[ENV_VAR] = project.env
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # the workers inherit it
     reloads = shared_reload.SharedReload(run_dir / "reload")
 
     def on_exit(pid: int) -> None:  # a worker ended: drop its live gauges and its reload ack
@@ -204,11 +203,8 @@ def _serve_workers(project: Project, cfg: ServingConfig, *, use_auth: bool, fact
         reloads.forget(pid)
 
     try:
-        run_workers(factory, cfg.workers, on_exit=on_exit, **options)
+        with restored_environ(env):
+            os.environ.update(env)  # the workers inherit it
+            run_workers(factory, cfg.workers, on_exit=on_exit, **options)
     finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
         shutil.rmtree(run_dir, ignore_errors=True)
