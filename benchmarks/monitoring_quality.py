@@ -52,6 +52,11 @@ What is measured:
       univariate, PCA data-reconstruction and domain-classifier calculators, beside the
       same calculators' share inside the reference period.
 
+(b) is bounded by the data: ``benchmarks/monitoring/detectability.py`` puts each shift beside
+the ordinary week-to-week change of its column and runs a rolling probe built for the shift,
+printed beside mloop's and NannyML's detection (a shift no calibrated test can see is a MISS
+of the data, not of a detector).
+
 The domain classifier fits 5-fold LightGBM per week on the whole reference: measured here
 ~7 CPU s per week on 2,000 bike rows (the --quick run: 15 weeks, 104 CPU s), so the full run
 (102 bike weeks, 50 flights weeks on 155k rows) would take hours of this shared machine. It
@@ -87,6 +92,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/, for _common
 from _common import git_state
+from monitoring.detectability import detectability
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -615,6 +621,8 @@ def show(results: dict[str, Any]) -> None:
                                 "detected", "trials"))
             d.add_row(*row, "", "")
         con.print(d)
+        if ds.get("detectability"):
+            _show_detectability(con, name, ds["detectability"], det)
         r = Table(title=f"{name} (c): runtime and peak memory, each side its own process "
                         f"(wall s of the work, reading the Parquet files included, imports "
                         f"excluded; load = 1-min load average when it started)")
@@ -649,6 +657,28 @@ def show(results: dict[str, Any]) -> None:
     for k, v in results["targets"].items():
         tt.add_row(k, "n/a" if v is None else ("[green]PASS[/]" if v else "[red]MISS[/]"))
     con.print(tt)
+
+
+def _show_detectability(con: Any, name: str, dt: dict[str, Any], det: dict[str, Any]) -> None:
+    """(b)'s ceiling: each shift against the ordinary week-to-week change of its column
+    (``benchmarks/monitoring/detectability.py``)."""
+    from rich.table import Table
+
+    t = Table(title=f"{name} (b) how detectable each shift is: the shift over the sd of the "
+                    f"ordinary week-to-week change of the column's weekly mean (a level's "
+                    f"share), the power of a test on that change with the noise known, at a 5% "
+                    f"false-alarm rate, and a rolling probe (week vs the 4 before it, its own 95th "
+                    f"percentile bar) beside mloop and NannyML")
+    for col in ("column", "shift / week-to-week sd", "test on the weekly mean, 1 week, 5%",
+                "rolling probe, 2 weeks, 5%", "mloop temporal, 1%", "NannyML univariate"):
+        t.add_column(col, justify="left" if col == "column" else "right")
+    for column, v in dt.items():
+        t.add_row(column, f"{v['ratio']:.2f}", f"{v['mean_test_power_5pct']:.0%}",
+                  _pct(v["probe"], "detected", "trials"),
+                  *[_pct(det.get(side, {}).get("per_column", {}).get(column),
+                         "detected", "trials")
+                    for side in ("mloop temporal", "NannyML univariate")])
+    con.print(t)
 
 
 # ---------------------------------------------------------------------------------- main
@@ -754,8 +784,10 @@ def main() -> None:
                     nml[calc] = child.result()
                     progress.advance(task)
                 agg = aggregate(meta, ml, nml)
+                progress.update(task, description=f"{name}: how detectable the shifts are")
                 results["datasets"][name] = {"meta": meta, "mloop": ml, "nannyml": nml,
-                                             "aggregate": agg}
+                                             "aggregate": agg,
+                                             "detectability": detectability(folder / name)}
                 results["targets"].update(targets_for(name, agg))
                 if nml:
                     results["versions"]["nannyml_side"] = next(iter(nml.values()))["versions"]

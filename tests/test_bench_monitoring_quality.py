@@ -105,4 +105,40 @@ def test_quick_run_judges_windows_with_temporal_calibration_and_records_them(
     assert all(r["threshold_iid"] > 0 and r["threshold_temporal"] is not None for r in weeks)
     assert agg["periods"]["mloop multivariate"]["later"]["windows"] == 3
     assert "mloop multivariate" in proc.stdout
+    # how detectable each shift is: 12 weeks leave 12 - 4 - 1 probe trials per column
+    dt = bike["detectability"]
+    assert set(dt) == {"hum", "weathersit"} and "how detectable each shift is" in proc.stdout
+    assert all(v["probe"]["trials"] == 7 and v["week_to_week_sd"] > 0 for v in dt.values())
     assert results["git"]["commit"] and np.isfinite(results["total_s"])
+
+
+def _weekly_file(path: Path, means: list[float], levels: list[str]) -> None:
+    """Hourly rows, one week per mean: x ~ N(mean, 1), c cycling through ``levels``."""
+    rng = np.random.default_rng(7)
+    start = datetime(2021, 1, 7)  # a Thursday: epoch-aligned 7-day windows start on one
+    rows = len(means) * 7 * 24
+    ts = pa.array(np.datetime64(start) + np.arange(rows).astype("timedelta64[h]"))
+    x = np.concatenate([rng.normal(m, 1.0, 7 * 24) for m in means])
+    c = [levels[i % len(levels)] for i in range(rows)]
+    pq.write_table(pa.table({"t": ts, "x": x, "c": c}), path)
+
+
+def test_detectability_tells_a_shift_beyond_the_weekly_noise_from_one_inside_it(
+        tmp_path: Path) -> None:
+    detectability = bench.detectability
+    weekly = [float(v) for v in np.random.default_rng(1).normal(0, 0.1, 20)]  # calm weeks
+    _weekly_file(tmp_path / "reference.parquet", weekly, ["a", "b"])
+    _weekly_file(tmp_path / "big.parquet", [m + 2.0 for m in weekly], ["a", "b"])
+    _weekly_file(tmp_path / "small.parquet", [m + 0.02 for m in weekly], ["a", "b"])
+    meta = {"time_column": "t", "window_days": 7, "reference": "reference.parquet",
+            "shifts": [{"file": "big.parquet", "column": "x", "kind": "mean +0.5 sd",
+                        "detail": "+2.0 (sd 4.0)"}]}
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    big = detectability(tmp_path)["x"]
+    assert big["ratio"] > 10 and big["mean_test_power_5pct"] > 0.99
+    assert big["probe"]["share"] == 1.0 and big["probe"]["trials"] == 20 - 4 - 1
+    meta["shifts"][0].update(file="small.parquet", detail="+0.02 (sd 4.0)")
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    small = detectability(tmp_path)["x"]
+    assert small["ratio"] < 1 and small["mean_test_power_5pct"] < 0.3
+    assert small["probe"]["share"] < 0.5
