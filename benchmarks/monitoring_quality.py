@@ -1,6 +1,7 @@
 """Detection quality of mloop's drift verdicts on real time-ordered data, beside NannyML.
 
     python benchmarks/monitoring_quality.py [--quick] [--skip-nannyml] [--domain-classifier]
+        [--numeric-method M] [--categorical-method M]
         [--nannyml-python .venv-nannyml/bin/python] [--results PATH] [--keep-data DIR]
 
 Run it with mloop's venv; NannyML 0.13.1 runs in its own (it wants pandas 2):
@@ -311,6 +312,10 @@ def child_mloop(data_dir: Path) -> dict[str, Any]:
     imports = time.perf_counter() - t_imp
     meta = json.loads((data_dir / "meta.json").read_text())
     cfg = load_config(meta["config"])
+    chosen = {c: m for kind, m in (meta.get("methods") or {}).items()
+              for c in meta[kind]}  # --numeric-method / --categorical-method, else the example's
+    if chosen:
+        cfg.monitoring.methods = {**cfg.monitoring.methods, **chosen}
     tcol, features = meta["time_column"], meta["features"]
     c0, t0 = _cpu_s(), time.perf_counter()
     reference = pq.read_table(data_dir / meta["reference"])
@@ -716,6 +721,11 @@ def main() -> None:
                     help=f"default {DEFAULT_RESULTS.relative_to(REPO)} (--quick: none)")
     ap.add_argument("--keep-data", type=Path, default=None,
                     help="write the Parquet windows here and keep them (default: a temp folder)")
+    ap.add_argument("--numeric-method", choices=["psi", "ks", "wasserstein", "jensen_shannon"],
+                    help="mloop's drift method for every numeric column (monitoring.methods); "
+                         "default: the example's, auto")
+    ap.add_argument("--categorical-method", choices=["psi", "jensen_shannon", "chisquare"],
+                    help="the same for categorical columns")
     ap.add_argument("--child", choices=["mloop"], help=argparse.SUPPRESS)
     ap.add_argument("--data-dir", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -764,6 +774,11 @@ def main() -> None:
             for name in names:
                 progress.update(task, description=f"{name}: writing windows")
                 metas[name] = prepare(name, DATASETS[name], folder, quick=args.quick)
+                methods = {k: m for k, m in (("numeric", args.numeric_method),
+                                             ("categorical", args.categorical_method)) if m}
+                if methods:  # the child reads them from meta.json; the results record them
+                    metas[name]["methods"] = methods
+                    (folder / name / "meta.json").write_text(json.dumps(metas[name], indent=1))
                 progress.advance(task)
             # the domain classifier (minutes of LightGBM) runs beside the rest, not after it
             background.update({name: start_nannyml(nml_python, folder / name, "domain_classifier",
