@@ -40,12 +40,7 @@ def online_features(project: Project) -> OnlineFeatures:
 def materialize_features(project: Project, *, until: datetime,
                          actor: str | None = None) -> dict[str, Any]:
     """Fill the online store up to ``until`` and record a ``features.materialize`` event."""
-    from mloop.security.audit import append_event
-
-    repo, _refs = project_repo(project)
-    done = materialize(repo, until=until)
-    append_event(project.store, "features.materialize", done, actor=actor)
-    return done
+    return _materialize(project, until=until, actor=actor, skip_noop=False) or {}
 
 
 def materialize_due(project: Project, *, until: datetime,
@@ -54,11 +49,16 @@ def materialize_due(project: Project, *, until: datetime,
     not reached ``until`` yet; None (nothing copied, no event) when every one has, so a loop
     passing every few minutes over a quiet log does not fill the audit chain with no-ops
     (``materialize`` decides per view, from where its last materialization ended)."""
+    return _materialize(project, until=until, actor=actor, skip_noop=True)
+
+
+def _materialize(project: Project, *, until: datetime, actor: str | None,
+                 skip_noop: bool) -> dict[str, Any] | None:
     from mloop.security.audit import append_event
 
     repo, _refs = project_repo(project)
     done = materialize(repo, until=until)
-    if not done["materialized"]:
+    if skip_noop and not done["materialized"]:
         return None
     append_event(project.store, "features.materialize", done, actor=actor)
     return done
