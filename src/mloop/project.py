@@ -96,14 +96,18 @@ class Project:
 
     @functools.cached_property
     def snapshots(self) -> SnapshotStore:
+        from mloop.config import RollingReference
         from mloop.data.snapshot import SnapshotStore
         from mloop.storage import ObjectStore
 
         prof = self.config.profile
+        reference = self.config.monitoring.reference
+        rolling = reference.rolling.text if isinstance(reference, RollingReference) else None
         return SnapshotStore(ObjectStore(self.uris["data_uri"], codec=self.codec), bins=prof.bins,
                              top_k=prof.top_k, time_column=self.config.features.time_column,
                              window=self.config.monitoring.window,
-                             exclude=(self.config.target, *self.config.features.exclude))
+                             exclude=(self.config.target, *self.config.features.exclude),
+                             rolling=rolling)
 
     @functools.cached_property
     def outputs(self) -> ObjectStore:

@@ -44,19 +44,22 @@ class SnapshotStore:
     With ``time_column`` and ``window`` (the project's ``features.time_column`` and
     ``monitoring.window``), a snapshot holding that column also gets, in its profile, the
     drift statistics of its contiguous window-sized chunks (temporal calibration, see
-    :mod:`mloop.monitoring.temporal`); computed here, once, never when a window is judged.
+    :mod:`mloop.monitoring.temporal`), and with ``rolling`` (a rolling reference's span)
+    each chunk's statistics against that span before it; computed here, once, never when a
+    window is judged.
     Every snapshot also gets what the multivariate check needs (a ``joint`` profile section
     and an encoded reference sample, :mod:`mloop.data.joint_profile`) over its columns but
     ``exclude`` (the target and excluded columns, which live windows never hold)."""
 
     def __init__(self, objects: ObjectStore, *, bins: int = 20, top_k: int = 50,
                  time_column: str | None = None, window: str | None = None,
-                 exclude: tuple[str, ...] = ()) -> None:
+                 exclude: tuple[str, ...] = (), rolling: str | None = None) -> None:
         self.objects = objects
         self.bins = bins
         self.top_k = top_k
         self.time_column = time_column
         self.window = window
+        self.rolling = rolling  # monitoring.reference's rolling span: its null is stored too
         self.exclude = exclude
 
     def put(self, table: pa.Table, *, source: str) -> tuple[Snapshot, bool]:
@@ -74,7 +77,7 @@ class SnapshotStore:
             from mloop.data.temporal_profile import temporal_profile
 
             profile["temporal"] = temporal_profile(table, profile, time_column=self.time_column,
-                                                   window=self.window)
+                                                   window=self.window, rolling=self.rolling)
         from mloop.data.joint_profile import SAMPLE_KEY, joint_profile, sample_bytes
 
         profile["joint"], sample = joint_profile(table, profile, exclude=set(self.exclude),

@@ -32,6 +32,13 @@ Choices:
   chunks follow a new ``monitoring.window`` when a snapshot is profiled again (a new
   training run), never by rescanning an old one.
 - More than ``MAX_STORED`` chunks are stored as that many evenly spaced quantiles.
+- **Rolling references** (``monitoring.reference: {rolling: 28d}``) compare a window with the
+  traffic just before it, not with the whole training period, so their null is another one:
+  the statistic of each chunk against the ``rolling`` span of event time just before it
+  (the whole chunks in it), each such reference profiled on its own quantile bins as a
+  window's rolling reference is. Stored as the ``rolling`` section when the span is a whole
+  number of time chunks; at most ``MAX_ROLLING`` chunks, evenly spaced, are measured (each
+  costs a profile of its span).
 """
 
 from __future__ import annotations
@@ -54,6 +61,8 @@ TEMPORAL_VERSION = 1
 MIN_CHUNK_ROWS = 20
 MIN_CHUNKS = 10
 MAX_STORED = 101
+MAX_ROLLING = 200
+MIN_ROLLING_ROWS = 50  # as monitoring.reference.MIN_ROWS: a smaller span is not a reference
 TAIL = 0.9  # the exponential tail is fitted above this quantile
 
 
@@ -143,9 +152,10 @@ def _summarised(values: np.ndarray) -> list[float]:
 
 
 def temporal_profile(table: pa.Table, profile: dict[str, Any], *, time_column: str,
-                     window: str) -> dict[str, Any]:
+                     window: str, rolling: str | None = None) -> dict[str, Any]:
     """The chunk statistics of every numeric and categorical column of ``table`` (whose
-    ``profile`` was just computed), for windows of size ``window``. O(rows) per column."""
+    ``profile`` was just computed), for windows of size ``window``. O(rows) per column.
+    With ``rolling`` (a duration such as ``28d``) also the rolling null (``rolling``)."""
     out: dict[str, Any] = {"version": TEMPORAL_VERSION, "time_column": time_column,
                            "window": window}
     if time_column not in table.column_names:
@@ -192,4 +202,61 @@ def temporal_profile(table: pa.Table, profile: dict[str, Any], *, time_column: s
                                                               std=ref.std), dtype=float))
                          for m in methods}
     out["columns"] = columns
+    if rolling:
+        out["rolling"] = _rolling(table, profile, ids, rows >= min_rows, by=by, size=size,
+                                  rolling=rolling, time_column=time_column)
+    return out
+
+
+def _rolling(table: pa.Table, profile: dict[str, Any], ids: np.ndarray, usable: np.ndarray, *,
+             by: str, size: int, rolling: str, time_column: str) -> dict[str, Any]:
+    """Each usable chunk against the ``rolling`` span just before it, profiled on its own
+    bins (what a window's rolling reference is): the rolling null, per column and method."""
+    from mloop.data.profile import compute_profile
+
+    out: dict[str, Any] = {"length": rolling}
+    span_by, span = _window_size(rolling)
+    if by != "time" or span_by != "time" or span % size:
+        return {**out, "reason": f"a rolling {rolling} reference is measured in whole chunks "
+                                 f"of event time: it needs a time window it is a multiple "
+                                 f"of"}
+    lag = span // size
+    candidates = [i for i in np.flatnonzero(usable) if i >= lag and usable[i - lag:i].all()]
+    if len(candidates) > MAX_ROLLING:
+        picks = np.linspace(0, len(candidates) - 1, MAX_ROLLING).round().astype(int)
+        candidates = [candidates[j] for j in sorted(set(picks))]
+    names = [n for n, st in profile["columns"].items()
+             if n != time_column and st.get("kind") in ("numeric", "categorical")]
+    values: dict[str, dict[str, list[float]]] = {}
+    measured = 0
+    for i in candidates:
+        before = (ids >= i - lag) & (ids < i)
+        if int(before.sum()) < MIN_ROLLING_ROWS:
+            continue
+        reference = compute_profile(table.filter(pa.array(before)).select(names),
+                                    bins=int(profile.get("bins") or 20),
+                                    top_k=int(profile.get("top_k") or 50))
+        chunk = table.filter(pa.array(ids == i))
+        measured += 1
+        for name in names:
+            ref = ColumnReference.from_profile(name, reference["columns"].get(name) or {})
+            if ref is None:
+                continue
+            bins = _row_bins(ref, chunk.column(name))
+            counts = np.bincount(bins[bins >= 0], minlength=ref.counts.size).astype(float)
+            if counts.sum() == 0:
+                continue
+            widths = np.diff(ref.edges) if ref.edges is not None else None
+            methods = NUMERIC_METHODS if ref.kind == "numeric" else CATEGORICAL_METHODS
+            per = values.setdefault(name, {})
+            for m in methods:
+                per.setdefault(m, []).append(float(statistic(m, ref.counts, counts,
+                                                             widths=widths, std=ref.std)))
+    out["chunks"] = measured
+    if measured < MIN_CHUNKS:
+        return {**out, "reason": f"only {measured} chunk(s) have a whole {rolling} of usable "
+                                 f"chunks before them ({MIN_CHUNKS} needed)"}
+    out["columns"] = {n: {m: _summarised(np.asarray(v, dtype=float)) for m, v in per.items()}
+                      for n, per in values.items() if all(len(v) >= MIN_CHUNKS
+                                                          for v in per.values())}
     return out

@@ -16,10 +16,15 @@ A log-based reference is a profile of the log's rows with the training profile's
 ``rows`` are the reference size the iid calibration simulates (a 700-row reference has a wider
 null than a 20,000-row training set), so the thresholds stay honest for the smaller sample.
 
-Temporal calibration does not apply to a log-based reference: the training profile's chunk
-statistics measure a chunk of the training period against the rest of it, not a window
-against the weeks before it (or a year before it). Such windows are judged iid-only and
-their report's ``drift.temporal`` says so.
+Temporal calibration of a log-based reference: the training profile's chunk statistics
+measure a chunk of the training period against the rest of it, not a window against the
+weeks before it, so they do not apply. A ``rolling`` reference has a null of its own when the
+training snapshot was profiled under the same ``rolling`` span (its profile's
+``temporal.rolling``: each training chunk against the span before it,
+:mod:`mloop.data.temporal_profile`), and its windows are judged against it, so an ordinary
+week of a season is not flagged against the weeks before it. Without it (another span, an
+older snapshot), and for ``seasonal`` (a year-ago null needs years of training data), windows
+are judged iid-only and their report's ``drift.temporal`` says why.
 
 A computed profile is cached in the outputs store per (version, kind, window start and end),
 so a re-run reads it back rather than the log. It is built only from rows before the window's
@@ -37,6 +42,7 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 import pyarrow as pa
 
 from mloop.config import RollingReference, SeasonalReference
+from mloop.data.temporal_profile import same_window
 from mloop.monitoring.windows import read_rows
 
 if TYPE_CHECKING:
@@ -98,13 +104,31 @@ def choose_reference(project: Project, base: R, start: datetime, end: datetime
             f"requested_{k}": v for k, v in span.items()}, "fallback": why},
             f"training-v{base.version}")
     profile = stored["inputs"]
-    profile["temporal"] = {"reason": TEMPORAL_REASON.format(kind=kind)}
+    profile["temporal"] = _log_temporal(base.profile, choice, kind)
     chosen = copy.copy(base)  # the version's metrics and calibration stay as they are
     chosen.profile, chosen.features = profile, stored["features"]
     chosen.prediction_profile = stored["prediction"]
     record = {"kind": kind, "length" if kind == "rolling" else "cycle": choice.text.split()[1],
               "version": base.version, **span, "cached": cached}
     return ChosenReference(chosen, record, key)
+
+
+def _log_temporal(training: dict[str, Any], choice: RollingReference | SeasonalReference,
+                  kind: str) -> dict[str, Any]:
+    """The temporal section a log-based reference's windows are judged with: the training
+    snapshot's rolling null for this span, or why there is none."""
+    stored = training.get("temporal") or {}
+    rolling = stored.get("rolling") or {}
+    if not isinstance(choice, RollingReference) or not rolling:
+        return {"reason": TEMPORAL_REASON.format(kind=kind)}
+    if not same_window(str(rolling.get("length")), choice.rolling.text):
+        return {"reason": f"the training snapshot's rolling null is for {rolling.get('length')}"
+                          f", this reference is {choice.text} (the next training snapshot is "
+                          f"profiled for it)"}
+    if rolling.get("reason"):
+        return {"reason": f"{rolling['reason']}"}
+    return {"window": stored.get("window"), "chunks": rolling.get("chunks"),
+            "columns": rolling.get("columns") or {}, "rolling": rolling.get("length")}
 
 
 def _span(choice: RollingReference | SeasonalReference, start: datetime, end: datetime
