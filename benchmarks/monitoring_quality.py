@@ -110,6 +110,8 @@ DC_FLIGHTS_STRIDE = 10
 TARGET_FALSE_ALARMS = 0.05
 TARGET_DETECTED = 0.95
 DETECT_WITHIN = 2  # windows
+ROLLING = "28d"  # the rolling reference side: each week against the 28 days before it
+ROLLING_WEEKS = 4
 
 DATASETS: dict[str, dict[str, Any]] = {
     "bike": {"example": "examples/bike_sharing", "file": "data/bike_hourly.parquet",
@@ -323,7 +325,7 @@ def child_mloop(data_dir: Path) -> dict[str, Any]:
     store = SnapshotStore(ObjectStore(str(data_dir / "snapshots")), bins=cfg.profile.bins,
                           top_k=cfg.profile.top_k, time_column=tcol, window=meta["window"],
                           exclude=tuple(c for c in reference.column_names
-                                        if c not in features and c != tcol))
+                                        if c not in features and c != tcol), rolling=ROLLING)
     snap, _ = store.put(reference, source=f"benchmark reference ({meta['dataset']})")
     profile = store.profile(snap.digest)
     profile_s = time.perf_counter() - t0
@@ -363,6 +365,7 @@ def child_mloop(data_dir: Path) -> dict[str, Any]:
         out[mode] = {"verdicts": verdicts, "seconds": time.perf_counter() - t1,
                      "cpu_s": _cpu_s() - cpu1, "windows": n}
     out["multivariate"] = _joint_side(store, snap.digest, profile, tables, cfg, meta)
+    out["rolling"] = _rolling_side(profile, tables, cfg, meta)
     out.update(wall_s=time.perf_counter() - t0, profile_s=profile_s, cpu_s=_cpu_s() - c0,
                import_s=imports, peak_rss_mb=_peak_mb())
     return out
@@ -395,6 +398,65 @@ def _joint_side(store: Any, digest: str, profile: dict[str, Any], tables: dict[s
     return {"verdicts": verdicts, "seconds": time.perf_counter() - t0,
             "cpu_s": _cpu_s() - cpu0, "windows": sum(len(v) for v in verdicts.values()),
             "profile": joint}
+
+
+def _rolling_side(profile: dict[str, Any], tables: dict[str, Any], cfg: Any,
+                  meta: dict[str, Any]) -> dict[str, Any]:
+    """``monitoring.reference: {rolling: 28d}``: each week against the 28 days before it, as
+    ``mloop monitor`` judges it (that span profiled on its own bins, the training snapshot's
+    rolling null). Reference weeks use the weeks before them in the reference period (the
+    first four have none: not judged), later weeks the end of the reference period too. A
+    trial (onset k, a column) judges week k, shifted, against the unshifted weeks k-4..k-1,
+    and week k+1, shifted, against k-3..k-1 and the shifted week k: what the log would hold."""
+    import pyarrow as pa
+
+    from mloop.config import RollingReference
+    from mloop.data.profile import compute_profile
+    from mloop.monitoring.evaluate import evaluate_window
+    from mloop.monitoring.reference import log_temporal
+
+    t0, cpu0 = time.perf_counter(), _cpu_s()
+    features = meta["features"]
+    lag = ROLLING_WEEKS
+    temporal = log_temporal(profile, RollingReference(rolling=ROLLING), "rolling")
+
+    def judge(before: list[Any], week: Any) -> dict[str, Any]:
+        ref = compute_profile(pa.concat_tables(before, promote_options="permissive")
+                              .select(features), bins=cfg.profile.bins,
+                              top_k=cfg.profile.top_k)
+        ref["temporal"] = temporal
+        drift = evaluate_window(ref, week, cfg.monitoring, columns=features, seed=0,
+                                size=meta["window"])["drift"]
+        return {"drifted": drift["drifted"],
+                "alerted": [c["column"] for c in drift["columns"] if c["drifted"]],
+                "temporal_applied": drift["temporal"]["applied"]}
+
+    ref_weeks = [w for _, w in tables["reference"]]
+    periods: dict[str, list[dict[str, Any]]] = {"reference": [], "later": []}
+    for k in range(lag, len(ref_weeks)):
+        periods["reference"].append({"key": tables["reference"][k][0],
+                                     **judge(ref_weeks[k - lag:k], ref_weeks[k])})
+    log = list(ref_weeks)
+    for key, week in tables["later"]:
+        periods["later"].append({"key": key, **judge(log[-lag:], week)})
+        log.append(week)
+    trials: dict[str, dict[str, Any]] = {}
+    for s in meta["shifts"]:
+        shifted = [w for _, w in tables[s["file"]]]
+        hits, single, n = 0, 0, 0
+        for k in range(lag, len(ref_weeks) - 1):
+            first = s["column"] in judge(ref_weeks[k - lag:k], shifted[k])["alerted"]
+            second = s["column"] in judge([*ref_weeks[k - lag + 1:k], shifted[k]],
+                                          shifted[k + 1])["alerted"]
+            n += 1
+            hits += first or second
+            single += first
+        trials[s["file"]] = {"column": s["column"], "kind": s["kind"], "detected": hits,
+                             "trials": n, "share": hits / n if n else None,
+                             "single_window": single / n if n else None}
+    return {"length": ROLLING, "null": {k: v for k, v in temporal.items() if k != "columns"},
+            "verdicts": periods, "trials": trials, "seconds": time.perf_counter() - t0,
+            "cpu_s": _cpu_s() - cpu0}
 
 
 # ------------------------------------------------------------------------------- children
@@ -489,6 +551,8 @@ def aggregate(meta: dict[str, Any], ml: dict[str, Any], nml: dict[str, dict[str,
         "mloop temporal": ml["temporal"]["verdicts"], "mloop iid-only": ml["iid"]["verdicts"]}
     if "multivariate" in ml:  # one verdict per window, not per column: no (b), no by-column
         sides["mloop multivariate"] = ml["multivariate"]["verdicts"]
+    if "rolling" in ml:  # its (b) trials are judged in the child (their references differ)
+        sides["mloop rolling 28d"] = ml["rolling"]["verdicts"]
     for calc, res in nml.items():
         sides[f"NannyML {calc}"] = {"reference": res["reference"], "later": res["later"],
                                     **res["shifts"]}
@@ -497,7 +561,7 @@ def aggregate(meta: dict[str, Any], ml: dict[str, Any], nml: dict[str, dict[str,
     detection: dict[str, Any] = {}
     for side, v in sides.items():
         if (side.startswith("NannyML") and side != "NannyML univariate") \
-                or side == "mloop multivariate":
+                or side in ("mloop multivariate", "mloop rolling 28d"):
             continue
         per_column, pooled = {}, {}
         for s in meta["shifts"]:
@@ -511,6 +575,17 @@ def aggregate(meta: dict[str, Any], ml: dict[str, Any], nml: dict[str, dict[str,
         for p in pooled.values():
             p["share"] = p["detected"] / p["trials"] if p["trials"] else None
         detection[side] = {"per_column": per_column, "pooled": pooled}
+    if "rolling" in ml:
+        per_column, pooled = {}, {}
+        for t in ml["rolling"]["trials"].values():
+            per_column[t["column"]] = {k: t[k] for k in ("detected", "trials", "share",
+                                                         "single_window", "kind")}
+            p = pooled.setdefault(t["kind"], {"detected": 0, "trials": 0})
+            p["detected"] += t["detected"]
+            p["trials"] += t["trials"]
+        for p in pooled.values():
+            p["share"] = p["detected"] / p["trials"] if p["trials"] else None
+        detection["mloop rolling 28d"] = {"per_column": per_column, "pooled": pooled}
     return {"periods": periods, "detection": detection,
             "later_by_column": _later_by_column(meta, sides)}
 
@@ -603,14 +678,15 @@ def show(results: dict[str, Any]) -> None:
         d = Table(title=f"{name} (b): injected shifts, detected within {DETECT_WITHIN} windows "
                         f"(the shifted column drifts in the onset week or the next); trials = "
                         f"onset weeks x columns")
-        for col in ("column", "shift", "mloop temporal", "mloop iid-only",
+        for col in ("column", "shift", "mloop temporal", "mloop iid-only", "mloop rolling 28d",
                     "NannyML univariate", "single week (mloop temporal)",
                     "mloop median statistic / iid / temporal threshold"):
             d.add_column(col, justify="left" if col in ("column", "shift") else "right")
         det = agg["detection"]
         for s in meta["shifts"]:
             row = [s["column"], f"{s['kind']}: {s['detail']}"]
-            for side in ("mloop temporal", "mloop iid-only", "NannyML univariate"):
+            for side in ("mloop temporal", "mloop iid-only", "mloop rolling 28d",
+                         "NannyML univariate"):
                 row.append(_pct(det.get(side, {}).get("per_column", {}).get(s["column"]),
                                 "detected", "trials"))
             mine = det["mloop temporal"]["per_column"][s["column"]]
@@ -621,7 +697,8 @@ def show(results: dict[str, Any]) -> None:
             d.add_row(*row)
         for kind in det["mloop temporal"]["pooled"]:
             row = [f"[bold]all {kind}[/]", ""]
-            for side in ("mloop temporal", "mloop iid-only", "NannyML univariate"):
+            for side in ("mloop temporal", "mloop iid-only", "mloop rolling 28d",
+                         "NannyML univariate"):
                 row.append(_pct(det.get(side, {}).get("pooled", {}).get(kind),
                                 "detected", "trials"))
             d.add_row(*row, "", "")
@@ -646,6 +723,14 @@ def show(results: dict[str, Any]) -> None:
                       f"{mv['windows']} windows, out-of-support share (its sample and chunk "
                       f"shares are stored in the snapshot profile above)", f"{mv['cpu_s']:.2f}",
                       "", "")
+        if "rolling" in ml:
+            ro = ml["rolling"]
+            n = len(ro["verdicts"]["reference"]) + len(ro["verdicts"]["later"]) + \
+                2 * sum(t["trials"] for t in ro["trials"].values())
+            r.add_row("mloop rolling 28d", f"{ro['seconds']:.2f}",
+                      f"{n} windows, each against its own 28-day reference profiled from the "
+                      f"rows before it (the rolling null is in the snapshot profile above)",
+                      f"{ro['cpu_s']:.2f}", "", "")
         for calc, res in ds.get("nannyml", {}).items():
             note = (f" (every {meta['dc_stride']}th row)" if calc == "domain_classifier"
                     and meta["dc_stride"] > 1 else "")
@@ -675,14 +760,15 @@ def _show_detectability(con: Any, name: str, dt: dict[str, Any], det: dict[str, 
                     f"false-alarm rate, and a rolling probe (week vs the 4 before it, its own 95th "
                     f"percentile bar) beside mloop and NannyML")
     for col in ("column", "shift / week-to-week sd", "test on the weekly mean, 1 week, 5%",
-                "rolling probe, 2 weeks, 5%", "mloop temporal, 1%", "NannyML univariate"):
+                "rolling probe, 2 weeks, 5%", "mloop temporal, 1%", "mloop rolling 28d, 1%",
+                "NannyML univariate"):
         t.add_column(col, justify="left" if col == "column" else "right")
     for column, v in dt.items():
         t.add_row(column, f"{v['ratio']:.2f}", f"{v['mean_test_power_5pct']:.0%}",
                   _pct(v["probe"], "detected", "trials"),
                   *[_pct(det.get(side, {}).get("per_column", {}).get(column),
                          "detected", "trials")
-                    for side in ("mloop temporal", "NannyML univariate")])
+                    for side in ("mloop temporal", "mloop rolling 28d", "NannyML univariate")])
     con.print(t)
 
 
