@@ -33,7 +33,7 @@ def materialize(repo: FeatureRepo, *, until: datetime) -> dict[str, Any]:
     # per view, like Feast's materialize_incremental, except that a view never materialized
     # starts at ``until`` minus its TTL, not at now minus its TTL: ``until`` may be in the past
     # (a backfill, a replay of historical data) and then Feast's default copies nothing
-    copied: list[str] = []
+    due = []
     for fv in repo.store.list_feature_views():
         ends = [end for _start, end in fv.materialization_intervals]
         start = max(ends) if ends else (until - fv.ttl if fv.ttl else datetime(1970, 1, 1,
@@ -41,11 +41,24 @@ def materialize(repo: FeatureRepo, *, until: datetime) -> dict[str, Any]:
         if start.tzinfo is None:
             start = start.replace(tzinfo=UTC)
         if start < until:
-            # Feast prints its progress on stdout: stderr keeps `--json`'s stdout one document
-            with contextlib.redirect_stdout(sys.stderr):
+            due.append((fv, start))
+    # every source readable before any view is copied: a missing table (file) fails the
+    # command with the online store, the views' intervals and the audit log untouched
+    for fv, _start in due:
+        try:
+            list(fv.batch_source.get_table_column_names_and_types(repo.store.config))
+        except Exception as exc:  # psycopg, pyarrow, Feast: the offline store is the boundary
+            raise repo.offline_error(fv.name, exc, materializing=True) from exc
+    copied: list[str] = []
+    for fv, start in due:
+        # Feast prints its progress on stdout: stderr keeps `--json`'s stdout one document
+        with contextlib.redirect_stdout(sys.stderr):
+            try:
                 repo.store.materialize(start_date=start, end_date=until,
                                        feature_views=[fv.name])
-            copied.append(fv.name)
+            except Exception as exc:  # psycopg, redis, Feast: either store
+                raise repo.offline_error(fv.name, exc, materializing=True) from exc
+        copied.append(fv.name)
     return {"until": until.isoformat(), "feature_views": repo.feature_views,
             "materialized": sorted(copied), "definitions_hash": repo.definitions_hash}
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from mloop.config import FeaturesConfig
-from mloop.errors import ConfigError, MloopError
+from mloop.errors import ConfigError, DataSourceError, MloopError
 from mloop.extras import require_extra
 
 # two threads must not see a half-changed sys.path while a repo's files are imported
@@ -68,6 +68,39 @@ class FeatureRepo:
 
     def join_keys(self, view: str) -> list[str]:
         return list(self.store.get_feature_view(view).join_keys)
+
+    @property
+    def offline_store_type(self) -> str:
+        """``offline_store.type`` of feature_store.yaml (file, postgres, ...)."""
+        return str(getattr(self.store.config.offline_store, "type", "offline"))
+
+    def source_of(self, view: str) -> str:
+        """Where a view's rows live, as a user would look for them: the file of a file
+        source, the table (or query) of a SQL source such as PostgreSQL's."""
+        source = self.store.get_feature_view(view).batch_source
+        path = getattr(source, "path", None)
+        if isinstance(path, str) and path:
+            return f"file '{path}'"
+        query = getattr(source, "get_table_query_string", None)
+        if callable(query):
+            where = str(query())
+            return f"query {where}" if where.startswith("(") else f"table '{where}'"
+        return f"source '{source.name}'"
+
+    def offline_error(self, view: str, exc: BaseException, *,
+                      materializing: bool = False) -> DataSourceError:
+        """The error for a view whose offline-store rows could not be read (or materialized):
+        names the view, the stores and the table or file, then the first line of what the
+        store's client said (psycopg's messages run on with SQL excerpts and carets)."""
+        first = (str(exc).strip().splitlines() or [""])[0]
+        offline = f"the {self.offline_store_type} offline store ({self.source_of(view)})"
+        if materializing:
+            online = str(getattr(self.store.config.online_store, "type", "online"))
+            doing = f"materialized from {offline} into the {online} online store"
+        else:
+            doing = f"read from {offline}"
+        return DataSourceError(f"feature view '{view}' could not be {doing}: "
+                               f"{type(exc).__name__}: {first}")
 
 
 def _definition_files(path: Path) -> list[Path]:

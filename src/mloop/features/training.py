@@ -46,6 +46,42 @@ def _by_view(refs: list[str]) -> dict[str, list[str]]:
     return dict(out)
 
 
+# a feature's declared Feast type -> the numpy dtype its column has in the training table
+_DTYPES = {"INT64": "int64", "INT32": "int32", "DOUBLE": "float64", "FLOAT": "float32",
+           "BOOL": "bool"}
+
+
+def _declared_dtypes(repo: FeatureRepo, view: str) -> dict[str, str]:
+    out = {}
+    for field in repo.store.get_feature_view(view).features:
+        kind = getattr(field.dtype.to_value_type(), "name", "")
+        if kind in _DTYPES:
+            out[field.name] = _DTYPES[kind]
+    return out
+
+
+def _as_declared(column: Any, dtype: str | None) -> Any:
+    """A looked-up column in the type its feature view declares, whatever the offline store
+    returned: a PostgreSQL ``integer`` comes back int32, ``real`` float32, ``numeric``
+    Decimal, where the file store gives the Parquet file's types. So a model trained on one
+    store's join sees the same schema as on another's. An integer column with a null becomes
+    float64 (NaN), a boolean one objects, as pandas makes them when the join leaves a row
+    without a value."""
+    import numpy as np
+
+    values = column.to_numpy()
+    if dtype is None:
+        return values
+    if column.isna().any():
+        if dtype == "bool":  # pandas keeps True/False/NaN as objects: so does the file store
+            return values
+        if dtype.startswith("int"):
+            dtype = "float64"
+    if values.dtype == np.dtype(dtype):
+        return values
+    return column.astype(dtype).to_numpy()
+
+
 def training_table(repo: FeatureRepo, entities: pa.Table, *, time_column: str,
                    refs: list[str]) -> tuple[pa.Table, FeatureLineage]:
     """``entities`` with one column per feature reference appended, values as of each row's
@@ -73,14 +109,18 @@ def training_table(repo: FeatureRepo, entities: pa.Table, *, time_column: str,
                 f"feature '{clash[0]}' of view '{view}' is already a column of the entity "
                 f"table: drop it from the data or from features.feature_refs")
         pairs = frame[keys].assign(**{_TS: ts}).drop_duplicates(ignore_index=True)
-        job = repo.store.get_historical_features(
-            entity_df=pairs, features=[f"{view}:{f}" for f in features])
-        values = job.to_df()[[*keys, _TS, *features]]
+        try:
+            job = repo.store.get_historical_features(
+                entity_df=pairs, features=[f"{view}:{f}" for f in features])
+            values = job.to_df()[[*keys, _TS, *features]]
+        except Exception as exc:  # psycopg, Dask, Feast: the offline store is the boundary
+            raise repo.offline_error(view, exc) from exc
         values[_TS] = pd.to_datetime(values[_TS], utc=True)
         left = frame[keys].assign(**{_TS: ts})
         joined = left.merge(values, on=[*keys, _TS], how="left", validate="many_to_one")
+        declared = _declared_dtypes(repo, view)
         for feature in features:
-            frame[feature] = joined[feature].to_numpy()
+            frame[feature] = _as_declared(joined[feature], declared.get(feature))
     table = pa.Table.from_pandas(frame, preserve_index=False)
     lineage = FeatureLineage(repo=str(repo.path.name), feature_views=sorted(views),
                              feature_refs=list(refs), definitions_hash=repo.definitions_hash)
