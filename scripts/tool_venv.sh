@@ -12,6 +12,11 @@
 tool_venv() {
   local venv=$1 lock=$2 spec=$3 tool=$4 header=$5 relock=${6:-}
   local stamp="$venv/.mloop-lock-sha256"
+  if [ "$relock" != "--relock" ] && [ ! -f "$lock" ]; then
+    # without it the stamp check below compares two empty strings and reports a stale venv
+    echo "$0: lock file $lock not found (scripts/$(basename "$0") --relock writes it)" >&2
+    exit 1
+  fi
 
   mkdir -p "$(dirname "$venv")"
   exec 9>"$venv.setup-lock"
