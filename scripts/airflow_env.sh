@@ -12,33 +12,9 @@
 # MLOOP_AIRFLOW_VENV overrides the folder.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-venv=${MLOOP_AIRFLOW_VENV:-.venv-airflow}
-lock=requirements-airflow.lock
 spec="apache-airflow>=3.3,<4"
+header="# Pinned Airflow for \`mloop export airflow\` ($spec, Python 3.11), in .venv-airflow.\n# Regenerate: scripts/airflow_env.sh --relock"
 
-mkdir -p "$(dirname "$venv")"
-exec 9>"$venv.setup-lock"  # two callers at once: the second waits, then finds it done
-flock 9
-
-stamp="$venv/.mloop-lock-sha256"
-if [ "${1:-}" != "--relock" ] && [ -x "$venv/bin/airflow" ] \
-    && [ "$(cat "$stamp" 2>/dev/null)" = "$(sha256sum "$lock" | cut -d' ' -f1)" ]; then
-  echo "$venv/bin/airflow"
-  exit 0
-fi
-
-[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
-"$venv/bin/python" -m uv --version >/dev/null 2>&1 \
-  || "$venv/bin/python" -m pip install -q --disable-pip-version-check uv >&2
-uv=("$venv/bin/python" -m uv)
-
-if [ "${1:-}" = "--relock" ]; then
-  echo "$spec" | "${uv[@]}" pip compile - --python-version 3.11 \
-    --python-platform x86_64-unknown-linux-gnu -q --no-header -o "$lock"
-  sed -i "1i # Pinned Airflow for \`mloop export airflow\` ($spec, Python 3.11), in .venv-airflow.\n# Regenerate: scripts/airflow_env.sh --relock" "$lock"
-fi
-
-rm -f "$stamp"
-"${uv[@]}" pip sync -q --python "$venv/bin/python" "$lock" >&2
-sha256sum "$lock" | cut -d' ' -f1 >"$stamp"
-echo "$venv/bin/airflow"
+. scripts/tool_venv.sh
+tool_venv "${MLOOP_AIRFLOW_VENV:-.venv-airflow}" requirements-airflow.lock "$spec" airflow \
+  "$header" "${1:-}"

@@ -12,6 +12,7 @@ cleared ``COLUMNS``.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -20,6 +21,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any, NoReturn
@@ -397,6 +399,101 @@ def comparable_lineage(lin: dict[str, Any], *, code_stable: bool) -> dict[str, A
             "code": lin["code"], "config_hash": lin["config_hash"], "data": data,
             "pipeline": run["pipeline"], "status": run["status"],
             "run_config_hash": run["config_hash"], "steps": steps}
+
+
+@contextlib.contextmanager
+def mloop_run_meanwhile(root: Path, log: Path) -> Iterator[subprocess.Popen[Any]]:
+    """`mloop run --json` on ``root`` in a process group of its own while the block runs (an
+    orchestrator runs a copy meanwhile), its output to ``log``; killed if it is still running
+    when the block ends."""
+    with log.open("w") as fh:
+        proc = subprocess.Popen([MLOOP_BIN, "-C", str(root), "run", "--json"], stdout=fh,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def check_one_run_each_step_once(root: Path) -> str:
+    """mloop's record of an orchestrated run of ``root``: one pipeline run, succeeded, every
+    step run once (no cache hit), each in an MLflow run of its own. Returns its id."""
+    from mloop.project import open_project
+    from mloop.status import list_runs, show_run
+
+    project = open_project(root)
+    runs = list_runs(project)
+    assert [(r["status"], r["steps_total"], r["cache_hits"]) for r in runs] == [
+        ("succeeded", 7, 0)]
+    shown = show_run(project, runs[0]["run_id"])
+    assert [(s["step"], s["status"], s["attempts"]) for s in shown["steps"]] == [
+        (s, "succeeded", 1) for s in STEPS]
+    assert len({s["mlflow_run_id"] for s in shown["steps"]}) == len(STEPS)
+    return str(runs[0]["run_id"])
+
+
+def check_same_lineage_as_mloop_run(orchestrated: Path, local: Path, run_id: str, *,
+                                    code_stable: bool) -> None:
+    """The version the orchestrated run ``run_id`` registered has the lineage of the one
+    `mloop run` registered in ``local``, and was gated and promoted as it was."""
+    mine, theirs = lineage_of(orchestrated), lineage_of(local)
+    assert mine["pipeline_run"]["run_id"] == run_id
+    assert comparable_lineage(mine, code_stable=code_stable) == comparable_lineage(theirs,
+                                                                     code_stable=code_stable)
+    assert [s["step"] for s in mine["pipeline_run"]["steps"]] == STEPS
+    # the bike model passes every gate (latency is CPU time per call, so a busy machine does
+    # not fail it), and auto_promote makes the gate task promote it, as `mloop run` does
+    assert mine["gates"] == theirs["gates"] == "passed"
+    assert mine["aliases"] == theirs["aliases"] == ["champion"]
+
+
+def clashing_pipeline(left: str) -> str:
+    """pipeline.py of a custom pipeline ``custom`` whose steps take the names an export gives
+    its own tasks (create_run; gate, with retries=3), one branch's step named ``left``,
+    joined with the other."""
+    return f"""\
+        from mloop import pipeline, step
+
+        @step
+        def create_run():
+            return 1
+
+        @step(retries=3)
+        def gate(x):
+            return x + 1
+
+        @step
+        def {left}(x):
+            return x
+
+        @step
+        def join(a, b):
+            return a + b
+
+        @pipeline(name="custom")
+        def custom(cfg):
+            first = create_run()
+            join(gate(first), {left}(first))
+        """
+
+
+# a custom train step whose first attempt fails as a flaky dependency would (the pipeline's
+# retries, or an orchestrator's, recover it); it counts its attempts in attempts.txt
+FLAKY_TRAIN = """\
+from pathlib import Path
+from mloop.tabular.steps import train as builtin_train
+
+COUNTER = Path(__file__).with_name("attempts.txt")
+
+def train(ctx, data, target, task, features, model):
+    n = int(COUNTER.read_text()) if COUNTER.exists() else 0
+    COUNTER.write_text(str(n + 1))
+    if n == 0:
+        raise ConnectionError("feature store timed out")
+    return builtin_train.fn(ctx, data, target, task, features, model)
+"""
 
 
 def self_signed_cert(folder: Path, name: str = "tls") -> tuple[Path, Path]:

@@ -12,7 +12,6 @@ import ast
 import json
 import os
 import re
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -27,17 +26,19 @@ from mloop.export.files import MARKER
 from mloop.pipeline.dsl import _mloop_source_digest
 from mloop.pipeline.runner import create_run, registered_version, run_single_step
 from mloop.project import open_project
-from mloop.status import list_runs, show_run
 
 from .helpers import (
+    FLAKY_TRAIN,
     MLOOP_BIN,
     REPO,
     STEPS,
     append_config,
-    comparable_lineage,
+    check_one_run_each_step_once,
+    check_same_lineage_as_mloop_run,
+    clashing_pipeline,
     copy_bike,
     copy_flights_feast,
-    lineage_of,
+    mloop_run_meanwhile,
     run_cli,
     run_process_group,
 )
@@ -46,6 +47,16 @@ from .helpers import (
 @pytest.fixture
 def bike(tmp_path: Path) -> Path:
     return copy_bike(tmp_path / "bike_sharing")
+
+
+def _assert_ruff_clean(path: Path) -> None:
+    """The DAG file passes ruff's strict rules on its own (no project config)."""
+    ruff = Path(sys.executable).parent / "ruff"
+    proc = subprocess.run([str(ruff), "check", "--isolated", "--line-length", "100",
+                           "--target-version", "py311", "--select",
+                           "E,F,W,I,B,UP,SIM,RUF", str(path)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 # ------------------------------------------------------------------------------ the DAG
@@ -114,12 +125,7 @@ def test_a_feast_project_materializes_its_online_store_before_the_run(
              if isinstance(n, ast.Expr) and isinstance(n.value, ast.BinOp)]
     assert "materialize >> create_run" in wired
     path = write_airflow(open_project(root), tmp_path / "dags")
-    ruff = Path(sys.executable).parent / "ruff"
-    proc = subprocess.run([str(ruff), "check", "--isolated", "--line-length", "100",
-                           "--target-version", "py311", "--select",
-                           "E,F,W,I,B,UP,SIM,RUF", str(path)],
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    _assert_ruff_clean(path)
 
     assert dag_spec(open_project(bike)).materialize_task is None
     assert "materialize" not in airflow_dag(open_project(bike))
@@ -152,30 +158,7 @@ def test_jinja_in_a_path_is_refused(bike: Path) -> None:
 
 
 def test_a_custom_pipeline_keeps_its_wiring_and_task_names_never_clash(make_project) -> None:
-    root = make_project(files={"pipeline.py": """\
-        from mloop import pipeline, step
-
-        @step
-        def create_run():
-            return 1
-
-        @step(retries=3)
-        def gate(x):
-            return x + 1
-
-        @step
-        def left(x):
-            return x
-
-        @step
-        def join(a, b):
-            return a + b
-
-        @pipeline(name="custom")
-        def custom(cfg):
-            first = create_run()
-            join(gate(first), left(first))
-        """})
+    root = make_project(files={"pipeline.py": clashing_pipeline("left")})
     append_config(root, "\npipeline: {entry: 'pipeline:custom'}\n")
     spec = dag_spec(open_project(root))
     assert spec.create_task == "mloop_create_run"  # the step keeps its name
@@ -197,30 +180,10 @@ def test_an_unknown_pipeline_name_is_a_clear_error(bike: Path, tmp_path: Path) -
 
 def test_the_dag_file_is_ruff_clean(bike: Path, tmp_path: Path) -> None:
     path = write_airflow(open_project(bike), tmp_path / "dags")
-    ruff = Path(sys.executable).parent / "ruff"
-    proc = subprocess.run([str(ruff), "check", "--isolated", "--line-length", "100",
-                           "--target-version", "py311", "--select",
-                           "E,F,W,I,B,UP,SIM,RUF", str(path)],
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    _assert_ruff_clean(path)
 
 
 # ------------------------------------------------------------------------------ what the tasks run
-
-FLAKY_TRAIN = """\
-from pathlib import Path
-from mloop.tabular.steps import train as builtin_train
-
-COUNTER = Path(__file__).with_name("attempts.txt")
-
-def train(ctx, data, target, task, features, model):
-    n = int(COUNTER.read_text()) if COUNTER.exists() else 0
-    COUNTER.write_text(str(n + 1))
-    if n == 0:
-        raise ConnectionError("feature store timed out")
-    return builtin_train.fn(ctx, data, target, task, features, model)
-"""
-
 
 @pytest.mark.slow  # two `mloop` processes
 def test_the_tasks_commands_one_try_each_airflow_retrying_then_the_gate(make_project) -> None:
@@ -342,11 +305,7 @@ def test_airflow_runs_the_exported_dag_to_the_same_lineage_as_mloop_run(
     local = copy_bike(tmp_path / "local", extra)
     orchestrated = copy_bike(tmp_path / "airflow", extra)
     # the local run goes on meanwhile, in its own process
-    local_log = (tmp_path / "local.log").open("w")
-    local_run = subprocess.Popen([MLOOP_BIN, "-C", str(local), "run", "--json"],
-                                 stdout=local_log, stderr=subprocess.STDOUT,
-                                 start_new_session=True)
-    try:
+    with mloop_run_meanwhile(local, tmp_path / "local.log") as local_run:
         dags = tmp_path / "dags"
         run_cli("-C", str(orchestrated), "export", "airflow", "--out", str(dags / "bike"))
         home = tmp_path / "airflow_home"
@@ -366,11 +325,6 @@ def test_airflow_runs_the_exported_dag_to_the_same_lineage_as_mloop_run(
         assert rc == 0, log[-5000:]
         assert re.search(r"DagRun Finished: dag_id=bike-sharing,.* state=success", log)
         assert local_run.wait(timeout=900) == 0, (tmp_path / "local.log").read_text()[-3000:]
-    finally:
-        if local_run.poll() is None:
-            os.killpg(local_run.pid, signal.SIGKILL)
-            local_run.wait()
-        local_log.close()
     code_stable = _mloop_source_digest.__wrapped__() == code_before
     print(f"\nairflow env {env_ready:.1f} s, db migrate {t1 - t0:.1f} s, "
           f"dags test {t2 - t1:.1f} s, mloop source unchanged: {code_stable}")
@@ -382,22 +336,6 @@ def test_airflow_runs_the_exported_dag_to_the_same_lineage_as_mloop_run(
     assert sorted(rows) == sorted((t, "success", 1) for t in ["create_run", *STEPS, "gate"])
 
     # mloop's record: one pipeline run, every step ran once, in one process each
-    project = open_project(orchestrated)
-    runs = list_runs(project)
-    assert [(r["status"], r["steps_total"], r["cache_hits"]) for r in runs] == [
-        ("succeeded", 7, 0)]
-    shown = show_run(project, runs[0]["run_id"])
-    assert [(s["step"], s["status"], s["attempts"]) for s in shown["steps"]] == [
-        (s, "succeeded", 1) for s in STEPS]
-    assert len({s["mlflow_run_id"] for s in shown["steps"]}) == len(STEPS)
-
+    run_id = check_one_run_each_step_once(orchestrated)
     # the registered version: the same lineage as `mloop run`'s, and gated like it
-    mine, theirs = lineage_of(orchestrated), lineage_of(local)
-    assert mine["pipeline_run"]["run_id"] == runs[0]["run_id"]
-    assert comparable_lineage(mine, code_stable=code_stable) == comparable_lineage(theirs,
-                                                                     code_stable=code_stable)
-    assert [s["step"] for s in mine["pipeline_run"]["steps"]] == STEPS
-    # the bike model passes every gate (latency is CPU time per call, so a busy machine does
-    # not fail it), and auto_promote makes the gate task promote it, as `mloop run` does
-    assert mine["gates"] == theirs["gates"] == "passed"
-    assert mine["aliases"] == theirs["aliases"] == ["champion"]
+    check_same_lineage_as_mloop_run(orchestrated, local, run_id, code_stable=code_stable)

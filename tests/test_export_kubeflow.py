@@ -16,7 +16,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -31,7 +30,7 @@ from mloop.export.kubeflow import kubeflow_pipeline, pipeline_spec, write_kubefl
 from mloop.pipeline.dsl import _mloop_source_digest
 from mloop.pipeline.runner import registered_version
 from mloop.project import open_project
-from mloop.status import list_runs, show_run
+from mloop.status import list_runs
 
 from .helpers import (
     MLOOP_BIN,
@@ -39,11 +38,14 @@ from .helpers import (
     SMALL_CONFIG,
     STEPS,
     append_config,
-    comparable_lineage,
+    check_one_run_each_step_once,
+    check_same_lineage_as_mloop_run,
+    clashing_pipeline,
     copy_bike,
     copy_flights_feast,
     lineage_of,
     missing,
+    mloop_run_meanwhile,
     require,
     run_cli,
     run_process_group,
@@ -218,30 +220,7 @@ def test_the_k8s_image_and_a_project_name_kfp_cannot_take(make_project) -> None:
 
 @pytest.mark.usefixtures("kfp_sdk")
 def test_a_custom_pipeline_keeps_its_wiring_and_task_names_never_clash(make_project) -> None:
-    root = make_project(files={"pipeline.py": """\
-        from mloop import pipeline, step
-
-        @step
-        def create_run():
-            return 1
-
-        @step(retries=3)
-        def gate(x):
-            return x + 1
-
-        @step
-        def left_side(x):
-            return x
-
-        @step
-        def join(a, b):
-            return a + b
-
-        @pipeline(name="custom")
-        def custom(cfg):
-            first = create_run()
-            join(gate(first), left_side(first))
-        """})
+    root = make_project(files={"pipeline.py": clashing_pipeline("left_side")})
     append_config(root, "\npipeline: {entry: 'pipeline:custom'}\n")
     spec = pipeline_spec(open_project(root))
     assert spec.create_task == "mloop-create-run"  # the step keeps its name
@@ -368,11 +347,7 @@ def test_kfp_local_runs_the_compiled_pipeline_to_the_same_lineage_as_mloop_run(
              f"  mloop_bin: {json.dumps(MLOOP_BIN)}\n"
              f"  project_dir: {json.dumps(str(orchestrated))}\n")
     local, orchestrated = copy_bike(tmp_path / "local", extra), copy_bike(orchestrated, extra)
-    local_log = (tmp_path / "local.log").open("w")
-    local_run = subprocess.Popen([MLOOP_BIN, "-C", str(local), "run", "--json"],
-                                 stdout=local_log, stderr=subprocess.STDOUT,
-                                 start_new_session=True)
-    try:
+    with mloop_run_meanwhile(local, tmp_path / "local.log") as local_run:
         pipeline_file = tmp_path / "out" / "pipeline.yaml"
         t0 = time.monotonic()
         write_kubeflow(open_project(orchestrated), pipeline_file)
@@ -386,11 +361,6 @@ def test_kfp_local_runs_the_compiled_pipeline_to_the_same_lineage_as_mloop_run(
         t2 = time.monotonic()
         assert rc == 0, log[-5000:]
         assert local_run.wait(timeout=900) == 0, (tmp_path / "local.log").read_text()[-3000:]
-    finally:
-        if local_run.poll() is None:
-            os.killpg(local_run.pid, signal.SIGKILL)
-            local_run.wait()
-        local_log.close()
     code_stable = _mloop_source_digest.__wrapped__() == code_before
     print(f"\nexport {t1 - t0:.1f} s, kfp.local {t2 - t1:.1f} s, "
           f"all {time.monotonic() - started:.1f} s, mloop source unchanged: {code_stable}")
@@ -401,27 +371,11 @@ def test_kfp_local_runs_the_compiled_pipeline_to_the_same_lineage_as_mloop_run(
     assert "Retrying" not in log
 
     # mloop's record: one pipeline run, every step ran once, in one process each
-    project = open_project(orchestrated)
-    runs = list_runs(project)
-    assert [(r["status"], r["steps_total"], r["cache_hits"]) for r in runs] == [
-        ("succeeded", 7, 0)]
-    run_id = runs[0]["run_id"]
+    run_id = check_one_run_each_step_once(orchestrated)
     assert re.search(rf"Task 'create-run' outputs:\s+Output: '{run_id}'", log)
-    shown = show_run(project, run_id)
-    assert [(s["step"], s["status"], s["attempts"]) for s in shown["steps"]] == [
-        (s, "succeeded", 1) for s in STEPS]
-    assert len({s["mlflow_run_id"] for s in shown["steps"]}) == len(STEPS)
-    assert registered_version(project, run_id) == 1
-
+    assert registered_version(open_project(orchestrated), run_id) == 1
     # the registered version: the same lineage as `mloop run`'s, and gated like it
-    mine, theirs = lineage_of(orchestrated), lineage_of(local)
-    assert mine["pipeline_run"]["run_id"] == run_id
-    assert comparable_lineage(mine, code_stable=code_stable) == comparable_lineage(theirs,
-                                                                     code_stable=code_stable)
-    # the bike model passes every gate (latency is CPU time per call, so a busy machine does
-    # not fail it), and auto_promote makes the gate task promote it, as `mloop run` does
-    assert mine["gates"] == theirs["gates"] == "passed"
-    assert mine["aliases"] == theirs["aliases"] == ["champion"]
+    check_same_lineage_as_mloop_run(orchestrated, local, run_id, code_stable=code_stable)
 
 
 FLAKY = """\

@@ -12,7 +12,6 @@ from __future__ import annotations
 from importlib import metadata
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from mloop.project import open_project
@@ -20,7 +19,7 @@ from mloop.project import open_project
 from . import tree_engines as te
 from .helpers import copy_project, require
 from .serving_util import check_verdict_redone_at_load
-from .tree_engines import DEFAULT, STRICT, Engine
+from .tree_engines import Engine
 
 pytestmark = pytest.mark.slow
 
@@ -38,16 +37,7 @@ def _lightgbm() -> None:
     require("onnxmltools", install="pip install 'mloop[fast]'")
 
 
-@pytest.fixture(scope="module")
-def rentals(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return ENGINE.project(tmp_path_factory.mktemp("lgbm") / "rentals", "rentals", "regression",
-                          [(30, DEFAULT), (20, STRICT)])
-
-
-@pytest.fixture(scope="module")
-def busy(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return ENGINE.project(tmp_path_factory.mktemp("lgbm") / "busy", "busy", "classification",
-                          [(30, DEFAULT)])
+rentals, busy = te.project_fixtures(ENGINE)
 
 
 def test_a_lightgbm_regressor_registers_verified_with_the_libraries_it_depends_on(
@@ -92,19 +82,4 @@ def test_a_lightgbm_classifier_serves_labels_and_probabilities_from_its_verified
     assert verdict["status"] == "verified", verdict
     assert "0 labels differ" in verdict["detail"]
     assert verdict["against"]["lightgbm"] == metadata.version("lightgbm")
-    frame = ENGINE.frame(60, seed=11)
-    with te.server(busy) as srv:
-        champion = srv.get("/model").json()["champion"]
-        r = srv.post("/predict", {"records": te.records(frame)})
-    assert champion["engine"] == "onnx" and champion["classes"] == CLASSES
-    assert r.status_code == 200, r.text
-    body = r.json()
-    model, prepare = te.original(busy, 1)
-    x = prepare(frame)
-    assert body["classes"] == CLASSES
-    assert body["predictions"] == model.predict(x).tolist()
-    proba = np.asarray(body["probabilities"])
-    expected = np.asarray(model.predict_proba(x))
-    assert proba.shape == (60, 3)
-    assert np.all(np.abs(proba - expected) <= 1e-3 + 1e-4 * expected)
-    assert set(body["predictions"]) == set(CLASSES)  # every class, not a constant
+    te.check_classifier_served_from_its_graph(ENGINE, busy, CLASSES)

@@ -14,7 +14,7 @@ from mloop.errors import ConfigError, PipelineDefinitionError, StepFailedError
 from mloop.pipeline.runner import run_pipeline
 from mloop.project import open_project
 
-from .helpers import SMALL_CONFIG, rentals_frame, run_cli
+from .helpers import FLAKY_TRAIN, SMALL_CONFIG, rentals_frame, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -120,25 +120,10 @@ def test_failing_step_fails_the_run_and_registers_nothing(make_project) -> None:
     assert "the GPU caught fire" in train_run.data.tags["mloop.error"]
 
 
-FLAKY_STEP = """\
-from pathlib import Path
-from mloop.tabular.steps import train as builtin_train
-
-COUNTER = Path(__file__).with_name("attempts.txt")
-
-def train(ctx, data, target, task, features, model):
-    n = int(COUNTER.read_text()) if COUNTER.exists() else 0
-    COUNTER.write_text(str(n + 1))
-    if n == 0:
-        raise ConnectionError("feature store timed out")
-    return builtin_train.fn(ctx, data, target, task, features, model)
-"""
-
-
 def test_retries_recover_a_flaky_step(make_project) -> None:
     config = SMALL_CONFIG + ("pipeline:\n  steps:\n    train: flaky:train\n  retries: 2\n"
                              "  retry_backoff_seconds: 0.05\n")
-    root = make_project(config, files={"flaky.py": FLAKY_STEP})
+    root = make_project(config, files={"flaky.py": FLAKY_TRAIN})
     result = run_pipeline(open_project(root))
     train = next(s for s in result.steps if s.step == "train")
     assert (result.status, train.status, train.attempts) == ("succeeded", "succeeded", 2)

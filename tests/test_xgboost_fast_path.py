@@ -24,7 +24,7 @@ from mloop.registry.candidates import version_files
 from . import tree_engines as te
 from .helpers import copy_project, require
 from .serving_util import check_verdict_redone_at_load
-from .tree_engines import DEFAULT, STRICT, Engine
+from .tree_engines import DEFAULT, Engine
 
 pytestmark = pytest.mark.slow
 
@@ -50,16 +50,7 @@ def _xgboost_version() -> str:
     raise AssertionError("xgboost is importable but no distribution provides it")
 
 
-@pytest.fixture(scope="module")
-def rentals(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return ENGINE.project(tmp_path_factory.mktemp("xgb") / "rentals", "rentals", "regression",
-                          [(30, DEFAULT), (20, STRICT)])
-
-
-@pytest.fixture(scope="module")
-def busy(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return ENGINE.project(tmp_path_factory.mktemp("xgb") / "busy", "busy", "classification",
-                          [(30, DEFAULT)])
+rentals, busy = te.project_fixtures(ENGINE)
 
 
 def test_an_xgboost_regressor_registers_verified_with_the_libraries_it_depends_on(
@@ -117,22 +108,7 @@ def test_an_xgboost_classifier_serves_labels_and_probabilities_from_its_verified
     assert verdict["status"] == "verified", verdict
     assert "0 labels differ" in verdict["detail"]
     assert verdict["against"]["xgboost"] == _xgboost_version()
-    frame = ENGINE.frame(60, seed=11)
-    with te.server(busy) as srv:
-        champion = srv.get("/model").json()["champion"]
-        r = srv.post("/predict", {"records": te.records(frame)})
-    assert champion["engine"] == "onnx" and champion["classes"] == CLASSES
-    assert r.status_code == 200, r.text
-    body = r.json()
-    model, prepare = te.original(busy, 1)
-    x = prepare(frame)
-    assert body["classes"] == CLASSES
-    assert body["predictions"] == model.predict(x).tolist()
-    proba = np.asarray(body["probabilities"])
-    expected = np.asarray(model.predict_proba(x))
-    assert proba.shape == (60, 3)
-    assert np.all(np.abs(proba - expected) <= 1e-3 + 1e-4 * expected)
-    assert set(body["predictions"]) == set(CLASSES)  # every class, not a constant
+    te.check_classifier_served_from_its_graph(ENGINE, busy, CLASSES)
 
 
 def test_an_xgboost_classifier_refuses_text_classes_before_training_saying_how_to_fix(

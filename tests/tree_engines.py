@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from mloop.pipeline.runner import run_pipeline
 from mloop.project import open_project
@@ -94,6 +95,25 @@ class Engine:
         return root
 
 
+def project_fixtures(engine: Engine) -> tuple[Any, Any]:
+    """The module-scoped fixtures ``rentals`` (regression; v1 with the default tolerances, v2
+    with a zero tolerance that float32 trees cannot meet) and ``busy`` (three classes, v1),
+    trained with ``engine``. A test module binds them by those names:
+    ``rentals, busy = te.project_fixtures(ENGINE)``."""
+
+    @pytest.fixture(scope="module")
+    def rentals(tmp_path_factory: pytest.TempPathFactory) -> Path:
+        return engine.project(tmp_path_factory.mktemp(engine.library) / "rentals", "rentals",
+                              "regression", [(30, DEFAULT), (20, STRICT)])
+
+    @pytest.fixture(scope="module")
+    def busy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+        return engine.project(tmp_path_factory.mktemp(engine.library) / "busy", "busy",
+                              "classification", [(30, DEFAULT)])
+
+    return rentals, busy
+
+
 def verdict_tag(root: Path, name: str, version: int) -> dict[str, Any]:
     mv = open_project(root).mlflow.get_model_version(name, str(version))
     return json.loads(mv.tags[TAG])  # type: ignore[no-any-return]
@@ -152,3 +172,24 @@ def check_a_mismatch_served_by_the_original(engine: Engine, rentals: Path) -> No
     rows = records(frame)
     cols = {c: [r[c] for r in rows] for c in ("hour", "weather", "temp")}
     assert served.predict_columns(cols) == model.predict(prepare(frame)).tolist()  # exact
+
+
+def check_classifier_served_from_its_graph(engine: Engine, busy: Path, classes: list[Any]) -> None:
+    """v1 of the busy project answers labels and probabilities from its graph as the original
+    pipeline does (``classes``: the classes as the server names them, sorted)."""
+    frame = engine.frame(60, seed=11)
+    with server(busy) as srv:
+        champion = srv.get("/model").json()["champion"]
+        r = srv.post("/predict", {"records": records(frame)})
+    assert champion["engine"] == "onnx" and champion["classes"] == classes
+    assert r.status_code == 200, r.text
+    body = r.json()
+    model, prepare = original(busy, 1)
+    x = prepare(frame)
+    assert body["classes"] == classes
+    assert body["predictions"] == model.predict(x).tolist()
+    proba = np.asarray(body["probabilities"])
+    expected = np.asarray(model.predict_proba(x))
+    assert proba.shape == (60, 3)
+    assert np.all(np.abs(proba - expected) <= 1e-3 + 1e-4 * expected)
+    assert set(body["predictions"]) == set(classes)  # every class, not a constant

@@ -4,12 +4,16 @@ gitlab-ci|terraform``."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from mloop.cli._common import JsonOpt, open_project, report
 from mloop.cli.render import err, out
+
+if TYPE_CHECKING:
+    from mloop.export.ci_workflows import WorkflowOptions
+    from mloop.project import Project
 
 export_app = typer.Typer(no_args_is_help=True, help="Hand the project to other systems: "
                                                     "Kubernetes manifests and a Dockerfile, "
@@ -108,6 +112,21 @@ InstallOpt = Annotated[str | None, typer.Option(
 BranchOpt = Annotated[str, typer.Option("--branch", help="The main branch.")]
 
 
+def _workflow_project(install: str | None, branch: str,
+                      base_env: str) -> tuple[Project, WorkflowOptions]:
+    """The project and the options both CI exports (github-actions, gitlab-ci) write with."""
+    from mloop.export.ci_workflows import workflow_options
+
+    project = open_project()
+    return project, workflow_options(project, install=install, branch=branch, base_env=base_env)
+
+
+def _workflow_fields(opts: WorkflowOptions) -> dict[str, Any]:
+    """What both CI exports report about their options (--json)."""
+    return {"project_dir": opts.project_dir, "base_env": opts.base_env,
+            "secrets": list(opts.secrets)}
+
+
 @export_app.command("github-actions")
 def export_github_actions(
     out_dir: Annotated[Path, typer.Option("--out", help="The workflows folder, e.g. "
@@ -121,10 +140,9 @@ def export_github_actions(
     """Two GitHub Actions workflows: mloop-ci.yml (on a pull request: `mloop ci check`, the
     report posted as a comment) and mloop-promote.yml (on a push to main: promote to staging;
     then production behind the `production` environment's required reviewers)."""
-    from mloop.export.ci_workflows import workflow_options, write_github_actions
+    from mloop.export.ci_workflows import write_github_actions
 
-    project = open_project()
-    opts = workflow_options(project, install=install, branch=branch, base_env=base_env)
+    project, opts = _workflow_project(install, branch, base_env)
     written = write_github_actions(project, out_dir, opts)
 
     def render(_: dict[str, Any]) -> None:
@@ -135,9 +153,8 @@ def export_github_actions(
         if opts.secrets:
             err.print(f"note: add repository secrets {', '.join(opts.secrets)}")
 
-    report({"out": str(out_dir), "files": [str(p) for p in written],
-            "project_dir": opts.project_dir, "base_env": opts.base_env,
-            "secrets": list(opts.secrets)}, json_, render)
+    report({"out": str(out_dir), "files": [str(p) for p in written], **_workflow_fields(opts)},
+           json_, render)
 
 
 @export_app.command("gitlab-ci")
@@ -152,10 +169,9 @@ def export_gitlab_ci(
 ) -> None:
     """A GitLab CI pipeline: on a merge request `mloop ci check` (the report posted as a
     note); on the main branch promote to staging, then production as a manual job."""
-    from mloop.export.ci_workflows import workflow_options, write_gitlab_ci
+    from mloop.export.ci_workflows import write_gitlab_ci
 
-    project = open_project()
-    opts = workflow_options(project, install=install, branch=branch, base_env=base_env)
+    project, opts = _workflow_project(install, branch, base_env)
     path = write_gitlab_ci(project, out_file, opts)
 
     def render(_: dict[str, Any]) -> None:
@@ -163,8 +179,7 @@ def export_gitlab_ci(
         err.print("note: set the CI/CD variable MLOOP_GITLAB_TOKEN (project access token, api "
                   "scope) so the report can be posted on the merge request")
 
-    report({"file": str(path), "project_dir": opts.project_dir, "base_env": opts.base_env,
-            "secrets": list(opts.secrets)}, json_, render)
+    report({"file": str(path), **_workflow_fields(opts)}, json_, render)
 
 
 @export_app.command("terraform")

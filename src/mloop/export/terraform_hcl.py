@@ -248,7 +248,80 @@ resource "aws_db_instance" "mloop" {
 }
 """
 
-IAM = """\
+
+# The pods' two roles (server, controller) differ only in their names, and all three roles
+# share one shape; these build those blocks, %-templates so the HCL's own braces stay as
+# written. Each role ``R`` is assumed under ``R_trust`` and runs on the service account
+# ``local.R_sa`` (the pods').
+
+_IRSA_TRUST = """\
+data "aws_iam_policy_document" "%(role)s_trust" {
+  statement {
+    actions = ["sts:AssumeRoleWithWebIdentity"]
+    principals {
+      type        = "Federated"
+      identifiers = [var.eks_oidc_provider_arn]
+    }
+    condition {
+      test     = "StringEquals"
+      variable = "${local.oidc_issuer}:sub"
+      values   = ["system:serviceaccount:${var.namespace}:${local.%(role)s_sa}"]
+    }
+    condition {
+      test     = "StringEquals"
+      variable = "${local.oidc_issuer}:aud"
+      values   = ["sts.amazonaws.com"]
+    }
+  }
+}
+"""
+
+_ROLE = """\
+resource "aws_iam_role" "%(role)s" {
+%(settings)s}
+
+resource "aws_iam_role_policy" "%(role)s" {
+  name   = "mloop-stores"
+  role   = aws_iam_role.%(role)s.id
+  policy = data.aws_iam_policy_document.%(policy)s.json
+}
+"""
+
+_SERVICE_ACCOUNT = """\
+resource "kubernetes_service_account_v1" "%(role)s" {
+  metadata {
+    name        = local.%(role)s_sa
+    namespace   = var.namespace
+    annotations = { "eks.amazonaws.com/role-arn" = aws_iam_role.%(role)s.arn }
+  }
+  automount_service_account_token = true
+  depends_on                      = [kubernetes_namespace_v1.mloop]
+}
+"""
+
+
+def _irsa_trust(role: str) -> str:
+    """The trust policy of a pod's role: EKS's OIDC tokens of its service account only."""
+    return _IRSA_TRUST % {"role": role}
+
+
+def _role(role: str, policy: str, **settings: str) -> str:
+    """Role ``role`` (``settings``: more of its arguments, HCL values) with the inline policy
+    ``policy``, its ``=`` aligned as ``terraform fmt`` leaves them."""
+    lines = {"name": '"mloop-${var.name}-' + role + '"',
+             "assume_role_policy": f"data.aws_iam_policy_document.{role}_trust.json",
+             **settings}
+    width = max(map(len, lines))
+    return _ROLE % {"role": role, "policy": policy,
+                    "settings": "".join(f"  {k.ljust(width)} = {v}\n" for k, v in lines.items())}
+
+
+def _service_account(role: str) -> str:
+    """The Kubernetes service account of a pod's role (IRSA: annotated with the role)."""
+    return _SERVICE_ACCOUNT % {"role": role}
+
+
+_IAM_HEAD = """\
 # Three roles, each allowed only what its process does:
 # - server (`mloop serve`, `mloop ui`): reads models and snapshots, appends to the inference log;
 # - controller (the `mloop loop --once` CronJob): retrains and promotes, so it reads and writes
@@ -263,47 +336,9 @@ locals {
   objects_arn = "${aws_s3_bucket.mloop.arn}/*"
   oidc_issuer = trimprefix(var.eks_oidc_issuer_url, "https://")
 }
+"""
 
-data "aws_iam_policy_document" "server_trust" {
-  statement {
-    actions = ["sts:AssumeRoleWithWebIdentity"]
-    principals {
-      type        = "Federated"
-      identifiers = [var.eks_oidc_provider_arn]
-    }
-    condition {
-      test     = "StringEquals"
-      variable = "${local.oidc_issuer}:sub"
-      values   = ["system:serviceaccount:${var.namespace}:${local.server_sa}"]
-    }
-    condition {
-      test     = "StringEquals"
-      variable = "${local.oidc_issuer}:aud"
-      values   = ["sts.amazonaws.com"]
-    }
-  }
-}
-
-data "aws_iam_policy_document" "controller_trust" {
-  statement {
-    actions = ["sts:AssumeRoleWithWebIdentity"]
-    principals {
-      type        = "Federated"
-      identifiers = [var.eks_oidc_provider_arn]
-    }
-    condition {
-      test     = "StringEquals"
-      variable = "${local.oidc_issuer}:sub"
-      values   = ["system:serviceaccount:${var.namespace}:${local.controller_sa}"]
-    }
-    condition {
-      test     = "StringEquals"
-      variable = "${local.oidc_issuer}:aud"
-      values   = ["sts.amazonaws.com"]
-    }
-  }
-}
-
+_IAM_CI_TRUST_AND_POLICIES = """\
 # GitHub Actions' OIDC tokens of var.ci_repository only (any branch or pull request: the
 # workflows gate before they promote, and production waits for the environment's reviewers).
 data "aws_iam_policy_document" "ci_trust" {
@@ -366,43 +401,20 @@ data "aws_iam_policy_document" "writer" {
     resources = [aws_kms_key.mloop.arn]
   }
 }
-
-resource "aws_iam_role" "server" {
-  name               = "mloop-${var.name}-server"
-  assume_role_policy = data.aws_iam_policy_document.server_trust.json
-}
-
-resource "aws_iam_role_policy" "server" {
-  name   = "mloop-stores"
-  role   = aws_iam_role.server.id
-  policy = data.aws_iam_policy_document.server.json
-}
-
-resource "aws_iam_role" "controller" {
-  name               = "mloop-${var.name}-controller"
-  assume_role_policy = data.aws_iam_policy_document.controller_trust.json
-}
-
-resource "aws_iam_role_policy" "controller" {
-  name   = "mloop-stores"
-  role   = aws_iam_role.controller.id
-  policy = data.aws_iam_policy_document.writer.json
-}
-
-resource "aws_iam_role" "ci" {
-  name                 = "mloop-${var.name}-ci"
-  assume_role_policy   = data.aws_iam_policy_document.ci_trust.json
-  max_session_duration = 3600
-}
-
-resource "aws_iam_role_policy" "ci" {
-  name   = "mloop-stores"
-  role   = aws_iam_role.ci.id
-  policy = data.aws_iam_policy_document.writer.json
-}
 """
 
-KUBERNETES = """\
+# one blank line between blocks
+IAM = "\n".join([
+    _IAM_HEAD,
+    _irsa_trust("server"),
+    _irsa_trust("controller"),
+    _IAM_CI_TRUST_AND_POLICIES,
+    _role("server", "server"),
+    _role("controller", "writer"),
+    _role("ci", "writer", max_session_duration="3600"),
+])
+
+_KUBERNETES_HEAD = """\
 # The objects of `mloop export k8s` (k8s-*.json here, the same objects that export writes as
 # YAML), applied by the kubernetes provider into var.namespace, with the two service accounts
 # that carry the IAM roles. ServiceMonitor and PrometheusRule need prometheus-operator's CRDs
@@ -425,27 +437,9 @@ resource "kubernetes_namespace_v1" "mloop" {
     name = var.namespace
   }
 }
+"""
 
-resource "kubernetes_service_account_v1" "server" {
-  metadata {
-    name        = local.server_sa
-    namespace   = var.namespace
-    annotations = { "eks.amazonaws.com/role-arn" = aws_iam_role.server.arn }
-  }
-  automount_service_account_token = true
-  depends_on                      = [kubernetes_namespace_v1.mloop]
-}
-
-resource "kubernetes_service_account_v1" "controller" {
-  metadata {
-    name        = local.controller_sa
-    namespace   = var.namespace
-    annotations = { "eks.amazonaws.com/role-arn" = aws_iam_role.controller.arn }
-  }
-  automount_service_account_token = true
-  depends_on                      = [kubernetes_namespace_v1.mloop]
-}
-
+_KUBERNETES_MANIFESTS = """\
 resource "kubernetes_manifest" "mloop" {
   for_each = local.manifests
   manifest = merge(each.value, {
@@ -454,6 +448,13 @@ resource "kubernetes_manifest" "mloop" {
   depends_on = [kubernetes_service_account_v1.server, kubernetes_service_account_v1.controller]
 }
 """
+
+KUBERNETES = "\n".join([
+    _KUBERNETES_HEAD,
+    _service_account("server"),
+    _service_account("controller"),
+    _KUBERNETES_MANIFESTS,
+])
 
 OUTPUTS = """\
 output "bucket" {
