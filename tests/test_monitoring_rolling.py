@@ -23,7 +23,7 @@ from mloop.data.profile import compute_profile
 from mloop.data.snapshot import SnapshotStore
 from mloop.data.temporal_profile import MIN_CHUNKS
 from mloop.monitoring.evaluate import evaluate_window
-from mloop.monitoring.reference import _log_temporal
+from mloop.monitoring.reference import log_temporal
 from mloop.storage import ObjectStore
 
 BIKE = Path(__file__).resolve().parents[1] / "examples" / "bike_sharing" / "data" / \
@@ -76,7 +76,7 @@ def _judge(training: dict[str, Any], before: pa.Table, week: pa.Table, *,
     """What ``mloop monitor`` does for a rolling reference: the rows before the window
     profiled on their own bins, with the training snapshot's rolling null (or iid-only)."""
     reference = compute_profile(before.select(FEATURES))
-    reference["temporal"] = (_log_temporal(training, ROLLING, "rolling") if rolling_null
+    reference["temporal"] = (log_temporal(training, ROLLING, "rolling") if rolling_null
                              else {"reason": "iid-only"})
     return evaluate_window(reference, week, CFG, columns=FEATURES, size="7d")["drift"]
 
@@ -145,20 +145,20 @@ def test_a_sudden_shift_is_still_flagged_against_the_weeks_before_it(
 
 
 def test_a_rolling_null_serves_only_its_own_span(training: dict[str, Any]) -> None:
-    mine = _log_temporal(training, ROLLING, "rolling")
+    mine = log_temporal(training, ROLLING, "rolling")
     assert mine["window"] == "7d" and mine["chunks"] == 47 and mine["rolling"] == "28d"
     assert set(mine["columns"]) == set(FEATURES)
-    other = _log_temporal(training, RollingReference(rolling="14d"),  # type: ignore[arg-type]
+    other = log_temporal(training, RollingReference(rolling="14d"),  # type: ignore[arg-type]
                           "rolling")
     assert other == {"reason": "the training snapshot's rolling null is for 28d, this "
                                "reference is rolling 14d (the next training snapshot is "
                                "profiled for it)"}
-    seasonal = _log_temporal(training, SeasonalReference(seasonal="1y"),  # type: ignore[arg-type]
+    seasonal = log_temporal(training, SeasonalReference(seasonal="1y"),  # type: ignore[arg-type]
                              "seasonal")
     assert seasonal["reason"].startswith("the reference is seasonal traffic from the inference "
                                          "log")
     old = {k: v for k, v in training.items() if k != "temporal"}
-    assert _log_temporal(old, ROLLING, "rolling")["reason"].startswith(
+    assert log_temporal(old, ROLLING, "rolling")["reason"].startswith(
         "the reference is rolling traffic")
     assert len(mine["columns"]["hr"]["ks"]) >= MIN_CHUNKS
 

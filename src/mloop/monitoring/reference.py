@@ -104,7 +104,7 @@ def choose_reference(project: Project, base: R, start: datetime, end: datetime
             f"requested_{k}": v for k, v in span.items()}, "fallback": why},
             f"training-v{base.version}")
     profile = stored["inputs"]
-    profile["temporal"] = _log_temporal(base.profile, choice, kind)
+    profile["temporal"] = log_temporal(base.profile, choice, kind)
     chosen = copy.copy(base)  # the version's metrics and calibration stay as they are
     chosen.profile, chosen.features = profile, stored["features"]
     chosen.prediction_profile = stored["prediction"]
@@ -113,7 +113,7 @@ def choose_reference(project: Project, base: R, start: datetime, end: datetime
     return ChosenReference(chosen, record, key)
 
 
-def _log_temporal(training: dict[str, Any], choice: RollingReference | SeasonalReference,
+def log_temporal(training: dict[str, Any], choice: RollingReference | SeasonalReference,
                   kind: str) -> dict[str, Any]:
     """The temporal section a log-based reference's windows are judged with: the training
     snapshot's rolling null for this span, or why there is none."""
