@@ -105,6 +105,13 @@ def test_quick_run_judges_windows_with_temporal_calibration_and_records_them(
     assert all(r["threshold_iid"] > 0 and r["threshold_temporal"] is not None for r in weeks)
     assert agg["periods"]["mloop multivariate"]["later"]["windows"] == 3
     assert "mloop multivariate" in proc.stdout
+    # the rolling side: weeks with 28 days before them; 12 weeks leave 8 chunks with a whole
+    # 28 days before them, too few for a rolling null, so they are judged iid-only, saying so
+    rolling = ml["rolling"]
+    assert rolling["null"]["reason"].startswith("only 8 chunk(s) have a whole 28d")
+    assert agg["periods"]["mloop rolling 28d"]["inside"]["windows"] == 12 - 4
+    assert not any(r["temporal_applied"] for rows in rolling["verdicts"].values() for r in rows)
+    assert {t["trials"] for t in rolling["trials"].values()} == {12 - 4 - 1}
     # how detectable each shift is: 12 weeks leave 12 - 4 - 1 probe trials per column
     dt = bike["detectability"]
     assert set(dt) == {"hum", "weathersit"} and "how detectable each shift is" in proc.stdout
