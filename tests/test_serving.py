@@ -538,6 +538,15 @@ def test_batch_scoring_streams_chunks_and_matches_the_model(proj: Path, tmp_path
     as_csv = pd.read_csv(out3)
     assert len(as_csv) == len(frame) and list(as_csv.columns[-1:]) == ["prediction"]
     np.testing.assert_allclose(as_csv["prediction"].to_numpy(), v2, rtol=1e-6)
+    # rows picked out of a frame and saved with pandas' defaults keep their index, which
+    # pandas stores as a column ``__index_level_0__``: it is the frame's index, not an input
+    # column, and is not copied into the output (a new user's output had it)
+    picked = tmp_path / "picked.parquet"
+    frame[frame["hour"] == 8].to_parquet(picked)
+    out4 = tmp_path / "picked.csv"
+    done = predict_file(open_project(proj), picked, out4, progress=False)
+    assert list(pd.read_csv(out4).columns) == ["hour", "weather", "temp", "prediction"]
+    assert done["rows"] == int((frame["hour"] == 8).sum()) > 0
 
 
 def test_batch_scoring_bad_input_names_the_problem_and_writes_nothing(

@@ -46,7 +46,14 @@ def _reader(path: Path, chunk_rows: int) -> tuple[Iterator[pa.RecordBatch], int 
             pf = pq.ParquetFile(path)
         except Exception as exc:
             raise DataSourceError(f"{path}: not a readable Parquet file ({exc})") from exc
-        return pf.iter_batches(batch_size=chunk_rows), pf.metadata.num_rows, "rows"
+        # a frame written by pandas with its index (``to_parquet()`` keeps any index but a
+        # plain range) stores it as a column such as ``__index_level_0__``: pandas reads it
+        # back as the index, so it is not one of the file's columns and is not copied out
+        index = {c for c in (pf.schema_arrow.pandas_metadata or {}).get("index_columns", [])
+                 if isinstance(c, str)}
+        columns = [n for n in pf.schema_arrow.names if n not in index] if index else None
+        return (pf.iter_batches(batch_size=chunk_rows, columns=columns), pf.metadata.num_rows,
+                "rows")
     if suffix in (".csv", ".txt", ".gz"):
         import pyarrow.csv as pacsv
 
