@@ -537,3 +537,19 @@ def busy_config(*, params: str, metrics: str, extra: str = "") -> str:
             "  estimator: sklearn.linear_model.LogisticRegression\n"
             f"  params: {params}\nmetrics: {metrics}\n{extra}")
 
+
+def model_on(root: Path, frame: pd.DataFrame, version: int = 1
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """A version's own labels and probabilities on ``frame`` (already complete), from its
+    raw model: what a feature-store path must reproduce."""
+    from mloop.project import open_project
+    from mloop.registry.candidates import load_pyfunc
+
+    _, pyfunc = load_pyfunc(open_project(root), version)
+    schema = pyfunc.metadata.get_input_schema()
+    x = frame[schema.input_names()].copy()
+    for col in schema.inputs:
+        if col.type.name == "double":
+            x[col.name] = x[col.name].astype("float64")
+    raw = pyfunc.get_raw_model()
+    return raw.predict(x), raw.predict_proba(x)

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from mloop.cli.app import main
-from tests.helpers import FLIGHTS, copy_project, train_flights_feast
+from tests.helpers import FLIGHTS, copy_project, model_on, train_flights_feast
 
 pytestmark = pytest.mark.slow
 
@@ -35,21 +35,6 @@ def _flights(n: int = 120) -> pd.DataFrame:
     frame = pd.read_parquet(FLIGHTS)
     day = frame[(frame["datetime"] >= "2013-01-05") & (frame["datetime"] < "2013-01-07")]
     return day.sample(n=n, random_state=0).reset_index(drop=True)[KEYS_ONLY]
-
-
-def _model_on(root: Path, frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-    """Version 1's own labels and probabilities on ``frame`` (already complete)."""
-    from mloop.project import open_project
-    from mloop.registry.candidates import load_pyfunc
-
-    _, pyfunc = load_pyfunc(open_project(root), 1)
-    schema = pyfunc.metadata.get_input_schema()
-    x = frame[schema.input_names()].copy()
-    for col in schema.inputs:
-        if col.type.name == "double":
-            x[col.name] = x[col.name].astype("float64")
-    raw = pyfunc.get_raw_model()
-    return raw.predict(x), raw.predict_proba(x)
 
 
 def _predict(root: Path, frame: pd.DataFrame, tmp_path: Path,
@@ -88,7 +73,7 @@ def test_a_keys_only_file_is_completed_point_in_time_and_scored_as_the_model_wou
     completed = table.to_pandas()
     for name in LOOKED_UP:
         assert np.allclose(out[name].astype(float), completed[name].astype(float)), name
-    label, proba = _model_on(root, completed)
+    label, proba = model_on(root, completed)
     assert out["prediction"].tolist() == label.tolist()
     assert np.allclose(out[["proba_0", "proba_1"]].to_numpy(), proba, atol=1e-9)
 
@@ -114,7 +99,7 @@ def test_a_file_without_event_time_is_completed_from_the_online_store(
     completed = pd.concat([frame, online], axis=1)
     for name in LOOKED_UP:
         assert np.allclose(out[name].astype(float), completed[name].astype(float)), name
-    label, _ = _model_on(root, completed)
+    label, _ = model_on(root, completed)
     assert out["prediction"].tolist() == label.tolist()
 
 

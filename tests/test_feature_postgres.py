@@ -22,7 +22,7 @@ import pytest
 import sqlalchemy as sa
 
 from mloop.cli.app import main
-from tests.helpers import FLIGHTS, REPO, copy_flights_feast, copy_project, require_feast
+from tests.helpers import FLIGHTS, REPO, copy_flights_feast, copy_project, model_on, require_feast
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
@@ -218,8 +218,6 @@ def test_point_in_time_predict_completes_a_keys_only_file_as_the_file_store_woul
         trained: Path, file_repo: Any, tmp_path: Path,
         capsys: pytest.CaptureFixture[str]) -> None:
     from mloop.features.training import training_table
-    from mloop.project import open_project
-    from mloop.registry.candidates import load_pyfunc
 
     frame = pd.read_parquet(FLIGHTS)
     days = frame[(frame["datetime"] >= "2013-01-05") & (frame["datetime"] < "2013-01-07")]
@@ -240,15 +238,9 @@ def test_point_in_time_predict_completes_a_keys_only_file_as_the_file_store_woul
     completed = table.to_pandas()
     for name in LOOKED_UP:
         assert out[name].tolist() == completed[name].tolist(), name
-    _, pyfunc = load_pyfunc(open_project(trained), 1)
-    schema = pyfunc.metadata.get_input_schema()
-    x = completed[schema.input_names()].copy()
-    for col in schema.inputs:
-        if col.type.name == "double":
-            x[col.name] = x[col.name].astype("float64")
-    raw = pyfunc.get_raw_model()
-    assert out["prediction"].tolist() == raw.predict(x).tolist()
-    assert np.allclose(out[["proba_0", "proba_1"]].to_numpy(), raw.predict_proba(x), atol=1e-12)
+    label, proba = model_on(trained, completed)
+    assert out["prediction"].tolist() == label.tolist()
+    assert np.allclose(out[["proba_0", "proba_1"]].to_numpy(), proba, atol=1e-12)
 
 
 @pytest.mark.parametrize("command, doing", [

@@ -12,7 +12,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -24,20 +23,13 @@ from mloop.monitoring.joint import check_joint, iid_threshold, joint_reference
 from mloop.monitoring.report import joint_note
 from mloop.storage import ObjectStore
 
-BIKE = Path(__file__).resolve().parents[1] / "examples" / "bike_sharing" / "data" / \
-    "bike_hourly.parquet"
-FEATURES = ["season", "hr", "holiday", "weekday", "workingday", "weathersit", "temp", "atemp",
-            "hum", "windspeed"]
+from .bike_windows import BIKE, FEATURES
+from .bike_windows import between as _between
+
 # the demo's training period; weeks are epoch-aligned (Thursdays), as monitoring aligns them
 START, END = datetime(2011, 1, 6), datetime(2011, 4, 7)
 CFG = MonitoringConfig(window="7d")
 RATE = CFG.false_alarm_rate
-
-
-def _between(table: pa.Table, start: datetime, end: datetime) -> pa.Table:
-    ts = table.column("datetime")
-    return table.filter(pc.and_(pc.greater_equal(ts, pa.scalar(start, ts.type)),
-                                pc.less(ts, pa.scalar(end, ts.type))))
 
 
 def _store(tmp: Path, table: pa.Table, *, time_column: str | None) -> tuple[SnapshotStore, str]:

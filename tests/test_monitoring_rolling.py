@@ -26,20 +26,13 @@ from mloop.monitoring.evaluate import evaluate_window
 from mloop.monitoring.reference import log_temporal
 from mloop.storage import ObjectStore
 
-BIKE = Path(__file__).resolve().parents[1] / "examples" / "bike_sharing" / "data" / \
-    "bike_hourly.parquet"
-FEATURES = ["season", "hr", "holiday", "weekday", "workingday", "weathersit", "temp", "atemp",
-            "hum", "windspeed"]
+from .bike_windows import BIKE, FEATURES
+from .bike_windows import between as _between
+
 # epoch-aligned weeks start on a Thursday: 2011-01-06 .. 2011-12-29 holds 51 whole weeks
 START, END = datetime(2011, 1, 6), datetime(2011, 12, 29)
 CFG = MonitoringConfig(window="7d")
 ROLLING = RollingReference(rolling="28d")  # type: ignore[arg-type]  # pydantic parses it
-
-
-def _between(table: pa.Table, start: datetime, end: datetime) -> pa.Table:
-    ts = table.column("datetime")
-    return table.filter(pc.and_(pc.greater_equal(ts, pa.scalar(start, ts.type)),
-                                pc.less(ts, pa.scalar(end, ts.type))))
 
 
 @pytest.fixture(scope="module")

@@ -23,18 +23,11 @@ from mloop.monitoring.evaluate import evaluate_window
 from mloop.monitoring.temporal import TemporalNull
 from mloop.storage import ObjectStore
 
-BIKE = Path(__file__).resolve().parents[1] / "examples" / "bike_sharing" / "data" / \
-    "bike_hourly.parquet"
-FEATURES = ["season", "hr", "holiday", "weekday", "workingday", "weathersit", "temp", "atemp",
-            "hum", "windspeed"]
+from .bike_windows import BIKE, FEATURES
+from .bike_windows import between as _between
+
 START, END = datetime(2011, 1, 1), datetime(2011, 4, 8)  # the demo's training period
 CFG = MonitoringConfig(window="1d")
-
-
-def _between(table: pa.Table, start: datetime, end: datetime) -> pa.Table:
-    ts = table.column("datetime")
-    return table.filter(pc.and_(pc.greater_equal(ts, pa.scalar(start, ts.type)),
-                                pc.less(ts, pa.scalar(end, ts.type))))
 
 
 @pytest.fixture(scope="module")
