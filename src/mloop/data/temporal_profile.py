@@ -227,16 +227,21 @@ def _rolling(table: pa.Table, profile: dict[str, Any], ids: np.ndarray, usable: 
         candidates = [candidates[j] for j in sorted(set(picks))]
     names = [n for n, st in profile["columns"].items()
              if n != time_column and st.get("kind") in ("numeric", "categorical")]
+    # rows in chunk order, once: a span and a chunk are then slices, not scans of the table
+    present = np.flatnonzero(ids >= 0)
+    order = present[np.argsort(ids[present], kind="stable")]
+    ordered = table.select(names).take(pa.array(order))
+    starts = np.searchsorted(ids[order], np.arange(int(ids.max()) + 2))
     values: dict[str, dict[str, list[float]]] = {}
     measured = 0
     for i in candidates:
-        before = (ids >= i - lag) & (ids < i)
-        if int(before.sum()) < MIN_ROLLING_ROWS:
+        lo, mid, hi = (int(starts[i - lag]), int(starts[i]), int(starts[i + 1]))
+        if mid - lo < MIN_ROLLING_ROWS:
             continue
-        reference = compute_profile(table.filter(pa.array(before)).select(names),
+        reference = compute_profile(ordered.slice(lo, mid - lo),
                                     bins=int(profile.get("bins") or 20),
                                     top_k=int(profile.get("top_k") or 50))
-        chunk = table.filter(pa.array(ids == i))
+        chunk = ordered.slice(mid, hi - mid)
         measured += 1
         for name in names:
             ref = ColumnReference.from_profile(name, reference["columns"].get(name) or {})

@@ -126,7 +126,7 @@ def log_temporal(training: dict[str, Any], choice: RollingReference | SeasonalRe
                           f", this reference is {choice.text} (the next training snapshot is "
                           f"profiled for it)"}
     if rolling.get("reason"):
-        return {"reason": f"{rolling['reason']}"}
+        return {"reason": str(rolling["reason"])}
     return {"window": stored.get("window"), "chunks": rolling.get("chunks"),
             "columns": rolling.get("columns") or {}, "rolling": rolling.get("length")}
 
