@@ -64,7 +64,8 @@ def test_separated_ratios_divide_compile_off_by_mlserver_and_compiled_by_compile
             "mloop_nocompile": {"rps": 300.0, "p50_ms": 25.0, "p99_ms": 80.0},
             "mlserver": {"rps": 150.0, "p50_ms": 50.0, "p99_ms": 400.0},
             "mlflow": {"rps": 24.0, "p50_ms": 300.0, "p99_ms": 1600.0},
-            "bare": {"rps": 6000.0, "p50_ms": 1.0, "p99_ms": 5.0}}
+            "bare": {"rps": 6000.0, "p50_ms": 1.0, "p99_ms": 5.0},
+            "bare_w2": {"rps": 7800.0, "p50_ms": 1.0, "p99_ms": 4.0}}
     r = peers.separated_ratios(cell, batched_floor_served=60_000.0,
                                batched_floor_original=3_000.0)
     assert r["server_effect_rps"] == pytest.approx(2.0)
@@ -78,6 +79,7 @@ def test_separated_ratios_divide_compile_off_by_mlserver_and_compiled_by_compile
     assert r["mloop_vs_batched_floor"] == pytest.approx(0.02)
     assert r["nocompile_vs_batched_floor"] == pytest.approx(0.1)
     assert r["workers_scaling_rps"] == pytest.approx(1.75)  # --workers 2 / one worker
+    assert r["bare_workers_scaling_rps"] == pytest.approx(1.3)  # the floor's, the same way
 
 
 def test_separated_ratios_leave_out_a_peer_that_did_not_run() -> None:
@@ -86,7 +88,7 @@ def test_separated_ratios_leave_out_a_peer_that_did_not_run() -> None:
     r = peers.separated_ratios(cell)
     assert r["server_effect_rps"] is None and r["mloop_vs_mlserver_rps"] is None
     assert r["mloop_vs_bare"] is None and r["mloop_vs_batched_floor"] is None
-    assert r["workers_scaling_rps"] is None
+    assert r["workers_scaling_rps"] is None and r["bare_workers_scaling_rps"] is None
     assert r["compile_effect_rps"] == pytest.approx(4.0)
 
 

@@ -37,6 +37,9 @@ after the other, each with its own servers:
   * bare           -- a floor: a bare Starlette endpoint (``bare_asgi.py``) under uvicorn with
                       its default loop/http (uvloop + httptools) returning a constant JSON: no
                       model, no parsing, the most any uvicorn-served Python endpoint can do here.
+  * bare_w2        -- the same floor with ``--workers 2`` (at 8 and 32 connections, as
+                      mloop_w2): how far two uvicorn processes can scale on this machine at
+                      all, with wrk on the same cores; printed beside the workers target.
 
 Ratios printed per concurrency C (req/s unless named p99):
 
@@ -44,6 +47,7 @@ Ratios printed per concurrency C (req/s unless named p99):
   * compile effect = mloop / mloop_nocompile    -- one server, with and without the fast path
   * mloop / mlflow, mloop / mlserver, and mloop as a share of the bare floor
   * workers scaling = mloop_w2 / mloop                 -- two workers against one
+  * floor scaling   = bare_w2 / bare                   -- the same for the bare floor
 
 Load comes from ``wrk -t1 -cC -dDs --latency -s post.lua`` (a separate process) at C = 1, 8
 and 32 connections, after a warm-up per server (``--warmup`` s at c=8); runs are interleaved:
@@ -169,11 +173,13 @@ TARGET_BARE_SHARE = 0.35  # at 32: mloop compiled >= 35% of the bare floor's req
 TARGET_WORKERS = 1.7      # at 32: mloop compiled --workers 2 >= 1.7x one worker's req/s
 WORKERS = 2
 WORKERS_MIN_CONNECTIONS = 8  # one connection keeps one worker busy at most: not run at c=1
-SERVERS = ("mloop", "mloop_w2", "mloop_nocompile", "mlserver", "mlflow", "bare")
+SERVERS = ("mloop", "mloop_w2", "mloop_nocompile", "mlserver", "mlflow", "bare", "bare_w2")
+TWO_WORKERS = ("mloop_w2", "bare_w2")  # run from WORKERS_MIN_CONNECTIONS on
 MLOOP_SERVERS = ("mloop", "mloop_w2", "mloop_nocompile")
 LABELS = {"mloop": "mloop compiled", "mloop_w2": f"mloop compiled, {WORKERS} workers",
           "mloop_nocompile": "mloop compile off",
-          "mlserver": "MLServer 1.7.1", "mlflow": "mlflow serve", "bare": "bare ASGI"}
+          "mlserver": "MLServer 1.7.1", "mlflow": "mlflow serve", "bare": "bare ASGI",
+          "bare_w2": f"bare ASGI, {WORKERS} workers"}
 
 _ORIGINAL_ENV = dict(os.environ)
 os.environ.update(SERVER_ENV)  # floor B in this process runs under the same setting
@@ -734,7 +740,8 @@ def report(results: dict[str, Any]) -> None:
     for col in ("connections", "server effect\ncompile off / MLServer",
                 "server effect p99", "compile effect\ncompiled / compile off",
                 "compile effect p99", "mloop / MLServer", "mloop / MLflow",
-                "mloop p99 / MLflow", "mloop / bare", f"{WORKERS} workers / 1"):
+                "mloop p99 / MLflow", "mloop / bare", f"{WORKERS} workers / 1",
+                f"bare {WORKERS} workers / 1"):
         t.add_column(col, justify="right")
     for c in cfg["connections"]:
         r = results["ratios"][str(c)]
@@ -743,7 +750,8 @@ def report(results: dict[str, Any]) -> None:
                   _f(r["compile_effect_p99"], "{:.3f}"), _f(r["mloop_vs_mlserver_rps"],
                                                             "{:.1f}x"),
                   _f(r["mloop_vs_mlflow_rps"], "{:.1f}x"), _f(r["mloop_vs_mlflow_p99"], "{:.3f}"),
-                  _f(r["mloop_vs_bare"], "{:.1%}"), _f(r["workers_scaling_rps"], "{:.2f}x"))
+                  _f(r["mloop_vs_bare"], "{:.1%}"), _f(r["workers_scaling_rps"], "{:.2f}x"),
+                  _f(r.get("bare_workers_scaling_rps"), "{:.2f}x"))
     con.print(t)
 
     t = Table(title="targets", title_justify="left")
@@ -820,7 +828,7 @@ def evaluate(results: dict[str, Any]) -> None:
             r50 is not None and r50 <= TARGET_P50_RATIO)
     for name in MLOOP_SERVERS:
         cells = [runs[str(c)].get(name) for c in conns
-                 if name != "mloop_w2" or c >= WORKERS_MIN_CONNECTIONS]
+                 if name not in TWO_WORKERS or c >= WORKERS_MIN_CONNECTIONS]
         if cells and all(cells):
             wrk_err = sum(m["errors"] for m in cells)  # type: ignore[index]
             srv_err = sum(m.get("server_non_2xx", 0) for m in cells)  # type: ignore[union-attr]
@@ -855,6 +863,11 @@ def evaluate(results: dict[str, Any]) -> None:
             targets[-1]["measured"] += (
                 f" (server CPU {one['server_cpu']:.0%} -> {two['server_cpu']:.0%} of a core; "
                 f"req per CPU-s {two['rps_per_server_cpu'] / one['rps_per_server_cpu']:.2f}x)")
+        fw = ratios["32"].get("bare_workers_scaling_rps")
+        if fw is not None:
+            # not a target either: the bare floor under the same two-worker test is the most
+            # any uvicorn server gets from a second worker here, wrk sharing the cores
+            targets[-1]["measured"] += f"; the bare floor: {fw:.2f}x"
         b = ratios["32"]["mloop_vs_bare"]
         add(f"c=32: mloop compiled >= {TARGET_BARE_SHARE:.0%} of the bare ASGI floor", b,
             "{:.1%}", b is not None and b >= TARGET_BARE_SHARE)
@@ -948,8 +961,8 @@ def measure_model(args: argparse.Namespace, *, estimator: str | None, workdir: P
         env = _server_env()
         logs = workdir / "logs"
         logs.mkdir()
-        p_mloop, p_nocomp, p_mls, p_mls_grpc, p_mls_metrics, p_mlflow, p_bare, p_w2 = \
-            _pick_ports(args.base_port, 8)
+        p_mloop, p_nocomp, p_mls, p_mls_grpc, p_mls_metrics, p_mlflow, p_bare, p_w2, \
+            p_bare_w2 = _pick_ports(args.base_port, 9)
         servers["mloop"] = Server(
             "mloop", [_venv_bin("mloop"), "-C", str(project_dir), "serve", "--host",
                       "127.0.0.1", "--port", str(p_mloop), "--workers", "1"],
@@ -1010,6 +1023,11 @@ def measure_model(args: argparse.Namespace, *, estimator: str | None, workdir: P
                      "--host", "127.0.0.1", "--port", str(p_bare), "--workers", "1",
                      "--no-access-log", "--log-level", "warning"],
             p_bare, "/ping", "/predict", env, logs)
+        servers["bare_w2"] = Server(
+            "bare_w2", [sys.executable, "-m", "uvicorn", "bare_asgi:app", "--app-dir", str(HERE),
+                        "--host", "127.0.0.1", "--port", str(p_bare_w2), "--workers",
+                        str(WORKERS), "--no-access-log", "--log-level", "warning"],
+            p_bare_w2, "/ping", "/predict", env, logs)
         print(f"starting servers ({', '.join(f'{n} :{s.port}' for n, s in servers.items())}) "
               f"for {model} v{version} ...", flush=True)
         for s in servers.values():
@@ -1050,7 +1068,8 @@ def measure_model(args: argparse.Namespace, *, estimator: str | None, workdir: P
         bodies = {"mloop": {"records": [row]}, "mloop_w2": {"records": [row]},
                   "mloop_nocompile": {"records": [row]},
                   "mlserver": v2_infer_request(row, signature),
-                  "mlflow": {"dataframe_records": [row]}, "bare": {"records": [row]}}
+                  "mlflow": {"dataframe_records": [row]}, "bare": {"records": [row]},
+                  "bare_w2": {"records": [row]}}
         body_files = {}
         for name, body in bodies.items():
             body_files[name] = workdir / f"body_{name}.json"
@@ -1085,8 +1104,8 @@ def measure_model(args: argparse.Namespace, *, estimator: str | None, workdir: P
         ref_name = next((n for n in ("mloop_nocompile", "mlflow", "mlserver")
                          if isinstance(check.get(n), int | float)), None)
         for name, v in check.items():
-            if ref_name and name not in (ref_name, "bare") and isinstance(v, int | float) \
-                    and v != check[ref_name]:
+            if ref_name and name not in (ref_name, "bare", "bare_w2") \
+                    and isinstance(v, int | float) and v != check[ref_name]:
                 notes.append(f"{LABELS[name]} answers the row {v!r}, {LABELS[ref_name]} "
                              f"{check[ref_name]!r} (|difference| "
                              f"{abs(v - check[ref_name]):.2g})")
@@ -1103,7 +1122,7 @@ def measure_model(args: argparse.Namespace, *, estimator: str | None, workdir: P
                 shift = (rep * len(args.connections) + ci) % len(names)
                 order = names[shift:] + names[:shift]
                 for pos, name in enumerate(order):
-                    if name == "mloop_w2" and c < WORKERS_MIN_CONNECTIONS:
+                    if name in TWO_WORKERS and c < WORKERS_MIN_CONNECTIONS:
                         continue
                     s = servers[name]
                     time.sleep(0.5)  # let the previous server's background work settle
@@ -1192,7 +1211,7 @@ def measure_model(args: argparse.Namespace, *, estimator: str | None, workdir: P
                        "warmup_s": args.warmup, "connections": args.connections,
                        "order": "servers interleaved per (repeat, C), rotated one place each",
                        "wrk": "wrk -t1 -cC -dDs --latency -s post.lua", "env": SERVER_ENV,
-                       "workers": {n: WORKERS if n == "mloop_w2" else 1 for n in servers},
+                       "workers": {n: WORKERS if n in TWO_WORKERS else 1 for n in servers},
                        "workers_min_connections": WORKERS_MIN_CONNECTIONS,
                        "batch_rows_floor": BATCH_ROWS,
                        "mlserver": {"max_batch_size": MLSERVER_MAX_BATCH_SIZE,

@@ -100,7 +100,8 @@ def separated_ratios(cell: dict[str, dict[str, Any] | None], *,
 
     server effect  = mloop (compile off) / MLServer: two servers, one scikit-learn engine
     compile effect = mloop compiled / mloop (compile off): one server, two engines
-    workers scaling = mloop compiled with ``--workers 2`` (``mloop_w2``) / with one
+    workers scaling = mloop compiled with ``--workers 2`` (``mloop_w2``) / with one; the bare
+                      floor's (``bare_w2`` / ``bare``) beside it: the machine's ceiling
     For latencies (``*_p99``) below 1 is better; for req/s above 1.
     """
     def g(name: str, key: str) -> float | None:
@@ -118,6 +119,8 @@ def separated_ratios(cell: dict[str, dict[str, Any] | None], *,
         "mloop_vs_mlflow_p50": _ratio(g("mloop", "p50_ms"), g("mlflow", "p50_ms")),
         "mloop_vs_bare": _ratio(g("mloop", "rps"), g("bare", "rps")),
         "workers_scaling_rps": _ratio(g("mloop_w2", "rps"), g("mloop", "rps")),
+        # the same for the bare floor: what two uvicorn processes allow on this machine at all
+        "bare_workers_scaling_rps": _ratio(g("bare_w2", "rps"), g("bare", "rps")),
         "mloop_vs_batched_floor": _ratio(g("mloop", "rps"), batched_floor_served),
         "nocompile_vs_batched_floor": _ratio(g("mloop_nocompile", "rps"),
                                              batched_floor_original),

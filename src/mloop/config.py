@@ -451,6 +451,9 @@ class ServingConfig(_Strict):
     # the most a free model holds a batch open for company (only while requests arrive and
     # its per-call cost dominates; 0: never)
     max_wait_ms: float = Field(10.0, ge=0, le=1000)
+    # a compiled model's batch predicted to take at most this long is scored on the event
+    # loop, without the hand-off to the model thread (0: always the model thread)
+    inline_ms: float = Field(0.5, ge=0, le=100)
     max_body_bytes: int = Field(1_048_576, ge=1024)  # larger bodies get 413
     # request fields outside the signature: left out and counted (false), or 422 (true)
     strict_columns: bool = False

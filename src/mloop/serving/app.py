@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
 import os
 import sys
 import time
@@ -111,7 +112,7 @@ async def invocations(request: Request) -> Response:
     scored = await score(state, parser, key=request.headers.get("x-mloop-key"),
                          timestamp=time.time())
     headers = _headers(scored)
-    headers["x-mloop-request-ids"] = ",".join(scored.request_ids[:1000])
+    headers.append((b"x-mloop-request-ids", ",".join(scored.request_ids[:1000]).encode()))
     return json_response(scored.slot.model.response_fields(scored.predictions,
                                                            scored.probabilities, method=method),
                          headers=headers)
@@ -120,16 +121,29 @@ async def invocations(request: Request) -> Response:
 IGNORED_HEADER = "x-mloop-ignored-columns"
 
 
-def _headers(scored: Scored) -> dict[str, str]:
+def _headers(scored: Scored) -> list[tuple[bytes, bytes]]:
     """The version that answered, and the request's fields that were left out (outside the
     signature): at most 20 names, each percent-encoded (a name is any JSON string; a header
-    is ASCII) and cut to 64 characters."""
-    headers = {"x-mloop-version": str(scored.slot.model.version),
-               "x-mloop-worker": str(os.getpid())}
+    is ASCII) and cut to 64 characters. Raw (lower-case, encoded) as the response sends them."""
+    headers = [(b"x-mloop-version", str(scored.slot.model.version).encode()),
+               (b"x-mloop-worker", _WORKER or _worker())]
     if scored.ignored:
         names = [quote(n[:64], safe="") for n in sorted(scored.ignored)[:20]]
-        headers[IGNORED_HEADER] = ",".join(names) + (",..." if len(scored.ignored) > 20 else "")
+        headers.append((IGNORED_HEADER.encode(),
+                        (",".join(names) + (",..." if len(scored.ignored) > 20 else ""))
+                        .encode()))
     return headers
+
+
+_WORKER = b""
+
+
+def _worker() -> bytes:
+    """This process's id for ``x-mloop-worker`` (read once per process: a worker is forked
+    or spawned after this module is imported)."""
+    global _WORKER
+    _WORKER = str(os.getpid()).encode()
+    return _WORKER
 
 
 # ------------------------------------------------------------------------- labels and admin
@@ -228,6 +242,7 @@ async def metrics(request: Request) -> Response:
     if state.inference_log is not None:
         state.metrics.log_queue.set(state.inference_log.queued)
     state.metrics.export_cpu()
+    state.metrics.flush()  # this worker's own counts (the registry's collection does it too)
     body = exposition(*request.app.state.collectors) if multiprocess_enabled() else \
         generate_latest(state.metrics.registry)
     return Response(body, media_type=CONTENT_TYPE_LATEST)
@@ -353,6 +368,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # once per server: Feast's store and its connection serve every request
         state.features = await asyncio.to_thread(online_features, state.project)
     await state.poll()
+    thresholds = _serving_gc()
     watcher = asyncio.create_task(state.watch())
     try:
         yield
@@ -361,8 +377,29 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         with contextlib.suppress(asyncio.CancelledError):
             await watcher
         await state.close()
+        state.metrics.flush()  # with workers, what the others' /metrics sum from now on
         worker_exit()
         sys.setswitchinterval(switch)
+        gc.unfreeze()
+        gc.set_threshold(*thresholds)
+
+
+GC_YOUNG = 20_000  # allocations between young-generation collections while serving
+
+
+def _serving_gc() -> tuple[int, ...]:
+    """Tune the cyclic garbage collector for serving; return the thresholds it replaced.
+    Each request allocates a few dozen short-lived containers, so the default young
+    threshold (700) runs a collection every ~20 requests, and each older collection walks
+    every object the libraries and the model hold. Freezing what is loaded now (modules,
+    the model) out of the collector's reach and collecting the young generation less often
+    cut ~5% of the server's CPU per compiled one-row request (benchmarks/serving). Garbage
+    freed by reference counting, nearly all of it, is unaffected."""
+    before = gc.get_threshold()
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG, *before[1:])
+    return before
 
 
 def create_app(project: Project, config: ServingConfig | None = None, *, auth: Any = None,

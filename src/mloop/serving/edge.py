@@ -36,11 +36,34 @@ class HTTPError(MloopError):
         self.status, self.body, self.headers = status, body, headers or {}
 
 
-def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None
+class JSONAnswer(Response):
+    """A Starlette response whose raw headers are built in one step: Starlette's
+    ``init_headers`` (lower-casing, searching for content-length and content-type, building
+    the media type) cost ~3% of a compiled one-row request. Our headers are already
+    lower-case, and never set content-length or content-type."""
+
+    media_type = "application/json"
+
+    def __init__(self, body: bytes, status_code: int = 200,
+                 headers: dict[str, str] | list[tuple[bytes, bytes]] | None = None) -> None:
+        self.status_code = status_code
+        self.background = None
+        self.body = body
+        raw = [(b"content-length", str(len(body)).encode()),
+               (b"content-type", b"application/json")]
+        if isinstance(headers, list):  # already raw: lower-case names, encoded
+            raw += headers
+        elif headers:
+            raw += [(k.lower().encode("latin-1"), v.encode("latin-1"))
+                    for k, v in headers.items()]
+        self.raw_headers = raw
+
+
+def json_response(body: Any, status: int = 200,
+                  headers: dict[str, str] | list[tuple[bytes, bytes]] | None = None
                   ) -> Response:
     """orjson straight to bytes (numpy values included): no pydantic serialisation."""
-    return Response(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), status_code=status,
-                    media_type="application/json", headers=headers)
+    return JSONAnswer(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), status, headers)
 
 
 async def http_error(request: Request, exc: Exception) -> Response:
@@ -57,12 +80,22 @@ async def input_error(request: Request, exc: Exception) -> Response:
     return json_response(exc.to_dict(), 422)
 
 
+def header(request: Request, name: bytes) -> str | None:
+    """The first value of header ``name`` (lower-case, as ASGI servers hand them over), read
+    straight from the scope: Starlette's ``request.headers`` builds a mapping and lower-cases
+    and encodes each key looked up, ~5% of a compiled one-row request for three lookups."""
+    for key, value in request.scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
 def authorize(request: Request, action: str) -> None:
     """Raise 401/403 unless the bearer token's role may take ``action`` (an action of
     :mod:`mloop.security.roles`; no-op when the app has no auth)."""
     auth = request.app.state.auth
     if auth is not None:
-        auth.check(request.headers.get("authorization"), action)
+        auth.check(header(request, b"authorization"), action)
 
 
 _JSON_TYPES = frozenset({"application/json", "application/json; charset=utf-8",
@@ -73,7 +106,7 @@ def require_json(request: Request) -> None:
     """415 unless the body is declared ``application/json`` (a ``charset`` parameter, if
     any, must be UTF-8, the only encoding JSON has): a form post or a text/plain body is a
     client bug, answered as such rather than parsed on a guess."""
-    declared = request.headers.get("content-type")
+    declared = header(request, b"content-type")
     if declared is not None:
         if declared in _JSON_TYPES:  # the common spellings, without parsing
             return
@@ -94,7 +127,7 @@ def require_json(request: Request) -> None:
 async def read_body(request: Request, limit: int) -> bytes:
     """The whole body, refused with 413 as soon as it is known to exceed ``limit`` bytes
     (from Content-Length, else while streaming): an oversized body is never held in memory."""
-    declared = request.headers.get("content-length")
+    declared = header(request, b"content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise HTTPError(413, {"error": f"body of {declared} bytes exceeds the limit of "
                                        f"{limit} (serving.max_body_bytes)"})
@@ -146,7 +179,7 @@ async def answer(endpoint: Endpoint, label: str, scope: Scope, receive: Receive,
     (``request.app`` reads it)."""
     metrics = scope["app"].state.mloop.metrics
     t0 = time.perf_counter()
-    metrics.in_flight.inc()
+    metrics.in_flight_now += 1
     status, version = 500, ""
     try:
         try:
@@ -164,7 +197,7 @@ async def answer(endpoint: Endpoint, label: str, scope: Scope, receive: Receive,
                 break
         await response(scope, receive, send)
     finally:
-        metrics.in_flight.dec()
+        metrics.in_flight_now -= 1
         metrics.answered(label, status, version, time.perf_counter() - t0)
 
 
@@ -208,7 +241,7 @@ class RequestMetrics:
             await send(message)
 
         t0 = time.perf_counter()
-        metrics.in_flight.inc()
+        metrics.in_flight_now += 1
         try:
             await self.app(scope, receive, send_and_note)
         except Exception as exc:  # the model or the server failed: a 500, never silent
@@ -218,5 +251,5 @@ class RequestMetrics:
             else:
                 log.exception("%s failed", endpoint)
         finally:
-            metrics.in_flight.dec()
+            metrics.in_flight_now -= 1
             metrics.answered(endpoint, status, version, time.perf_counter() - t0)

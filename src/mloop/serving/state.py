@@ -223,7 +223,8 @@ class ServerState:
 
     def _batcher(self, model: ServedModel, lookup: ModelLookup | None = None) -> MicroBatcher:
         v = str(model.version)
-        rows, secs = self.metrics.batch_rows.labels(v), self.metrics.batch_seconds.labels(v)
+        rows = self.metrics.histogram(self.metrics.batch_rows, v)
+        secs = self.metrics.histogram(self.metrics.batch_seconds, v)
 
         def on_batch(n: int, seconds: float) -> None:
             rows.observe(n)
@@ -233,7 +234,10 @@ class ServerState:
         b = MicroBatcher(predict, max_batch=self.config.max_batch_rows,
                          max_wait_ms=self.config.max_wait_ms, name=f"v{v}", on_batch=on_batch,
                          threads=self.config.model_threads,
-                         max_batch_ms=self.config.max_batch_ms)
+                         max_batch_ms=self.config.max_batch_ms,
+                         # only a compiled model's fixed-thread engine, and no store lookup
+                         inline_ms=self.config.inline_ms
+                         if model.compiled is not None and lookup is None else 0.0)
         b.start()
         return b
 
