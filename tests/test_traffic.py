@@ -203,6 +203,21 @@ def test_a_damaged_label_segment_is_skipped_and_the_other_labels_join(tmp_path: 
         "part-*.parquet"))) == 1
 
 
+def test_two_logs_committing_in_the_same_millisecond_keep_both_segments(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each log numbered its segments from 1: two logs in one process (two servers, or a log
+    reopened) committing within one millisecond wrote the same name, and the second segment
+    replaced the first."""
+    import mloop.traffic.inference_log as ilog
+
+    monkeypatch.setattr(ilog.time, "time", lambda: 1_800_000_000.0)  # one millisecond
+    uri = str(tmp_path / "log")
+    ids = _replay(uri, rows=20, step=60, per_commit=10)  # two logs, one segment each
+    assert len(_segments(tmp_path / "log")) == 2
+    monkeypatch.undo()
+    assert sorted(read_log(uri).column("_request_id").to_pylist()) == sorted(ids)
+
+
 def test_label_ids_are_found_when_a_segment_of_their_day_is_damaged(tmp_path: Path) -> None:
     uri = str(tmp_path / "log")
     ids = _replay(uri, rows=20, step=60, per_commit=10)  # one day, two segments

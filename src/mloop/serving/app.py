@@ -398,7 +398,7 @@ def _serving_gc() -> tuple[int, ...]:
     before = gc.get_threshold()
     gc.collect()
     gc.freeze()
-    gc.set_threshold(GC_YOUNG, *before[1:])
+    gc.set_threshold(max(GC_YOUNG, before[0]), *before[1:])  # never more often than set
     return before
 
 

@@ -45,7 +45,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from itertools import chain
+from itertools import chain, count
 from operator import attrgetter, itemgetter
 from typing import Any
 
@@ -53,6 +53,11 @@ import pyarrow as pa
 
 from mloop.storage import ObjectStore, as_store
 from mloop.traffic.quarantine import ROWS_DIR, read_or_quarantine, write_note
+
+# segment numbers, shared by every log in this process: two logs (two servers in one
+# process, or a log reopened) committing within one millisecond named their first segments
+# alike, and the second overwrote the first (rows acknowledged, then lost)
+_SEGMENT_NUMBERS = count(1)
 
 log = logging.getLogger("mloop.serving")
 
@@ -182,7 +187,6 @@ class InferenceLog:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._seq = 0
         self._recent_ids: set[str] = set()  # uncommitted ids, so early feedback finds them
         self._on_write = on_write
         self._on_queue = on_queue
@@ -283,13 +287,12 @@ class InferenceLog:
                 table = table.replace_schema_metadata({
                     **(table.schema.metadata or {}), ROWS_KEY: str(table.num_rows).encode(),
                     CPU_KEY: repr(cpu_seconds * table.num_rows / total).encode()})
-                self._seq += 1
-                todo.append((f"day={day}/version={version}/part-{int(time.time() * 1000):013d}"
-                             f"-{os.getpid()}-{self._seq:06d}.parquet", table, kept, []))
+                name = (f"day={day}/version={version}/part-{int(time.time() * 1000):013d}"
+                        f"-{os.getpid()}-{next(_SEGMENT_NUMBERS):06d}.parquet")
+                todo.append((name, table, kept, []))
         if bad:
-            self._seq += 1
             todo.append((f"{ROWS_DIR}/part-{int(time.time() * 1000):013d}-{os.getpid()}-"
-                         f"{self._seq:06d}.jsonl", None, [e for e, _ in bad],
+                         f"{next(_SEGMENT_NUMBERS):06d}.jsonl", None, [e for e, _ in bad],
                          [why for _, why in bad]))
         return todo
 

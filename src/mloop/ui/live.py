@@ -101,6 +101,7 @@ def server_reader(metrics: Any) -> Callable[[], LiveTraffic]:
     since = datetime.now(UTC)
 
     def read() -> LiveTraffic:
+        metrics.flush()  # the per-request counts are taken in bulk (ServingMetrics)
         if multiprocess_enabled():
             from prometheus_client import multiprocess
 
