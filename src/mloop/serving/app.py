@@ -126,7 +126,7 @@ def _headers(scored: Scored) -> list[tuple[bytes, bytes]]:
     signature): at most 20 names, each percent-encoded (a name is any JSON string; a header
     is ASCII) and cut to 64 characters. Raw (lower-case, encoded) as the response sends them."""
     headers = [(b"x-mloop-version", str(scored.slot.model.version).encode()),
-               (b"x-mloop-worker", _WORKER or _worker())]
+               (b"x-mloop-worker", _worker_id())]
     if scored.ignored:
         names = [quote(n[:64], safe="") for n in sorted(scored.ignored)[:20]]
         headers.append((IGNORED_HEADER.encode(),
@@ -135,15 +135,11 @@ def _headers(scored: Scored) -> list[tuple[bytes, bytes]]:
     return headers
 
 
-_WORKER = b""
-
-
-def _worker() -> bytes:
-    """This process's id for ``x-mloop-worker`` (read once per process: a worker is forked
-    or spawned after this module is imported)."""
-    global _WORKER
-    _WORKER = str(os.getpid()).encode()
-    return _WORKER
+@functools.cache
+def _worker_id() -> bytes:
+    """This process's id for ``x-mloop-worker``, read at its first answer (a worker is
+    forked or spawned before it answers anything)."""
+    return str(os.getpid()).encode()
 
 
 # ------------------------------------------------------------------------- labels and admin
@@ -242,9 +238,11 @@ async def metrics(request: Request) -> Response:
     if state.inference_log is not None:
         state.metrics.log_queue.set(state.inference_log.queued)
     state.metrics.export_cpu()
-    state.metrics.flush()  # this worker's own counts (the registry's collection does it too)
-    body = exposition(*request.app.state.collectors) if multiprocess_enabled() else \
-        generate_latest(state.metrics.registry)
+    if multiprocess_enabled():
+        state.metrics.flush()  # this worker's own counts, into the files the sum reads
+        body = exposition(*request.app.state.collectors)
+    else:  # collecting the registry flushes the counts first
+        body = generate_latest(state.metrics.registry)
     return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 

@@ -86,7 +86,7 @@ class BulkHistogram:
     """A histogram child's observations counted per bucket in plain Python (a bisect, not
     prometheus_client's scan of every bucket under a lock) and added in bulk by
     :meth:`ServingMetrics.flush`. It writes the child's bucket and sum values directly:
-    ``tests/test_serving_metrics.py`` checks the exposition against ``observe``'s."""
+    ``tests/test_serving_hot_path.py`` checks the exposition against ``observe``'s."""
 
     __slots__ = ("_sent", "_sent_total", "bounds", "child", "counts", "total")
 
